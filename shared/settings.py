@@ -1,0 +1,103 @@
+"""Settings, read once from the environment into a typed, frozen Struct.
+
+Every field ``name`` is the variable ``STREAMBRIDGE_NAME``. A malformed value or an
+unknown ``STREAMBRIDGE_*`` variable raises :class:`SettingsError` with one line naming
+the variable; the CLI prints that line and exits 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Final
+from urllib.parse import urlsplit
+
+import msgspec
+
+from shared.errors import SettingsError
+
+ENV_PREFIX: Final = "STREAMBRIDGE_"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    redis_url: str | None = None
+    llm_base_url: str | None = None
+    llm_api_key: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    public_edge_url: str | None = None
+    secret: str | None = None
+
+    worker_concurrency: Positive = 50
+    #: a ``progress`` event every N content chunks
+    progress_every: Positive = 10
+    max_attempts: Positive = 3
+    retry_base_delay: Seconds = 0.5
+    first_token_timeout: Seconds = 60.0
+    idle_timeout: Seconds = 60.0
+    #: how long a chat's stream is kept once the chat has ended
+    stream_ttl: Positive = 3600
+    #: length cap of a running stream (approximate, as with XADD MAXLEN ~)
+    stream_maxlen: Positive = 100_000
+    #: how long ``GET /v1/chats/{id}`` answers after the chat ended
+    result_ttl: Positive = 7 * 86400
+    visitor_token_ttl: Positive = 7 * 86400
+    stream_token_ttl: Positive = 3600
+    heartbeat_interval: Annotated[float, msgspec.Meta(gt=0, le=15)] = 15.0
+    max_body_bytes: Positive = 1024 * 1024
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check_url("redis_url", self.redis_url, {"redis", "rediss", "unix"})
+        _check_url("llm_base_url", self.llm_base_url, {"http", "https"})
+        _check_url("public_edge_url", self.public_edge_url, {"http", "https"})
+        if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+            raise SettingsError(f"{env_name('log_level')}: must be one of DEBUG, INFO, WARNING, ERROR")
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
+    """Settings from ``environ``; ``overrides`` (CLI flags) win over the environment."""
+    fields = set(Settings.__struct_fields__)
+    raw: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        field = name.removeprefix(ENV_PREFIX).lower()
+        if field not in fields:
+            raise SettingsError(f"{name}: unknown setting")
+        raw[field] = value
+    if "llm_api_key" not in raw and environ.get("OPENAI_API_KEY"):
+        raw["llm_api_key"] = environ["OPENAI_API_KEY"]
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(_explain(exc)) from None
+
+
+def _explain(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int` >= 1 - at `$.worker_concurrency`": lead with the variable.
+    message, _, path = str(exc).rpartition(" - at `$.")
+    if not path:
+        return str(exc)
+    return f"{env_name(path.rstrip('`'))}: {message[0].lower()}{message[1:]}"
+
+
+def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
+    if value is None:
+        return
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} ({exc})") from None
+    if parts.scheme not in schemes:
+        allowed = ", ".join(f"{s}://" for s in sorted(schemes))
+        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (expected {allowed})")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (no host)")

@@ -1,0 +1,39 @@
+"""How an event sits in a Redis Stream entry and in the notification that announces it.
+
+An entry has two fields, ``type`` and ``data`` (the event's JSON), so the edge can write
+SSE without decoding. The worker publishes ``"<id>\\n<type>\\n<data>"`` on the chat's
+channel in the same Lua call as the XADD, so notifications arrive in stream order.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final, NamedTuple
+
+ENTRY_ID: Final = re.compile(r"\A\d{1,20}-\d{1,20}\Z")
+
+
+class Entry(NamedTuple):
+    id: str
+    type: str
+    data: bytes
+
+
+def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return Entry(eid, fields[b"type"].decode(), fields[b"data"])
+
+
+def parse_notification(payload: bytes) -> Entry:
+    entry_id, kind, data = payload.split(b"\n", 2)
+    return Entry(entry_id.decode(), kind.decode(), data)
+
+
+def id_key(entry_id: str) -> tuple[int, int]:
+    """A sortable form of a stream id: ``"12-3"`` → ``(12, 3)``."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq)
+
+
+def is_entry_id(value: str) -> bool:
+    return ENTRY_ID.match(value) is not None

@@ -1,0 +1,103 @@
+"""Adapts the openai SDK (any OpenAI-compatible server) to the pipeline's ``Delta`` stream."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+from typing import Any, cast
+
+import openai
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+
+from shared.chats import ChatRequest
+from shared.events import Usage
+from workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
+
+try:  # the SDK's HTTP stack: httpx2 in recent openai releases, httpx before
+    import httpx2 as _http
+except ImportError:  # pragma: no cover
+    import httpx as _http  # type: ignore[no-redef,import-not-found,unused-ignore]
+
+# Statuses worth another attempt; every other 4xx is the request's fault and fails at once.
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
+
+
+def make_client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
+    # Retries are ours (announced as events), so the SDK's own are off; its per-read
+    # timeout would cut long generations, so the pipeline's stall timeouts govern instead.
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key or "unused",
+        max_retries=0,
+        timeout=_http.Timeout(None, connect=10.0),
+    )
+
+
+async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
+    stream = await client.chat.completions.create(
+        model=model,
+        messages=cast(
+            list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
+        ),
+        stream=True,
+        stream_options={"include_usage": True},
+        temperature=openai.omit if request.temperature is None else request.temperature,
+        max_tokens=openai.omit if request.max_tokens is None else request.max_tokens,
+    )
+    async with stream:  # closes the HTTP response however the iteration ends
+        async for chunk in stream:
+            yield delta_from_chunk(chunk)
+
+
+def delta_from_chunk(chunk: ChatCompletionChunk) -> Delta:
+    """Role-only chunks, empty ``choices`` and usage-only chunks all map to a ``Delta``."""
+    text, finish_reason = "", None
+    for choice in chunk.choices:
+        if choice.index == 0:
+            text = choice.delta.content or "" if choice.delta else ""
+            finish_reason = choice.finish_reason
+    usage = None
+    if chunk.usage is not None:
+        usage = Usage(
+            prompt_tokens=chunk.usage.prompt_tokens or 0,
+            completion_tokens=chunk.usage.completion_tokens or 0,
+            total_tokens=chunk.usage.total_tokens or 0,
+        )
+    return Delta(text, finish_reason, usage)
+
+
+def classify(exc: BaseException) -> Failure:
+    """Retryable: connection trouble, timeouts, 5xx, 429 (with ``Retry-After``), a broken stream."""
+    if isinstance(exc, openai.APIStatusError):
+        retryable = exc.status_code >= 500 or exc.status_code in RETRYABLE_STATUSES
+        message = f"LLM answered {exc.status_code}: {_provider_message(exc)}"
+        return Failure(message, retryable, _retry_after(exc.response.headers))
+    if isinstance(exc, openai.APITimeoutError):
+        return Failure("LLM request timed out", True)
+    if isinstance(exc, openai.APIConnectionError):
+        return Failure(f"cannot reach the LLM: {exc.__cause__ or exc}", True)
+    if isinstance(exc, UpstreamTimeout | IncompleteStream):
+        return Failure(str(exc), True)
+    if isinstance(exc, _http.TransportError | OSError):
+        return Failure(f"the LLM's stream broke: {exc or type(exc).__name__}", True)
+    return Failure(f"unexpected error: {type(exc).__name__}: {exc}", False)
+
+
+def _provider_message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and isinstance(inner.get("message"), str):
+            return str(inner["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return exc.message
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    return None

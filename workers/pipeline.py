@@ -1,0 +1,176 @@
+"""The generator pipeline: provider deltas in, typed events out.
+
+Pure: no Redis, no openai SDK. ``attempt_events`` turns one attempt's deltas into
+``started → content/progress… → complete``; ``chat_events`` runs attempts with backoff
+until one completes or the attempts run out, announcing each failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
+from typing import NamedTuple
+
+from shared.events import Complete, Content, Error, Event, Failed, Progress, Started, Status, Usage
+
+
+class Delta(NamedTuple):
+    """What one provider chunk contributes: text, maybe a finish reason, maybe usage."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Failure(NamedTuple):
+    """How the job should treat an exception an attempt raised."""
+
+    message: str
+    retryable: bool
+    retry_after: float | None = None
+
+
+class UpstreamTimeout(Exception):
+    """The provider sent nothing for too long (before the first chunk, or between two)."""
+
+
+class IncompleteStream(Exception):
+    """The provider's stream ended without a ``finish_reason``: it broke part-way."""
+
+
+OpenStream = Callable[[], AsyncGenerator[Delta, None]]
+Classify = Callable[[BaseException], Failure]
+
+
+class SurrogateJoiner:
+    """Re-pairs UTF-16 surrogates that a provider split across two chunks.
+
+    A server that cuts text in UTF-16 code units sends half an emoji as a lone ``\\ud83d``;
+    it is held back until its other half arrives, so every event carries valid text.
+    """
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        text = self._held + text
+        self._held = ""
+        if text and "\ud800" <= text[-1] <= "\udbff":
+            text, self._held = text[:-1], text[-1]
+        if any("\ud800" <= ch <= "\udfff" for ch in text):
+            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return text
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return "\ufffd" if held else ""
+
+
+async def with_timeouts(
+    deltas: AsyncGenerator[Delta, None], *, first: float, idle: float
+) -> AsyncGenerator[Delta, None]:
+    """``deltas``, failing with :class:`UpstreamTimeout` when the provider stalls."""
+    limit, what = first, "first token"
+    async with aclosing(deltas):
+        while True:
+            try:
+                async with asyncio.timeout(limit):
+                    delta = await anext(deltas)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(f"no {what} from the LLM within {limit:g} s") from None
+            yield delta
+            if delta.text:
+                limit, what = idle, "chunk"
+
+
+async def attempt_events(
+    deltas: AsyncIterator[Delta],
+    *,
+    attempt: int,
+    model: str,
+    progress_every: int,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncGenerator[Event, None]:
+    """One attempt: ``started``, then ``content`` (and ``progress``), then ``complete``."""
+    start = clock()
+    yield Started(attempt=attempt, model=model)
+    joiner = SurrogateJoiner()
+    chunks = chars = 0
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    async for delta in deltas:
+        finish_reason = delta.finish_reason or finish_reason
+        usage = delta.usage or usage
+        text = joiner.feed(delta.text)
+        if not text:
+            continue
+        chunks += 1
+        chars += len(text)
+        yield Content(content=text, index=chunks, attempt=attempt)
+        if chunks % progress_every == 0:
+            yield Progress(chunks=chunks, chars=chars, elapsed_ms=_ms(clock() - start), attempt=attempt)
+    if tail := joiner.flush():
+        chunks += 1
+        chars += len(tail)
+        yield Content(content=tail, index=chunks, attempt=attempt)
+    if finish_reason is None:
+        raise IncompleteStream("the LLM's stream ended without a finish_reason")
+    yield Complete(
+        attempt=attempt,
+        total_chunks=chunks,
+        content_length=chars,
+        elapsed_ms=_ms(clock() - start),
+        finish_reason=finish_reason,
+        usage=usage,
+    )
+
+
+async def chat_events(
+    open_stream: OpenStream,
+    classify: Classify,
+    *,
+    model: str,
+    first_attempt: int = 1,
+    max_attempts: int,
+    progress_every: int,
+    retry_base_delay: float,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncGenerator[Event, None]:
+    """Attempts until one completes: each failure is announced, the last one ends in ``failed``."""
+    attempt = first_attempt
+    while True:
+        try:
+            # aclosing: a cancelled chat must close the upstream HTTP stream now, not at GC.
+            async with aclosing(open_stream()) as deltas:
+                events = attempt_events(deltas, attempt=attempt, model=model, progress_every=progress_every)
+                async with aclosing(events):
+                    async for event in events:
+                        yield event
+            return
+        except Exception as exc:  # every provider failure becomes an event
+            failure = classify(exc)
+        last = attempt >= max_attempts or not failure.retryable
+        yield Error(message=failure.message, retryable=failure.retryable and not last, attempt=attempt)
+        if last:
+            yield Failed(message=failure.message, attempts=attempt)
+            return
+        delay = backoff(attempt - first_attempt + 1, retry_base_delay, failure.retry_after)
+        attempt += 1
+        yield Status(message=f"retrying in {delay:.1f} s: attempt {attempt} of {max_attempts}", attempt=attempt)
+        await sleep(delay)
+
+
+def backoff(failures: int, base: float, retry_after: float | None = None) -> float:
+    """Exponential backoff with full jitter, capped at 30 s; never earlier than ``Retry-After``."""
+    delay = random.uniform(base / 2, base * 2 ** (failures - 1))
+    delay = min(delay, 30.0)
+    return max(delay, retry_after or 0.0)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)

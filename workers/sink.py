@@ -1,0 +1,91 @@
+"""Appends events to a chat's Redis Stream: fenced, idempotent, coalesced.
+
+Each batch is one Lua call that, atomically:
+- checks the attempt's lease token (a worker that lost its lease appends nothing more);
+- skips a batch whose sequence number was already applied (a retry after a dropped
+  connection must not append the same events twice);
+- XADDs each event and PUBLISHes it on the chat's channel, in stream order.
+
+Events handed over while a batch is in flight go out together in the next one, so a
+fast provider costs one round trip per batch, not per token, and an idle one no delay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Final
+
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.errors import StreambridgeError
+from shared.events import Event, encode_event, event_type
+
+APPEND: Final = """
+local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')
+if lease[1] ~= ARGV[1] then return -1 end
+if tonumber(lease[2] or '0') >= tonumber(ARGV[2]) then return 0 end
+for i = 4, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
+end
+redis.call('HSET', KEYS[2], 'seq', ARGV[2])
+return 1
+"""
+
+#: beyond this many unsent events, ``append`` waits for the batch in flight
+MAX_PENDING: Final = 1000
+
+
+class LeaseLost(StreambridgeError):
+    """Another attempt owns the chat now; this one must stop writing."""
+
+
+class StreamSink:
+    def __init__(self, redis: Redis, chat_id: str, token: str, *, maxlen: int) -> None:
+        self._redis = redis
+        self._keys = [keys.events(chat_id), keys.lease(chat_id), keys.notify(chat_id)]
+        self._token = token
+        self._maxlen = str(maxlen)
+        self._script = redis.register_script(APPEND)
+        self._pending: list[Event] = []
+        self._seq = 0
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def append(self, event: Event) -> None:
+        self._pending.append(event)
+        if self._flusher is None or self._flusher.done():
+            self._raise_failure()
+            self._flusher = asyncio.create_task(self._flush())
+        elif len(self._pending) >= MAX_PENDING:
+            await asyncio.shield(self._flusher)
+
+    async def drain(self) -> None:
+        """Wait until every event handed over is in Redis; raise what an append raised."""
+        while self._flusher is not None:
+            flusher = self._flusher
+            await asyncio.shield(flusher)
+            if self._flusher is flusher:
+                self._flusher = None
+        self._raise_failure()
+
+    async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            self._seq += 1
+            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen]
+            for event in batch:
+                args += [event_type(event), encode_event(event)]
+            if await self._script(keys=self._keys, args=args) == -1:
+                raise LeaseLost("the chat's lease belongs to another attempt")
+
+    def _raise_failure(self) -> None:
+        if self._flusher is not None and self._flusher.done() and not self._flusher.cancelled():
+            exc = self._flusher.exception()
+            if exc is not None:
+                raise exc
