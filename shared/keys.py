@@ -40,3 +40,13 @@ def token(token_hash: str) -> str:
 def secret() -> str:
     """String: the generated signing secret, when ``STREAMBRIDGE_SECRET`` is unset."""
     return f"{PREFIX}secret"
+
+
+def edges() -> str:
+    """Pub/Sub channel every edge subscribes to first, so its hub connection is always live."""
+    return f"{PREFIX}edges"
+
+
+def cancels() -> str:
+    """Pub/Sub channel: ids of running chats whose owner asked to cancel them."""
+    return f"{PREFIX}cancels"

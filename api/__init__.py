@@ -1,0 +1,1 @@
+"""The HTTP side of streambridge: the API (auth, chats) and the SSE edge."""

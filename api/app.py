@@ -1,0 +1,45 @@
+"""The aiohttp application: the API's routes, the edge's, or both on one port (``up``)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from arq import create_pool
+from arq.connections import RedisSettings
+
+from api import chats, edge
+from api.auth import load_secret
+from api.context import CONTEXT, SETTINGS, Context
+from api.errors import error_middleware
+from api.hub import StreamHub
+from shared import keys
+from shared.settings import Settings
+
+
+def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
+    assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
+    redis_url = settings.redis_url
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    if serve_api:
+        app.add_routes(chats.routes)
+    else:
+        app.router.add_get("/healthz", chats.healthz)
+    if serve_edge:
+        app.add_routes(edge.routes)
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=keys.QUEUE_NAME)
+        ctx = Context(settings=settings, redis=redis, secret=await load_secret(redis, settings.secret))
+        if serve_edge:
+            ctx.hub = StreamHub(redis)
+            await ctx.hub.start()
+        app[CONTEXT] = ctx
+        yield
+        if ctx.hub is not None:
+            await ctx.hub.stop()
+        await redis.aclose()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app

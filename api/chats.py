@@ -1,0 +1,201 @@
+"""The API's routes: visitor login, create / read / cancel a chat, health."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Final
+
+import msgspec
+from aiohttp import web
+
+from api.auth import authenticate, create_visitor, sign_stream_token
+from api.context import Context, context
+from shared import keys
+from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
+from shared.errors import BadRequest, NotFound, Unavailable, Unprocessable
+from shared.events import Usage, assemble_text, decode_event
+from shared.streams import Entry, entry_from_fields
+
+routes = web.RouteTableDef()
+
+
+class CreateChat(msgspec.Struct, forbid_unknown_fields=True):
+    """The body of ``POST /v1/chats``: ``messages``, or the shorthand ``message``."""
+
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=1000)] | None = None
+    message: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class Visitor(msgspec.Struct):
+    token: str
+    user: str
+
+
+class Created(msgspec.Struct):
+    id: str
+    status: str
+    stream_url: str
+    created_at: str
+
+
+class ChatView(msgspec.Struct):
+    id: str
+    status: str
+    content: str
+    finish_reason: str | None
+    usage: Usage | None
+    attempts: int
+    error: str | None
+    created_at: str
+    stream_url: str
+
+
+class StatusView(msgspec.Struct):
+    id: str
+    status: str
+
+
+_create_decoder: Final = msgspec.json.Decoder(CreateChat)
+
+
+def json_response(value: msgspec.Struct, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=msgspec.json.encode(value), content_type="application/json")
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    try:
+        await context(request).redis.ping()
+    except Exception as exc:
+        raise Unavailable(f"Redis is unreachable: {exc}") from None
+    return web.json_response({"status": "ok"})
+
+
+@routes.post("/v1/auth/visitor")
+async def visitor_login(request: web.Request) -> web.Response:
+    ctx = context(request)
+    token, user = await create_visitor(ctx.redis, ctx.settings.visitor_token_ttl)
+    return json_response(Visitor(token, user), status=201)
+
+
+@routes.post("/v1/chats")
+async def create_chat(request: web.Request) -> web.Response:
+    ctx = context(request)
+    user = await authenticate(request, ctx.redis)
+    chat = parse_create(await request.read())
+    chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
+    created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        pipe.hset(
+            keys.chat(chat_id),
+            mapping={
+                "owner": user,
+                "created_at": created_at,
+                "status": "queued",
+                "attempts": 0,
+                "request": msgspec.json.encode(chat),
+            },
+        )
+        pipe.expire(keys.chat(chat_id), ctx.settings.result_ttl)
+        await pipe.execute()
+    await ctx.redis.enqueue_job("run_chat", chat_id, _job_id=chat_id, _queue_name=keys.QUEUE_NAME)
+    return json_response(Created(chat_id, "queued", stream_url(request, ctx, chat_id), created_at), status=202)
+
+
+@routes.get("/v1/chats/{id}")
+async def read_chat(request: web.Request) -> web.Response:
+    ctx = context(request)
+    chat_id, chat = await owned_chat(request, ctx)
+    status = chat[b"status"].decode()
+    view = ChatView(
+        id=chat_id,
+        status=status,
+        content="",
+        finish_reason=None,
+        usage=None,
+        attempts=int(chat.get(b"attempts", b"0")),
+        error=None,
+        created_at=chat[b"created_at"].decode(),
+        stream_url=stream_url(request, ctx, chat_id),
+    )
+    if b"result" in chat:
+        result = decode_result(chat[b"result"])
+        view.content, view.finish_reason, view.usage = result.content, result.finish_reason, result.usage
+        view.error, view.attempts = result.error, max(result.attempts, view.attempts)
+    elif status not in TERMINAL_STATUSES:
+        view.content = assemble_text(decode_event(e.data) for e in await read_stream(ctx, chat_id))
+    return json_response(view)
+
+
+@routes.post("/v1/chats/{id}/cancel")
+async def cancel_chat(request: web.Request) -> web.Response:
+    ctx = context(request)
+    chat_id, _ = await owned_chat(request, ctx)
+    status = await request_cancel(ctx, chat_id)
+    return json_response(StatusView(chat_id, status), status=202)
+
+
+def parse_create(body: bytes) -> ChatRequest:
+    try:
+        chat = _create_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(f"invalid chat: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+    if (chat.messages is None) == (chat.message is None):
+        raise Unprocessable("send either `messages` or `message`, not both or neither")
+    messages = chat.messages or [Message(role="user", content=chat.message or "")]
+    return ChatRequest(messages, chat.model, chat.temperature, chat.max_tokens)
+
+
+async def owned_chat(request: web.Request, ctx: Context) -> tuple[str, dict[bytes, bytes]]:
+    """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
+    user = await authenticate(request, ctx.redis)
+    chat_id = request.match_info["id"]
+    chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+    if not chat or chat.get(b"owner", b"").decode() != user:
+        raise NotFound(f"no chat {chat_id!r}")
+    return chat_id, chat
+
+
+def stream_url(request: web.Request, ctx: Context, chat_id: str) -> str:
+    base = ctx.settings.public_edge_url or str(request.url.origin())
+    token = sign_stream_token(ctx.secret, chat_id, ctx.settings.stream_token_ttl)
+    return f"{base.rstrip('/')}/v1/chats/{chat_id}/events?token={token}"
+
+
+async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:
+    return [entry_from_fields(i, f) for i, f in await ctx.redis.xrange(keys.events(chat_id))]
+
+
+# A queued chat is cancelled here, atomically with its status, so a worker that claims it
+# later finds it terminal; a running one is flagged, and its worker ends it (``cancelled``).
+CANCEL: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' then
+  local data = '{"type":"cancelled"}'
+  local id = redis.call('XADD', KEYS[2], '*', 'type', 'cancelled', 'data', data)
+  redis.call('PUBLISH', KEYS[3], id .. '\\n' .. 'cancelled' .. '\\n' .. data)
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+  return 'cancelled'
+end
+if status == 'running' then
+  redis.call('HSET', KEYS[1], 'cancel', ARGV[3])
+  redis.call('PUBLISH', KEYS[4], ARGV[4])
+end
+return status
+"""
+
+
+async def request_cancel(ctx: Context, chat_id: str) -> str:
+    result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
+    args: list[str | bytes] = [result, str(ctx.settings.stream_ttl), str(time.time()), chat_id]
+    keyset = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id), keys.cancels()]
+    status = await ctx.redis.eval(CANCEL, len(keyset), *keyset, *args)  # type: ignore[arg-type,misc]
+    return bytes(status).decode() if isinstance(status, bytes) else str(status)

@@ -1,0 +1,27 @@
+"""What every handler of one process shares, stored on the aiohttp app under one typed key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from api.hub import StreamHub
+from shared.settings import Settings
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: ArqRedis
+    secret: bytes
+    hub: StreamHub | None = None
+
+
+CONTEXT = web.AppKey("context", Context)
+SETTINGS = web.AppKey("settings", Settings)
+
+
+def context(request: web.Request) -> Context:
+    return request.app[CONTEXT]

@@ -1,0 +1,71 @@
+"""The SSE edge: ``GET /v1/chats/{id}/events``, history first, then live, resumable by id."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+from aiohttp import web
+
+from api.auth import authenticate, bearer_token, verify_stream_token
+from api.context import Context, context
+from api.sse import HEADERS, PING, encode_entry
+from shared import keys
+from shared.chats import TERMINAL_STATUSES
+from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
+from shared.streams import is_entry_id
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/chats/{id}/events")
+async def chat_events(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    assert ctx.hub is not None, "the edge's hub starts with the app"
+    chat_id = request.match_info["id"]
+    await authorize(request, ctx, chat_id)
+    last_event_id = parse_last_event_id(request)
+    await check_retained(ctx, chat_id)
+
+    response = web.StreamResponse(headers=HEADERS)
+    await response.prepare(request)
+    tail = ctx.hub.tail(chat_id, last_event_id, idle=ctx.settings.heartbeat_interval)
+    async with aclosing(tail):
+        async for entry in tail:
+            await response.write(PING if entry is None else encode_entry(entry))
+    await response.write_eof()
+    return response
+
+
+async def authorize(request: web.Request, ctx: Context, chat_id: str) -> None:
+    """The stream URL's chat-scoped token, or the owner's bearer token; others get 404."""
+    token = request.query.get("token")
+    if token is not None and bearer_token(request) is None:
+        if not verify_stream_token(ctx.secret, chat_id, token):
+            raise Unauthorized("the stream token is invalid or expired; GET /v1/chats/{id} gives a fresh stream_url")
+        if not await ctx.redis.exists(keys.chat(chat_id)):
+            raise NotFound(f"no chat {chat_id!r}")
+        return
+    user = await authenticate(request, ctx.redis)
+    owner = await ctx.redis.hget(keys.chat(chat_id), "owner")  # type: ignore[misc]
+    if owner is None or owner.decode() != user:
+        raise NotFound(f"no chat {chat_id!r}")
+
+
+def parse_last_event_id(request: web.Request) -> str | None:
+    value = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if value is None or value == "":
+        return None
+    value = value.strip()
+    if not is_entry_id(value):
+        raise BadRequest(f"Last-Event-ID {value!r} is not a stream id like 1732400000000-0", code="bad_last_event_id")
+    return value
+
+
+async def check_retained(ctx: Context, chat_id: str) -> None:
+    """A chat that ended and whose stream expired answers 410; its result stays readable."""
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.exists(keys.events(chat_id))
+        pipe.hget(keys.chat(chat_id), "status")
+        exists, status = await pipe.execute()
+    if not exists and status is not None and status.decode() in TERMINAL_STATUSES:
+        raise StreamExpired(f"chat {chat_id}'s event stream has expired; GET /v1/chats/{chat_id} has its result")

@@ -1,0 +1,77 @@
+"""Every error answer is ``{"error": {"code", "message"}}``: never HTML, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api.context import SETTINGS
+from shared.errors import ApiError
+
+log = logging.getLogger("streambridge.api")
+
+CODES: Final = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    410: "stream_expired",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+class ErrorBody(msgspec.Struct):
+    code: str
+    message: str
+
+
+class ErrorAnswer(msgspec.Struct):
+    error: ErrorBody
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = msgspec.json.encode(ErrorAnswer(ErrorBody(code, message)))
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
+        message = _http_message(exc, request)
+        return error_response(exc.status, CODES.get(exc.status, "http_error"), message, headers)
+    except (RedisConnectionError, RedisTimeoutError, ConnectionRefusedError) as exc:
+        log.warning("redis unreachable while serving %s %s: %s", request.method, request.path, exc)
+        return error_response(503, "redis_unavailable", "the service's Redis is unreachable; retry shortly")
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "an internal error occurred; it has been logged")
+
+
+def _http_message(exc: web.HTTPException, request: web.Request) -> str:
+    if exc.status == 404:
+        return f"no route for {request.path}"
+    if exc.status == 405:
+        return f"{request.method} is not allowed on {request.path}"
+    if exc.status == 413:
+        return f"request body larger than {request.app[SETTINGS].max_body_bytes} bytes"
+    return exc.reason

@@ -1,0 +1,218 @@
+"""One edge process's window on the chats its clients watch.
+
+A single Pub/Sub connection carries every appended entry (the worker publishes each one in
+the same Lua call as its XADD); each client gets a bounded queue. The stream stays the
+source of truth: a client reads history with XRANGE, then takes live entries from its
+queue, skipping ids it already has. Whenever the live feed may have a gap (a full queue,
+or a Pub/Sub reconnect, which re-confirms every subscription) the client is told to
+re-read the stream from its last id. So a slow client costs bounded memory, and nothing
+is lost or repeated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import keys
+from shared.events import TERMINAL_TYPES
+from shared.streams import Entry, entry_from_fields, id_key, parse_notification
+
+log = logging.getLogger("streambridge.edge")
+
+#: live entries a client may fall behind by before it re-reads the stream instead
+QUEUE_SIZE: Final = 256
+#: entries per XRANGE while catching up
+PAGE: Final = 500
+
+RESYNC: Final = None  # queue marker: re-read the stream from your last id
+
+
+class Subscriber:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(QUEUE_SIZE)
+
+    def push(self, item: Entry | None) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            # Too slow for the live feed: drop it and catch up from the stream instead.
+            while not self.queue.empty():
+                self.queue.get_nowait()
+            self.queue.put_nowait(RESYNC)
+
+
+class Topic:
+    def __init__(self) -> None:
+        self.subscribers: set[Subscriber] = set()
+        self.confirmed = asyncio.Event()
+
+
+class StreamHub:
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self.topics: dict[str, Topic] = {}
+        self._pubsub: PubSub | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._pubsub = self.redis.pubsub()
+        await self._pubsub.subscribe(keys.edges())
+        self._reader = asyncio.create_task(self._read(), name="edge-hub-reader")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._pubsub is not None:
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[Entry | None, None]:
+        """The chat's entries after ``after`` (history, then live), ending with the terminal one.
+
+        Yields ``None`` after ``idle`` seconds without an entry, for the caller's heartbeat.
+        """
+        sub = await self._subscribe(chat_id)
+        try:
+            last = after or "0-0"
+            caught_up_once = False
+            while True:
+                async for entry in self._read_after(chat_id, last):
+                    yield entry
+                    last = entry.id
+                    if entry.type in TERMINAL_TYPES:
+                        return
+                if not caught_up_once and after is not None and await self._ended_at_or_before(chat_id, last):
+                    return  # resumed after the terminal event: nothing more will ever come
+                caught_up_once = True
+                async for live in self._live(sub, last, idle):
+                    yield live
+                    if live is not None:
+                        last = live.id
+                        if live.type in TERMINAL_TYPES:
+                            return
+        finally:
+            self._unsubscribe(chat_id, sub)
+
+    async def _live(self, sub: Subscriber, last: str, idle: float) -> AsyncGenerator[Entry | None, None]:
+        """Live entries after ``last``; returns when the caller must re-read the stream."""
+        last_key = id_key(last)
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    item = await sub.queue.get()
+            except TimeoutError:
+                yield None
+                continue
+            if item is RESYNC:
+                return
+            key = id_key(item.id)
+            if key <= last_key:
+                continue
+            yield item
+            last_key = key
+
+    async def _read_after(self, chat_id: str, last: str) -> AsyncGenerator[Entry, None]:
+        while True:
+            page = await self.redis.xrange(keys.events(chat_id), min=f"({last}", count=PAGE)
+            for entry_id, fields in page:
+                entry = entry_from_fields(entry_id, fields)
+                last = entry.id
+                yield entry
+            if len(page) < PAGE:
+                return
+
+    async def _ended_at_or_before(self, chat_id: str, last: str) -> bool:
+        tail = await self.redis.xrevrange(keys.events(chat_id), count=1)
+        if not tail:
+            return False
+        entry = entry_from_fields(*tail[0])
+        return entry.type in TERMINAL_TYPES and id_key(entry.id) <= id_key(last)
+
+    async def _subscribe(self, chat_id: str) -> Subscriber:
+        assert self._pubsub is not None, "StreamHub.start() first"
+        topic = self.topics.get(chat_id)
+        if topic is None:
+            topic = self.topics[chat_id] = Topic()
+            await self._pubsub.subscribe(keys.notify(chat_id))
+        sub = Subscriber()
+        topic.subscribers.add(sub)
+        # Only once Redis confirmed the subscription is a history read sure to meet the live feed.
+        await topic.confirmed.wait()
+        return sub
+
+    def _unsubscribe(self, chat_id: str, sub: Subscriber) -> None:
+        topic = self.topics.get(chat_id)
+        if topic is None:
+            return
+        topic.subscribers.discard(sub)
+        if not topic.subscribers:
+            del self.topics[chat_id]
+            if self._pubsub is not None:
+                self._unsubscribe_later(chat_id)
+
+    def _unsubscribe_later(self, chat_id: str) -> None:
+        async def unsubscribe() -> None:
+            assert self._pubsub is not None
+            if chat_id not in self.topics:  # nobody came back meanwhile
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                    await self._pubsub.unsubscribe(keys.notify(chat_id))
+
+        task = asyncio.create_task(unsubscribe())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        delay = 0.05
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+                delay = 0.05
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("edge hub lost Redis (%s); reconnecting in %.2f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            if message is not None:
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, object]) -> None:
+        channel = message["channel"]
+        assert isinstance(channel, bytes)
+        chat_id = _chat_of(channel)
+        topic = self.topics.get(chat_id) if chat_id else None
+        if topic is None:
+            return
+        if message["type"] == "subscribe":
+            # First confirmation, or a re-subscription after a reconnect: either way the
+            # live feed may have missed entries, so every reader re-reads the stream.
+            topic.confirmed.set()
+            for sub in topic.subscribers:
+                sub.push(RESYNC)
+        elif message["type"] == "message":
+            data = message["data"]
+            assert isinstance(data, bytes)
+            entry = parse_notification(data)
+            for sub in topic.subscribers:
+                sub.push(entry)
+
+
+_background: set[asyncio.Task[None]] = set()
+_NOTIFY_PREFIX: Final = keys.notify("\0").split("\0")[0].encode()
+_NOTIFY_SUFFIX: Final = keys.notify("\0").split("\0")[1].encode()
+
+
+def _chat_of(channel: bytes) -> str | None:
+    if channel.startswith(_NOTIFY_PREFIX) and channel.endswith(_NOTIFY_SUFFIX):
+        return channel[len(_NOTIFY_PREFIX) : -len(_NOTIFY_SUFFIX)].decode()
+    return None

@@ -1,0 +1,115 @@
+"""``streambridge``: one CLI for every process (see the contract's table of commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import msgspec
+
+from shared.errors import SettingsError, StreambridgeError
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger("streambridge")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streambridge", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def server(name: str, help: str, port: int) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        sub.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+        sub.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 picks a free one)")
+        return sub
+
+    server("up", "the whole system: API + edge on one port, a worker, embedded Redis and LLM if unset", 8000)
+    server("api", "the API only (auth, create, read, cancel)", 8000)
+    server("edge", "the SSE edge only (tails chat streams)", 8001)
+    worker = commands.add_parser("worker", help="an arq worker that runs chats")
+    worker.add_argument("--concurrency", type=int, help="chats run at once (default STREAMBRIDGE_WORKER_CONCURRENCY)")
+    fake = server("fake-llm", "the simulated OpenAI-compatible LLM", 8100)
+    fake.add_argument("--ttft-ms", type=float, help="delay before the first token")
+    fake.add_argument("--delay-ms", type=float, help="delay between chunks")
+    fake.add_argument("--words", type=int, help="answer length in words")
+    fake.add_argument("--fail", help="500 | 429 | drop:K | stall | stall:K")
+    chat = commands.add_parser("chat", help="stream an answer in the terminal, resuming after drops")
+    chat.add_argument("prompt")
+    chat.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
+    chat.add_argument("--model", help="model name (default: the server's)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except SettingsError as exc:
+        print(f"streambridge: {exc}", file=sys.stderr)
+        code = 2
+    except StreambridgeError as exc:
+        print(f"streambridge: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "chat":
+        from streambridge.chat_cli import chat
+
+        return _run_loop(chat(args.prompt, url=args.url, model=args.model))
+    if args.command == "fake-llm":
+        from streambridge import processes
+
+        return _run_loop(processes.fake_llm(args))
+    settings = load_settings(os.environ, worker_concurrency=getattr(args, "concurrency", None))
+    _configure_logging(settings)
+    from streambridge import processes
+
+    if args.command == "up":
+        return _run_loop(processes.up(settings, args.host, args.port))
+    if args.command == "api":
+        return _run_loop(processes.serve(require_redis(settings, "api"), args.host, args.port, api=True, edge=False))
+    if args.command == "edge":
+        return _run_loop(processes.serve(require_redis(settings, "edge"), args.host, args.port, api=False, edge=True))
+    if args.command == "worker":
+        return _run_loop(processes.worker(require_redis(settings, "worker")))
+    raise AssertionError(args.command)
+
+
+def require_redis(settings: Settings, command: str) -> Settings:
+    if settings.redis_url is None:
+        raise SettingsError(f"STREAMBRIDGE_REDIS_URL: required by `streambridge {command}` (only `up` embeds Redis)")
+    return settings
+
+
+def replace(settings: Settings, **changes: object) -> Settings:
+    return msgspec.structs.replace(settings, **changes)
+
+
+def _run_loop(main: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("arq", "httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

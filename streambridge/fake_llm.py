@@ -1,0 +1,331 @@
+"""A simulated OpenAI-compatible LLM server: deterministic answers, scriptable failures.
+
+``streambridge up`` runs it when no LLM is configured; tests and benchmarks drive it too.
+
+Per-request behaviour rides in the model name, so one process can script many cases:
+``"fake?words=5&fail=drop:3&fail_times=1&delay_ms=1"`` overrides those fields of the base
+``FakeLLMConfig`` for that request. The answer to a prompt is always ``expected_text(prompt,
+words)``, cut into chunks of 1..6 units that split words, ZWJ sequences, letters from their
+combining marks and (with ``split="utf16"``) surrogate pairs.
+
+Chunks are encoded with the stdlib ``json``: msgspec refuses the lone surrogates that the
+utf16 mode sends on purpose as ``\\udXXX`` escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import re
+import time
+import uuid
+from typing import Annotated, Any, Final, TypeVar
+from urllib.parse import parse_qsl
+
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+
+class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
+    ttft_ms: float = 50.0  # delay before the first content chunk
+    delay_ms: float = 20.0  # delay between content chunks
+    words: int = 40  # length of the answer in words
+    # None | "500" | "429" | "drop:K" (close the connection after K content chunks)
+    # | "stall" (the role chunk, then nothing) | "stall:K" (stall after K content chunks)
+    fail: str | None = None
+    fail_times: int = 0  # fail only the first N requests per (fail, prompt); 0 = every request
+    split: str = "codepoints"  # "codepoints" | "utf16" (surrogate pairs may be split)
+    retry_after: float | None = None  # Retry-After header value for 429
+
+
+DEFAULT_CONFIG: Final = FakeLLMConfig()
+
+_FAIL: Final = re.compile(r"500|429|(drop|stall):\d+|stall")
+_SPLITS: Final = ("codepoints", "utf16")
+# Chunk sizes in units (code points or UTF-16 code units), cycled; the same for every prompt.
+_SIZES: Final = (3, 1, 4, 1, 5, 2, 6, 2, 1, 3)
+_PLAIN: Final = (
+    "the", "stream", "bridge", "answer", "token", "river", "quiet", "signal",
+    "paper", "light", "north", "window", "resume", "edge", "worker", "queue",
+)  # fmt: skip
+_AWKWARD: Final = (
+    "café",  # precomposed é
+    "Straße",  # ß
+    "cafe\u0301",  # e + combining acute accent
+    "東京",  # CJK
+    "数据流",
+    "👩\u200d💻",  # ZWJ sequence
+    "🇯🇵",  # flag: two regional indicators
+    "👍🏽",  # emoji + skin-tone modifier
+    "naïve😀",
+    "Ωmega",
+)
+_POLL_S: Final = 0.05
+_Units = TypeVar("_Units", str, bytes)
+
+
+def expected_text(prompt: str, words: int) -> str:
+    """The exact answer to ``prompt``: ``words`` words joined by single spaces; every third is awkward."""
+    digest = hashlib.shake_256(prompt.encode("utf-8", "surrogatepass")).digest(words + 1)
+    out = []
+    for i in range(words):
+        if i % 3 == 1:
+            out.append(_AWKWARD[(digest[0] + i // 3) % len(_AWKWARD)])
+        else:
+            out.append(_PLAIN[digest[i + 1] % len(_PLAIN)])
+    return " ".join(out)
+
+
+def split_text(text: str, split: str = "codepoints") -> list[str]:
+    """Cut ``text`` into the chunks the server sends; ``"".join`` of them gives ``text`` back.
+
+    With ``split="utf16"`` a chunk may end with a lone high surrogate and the next begin with
+    the low one; such a join only equals ``text`` after ``.encode("utf-16", "surrogatepass")
+    .decode("utf-16")``, just as a client has to do.
+    """
+    if split == "utf16":
+        raw = text.encode("utf-16-le", "surrogatepass")
+        return [piece.decode("utf-16-le", "surrogatepass") for piece in _cut(raw, 2)]
+    return _cut(text, 1)
+
+
+def _cut(units: _Units, width: int) -> list[_Units]:
+    pieces: list[_Units] = []
+    start = 0
+    while start < len(units):
+        end = start + _SIZES[len(pieces) % len(_SIZES)] * width
+        pieces.append(units[start:end])
+        start = end
+    return pieces
+
+
+def config_from_model(base: FakeLLMConfig, model: str | None) -> FakeLLMConfig:
+    """Apply the ``?key=value&…`` overrides in a model name; raises ValueError on bad ones."""
+    if not model or "?" not in model:
+        return base
+    overrides: dict[str, Any] = {}
+    for key, value in parse_qsl(model.partition("?")[2], keep_blank_values=True):
+        if key not in FakeLLMConfig.__struct_fields__:
+            raise ValueError(f"unknown fake model option {key!r}")
+        overrides[key] = value or None
+    try:
+        config = msgspec.convert(msgspec.structs.asdict(base) | overrides, FakeLLMConfig, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"bad fake model option: {exc}") from None
+    check_config(config)
+    return config
+
+
+def check_config(config: FakeLLMConfig) -> None:
+    if config.fail is not None and not _FAIL.fullmatch(config.fail):
+        raise ValueError(f"fail must be 500, 429, drop:K, stall or stall:K, not {config.fail!r}")
+    if config.split not in _SPLITS:
+        raise ValueError(f"split must be codepoints or utf16, not {config.split!r}")
+    numbers = (config.ttft_ms, config.delay_ms, config.words, config.fail_times, config.retry_after or 0)
+    if not all(0 <= number < math.inf for number in numbers):
+        raise ValueError("numeric fake model options must be finite and not negative")
+
+
+# The request body, as far as the fake reads it; other fields are ignored.
+class _Part(msgspec.Struct):
+    type: str
+    text: str = ""
+
+
+class _Message(msgspec.Struct):
+    role: str
+    content: str | list[_Part] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _ChatRequest(msgspec.Struct):
+    messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
+    model: str = "fake"
+    stream: bool = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+    def prompt(self) -> str:
+        return next((m.text() for m in reversed(self.messages) if m.role == "user"), "")
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(m.text().split()) for m in self.messages)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+
+_decode_request: Final = msgspec.json.Decoder(_ChatRequest)
+
+
+def _error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _sse(data: object, *, ascii_only: bool) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=ascii_only, separators=(',', ':'))}\n\n".encode()
+
+
+async def _wait_for_disconnect(request: web.Request) -> None:
+    # aiohttp offers no disconnect event; polling ends a stall even without handler_cancellation.
+    while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+        await asyncio.sleep(_POLL_S)
+
+
+class _FakeLLM:
+    def __init__(self, config: FakeLLMConfig) -> None:
+        self.config = config
+        self.requests = 0
+        self.streams_open = 0
+        self.paths: dict[str, int] = {}
+        self.attempts: dict[tuple[str, str], int] = {}
+
+    @web.middleware
+    async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path != "/_stats":
+            self.requests += 1
+            self.paths[request.path] = self.paths.get(request.path, 0) + 1
+        return await handler(request)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.requests, "streams_open": self.streams_open, "paths": self.paths})
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {"id": "fake", "object": "model", "created": 0, "owned_by": "streambridge"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            chat = _decode_request.decode(await request.read())
+            config = config_from_model(self.config, chat.model)
+        except (msgspec.DecodeError, ValueError) as exc:
+            return _error(400, f"Invalid request: {exc}", "invalid_request_error")
+        prompt = chat.prompt()
+        fail = self._failure(config, prompt)
+        if fail == "500":
+            return _error(500, "The fake LLM failed as asked (fail=500).", "server_error")
+        if fail == "429":
+            headers = {} if config.retry_after is None else {"Retry-After": f"{config.retry_after:g}"}
+            return _error(429, "The fake LLM is rate limiting as asked (fail=429).", "rate_limit_error", headers)
+        chunks = split_text(expected_text(prompt, config.words), config.split)
+        limit = chat.max_tokens or chat.max_completion_tokens
+        finish_reason = "stop"
+        if limit is not None and limit < len(chunks):
+            chunks, finish_reason = chunks[:limit], "length"
+        if chat.stream:
+            return await self._stream(request, chat, config, fail, chunks, finish_reason)
+        return await self._complete(request, chat, config, fail, chunks, finish_reason)
+
+    def _failure(self, config: FakeLLMConfig, prompt: str) -> str | None:
+        """The failure this request should show, counting attempts per (fail, prompt)."""
+        if config.fail is None:
+            return None
+        key = (config.fail, prompt)
+        self.attempts[key] = self.attempts.get(key, 0) + 1
+        if config.fail_times and self.attempts[key] > config.fail_times:
+            return None
+        return config.fail
+
+    async def _complete(
+        self,
+        request: web.Request,
+        chat: _ChatRequest,
+        config: FakeLLMConfig,
+        fail: str | None,
+        chunks: list[str],
+        finish_reason: str,
+    ) -> web.StreamResponse:
+        await asyncio.sleep((config.ttft_ms + config.delay_ms * max(len(chunks) - 1, 0)) / 1000)
+        if fail is not None and fail.startswith("stall"):
+            await _wait_for_disconnect(request)
+            return web.Response()  # never read: the client is gone
+        if fail is not None and fail.startswith("drop") and request.transport is not None:
+            request.transport.close()
+            return web.Response()
+        message = {"role": "assistant", "content": "".join(chunks)}
+        body = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": chat.model,
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+            "usage": chat.usage(len(chunks)),
+        }
+        return web.Response(
+            body=json.dumps(body, ensure_ascii=config.split == "utf16"), content_type="application/json"
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        chat: _ChatRequest,
+        config: FakeLLMConfig,
+        fail: str | None,
+        chunks: list[str],
+        finish_reason: str,
+    ) -> web.StreamResponse:
+        ascii_only = config.split == "utf16"
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": chat.model,
+        }
+
+        def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            return _sse(base | {"choices": [choice]}, ascii_only=ascii_only)
+
+        fail_kind, _, fail_at = (fail or "").partition(":")
+        if fail_kind in ("drop", "stall"):
+            chunks = chunks[: int(fail_at or 0)]
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        )
+        self.streams_open += 1
+        try:
+            await response.prepare(request)
+            await response.write(chunk({"role": "assistant", "content": ""}))
+            for index, text in enumerate(chunks):
+                await asyncio.sleep((config.delay_ms if index else config.ttft_ms) / 1000)
+                await response.write(chunk({"content": text}))
+            if fail_kind == "drop" and request.transport is not None:
+                request.transport.close()  # the client sees a chunked body that never ends properly
+            elif fail_kind == "stall":
+                await _wait_for_disconnect(request)
+            else:
+                await response.write(chunk({}, finish_reason))
+                if chat.stream_options is not None and chat.stream_options.include_usage:
+                    usage = base | {"choices": [], "usage": chat.usage(len(chunks))}
+                    await response.write(_sse(usage, ascii_only=ascii_only))
+                await response.write(b"data: [DONE]\n\n")
+        except ConnectionResetError:
+            pass  # the client went away; aiohttp sees the dead transport and moves on
+        finally:
+            self.streams_open -= 1
+        return response
+
+
+def make_app(config: FakeLLMConfig = DEFAULT_CONFIG) -> web.Application:
+    check_config(config)
+    fake = _FakeLLM(config)
+    app = web.Application(middlewares=[fake.count])
+    app.router.add_post("/v1/chat/completions", fake.completions)
+    app.router.add_get("/v1/models", fake.models)
+    app.router.add_get("/_stats", fake.stats)
+    return app

@@ -1,0 +1,116 @@
+"""What each server command runs, from ``up`` (everything) to a single API, edge or worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+
+import msgspec
+
+from api.app import make_app
+from shared.settings import Settings
+from streambridge.embedded import RedisServer
+from streambridge.fake_llm import FakeLLMConfig
+from streambridge.fake_llm import make_app as make_fake_llm
+from streambridge.serve import announce, say, start_site, wait_for_signal
+from workers.worker import make_worker
+
+log = logging.getLogger("streambridge")
+
+
+async def up(settings: Settings, host: str, port: int) -> int:
+    """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured."""
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.redis_url is None:
+            redis = RedisServer()
+            await redis.start()
+            stack.push_async_callback(_stop_redis, redis)
+            settings = msgspec.structs.replace(settings, redis_url=redis.url)
+            say(f"embedded Redis: {redis.binary} on {redis.url} (in memory; set STREAMBRIDGE_REDIS_URL to use yours)")
+        llm_url = await _llm_url(settings, stack)
+        runner, bound = await start_site(make_app(settings), host, port)
+        stack.push_async_callback(runner.cleanup)
+        worker = make_worker(settings, llm_url)
+        worker_task = asyncio.create_task(worker.main(), name="worker")
+        stack.push_async_callback(_stop_worker, worker, worker_task)
+        say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
+        announce("streambridge (api + edge)", host, bound)
+        say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
+        await _until_signal_or(worker_task)
+    return 0
+
+
+async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bool) -> int:
+    runner, bound = await start_site(make_app(settings, serve_api=api, serve_edge=edge), host, port)
+    name = "streambridge api" if api else "streambridge edge"
+    if api and not edge and settings.public_edge_url is None:
+        log.warning("STREAMBRIDGE_PUBLIC_EDGE_URL is unset: stream_url will point at this API, which has no edge")
+    announce(name, host, bound)
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def worker(settings: Settings) -> int:
+    async with contextlib.AsyncExitStack() as stack:
+        llm_url = await _llm_url(settings, stack)
+        arq_worker = make_worker(settings, llm_url)
+        task = asyncio.create_task(arq_worker.main(), name="worker")
+        stack.push_async_callback(_stop_worker, arq_worker, task)
+        print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
+        await _until_signal_or(task)
+    return 0
+
+
+async def fake_llm(args: argparse.Namespace) -> int:
+    overrides = {
+        "ttft_ms": args.ttft_ms,
+        "delay_ms": args.delay_ms,
+        "words": args.words,
+        "fail": args.fail,
+    }
+    config = msgspec.structs.replace(FakeLLMConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    runner, bound = await start_site(make_fake_llm(config), args.host, args.port)
+    announce("streambridge fake-llm", args.host, bound)
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
+    return 0
+
+
+async def _llm_url(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
+    if settings.llm_base_url is not None:
+        return settings.llm_base_url
+    runner, bound = await start_site(make_fake_llm(FakeLLMConfig()), "127.0.0.1", 0)
+    stack.push_async_callback(runner.cleanup)
+    url = f"http://127.0.0.1:{bound}/v1"
+    say(f"simulated LLM: {url} (set STREAMBRIDGE_LLM_BASE_URL for a real one)")
+    return url
+
+
+async def _until_signal_or(task: asyncio.Task[None]) -> None:
+    waiter = asyncio.ensure_future(wait_for_signal())
+    done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    if task in done:
+        task.result()  # a worker that died on its own is an error, not a clean exit
+
+
+async def _stop_worker(worker: object, task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await worker.close()  # type: ignore[attr-defined]
+
+
+async def _stop_redis(server: RedisServer) -> None:
+    await server.stop()
+    server.cleanup()
+
+
+__all__ = ["fake_llm", "serve", "up", "worker"]

@@ -1,0 +1,46 @@
+"""Running aiohttp apps and long-lived tasks until SIGINT/SIGTERM, then shutting down cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+
+async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serve ``app``; port 0 picks a free port, which is returned."""
+    # handler_cancellation: a client that disconnects cancels its handler at once, which
+    # frees an SSE stream's subscription instead of waiting for the next heartbeat write.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    bound = runner.addresses[0][1]
+    return runner, int(bound)
+
+
+def announce(what: str, host: str, port: int) -> None:
+    print(f"{what} listening on http://{host}:{port}", flush=True)
+
+
+async def wait_for_signal() -> signal.Signals:
+    loop = asyncio.get_running_loop()
+    received: asyncio.Future[signal.Signals] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received.done():
+            received.set_result(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await received
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,186 @@
+"""compose.yaml and the Dockerfile run real streambridge commands with real settings."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+
+SUBCOMMANDS = {"up", "api", "edge", "worker", "fake-llm"}
+SERVERS = {"up", "api", "edge", "fake-llm"}
+
+
+def load_compose() -> dict[str, Any]:
+    data = yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
+    assert isinstance(data, dict)
+    return data
+
+
+def services() -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = load_compose()["services"]
+    return found
+
+
+def project_services() -> dict[str, dict[str, Any]]:
+    return {name: svc for name, svc in services().items() if name != "redis"}
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service.get("command", [])
+    return shlex.split(command) if isinstance(command, str) else [str(part) for part in command]
+
+
+def environment_names(service: dict[str, Any]) -> set[str]:
+    environment = service.get("environment") or {}
+    if isinstance(environment, dict):
+        return set(environment)
+    return {entry.split("=", 1)[0] for entry in environment}
+
+
+def settings_env_names() -> set[str]:
+    try:
+        settings = importlib.import_module("shared.settings")
+    except ModuleNotFoundError:  # the project is not installed: import it from the checkout
+        sys.path.insert(0, str(ROOT))
+        settings = importlib.import_module("shared.settings")
+    return {"STREAMBRIDGE_" + field.upper() for field in settings.Settings.__struct_fields__}
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    pairs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            instruction, _, arguments = line.partition(" ")
+            pairs.append((instruction.upper(), arguments.strip()))
+    return pairs
+
+
+def final_stage(instructions: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    starts = [i for i, (instruction, _) in enumerate(instructions) if instruction == "FROM"]
+    assert starts, "the Dockerfile has no FROM"
+    return instructions[starts[-1] :]
+
+
+def working_compose_cli() -> list[str] | None:
+    """`docker compose` or `docker-compose`, whichever is installed and answers `version`."""
+    candidates = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
+    for cli in candidates:
+        try:
+            probe = subprocess.run([*cli, "version"], capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return cli
+    return None
+
+
+def test_compose_file_has_no_obsolete_version_key() -> None:
+    assert "version" not in load_compose()
+
+
+def test_every_project_service_builds_the_project_image() -> None:
+    assert set(project_services()) >= {"api", "edge", "worker", "fake-llm"}
+    for name, service in project_services().items():
+        build = service.get("build")
+        context = build.get("context", ".") if isinstance(build, dict) else build
+        assert context is not None, f"{name} does not build the project"
+        assert (COMPOSE.parent / context).resolve() == ROOT, f"{name} builds from {context!r}"
+        dockerfile = build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile"
+        assert (ROOT / dockerfile).resolve() == DOCKERFILE
+
+
+def test_every_project_service_runs_a_streambridge_subcommand() -> None:
+    for name, service in project_services().items():
+        assert "entrypoint" not in service, f"{name} overrides the image's entrypoint"
+        command = command_of(service)
+        assert command, f"{name} has no command"
+        assert command[0] in SUBCOMMANDS, f"{name} runs {command[0]!r}, not a streambridge subcommand"
+
+
+def test_dockerfile_entrypoint_is_the_streambridge_cli() -> None:
+    stage = final_stage(dockerfile_instructions())
+    entrypoints = [arguments for instruction, arguments in stage if instruction == "ENTRYPOINT"]
+    assert entrypoints, "the final stage has no ENTRYPOINT"
+    assert json.loads(entrypoints[-1]) == ["streambridge"]
+
+
+def test_dockerfile_runs_as_a_non_root_user() -> None:
+    users = [arguments for instruction, arguments in final_stage(dockerfile_instructions()) if instruction == "USER"]
+    assert users, "the final stage has no USER"
+    user = users[-1].split(":", 1)[0]
+    assert user not in {"root", "0"}
+
+
+def test_servers_listen_on_all_interfaces_and_publish_their_port() -> None:
+    for name, service in project_services().items():
+        command = command_of(service)
+        if command[0] not in SERVERS:
+            continue
+        assert "--host" in command, f"{name} would listen on 127.0.0.1 only"
+        assert command[command.index("--host") + 1] == "0.0.0.0"
+        port = command[command.index("--port") + 1]
+        published = [str(mapping).rsplit(":", 1)[-1] for mapping in service.get("ports", [])]
+        assert not published or port in published, f"{name} listens on {port} but publishes {published}"
+
+
+def test_redis_persists_with_appendonly_everysec() -> None:
+    command = command_of(services()["redis"])
+    assert command[0] == "redis-server"
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    assert options.get("--appendonly") == "yes"
+    assert options.get("--appendfsync") == "everysec"
+    assert any(str(volume).endswith(":/data") for volume in services()["redis"].get("volumes", []))
+
+
+def test_every_streambridge_variable_is_a_real_setting() -> None:
+    known = settings_env_names()
+    for name, service in services().items():
+        unknown = {var for var in environment_names(service) if var.startswith("STREAMBRIDGE_")} - known
+        assert not unknown, f"{name} sets {sorted(unknown)}, which streambridge rejects at start"
+
+
+def test_project_services_reach_redis_inside_the_compose_network() -> None:
+    for name in ("api", "edge", "worker"):
+        service = services()[name]
+        assert service["environment"]["STREAMBRIDGE_REDIS_URL"] == "redis://redis:6379/0"
+        assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+def test_simulated_llm_is_opt_in_through_the_fake_profile() -> None:
+    assert services()["fake-llm"]["profiles"] == ["fake"]
+    assert "fake-llm:8100" in services()["worker"]["environment"]["STREAMBRIDGE_LLM_BASE_URL"]
+
+
+def test_docker_compose_accepts_the_file() -> None:
+    cli = working_compose_cli()
+    if cli is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed and working")
+    result = subprocess.run(
+        [*cli, "-f", str(COMPOSE), "config", "-q"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
