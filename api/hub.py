@@ -62,6 +62,7 @@ class StreamHub:
         self.topics: dict[str, Topic] = {}
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         self._pubsub = self.redis.pubsub()
@@ -69,6 +70,10 @@ class StreamHub:
         self._reader = asyncio.create_task(self._read(), name="edge-hub-reader")
 
     async def stop(self) -> None:
+        self._stopping = True
+        for task in list(_background):
+            task.cancel()
+        await asyncio.gather(*_background, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,11 +179,13 @@ class StreamHub:
     async def _read(self) -> None:
         assert self._pubsub is not None
         delay = 0.05
-        while True:
+        while not self._stopping:
             try:
                 message = await self._pubsub.get_message(timeout=1.0)
                 delay = 0.05
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if self._stopping:  # some clients turn our cancellation into a connection error
+                    return
                 log.warning("edge hub lost Redis (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

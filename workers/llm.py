@@ -54,7 +54,8 @@ def delta_from_chunk(chunk: ChatCompletionChunk) -> Delta:
     text, finish_reason = "", None
     for choice in chunk.choices:
         if choice.index == 0:
-            text = choice.delta.content or "" if choice.delta else ""
+            # A refusal is the model's answer too; dropping it would "complete" with no text.
+            text = (choice.delta.content or choice.delta.refusal or "") if choice.delta else ""
             finish_reason = choice.finish_reason
     usage = None
     if chunk.usage is not None:
@@ -76,6 +77,9 @@ def classify(exc: BaseException) -> Failure:
         return Failure("LLM request timed out", True)
     if isinstance(exc, openai.APIConnectionError):
         return Failure(f"cannot reach the LLM: {exc.__cause__ or exc}", True)
+    if isinstance(exc, openai.APIError):
+        # An error the server sent inside the stream (OpenAI, vLLM and LiteLLM do): a broken stream.
+        return Failure(f"the LLM's stream failed: {exc.message}", True)
     if isinstance(exc, UpstreamTimeout | IncompleteStream):
         return Failure(str(exc), True)
     if isinstance(exc, _http.TransportError | OSError):

@@ -167,8 +167,7 @@ async def chat_events(
 
 def backoff(failures: int, base: float, retry_after: float | None = None) -> float:
     """Exponential backoff with full jitter, capped at 30 s; never earlier than ``Retry-After``."""
-    delay = random.uniform(base / 2, base * 2 ** (failures - 1))
-    delay = min(delay, 30.0)
+    delay = min(random.uniform(base / 2, base * 2 ** min(failures - 1, 16)), 30.0)
     return max(delay, retry_after or 0.0)
 
 

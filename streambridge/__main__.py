@@ -1,0 +1,3 @@
+from streambridge.cli import main
+
+main()

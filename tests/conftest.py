@@ -1,0 +1,88 @@
+"""Fixtures shared by every suite: a redis-server of the tests' own, one database per test."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+from redis.asyncio import Redis
+
+from streambridge.embedded import free_port, redis_server_binary
+
+
+class OwnRedis:
+    """A redis-server the test session starts and stops: the machine's own is never touched."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._dir = tempfile.TemporaryDirectory(prefix="sb-test-redis-")
+        self.process = subprocess.Popen(
+            [
+                redis_server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.name,
+                "--databases",
+                "64",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        self._dir.cleanup()
+
+
+@pytest.fixture(scope="session")
+def own_redis() -> Iterator[OwnRedis]:
+    server = OwnRedis()
+    yield server
+    server.stop()
+
+
+_databases = itertools.cycle(range(1, 64))
+
+
+@pytest.fixture
+def redis_url(own_redis: OwnRedis) -> Iterator[str]:
+    """A database of the tests' own server, empty before the test and emptied after it."""
+    url = own_redis.url(next(_databases))
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+async def real_redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()

@@ -1,0 +1,146 @@
+"""The stream's contract, run once on fakeredis and once on a real redis-server.
+
+Appends are fenced and ordered; a tail gives history, then live entries, each once, and
+stops after the terminal event; a resume gives exactly what follows its id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from api.hub import QUEUE_SIZE, StreamHub
+from shared import keys
+from shared.events import Complete, Content, Event, Started, decode_event
+from shared.streams import Entry, id_key
+from workers.sink import APPEND, LeaseLost, StreamSink
+
+CHAT = "contract-chat"
+TOKEN = "lease-token"
+
+
+@pytest.fixture(params=["fakeredis", "redis-server"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    if request.param == "fakeredis":
+        client: Redis = fakeredis.FakeAsyncRedis()
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_url"))
+    await client.hset(keys.lease(CHAT), mapping={"token": TOKEN, "seq": 0})
+    yield client
+    for key in [k for k in _sinks if k[0] == id(client)]:
+        await _sinks.pop(key).close()
+    await client.flushdb()
+    await client.aclose()
+
+
+@pytest.fixture
+async def hub(store: Redis) -> AsyncIterator[StreamHub]:
+    hub = StreamHub(store)
+    await hub.start()
+    yield hub
+    await hub.stop()
+
+
+def content(n: int) -> Content:
+    return Content(content=f"piece {n} ", index=n, attempt=1)
+
+
+_sinks: dict[tuple[int, str], StreamSink] = {}
+
+
+async def append(store: Redis, events: list[Event], token: str = TOKEN) -> None:
+    """Appends through one sink per store and token, as one attempt of a worker does."""
+    sink = _sinks.setdefault((id(store), token), StreamSink(store, CHAT, token, maxlen=10_000))
+    for event in events:
+        await sink.append(event)
+    await sink.drain()
+
+
+async def collect(tail: AsyncIterator[Entry | None]) -> list[Entry]:
+    return [entry async for entry in tail if entry is not None]
+
+
+def decoded(entries: list[Entry]) -> list[Event]:
+    return [decode_event(e.data) for e in entries]
+
+
+COMPLETE = Complete(attempt=1, total_chunks=3, content_length=24, elapsed_ms=1, finish_reason="stop")
+
+
+async def test_appends_are_stored_in_order_with_increasing_ids(store: Redis) -> None:
+    events: list[Event] = [Started(attempt=1, model="m"), content(1), content(2), COMPLETE]
+    await append(store, events)
+    raw = await store.xrange(keys.events(CHAT))
+    assert [decode_event(fields[b"data"]) for _, fields in raw] == events
+    assert [fields[b"type"].decode() for _, fields in raw] == ["started", "content", "content", "complete"]
+    ids = [id_key(i.decode()) for i, _ in raw]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+async def test_a_worker_that_lost_its_lease_appends_nothing(store: Redis) -> None:
+    with pytest.raises(LeaseLost):
+        await append(store, [content(1)], token="a-zombie's-token")
+    assert await store.xlen(keys.events(CHAT)) == 0
+
+
+async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
+    script = store.register_script(APPEND)
+    batch = [TOKEN, "1", "10000", "content", b'{"type":"content","content":"x","index":1,"attempt":1}']
+    assert await script(keys=[keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)], args=batch) == 1
+    assert await script(keys=[keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)], args=batch) == 0
+    assert await store.xlen(keys.events(CHAT)) == 1
+
+
+async def test_tail_gives_history_then_live_and_stops_after_the_terminal_event(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m"), content(1)])
+    tail = hub.tail(CHAT, None, idle=5)
+    first = [await anext(tail), await anext(tail)]
+    await append(store, [content(2), content(3), COMPLETE])
+    rest = await collect(tail)
+    assert decoded([e for e in first if e is not None] + rest) == [
+        Started(attempt=1, model="m"),
+        content(1),
+        content(2),
+        content(3),
+        COMPLETE,
+    ]
+    assert CHAT not in hub.topics, "the last reader leaving drops the chat's subscription"
+
+
+async def test_resume_gives_exactly_what_follows_the_last_event_id(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m"), content(1), content(2), content(3), COMPLETE])
+    everything = await collect(hub.tail(CHAT, None, idle=5))
+    for cut in range(len(everything)):
+        resumed = await collect(hub.tail(CHAT, everything[cut].id, idle=5))
+        assert resumed == everything[cut + 1 :]
+
+
+async def test_resume_after_the_terminal_event_ends_at_once(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m"), COMPLETE])
+    everything = await collect(hub.tail(CHAT, None, idle=5))
+    async with asyncio.timeout(2):
+        assert await collect(hub.tail(CHAT, everything[-1].id, idle=5)) == []
+
+
+async def test_a_reader_too_slow_for_the_live_feed_catches_up_from_the_stream(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    tail = hub.tail(CHAT, None, idle=5)
+    entries = [await anext(tail)]
+    many = [content(n) for n in range(1, QUEUE_SIZE * 3)]
+    await append(store, [*many, COMPLETE])  # far more than the reader's queue holds
+    entries += await collect(tail)
+    assert decoded([e for e in entries if e is not None]) == [Started(attempt=1, model="m"), *many, COMPLETE]
+
+
+async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    tail = hub.tail(CHAT, None, idle=0.05)
+    assert (await anext(tail)) is not None
+    assert (await anext(tail)) is None
+    await tail.aclose()
+    assert CHAT not in hub.topics

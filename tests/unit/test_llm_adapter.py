@@ -1,0 +1,182 @@
+"""The openai SDK adapter: real SDK chunks become ``Delta``s, real SDK errors become ``Failure``s."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from shared.events import Usage
+from workers.llm import classify, delta_from_chunk
+from workers.pipeline import Delta, IncompleteStream, UpstreamTimeout
+
+REQUEST = httpx2.Request("POST", "http://x/v1/chat/completions")
+
+
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> ChatCompletionChunk:
+    return ChatCompletionChunk.model_validate(
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices} | extra
+    )
+
+
+def choice(delta: dict[str, Any], *, index: int = 0, finish_reason: str | None = None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+
+
+# --- delta_from_chunk ---------------------------------------------------------------------------
+
+
+def test_text_chunk_yields_its_content() -> None:
+    assert delta_from_chunk(chunk([choice({"content": "Hel"})])) == Delta(text="Hel")
+
+
+def test_role_only_first_chunk_yields_no_content() -> None:
+    assert delta_from_chunk(chunk([choice({"role": "assistant", "content": ""})])) == Delta()
+
+
+def test_null_content_yields_empty_text() -> None:
+    assert delta_from_chunk(chunk([choice({"role": "assistant", "content": None})])) == Delta()
+
+
+def test_chunk_with_empty_choices_yields_nothing() -> None:
+    # Azure sends content-filter results in chunks like this one.
+    azure_filter_chunk = chunk(
+        [], prompt_filter_results=[{"prompt_index": 0, "content_filter_results": {"hate": {"filtered": False}}}]
+    )
+    assert delta_from_chunk(azure_filter_chunk) == Delta()
+
+
+def test_finish_reason_in_a_chunk_of_its_own() -> None:
+    assert delta_from_chunk(chunk([choice({}, finish_reason="stop")])) == Delta(finish_reason="stop")
+
+
+def test_usage_only_last_chunk_yields_usage() -> None:
+    last = chunk([], usage={"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21})
+    assert delta_from_chunk(last) == Delta(usage=Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21))
+
+
+def test_choices_other_than_index_0_are_ignored() -> None:
+    assert delta_from_chunk(chunk([choice({"content": "other"}, index=1, finish_reason="stop")])) == Delta()
+    both = chunk([choice({"content": "mine"}), choice({"content": "other"}, index=1, finish_reason="length")])
+    assert delta_from_chunk(both) == Delta(text="mine")
+
+
+# --- classify -----------------------------------------------------------------------------------
+
+
+def status_error(
+    cls: type[openai.APIStatusError],
+    status: int,
+    body: object = None,
+    headers: dict[str, str] | None = None,
+) -> openai.APIStatusError:
+    """The exception as the SDK raises it: the JSON body, the real response, the SDK's own message."""
+    if body is None:
+        body = {"error": {"message": "bad model", "type": "invalid_request_error"}}
+    response = httpx2.Response(status, headers=headers, json=body, request=REQUEST)
+    return cls(f"Error code: {status}", response=response, body=body)
+
+
+@pytest.mark.parametrize(
+    ("cls", "status"),
+    [
+        (openai.InternalServerError, 500),
+        (openai.InternalServerError, 502),
+        (openai.InternalServerError, 503),
+        (openai.RateLimitError, 429),
+        (openai.APIStatusError, 408),
+    ],
+)
+def test_server_errors_and_rate_limits_are_retryable(cls: type[openai.APIStatusError], status: int) -> None:
+    failure = classify(status_error(cls, status))
+    assert failure.retryable
+    assert str(status) in failure.message
+
+
+def test_rate_limit_retry_after_is_honoured() -> None:
+    failure = classify(status_error(openai.RateLimitError, 429, headers={"Retry-After": "7"}))
+    assert failure.retryable
+    assert failure.retry_after == 7.0
+
+
+def test_retry_after_as_an_http_date_is_ignored_rather_than_fatal() -> None:
+    headers = {"Retry-After": "Wed, 21 Oct 2037 07:28:00 GMT"}
+    failure = classify(status_error(openai.RateLimitError, 429, headers=headers))
+    assert failure.retryable
+    assert failure.retry_after is None
+
+
+@pytest.mark.parametrize(
+    ("cls", "status"),
+    [
+        (openai.BadRequestError, 400),
+        (openai.AuthenticationError, 401),
+        (openai.PermissionDeniedError, 403),
+        (openai.NotFoundError, 404),
+        (openai.UnprocessableEntityError, 422),
+    ],
+)
+def test_request_errors_fail_at_once_with_the_providers_message(cls: type[openai.APIStatusError], status: int) -> None:
+    failure = classify(status_error(cls, status))
+    assert not failure.retryable
+    assert "bad model" in failure.message
+    assert str(status) in failure.message
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param({"error": {"message": "bad model"}}, id="openai-wrapped"),
+        pytest.param({"message": "bad model", "type": "invalid_request_error"}, id="sdk-unwrapped"),
+        pytest.param({"object": "error", "message": "bad model", "code": 400}, id="vllm-top-level"),
+    ],
+)
+def test_providers_message_is_found_in_every_body_shape(body: dict[str, Any]) -> None:
+    assert "bad model" in classify(status_error(openai.BadRequestError, 400, body)).message
+
+
+def test_non_json_error_body_falls_back_to_the_sdks_message() -> None:
+    response = httpx2.Response(502, text="<html>Bad Gateway</html>", request=REQUEST)
+    exc = openai.InternalServerError("Error code: 502", response=response, body="<html>Bad Gateway</html>")
+    failure = classify(exc)
+    assert failure.retryable
+    assert "502" in failure.message
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(openai.APIConnectionError(request=REQUEST), id="connection"),
+        pytest.param(openai.APITimeoutError(request=REQUEST), id="timeout"),
+        pytest.param(UpstreamTimeout("no first token from the LLM within 30 s"), id="upstream-timeout"),
+        pytest.param(IncompleteStream("the LLM's stream ended without a finish_reason"), id="incomplete"),
+        pytest.param(httpx2.RemoteProtocolError("peer closed"), id="remote-protocol"),
+    ],
+)
+def test_transport_trouble_is_retryable(exc: BaseException) -> None:
+    failure = classify(exc)
+    assert failure.retryable
+    assert failure.message
+
+
+def test_pipeline_timeouts_keep_their_message() -> None:
+    assert classify(UpstreamTimeout("no chunk from the LLM within 5 s")).message == "no chunk from the LLM within 5 s"
+
+
+def test_unexpected_exception_is_not_retryable() -> None:
+    failure = classify(ValueError("boom"))
+    assert not failure.retryable
+    assert "ValueError" in failure.message
+    assert "boom" in failure.message
+
+
+# An error the server sends inside the stream (OpenAI, vLLM, LiteLLM) surfaces as a plain APIError.
+def test_mid_stream_server_error_is_retryable() -> None:
+    body = {"message": "The server had an error while processing your request.", "type": "server_error"}
+    exc = openai.APIError("The server had an error while processing your request.", REQUEST, body=body)
+    failure = classify(exc)
+    assert failure.retryable
+    assert "The server had an error" in failure.message

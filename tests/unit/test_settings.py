@@ -1,0 +1,62 @@
+import pytest
+
+from shared.errors import SettingsError
+from shared.settings import Settings, load_settings
+
+
+def test_defaults_need_nothing_set() -> None:
+    settings = load_settings({})
+    assert settings.redis_url is None
+    assert settings.llm_base_url is None
+    assert settings.heartbeat_interval <= 15
+
+
+def test_values_are_read_and_typed() -> None:
+    settings = load_settings(
+        {
+            "STREAMBRIDGE_REDIS_URL": "redis://127.0.0.1:6379/3",
+            "STREAMBRIDGE_LLM_BASE_URL": "http://localhost:11434/v1",
+            "STREAMBRIDGE_WORKER_CONCURRENCY": "7",
+            "STREAMBRIDGE_HEARTBEAT_INTERVAL": "0.5",
+            "PATH": "/usr/bin",
+        }
+    )
+    assert settings.redis_url == "redis://127.0.0.1:6379/3"
+    assert settings.worker_concurrency == 7
+    assert settings.heartbeat_interval == 0.5
+
+
+def test_llm_api_key_falls_back_to_openai_api_key() -> None:
+    assert load_settings({"OPENAI_API_KEY": "sk-x"}).llm_api_key == "sk-x"
+    assert load_settings({"OPENAI_API_KEY": "sk-x", "STREAMBRIDGE_LLM_API_KEY": "own"}).llm_api_key == "own"
+
+
+def test_cli_flags_override_the_environment() -> None:
+    assert load_settings({"STREAMBRIDGE_WORKER_CONCURRENCY": "7"}, worker_concurrency=3).worker_concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"STREAMBRIDGE_REDIS_URL": "http://localhost"}, "STREAMBRIDGE_REDIS_URL: malformed URL"),
+        ({"STREAMBRIDGE_REDIS_URL": "redis://host:99999"}, "STREAMBRIDGE_REDIS_URL: malformed URL"),
+        ({"STREAMBRIDGE_LLM_BASE_URL": "localhost:8000"}, "STREAMBRIDGE_LLM_BASE_URL: malformed URL"),
+        ({"STREAMBRIDGE_PUBLIC_EDGE_URL": "ftp://x"}, "STREAMBRIDGE_PUBLIC_EDGE_URL: malformed URL"),
+        ({"STREAMBRIDGE_WORKER_CONCURRENCY": "0"}, "STREAMBRIDGE_WORKER_CONCURRENCY: expected `int` >= 1"),
+        ({"STREAMBRIDGE_WORKER_CONCURRENCY": "many"}, "STREAMBRIDGE_WORKER_CONCURRENCY: expected `int`"),
+        ({"STREAMBRIDGE_HEARTBEAT_INTERVAL": "30"}, "STREAMBRIDGE_HEARTBEAT_INTERVAL: expected `float` <= 15"),
+        ({"STREAMBRIDGE_LOG_LEVEL": "LOUD"}, "STREAMBRIDGE_LOG_LEVEL: must be one of"),
+        ({"STREAMBRIDGE_REDIS_URLL": "redis://x"}, "STREAMBRIDGE_REDIS_URLL: unknown setting"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings(environ)
+    text = str(caught.value)
+    assert text.startswith(message)
+    assert "\n" not in text
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(AttributeError):
+        Settings().worker_concurrency = 2  # type: ignore[misc]

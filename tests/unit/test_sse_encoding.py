@@ -1,0 +1,36 @@
+from api.sse import HEADERS, PING, encode_entry
+from shared.events import Complete, Content, encode_event
+from shared.streams import Entry
+
+
+def test_entry_is_encoded_as_id_event_and_one_line_of_json() -> None:
+    data = encode_event(Content(content="héllo\nworld 👩‍💻", index=3, attempt=1))
+    wire = encode_entry(Entry("1732400000000-0", "content", data))
+    assert wire == (
+        b"id: 1732400000000-0\n"
+        b"event: content\n"
+        b'data: {"type":"content","content":"h\xc3\xa9llo\\nworld \xf0\x9f\x91\xa9\xe2\x80\x8d\xf0\x9f\x92\xbb",'
+        b'"index":3,"attempt":1}\n'
+        b"\n"
+    )
+
+
+def test_terminal_event_bytes() -> None:
+    data = encode_event(
+        Complete(attempt=2, total_chunks=5, content_length=9, elapsed_ms=12, finish_reason="stop", usage=None)
+    )
+    assert encode_entry(Entry("5-1", "complete", data)) == (
+        b"id: 5-1\nevent: complete\n"
+        b'data: {"type":"complete","attempt":2,"total_chunks":5,"content_length":9,"elapsed_ms":12,'
+        b'"finish_reason":"stop","usage":null}\n\n'
+    )
+
+
+def test_heartbeat_is_a_comment_line() -> None:
+    assert PING == b": ping\n\n"
+
+
+def test_stream_headers_keep_proxies_from_buffering() -> None:
+    assert HEADERS["Cache-Control"] == "no-cache"
+    assert HEADERS["X-Accel-Buffering"] == "no"
+    assert HEADERS["Content-Type"].startswith("text/event-stream")
