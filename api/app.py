@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from arq import create_pool
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis
 
 from api import chats, edge
 from api.auth import load_secret
@@ -14,6 +13,7 @@ from api.context import CONTEXT, SETTINGS, Context
 from api.errors import error_middleware
 from api.hub import StreamHub
 from shared import keys
+from shared.redis import connect
 from shared.settings import Settings
 
 
@@ -30,7 +30,9 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         app.add_routes(edge.routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        redis = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name=keys.QUEUE_NAME)
+        # One bounded pool per process: the hub's Pub/Sub takes one socket, commands share the rest.
+        redis = connect(redis_url, max_connections=settings.redis_max_connections, client_class=ArqRedis)
+        redis.default_queue_name = keys.QUEUE_NAME
         ctx = Context(settings=settings, redis=redis, secret=await load_secret(redis, settings.secret))
         if serve_edge:
             ctx.hub = StreamHub(redis)

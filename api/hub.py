@@ -81,6 +81,9 @@ class StreamHub:
         if self._pubsub is not None:
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[Entry | None, None]:
         """The chat's entries after ``after`` (history, then live), ending with the terminal one.
 
@@ -184,7 +187,7 @@ class StreamHub:
                 message = await self._pubsub.get_message(timeout=1.0)
                 delay = 0.05
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if self._stopping:  # some clients turn our cancellation into a connection error
+                if self.stopping():  # some clients turn our cancellation into a connection error
                     return
                 log.warning("edge hub lost Redis (%s); reconnecting in %.2f s", exc, delay)
                 await asyncio.sleep(delay)

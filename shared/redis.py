@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from typing import TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 
+R = TypeVar("R", bound=Redis)
 
-def connect(url: str, *, max_connections: int | None = None) -> Redis:
-    """A pooled client that retries a dropped connection with backoff before giving up."""
-    client: Redis = Redis.from_url(
+
+def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) -> R:  # type: ignore[assignment]
+    """A client on a bounded pool: however many requests wait, at most ``max_connections`` sockets.
+
+    A dropped connection is retried with backoff before the error reaches the caller.
+    """
+    pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=10,
         socket_connect_timeout=2,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[ConnectionError, TimeoutError],
     )
-    return client
+    return client_class(connection_pool=pool)

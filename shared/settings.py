@@ -46,6 +46,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stream_token_ttl: Positive = 3600
     heartbeat_interval: Annotated[float, msgspec.Meta(gt=0, le=15)] = 15.0
     max_body_bytes: Positive = 1024 * 1024
+    #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
+    redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

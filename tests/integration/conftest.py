@@ -1,0 +1,86 @@
+"""The API and edge in-process (aiohttp's test client), a real Redis, the simulated LLM on a real
+port and arq burst workers: each piece real, without process management."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+import pytest
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from api.app import make_app
+from shared.events import Event, decode_event
+from shared.settings import Settings
+from streambridge.fake_llm import FakeLLMConfig
+from streambridge.fake_llm import make_app as make_fake_llm
+from streambridge.sse import SSEMessage, SSEParser
+from workers.worker import make_worker
+
+FAST_LLM = FakeLLMConfig(ttft_ms=0, delay_ms=0, words=12)
+
+
+@pytest.fixture
+async def llm_url() -> AsyncIterator[str]:
+    server = TestServer(make_fake_llm(FAST_LLM))
+    await server.start_server()
+    yield str(server.make_url("/v1"))
+    await server.close()
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, heartbeat_interval=0.2, retry_base_delay=0.01, max_body_bytes=64 * 1024)
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
+    async with TestClient(TestServer(make_app(settings))) as client:
+        yield client
+
+
+RunWorker = Callable[[], Awaitable[None]]
+
+
+@pytest.fixture
+def run_worker(settings: Settings, llm_url: str) -> RunWorker:
+    """Runs a burst worker until the queue is empty, as arq's own tests do: no sleeps."""
+
+    async def run() -> None:
+        worker = make_worker(settings, llm_url, burst=True, poll_delay=0)
+        try:
+            await worker.main()
+        finally:
+            await worker.close()
+
+    return run
+
+
+@pytest.fixture
+async def token(client: TestClient) -> str:  # type: ignore[type-arg]
+    response = await client.post("/v1/auth/visitor")
+    assert response.status == 201
+    return str((await response.json())["token"])
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def read_sse(response: ClientResponse) -> list[SSEMessage]:
+    parser = SSEParser()
+    messages: list[SSEMessage] = []
+    async for chunk in response.content.iter_any():
+        messages += parser.feed(chunk)
+    return messages
+
+
+def events_of(messages: list[SSEMessage]) -> list[Event]:
+    return [decode_event(m.data) for m in messages]
+
+
+def json_of(raw: bytes) -> dict[str, object]:
+    value = msgspec.json.decode(raw)
+    assert isinstance(value, dict)
+    return value

@@ -1,0 +1,154 @@
+"""Bad input gets the contract's JSON error with the right status: never HTML, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from shared import keys
+from tests.integration.conftest import RunWorker, bearer, json_of
+
+CHAT_ROUTES = [("GET", "/v1/chats/{id}"), ("POST", "/v1/chats/{id}/cancel"), ("GET", "/v1/chats/{id}/events")]
+
+
+async def error_of(response: object, status: int, code: str) -> str:
+    from aiohttp import ClientResponse
+
+    assert isinstance(response, ClientResponse)
+    raw = await response.read()
+    assert response.status == status, raw
+    assert response.content_type == "application/json"
+    body = json_of(raw)
+    error = body["error"]
+    assert isinstance(error, dict)
+    assert set(error) == {"code", "message"}
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    return error["message"]
+
+
+async def new_chat(client: TestClient, token: str) -> str:  # type: ignore[type-arg]
+    response = await client.post("/v1/chats", json={"message": "hi"}, headers=bearer(token))
+    return str((await response.json())["id"])
+
+
+async def test_health_is_ok(client: TestClient) -> None:  # type: ignore[type-arg]
+    response = await client.get("/healthz")
+    assert response.status == 200
+    assert await response.json() == {"status": "ok"}
+
+
+async def test_unknown_route_is_a_json_404(client: TestClient) -> None:  # type: ignore[type-arg]
+    await error_of(await client.get("/v1/nothing/here"), 404, "not_found")
+
+
+async def test_wrong_method_is_a_json_405_with_allow(client: TestClient) -> None:  # type: ignore[type-arg]
+    response = await client.delete("/v1/chats")
+    assert "POST" in response.headers["Allow"]
+    await error_of(response, 405, "method_not_allowed")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{", b"not json", b"\xff\xfe", b""],
+    ids=["truncated", "text", "binary", "empty"],
+)
+async def test_malformed_json_is_400(client: TestClient, token: str, body: bytes) -> None:  # type: ignore[type-arg]
+    await error_of(await client.post("/v1/chats", data=body, headers=bearer(token)), 400, "malformed_json")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {},
+        {"message": ""},
+        {"message": 5},
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}]},
+        {"messages": [{"role": "user"}]},
+        {"message": "x", "messages": [{"role": "user", "content": "x"}]},
+        {"message": "x", "temperature": 3},
+        {"message": "x", "max_tokens": 0},
+        {"message": "x", "unknown": 1},
+    ],
+)
+async def test_valid_json_of_the_wrong_shape_is_422(client: TestClient, token: str, body: object) -> None:  # type: ignore[type-arg]
+    await error_of(await client.post("/v1/chats", json=body, headers=bearer(token)), 422, "invalid_request")
+
+
+async def test_a_body_over_the_limit_is_413(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    body = {"message": "x" * (70 * 1024)}
+    await error_of(await client.post("/v1/chats", json=body, headers=bearer(token)), 413, "payload_too_large")
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic abc"}])
+async def test_every_route_needs_a_valid_token(client: TestClient, token: str, headers: dict[str, str]) -> None:  # type: ignore[type-arg]
+    chat_id = await new_chat(client, token)
+    await error_of(await client.post("/v1/chats", json={"message": "x"}, headers=headers), 401, "unauthorized")
+    for method, route in CHAT_ROUTES:
+        response = await client.request(method, route.format(id=chat_id), headers=headers)
+        await error_of(response, 401, "unauthorized")
+
+
+async def test_another_users_chat_is_404_on_every_route(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    chat_id = await new_chat(client, token)
+    other = (await (await client.post("/v1/auth/visitor")).json())["token"]
+    for method, route in CHAT_ROUTES:
+        await error_of(await client.request(method, route.format(id=chat_id), headers=bearer(other)), 404, "not_found")
+    for method, route in CHAT_ROUTES:
+        missing = route.format(id="0" * 32)
+        await error_of(await client.request(method, missing, headers=bearer(token)), 404, "not_found")
+
+
+async def test_a_stream_token_opens_only_its_own_chat(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    first = await (await client.post("/v1/chats", json={"message": "a"}, headers=bearer(token))).json()
+    second = await new_chat(client, token)
+    stream_token = first["stream_url"].split("token=", 1)[1]
+    response = await client.get(f"/v1/chats/{second}/events", params={"token": stream_token})
+    await error_of(response, 401, "unauthorized")
+    forged = stream_token[:-2] + ("AA" if not stream_token.endswith("AA") else "BB")
+    await error_of(await client.get(f"/v1/chats/{first['id']}/events", params={"token": forged}), 401, "unauthorized")
+
+
+@pytest.mark.parametrize("value", ["bogus", "1-", "-1", "1-2-3", "12 3", "1732400000000-0x"])
+async def test_a_bad_last_event_id_is_400(client: TestClient, token: str, value: str) -> None:  # type: ignore[type-arg]
+    chat_id = await new_chat(client, token)
+    path = f"/v1/chats/{chat_id}/events"
+    await error_of(await client.get(path, headers={**bearer(token), "Last-Event-ID": value}), 400, "bad_last_event_id")
+    await error_of(
+        await client.get(path, params={"last_event_id": value}, headers=bearer(token)), 400, "bad_last_event_id"
+    )
+
+
+async def test_an_expired_stream_is_410_and_the_result_stays_readable(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat_id = await new_chat(client, token)
+    await run_worker()
+    redis = client.server.app  # the app's own Redis connection
+    from api.context import CONTEXT
+
+    await redis[CONTEXT].redis.delete(keys.events(chat_id))  # what the stream's expiry does
+    message = await error_of(
+        await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token)), 410, "stream_expired"
+    )
+    assert f"/v1/chats/{chat_id}" in message
+    result = await (await client.get(f"/v1/chats/{chat_id}", headers=bearer(token))).json()
+    assert result["status"] == "complete"
+    assert result["content"]
+
+
+async def test_the_stream_expires_after_the_chat_ends(client: TestClient, token: str, run_worker: RunWorker) -> None:  # type: ignore[type-arg]
+    chat_id = await new_chat(client, token)
+    await run_worker()
+    from api.context import CONTEXT
+
+    redis = client.server.app[CONTEXT].redis
+    settings = client.server.app[CONTEXT].settings
+    assert 0 < await redis.ttl(keys.events(chat_id)) <= settings.stream_ttl
+    assert settings.stream_ttl < await redis.ttl(keys.chat(chat_id)) <= settings.result_ttl
+    assert not await redis.exists(keys.lease(chat_id))

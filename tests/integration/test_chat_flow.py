@@ -1,0 +1,142 @@
+"""A chat from POST to the last SSE byte: real Redis, arq burst worker, simulated LLM over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp.test_utils import TestClient
+
+from shared.events import Complete, Content, Started, assemble_text
+from shared.streams import id_key
+from streambridge.fake_llm import expected_text
+from tests.integration.conftest import FAST_LLM, RunWorker, bearer, events_of, read_sse
+
+PROMPT = "tell me about streams"
+
+
+async def create(client: TestClient, token: str, body: object) -> dict[str, str]:  # type: ignore[type-arg]
+    response = await client.post("/v1/chats", json=body, headers=bearer(token))
+    assert response.status == 202, await response.text()
+    return dict(await response.json())
+
+
+async def test_chat_is_accepted_at_once_and_queued(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    chat = await create(client, token, {"message": PROMPT})
+    assert chat["status"] == "queued"
+    assert len(chat["id"]) == 32
+    assert f"/v1/chats/{chat['id']}/events?token=" in chat["stream_url"]
+    assert chat["created_at"].endswith("Z")
+    response = await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))
+    assert (await response.json())["status"] == "queued"
+
+
+async def test_a_chat_streams_to_completion_and_its_result_is_stored(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"messages": [{"role": "user", "content": PROMPT}]})
+    await run_worker()
+    response = await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token))
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["Cache-Control"] == "no-cache"
+    assert response.headers["X-Accel-Buffering"] == "no"
+    messages = await read_sse(response)
+    events = events_of(messages)
+    assert isinstance(events[0], Started)
+    assert isinstance(events[-1], Complete)
+    assert events[-1].finish_reason == "stop"
+    assert events[-1].content_length == len(expected_text(PROMPT, FAST_LLM.words))
+    assert assemble_text(events) == expected_text(PROMPT, FAST_LLM.words)
+    assert [m.event for m in messages] == [type(e).__struct_config__.tag for e in events]
+    ids = [id_key(m.id or "") for m in messages]
+    assert ids == sorted(set(ids))
+
+    result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
+    assert result["status"] == "complete"
+    assert result["content"] == expected_text(PROMPT, FAST_LLM.words)
+    assert result["finish_reason"] == "stop"
+    assert result["usage"]["completion_tokens"] == events[-1].total_chunks
+    assert result["attempts"] == 1
+    assert result["error"] is None
+
+
+async def test_a_client_waiting_before_the_worker_starts_gets_every_event_live(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT})
+    response = await client.get("/" + chat["stream_url"].split("/", 3)[3])  # the signed URL, no bearer
+    assert response.status == 200
+    reader = asyncio.create_task(read_sse(response))
+    await run_worker()
+    events = events_of(await asyncio.wait_for(reader, 10))
+    assert assemble_text(events) == expected_text(PROMPT, FAST_LLM.words)
+    assert sum(isinstance(e, Content) for e in events) == events[-1].total_chunks  # type: ignore[union-attr]
+
+
+async def test_resume_with_last_event_id_header_or_query_gives_exactly_the_rest(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT})
+    await run_worker()
+    path = f"/v1/chats/{chat['id']}/events"
+    everything = await read_sse(await client.get(path, headers=bearer(token)))
+    cut = everything[len(everything) // 2]
+    by_header = await read_sse(await client.get(path, headers={**bearer(token), "Last-Event-ID": cut.id or ""}))
+    by_query = await read_sse(await client.get(path, params={"last_event_id": cut.id or ""}, headers=bearer(token)))
+    rest = everything[len(everything) // 2 + 1 :]
+    assert by_header == rest
+    assert by_query == rest
+
+
+async def test_a_failing_provider_is_retried_then_the_chat_fails_with_its_message(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT, "model": "fake?fail=500"})
+    await run_worker()
+    events = events_of(await read_sse(await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token))))
+    kinds = [type(e).__struct_config__.tag for e in events]
+    assert kinds.count("started") == 3
+    assert kinds.count("error") == 3
+    assert kinds[-1] == "failed"
+    result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
+    assert result["status"] == "failed"
+    assert result["attempts"] == 3
+    assert "500" in result["error"]
+
+
+async def test_a_stream_that_breaks_part_way_is_retried_and_the_text_is_the_completing_attempts(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT, "model": "fake?fail=drop:3&fail_times=1"})
+    await run_worker()
+    events = events_of(await read_sse(await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token))))
+    complete = events[-1]
+    assert isinstance(complete, Complete)
+    assert complete.attempt == 2
+    assert any(isinstance(e, Content) and e.attempt == 1 for e in events)
+    assert assemble_text(events) == expected_text(PROMPT, FAST_LLM.words)
+    result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
+    assert result["content"] == expected_text(PROMPT, FAST_LLM.words)
+
+
+async def test_a_non_retryable_provider_answer_fails_at_once(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT, "model": "fake?words=oops"})
+    await run_worker()
+    result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
+    assert result["status"] == "failed"
+    assert result["attempts"] == 1
+    assert "400" in result["error"]
