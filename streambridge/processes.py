@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 
 import msgspec
 
@@ -14,7 +15,7 @@ from shared.settings import Settings
 from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.serve import announce, say, start_site, wait_for_signal
+from streambridge.serve import announce, catch_signals, say, start_site
 from workers.worker import make_worker
 
 log = logging.getLogger("streambridge")
@@ -22,6 +23,7 @@ log = logging.getLogger("streambridge")
 
 async def up(settings: Settings, host: str, port: int) -> int:
     """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured."""
+    stop = catch_signals()
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
             redis = RedisServer()
@@ -38,35 +40,38 @@ async def up(settings: Settings, host: str, port: int) -> int:
         say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
-        await _until_signal_or(worker_task)
+        await _until_signal_or(stop, worker_task)
     return 0
 
 
 async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bool) -> int:
+    stop = catch_signals()
     runner, bound = await start_site(make_app(settings, serve_api=api, serve_edge=edge), host, port)
     name = "streambridge api" if api else "streambridge edge"
     if api and not edge and settings.public_edge_url is None:
         log.warning("STREAMBRIDGE_PUBLIC_EDGE_URL is unset: stream_url will point at this API, which has no edge")
     announce(name, host, bound)
     try:
-        await wait_for_signal()
+        await stop
     finally:
         await runner.cleanup()
     return 0
 
 
 async def worker(settings: Settings) -> int:
+    stop = catch_signals()
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_stop_worker, arq_worker, task)
         print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
-        await _until_signal_or(task)
+        await _until_signal_or(stop, task)
     return 0
 
 
 async def fake_llm(args: argparse.Namespace) -> int:
+    stop = catch_signals()
     overrides = {
         "ttft_ms": args.ttft_ms,
         "delay_ms": args.delay_ms,
@@ -77,7 +82,7 @@ async def fake_llm(args: argparse.Namespace) -> int:
     runner, bound = await start_site(make_fake_llm(config), args.host, args.port)
     announce("streambridge fake-llm", args.host, bound)
     try:
-        await wait_for_signal()
+        await stop
     finally:
         await runner.cleanup()
     return 0
@@ -93,10 +98,9 @@ async def _llm_url(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
     return url
 
 
-async def _until_signal_or(task: asyncio.Task[None]) -> None:
-    waiter = asyncio.ensure_future(wait_for_signal())
-    done, _ = await asyncio.wait({waiter, task}, return_when=asyncio.FIRST_COMPLETED)
-    waiter.cancel()
+async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.Task[None]) -> None:
+    waiting: set[asyncio.Future[object]] = {stop, task}  # type: ignore[arg-type]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # a worker that died on its own is an error, not a clean exit
 

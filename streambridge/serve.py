@@ -25,7 +25,8 @@ def announce(what: str, host: str, port: int) -> None:
     print(f"{what} listening on http://{host}:{port}", flush=True)
 
 
-async def wait_for_signal() -> signal.Signals:
+def catch_signals() -> asyncio.Future[signal.Signals]:
+    """Resolved by the first SIGINT/SIGTERM; installed before a process announces it is ready."""
     loop = asyncio.get_running_loop()
     received: asyncio.Future[signal.Signals] = loop.create_future()
 
@@ -35,11 +36,7 @@ async def wait_for_signal() -> signal.Signals:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        return await received
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+    return received
 
 
 def say(message: str) -> None:

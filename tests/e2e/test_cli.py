@@ -1,0 +1,101 @@
+"""The CLI's promises: ``up`` runs everything from nothing, ``chat`` streams an answer, every
+command exits 0 after SIGTERM, and a bad setting is one line naming it."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streambridge.fake_llm import DEFAULT_CONFIG, expected_text
+from tests.e2e.conftest import Process, System, clean_env
+
+pytestmark = pytest.mark.e2e
+
+
+def streambridge(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streambridge", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
+    """``streambridge up`` with nothing configured: embedded Redis and the simulated LLM."""
+    process = Process(["up", "--port", "0"], clean_env(), tmp_path_factory.mktemp("up"))
+    yield process
+    assert process.stop() == 0
+
+
+def test_up_with_nothing_configured_answers_streambridge_chat(up: Process) -> None:
+    result = streambridge("chat", "hello", "--url", up.url, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected_text("hello", DEFAULT_CONFIG.words) + "\n"
+    log = up.log_path.read_text()
+    assert "embedded Redis" in log
+    assert "simulated LLM" in log
+
+
+def test_chat_exits_non_zero_when_the_chat_fails(up: Process) -> None:
+    result = streambridge("chat", "hello", "--url", up.url, "--model", "fake?fail=401", env=clean_env())
+    assert result.returncode == 1
+    assert "failed after 1 attempt" in result.stderr
+
+
+def test_chat_against_nothing_is_one_clear_line() -> None:
+    result = streambridge("chat", "hello", "--url", "http://127.0.0.1:9", env=clean_env())
+    assert result.returncode == 1
+    assert result.stderr.startswith("streambridge chat:")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"STREAMBRIDGE_REDIS_URL": "http://nope"}, "STREAMBRIDGE_REDIS_URL"),
+        ({"STREAMBRIDGE_WORKER_CONCURRENCY": "lots"}, "STREAMBRIDGE_WORKER_CONCURRENCY"),
+        ({"STREAMBRIDGE_SPEED": "fast"}, "STREAMBRIDGE_SPEED"),
+    ],
+)
+@pytest.mark.parametrize("command", [["up"], ["api"], ["edge"], ["worker"]])
+def test_a_bad_setting_stops_every_server_with_one_line_naming_it(
+    command: list[str], env: dict[str, str], variable: str
+) -> None:
+    result = streambridge(*command, env=clean_env(**env), timeout=30)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"streambridge: {variable}:")
+
+
+@pytest.mark.parametrize("command", [["api"], ["edge"], ["worker"]])
+def test_standalone_servers_need_a_redis_url(command: list[str]) -> None:
+    result = streambridge(*command, env=clean_env(), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"streambridge: STREAMBRIDGE_REDIS_URL: required by `streambridge {command[0]}` (only `up` embeds Redis)"
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_every_server_command_exits_0_after_a_signal(system: System, tmp_path: Path, sig: signal.Signals) -> None:
+    for args, ready in [
+        (["api", "--port", "0"], "listening on"),
+        (["edge", "--port", "0"], "listening on"),
+        (["worker"], "worker started"),
+        (["fake-llm", "--port", "0"], "listening on"),
+    ]:
+        process = Process(args, system.env, tmp_path, ready=ready)
+        process.proc.send_signal(sig)
+        assert process.proc.wait(20) == 0, f"{args[0]}: {process.log_path.read_text()}"
+        process.stop()
