@@ -140,3 +140,16 @@ async def test_a_non_retryable_provider_answer_fails_at_once(
     assert result["status"] == "failed"
     assert result["attempts"] == 1
     assert "400" in result["error"]
+
+
+async def test_an_idle_stream_gets_ping_comments_on_the_wire(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    chat = await create(client, token, {"message": PROMPT})  # no worker runs: the stream stays idle
+    response = await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token))
+    received = b""
+    async with asyncio.timeout(5):
+        while b": ping\n\n" not in received:
+            received += await response.content.readany()
+    # nothing but heartbeats (the test settings send one every 0.2 s; a slow machine may see two)
+    assert received.startswith(b": ping\n\n")
+    assert set(received.split(b"\n\n")) == {b": ping", b""}
+    response.close()
