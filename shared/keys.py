@@ -50,3 +50,8 @@ def edges() -> str:
 def cancels() -> str:
     """Pub/Sub channel: ids of running chats whose owner asked to cancel them."""
     return f"{PREFIX}cancels"
+
+
+def running() -> str:
+    """Sorted set: running chats, scored by the time (ms) their lease lapses unless renewed."""
+    return f"{PREFIX}running"

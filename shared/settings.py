@@ -34,6 +34,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     progress_every: Positive = 10
     max_attempts: Positive = 3
     retry_base_delay: Seconds = 0.5
+    #: a running chat's lease; a dead worker's chat runs again about this long after it died
+    lease_ttl: Annotated[float, msgspec.Meta(ge=0.3, le=60)] = 1.5
+    #: on SIGTERM, how long a worker lets running chats finish before handing them back
+    shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     first_token_timeout: Seconds = 60.0
     idle_timeout: Seconds = 60.0
     #: how long a chat's stream is kept once the chat has ended

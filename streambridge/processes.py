@@ -16,7 +16,7 @@ from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, start_site
-from workers.worker import make_worker
+from workers.worker import make_worker, stop_worker
 
 log = logging.getLogger("streambridge")
 
@@ -36,7 +36,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         stack.push_async_callback(runner.cleanup)
         worker = make_worker(settings, llm_url)
         worker_task = asyncio.create_task(worker.main(), name="worker")
-        stack.push_async_callback(_stop_worker, worker, worker_task)
+        stack.push_async_callback(stop_worker, worker, worker_task, settings.shutdown_grace)
         say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
@@ -64,7 +64,7 @@ async def worker(settings: Settings) -> int:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
         task = asyncio.create_task(arq_worker.main(), name="worker")
-        stack.push_async_callback(_stop_worker, arq_worker, task)
+        stack.push_async_callback(stop_worker, arq_worker, task, settings.shutdown_grace)
         print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
         await _until_signal_or(stop, task)
     return 0
@@ -103,13 +103,6 @@ async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.T
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # a worker that died on its own is an error, not a clean exit
-
-
-async def _stop_worker(worker: object, task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    await worker.close()  # type: ignore[attr-defined]
 
 
 async def _stop_redis(server: RedisServer) -> None:

@@ -1,20 +1,30 @@
-"""Runs one chat: load it, stream attempts through the pipeline into the sink, store the result."""
+"""Runs one chat: claim its lease, stream attempts through the pipeline into the sink, store the result.
+
+A run stops early for one of three reasons: its owner cancelled it (it ends ``cancelled``), its
+lease was lost (another attempt owns the chat; it writes nothing more), or its worker is shutting
+down (it hands the chat back at once, for another worker's reaper to re-queue).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import enum
 import logging
 import secrets
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 import msgspec
 import openai
 from redis.asyncio import Redis
 
 from shared import keys
-from shared.chats import TERMINAL_STATUSES, ChatRequest, ChatResult, decode_request
-from shared.events import Complete, Content, Event, Failed, Started
+from shared.chats import ChatRequest, ChatResult, decode_request
+from shared.events import Cancelled, Complete, Content, Event, Failed, Started, Status
 from shared.settings import Settings
+from workers.lease import Lease
 from workers.llm import classify, stream_deltas
 from workers.pipeline import Delta, chat_events, with_timeouts
 from workers.sink import LeaseLost, StreamSink
@@ -22,16 +32,29 @@ from workers.sink import LeaseLost, StreamSink
 log = logging.getLogger("streambridge.worker")
 
 
+class Stop(enum.Enum):
+    CANCELLED = "cancelled by its owner"
+    LEASE_LOST = "lease lost to another attempt"
+    HANDBACK = "handed back: worker shutting down"
+
+
+@dataclass
+class Active:
+    task: asyncio.Task[object]
+    stop: Stop | None = None
+
+
 class ResultTracker:
     """Folds the events into the chat's final result (the completing attempt's text)."""
 
     def __init__(self) -> None:
         self.parts: list[str] = []
+        self.attempt = 0
         self.result: ChatResult | None = None
 
     def observe(self, event: Event) -> None:
         if isinstance(event, Started):
-            self.parts = []
+            self.parts, self.attempt = [], event.attempt
         elif isinstance(event, Content):
             self.parts.append(event.content)
         elif isinstance(event, Complete):
@@ -51,48 +74,74 @@ class ChatRunner:
         self.redis = redis
         self.llm = llm
         self.settings = settings
+        self.active: dict[str, Active] = {}
+
+    def stop(self, chat_id: str, reason: Stop) -> bool:
+        """Stop the chat if it runs here; the first reason given wins."""
+        active = self.active.get(chat_id)
+        if active is None or active.stop is not None:
+            return False
+        active.stop = reason
+        active.task.cancel()
+        return True
 
     async def run(self, chat_id: str) -> str:
-        chat = await self.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
-        if not chat:
-            log.warning("chat %s: not found (expired?); nothing to run", chat_id)
-            return "missing"
-        status: str = chat[b"status"].decode()
-        if status in TERMINAL_STATUSES:
-            return status
-        request = decode_request(chat[b"request"])
-        first_attempt = int(chat.get(b"attempts", b"0")) + 1
-        token = secrets.token_hex(16)
-        await self.redis.hset(keys.lease(chat_id), mapping={"token": token, "seq": 0})  # type: ignore[misc]
-        await self.redis.hset(keys.chat(chat_id), "status", "running")  # type: ignore[misc]
-        sink = StreamSink(self.redis, chat_id, token, maxlen=self.settings.stream_maxlen)
+        lease = Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
+        claimed = await lease.claim()
+        if claimed != "claimed":
+            log.info("chat %s: not run (%s)", chat_id, claimed)
+            return claimed
+        task = asyncio.current_task()
+        assert task is not None
+        active = self.active[chat_id] = Active(task)
+        keeper = asyncio.create_task(self._keep(lease))
+        sink = StreamSink(self.redis, chat_id, lease.token, maxlen=self.settings.stream_maxlen)
+        tracker = ResultTracker()
         try:
-            result = await self._stream(chat_id, request, first_attempt, sink)
+            chat = await self.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+            if b"cancel" in chat:
+                self.stop(chat_id, Stop.CANCELLED)
+                await asyncio.sleep(0)  # take the cancellation here
+            await self._stream(chat_id, decode_request(chat[b"request"]), int(chat[b"attempts"]), sink, tracker)
+        except asyncio.CancelledError:
+            if active.stop in (None, Stop.HANDBACK):
+                await asyncio.shield(self._hand_back(lease, sink))
+                raise
+            task.uncancel()
+            if active.stop is Stop.LEASE_LOST:
+                return self._lost(chat_id)
+            tracker.result = await asyncio.shield(self._cancelled(sink, tracker))
         except LeaseLost:
-            log.warning("chat %s: lease lost; another attempt owns it", chat_id)
-            return "lease_lost"
+            return self._lost(chat_id)
         finally:
+            keeper.cancel()
+            del self.active[chat_id]
             await sink.close()
-        await self._finish(chat_id, result)
-        log.info("chat %s: %s after %d attempt(s)", chat_id, result.status, result.attempts)
-        return result.status
+        assert tracker.result is not None
+        await self._finish(chat_id, tracker.result)
+        log.info("chat %s: %s after %d attempt(s)", chat_id, tracker.result.status, tracker.result.attempts)
+        return tracker.result.status
 
-    async def _stream(self, chat_id: str, request: ChatRequest, first_attempt: int, sink: StreamSink) -> ChatResult:
+    async def _stream(
+        self, chat_id: str, request: ChatRequest, attempts: int, sink: StreamSink, tracker: ResultTracker
+    ) -> None:
         s = self.settings
         model = request.model or s.llm_model
 
         def open_stream() -> AsyncGenerator[Delta, None]:
-            return with_timeouts(
-                stream_deltas(self.llm, request, model), first=s.first_token_timeout, idle=s.idle_timeout
-            )
+            deltas = stream_deltas(self.llm, request, model)
+            return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
-        tracker = ResultTracker()
+        if attempts:  # a worker died (or handed it back) while this chat ran
+            await sink.append(
+                Status(message=f"worker lost; resuming with attempt {attempts + 1}", attempt=attempts + 1)
+            )
         events = chat_events(
             open_stream,
             classify,
             model=model,
-            first_attempt=first_attempt,
-            max_attempts=max(s.max_attempts, first_attempt),
+            first_attempt=attempts + 1,
+            max_attempts=max(s.max_attempts, attempts + 1),
             progress_every=s.progress_every,
             retry_base_delay=s.retry_base_delay,
         )
@@ -104,8 +153,33 @@ class ChatRunner:
                     await self.redis.hset(keys.chat(chat_id), "attempts", str(event.attempt))  # type: ignore[misc]
                 await sink.append(event)
         await sink.drain()
-        assert tracker.result is not None, "chat_events always ends with complete or failed"
-        return tracker.result
+
+    async def _keep(self, lease: Lease) -> None:
+        """Renews the lease; if another attempt took it, stops this one."""
+        while True:
+            await asyncio.sleep(self.settings.lease_ttl / 3)
+            try:
+                if not await lease.renew():
+                    self.stop(lease.chat_id, Stop.LEASE_LOST)
+                    return
+            except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
+                log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
+
+    async def _cancelled(self, sink: StreamSink, tracker: ResultTracker) -> ChatResult:
+        await sink.append(Cancelled())
+        await sink.drain()
+        return ChatResult(status="cancelled", attempts=tracker.attempt)
+
+    async def _hand_back(self, lease: Lease, sink: StreamSink) -> None:
+        with contextlib.suppress(Exception):
+            await sink.drain()
+        with contextlib.suppress(Exception):
+            await lease.release()
+        log.info("chat %s: handed back", lease.chat_id)
+
+    def _lost(self, chat_id: str) -> str:
+        log.warning("chat %s: lease lost; another attempt owns it", chat_id)
+        return "lease_lost"
 
     async def _finish(self, chat_id: str, result: ChatResult) -> None:
         s = self.settings
@@ -114,4 +188,5 @@ class ChatRunner:
             pipe.expire(keys.chat(chat_id), s.result_ttl)
             pipe.expire(keys.events(chat_id), s.stream_ttl)
             pipe.delete(keys.lease(chat_id))
+            pipe.zrem(keys.running(), chat_id)
             await pipe.execute()

@@ -1,7 +1,9 @@
-"""The arq worker: its settings and the job function, which is glue around ``ChatRunner``."""
+"""The arq worker: its settings, the job function (glue around ``ChatRunner``), and a graceful stop."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 from arq import Worker
@@ -11,7 +13,10 @@ from arq.worker import func
 from shared import keys
 from shared.settings import Settings
 from workers.llm import make_client
-from workers.runner import ChatRunner
+from workers.reaper import listen_for_cancels, reap_forever
+from workers.runner import ChatRunner, Stop
+
+log = logging.getLogger("streambridge.worker")
 
 #: A chat's job may run this long; its own timeouts (first token, idle) end stalls far sooner.
 JOB_TIMEOUT = 3600
@@ -23,20 +28,27 @@ async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
 
 
 def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float = 0.05) -> Worker:
-    """A worker for ``settings``; the caller runs ``await worker.main()`` and ``worker.close()``."""
+    """A worker for ``settings``; run ``await worker.main()``, then ``stop_worker``."""
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
 
     async def startup(ctx: dict[str, Any]) -> None:
         llm = make_client(llm_base_url, settings.llm_api_key)
-        ctx["llm"] = llm
-        ctx["runner"] = ChatRunner(ctx["redis"], llm, settings)
+        runner = ChatRunner(ctx["redis"], llm, settings)
+        ctx["llm"], ctx["runner"] = llm, runner
+        ctx["background"] = [
+            asyncio.create_task(reap_forever(ctx["redis"], settings.lease_ttl / 6), name="reaper"),
+            asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
+        ]
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        for task in ctx.get("background", []):
+            task.cancel()
+        await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
         if "llm" in ctx:
             await ctx["llm"].close()
 
     return Worker(
-        functions=[func(run_chat, name="run_chat", max_tries=3)],
+        functions=[func(run_chat, name="run_chat", max_tries=1000)],
         queue_name=keys.QUEUE_NAME,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         on_startup=startup,
@@ -48,3 +60,18 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
         keep_result=60,
         handle_signals=False,
     )
+
+
+async def stop_worker(worker: Worker, main: asyncio.Task[None], grace: float) -> None:
+    """Stop taking chats, let running ones finish for ``grace`` seconds, hand the rest back at once."""
+    worker.allow_pick_jobs = False
+    runner: ChatRunner | None = worker.ctx.get("runner")
+    if runner is not None and runner.active:
+        await asyncio.wait([a.task for a in runner.active.values()], timeout=grace)
+        for chat_id in list(runner.active):
+            runner.stop(chat_id, Stop.HANDBACK)
+        if runner.active:
+            await asyncio.wait([a.task for a in runner.active.values()], timeout=5)
+    main.cancel()
+    await asyncio.gather(main, return_exceptions=True)
+    await worker.close()

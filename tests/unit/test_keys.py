@@ -12,3 +12,4 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.secret() == "sb:secret"
     assert keys.edges() == "sb:edges"
     assert keys.cancels() == "sb:cancels"
+    assert keys.running() == "sb:running"

@@ -1,0 +1,92 @@
+"""Leases: exactly one attempt runs a chat, and a dead worker's chat is found within seconds.
+
+An attempt claims a chat by creating its lease (a token with a short TTL) and keeps it alive
+while it runs; the sink's appends are fenced by the same token. The ``running`` sorted set
+scores each chat by when its lease lapses, so every worker's reaper finds a dead worker's chat
+with one range query and re-queues it. All state changes are single Lua calls.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from redis.asyncio import Redis
+
+from shared import keys
+
+CLAIM: Final = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if status ~= 'queued' and status ~= 'running' then return status end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
+redis.call('HSET', KEYS[2], 'token', ARGV[1], 'seq', 0)
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+return 'claimed'
+"""
+
+RENEW: Final = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+
+# Hand a chat back at once (worker shutting down): drop the lease, make it due for reaping now.
+RELEASE: Final = """
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZADD', KEYS[2], 0, ARGV[2])
+return 1
+"""
+
+# One reaper wins a lapsed chat: the ZREM decides. Returns the recovery number, or 0.
+REAP: Final = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 0 then return 0 end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+return redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
+"""
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Lease:
+    def __init__(self, redis: Redis, chat_id: str, token: str, ttl: float) -> None:
+        self.redis = redis
+        self.chat_id = chat_id
+        self.token = token
+        self.ttl_ms = int(ttl * 1000)
+
+    async def claim(self) -> str:
+        """``claimed``, or why not: ``missing``, ``busy`` (another attempt holds it) or a terminal status."""
+        k = [keys.chat(self.chat_id), keys.lease(self.chat_id), keys.running()]
+        args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id]
+        return _text(await self.redis.eval(CLAIM, len(k), *k, *args))  # type: ignore[misc]
+
+    async def renew(self) -> bool:
+        k = [keys.lease(self.chat_id), keys.running()]
+        args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id]
+        return bool(await self.redis.eval(RENEW, len(k), *k, *args))  # type: ignore[misc]
+
+    async def release(self) -> bool:
+        k = [keys.lease(self.chat_id), keys.running()]
+        return bool(await self.redis.eval(RELEASE, len(k), *k, self.token, self.chat_id))  # type: ignore[misc]
+
+
+async def lapsed_chats(redis: Redis, limit: int = 100) -> list[str]:
+    ids = await redis.zrangebyscore(keys.running(), "-inf", now_ms(), start=0, num=limit)
+    return [i.decode() for i in ids]
+
+
+async def reap(redis: Redis, chat_id: str) -> int:
+    k = [keys.chat(chat_id), keys.lease(chat_id), keys.running()]
+    return int(await redis.eval(REAP, len(k), *k, chat_id))  # type: ignore[misc]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

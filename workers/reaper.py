@@ -1,0 +1,48 @@
+"""In every worker: re-queue chats whose lease lapsed (their worker died), and stop cancelled chats."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from arq.connections import ArqRedis
+
+from shared import keys
+from workers.lease import lapsed_chats, reap
+from workers.runner import ChatRunner, Stop
+
+log = logging.getLogger("streambridge.worker")
+
+
+async def reap_forever(redis: ArqRedis, interval: float) -> None:
+    while True:
+        try:
+            for chat_id in await lapsed_chats(redis):
+                recovery = await reap(redis, chat_id)
+                if recovery:
+                    # A fresh job id: the dead worker's arq job still holds the chat's own id.
+                    job_id = f"{chat_id}:r{recovery}"
+                    await redis.enqueue_job("run_chat", chat_id, _job_id=job_id, _queue_name=keys.QUEUE_NAME)
+                    log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery)
+        except Exception as exc:
+            log.warning("reaper: %s", exc)
+        await asyncio.sleep(interval)
+
+
+async def listen_for_cancels(redis: ArqRedis, runner: ChatRunner) -> None:
+    """Owners' cancel requests reach the worker running the chat at once, wherever it runs."""
+    while True:
+        pubsub = redis.pubsub()
+        try:
+            await pubsub.subscribe(keys.cancels())
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is not None and runner.stop(message["data"].decode(), Stop.CANCELLED):
+                    log.info("chat %s: cancelling at its owner's request", message["data"].decode())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("cancel listener: %s; reconnecting", exc)
+            await asyncio.sleep(0.5)
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
