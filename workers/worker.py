@@ -73,5 +73,6 @@ async def stop_worker(worker: Worker, main: asyncio.Task[None], grace: float) ->
         if runner.active:
             await asyncio.wait([a.task for a in runner.active.values()], timeout=5)
     main.cancel()
-    await asyncio.gather(main, return_exceptions=True)
+    await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
+    worker.tasks.clear()  # settled above; arq's close() would re-raise a handed-back job's cancellation
     await worker.close()
