@@ -12,7 +12,7 @@ from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
 from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
-from shared.streams import is_entry_id
+from shared.streams import id_key, is_entry_id
 
 routes = web.RouteTableDef()
 
@@ -24,7 +24,7 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     chat_id = request.match_info["id"]
     await authorize(request, ctx, chat_id)
     last_event_id = parse_last_event_id(request)
-    await check_retained(ctx, chat_id)
+    await check_retained(ctx, chat_id, last_event_id)
 
     response = web.StreamResponse(headers=HEADERS)
     await response.prepare(request)
@@ -61,11 +61,25 @@ def parse_last_event_id(request: web.Request) -> str | None:
     return value
 
 
-async def check_retained(ctx: Context, chat_id: str) -> None:
-    """A chat that ended and whose stream expired answers 410; its result stays readable."""
+async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) -> None:
+    """410 rather than a silent gap: the stream expired, or events after the client's position were trimmed."""
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.exists(keys.events(chat_id))
         pipe.hget(keys.chat(chat_id), "status")
         exists, status = await pipe.execute()
-    if not exists and status is not None and status.decode() in TERMINAL_STATUSES:
-        raise StreamExpired(f"chat {chat_id}'s event stream has expired; GET /v1/chats/{chat_id} has its result")
+    if not exists:
+        if status is not None and status.decode() in TERMINAL_STATUSES:
+            raise StreamExpired(f"chat {chat_id}'s event stream has expired; GET /v1/chats/{chat_id} has its result")
+        return
+    # Entries leave a stream only by trimming (the length cap), oldest first, so a client is
+    # behind the gap when its position precedes the first entry held and something was trimmed.
+    # Redis 6.2 does not count entries added; there, a position that is itself gone counts.
+    info = await ctx.redis.xinfo_stream(keys.events(chat_id))
+    first = info.get("first-entry")
+    added = info.get("entries-added")
+    something_trimmed = added > info["length"] if added is not None else last_event_id is not None
+    if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
+        raise StreamExpired(
+            f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "
+            f"GET /v1/chats/{chat_id} has the text so far"
+        )

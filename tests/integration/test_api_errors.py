@@ -152,3 +152,28 @@ async def test_the_stream_expires_after_the_chat_ends(client: TestClient, token:
     assert 0 < await redis.ttl(keys.events(chat_id)) <= settings.stream_ttl
     assert settings.stream_ttl < await redis.ttl(keys.chat(chat_id)) <= settings.result_ttl
     assert not await redis.exists(keys.lease(chat_id))
+
+
+async def test_a_position_older_than_the_stream_holds_is_410_never_a_silent_gap(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat_id = await new_chat(client, token)
+    await run_worker()
+    from api.context import CONTEXT
+
+    redis = client.server.app[CONTEXT].redis
+    entries = await redis.xrange(keys.events(chat_id))
+    await redis.xtrim(keys.events(chat_id), maxlen=3, approximate=False)  # what the length cap does
+    path = f"/v1/chats/{chat_id}/events"
+    old = entries[2][0].decode()
+    message = await error_of(
+        await client.get(path, headers={**bearer(token), "Last-Event-ID": old}), 410, "stream_expired"
+    )
+    assert "trimmed" in message
+    await error_of(await client.get(path, headers=bearer(token)), 410, "stream_expired")
+    still_held = entries[-3][0].decode()
+    response = await client.get(path, headers={**bearer(token), "Last-Event-ID": still_held})
+    assert response.status == 200
+    assert (await response.read()).count(b"\nevent: ") == 2
