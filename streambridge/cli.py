@@ -11,6 +11,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
+from redis.exceptions import RedisError
 
 from shared.errors import SettingsError, StreambridgeError
 from shared.settings import Settings, load_settings
@@ -54,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = 2
     except StreambridgeError as exc:
         print(f"streambridge: {exc}", file=sys.stderr)
+        code = 1
+    except (RedisError, OSError) as exc:  # e.g. Redis unreachable at start: one line, not a traceback
+        print(f"streambridge: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 0

@@ -18,27 +18,18 @@ from streambridge.embedded import free_port, redis_server_binary
 class OwnRedis:
     """A redis-server the test session starts and stops: the machine's own is never touched."""
 
-    def __init__(self) -> None:
+    def __init__(self, *persistence: str) -> None:
+        """``persistence``: extra redis-server arguments, e.g. ``--appendonly yes``."""
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="sb-test-redis-")
-        self.process = subprocess.Popen(
-            [
-                redis_server_binary(),
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self._dir.name,
-                "--databases",
-                "64",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
+        self._args = [
+            *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+            *("--appendonly", "no", "--dir", self._dir.name, "--databases", "64", *persistence),
+        ]
+        self.start()
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self._args, stdout=subprocess.DEVNULL)
         client = redis.Redis(port=self.port)
         deadline = time.monotonic() + 10
         while True:
@@ -54,9 +45,15 @@ class OwnRedis:
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
 
-    def stop(self) -> None:
-        self.process.terminate()
+    def kill(self) -> None:
+        """A crash: SIGKILL, no shutdown save."""
+        self.process.kill()
         self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
         self._dir.cleanup()
 
 

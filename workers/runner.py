@@ -27,7 +27,7 @@ from shared.settings import Settings
 from workers.lease import Lease
 from workers.llm import classify, stream_deltas
 from workers.pipeline import Delta, chat_events, with_timeouts
-from workers.sink import LeaseLost, StreamSink
+from workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
 
@@ -113,6 +113,10 @@ class ChatRunner:
             tracker.result = await asyncio.shield(self._cancelled(sink, tracker))
         except LeaseLost:
             return self._lost(chat_id)
+        except StreamGap as exc:
+            log.warning("chat %s: %s; handing it back for a new attempt", chat_id, exc)
+            await self._hand_back(lease, sink)
+            return "handed_back"
         finally:
             keeper.cancel()
             del self.active[chat_id]

@@ -3,7 +3,8 @@
 Each batch is one Lua call that, atomically:
 - checks the attempt's lease token (a worker that lost its lease appends nothing more);
 - skips a batch whose sequence number was already applied (a retry after a dropped
-  connection must not append the same events twice);
+  connection must not append the same events twice), and refuses one whose predecessor is
+  missing (Redis lost writes in a crash: the attempt must not go on with a hole in its text);
 - XADDs each event and PUBLISHes it on the chat's channel, in stream order.
 
 Events handed over while a batch is in flight go out together in the next one, so a
@@ -24,7 +25,9 @@ from shared.events import Event, encode_event, event_type
 APPEND: Final = """
 local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')
 if lease[1] ~= ARGV[1] then return -1 end
-if tonumber(lease[2] or '0') >= tonumber(ARGV[2]) then return 0 end
+local seq, mine = tonumber(lease[2] or '0'), tonumber(ARGV[2])
+if seq >= mine then return 0 end
+if seq < mine - 1 then return -2 end
 for i = 4, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
@@ -39,6 +42,10 @@ MAX_PENDING: Final = 1000
 
 class LeaseLost(StreambridgeError):
     """Another attempt owns the chat now; this one must stop writing."""
+
+
+class StreamGap(StreambridgeError):
+    """An earlier batch of this attempt is not in Redis (lost in a crash); the attempt must restart."""
 
 
 class StreamSink:
@@ -81,8 +88,11 @@ class StreamSink:
             args: list[str | bytes] = [self._token, str(self._seq), self._maxlen]
             for event in batch:
                 args += [event_type(event), encode_event(event)]
-            if await self._script(keys=self._keys, args=args) == -1:
+            applied = await self._script(keys=self._keys, args=args)
+            if applied == -1:
                 raise LeaseLost("the chat's lease belongs to another attempt")
+            if applied == -2:
+                raise StreamGap("Redis lost an earlier batch of this attempt's events")
 
     def _raise_failure(self) -> None:
         if self._flusher is not None and self._flusher.done() and not self._flusher.cancelled():

@@ -9,6 +9,8 @@ from typing import Any
 from arq import Worker
 from arq.connections import RedisSettings
 from arq.worker import func
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
 from shared.settings import Settings
@@ -20,6 +22,22 @@ log = logging.getLogger("streambridge.worker")
 
 #: A chat's job may run this long; its own timeouts (first token, idle) end stalls far sooner.
 JOB_TIMEOUT = 3600
+
+
+class ResilientWorker(Worker):
+    """arq's worker, riding out a Redis outage instead of exiting: it polls again with backoff."""
+
+    _outage_delay = 0.0
+
+    async def _poll_iteration(self) -> None:
+        try:
+            await super()._poll_iteration()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            self._outage_delay = min(max(self._outage_delay * 2, 0.1), 2.0)
+            log.warning("Redis unreachable (%s); polling again in %.1f s", exc, self._outage_delay)
+            await asyncio.sleep(self._outage_delay)
+        else:
+            self._outage_delay = 0.0
 
 
 async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
@@ -47,7 +65,7 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
         if "llm" in ctx:
             await ctx["llm"].close()
 
-    return Worker(
+    return ResilientWorker(
         functions=[func(run_chat, name="run_chat", max_tries=1000)],
         queue_name=keys.QUEUE_NAME,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),

@@ -144,3 +144,13 @@ async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub)
     assert (await anext(tail)) is None
     await tail.aclose()
     assert CHAT not in hub.topics
+
+
+async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> None:
+    script = store.register_script(APPEND)
+    k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)]
+    event = b'{"type":"content","content":"x","index":1,"attempt":1}'
+    assert await script(keys=k, args=[TOKEN, "1", "10000", "content", event]) == 1
+    # batch 2 was lost in a Redis crash; batch 3 must not paper over the hole
+    assert await script(keys=k, args=[TOKEN, "3", "10000", "content", event]) == -2
+    assert await store.xlen(keys.events(CHAT)) == 1
