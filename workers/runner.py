@@ -137,9 +137,8 @@ class ChatRunner:
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
         if attempts:  # a worker died (or handed it back) while this chat ran
-            await sink.append(
-                Status(message=f"worker lost; resuming with attempt {attempts + 1}", attempt=attempts + 1)
-            )
+            message = f"attempt {attempts} was interrupted (worker lost); resuming with attempt {attempts + 1}"
+            await sink.append(Status(message=message, attempt=attempts + 1))
         events = chat_events(
             open_stream,
             classify,
