@@ -38,6 +38,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lease_ttl: Annotated[float, msgspec.Meta(ge=0.3, le=60)] = 1.5
     #: on SIGTERM, how long a worker lets running chats finish before handing them back
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    #: every chat ends (``failed`` at worst) this many seconds after it was accepted
+    chat_deadline: Seconds = 900.0
     first_token_timeout: Seconds = 60.0
     idle_timeout: Seconds = 60.0
     #: how long a chat's stream is kept once the chat has ended

@@ -12,9 +12,11 @@ import contextlib
 import enum
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import datetime
 
 import msgspec
 import openai
@@ -22,7 +24,7 @@ from redis.asyncio import Redis
 
 from shared import keys
 from shared.chats import ChatRequest, ChatResult, decode_request
-from shared.events import Cancelled, Complete, Content, Event, Failed, Started, Status
+from shared.events import Cancelled, Complete, Content, Error, Event, Failed, Started, Status
 from shared.settings import Settings
 from workers.lease import Lease
 from workers.llm import classify, stream_deltas
@@ -102,7 +104,12 @@ class ChatRunner:
             if b"cancel" in chat:
                 self.stop(chat_id, Stop.CANCELLED)
                 await asyncio.sleep(0)  # take the cancellation here
-            await self._stream(chat_id, decode_request(chat[b"request"]), int(chat[b"attempts"]), sink, tracker)
+            request, attempts = decode_request(chat[b"request"]), int(chat[b"attempts"])
+            try:
+                async with asyncio.timeout_at(self._deadline(chat[b"created_at"].decode())):
+                    await self._stream(chat_id, request, attempts, sink, tracker)
+            except TimeoutError:
+                tracker.result = await self._past_deadline(sink, tracker)
         except asyncio.CancelledError:
             if active.stop in (None, Stop.HANDBACK):
                 await asyncio.shield(self._hand_back(lease, sink))
@@ -167,6 +174,19 @@ class ChatRunner:
                     return
             except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
                 log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
+
+    def _deadline(self, created_at: str) -> float:
+        """The loop time by which the chat must end, counted from its creation (recoveries included)."""
+        age = time.time() - datetime.fromisoformat(created_at).timestamp()
+        return asyncio.get_running_loop().time() + self.settings.chat_deadline - age
+
+    async def _past_deadline(self, sink: StreamSink, tracker: ResultTracker) -> ChatResult:
+        message = f"the chat did not finish within its deadline of {self.settings.chat_deadline:g} s"
+        attempt = max(tracker.attempt, 1)
+        await sink.append(Error(message=message, retryable=False, attempt=attempt))
+        await sink.append(Failed(message=message, attempts=attempt))
+        await sink.drain()
+        return ChatResult(status="failed", attempts=attempt, error=message)
 
     async def _cancelled(self, sink: StreamSink, tracker: ResultTracker) -> ChatResult:
         await sink.append(Cancelled())

@@ -39,6 +39,7 @@ class Cluster:
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
             STREAMBRIDGE_WORKER_CONCURRENCY="20",  # 50 chats spread over the 3 workers: every kill hits some
+            STREAMBRIDGE_LEASE_TTL="1.0",  # margin under the 3 s bound on a loaded 2-core machine
         )
         self.edges = [self.edge() for _ in range(EDGES)]
         self.workers = [self.worker() for _ in range(WORKERS)]

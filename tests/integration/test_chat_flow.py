@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 from aiohttp.test_utils import TestClient
 
-from shared.events import Complete, Content, Started, assemble_text
+from shared.events import Complete, Content, Failed, Started, assemble_text
+from shared.settings import Settings
 from shared.streams import id_key
 from streambridge.fake_llm import expected_text
 from tests.integration.conftest import FAST_LLM, RunWorker, bearer, events_of, read_sse
+from workers.worker import make_worker
 
 PROMPT = "tell me about streams"
 
@@ -153,3 +156,23 @@ async def test_an_idle_stream_gets_ping_comments_on_the_wire(client: TestClient,
     assert received.startswith(b": ping\n\n")
     assert set(received.split(b"\n\n")) == {b": ping", b""}
     response.close()
+
+
+async def test_a_chat_that_cannot_finish_fails_at_its_deadline(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+) -> None:
+    chat = await create(client, token, {"message": PROMPT, "model": "fake?fail=stall"})
+    worker = make_worker(msgspec.structs.replace(settings, chat_deadline=0.5), llm_url, burst=True, poll_delay=0)
+    try:
+        async with asyncio.timeout(10):
+            await worker.main()
+    finally:
+        await worker.close()
+    events = events_of(await read_sse(await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token))))
+    assert isinstance(events[-1], Failed)
+    assert "deadline of 0.5 s" in events[-1].message
+    result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
+    assert result["status"] == "failed"
