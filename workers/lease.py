@@ -27,10 +27,13 @@ redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 'claimed'
 """
 
+# 0: lost to another attempt; 1: renewed; 2: renewed, and the owner asked to cancel (a backstop
+# for a cancel whose Pub/Sub message the worker missed while reconnecting).
 RENEW: Final = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+if redis.call('HEXISTS', KEYS[3], 'cancel') == 1 then return 2 end
 return 1
 """
 
@@ -68,10 +71,11 @@ class Lease:
         args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id]
         return _text(await self.redis.eval(CLAIM, len(k), *k, *args))  # type: ignore[misc]
 
-    async def renew(self) -> bool:
-        k = [keys.lease(self.chat_id), keys.running()]
+    async def renew(self) -> int:
+        """0: the lease is lost; 1: renewed; 2: renewed, but the chat's owner asked to cancel it."""
+        k = [keys.lease(self.chat_id), keys.running(), keys.chat(self.chat_id)]
         args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id]
-        return bool(await self.redis.eval(RENEW, len(k), *k, *args))  # type: ignore[misc]
+        return int(await self.redis.eval(RENEW, len(k), *k, *args))  # type: ignore[misc]
 
     async def release(self) -> bool:
         k = [keys.lease(self.chat_id), keys.running()]

@@ -18,7 +18,6 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime
 
-import msgspec
 import openai
 from redis.asyncio import Redis
 
@@ -99,6 +98,7 @@ class ChatRunner:
         keeper = asyncio.create_task(self._keep(lease))
         sink = StreamSink(self.redis, chat_id, lease.token, maxlen=self.settings.stream_maxlen)
         tracker = ResultTracker()
+        finishing: asyncio.Future[None] | None = None
         try:
             chat = await self.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
             if b"cancel" in chat:
@@ -107,17 +107,23 @@ class ChatRunner:
             request, attempts = decode_request(chat[b"request"]), int(chat[b"attempts"])
             try:
                 async with asyncio.timeout_at(self._deadline(chat[b"created_at"].decode())):
-                    await self._stream(chat_id, request, attempts, sink, tracker)
+                    terminal: Event = await self._stream(chat_id, request, attempts, sink, tracker)
             except TimeoutError:
-                tracker.result = await self._past_deadline(sink, tracker)
+                terminal = await self._past_deadline(sink, tracker)
+            finishing = asyncio.ensure_future(self._finish(sink, tracker, terminal))
+            await asyncio.shield(finishing)
         except asyncio.CancelledError:
-            if active.stop in (None, Stop.HANDBACK):
+            if finishing is not None:  # the chat's end was being written: let it land, it stands
+                task.uncancel()
+                await finishing
+            elif active.stop in (None, Stop.HANDBACK):
                 await asyncio.shield(self._hand_back(lease, sink))
                 raise
-            task.uncancel()
-            if active.stop is Stop.LEASE_LOST:
-                return self._lost(chat_id)
-            tracker.result = await asyncio.shield(self._cancelled(sink, tracker))
+            else:
+                task.uncancel()
+                if active.stop is Stop.LEASE_LOST:
+                    return self._lost(chat_id)
+                await asyncio.shield(self._finish(sink, tracker, Cancelled()))
         except LeaseLost:
             return self._lost(chat_id)
         except StreamGap as exc:
@@ -129,13 +135,13 @@ class ChatRunner:
             del self.active[chat_id]
             await sink.close()
         assert tracker.result is not None
-        await self._finish(chat_id, tracker.result)
         log.info("chat %s: %s after %d attempt(s)", chat_id, tracker.result.status, tracker.result.attempts)
         return tracker.result.status
 
     async def _stream(
         self, chat_id: str, request: ChatRequest, attempts: int, sink: StreamSink, tracker: ResultTracker
-    ) -> None:
+    ) -> Event:
+        """Appends the attempts' events and returns the terminal one, which ``_finish`` writes."""
         s = self.settings
         model = request.model or s.llm_model
 
@@ -157,20 +163,23 @@ class ChatRunner:
         )
         async with aclosing(events):
             async for event in events:
+                if isinstance(event, Complete | Failed):
+                    return event
                 tracker.observe(event)
                 if isinstance(event, Started):
                     # Persisted before the attempt's events, so a re-run numbers its attempt after it.
                     await self.redis.hset(keys.chat(chat_id), "attempts", str(event.attempt))  # type: ignore[misc]
                 await sink.append(event)
-        await sink.drain()
+        raise AssertionError("chat_events always ends with complete or failed")
 
     async def _keep(self, lease: Lease) -> None:
         """Renews the lease; if another attempt took it, stops this one."""
         while True:
             await asyncio.sleep(self.settings.lease_ttl / 3)
             try:
-                if not await lease.renew():
-                    self.stop(lease.chat_id, Stop.LEASE_LOST)
+                renewed = await lease.renew()
+                if renewed != 1:
+                    self.stop(lease.chat_id, Stop.CANCELLED if renewed == 2 else Stop.LEASE_LOST)
                     return
             except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
                 log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
@@ -180,18 +189,11 @@ class ChatRunner:
         age = time.time() - datetime.fromisoformat(created_at).timestamp()
         return asyncio.get_running_loop().time() + self.settings.chat_deadline - age
 
-    async def _past_deadline(self, sink: StreamSink, tracker: ResultTracker) -> ChatResult:
+    async def _past_deadline(self, sink: StreamSink, tracker: ResultTracker) -> Failed:
         message = f"the chat did not finish within its deadline of {self.settings.chat_deadline:g} s"
-        attempt = max(tracker.attempt, 1)
-        await sink.append(Error(message=message, retryable=False, attempt=attempt))
-        await sink.append(Failed(message=message, attempts=attempt))
-        await sink.drain()
-        return ChatResult(status="failed", attempts=attempt, error=message)
-
-    async def _cancelled(self, sink: StreamSink, tracker: ResultTracker) -> ChatResult:
-        await sink.append(Cancelled())
-        await sink.drain()
-        return ChatResult(status="cancelled", attempts=tracker.attempt)
+        if tracker.attempt:
+            await sink.append(Error(message=message, retryable=False, attempt=tracker.attempt))
+        return Failed(message=message, attempts=tracker.attempt)
 
     async def _hand_back(self, lease: Lease, sink: StreamSink) -> None:
         with contextlib.suppress(Exception):
@@ -204,12 +206,9 @@ class ChatRunner:
         log.warning("chat %s: lease lost; another attempt owns it", chat_id)
         return "lease_lost"
 
-    async def _finish(self, chat_id: str, result: ChatResult) -> None:
+    async def _finish(self, sink: StreamSink, tracker: ResultTracker, terminal: Event) -> None:
+        tracker.observe(terminal)
+        if tracker.result is None:  # cancelled
+            tracker.result = ChatResult(status="cancelled", attempts=tracker.attempt)
         s = self.settings
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.chat(chat_id), mapping={"status": result.status, "result": msgspec.json.encode(result)})
-            pipe.expire(keys.chat(chat_id), s.result_ttl)
-            pipe.expire(keys.events(chat_id), s.stream_ttl)
-            pipe.delete(keys.lease(chat_id))
-            pipe.zrem(keys.running(), chat_id)
-            await pipe.execute()
+        await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 from typing import Final
 
+import msgspec
 from redis.asyncio import Redis
 
 from shared import keys
+from shared.chats import ChatResult
 from shared.errors import StreambridgeError
 from shared.events import Event, encode_event, event_type
 
@@ -33,6 +35,24 @@ for i = 4, #ARGV, 2 do
   redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
 end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2])
+return 1
+"""
+
+# The terminal event and the chat's final state in one step, so the stream can never hold a
+# terminal event while the chat still looks runnable (a crash in between would run it again).
+FINISH: Final = """
+local status = redis.call('HGET', KEYS[4], 'status')
+if status == 'complete' or status == 'failed' or status == 'cancelled' then return 0 end
+local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')
+if lease[1] ~= ARGV[1] then return -1 end
+if tonumber(lease[2] or '0') < tonumber(ARGV[2]) - 1 then return -2 end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[4], 'data', ARGV[5])
+redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
+redis.call('HSET', KEYS[4], 'status', ARGV[6], 'result', ARGV[7])
+redis.call('EXPIRE', KEYS[4], ARGV[8])
+redis.call('EXPIRE', KEYS[1], ARGV[9])
+redis.call('DEL', KEYS[2])
+redis.call('ZREM', KEYS[5], ARGV[10])
 return 1
 """
 
@@ -51,10 +71,12 @@ class StreamGap(StreambridgeError):
 class StreamSink:
     def __init__(self, redis: Redis, chat_id: str, token: str, *, maxlen: int) -> None:
         self._redis = redis
+        self._chat_id = chat_id
         self._keys = [keys.events(chat_id), keys.lease(chat_id), keys.notify(chat_id)]
         self._token = token
         self._maxlen = str(maxlen)
         self._script = redis.register_script(APPEND)
+        self._finish = redis.register_script(FINISH)
         self._pending: list[Event] = []
         self._seq = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -76,6 +98,16 @@ class StreamSink:
                 self._flusher = None
         self._raise_failure()
 
+    async def finish(self, terminal: Event, result: ChatResult, *, result_ttl: int, stream_ttl: int) -> None:
+        """Append the terminal event and store the result, atomically; then the lease is gone."""
+        await self.drain()
+        self._seq += 1
+        k = [*self._keys, keys.chat(self._chat_id), keys.running()]
+        args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
+        args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
+        args += [str(stream_ttl), self._chat_id]
+        self._check(await self._finish(keys=k, args=args))
+
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
@@ -88,11 +120,13 @@ class StreamSink:
             args: list[str | bytes] = [self._token, str(self._seq), self._maxlen]
             for event in batch:
                 args += [event_type(event), encode_event(event)]
-            applied = await self._script(keys=self._keys, args=args)
-            if applied == -1:
-                raise LeaseLost("the chat's lease belongs to another attempt")
-            if applied == -2:
-                raise StreamGap("Redis lost an earlier batch of this attempt's events")
+            self._check(await self._script(keys=self._keys, args=args))
+
+    def _check(self, applied: int) -> None:
+        if applied == -1:
+            raise LeaseLost("the chat's lease belongs to another attempt")
+        if applied == -2:
+            raise StreamGap("Redis lost an earlier batch of this attempt's events")
 
     def _raise_failure(self) -> None:
         if self._flusher is not None and self._flusher.done() and not self._flusher.cancelled():

@@ -15,8 +15,10 @@ from redis.asyncio import Redis
 
 from api.hub import QUEUE_SIZE, StreamHub
 from shared import keys
+from shared.chats import ChatResult
 from shared.events import Complete, Content, Event, Started, decode_event
 from shared.streams import Entry, id_key
+from workers.lease import Lease
 from workers.sink import APPEND, LeaseLost, StreamSink
 
 CHAT = "contract-chat"
@@ -154,3 +156,22 @@ async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> No
     # batch 2 was lost in a Redis crash; batch 3 must not paper over the hole
     assert await script(keys=k, args=[TOKEN, "3", "10000", "content", event]) == -2
     assert await store.xlen(keys.events(CHAT)) == 1
+
+
+async def test_the_terminal_event_and_the_final_status_land_together_and_only_once(store: Redis) -> None:
+    await store.hset(keys.chat(CHAT), mapping={"status": "running", "attempts": "1"})
+    sink = StreamSink(store, CHAT, TOKEN, maxlen=10_000)
+    await sink.append(content(1))
+    result = ChatResult(status="complete", content="piece 1 ", finish_reason="stop", attempts=1)
+    await sink.finish(COMPLETE, result, result_ttl=60, stream_ttl=30)
+    await sink.finish(COMPLETE, result, result_ttl=60, stream_ttl=30)  # a retried call changes nothing
+    raw = await store.xrange(keys.events(CHAT))
+    assert [f[b"type"] for _, f in raw] == [b"content", b"complete"]
+    assert await store.hget(keys.chat(CHAT), "status") == b"complete"
+    assert not await store.exists(keys.lease(CHAT))
+    assert 0 < await store.ttl(keys.events(CHAT)) <= 30
+    await sink.append(content(2))  # nothing after the end, from this attempt or a stale one
+    with pytest.raises(LeaseLost):
+        await sink.drain()
+    assert await Lease(store, CHAT, "a-second-run", ttl=1).claim() == "complete"  # and no second run
+    await sink.close()
