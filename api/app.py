@@ -43,5 +43,12 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
             await ctx.hub.stop()
         await redis.aclose()
 
+    async def close_streams(app: web.Application) -> None:
+        # Before aiohttp waits for handlers to finish: open SSE streams end now, not when their chats do.
+        hub = app[CONTEXT].hub
+        if hub is not None:
+            hub.close_all()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(close_streams)
     return app

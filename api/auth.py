@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
+from typing import Final
 
 from aiohttp import web
 from redis.asyncio import Redis
@@ -19,9 +21,12 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.errors import Unauthorized
 
+STREAM_TOKEN: Final = re.compile(r"\A([0-9]{1,12})\.([A-Za-z0-9_-]{43})\Z")
+
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # headers may carry any bytes (aiohttp decodes them with surrogateescape): hash them as they came
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 async def create_visitor(redis: Redis, ttl: int) -> tuple[str, str]:
@@ -67,10 +72,10 @@ def sign_stream_token(secret: bytes, chat_id: str, ttl: int, now: float | None =
 
 
 def verify_stream_token(secret: bytes, chat_id: str, token: str, now: float | None = None) -> bool:
-    expires, _, signature = token.partition(".")
-    if not expires.isdigit() or int(expires) < (now if now is not None else time.time()):
+    match = STREAM_TOKEN.match(token)
+    if match is None or int(match[1]) < (now if now is not None else time.time()):
         return False
-    return hmac.compare_digest(signature, _signature(secret, chat_id, int(expires)))
+    return hmac.compare_digest(match[2], _signature(secret, chat_id, int(match[1])))
 
 
 def _signature(secret: bytes, chat_id: str, expires: int) -> str:

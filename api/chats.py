@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -70,7 +72,8 @@ def json_response(value: msgspec.Struct, status: int = 200) -> web.Response:
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
     try:
-        await context(request).redis.ping()
+        async with asyncio.timeout(2):
+            await context(request).redis.ping()
     except Exception as exc:
         raise Unavailable(f"Redis is unreachable: {exc}") from None
     return web.json_response({"status": "ok"})
@@ -145,7 +148,7 @@ def parse_create(body: bytes) -> ChatRequest:
         chat = _create_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise Unprocessable(f"invalid chat: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
     if (chat.messages is None) == (chat.message is None):
         raise Unprocessable("send either `messages` or `message`, not both or neither")
@@ -156,11 +159,22 @@ def parse_create(body: bytes) -> ChatRequest:
 async def owned_chat(request: web.Request, ctx: Context) -> tuple[str, dict[bytes, bytes]]:
     """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
     user = await authenticate(request, ctx.redis)
-    chat_id = request.match_info["id"]
+    chat_id = chat_id_of(request)
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != user:
         raise NotFound(f"no chat {chat_id!r}")
     return chat_id, chat
+
+
+CHAT_ID: Final = re.compile(r"\A[0-9a-f]{32}\Z")
+
+
+def chat_id_of(request: web.Request) -> str:
+    """The path's chat id; anything not shaped like one is a chat that does not exist."""
+    chat_id = request.match_info["id"]
+    if CHAT_ID.match(chat_id) is None:
+        raise NotFound(f"no chat {chat_id!r}")
+    return chat_id
 
 
 def stream_url(request: web.Request, ctx: Context, chat_id: str) -> str:

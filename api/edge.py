@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import aclosing
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from api.auth import authenticate, bearer_token, verify_stream_token
+from api.chats import chat_id_of
 from api.context import Context, context
 from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
 from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from shared.streams import id_key, is_entry_id
+
+log = logging.getLogger("streambridge.edge")
 
 routes = web.RouteTableDef()
 
@@ -21,18 +26,25 @@ routes = web.RouteTableDef()
 async def chat_events(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     assert ctx.hub is not None, "the edge's hub starts with the app"
-    chat_id = request.match_info["id"]
+    chat_id = chat_id_of(request)
     await authorize(request, ctx, chat_id)
     last_event_id = parse_last_event_id(request)
     await check_retained(ctx, chat_id, last_event_id)
 
     response = web.StreamResponse(headers=HEADERS)
     await response.prepare(request)
+    # From here on the status line is sent: trouble ends the response, and the client resumes.
     tail = ctx.hub.tail(chat_id, last_event_id, idle=ctx.settings.heartbeat_interval)
-    async with aclosing(tail):
-        async for entry in tail:
-            await response.write(PING if entry is None else encode_entry(entry))
-    await response.write_eof()
+    try:
+        async with aclosing(tail):
+            async for entry in tail:
+                await response.write(PING if entry is None else encode_entry(entry))
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away
+    except RedisError as exc:
+        log.warning("chat %s: ending a stream on a Redis error (%s); the client will resume", chat_id, exc)
+        response.force_close()
     return response
 
 
@@ -62,7 +74,8 @@ def parse_last_event_id(request: web.Request) -> str | None:
 
 
 async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) -> None:
-    """410 rather than a silent gap: the stream expired, or events after the client's position were trimmed."""
+    """410 rather than a silent gap: the stream expired, or events after the client's position
+    were trimmed; 400 for a position the stream never reached (it would wait forever)."""
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.exists(keys.events(chat_id))
         pipe.hget(keys.chat(chat_id), "status")
@@ -70,14 +83,20 @@ async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) 
     if not exists:
         if status is not None and status.decode() in TERMINAL_STATUSES:
             raise StreamExpired(f"chat {chat_id}'s event stream has expired; GET /v1/chats/{chat_id} has its result")
+        if last_event_id is not None and last_event_id != "0-0":
+            raise BadRequest(f"Last-Event-ID {last_event_id} is not an event of this chat", code="bad_last_event_id")
         return
     # Entries leave a stream only by trimming (the length cap), oldest first, so a client is
     # behind the gap when its position precedes the first entry held and something was trimmed.
-    # Redis 6.2 does not count entries added; there, a position that is itself gone counts.
     info = await ctx.redis.xinfo_stream(keys.events(chat_id))
+    if last_event_id is not None and id_key(last_event_id) > id_key(info["last-generated-id"].decode()):
+        raise BadRequest(f"Last-Event-ID {last_event_id} is ahead of this chat's stream", code="bad_last_event_id")
     first = info.get("first-entry")
     added = info.get("entries-added")
-    something_trimmed = added > info["length"] if added is not None else last_event_id is not None
+    if added is not None:
+        something_trimmed = added > info["length"]
+    else:  # Redis 6.2 counts no appends; a stream whose first entry is not its opening event was trimmed
+        something_trimmed = bool(first) and first[1].get(b"type") not in (b"started", b"cancelled")
     if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
         raise StreamExpired(
             f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "

@@ -39,6 +39,11 @@ RESYNC: Final = None  # queue marker: re-read the stream from your last id
 class Subscriber:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[Entry | None] = asyncio.Queue(QUEUE_SIZE)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.push(RESYNC)
 
     def push(self, item: Entry | None) -> None:
         try:
@@ -53,7 +58,6 @@ class Subscriber:
 class Topic:
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
-        self.confirmed = asyncio.Event()
 
 
 class StreamHub:
@@ -69,8 +73,15 @@ class StreamHub:
         await self._pubsub.subscribe(keys.edges())
         self._reader = asyncio.create_task(self._read(), name="edge-hub-reader")
 
+    def close_all(self) -> None:
+        """End every tail now (the edge is shutting down); their clients resume on another edge."""
+        for topic in self.topics.values():
+            for sub in topic.subscribers:
+                sub.close()
+
     async def stop(self) -> None:
         self._stopping = True
+        self.close_all()
         for task in list(_background):
             task.cancel()
         await asyncio.gather(*_background, return_exceptions=True)
@@ -87,10 +98,12 @@ class StreamHub:
     async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[Entry | None, None]:
         """The chat's entries after ``after`` (history, then live), ending with the terminal one.
 
-        Yields ``None`` after ``idle`` seconds without an entry, for the caller's heartbeat.
+        Yields ``None`` after ``idle`` seconds without an entry, for the caller's heartbeat. Ends
+        early, without a terminal entry, when the edge shuts down: the client resumes elsewhere.
         """
-        sub = await self._subscribe(chat_id)
+        sub = Subscriber()
         try:
+            await self._subscribe(chat_id, sub)
             last = after or "0-0"
             caught_up_once = False
             while True:
@@ -108,6 +121,8 @@ class StreamHub:
                         last = live.id
                         if live.type in TERMINAL_TYPES:
                             return
+                if sub.closed:
+                    return
         finally:
             self._unsubscribe(chat_id, sub)
 
@@ -146,17 +161,17 @@ class StreamHub:
         entry = entry_from_fields(*tail[0])
         return entry.type in TERMINAL_TYPES and id_key(entry.id) <= id_key(last)
 
-    async def _subscribe(self, chat_id: str) -> Subscriber:
+    async def _subscribe(self, chat_id: str, sub: Subscriber) -> None:
+        """Join the chat's live feed. No wait for Redis's confirmation: when it comes, every
+        subscriber re-reads the stream, which covers whatever was published before it."""
         assert self._pubsub is not None, "StreamHub.start() first"
         topic = self.topics.get(chat_id)
-        if topic is None:
-            topic = self.topics[chat_id] = Topic()
-            await self._pubsub.subscribe(keys.notify(chat_id))
-        sub = Subscriber()
+        if topic is not None:
+            topic.subscribers.add(sub)
+            return
+        topic = self.topics[chat_id] = Topic()
         topic.subscribers.add(sub)
-        # Only once Redis confirmed the subscription is a history read sure to meet the live feed.
-        await topic.confirmed.wait()
-        return sub
+        await self._pubsub.subscribe(keys.notify(chat_id))
 
     def _unsubscribe(self, chat_id: str, sub: Subscriber) -> None:
         topic = self.topics.get(chat_id)
@@ -206,7 +221,6 @@ class StreamHub:
         if message["type"] == "subscribe":
             # First confirmation, or a re-subscription after a reconnect: either way the
             # live feed may have missed entries, so every reader re-reads the stream.
-            topic.confirmed.set()
             for sub in topic.subscribers:
                 sub.push(RESYNC)
         elif message["type"] == "message":

@@ -22,6 +22,8 @@ def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) ->
         max_connections=max_connections,
         timeout=10,
         socket_connect_timeout=2,
+        # a frozen Redis must turn into a 503 in seconds, not a request that hangs
+        socket_timeout=5,
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[ConnectionError, TimeoutError],

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from typing import Final, NamedTuple
 
-ENTRY_ID: Final = re.compile(r"\A\d{1,20}-\d{1,20}\Z")
+ENTRY_ID: Final = re.compile(r"\A[0-9]{1,20}-[0-9]{1,20}\Z")
+U64: Final = 2**64
 
 
 class Entry(NamedTuple):
@@ -36,4 +37,8 @@ def id_key(entry_id: str) -> tuple[int, int]:
 
 
 def is_entry_id(value: str) -> bool:
-    return ENTRY_ID.match(value) is not None
+    """A well-formed stream id: ASCII digits, both parts within Redis's unsigned 64 bits."""
+    if ENTRY_ID.match(value) is None:
+        return False
+    ms, seq = id_key(value)
+    return ms < U64 and seq < U64

@@ -175,3 +175,26 @@ async def test_the_terminal_event_and_the_final_status_land_together_and_only_on
         await sink.drain()
     assert await Lease(store, CHAT, "a-second-run", ttl=1).claim() == "complete"  # and no second run
     await sink.close()
+
+
+async def test_readers_that_leave_while_joining_leave_nothing_behind(store: Redis, hub: StreamHub) -> None:
+    tails = [hub.tail(f"{CHAT}-{n}", None, idle=5) for n in range(20)]
+    pending = [asyncio.ensure_future(anext(t)) for t in tails]
+    await asyncio.sleep(0)
+    for future in pending:
+        future.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for tail in tails:
+        await tail.aclose()
+    assert hub.topics == {}
+
+
+async def test_shutting_the_hub_ends_every_tail_without_a_terminal_event(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    tail = hub.tail(CHAT, None, idle=5)
+    assert await anext(tail) is not None
+    reading = asyncio.ensure_future(collect(tail))
+    await asyncio.sleep(0.05)
+    hub.close_all()
+    async with asyncio.timeout(2):
+        assert await reading == []

@@ -177,3 +177,55 @@ async def test_a_position_older_than_the_stream_holds_is_410_never_a_silent_gap(
     response = await client.get(path, headers={**bearer(token), "Last-Event-ID": still_held})
     assert response.status == 200
     assert (await response.read()).count(b"\nevent: ") == 2
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["99999999999999999999-99999999999999999999", "18446744073709551616-0", "１-0", "١-0"],
+    ids=["beyond-u64", "u64-plus-one", "fullwidth-digit", "arabic-digit"],
+)
+async def test_ids_redis_cannot_hold_are_400_before_the_stream_starts(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    value: str,
+) -> None:
+    chat_id = await new_chat(client, token)
+    path = f"/v1/chats/{chat_id}/events"
+    await error_of(
+        await client.get(path, params={"last_event_id": value}, headers=bearer(token)), 400, "bad_last_event_id"
+    )
+
+
+async def test_a_position_the_stream_never_reached_is_400_not_an_endless_wait(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    queued = await new_chat(client, token)
+    ahead = {**bearer(token), "Last-Event-ID": "99999999999999-0"}
+    await error_of(await client.get(f"/v1/chats/{queued}/events", headers=ahead), 400, "bad_last_event_id")
+    await run_worker()
+    await error_of(await client.get(f"/v1/chats/{queued}/events", headers=ahead), 400, "bad_last_event_id")
+
+
+async def test_a_body_that_is_not_utf8_is_400(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    body = b'{"message": "\xff\xfe"}'
+    await error_of(await client.post("/v1/chats", data=body, headers=bearer(token)), 400, "malformed_json")
+
+
+async def test_a_token_of_odd_bytes_is_401_not_500(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    chat_id = await new_chat(client, token)
+    for odd in ["Bearer \udcff\udcfe", "Bearer é"]:
+        response = await client.get(
+            f"/v1/chats/{chat_id}", headers={"Authorization": odd.encode("utf-8", "surrogateescape").decode("latin-1")}
+        )
+        await error_of(response, 401, "unauthorized")
+    for forged in ["².x", "99999999999.é", "9" * 5000 + ".x", "1.", ".", "x" * 10]:
+        response = await client.get(f"/v1/chats/{chat_id}/events", params={"token": forged})
+        await error_of(response, 401, "unauthorized")
+
+
+@pytest.mark.parametrize("chat_id", ["abc:events", "0" * 31 + ":", "../secret", "A" * 32])
+async def test_a_path_id_not_shaped_like_a_chat_id_is_404(client: TestClient, token: str, chat_id: str) -> None:  # type: ignore[type-arg]
+    for method, route in CHAT_ROUTES:
+        await error_of(await client.request(method, route.format(id=chat_id), headers=bearer(token)), 404, "not_found")
