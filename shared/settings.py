@@ -12,6 +12,7 @@ from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
+from redis.asyncio import ConnectionPool
 
 from shared.errors import SettingsError
 
@@ -109,3 +110,17 @@ def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
         raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (expected {allowed})")
     if parts.scheme != "unix" and not parts.hostname:
         raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (no host)")
+    if field == "redis_url":
+        _check_redis_url(value)
+
+
+def _check_redis_url(value: str) -> None:
+    """What redis-py would reject only when connecting: a database that is not a number, bad options."""
+    try:
+        pool = ConnectionPool.from_url(value)
+        pool.connection_class(**pool.connection_kwargs)  # not connected: checks option names and types
+    except (ValueError, TypeError) as exc:
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {value!r} ({exc})") from None
+    path = urlsplit(value).path.strip("/")
+    if urlsplit(value).scheme != "unix" and path and not (path.isascii() and path.isdigit()):
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {value!r} (the database must be a number)")

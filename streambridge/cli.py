@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     def server(name: str, help: str, port: int) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help)
         sub.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
-        sub.add_argument("--port", type=int, default=port, help=f"port (default {port}; 0 picks a free one)")
+        sub.add_argument("--port", type=tcp_port, default=port, help=f"port (default {port}; 0 picks a free one)")
         return sub
 
     server("up", "the whole system: API + edge on one port, a worker, embedded Redis and LLM if unset", 8000)
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
     chat.add_argument("--model", help="model name (default: the server's)")
     return parser
+
+
+def tcp_port(value: str) -> int:
+    if not value.isdigit() or not 0 <= int(value) <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port (0-65535)")
+    return int(value)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -65,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    settings = load_settings(os.environ, worker_concurrency=getattr(args, "concurrency", None))
     if args.command == "chat":
         from streambridge.chat_cli import chat
 
@@ -73,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import processes
 
         return _run_loop(processes.fake_llm(args))
-    settings = load_settings(os.environ, worker_concurrency=getattr(args, "concurrency", None))
     _configure_logging(settings)
     from streambridge import processes
 

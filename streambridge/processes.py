@@ -7,13 +7,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
 from api.app import make_app
+from shared.errors import SettingsError
 from shared.settings import Settings
 from streambridge.embedded import RedisServer
-from streambridge.fake_llm import FakeLLMConfig
+from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, start_site
 from workers.worker import make_worker, stop_worker
@@ -33,10 +35,10 @@ async def up(settings: Settings, host: str, port: int) -> int:
             say(f"embedded Redis: {redis.binary} on {redis.url} (in memory; set STREAMBRIDGE_REDIS_URL to use yours)")
         llm_url = await _llm_url(settings, stack)
         runner, bound = await start_site(make_app(settings), host, port)
-        stack.push_async_callback(runner.cleanup)
+        stack.push_async_callback(_quietly, "api + edge", runner.cleanup)
         worker = make_worker(settings, llm_url)
         worker_task = asyncio.create_task(worker.main(), name="worker")
-        stack.push_async_callback(stop_worker, worker, worker_task, settings.shutdown_grace)
+        stack.push_async_callback(_quietly, "worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace))
         say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
@@ -54,7 +56,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
     try:
         await stop
     finally:
-        await runner.cleanup()
+        await _quietly(name, runner.cleanup)
     return 0
 
 
@@ -64,7 +66,7 @@ async def worker(settings: Settings) -> int:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
         task = asyncio.create_task(arq_worker.main(), name="worker")
-        stack.push_async_callback(stop_worker, arq_worker, task, settings.shutdown_grace)
+        stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
         await _until_signal_or(stop, task)
     return 0
@@ -79,6 +81,10 @@ async def fake_llm(args: argparse.Namespace) -> int:
         "fail": args.fail,
     }
     config = msgspec.structs.replace(FakeLLMConfig(), **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        check_config(config)
+    except ValueError as exc:
+        raise SettingsError(f"fake-llm: {exc}") from None
     runner, bound = await start_site(make_fake_llm(config), args.host, args.port)
     announce("streambridge fake-llm", args.host, bound)
     try:
@@ -103,6 +109,14 @@ async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.T
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # a worker that died on its own is an error, not a clean exit
+
+
+async def _quietly(name: str, cleanup: Callable[[], Awaitable[object]]) -> None:
+    """A cleanup step that fails (Redis gone, say) is logged; the process still exits cleanly."""
+    try:
+        await cleanup()
+    except Exception as exc:
+        log.warning("shutting down %s: %s", name, exc)
 
 
 async def _stop_redis(server: RedisServer) -> None:

@@ -3,16 +3,19 @@ command exits 0 after SIGTERM, and a bad setting is one line naming it."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from streambridge.fake_llm import DEFAULT_CONFIG, expected_text
-from tests.e2e.conftest import Process, System, clean_env
+from tests.e2e.conftest import Process, System, clean_env, create_chat, login
 
 pytestmark = pytest.mark.e2e
 
@@ -99,3 +102,57 @@ def test_every_server_command_exits_0_after_a_signal(system: System, tmp_path: P
         process.proc.send_signal(sig)
         assert process.proc.wait(20) == 0, f"{args[0]}: {process.log_path.read_text()}"
         process.stop()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fake-llm", "--fail", "bogus"], "streambridge: fake-llm: fail must be"),
+        (["fake-llm", "--words", "-1"], "streambridge: fake-llm:"),
+        (["api", "--port", "70000"], "is not a port"),
+        (["chat", "hi", "--url", "notaurl"], "streambridge chat: --url 'notaurl' is not an http(s) URL"),
+    ],
+)
+def test_bad_flags_are_one_line_not_a_traceback(args: list[str], message: str) -> None:
+    result = streambridge(*args, env=clean_env(STREAMBRIDGE_REDIS_URL="redis://127.0.0.1:1/0"), timeout=30)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_exits_0_on_sigterm_mid_stream(up: Process) -> None:
+    chat = subprocess.Popen(
+        [sys.executable, "-m", "streambridge", "chat", "a long one", "--url", up.url, "--model", "fake?words=400"],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)
+    chat.send_signal(signal.SIGTERM)
+    _, err = chat.communicate(timeout=20)
+    assert chat.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_an_edge_told_to_stop_ends_its_open_streams_at_once(system: System) -> None:
+    edge = system.start_edge()
+
+    async def hold_a_stream_open_then_stop_the_edge() -> float:
+        async with aiohttp.ClientSession() as session:
+            auth = await login(session, system.api.url)
+            chat = await create_chat(session, system.api.url, auth, message="long", model="fake?words=2000")
+            async with session.get(f"{edge.url}/v1/chats/{chat['id']}/events", headers=auth) as response:
+                await response.content.readany()
+                started = time.monotonic()
+                edge.proc.send_signal(signal.SIGTERM)
+                async for _ in response.content.iter_any():
+                    pass  # the edge ends the response (no terminal event: the client would resume)
+                return time.monotonic() - started
+
+    try:
+        took = asyncio.run(hold_a_stream_open_then_stop_the_edge())
+        assert edge.proc.wait(10) == 0
+    finally:
+        edge.stop()
+    assert took < 5, f"the edge kept the stream open {took:.1f} s after SIGTERM"
