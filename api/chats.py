@@ -18,6 +18,7 @@ from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
 from shared.errors import BadRequest, NotFound, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
+from shared.queue import enqueue_chat
 from shared.streams import Entry, entry_from_fields
 
 routes = web.RouteTableDef()
@@ -106,7 +107,7 @@ async def create_chat(request: web.Request) -> web.Response:
         )
         pipe.expire(keys.chat(chat_id), ctx.settings.result_ttl)
         await pipe.execute()
-    await ctx.redis.enqueue_job("run_chat", chat_id, _job_id=chat_id, _queue_name=keys.QUEUE_NAME)
+    await enqueue_chat(ctx.redis, chat_id)
     return json_response(Created(chat_id, "queued", stream_url(request, ctx, chat_id), created_at), status=202)
 
 

@@ -55,3 +55,8 @@ def cancels() -> str:
 def running() -> str:
     """Sorted set: running chats, scored by the time (ms) their lease lapses unless renewed."""
     return f"{PREFIX}running"
+
+
+def wake() -> str:
+    """List: one token per enqueued chat; idle workers block on it instead of polling."""
+    return f"{PREFIX}wake"

@@ -8,6 +8,7 @@ import logging
 from arq.connections import ArqRedis
 
 from shared import keys
+from shared.queue import enqueue_chat
 from workers.lease import lapsed_chats, reap
 from workers.runner import ChatRunner, Stop
 
@@ -21,8 +22,7 @@ async def reap_forever(redis: ArqRedis, interval: float) -> None:
                 recovery = await reap(redis, chat_id)
                 if recovery:
                     # A fresh job id: the dead worker's arq job still holds the chat's own id.
-                    job_id = f"{chat_id}:r{recovery}"
-                    await redis.enqueue_job("run_chat", chat_id, _job_id=job_id, _queue_name=keys.QUEUE_NAME)
+                    await enqueue_chat(redis, chat_id, job_id=f"{chat_id}:r{recovery}")
                     log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery)
         except Exception as exc:
             log.warning("reaper: %s", exc)

@@ -24,14 +24,27 @@ log = logging.getLogger("streambridge.worker")
 JOB_TIMEOUT = 3600
 
 
-class ResilientWorker(Worker):
-    """arq's worker, riding out a Redis outage instead of exiting: it polls again with backoff."""
+class ChatWorker(Worker):
+    """arq's worker, with two changes.
 
+    It wakes the moment a chat is enqueued: the API pushes a token on ``keys.wake()`` and an idle
+    worker blocks on it (BLPOP), instead of polling every few milliseconds. And it rides out a
+    Redis outage: it polls again with backoff instead of exiting.
+    """
+
+    wake_timeout = 0.5
     _outage_delay = 0.0
+    _busy = True  # poll at once after start and after starting jobs: more may be waiting
 
     async def _poll_iteration(self) -> None:
         try:
+            if not self._busy and not self.burst and self.job_counter < self.max_jobs:
+                await self.pool.blpop([keys.wake()], timeout=self.wake_timeout)  # type: ignore[arg-type,misc]
+            started = self.job_counter
             await super()._poll_iteration()
+            self._busy = self.job_counter > started or self.job_counter >= self.max_jobs
+            if self.job_counter >= self.max_jobs:
+                await asyncio.sleep(0.01)  # full: do not take a wake token another worker could use
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._outage_delay = min(max(self._outage_delay * 2, 0.1), 2.0)
             log.warning("Redis unreachable (%s); polling again in %.1f s", exc, self._outage_delay)
@@ -45,7 +58,7 @@ async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
     return await runner.run(chat_id)
 
 
-def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float = 0.05) -> Worker:
+def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float = 0) -> Worker:
     """A worker for ``settings``; run ``await worker.main()``, then ``stop_worker``."""
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
 
@@ -65,7 +78,7 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
         if "llm" in ctx:
             await ctx["llm"].close()
 
-    return ResilientWorker(
+    return ChatWorker(
         functions=[func(run_chat, name="run_chat", max_tries=1000)],
         queue_name=keys.QUEUE_NAME,
         redis_settings=RedisSettings.from_dsn(settings.redis_url),

@@ -13,3 +13,4 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.edges() == "sb:edges"
     assert keys.cancels() == "sb:cancels"
     assert keys.running() == "sb:running"
+    assert keys.wake() == "sb:wake"
