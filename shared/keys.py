@@ -58,5 +58,5 @@ def running() -> str:
 
 
 def wake() -> str:
-    """List: one token per enqueued chat; idle workers block on it instead of polling."""
+    """List: the job id of each enqueued chat; idle workers block on it instead of polling."""
     return f"{PREFIX}wake"

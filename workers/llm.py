@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncGenerator
-from typing import Any, cast
+from typing import Any, Final, cast
 
+import msgspec
 import openai
-from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam
 
 from shared.chats import ChatRequest
 from shared.events import Usage
@@ -33,24 +35,69 @@ def make_client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
     )
 
 
+class _Delta(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class _Chunk(msgspec.Struct):
+    """The parts of a ``chat.completion.chunk`` the pipeline uses; everything else is skipped."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: dict[str, Any] | None = None
+
+
+_chunk_decoder: Final = msgspec.json.Decoder(_Chunk)
+
+
 async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
-    stream = await client.chat.completions.create(
+    """The completion as deltas. The SDK makes the request (auth, base URL, status errors); the
+    chunks are decoded here with msgspec: the SDK's pydantic model per chunk cost about half of a
+    worker's CPU (see docs/benchmarks.md)."""
+    messages = cast(
+        list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
+    )
+    async with client.chat.completions.with_streaming_response.create(
         model=model,
-        messages=cast(
-            list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
-        ),
+        messages=messages,
         stream=True,
         stream_options={"include_usage": True},
         temperature=openai.omit if request.temperature is None else request.temperature,
         max_tokens=openai.omit if request.max_tokens is None else request.max_tokens,
-    )
-    async with stream:  # closes the HTTP response however the iteration ends
-        async for chunk in stream:
-            yield delta_from_chunk(chunk)
+    ) as response:
+        async for line in response.iter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                return
+            yield delta_from_chunk(data, response.http_request)
 
 
-def delta_from_chunk(chunk: ChatCompletionChunk) -> Delta:
-    """Role-only chunks, empty ``choices`` and usage-only chunks all map to a ``Delta``."""
+def delta_from_chunk(data: str, request: Any = None) -> Delta:
+    """One chunk's JSON as a ``Delta``: role-only chunks, empty ``choices`` and usage-only chunks too."""
+    try:
+        chunk = _chunk_decoder.decode(data)
+    except msgspec.DecodeError:
+        # msgspec refuses a lone UTF-16 surrogate ("\ud83d"), which servers that split emoji send;
+        # the json module keeps it, and the pipeline re-pairs the halves.
+        chunk = msgspec.convert(json.loads(data), _Chunk)
+    if chunk.error is not None:
+        # An error the server sent inside the stream (OpenAI, vLLM, LiteLLM do): the stream broke.
+        raise openai.APIError(str(chunk.error.get("message", chunk.error)), request, body=chunk.error)
     text, finish_reason = "", None
     for choice in chunk.choices:
         if choice.index == 0:
@@ -59,10 +106,11 @@ def delta_from_chunk(chunk: ChatCompletionChunk) -> Delta:
             finish_reason = choice.finish_reason
     usage = None
     if chunk.usage is not None:
+        u = chunk.usage
         usage = Usage(
-            prompt_tokens=chunk.usage.prompt_tokens or 0,
-            completion_tokens=chunk.usage.completion_tokens or 0,
-            total_tokens=chunk.usage.total_tokens or 0,
+            prompt_tokens=u.prompt_tokens or 0,
+            completion_tokens=u.completion_tokens or 0,
+            total_tokens=u.total_tokens or 0,
         )
     return Delta(text, finish_reason, usage)
 

@@ -27,30 +27,43 @@ JOB_TIMEOUT = 3600
 class ChatWorker(Worker):
     """arq's worker, with two changes.
 
-    It wakes the moment a chat is enqueued: the API pushes a token on ``keys.wake()`` and an idle
-    worker blocks on it (BLPOP), instead of polling every few milliseconds. And it rides out a
-    Redis outage: it polls again with backoff instead of exiting.
+    It starts a chat the moment it is enqueued: the API pushes the job id on ``keys.wake()``, and
+    an idle worker blocks on that list (BLPOP) and starts exactly that job. arq's own scan of the
+    queue, which costs a round trip per queued or running job, runs only every ``full_poll`` s
+    as the fallback. And it rides out a Redis outage: it polls again with backoff, never exits.
     """
 
-    wake_timeout = 0.5
+    full_poll = 0.5
     _outage_delay = 0.0
-    _busy = True  # poll at once after start and after starting jobs: more may be waiting
+    _next_full_poll = 0.0
 
     async def _poll_iteration(self) -> None:
         try:
-            if not self._busy and not self.burst and self.job_counter < self.max_jobs:
-                await self.pool.blpop([keys.wake()], timeout=self.wake_timeout)  # type: ignore[arg-type,misc]
-            started = self.job_counter
-            await super()._poll_iteration()
-            self._busy = self.job_counter > started or self.job_counter >= self.max_jobs
-            if self.job_counter >= self.max_jobs:
-                await asyncio.sleep(0.01)  # full: do not take a wake token another worker could use
+            if self.burst:
+                await super()._poll_iteration()
+            else:
+                await self._wake_or_poll()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._outage_delay = min(max(self._outage_delay * 2, 0.1), 2.0)
             log.warning("Redis unreachable (%s); polling again in %.1f s", exc, self._outage_delay)
             await asyncio.sleep(self._outage_delay)
         else:
             self._outage_delay = 0.0
+
+    async def _wake_or_poll(self) -> None:
+        now = asyncio.get_running_loop().time()
+        if now >= self._next_full_poll:
+            self._next_full_poll = now + self.full_poll
+            await super()._poll_iteration()
+        if self.job_counter >= self.max_jobs:
+            await asyncio.sleep(0.01)  # full: leave the wake list to workers with room
+            return
+        wait = max(self._next_full_poll - asyncio.get_running_loop().time(), 0.01)
+        popped = await self.pool.blpop([keys.wake()], timeout=wait)  # type: ignore[arg-type,misc]
+        if popped:
+            room = self.max_jobs - self.job_counter
+            more = await self.pool.lpop(keys.wake(), room - 1) if room > 1 else None  # type: ignore[misc]
+            await self.start_jobs([popped[1], *(more or [])])
 
 
 async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:

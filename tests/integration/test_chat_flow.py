@@ -176,3 +176,18 @@ async def test_a_chat_that_cannot_finish_fails_at_its_deadline(
     assert "deadline of 0.5 s" in events[-1].message
     result = await (await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))).json()
     assert result["status"] == "failed"
+
+
+async def test_emoji_a_server_splits_between_utf16_halves_arrive_whole(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    chat = await create(client, token, {"message": "emoji", "model": "fake?split=utf16&words=40"})
+    await run_worker()
+    messages = await read_sse(await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(token)))
+    events = events_of(messages)
+    assert isinstance(events[-1], Complete)
+    assert assemble_text(events) == expected_text("emoji", 40)
+    for message in messages:
+        message.data.encode("utf-8")  # every event is valid UTF-8: no lone surrogate got through

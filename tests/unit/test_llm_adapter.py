@@ -1,13 +1,13 @@
-"""The openai SDK adapter: real SDK chunks become ``Delta``s, real SDK errors become ``Failure``s."""
+"""The LLM adapter: chunks as OpenAI-compatible servers send them become ``Delta``s, SDK errors ``Failure``s."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx2
 import openai
 import pytest
-from openai.types.chat import ChatCompletionChunk
 
 from shared.events import Usage
 from workers.llm import classify, delta_from_chunk
@@ -16,8 +16,9 @@ from workers.pipeline import Delta, IncompleteStream, UpstreamTimeout
 REQUEST = httpx2.Request("POST", "http://x/v1/chat/completions")
 
 
-def chunk(choices: list[dict[str, Any]], **extra: Any) -> ChatCompletionChunk:
-    return ChatCompletionChunk.model_validate(
+def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+    """A chunk's JSON, as an OpenAI-compatible server sends it on a ``data:`` line."""
+    return json.dumps(
         {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices} | extra
     )
 
@@ -180,3 +181,14 @@ def test_mid_stream_server_error_is_retryable() -> None:
     failure = classify(exc)
     assert failure.retryable
     assert "The server had an error" in failure.message
+
+
+def test_a_lone_surrogate_a_server_sent_is_kept_for_the_pipeline_to_rejoin() -> None:
+    first = '{"choices": [{"index": 0, "delta": {"content": "a\\ud83d"}, "finish_reason": null}]}'
+    assert delta_from_chunk(first) == Delta(text="a\ud83d")
+
+
+def test_an_error_inside_the_stream_raises_a_retryable_api_error() -> None:
+    with pytest.raises(openai.APIError) as caught:
+        delta_from_chunk('{"error": {"message": "overloaded", "type": "server_error"}}')
+    assert classify(caught.value).retryable

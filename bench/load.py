@@ -1,0 +1,222 @@
+"""The load generator, run in its own process by ``bench/run.py``; prints one JSON result.
+
+python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50
+python -m bench.load throughput --api URL --llm URL --chats 20 --words 400
+python -m bench.load fanout --api URL --chats 100 --readers 20 --seconds 10
+python -m bench.load idle --api URL --streams 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+from shared.streams import id_key
+from streambridge.sse import SSEParser
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {"n": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 3)}
+
+
+async def login(session: aiohttp.ClientSession, api: str) -> dict[str, str]:
+    async with session.post(f"{api}/v1/auth/visitor") as response:
+        return {"Authorization": f"Bearer {(await response.json())['token']}"}
+
+
+async def create(session: aiohttp.ClientSession, api: str, auth: dict[str, str], model: str, n: int) -> dict[str, Any]:
+    body = {"message": f"bench {n} {time.time_ns()}", "model": model}
+    async with session.post(f"{api}/v1/chats", json=body, headers=auth) as response:
+        assert response.status == 202, await response.text()
+        return dict(await response.json())
+
+
+async def follow(session: aiohttp.ClientSession, url: str, on_event: Any) -> None:
+    """Calls ``on_event(now, message, live)``; ``live``: appended after the reader connected (its
+    delivery lag is the system's, not the time history waited for the reader to arrive)."""
+    parser = SSEParser()
+    async with session.get(url) as response:
+        assert response.status == 200, await response.text()
+        connected_ms = time.time() * 1000
+        async for chunk in response.content.iter_any():
+            now = time.time()
+            for message in parser.feed(chunk):
+                on_event(now, message, id_key(message.id)[0] >= connected_ms)
+
+
+async def streambridge_chat(
+    session: aiohttp.ClientSession, api: str, auth: dict[str, str], model: str, n: int
+) -> dict[str, Any]:
+    start = time.perf_counter()
+    chat = await create(session, api, auth, model, n)
+    created_ms = _iso_ms(chat["created_at"])
+    result: dict[str, Any] = {"lags": [], "ttft": None, "pickup": None, "content": 0}
+
+    def on_event(now: float, message: Any, live: bool) -> None:
+        ms = id_key(message.id)[0]
+        if message.event == "started":
+            result["pickup"] = ms - created_ms
+        elif message.event == "content":
+            if result["ttft"] is None:
+                result["ttft"] = (time.perf_counter() - start) * 1000
+            if live:
+                result["lags"].append(now * 1000 - ms)
+            result["content"] += 1
+
+    await follow(session, chat["stream_url"], on_event)
+    return result
+
+
+async def direct_chat(session: aiohttp.ClientSession, base: str, model: str, n: int) -> float:
+    """Time to first content streaming the same upstream directly (base: .../v1)."""
+    start = time.perf_counter()
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"bench {n} {time.time_ns()}"}]}
+    ttft = None
+    async with session.post(f"{base}/chat/completions", json=body) as response:
+        async for line in response.content:
+            if ttft is None and line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
+                ttft = (time.perf_counter() - start) * 1000
+    assert ttft is not None
+    return ttft
+
+
+def _iso_ms(value: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(value).timestamp() * 1000)
+
+
+async def ttft(args: argparse.Namespace) -> dict[str, Any]:
+    model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms={args.delay_ms}"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        auth = await login(session, args.api)
+        await asyncio.gather(*(streambridge_chat(session, args.api, auth, model, n) for n in range(5)))  # warm up
+        out: dict[str, Any] = {}
+        for name, run in [
+            ("direct", lambda n: direct_chat(session, f"{args.llm}/v1", model, n)),
+            ("proxy", lambda n: direct_chat(session, f"{args.proxy}/v1", model, n)),
+            ("streambridge", lambda n: streambridge_chat(session, args.api, auth, model, n)),
+        ]:
+            values: list[Any] = []
+            for _ in range(args.rounds):
+                values += await asyncio.gather(*(run(n) for n in range(args.chats)))
+            if name == "streambridge":
+                out["streambridge_ttft"] = percentiles([v["ttft"] for v in values])
+                out["pickup"] = percentiles([v["pickup"] for v in values])
+                out["lag"] = percentiles([lag for v in values for lag in v["lags"]])
+            else:
+                out[f"{name}_ttft"] = percentiles(values)
+    return out
+
+
+async def throughput(args: argparse.Namespace) -> dict[str, Any]:
+    model = f"fake?words={args.words}&ttft_ms=0&delay_ms=0"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        auth = await login(session, args.api)
+        start = time.perf_counter()
+        direct = await asyncio.gather(*(direct_count(session, f"{args.llm}/v1", model, n) for n in range(args.chats)))
+        direct_rate = sum(direct) / (time.perf_counter() - start)
+        ids: list[tuple[int, int]] = []
+
+        async def one(n: int) -> None:
+            chat = await create(session, args.api, auth, model, n)
+            await follow(session, chat["stream_url"], lambda now, m, live: ids.append(id_key(m.id)))
+
+        await asyncio.gather(*(one(n) for n in range(args.chats)))
+        seconds = max((max(ids)[0] - min(ids)[0]) / 1000, 0.001)
+        return {"events": len(ids), "append_rate": round(len(ids) / seconds), "direct_rate": round(direct_rate)}
+
+
+async def direct_count(session: aiohttp.ClientSession, base: str, model: str, n: int) -> int:
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"bench {n}"}]}
+    chunks = 0
+    async with session.post(f"{base}/chat/completions", json=body) as response:
+        async for line in response.content:
+            chunks += line.startswith(b"data: {")
+    return chunks
+
+
+async def fanout(args: argparse.Namespace) -> dict[str, Any]:
+    """``chats`` chats at 5 events/s, each read by ``readers`` clients on one edge."""
+    words = int(args.seconds * 5 / 2.5) + 5  # the fake LLM sends ~2.5 chunks a word
+    model = f"fake?words={words}&ttft_ms=0&delay_ms=200"
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        auth = await login(session, args.api)
+        lags: list[float] = []
+
+        def on_event(now: float, message: Any, live: bool) -> None:
+            if message.event == "content" and live:
+                lags.append(now * 1000 - id_key(message.id)[0])
+
+        chats = [await create(session, args.api, auth, model, n) for n in range(args.chats)]
+        cpu = cpu_seconds()
+        start = time.perf_counter()
+        await asyncio.gather(
+            *(follow(session, chat["stream_url"], on_event) for chat in chats for _ in range(args.readers))
+        )
+        wall = time.perf_counter() - start
+        return {
+            "streams": args.chats * args.readers,
+            "events_delivered": len(lags),
+            "events_per_s": round(len(lags) / wall),
+            "lag": percentiles(lags),
+            "loadgen_cpu": round((cpu_seconds() - cpu) / wall, 2),
+        }
+
+
+async def idle(args: argparse.Namespace) -> dict[str, Any]:
+    """Hold ``streams`` open streams (stalled chats, heartbeats only) until stdin says stop."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        auth = await login(session, args.api)
+        chats = [await create(session, args.api, auth, "fake?fail=stall", n) for n in range(max(1, args.streams // 50))]
+        responses = []
+        for n in range(args.streams):
+            responses.append(await session.get(chats[n % len(chats)]["stream_url"]))
+        print(json.dumps({"open": len([r for r in responses if r.status == 200])}), flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        for response in responses:
+            response.close()
+        return {"closed": len(responses)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", choices=["ttft", "throughput", "fanout", "idle"])
+    parser.add_argument("--api", required=True)
+    parser.add_argument("--llm")
+    parser.add_argument("--proxy")
+    parser.add_argument("--chats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--readers", type=int, default=10)
+    parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--words", type=int, default=30)
+    parser.add_argument("--ttft-ms", type=float, default=50)
+    parser.add_argument("--delay-ms", type=float, default=10)
+    args = parser.parse_args()
+    scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
+    print(json.dumps(asyncio.run(scenario(args))), flush=True)
+
+
+if __name__ == "__main__":
+    main()

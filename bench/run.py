@@ -1,0 +1,227 @@
+"""The benchmark, as one command: ``python -m bench.run`` (``--quick`` for a smaller run).
+
+Starts what it needs (its own redis-server, the simulated LLM, a plain aiohttp proxy as a
+baseline, api, edge and workers through the CLI) and runs the load generator in its own
+process; prints a table, each figure beside its baseline measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import redis
+
+from streambridge.embedded import free_port, redis_server_binary
+
+PY = sys.executable
+
+
+class Child:
+    def __init__(self, args: list[str], env: dict[str, str], ready: str = "listening on") -> None:
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.url = ""
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if ready in line:
+                match = re.search(r"(http://\S+)", line)
+                self.url = match.group(1) if match else ""
+                break
+        else:
+            raise RuntimeError(f"{args} did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def streambridge(*args: str, env: dict[str, str], ready: str = "listening on") -> Child:
+    return Child([PY, "-m", "streambridge", *args], env, ready)
+
+
+@contextmanager
+def deployment(workers: int) -> Iterator[dict[str, object]]:
+    port = free_port()
+    redis_proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no", "--maxclients", "20000"],
+        stdout=subprocess.DEVNULL,
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBRIDGE_")}
+    children: list[Child] = []
+    try:
+        time.sleep(0.3)
+        llm = streambridge("fake-llm", "--port", "0", env=env)
+        children.append(llm)
+        proxy_port = free_port()
+        proxy = subprocess.Popen([PY, "-m", "bench.proxy", f"{llm.url}/v1", str(proxy_port)], env=env)
+        env |= {"STREAMBRIDGE_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMBRIDGE_LLM_BASE_URL": f"{llm.url}/v1"}
+        env |= {"STREAMBRIDGE_LOG_LEVEL": "WARNING", "STREAMBRIDGE_WORKER_CONCURRENCY": "200"}
+        edge = streambridge("edge", "--port", "0", env=env)
+        api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
+        children += [edge, api]
+        children += [streambridge("worker", env=env, ready="worker started") for _ in range(workers)]
+        time.sleep(0.5)
+        yield {
+            "redis": redis.Redis(port=port),
+            "llm": llm.url,
+            "proxy": f"http://127.0.0.1:{proxy_port}",
+            "api": api.url,
+            "edge": edge,
+            "env": env,
+        }
+        proxy.terminate()
+    finally:
+        for child in reversed(children):
+            child.stop()
+        redis_proc.terminate()
+
+
+def load(*args: str) -> dict[str, object]:
+    out = subprocess.run([PY, "-m", "bench.load", *args], capture_output=True, text=True, check=True)
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def redis_cpu(client: redis.Redis, seconds: float) -> float:
+    def used() -> float:
+        info = client.info("cpu")
+        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+    before = used()
+    time.sleep(seconds)
+    return (used() - before) / seconds * 100
+
+
+def idle_streams(d: dict[str, object], streams: int) -> dict[str, float]:
+    edge = psutil.Process(d["edge"].proc.pid)  # type: ignore[attr-defined]
+    rss_before = edge.memory_info().rss
+    gen = subprocess.Popen(
+        [PY, "-m", "bench.load", "idle", "--api", str(d["api"]), "--streams", str(streams)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert gen.stdout is not None
+    assert gen.stdin is not None
+    opened = json.loads(gen.stdout.readline())["open"]
+    time.sleep(1)
+    rss_after = edge.memory_info().rss
+    redis_port = d["redis"].connection_pool.connection_kwargs["port"]  # type: ignore[attr-defined]
+    redis_connections = sum(1 for c in edge.net_connections() if c.raddr and c.raddr.port == redis_port)
+    gen.stdin.write("\n")
+    gen.stdin.flush()
+    gen.wait(60)
+    return {
+        "open": opened,
+        "kb_per_stream": round((rss_after - rss_before) / max(opened, 1) / 1024, 1),
+        "redis_connections": redis_connections,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller loads, for a smoke run")
+    args = parser.parse_args()
+    quick = args.quick
+    rows: list[tuple[str, str, str, str]] = []
+
+    with deployment(workers=4) as d:
+        idle_cpu = redis_cpu(d["redis"], 3 if quick else 5)  # type: ignore[arg-type]
+        rows.append(("Redis CPU, 4 idle workers", f"{idle_cpu:.2f} %", "≤ 2 % (goal)", ""))
+        t = load(
+            "ttft",
+            "--api",
+            str(d["api"]),
+            "--llm",
+            str(d["llm"]),
+            "--proxy",
+            str(d["proxy"]),
+            "--chats",
+            "50",
+            "--rounds",
+            "1" if quick else "3",
+        )
+        direct, proxy, sb = t["direct_ttft"], t["proxy_ttft"], t["streambridge_ttft"]
+        for q in ("p50", "p99"):
+            rows.append(
+                (
+                    f"TTFT {q}, 50 concurrent chats",
+                    f"{sb[q]:.1f} ms",
+                    f"direct {direct[q]:.1f} ms, proxy {proxy[q]:.1f} ms",  # type: ignore[index]
+                    f"+{sb[q] - direct[q]:.1f} ms vs direct ({sb[q] / direct[q]:.2f}×)",
+                )
+            )  # type: ignore[index]
+        pickup, lag = t["pickup"], t["lag"]
+        rows.append(
+            (
+                "pickup (enqueue → job start)",
+                f"p50 {pickup['p50']:.0f} ms, p99 {pickup['p99']:.0f} ms",
+                "≤ 5 / 20 ms (goal)",
+                "1 ms resolution",
+            )
+        )  # type: ignore[index]
+        rows.append(
+            (
+                "delivery lag (append → client)",
+                f"p50 {lag['p50']:.1f} ms, p99 {lag['p99']:.1f} ms",
+                "≤ 2 / 10 ms (goal)",
+                "stream-id clock, ±1 ms",
+            )
+        )  # type: ignore[index]
+        tp = load(
+            "throughput",
+            "--api",
+            str(d["api"]),
+            "--llm",
+            str(d["llm"]),
+            "--chats",
+            "20",
+            "--words",
+            "200" if quick else "600",
+        )
+        rows.append(
+            (
+                "events appended per s (1 run, 20 chats)",
+                f"{tp['append_rate']:,}",
+                f"direct read {tp['direct_rate']:,}/s",
+                f"{tp['append_rate'] / tp['direct_rate']:.2f}×",
+            )
+        )  # type: ignore[operator]
+        streams = 2000 if quick else 10000
+        i = idle_streams(d, streams)
+        rows.append(("idle streams on one edge", f"{i['open']:,}", f"{streams:,} asked", ""))
+        rows.append(("edge memory per idle stream", f"{i['kb_per_stream']} KB", "≤ 20 KB (goal)", ""))
+        rows.append(
+            ("edge Redis connections", f"{i['redis_connections']}", "≤ 4 (goal)", f"with {i['open']:,} streams")
+        )
+        chats, readers = (20, 50) if quick else (100, 50)
+        f = load("fanout", "--api", str(d["api"]), "--chats", str(chats), "--readers", str(readers), "--seconds", "8")
+        fl = f["lag"]
+        rows.append(
+            (
+                f"fan-out: {f['streams']:,} streams × 5 ev/s",
+                f"{f['events_per_s']:,} events/s delivered",
+                f"lag p50 {fl['p50']:.1f} ms, p99 {fl['p99']:.1f} ms",
+                f"load generator CPU {f['loadgen_cpu']:.0%}",
+            )
+        )  # type: ignore[index]
+
+    width = [max(len(r[c]) for r in rows) for c in range(4)]
+    header = ("measure", "streambridge", "baseline / goal", "ratio / note")
+    width = [max(w, len(h)) for w, h in zip(width, header, strict=True)]
+    for row in [header, tuple("-" * w for w in width), *rows]:
+        print(" | ".join(cell.ljust(w) for cell, w in zip(row, width, strict=True)))
+
+
+if __name__ == "__main__":
+    main()
