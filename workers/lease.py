@@ -22,7 +22,7 @@ if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
 redis.call('HSET', KEYS[2], 'token', ARGV[1], 'seq', 0)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('HSET', KEYS[1], 'status', 'running', 'pickup_ms', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 return 'claimed'
 """
@@ -65,10 +65,13 @@ class Lease:
         self.token = token
         self.ttl_ms = int(ttl * 1000)
 
-    async def claim(self) -> str:
-        """``claimed``, or why not: ``missing``, ``busy`` (another attempt holds it) or a terminal status."""
+    async def claim(self, pickup_ms: float = 0.0) -> str:
+        """``claimed``, or why not: ``missing``, ``busy`` (another attempt holds it) or a terminal status.
+
+        ``pickup_ms`` (enqueue → this start) is kept on the chat for operators and the benchmark.
+        """
         k = [keys.chat(self.chat_id), keys.lease(self.chat_id), keys.running()]
-        args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id]
+        args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id, f"{pickup_ms:.3f}"]
         return _text(await self.redis.eval(CLAIM, len(k), *k, *args))  # type: ignore[misc]
 
     async def renew(self) -> int:

@@ -86,9 +86,10 @@ class ChatRunner:
         active.task.cancel()
         return True
 
-    async def run(self, chat_id: str) -> str:
+    async def run(self, chat_id: str, *, enqueued_at: float | None = None) -> str:
         lease = Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
-        claimed = await lease.claim()
+        pickup_ms = (time.time() - enqueued_at) * 1000 if enqueued_at is not None else 0.0
+        claimed = await lease.claim(pickup_ms)
         if claimed != "claimed":
             log.info("chat %s: not run (%s)", chat_id, claimed)
             return claimed

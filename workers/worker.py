@@ -68,7 +68,7 @@ class ChatWorker(Worker):
 
 async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
     runner: ChatRunner = ctx["runner"]
-    return await runner.run(chat_id)
+    return await runner.run(chat_id, enqueued_at=ctx["enqueue_time"].timestamp())
 
 
 def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float = 0) -> Worker:
