@@ -87,8 +87,15 @@ def deployment(workers: int) -> Iterator[dict[str, object]]:
         redis_proc.terminate()
 
 
+class ScenarioFailed(Exception):
+    pass
+
+
 def load(*args: str) -> dict[str, object]:
-    out = subprocess.run([PY, "-m", "bench.load", *args], capture_output=True, text=True, check=True)
+    out = subprocess.run([PY, "-m", "bench.load", *args], capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ScenarioFailed(f"{args[0]} failed: {last}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -221,8 +228,15 @@ def main() -> None:
         rows.append(
             ("edge Redis connections", f"{i['redis_connections']}", "≤ 4 (goal)", f"with {i['open']:,} streams")
         )
-        chats, readers = (20, 50) if quick else (100, 50)
-        f = load("fanout", "--api", str(d["api"]), "--chats", str(chats), "--readers", str(readers), "--seconds", "8")
+        chats, readers = (20, 50) if quick else (40, 50)
+        try:
+            f = load(
+                "fanout", "--api", str(d["api"]), "--chats", str(chats), "--readers", str(readers), "--seconds", "8"
+            )
+        except ScenarioFailed as exc:
+            rows.append((f"fan-out: {chats * readers:,} streams × 5 ev/s", "failed", str(exc)[:60], ""))
+            print_table(rows)
+            return
         fl = f["lag"]
         rows.append(
             (
@@ -233,6 +247,10 @@ def main() -> None:
             )
         )  # type: ignore[index]
 
+    print_table(rows)
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
     width = [max(len(r[c]) for r in rows) for c in range(4)]
     header = ("measure", "streambridge", "baseline / goal", "ratio / note")
     width = [max(w, len(h)) for w, h in zip(width, header, strict=True)]
