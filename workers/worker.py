@@ -8,6 +8,8 @@ from typing import Any
 
 from arq import Worker
 from arq.connections import RedisSettings
+from arq.constants import in_progress_key_prefix as IN_PROGRESS
+from arq.constants import job_key_prefix as JOB
 from arq.worker import func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -27,15 +29,21 @@ JOB_TIMEOUT = 3600
 class ChatWorker(Worker):
     """arq's worker, with two changes.
 
-    It starts a chat the moment it is enqueued: the API pushes the job id on ``keys.wake()``, and
-    an idle worker blocks on that list (BLPOP) and starts exactly that job. arq's own scan of the
-    queue, which costs a round trip per queued or running job, runs only every ``full_poll`` s
-    as the fallback. And it rides out a Redis outage: it polls again with backoff, never exits.
+    It starts a chat the moment it is enqueued: the API pushes the job id on ``keys.wake()``, an
+    idle worker blocks on that list (BLPOP) and runs that chat itself, in one round trip: it marks
+    the job in progress as arq does, so arq's scan skips it, and the lease's claim already makes
+    the run exclusive. arq stays the durable record: its scan of the queue (a round trip per queued
+    or running job, hence only every ``full_poll`` s) starts whatever no wake token reached.
+    And it rides out a Redis outage: it polls again with backoff, never exits.
     """
 
     full_poll = 0.5
     _outage_delay = 0.0
     _next_full_poll = 0.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.direct: set[asyncio.Task[None]] = set()
 
     async def _poll_iteration(self) -> None:
         try:
@@ -63,7 +71,38 @@ class ChatWorker(Worker):
         if popped:
             room = self.max_jobs - self.job_counter
             more = await self.pool.lpop(keys.wake(), room - 1) if room > 1 else None  # type: ignore[misc]
-            await self.start_jobs([popped[1], *(more or [])])
+            for job_id in [popped[1], *(more or [])]:
+                await self._start_direct(job_id.decode())
+
+    async def _start_direct(self, job_id: str) -> None:
+        async with self.pool.pipeline(transaction=False) as pipe:
+            pipe.set(IN_PROGRESS + job_id, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
+            pipe.zscore(self.queue_name, job_id)
+            fresh, enqueued_ms = await pipe.execute()
+        if not fresh or enqueued_ms is None:
+            return  # running elsewhere already, or finished
+        self.job_counter += 1
+        task = asyncio.create_task(self._run_direct(job_id, enqueued_ms / 1000))
+        self.direct.add(task)
+        task.add_done_callback(self.direct.discard)
+
+    async def _run_direct(self, job_id: str, enqueued_at: float) -> None:
+        runner: ChatRunner = self.ctx["runner"]
+        outcome: str | None = None
+        try:
+            outcome = await runner.run(job_id.split(":", 1)[0], enqueued_at=enqueued_at)
+        except asyncio.CancelledError:
+            outcome = "handed_back"
+        except Exception:
+            log.exception("job %s: chat run failed; arq's scan will retry it", job_id)
+        finally:
+            self.job_counter -= 1
+            async with self.pool.pipeline(transaction=False) as pipe:
+                if outcome not in (None, "handed_back"):  # done with: retire arq's record of it
+                    pipe.zrem(self.queue_name, job_id)
+                    pipe.delete(JOB + job_id)
+                pipe.delete(IN_PROGRESS + job_id)
+                await asyncio.shield(pipe.execute())
 
 
 async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
@@ -117,6 +156,7 @@ async def stop_worker(worker: Worker, main: asyncio.Task[None], grace: float) ->
         if runner.active:
             await asyncio.wait([a.task for a in runner.active.values()], timeout=5)
     main.cancel()
-    await asyncio.gather(main, *worker.tasks.values(), return_exceptions=True)
+    direct = worker.direct if isinstance(worker, ChatWorker) else set()
+    await asyncio.gather(main, *worker.tasks.values(), *direct, return_exceptions=True)
     worker.tasks.clear()  # settled above; arq's close() would re-raise a handed-back job's cancellation
     await worker.close()
