@@ -11,6 +11,7 @@ from api import chats, edge
 from api.auth import load_secret
 from api.context import CONTEXT, SETTINGS, Context
 from api.errors import error_middleware
+from api.headers import add_headers, preflight_middleware
 from api.hub import StreamHub
 from shared import keys
 from shared.redis import connect
@@ -20,7 +21,8 @@ from shared.settings import Settings
 def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
     redis_url = settings.redis_url
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, preflight_middleware], client_max_size=settings.max_body_bytes)
+    app.on_response_prepare.append(add_headers)
     app[SETTINGS] = settings
     if serve_api:
         app.add_routes(chats.routes)

@@ -56,13 +56,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
     redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
     log_level: str = "INFO"
+    #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
+    #: empty: no cross-origin access
+    cors_origins: str = ""
 
     def __post_init__(self) -> None:
         _check_url("redis_url", self.redis_url, {"redis", "rediss", "unix"})
         _check_url("llm_base_url", self.llm_base_url, {"http", "https"})
         _check_url("public_edge_url", self.public_edge_url, {"http", "https"})
+        for origin in self.allowed_origins:
+            parts = urlsplit(origin)
+            if origin == "*" or parts.scheme not in {"http", "https"} or not parts.hostname or parts.path:
+                raise SettingsError(f"{env_name('cors_origins')}: {origin!r} is not an origin like https://app.example")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"{env_name('log_level')}: must be one of DEBUG, INFO, WARNING, ERROR")
+
+    @property
+    def allowed_origins(self) -> frozenset[str]:
+        return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
 
 
 def env_name(field: str) -> str:

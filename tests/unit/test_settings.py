@@ -60,3 +60,15 @@ def test_a_bad_setting_is_one_line_naming_the_variable(environ: dict[str, str], 
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().worker_concurrency = 2  # type: ignore[misc]
+
+
+def test_cors_origins_are_an_allowlist_of_origins() -> None:
+    settings = load_settings({"STREAMBRIDGE_CORS_ORIGINS": "https://a.example, http://localhost:3000/"})
+    assert settings.allowed_origins == {"https://a.example", "http://localhost:3000"}
+    assert load_settings({}).allowed_origins == frozenset()
+
+
+@pytest.mark.parametrize("value", ["*", "https://a.example/app", "a.example", "ftp://a.example"])
+def test_a_cors_origin_that_is_not_an_origin_is_refused(value: str) -> None:
+    with pytest.raises(SettingsError, match="STREAMBRIDGE_CORS_ORIGINS"):
+        load_settings({"STREAMBRIDGE_CORS_ORIGINS": value})
