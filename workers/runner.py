@@ -124,7 +124,10 @@ class ChatRunner:
                 task.uncancel()
                 if active.stop is Stop.LEASE_LOST:
                     return self._lost(chat_id)
-                await asyncio.shield(self._finish(sink, tracker, Cancelled()))
+                try:
+                    await asyncio.shield(self._finish(sink, tracker, Cancelled()))
+                except LeaseLost:  # raised in this handler, so the sibling clause below cannot catch it
+                    return self._lost(chat_id)
         except LeaseLost:
             return self._lost(chat_id)
         except StreamGap as exc:
