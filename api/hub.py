@@ -67,7 +67,7 @@ class StreamHub:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
-
+        self.
     async def start(self) -> None:
         self._pubsub = self.redis.pubsub()
         await self._pubsub.subscribe(keys.edges())
@@ -82,9 +82,9 @@ class StreamHub:
     async def stop(self) -> None:
         self._stopping = True
         self.close_all()
-        for task in list(_background):
+        for task in list(self._background):
             task.cancel()
-        await asyncio.gather(*_background, return_exceptions=True)
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -191,8 +191,8 @@ class StreamHub:
                     await self._pubsub.unsubscribe(keys.notify(chat_id))
 
         task = asyncio.create_task(unsubscribe())
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _read(self) -> None:
         assert self._pubsub is not None
@@ -231,7 +231,6 @@ class StreamHub:
                 sub.push(entry)
 
 
-_background: set[asyncio.Task[None]] = set()
 _NOTIFY_PREFIX: Final = keys.notify("\0").split("\0")[0].encode()
 _NOTIFY_SUFFIX: Final = keys.notify("\0").split("\0")[1].encode()
 
