@@ -67,7 +67,8 @@ class StreamHub:
         self._pubsub: PubSub | None = None
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
-        self.
+        self._background: set[asyncio.Task[None]] = set()
+
     async def start(self) -> None:
         self._pubsub = self.redis.pubsub()
         await self._pubsub.subscribe(keys.edges())
