@@ -14,6 +14,7 @@ from aiohttp import web
 
 from api.auth import authenticate, create_visitor, sign_stream_token
 from api.context import Context, context
+from api.limits import check_prompt, count_chat
 from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
 from shared.errors import BadRequest, NotFound, Unavailable, Unprocessable
@@ -92,6 +93,8 @@ async def create_chat(request: web.Request) -> web.Response:
     ctx = context(request)
     user = await authenticate(request, ctx.redis)
     chat = parse_create(await request.read())
+    check_prompt(chat, ctx.settings)
+    await count_chat(ctx.redis, user, ctx.settings)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     async with ctx.redis.pipeline(transaction=True) as pipe:

@@ -12,7 +12,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from api.context import SETTINGS
-from shared.errors import ApiError
+from shared.errors import ApiError, RateLimited
 
 log = logging.getLogger("streambridge.api")
 
@@ -51,6 +51,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         response: web.StreamResponse = await handler(request)
         return response
+    except RateLimited as exc:
+        return error_response(exc.status, exc.code, exc.message, {"Retry-After": str(exc.retry_after)})
     except ApiError as exc:
         return error_response(exc.status, exc.code, exc.message)
     except web.HTTPException as exc:

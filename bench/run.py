@@ -67,6 +67,7 @@ def deployment(workers: int) -> Iterator[dict[str, object]]:
         proxy = subprocess.Popen([PY, "-m", "bench.proxy", f"{llm.url}/v1", str(proxy_port)], env=env)
         env |= {"STREAMBRIDGE_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMBRIDGE_LLM_BASE_URL": f"{llm.url}/v1"}
         env |= {"STREAMBRIDGE_LOG_LEVEL": "WARNING", "STREAMBRIDGE_WORKER_CONCURRENCY": "200"}
+        env |= {"STREAMBRIDGE_CHATS_PER_MINUTE": "1000000"}  # the load generator is one visitor
         edge = streambridge("edge", "--port", "0", env=env)
         api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
         children += [edge, api]

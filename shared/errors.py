@@ -66,6 +66,15 @@ class Unprocessable(ApiError):
     code = "invalid_request"
 
 
+class RateLimited(ApiError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Unavailable(ApiError):
     status = 503
     code = "redis_unavailable"

@@ -60,3 +60,8 @@ def running() -> str:
 def wake() -> str:
     """List: the job id of each enqueued chat; idle workers block on it instead of polling."""
     return f"{PREFIX}wake"
+
+
+def rate(user: str, window: int) -> str:
+    """Counter: chats ``user`` created in the minute numbered ``window`` (expires with it)."""
+    return f"{PREFIX}rate:{user}:{window}"

@@ -53,6 +53,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stream_token_ttl: Positive = 3600
     heartbeat_interval: Annotated[float, msgspec.Meta(gt=0, le=15)] = 15.0
     max_body_bytes: Positive = 1024 * 1024
+    #: a chat's prompt: at most this many messages and characters in all
+    max_messages: Positive = 200
+    max_prompt_chars: Positive = 200_000
+    #: the largest ``max_tokens`` a chat may ask for
+    max_tokens_cap: Positive = 8192
+    #: chats one user may create per minute, counted across every API process
+    chats_per_minute: Positive = 60
     #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
     redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
     log_level: str = "INFO"

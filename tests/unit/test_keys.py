@@ -14,3 +14,4 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.cancels() == "sb:cancels"
     assert keys.running() == "sb:running"
     assert keys.wake() == "sb:wake"
+    assert keys.rate("visitor_1", 29) == "sb:rate:visitor_1:29"
