@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 from arq.connections import ArqRedis
+from redis.exceptions import RedisError
 
 from api import chats, edge
 from api.auth import load_secret
@@ -16,6 +19,18 @@ from api.hub import StreamHub
 from shared import keys
 from shared.redis import connect
 from shared.settings import Settings
+
+SECRET_REFRESH = 10.0
+
+
+async def keep_secret_fresh(ctx: Context) -> None:
+    """Processes converge on Redis's signing key within ``SECRET_REFRESH`` s, even after Redis lost it."""
+    if ctx.settings.secret:
+        return
+    while True:
+        await asyncio.sleep(SECRET_REFRESH)
+        with contextlib.suppress(RedisError):
+            ctx.secret = await load_secret(ctx.redis, None, ctx.secret)
 
 
 def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
@@ -40,7 +55,10 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
             ctx.hub = StreamHub(redis)
             await ctx.hub.start()
         app[CONTEXT] = ctx
+        refresher = asyncio.create_task(keep_secret_fresh(ctx))
         yield
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
         if ctx.hub is not None:
             await ctx.hub.stop()
         await redis.aclose()

@@ -56,11 +56,15 @@ async def authenticate(request: web.Request, redis: Redis) -> str:
     return str(user.decode())
 
 
-async def load_secret(redis: Redis, configured: str | None) -> bytes:
-    """The signing key: the setting, or one generated once and kept in Redis for every process."""
+async def load_secret(redis: Redis, configured: str | None, current: bytes | None = None) -> bytes:
+    """The signing key: the setting, or the one kept in Redis for every process.
+
+    If Redis has none (first start, or it lost its data), this process offers the key it already
+    uses, or a new one; the first offer wins and every process adopts it at its next refresh.
+    """
     if configured:
         return configured.encode()
-    await redis.set(keys.secret(), secrets.token_hex(32), nx=True)
+    await redis.set(keys.secret(), current or secrets.token_hex(32).encode(), nx=True)
     value = await redis.get(keys.secret())
     assert value is not None
     return bytes(value)

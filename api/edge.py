@@ -8,7 +8,7 @@ from contextlib import aclosing
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from api.auth import authenticate, bearer_token, verify_stream_token
+from api.auth import authenticate, bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
 from api.sse import HEADERS, PING, encode_entry
@@ -52,7 +52,9 @@ async def authorize(request: web.Request, ctx: Context, chat_id: str) -> None:
     """The stream URL's chat-scoped token, or the owner's bearer token; others get 404."""
     token = request.query.get("token")
     if token is not None and bearer_token(request) is None:
-        if not verify_stream_token(ctx.secret, chat_id, token):
+        if not verify_stream_token(ctx.secret, chat_id, token) and not await verify_with_fresh_secret(
+            ctx, chat_id, token
+        ):
             raise Unauthorized("the stream token is invalid or expired; GET /v1/chats/{id} gives a fresh stream_url")
         if not await ctx.redis.exists(keys.chat(chat_id)):
             raise NotFound(f"no chat {chat_id!r}")
@@ -61,6 +63,17 @@ async def authorize(request: web.Request, ctx: Context, chat_id: str) -> None:
     owner = await ctx.redis.hget(keys.chat(chat_id), "owner")  # type: ignore[misc]
     if owner is None or owner.decode() != user:
         raise NotFound(f"no chat {chat_id!r}")
+
+
+async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> bool:
+    """A token another process signed after the key changed (Redis lost it): re-read the key once."""
+    if ctx.settings.secret:
+        return False
+    fresh = await load_secret(ctx.redis, None, ctx.secret)
+    if fresh == ctx.secret:
+        return False
+    ctx.secret = fresh
+    return verify_stream_token(fresh, chat_id, token)
 
 
 def parse_last_event_id(request: web.Request) -> str | None:

@@ -229,3 +229,21 @@ async def test_a_token_of_odd_bytes_is_401_not_500(client: TestClient, token: st
 async def test_a_path_id_not_shaped_like_a_chat_id_is_404(client: TestClient, token: str, chat_id: str) -> None:  # type: ignore[type-arg]
     for method, route in CHAT_ROUTES:
         await error_of(await client.request(method, route.format(id=chat_id), headers=bearer(token)), 404, "not_found")
+
+
+async def test_after_redis_loses_the_signing_key_processes_converge_on_one(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    from api.auth import load_secret, sign_stream_token
+    from api.context import CONTEXT
+
+    ctx = client.server.app[CONTEXT]
+    chat_id = await new_chat(client, token)
+    # Redis lost its data and a newer process put its own key there; it signs the next stream_url
+    await ctx.redis.set(keys.secret(), b"a-key-from-a-process-started-after-the-loss")
+    newer = sign_stream_token(b"a-key-from-a-process-started-after-the-loss", chat_id, ttl=60)
+    response = await client.get(f"/v1/chats/{chat_id}/events", params={"token": newer})
+    assert response.status == 200  # this edge re-read the key instead of refusing a valid token
+    response.close()
+    # when Redis has no key at all, a process offers the one it uses instead of minting another
+    await ctx.redis.delete(keys.secret())
+    assert await load_secret(ctx.redis, None, ctx.secret) == ctx.secret
+    assert await ctx.redis.get(keys.secret()) == ctx.secret
