@@ -16,6 +16,7 @@ from api.context import CONTEXT, SETTINGS, Context
 from api.errors import error_middleware
 from api.headers import add_headers, preflight_middleware
 from api.hub import StreamHub
+from api.slots import StreamSlots
 from shared import keys
 from shared.redis import connect
 from shared.settings import Settings
@@ -51,14 +52,17 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         redis = connect(redis_url, max_connections=settings.redis_max_connections, client_class=ArqRedis)
         redis.default_queue_name = keys.QUEUE_NAME
         ctx = Context(settings=settings, redis=redis, secret=await load_secret(redis, settings.secret))
+        background = [asyncio.create_task(keep_secret_fresh(ctx))]
         if serve_edge:
             ctx.hub = StreamHub(redis)
             await ctx.hub.start()
+            ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip)
+            background.append(asyncio.create_task(ctx.slots.renew_forever()))
         app[CONTEXT] = ctx
-        refresher = asyncio.create_task(keep_secret_fresh(ctx))
         yield
-        refresher.cancel()
-        await asyncio.gather(refresher, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         if ctx.hub is not None:
             await ctx.hub.stop()
         await redis.aclose()

@@ -1,8 +1,8 @@
-"""Who is asking: visitor tokens (stored hashed, with an expiry) and chat-scoped stream tokens.
+"""Authentication: the caller's bearer credential, and chat-scoped stream tokens.
 
-A stream token is ``<expiry>.<signature>``, the signature an HMAC-SHA256 of the chat id and
-expiry under the deployment's secret: it opens one chat's events for a short while and is
-never the user's own token.
+A stream token is ``<expiry>.<credential id>.<signature>``, the signature an HMAC-SHA256 of the
+chat id, credential id and expiry under the deployment's secret: it opens one chat's events for
+a short while, is never the user's own token, and dies with the credential it was issued to.
 """
 
 from __future__ import annotations
@@ -18,23 +18,12 @@ from typing import Final
 from aiohttp import web
 from redis.asyncio import Redis
 
+from api.credentials import Identity, identify
 from shared import keys
 from shared.errors import Unauthorized
+from shared.settings import Settings
 
-STREAM_TOKEN: Final = re.compile(r"\A([0-9]{1,12})\.([A-Za-z0-9_-]{43})\Z")
-
-
-def hash_token(token: str) -> str:
-    # headers may carry any bytes (aiohttp decodes them with surrogateescape): hash them as they came
-    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-async def create_visitor(redis: Redis, ttl: int) -> tuple[str, str]:
-    """A new anonymous user and its bearer token."""
-    user = "visitor_" + secrets.token_hex(8)
-    token = "sbv_" + secrets.token_urlsafe(32)
-    await redis.set(keys.token(hash_token(token)), user, ex=ttl)
-    return token, user
+STREAM_TOKEN: Final = re.compile(r"\A([0-9]{1,12})\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\Z")
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -45,15 +34,12 @@ def bearer_token(request: web.Request) -> str | None:
     return value.strip()
 
 
-async def authenticate(request: web.Request, redis: Redis) -> str:
-    """The user behind the request's bearer token, or 401."""
+async def authenticate(request: web.Request, redis: Redis, settings: Settings) -> Identity:
+    """The identity behind the request's bearer token, or 401."""
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("send Authorization: Bearer <token> (POST /v1/auth/visitor gives one)")
-    user = await redis.get(keys.token(hash_token(token)))
-    if user is None:
-        raise Unauthorized("the token is unknown or expired")
-    return str(user.decode())
+    return await identify(redis, settings, token)
 
 
 async def load_secret(redis: Redis, configured: str | None, current: bytes | None = None) -> bytes:
@@ -70,18 +56,22 @@ async def load_secret(redis: Redis, configured: str | None, current: bytes | Non
     return bytes(value)
 
 
-def sign_stream_token(secret: bytes, chat_id: str, ttl: int, now: float | None = None) -> str:
+def sign_stream_token(secret: bytes, chat_id: str, credential: str, ttl: int, now: float | None = None) -> str:
     expires = int((now if now is not None else time.time()) + ttl)
-    return f"{expires}.{_signature(secret, chat_id, expires)}"
+    return f"{expires}.{credential}.{_signature(secret, chat_id, credential, expires)}"
 
 
-def verify_stream_token(secret: bytes, chat_id: str, token: str, now: float | None = None) -> bool:
+def verify_stream_token(secret: bytes, chat_id: str, token: str, now: float | None = None) -> str | None:
+    """The id of the credential the token was issued to, if it is genuine, unexpired and for this chat."""
     match = STREAM_TOKEN.match(token)
     if match is None or int(match[1]) < (now if now is not None else time.time()):
-        return False
-    return hmac.compare_digest(match[2], _signature(secret, chat_id, int(match[1])))
+        return None
+    if not hmac.compare_digest(match[3], _signature(secret, chat_id, match[2], int(match[1]))):
+        return None
+    return match[2]
 
 
-def _signature(secret: bytes, chat_id: str, expires: int) -> str:
-    digest = hmac.new(secret, f"stream:{chat_id}:{expires}".encode(), hashlib.sha256).digest()
+def _signature(secret: bytes, chat_id: str, credential: str, expires: int) -> str:
+    message = f"stream:{chat_id}:{credential}:{expires}".encode()
+    digest = hmac.new(secret, message, hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -12,12 +12,13 @@ from typing import Annotated, Final
 import msgspec
 from aiohttp import web
 
-from api.auth import authenticate, create_visitor, sign_stream_token
+from api.auth import authenticate, sign_stream_token
 from api.context import Context, context
-from api.limits import check_prompt, count_chat
+from api.credentials import Identity, create_visitor
+from api.limits import admit_chat, check_prompt
 from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
-from shared.errors import BadRequest, NotFound, Unavailable, Unprocessable
+from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
 from shared.queue import enqueue_chat
 from shared.streams import Entry, entry_from_fields
@@ -91,33 +92,22 @@ async def visitor_login(request: web.Request) -> web.Response:
 @routes.post("/v1/chats")
 async def create_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    user = await authenticate(request, ctx.redis)
-    chat = parse_create(await request.read())
-    check_prompt(chat, ctx.settings)
-    await count_chat(ctx.redis, user, ctx.settings)
+    identity = await authenticate(request, ctx.redis, ctx.settings)
+    chat = parse_create(await read_body(request, ctx))
+    check_prompt(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    async with ctx.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            keys.chat(chat_id),
-            mapping={
-                "owner": user,
-                "created_at": created_at,
-                "status": "queued",
-                "attempts": 0,
-                "request": msgspec.json.encode(chat),
-            },
-        )
-        pipe.expire(keys.chat(chat_id), ctx.settings.result_ttl)
-        await pipe.execute()
+    request_json = msgspec.json.encode(chat)
+    await admit_chat(ctx.redis, ctx.settings, identity, chat_id, created_at=created_at, request=request_json)
     await enqueue_chat(ctx.redis, chat_id)
-    return json_response(Created(chat_id, "queued", stream_url(request, ctx, chat_id), created_at), status=202)
+    url = stream_url(request, ctx, chat_id, identity)
+    return json_response(Created(chat_id, "queued", url, created_at), status=202)
 
 
 @routes.get("/v1/chats/{id}")
 async def read_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    chat_id, chat = await owned_chat(request, ctx)
+    identity, chat_id, chat = await owned_chat(request, ctx)
     status = chat[b"status"].decode()
     view = ChatView(
         id=chat_id,
@@ -128,7 +118,7 @@ async def read_chat(request: web.Request) -> web.Response:
         attempts=int(chat.get(b"attempts", b"0")),
         error=None,
         created_at=chat[b"created_at"].decode(),
-        stream_url=stream_url(request, ctx, chat_id),
+        stream_url=stream_url(request, ctx, chat_id, identity),
     )
     if b"result" in chat:
         result = decode_result(chat[b"result"])
@@ -142,9 +132,18 @@ async def read_chat(request: web.Request) -> web.Response:
 @routes.post("/v1/chats/{id}/cancel")
 async def cancel_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    chat_id, _ = await owned_chat(request, ctx)
+    _, chat_id, _ = await owned_chat(request, ctx)
     status = await request_cancel(ctx, chat_id)
     return json_response(StatusView(chat_id, status), status=202)
+
+
+async def read_body(request: web.Request, ctx: Context) -> bytes:
+    """The whole body, within ``body_timeout``: a client trickling it in holds nothing for long."""
+    try:
+        async with asyncio.timeout(ctx.settings.body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {ctx.settings.body_timeout:g} s") from None
 
 
 def parse_create(body: bytes) -> ChatRequest:
@@ -160,14 +159,14 @@ def parse_create(body: bytes) -> ChatRequest:
     return ChatRequest(messages, chat.model, chat.temperature, chat.max_tokens)
 
 
-async def owned_chat(request: web.Request, ctx: Context) -> tuple[str, dict[bytes, bytes]]:
+async def owned_chat(request: web.Request, ctx: Context) -> tuple[Identity, str, dict[bytes, bytes]]:
     """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
-    user = await authenticate(request, ctx.redis)
+    identity = await authenticate(request, ctx.redis, ctx.settings)
     chat_id = chat_id_of(request)
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
-    if not chat or chat.get(b"owner", b"").decode() != user:
+    if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
-    return chat_id, chat
+    return identity, chat_id, chat
 
 
 CHAT_ID: Final = re.compile(r"\A[0-9a-f]{32}\Z")
@@ -181,9 +180,9 @@ def chat_id_of(request: web.Request) -> str:
     return chat_id
 
 
-def stream_url(request: web.Request, ctx: Context, chat_id: str) -> str:
+def stream_url(request: web.Request, ctx: Context, chat_id: str, identity: Identity) -> str:
     base = ctx.settings.public_edge_url or str(request.url.origin())
-    token = sign_stream_token(ctx.secret, chat_id, ctx.settings.stream_token_ttl)
+    token = sign_stream_token(ctx.secret, chat_id, identity.credential, ctx.settings.stream_token_ttl)
     return f"{base.rstrip('/')}/v1/chats/{chat_id}/events?token={token}"
 
 
@@ -192,7 +191,8 @@ async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:
 
 
 # A queued chat is cancelled here, atomically with its status, so a worker that claims it
-# later finds it terminal; a running one is flagged, and its worker ends it (``cancelled``).
+# later finds it terminal, and stops counting against its owner; a running one is flagged, and
+# its worker ends it (``cancelled``). The owner's set of active chats is named by prefix + owner.
 CANCEL: Final = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
@@ -201,6 +201,7 @@ if status == 'queued' then
   redis.call('PUBLISH', KEYS[3], id .. '\\n' .. 'cancelled' .. '\\n' .. data)
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
+  redis.call('ZREM', ARGV[5] .. (redis.call('HGET', KEYS[1], 'owner') or ''), ARGV[4])
   return 'cancelled'
 end
 if status == 'running' then
@@ -213,7 +214,7 @@ return status
 
 async def request_cancel(ctx: Context, chat_id: str) -> str:
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
-    args: list[str | bytes] = [result, str(ctx.settings.stream_ttl), str(time.time()), chat_id]
+    args: list[str | bytes] = [result, str(ctx.settings.stream_ttl), str(time.time()), chat_id, keys.active("")]
     keyset = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id), keys.cancels()]
     status = await ctx.redis.eval(CANCEL, len(keyset), *keyset, *args)  # type: ignore[arg-type,misc]
     return bytes(status).decode() if isinstance(status, bytes) else str(status)

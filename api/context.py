@@ -8,6 +8,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 
 from api.hub import StreamHub
+from api.slots import StreamSlots
 from shared.settings import Settings
 
 
@@ -17,6 +18,7 @@ class Context:
     redis: ArqRedis
     secret: bytes
     hub: StreamHub | None = None
+    slots: StreamSlots | None = None
 
 
 CONTEXT = web.AppKey("context", Context)

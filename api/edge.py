@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from contextlib import aclosing
 
+import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
 from api.auth import authenticate, bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
+from api.credentials import Credential, Identity, identity_of
 from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
@@ -25,21 +29,44 @@ routes = web.RouteTableDef()
 @routes.get("/v1/chats/{id}/events")
 async def chat_events(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    assert ctx.hub is not None, "the edge's hub starts with the app"
+    assert ctx.slots is not None, "the edge's hub and slots start with the app"
     chat_id = chat_id_of(request)
-    await authorize(request, ctx, chat_id)
+    identity = await authorize(request, ctx, chat_id)
     last_event_id = parse_last_event_id(request)
     await check_retained(ctx, chat_id, last_event_id)
+    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    try:
+        return await stream(request, ctx, chat_id, last_event_id)
+    finally:
+        await asyncio.shield(ctx.slots.release(slot))
 
+
+async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:
+    assert ctx.hub is not None
+    settings = ctx.settings
     response = web.StreamResponse(headers=HEADERS)
     await response.prepare(request)
     # From here on the status line is sent: trouble ends the response, and the client resumes.
-    tail = ctx.hub.tail(chat_id, last_event_id, idle=ctx.settings.heartbeat_interval)
+    # So does a stream open too long, or too long without an event: a client holds a stream
+    # only while it is of use, and picks it up again with Last-Event-ID at no loss.
+    tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval)
+    quiet = 0.0
     try:
-        async with aclosing(tail):
+        async with asyncio.timeout(settings.stream_max_lifetime), aclosing(tail):
             async for entry in tail:
-                await response.write(PING if entry is None else encode_entry(entry))
+                if entry is None:
+                    quiet += settings.heartbeat_interval
+                    if quiet >= settings.stream_idle_timeout:
+                        await response.write(b": idle; reconnect with Last-Event-ID\n\n")
+                        return response
+                    await response.write(PING)
+                else:
+                    quiet = 0.0
+                    await response.write(encode_entry(entry))
         await response.write_eof()
+    except TimeoutError:
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(b": lifetime; reconnect with Last-Event-ID\n\n")
     except ConnectionResetError:
         pass  # the client went away
     except RedisError as exc:
@@ -48,30 +75,37 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def authorize(request: web.Request, ctx: Context, chat_id: str) -> None:
+async def authorize(request: web.Request, ctx: Context, chat_id: str) -> Identity:
     """The stream URL's chat-scoped token, or the owner's bearer token; others get 404."""
     token = request.query.get("token")
     if token is not None and bearer_token(request) is None:
-        if not verify_stream_token(ctx.secret, chat_id, token) and not await verify_with_fresh_secret(
+        credential_id = verify_stream_token(ctx.secret, chat_id, token) or await verify_with_fresh_secret(
             ctx, chat_id, token
-        ):
+        )
+        if credential_id is None:
             raise Unauthorized("the stream token is invalid or expired; GET /v1/chats/{id} gives a fresh stream_url")
-        if not await ctx.redis.exists(keys.chat(chat_id)):
-            raise NotFound(f"no chat {chat_id!r}")
-        return
-    user = await authenticate(request, ctx.redis)
-    owner = await ctx.redis.hget(keys.chat(chat_id), "owner")  # type: ignore[misc]
-    if owner is None or owner.decode() != user:
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.credential(credential_id))
+            pipe.hget(keys.chat(chat_id), "owner")
+            record, owner = await pipe.execute()
+        if record is None:
+            raise Unauthorized("the stream token's credential was revoked or has expired")
+        identity = identity_of(ctx.settings, msgspec.json.decode(record, type=Credential))
+    else:
+        identity = await authenticate(request, ctx.redis, ctx.settings)
+        owner = await ctx.redis.hget(keys.chat(chat_id), "owner")  # type: ignore[misc]
+    if owner is None or owner.decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
+    return identity
 
 
-async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> bool:
+async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> str | None:
     """A token another process signed after the key changed (Redis lost it): re-read the key once."""
     if ctx.settings.secret:
-        return False
+        return None
     fresh = await load_secret(ctx.redis, None, ctx.secret)
     if fresh == ctx.secret:
-        return False
+        return None
     ctx.secret = fresh
     return verify_stream_token(fresh, chat_id, token)
 

@@ -1,42 +1,90 @@
-"""Abuse limits on creating chats: prompt size, ``max_tokens``, and chats per minute per user.
+"""Abuse limits on creating chats: prompt size, ``max_tokens``, and admission.
 
-The per-minute count lives in Redis (a counter per user and minute), so it holds across every
-API process. Over a limit: 429 with ``Retry-After``.
+Admission is one Lua call that checks, in order, the deployment's queue depth (503 at once
+rather than a wait without bound), the user's chats queued or running, and the user's chats this
+minute (each 429 with ``Retry-After``), and only then records the chat. Every count lives in
+Redis, so the limits hold across every API process, and a refused chat counts for nothing.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Final
 
 from redis.asyncio import Redis
 
+from api.credentials import Identity
 from shared import keys
 from shared.chats import ChatRequest
-from shared.errors import RateLimited, Unprocessable
+from shared.errors import Overloaded, RateLimited, Unprocessable
 from shared.settings import Settings
 
+#: a chat still counted as running this long past its deadline is counted no more (a lost worker)
+RUNNING_SLACK_MS: Final = 60_000
 
-def check_prompt(chat: ChatRequest, settings: Settings) -> None:
-    if len(chat.messages) > settings.max_messages:
-        raise Unprocessable(f"a chat may have at most {settings.max_messages} messages, not {len(chat.messages)}")
+ADMIT: Final = """
+local waiting = redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
+if waiting >= tonumber(ARGV[2]) then return 'queue' end
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 'running' end
+if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 'rate' end
+redis.call('INCR', KEYS[3])
+redis.call('EXPIRE', KEYS[3], 120)
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+redis.call('PEXPIREAT', KEYS[4], ARGV[5])
+redis.call('HSET', KEYS[5], 'owner', ARGV[8], 'created_at', ARGV[9], 'status', 'queued', 'attempts', 0,
+  'request', ARGV[10])
+redis.call('EXPIRE', KEYS[5], ARGV[7])
+return 'ok'
+"""
+
+
+def check_prompt(chat: ChatRequest, identity: Identity) -> None:
+    q = identity.quota
+    if len(chat.messages) > q.max_messages:
+        raise Unprocessable(f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}")
     chars = sum(len(m.content) for m in chat.messages)
-    if chars > settings.max_prompt_chars:
-        raise Unprocessable(f"the prompt may have at most {settings.max_prompt_chars} characters, not {chars}")
-    if chat.max_tokens is not None and chat.max_tokens > settings.max_tokens_cap:
-        raise Unprocessable(f"max_tokens may be at most {settings.max_tokens_cap}, not {chat.max_tokens}")
+    if chars > q.max_prompt_chars:
+        raise Unprocessable(f"the prompt may have at most {q.max_prompt_chars} characters, not {chars}")
+    if chat.max_tokens is not None and chat.max_tokens > q.max_tokens:
+        raise Unprocessable(f"max_tokens may be at most {q.max_tokens}, not {chat.max_tokens}")
 
 
-async def count_chat(redis: Redis, user: str, settings: Settings, now: float | None = None) -> None:
-    """Counts a new chat against the user's minute; 429 once over ``chats_per_minute``."""
+async def admit_chat(
+    redis: Redis,
+    settings: Settings,
+    identity: Identity,
+    chat_id: str,
+    *,
+    created_at: str,
+    request: bytes,
+    now: float | None = None,
+) -> None:
+    """Records the new chat (status ``queued``) if every limit allows it, else raises 429 or 503."""
     now = time.time() if now is None else now
     window = int(now // 60)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(keys.rate(user, window))
-        pipe.expire(keys.rate(user, window), 120)
-        count, _ = await pipe.execute()
-    if count > settings.chats_per_minute:
+    q = identity.quota
+    deadline_ms = int(now * 1000 + settings.chat_deadline * 1000 + RUNNING_SLACK_MS)
+    k = [keys.QUEUE_NAME, keys.running(), keys.rate(identity.user, window), keys.active(identity.user)]
+    k.append(keys.chat(chat_id))
+    args: list[str | bytes] = [str(int(now * 1000)), str(settings.max_queue_depth), str(q.chats_per_minute)]
+    args += [str(q.max_running_chats), str(deadline_ms), chat_id, str(settings.result_ttl), identity.user]
+    args += [created_at, request]
+    verdict = await redis.eval(ADMIT, len(k), *k, *args)  # type: ignore[arg-type,misc]
+    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    if verdict == "queue":
+        raise Overloaded(
+            f"the service has {settings.max_queue_depth} chats waiting already; try again shortly", retry_after=2
+        )
+    if verdict == "running":
+        raise RateLimited(
+            f"at most {q.max_running_chats} chats may be queued or running at once; wait for one to end",
+            code="too_many_chats",
+            retry_after=1,
+        )
+    if verdict == "rate":
         retry_after = max(1, math.ceil((window + 1) * 60 - now))
         raise RateLimited(
-            f"at most {settings.chats_per_minute} chats a minute; try again in {retry_after} s", retry_after=retry_after
+            f"at most {q.chats_per_minute} chats a minute; try again in {retry_after} s", retry_after=retry_after
         )

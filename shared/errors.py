@@ -6,9 +6,12 @@ StreambridgeError
     ├── BadRequest          400
     ├── Unauthorized        401
     ├── NotFound            404
+    ├── RequestTimeout      408
     ├── StreamExpired       410
     ├── PayloadTooLarge     413
     ├── Unprocessable       422
+    ├── RateLimited         429, with Retry-After
+    │   └── Overloaded         503, with Retry-After
     └── Unavailable         503
 """
 
@@ -66,15 +69,29 @@ class Unprocessable(ApiError):
     code = "invalid_request"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    code = "request_timeout"
+
+
 class RateLimited(ApiError):
+    """Over a limit; answered with ``Retry-After``."""
+
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.retry_after = retry_after
 
 
 class Unavailable(ApiError):
     status = 503
     code = "redis_unavailable"
+
+
+class Overloaded(RateLimited):
+    """Too much queued work across the deployment: 503, with ``Retry-After``."""
+
+    status = 503
+    code = "overloaded"

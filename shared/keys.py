@@ -32,9 +32,29 @@ def lease(chat_id: str) -> str:
     return f"{PREFIX}chat:{chat_id}:lease"
 
 
-def token(token_hash: str) -> str:
-    """String: a visitor token's user, stored under the token's SHA-256 only."""
-    return f"{PREFIX}token:{token_hash}"
+def credential(credential_id: str) -> str:
+    """String: a visitor's or API key's record (user, kind, limits, the secret's SHA-256), as JSON."""
+    return f"{PREFIX}cred:{credential_id}"
+
+
+def api_keys() -> str:
+    """Set: the ids of every API key, for ``streambridge keys list``."""
+    return f"{PREFIX}keys"
+
+
+def active(user: str) -> str:
+    """Sorted set: ``user``'s queued and running chats, scored by the time (ms) they must have ended."""
+    return f"{PREFIX}active:{user}"
+
+
+def user_streams(user: str) -> str:
+    """Sorted set: ``user``'s open SSE streams on every edge, scored by when each lapses unless renewed."""
+    return f"{PREFIX}streams:user:{user}"
+
+
+def ip_streams(ip: str) -> str:
+    """Sorted set: open SSE streams from one client address, scored as :func:`user_streams`."""
+    return f"{PREFIX}streams:ip:{ip}"
 
 
 def secret() -> str:

@@ -58,8 +58,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_prompt_chars: Positive = 200_000
     #: the largest ``max_tokens`` a chat may ask for
     max_tokens_cap: Positive = 8192
-    #: chats one user may create per minute, counted across every API process
+    #: per-user limits for API keys, counted in Redis across every process; each can be
+    #: overridden per key (``streambridge keys create --user NAME --chats-per-minute 600``)
     chats_per_minute: Positive = 60
+    #: chats queued or running at once
+    max_running_chats: Positive = 20
+    #: SSE streams open at once, across every edge
+    max_open_streams: Positive = 100
+    #: the same limits for visitors (anonymous users): tighter by default
+    visitor_chats_per_minute: Positive = 10
+    visitor_max_running_chats: Positive = 3
+    visitor_max_open_streams: Positive = 10
+    #: SSE streams open at once from one client IP address, across every edge
+    max_open_streams_per_ip: Positive = 500
+    #: admission control: while this many chats are queued or running, new ones get 503 at once
+    max_queue_depth: Positive = 10_000
+    #: a connection must send a request's headers within this many seconds (also the keep-alive idle limit)
+    header_timeout: Seconds = 10.0
+    #: ... and the request's body within this many seconds (else 408)
+    body_timeout: Seconds = 10.0
+    #: an SSE response ends after this long in all, or this long without an event; clients resume
+    stream_max_lifetime: Seconds = 3600.0
+    stream_idle_timeout: Seconds = 600.0
     #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
     redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
     log_level: str = "INFO"

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 
 from shared.errors import SettingsError, StreambridgeError
 from shared.settings import Settings, load_settings
+from streambridge import keys_cli
 
 log = logging.getLogger("streambridge")
 
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--delay-ms", type=float, help="delay between chunks")
     fake.add_argument("--words", type=int, help="answer length in words")
     fake.add_argument("--fail", help="500 | 429 | drop:K | stall | stall:K")
+    keys_cli.add_parser(commands)
     chat = commands.add_parser("chat", help="stream an answer in the terminal, resuming after drops")
     chat.add_argument("prompt")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
@@ -80,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import processes
 
         return _run_loop(processes.fake_llm(args))
+    if args.command == "keys":
+        return _run_loop(keys_cli.run(args, require_redis(settings, "keys")))
     _configure_logging(settings)
     from streambridge import processes
 

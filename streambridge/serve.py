@@ -9,11 +9,16 @@ import sys
 from aiohttp import web
 
 
-async def start_site(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def start_site(
+    app: web.Application, host: str, port: int, *, header_timeout: float = 75.0
+) -> tuple[web.AppRunner, int]:
     """Serve ``app``; port 0 picks a free port, which is returned."""
     # handler_cancellation: a client that disconnects cancels its handler at once, which
     # frees an SSE stream's subscription instead of waiting for the next heartbeat write.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    # aiohttp arms its keep-alive timer when a connection opens and after each response, and
+    # disarms it only once a request's headers are complete: it is the header read timeout
+    # that closes slowloris connections.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()

@@ -40,6 +40,7 @@ return 1
 
 # The terminal event and the chat's final state in one step, so the stream can never hold a
 # terminal event while the chat still looks runnable (a crash in between would run it again).
+# The chat also stops counting against its owner's running chats (a set named prefix + owner).
 FINISH: Final = """
 local status = redis.call('HGET', KEYS[4], 'status')
 if status == 'complete' or status == 'failed' or status == 'cancelled' then return 0 end
@@ -53,6 +54,8 @@ redis.call('EXPIRE', KEYS[4], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[5], ARGV[10])
+local owner = redis.call('HGET', KEYS[4], 'owner')
+if owner then redis.call('ZREM', ARGV[11] .. owner, ARGV[10]) end
 return 1
 """
 
@@ -105,7 +108,7 @@ class StreamSink:
         k = [*self._keys, keys.chat(self._chat_id), keys.running()]
         args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
         args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
-        args += [str(stream_ttl), self._chat_id]
+        args += [str(stream_ttl), self._chat_id, keys.active("")]
         self._check(await self._finish(keys=k, args=args))
 
     async def close(self) -> None:

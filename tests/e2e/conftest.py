@@ -25,6 +25,10 @@ E2E_ENV = {
     "STREAMBRIDGE_HEARTBEAT_INTERVAL": "1",
     "STREAMBRIDGE_RETRY_BASE_DELAY": "0.05",
     "STREAMBRIDGE_LOG_LEVEL": "INFO",
+    # these suites run many chats as one visitor from one address; the limits have suites of their own
+    "STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE": "100000",
+    "STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS": "100000",
+    "STREAMBRIDGE_VISITOR_MAX_OPEN_STREAMS": "100000",
 }
 
 

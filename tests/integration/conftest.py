@@ -31,7 +31,17 @@ async def llm_url() -> AsyncIterator[str]:
 
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, heartbeat_interval=0.2, retry_base_delay=0.01, max_body_bytes=64 * 1024)
+    # The suites here run many chats as one visitor from one address: the limits are tested on their own.
+    return Settings(
+        redis_url=redis_url,
+        heartbeat_interval=0.2,
+        retry_base_delay=0.01,
+        max_body_bytes=64 * 1024,
+        visitor_chats_per_minute=100_000,
+        visitor_max_running_chats=100_000,
+        visitor_max_open_streams=100_000,
+        max_open_streams_per_ip=100_000,
+    )
 
 
 @pytest.fixture

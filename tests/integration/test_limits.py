@@ -1,8 +1,10 @@
-"""Abuse limits: an oversized prompt or max_tokens is refused (422); too many chats a minute get
-429 with Retry-After, counted in Redis so every API process shares the count."""
+"""Abuse limits: prompt caps (422); chats a minute, chats queued or running and open streams per
+user and per address (429 with Retry-After); a queue too deep (503 with Retry-After). Every count
+lives in Redis, so every API and edge process shares it; a refused request counts for nothing."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -11,23 +13,51 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from api.app import make_app
-from api.limits import count_chat
-from shared.errors import RateLimited
+from api.credentials import Credential, Identity, Limits, issue, quota
+from api.limits import admit_chat
+from shared import keys
+from shared.errors import Overloaded, RateLimited
 from shared.settings import Settings
-from tests.integration.conftest import bearer, json_of
+from tests.integration.conftest import RunWorker, bearer, json_of
+from workers.worker import make_worker
+
+Client = TestClient  # type: ignore[type-arg]
 
 
 @pytest.fixture
-async def strict(settings: Settings) -> AsyncIterator[TestClient]:  # type: ignore[type-arg]
-    limits = msgspec.structs.replace(
-        settings, max_messages=3, max_prompt_chars=100, max_tokens_cap=50, chats_per_minute=2
+def strict_settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(
+        settings,
+        max_messages=3,
+        max_prompt_chars=100,
+        max_tokens_cap=50,
+        visitor_chats_per_minute=100,
+        visitor_max_running_chats=2,
+        visitor_max_open_streams=2,
+        max_open_streams_per_ip=3,
+        heartbeat_interval=5.0,
     )
-    async with TestClient(TestServer(make_app(limits))) as client:
+
+
+@pytest.fixture
+async def strict(strict_settings: Settings) -> AsyncIterator[Client]:
+    async with TestClient(TestServer(make_app(strict_settings))) as client:
         yield client
 
 
-async def visitor(client: TestClient) -> str:  # type: ignore[type-arg]
+async def visitor(client: Client) -> str:
     return str((await (await client.post("/v1/auth/visitor")).json())["token"])
+
+
+async def create(client: Client, token: str) -> tuple[int, dict[str, object], dict[str, str]]:
+    response = await client.post("/v1/chats", json={"message": "hi"}, headers=bearer(token))
+    return response.status, json_of(await response.read()), dict(response.headers)
+
+
+def error_code(body: dict[str, object]) -> object:
+    error = body["error"]
+    assert isinstance(error, dict)
+    return error["code"]
 
 
 @pytest.mark.parametrize(
@@ -38,28 +68,116 @@ async def visitor(client: TestClient) -> str:  # type: ignore[type-arg]
         ({"message": "hi", "max_tokens": 51}, "max_tokens may be at most 50"),
     ],
 )
-async def test_an_oversized_chat_is_refused(strict: TestClient, body: object, words: str) -> None:  # type: ignore[type-arg]
+async def test_an_oversized_chat_is_refused(strict: Client, body: object, words: str) -> None:
     response = await strict.post("/v1/chats", json=body, headers=bearer(await visitor(strict)))
     assert response.status == 422
     assert words in json_of(await response.read())["error"]["message"]  # type: ignore[index]
 
 
-async def test_too_many_chats_a_minute_get_429_with_retry_after(strict: TestClient) -> None:  # type: ignore[type-arg]
+async def test_too_many_running_chats_get_429_until_one_ends(strict: Client, run_worker: RunWorker) -> None:
     token = await visitor(strict)
-    for _ in range(2):
-        assert (await strict.post("/v1/chats", json={"message": "hi"}, headers=bearer(token))).status == 202
-    response = await strict.post("/v1/chats", json={"message": "hi"}, headers=bearer(token))
-    assert response.status == 429
-    assert 1 <= int(response.headers["Retry-After"]) <= 60
-    assert json_of(await response.read())["error"]["code"] == "rate_limited"  # type: ignore[index]
+    first = [await create(strict, token) for _ in range(2)]
+    assert [status for status, _, _ in first] == [202, 202]
+    status, body, headers = await create(strict, token)
+    assert (status, error_code(body)) == (429, "too_many_chats")
+    assert int(headers["Retry-After"]) >= 1
     other = await visitor(strict)
-    assert (await strict.post("/v1/chats", json={"message": "hi"}, headers=bearer(other))).status == 202
+    assert (await create(strict, other))[0] == 202, "one user's limit is not another's"
+    # Cancelling a queued chat frees its place at once.
+    cancel = await strict.post(f"/v1/chats/{first[0][1]['id']}/cancel", headers=bearer(token))
+    assert cancel.status == 202
+    assert (await create(strict, token))[0] == 202
 
 
-async def test_the_count_is_shared_and_resets_with_the_minute(real_redis: Redis, settings: Settings) -> None:
-    limited = msgspec.structs.replace(settings, chats_per_minute=1)
-    await count_chat(real_redis, "u", limited, now=600.0)  # one API process
-    with pytest.raises(RateLimited) as caught:
-        await count_chat(real_redis, "u", limited, now=630.5)  # another, later in the same minute
+async def test_a_finished_chat_stops_counting_as_running(
+    strict: Client, strict_settings: Settings, llm_url: str, real_redis: Redis
+) -> None:
+    login = await (await strict.post("/v1/auth/visitor")).json()
+    assert (await create(strict, login["token"]))[0] == 202
+    assert await real_redis.zcard(keys.active(login["user"])) == 1
+    worker = make_worker(strict_settings, llm_url, burst=True, poll_delay=0)
+    try:
+        await worker.main()
+    finally:
+        await worker.close()
+    assert await real_redis.zcard(keys.active(login["user"])) == 0
+
+
+async def test_too_many_chats_a_minute_get_429_with_retry_after(strict_settings: Settings) -> None:
+    two_a_minute = msgspec.structs.replace(strict_settings, visitor_chats_per_minute=2, visitor_max_running_chats=10)
+    async with TestClient(TestServer(make_app(two_a_minute))) as client:
+        token = await visitor(client)
+        for _ in range(2):
+            assert (await create(client, token))[0] == 202
+        status, body, headers = await create(client, token)
+        assert (status, error_code(body)) == (429, "rate_limited")
+        assert 1 <= int(headers["Retry-After"]) <= 60
+        assert (await create(client, await visitor(client)))[0] == 202, "each user has a minute of their own"
+
+
+async def test_the_minute_count_is_shared_and_resets_with_the_minute(real_redis: Redis, settings: Settings) -> None:
+    identity = Identity("u", "0" * 16, quota(settings, _key(Limits(chats_per_minute=1))))
+    await admit_chat(real_redis, settings, identity, "a" * 32, created_at="t", request=b"{}", now=600.0)
+    with pytest.raises(RateLimited) as caught:  # another API process, later in the same minute
+        await admit_chat(real_redis, settings, identity, "b" * 32, created_at="t", request=b"{}", now=630.5)
     assert caught.value.retry_after == 30
-    await count_chat(real_redis, "u", limited, now=660.0)  # the next minute
+    assert not await real_redis.exists(keys.chat("b" * 32)), "a refused chat leaves nothing behind"
+    await admit_chat(real_redis, settings, identity, "c" * 32, created_at="t", request=b"{}", now=660.0)
+
+
+async def test_a_deep_queue_turns_new_chats_away_at_once(real_redis: Redis, settings: Settings) -> None:
+    shallow = msgspec.structs.replace(settings, max_queue_depth=2)
+    await real_redis.zadd(keys.QUEUE_NAME, {"job-1": 1, "job-2": 2})
+    identity = Identity("u", "0" * 16, quota(shallow, _key(Limits())))
+    with pytest.raises(Overloaded) as caught:
+        await admit_chat(real_redis, shallow, identity, "a" * 32, created_at="t", request=b"{}")
+    assert (caught.value.status, caught.value.code, caught.value.retry_after) == (503, "overloaded", 2)
+    await real_redis.zadd(keys.running(), {"job-1": 1})  # running chats are not waiting in the queue
+    await admit_chat(real_redis, shallow, identity, "a" * 32, created_at="t", request=b"{}")
+
+
+async def test_an_api_key_carries_its_own_limits(strict: Client, real_redis: Redis) -> None:
+    roomy, _ = await issue(real_redis, "acme", "key", limits=Limits(max_running_chats=5, max_prompt_chars=1000))
+    for _ in range(5):
+        assert (await create(strict, roomy))[0] == 202
+    assert (await create(strict, roomy))[0] == 429
+    long = await strict.post("/v1/chats", json={"message": "x" * 500}, headers=bearer(roomy))
+    assert long.status == 429, "the prompt fits the key's cap; only the running limit refuses it"
+
+
+async def test_too_many_open_streams_get_429_and_a_closed_one_frees_its_place(strict: Client) -> None:
+    token = await visitor(strict)
+    urls = [str(body["stream_url"]) for _, body, _ in [await create(strict, token) for _ in range(2)]]
+    opened = [await strict.get(url.removeprefix(str(strict.make_url("")))) for url in urls]
+    assert [r.status for r in opened] == [200, 200]
+    refused = await strict.get(urls[0].removeprefix(str(strict.make_url(""))))
+    assert refused.status == 429
+    assert error_code(json_of(await refused.read())) == "too_many_streams"
+    assert "Retry-After" in refused.headers
+    opened[0].close()
+    for _ in range(100):  # the handler sees the disconnect and releases the slot
+        again = await strict.get(urls[0].removeprefix(str(strict.make_url(""))))
+        if again.status == 200:
+            again.close()
+            break
+        await asyncio.sleep(0.02)
+    else:
+        pytest.fail("the closed stream's place was never freed")
+    opened[1].close()
+
+
+async def test_one_address_may_hold_only_so_many_streams(strict: Client) -> None:
+    users = [await visitor(strict) for _ in range(2)]
+    chats = [str((await create(strict, token))[1]["stream_url"]) for token in users for _ in range(2)]
+    paths = [url.removeprefix(str(strict.make_url(""))) for url in chats]
+    opened = [await strict.get(path) for path in paths[:3]]
+    assert [r.status for r in opened] == [200, 200, 200]
+    refused = await strict.get(paths[3])  # the second user's own limit allows it; the address's does not
+    assert refused.status == 429
+    assert "from one address" in json_of(await refused.read())["error"]["message"]  # type: ignore[index]
+    for response in opened:
+        response.close()
+
+
+def _key(limits: Limits) -> Credential:
+    return Credential("0" * 16, "u", "key", "", "t", limits)

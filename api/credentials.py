@@ -1,0 +1,152 @@
+"""Who may call: visitor tokens and API keys, one kind of credential with per-credential limits.
+
+A bearer token is ``sbv_<id>_<secret>`` (a visitor) or ``sbk_<id>_<secret>`` (an API key). The
+id is public (``streambridge keys list`` shows it, stream tokens carry it); the secret is shown
+once and Redis keeps only its SHA-256, in the credential's record under its id. Deleting that
+record revokes the credential, and with it every stream token it was issued.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Final, Literal
+
+import msgspec
+from redis.asyncio import Redis
+
+from shared import keys
+from shared.errors import Unauthorized
+from shared.settings import Settings
+
+TOKEN: Final = re.compile(r"\Asb([vk])_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
+USER: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class Limits(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
+    """One credential's overrides of the settings' limits; unset means the default for its kind."""
+
+    chats_per_minute: Positive | None = None
+    max_running_chats: Positive | None = None
+    max_open_streams: Positive | None = None
+    max_messages: Positive | None = None
+    max_prompt_chars: Positive | None = None
+    max_tokens: Positive | None = None
+
+
+class Credential(msgspec.Struct, frozen=True, omit_defaults=True):
+    id: str
+    user: str
+    kind: Literal["visitor", "key"]
+    secret_sha256: str
+    created_at: str
+    limits: Limits = Limits()
+
+
+@dataclass(frozen=True)
+class Quota:
+    """The limits that apply to one request: the settings for the credential's kind, then its overrides."""
+
+    chats_per_minute: int
+    max_running_chats: int
+    max_open_streams: int
+    max_messages: int
+    max_prompt_chars: int
+    max_tokens: int
+
+
+@dataclass(frozen=True)
+class Identity:
+    user: str
+    credential: str
+    quota: Quota
+
+
+_decoder: Final = msgspec.json.Decoder(Credential)
+
+
+def quota(settings: Settings, credential: Credential) -> Quota:
+    visitor = credential.kind == "visitor"
+    o = credential.limits
+    return Quota(
+        chats_per_minute=o.chats_per_minute
+        or (settings.visitor_chats_per_minute if visitor else settings.chats_per_minute),
+        max_running_chats=o.max_running_chats
+        or (settings.visitor_max_running_chats if visitor else settings.max_running_chats),
+        max_open_streams=o.max_open_streams
+        or (settings.visitor_max_open_streams if visitor else settings.max_open_streams),
+        max_messages=o.max_messages or settings.max_messages,
+        max_prompt_chars=o.max_prompt_chars or settings.max_prompt_chars,
+        max_tokens=o.max_tokens or settings.max_tokens_cap,
+    )
+
+
+async def issue(
+    redis: Redis, user: str, kind: Literal["visitor", "key"], *, ttl: int | None = None, limits: Limits | None = None
+) -> tuple[str, Credential]:
+    """A new credential: its bearer token (the only time the secret exists) and its record."""
+    cid, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+    created_at = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    credential = Credential(cid, user, kind, _sha256(secret), created_at, limits or Limits())
+    await redis.set(keys.credential(cid), msgspec.json.encode(credential), ex=ttl)
+    if kind == "key":
+        await redis.sadd(keys.api_keys(), cid)  # type: ignore[misc]
+    return f"sb{kind[0]}_{cid}_{secret}", credential
+
+
+async def create_visitor(redis: Redis, ttl: int) -> tuple[str, str]:
+    """A new anonymous user and its bearer token, which expires after ``ttl`` seconds."""
+    token, credential = await issue(redis, "visitor_" + secrets.token_hex(8), "visitor", ttl=ttl)
+    return token, credential.user
+
+
+async def load(redis: Redis, cid: str) -> Credential | None:
+    raw = await redis.get(keys.credential(cid))
+    return None if raw is None else _decoder.decode(raw)
+
+
+async def identify(redis: Redis, settings: Settings, token: str) -> Identity:
+    """The identity behind a bearer token, or 401 (unknown, expired or revoked alike)."""
+    match = TOKEN.match(token)
+    credential = None if match is None else await load(redis, match[2])
+    if (
+        match is None
+        or credential is None
+        or credential.kind[0] != match[1]
+        or not hmac.compare_digest(credential.secret_sha256, _sha256(match[3]))
+    ):
+        raise Unauthorized("the token is unknown, expired or revoked")
+    return Identity(credential.user, credential.id, quota(settings, credential))
+
+
+def identity_of(settings: Settings, credential: Credential) -> Identity:
+    return Identity(credential.user, credential.id, quota(settings, credential))
+
+
+async def list_keys(redis: Redis) -> list[Credential]:
+    cids = sorted(c.decode() for c in await redis.smembers(keys.api_keys()))  # type: ignore[misc]
+    records = await redis.mget([keys.credential(c) for c in cids]) if cids else []
+    return sorted((_decoder.decode(r) for r in records if r is not None), key=lambda c: (c.user, c.created_at))
+
+
+async def revoke(redis: Redis, key_or_id: str) -> bool:
+    """Revokes a credential, given whole or by its id; True if there was one to revoke."""
+    match = TOKEN.match(key_or_id)
+    cid = match[2] if match is not None else key_or_id
+    if not re.fullmatch(r"[0-9a-f]{16}", cid):
+        return False
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.credential(cid))
+        pipe.srem(keys.api_keys(), cid)
+        deleted, _ = await pipe.execute()
+    return bool(deleted)
+
+
+def _sha256(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

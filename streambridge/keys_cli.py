@@ -1,0 +1,77 @@
+"""``streambridge keys create | list | revoke``: API keys, for the operator.
+
+A key is printed once, alone on stdout (``KEY=$(streambridge keys create --user acme)``); Redis
+keeps only its hash. ``list`` shows ids, users and limits, never a secret.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import msgspec
+from redis.asyncio import Redis
+
+from api.credentials import USER, Limits, issue, list_keys, revoke
+from shared.redis import connect
+from shared.settings import Settings
+
+LIMIT_FLAGS = {
+    "chats_per_minute": "chats a minute",
+    "max_running_chats": "chats queued or running at once",
+    "max_open_streams": "SSE streams open at once",
+    "max_messages": "messages in one chat",
+    "max_prompt_chars": "characters in one chat's prompt",
+    "max_tokens": "the largest max_tokens a chat may ask for",
+}
+
+
+def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = commands.add_parser("keys", help="API keys: create, list, revoke (needs STREAMBRIDGE_REDIS_URL)")
+    actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="a new key for USER; prints it once")
+    create.add_argument("--user", required=True, type=user_name, help="the user the key acts as (chats belong to it)")
+    for name, meaning in LIMIT_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        create.add_argument(flag, type=positive, help=f"limit: {meaning} (default: the setting)")
+    actions.add_parser("list", help="every key: id, user, created, limits")
+    gone = actions.add_parser("revoke", help="revoke a key at once, with every stream URL issued to it")
+    gone.add_argument("key", help="the key's id (from `keys list`) or the key itself")
+
+
+def user_name(value: str) -> str:
+    if not USER.match(value) or value.startswith("visitor_"):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a user name (letters, digits, _.@-; up to 64)")
+    return value
+
+
+def positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive whole number")
+    return int(value)
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    assert settings.redis_url is not None
+    redis: Redis = connect(settings.redis_url, max_connections=2)
+    try:
+        if args.keys_command == "create":
+            limits = Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None})
+            key, credential = await issue(redis, args.user, "key", limits=limits)
+            print(key, flush=True)
+            print(f"key {credential.id} for {credential.user}: shown once, store it now", file=sys.stderr)
+            return 0
+        if args.keys_command == "list":
+            print(f"{'ID':<17} {'USER':<24} {'CREATED':<21} LIMITS")
+            for credential in await list_keys(redis):
+                overrides = msgspec.structs.asdict(credential.limits)
+                shown = " ".join(f"{k}={v}" for k, v in overrides.items() if v is not None) or "defaults"
+                print(f"{credential.id:<17} {credential.user:<24} {credential.created_at:<21} {shown}")
+            return 0
+        if await revoke(redis, args.key):
+            print("revoked", flush=True)
+            return 0
+        print("streambridge keys: no such key", file=sys.stderr)
+        return 1
+    finally:
+        await redis.aclose()
