@@ -34,7 +34,9 @@ async def up(settings: Settings, host: str, port: int) -> int:
             settings = msgspec.structs.replace(settings, redis_url=redis.url)
             say(f"embedded Redis: {redis.binary} on {redis.url} (in memory; set STREAMBRIDGE_REDIS_URL to use yours)")
         llm_url = await _llm_url(settings, stack)
-        runner, bound = await start_site(make_app(settings), host, port, header_timeout=settings.header_timeout)
+        runner, bound = await start_site(
+            make_app(settings), host, port, header_timeout=settings.header_timeout, body_timeout=settings.body_timeout
+        )
         stack.push_async_callback(_quietly, "api + edge", runner.cleanup)
         worker = make_worker(settings, llm_url)
         worker_task = asyncio.create_task(worker.main(), name="worker")
@@ -49,7 +51,11 @@ async def up(settings: Settings, host: str, port: int) -> int:
 async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bool) -> int:
     stop = catch_signals()
     runner, bound = await start_site(
-        make_app(settings, serve_api=api, serve_edge=edge), host, port, header_timeout=settings.header_timeout
+        make_app(settings, serve_api=api, serve_edge=edge),
+        host,
+        port,
+        header_timeout=settings.header_timeout,
+        body_timeout=settings.body_timeout,
     )
     name = "streambridge api" if api else "streambridge edge"
     if api and not edge and settings.public_edge_url is None:

@@ -10,15 +10,22 @@ from aiohttp import web
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, header_timeout: float = 75.0
+    app: web.Application, host: str, port: int, *, header_timeout: float = 75.0, body_timeout: float = 10.0
 ) -> tuple[web.AppRunner, int]:
     """Serve ``app``; port 0 picks a free port, which is returned."""
     # handler_cancellation: a client that disconnects cancels its handler at once, which
     # frees an SSE stream's subscription instead of waiting for the next heartbeat write.
     # aiohttp arms its keep-alive timer when a connection opens and after each response, and
     # disarms it only once a request's headers are complete: it is the header read timeout
-    # that closes slowloris connections.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, keepalive_timeout=header_timeout)
+    # that closes slowloris connections. After an answer sent before its request's body was read
+    # (a 401, a 408), aiohttp reads on so the client sees the answer: only briefly, for a slow sender.
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        keepalive_timeout=header_timeout,
+        lingering_time=min(2.0, body_timeout),
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
