@@ -15,7 +15,7 @@ from aiohttp import web
 from api.auth import authenticate, sign_stream_token
 from api.context import Context, context
 from api.credentials import Identity, create_visitor
-from api.limits import admit_chat, check_prompt
+from api.limits import admit_chat, check_prompt, count_visitor_login
 from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
 from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
@@ -85,6 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
 @routes.post("/v1/auth/visitor")
 async def visitor_login(request: web.Request) -> web.Response:
     ctx = context(request)
+    await count_visitor_login(ctx.redis, ctx.settings, request.remote or "unknown")
     token, user = await create_visitor(ctx.redis, ctx.settings.visitor_token_ttl)
     return json_response(Visitor(token, user), status=201)
 

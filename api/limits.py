@@ -88,3 +88,17 @@ async def admit_chat(
         raise RateLimited(
             f"at most {q.chats_per_minute} chats a minute; try again in {retry_after} s", retry_after=retry_after
         )
+
+
+async def count_visitor_login(redis: Redis, settings: Settings, ip: str, now: float | None = None) -> None:
+    """Visitors are free to make, and each has limits of its own: so one address makes only so many."""
+    now = time.time() if now is None else now
+    window = int(now // 60)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.incr(keys.visitor_logins(ip, window))
+        pipe.expire(keys.visitor_logins(ip, window), 120)
+        count, _ = await pipe.execute()
+    if count > settings.visitor_logins_per_minute:
+        retry_after = max(1, math.ceil((window + 1) * 60 - now))
+        message = f"at most {settings.visitor_logins_per_minute} visitor logins a minute from one address"
+        raise RateLimited(f"{message}; try again in {retry_after} s", retry_after=retry_after)

@@ -85,3 +85,8 @@ def wake() -> str:
 def rate(user: str, window: int) -> str:
     """Counter: chats ``user`` created in the minute numbered ``window`` (expires with it)."""
     return f"{PREFIX}rate:{user}:{window}"
+
+
+def visitor_logins(ip: str, window: int) -> str:
+    """Counter: visitor logins from one client address in the minute numbered ``window``."""
+    return f"{PREFIX}logins:{ip}:{window}"

@@ -69,6 +69,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     visitor_chats_per_minute: Positive = 10
     visitor_max_running_chats: Positive = 3
     visitor_max_open_streams: Positive = 10
+    #: visitor logins (``POST /v1/auth/visitor``) one client address may make per minute
+    visitor_logins_per_minute: Positive = 20
     #: SSE streams open at once from one client IP address, across every edge
     max_open_streams_per_ip: Positive = 500
     #: admission control: while this many chats are queued or running, new ones get 503 at once

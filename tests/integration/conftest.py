@@ -41,6 +41,7 @@ def settings(redis_url: str) -> Settings:
         visitor_max_running_chats=100_000,
         visitor_max_open_streams=100_000,
         max_open_streams_per_ip=100_000,
+        visitor_logins_per_minute=100_000,
     )
 
 

@@ -181,3 +181,12 @@ async def test_one_address_may_hold_only_so_many_streams(strict: Client) -> None
 
 def _key(limits: Limits) -> Credential:
     return Credential("0" * 16, "u", "key", "", "t", limits)
+
+
+async def test_one_address_may_make_only_so_many_visitors_a_minute(settings: Settings) -> None:
+    three = msgspec.structs.replace(settings, visitor_logins_per_minute=3)
+    async with TestClient(TestServer(make_app(three))) as client:
+        assert [(await client.post("/v1/auth/visitor")).status for _ in range(3)] == [201] * 3
+        response = await client.post("/v1/auth/visitor")
+        assert response.status == 429
+        assert 1 <= int(response.headers["Retry-After"]) <= 60

@@ -19,3 +19,4 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.running() == "sb:running"
     assert keys.wake() == "sb:wake"
     assert keys.rate("visitor_1", 29) == "sb:rate:visitor_1:29"
+    assert keys.visitor_logins("127.0.0.1", 29) == "sb:logins:127.0.0.1:29"
