@@ -114,7 +114,20 @@ async def load(redis: Redis, cid: str) -> Credential | None:
 async def identify(redis: Redis, settings: Settings, token: str) -> Identity:
     """The identity behind a bearer token, or 401 (unknown, expired or revoked alike)."""
     match = TOKEN.match(token)
-    credential = None if match is None else await load(redis, match[2])
+    record = None if match is None else await redis.get(keys.credential(match[2]))
+    return identity_of(settings, check(token, record))
+
+
+def credential_id(token: str) -> str | None:
+    """The id a bearer token names, if it is shaped like one; :func:`check` decides if it is genuine."""
+    match = TOKEN.match(token)
+    return None if match is None else match[2]
+
+
+def check(token: str, record: bytes | None) -> Credential:
+    """The credential, if ``record`` (what Redis holds under the token's id) matches the token; else 401."""
+    match = TOKEN.match(token)
+    credential = None if match is None or record is None else _decoder.decode(record)
     if (
         match is None
         or credential is None
@@ -122,7 +135,7 @@ async def identify(redis: Redis, settings: Settings, token: str) -> Identity:
         or not hmac.compare_digest(credential.secret_sha256, _sha256(match[3]))
     ):
         raise Unauthorized("the token is unknown, expired or revoked")
-    return Identity(credential.user, credential.id, quota(settings, credential))
+    return credential
 
 
 def identity_of(settings: Settings, credential: Credential) -> Identity:

@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import logging
 from contextlib import aclosing
+from typing import Any, NamedTuple
 
 import msgspec
 from aiohttp import web
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from api.auth import authenticate, bearer_token, load_secret, verify_stream_token
+from api.auth import bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
-from api.credentials import Credential, Identity, identity_of
+from api.credentials import Credential, Identity, check, identity_of
+from api.credentials import credential_id as credential_id_of
 from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
@@ -31,14 +33,38 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     assert ctx.slots is not None, "the edge's hub and slots start with the app"
     chat_id = chat_id_of(request)
-    identity = await authorize(request, ctx, chat_id)
+    identity, state = await authorize(request, ctx, chat_id)
     last_event_id = parse_last_event_id(request)
-    await check_retained(ctx, chat_id, last_event_id)
+    check_retained(chat_id, state, last_event_id)
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     try:
         return await stream(request, ctx, chat_id, last_event_id)
     finally:
         await asyncio.shield(ctx.slots.release(slot))
+
+
+class ChatState(NamedTuple):
+    """What opening a stream needs to know, read in one round trip."""
+
+    credential: bytes | None
+    owner: bytes | None
+    status: bytes | None
+    stream: dict[str, Any] | None  # XINFO STREAM, None when the stream does not exist
+
+
+async def chat_state(ctx: Context, chat_id: str, credential_id: str) -> ChatState:
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.credential(credential_id))
+        pipe.hmget(keys.chat(chat_id), ["owner", "status"])
+        pipe.xinfo_stream(keys.events(chat_id))
+        record, (owner, status), info = await pipe.execute(raise_on_error=False)
+    if isinstance(record, Exception):
+        raise record
+    if isinstance(info, ResponseError) and "no such key" in str(info).lower():
+        info = None
+    elif isinstance(info, Exception):
+        raise info
+    return ChatState(record, owner, status, info)
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:
@@ -75,28 +101,29 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     return response
 
 
-async def authorize(request: web.Request, ctx: Context, chat_id: str) -> Identity:
+async def authorize(request: web.Request, ctx: Context, chat_id: str) -> tuple[Identity, ChatState]:
     """The stream URL's chat-scoped token, or the owner's bearer token; others get 404."""
     token = request.query.get("token")
-    if token is not None and bearer_token(request) is None:
+    bearer = bearer_token(request)
+    if token is not None and bearer is None:
         credential_id = verify_stream_token(ctx.secret, chat_id, token) or await verify_with_fresh_secret(
             ctx, chat_id, token
         )
         if credential_id is None:
             raise Unauthorized("the stream token is invalid or expired; GET /v1/chats/{id} gives a fresh stream_url")
-        async with ctx.redis.pipeline(transaction=False) as pipe:
-            pipe.get(keys.credential(credential_id))
-            pipe.hget(keys.chat(chat_id), "owner")
-            record, owner = await pipe.execute()
-        if record is None:
+        state = await chat_state(ctx, chat_id, credential_id)
+        if state.credential is None:
             raise Unauthorized("the stream token's credential was revoked or has expired")
-        identity = identity_of(ctx.settings, msgspec.json.decode(record, type=Credential))
+        credential = msgspec.json.decode(state.credential, type=Credential)
     else:
-        identity = await authenticate(request, ctx.redis, ctx.settings)
-        owner = await ctx.redis.hget(keys.chat(chat_id), "owner")  # type: ignore[misc]
-    if owner is None or owner.decode() != identity.user:
+        if bearer is None:
+            raise Unauthorized("send Authorization: Bearer <token>, or use the stream_url's token")
+        state = await chat_state(ctx, chat_id, credential_id_of(bearer) or "-")
+        credential = check(bearer, state.credential)
+    identity = identity_of(ctx.settings, credential)
+    if state.owner is None or state.owner.decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
-    return identity
+    return identity, state
 
 
 async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> str | None:
@@ -120,14 +147,11 @@ def parse_last_event_id(request: web.Request) -> str | None:
     return value
 
 
-async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) -> None:
+def check_retained(chat_id: str, state: ChatState, last_event_id: str | None) -> None:
     """410 rather than a silent gap: the stream expired, or events after the client's position
     were trimmed; 400 for a position the stream never reached (it would wait forever)."""
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        pipe.exists(keys.events(chat_id))
-        pipe.hget(keys.chat(chat_id), "status")
-        exists, status = await pipe.execute()
-    if not exists:
+    status, info = state.status, state.stream
+    if info is None:
         if status is not None and status.decode() in TERMINAL_STATUSES:
             raise StreamExpired(f"chat {chat_id}'s event stream has expired; GET /v1/chats/{chat_id} has its result")
         if last_event_id is not None and last_event_id != "0-0":
@@ -135,7 +159,6 @@ async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) 
         return
     # Entries leave a stream only by trimming (the length cap), oldest first, so a client is
     # behind the gap when its position precedes the first entry held and something was trimmed.
-    info = await ctx.redis.xinfo_stream(keys.events(chat_id))
     if last_event_id is not None and id_key(last_event_id) > id_key(info["last-generated-id"].decode()):
         raise BadRequest(f"Last-Event-ID {last_event_id} is ahead of this chat's stream", code="bad_last_event_id")
     first = info.get("first-entry")
@@ -143,7 +166,7 @@ async def check_retained(ctx: Context, chat_id: str, last_event_id: str | None) 
     if added is not None:
         something_trimmed = added > info["length"]
     else:  # Redis 6.2 counts no appends; a stream whose first entry is not its opening event was trimmed
-        something_trimmed = bool(first) and first[1].get(b"type") not in (b"started", b"cancelled")
+        something_trimmed = first is not None and first[1].get(b"type") not in (b"started", b"cancelled")
     if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
         raise StreamExpired(
             f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "
