@@ -20,7 +20,6 @@ from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
 from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
-from shared.queue import enqueue_chat
 from shared.streams import Entry, entry_from_fields
 
 routes = web.RouteTableDef()
@@ -100,7 +99,6 @@ async def create_chat(request: web.Request) -> web.Response:
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     request_json = msgspec.json.encode(chat)
     await admit_chat(ctx.redis, ctx.settings, identity, chat_id, created_at=created_at, request=request_json)
-    await enqueue_chat(ctx.redis, chat_id)
     url = stream_url(request, ctx, chat_id, identity)
     return json_response(Created(chat_id, "queued", url, created_at), status=202)
 

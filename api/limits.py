@@ -2,7 +2,7 @@
 
 Admission is one Lua call that checks, in order, the deployment's queue depth (503 at once
 rather than a wait without bound), the user's chats queued or running, and the user's chats this
-minute (each 429 with ``Retry-After``), and only then records the chat. Every count lives in
+minute (each 429 with ``Retry-After``), and only then records the chat and enqueues its job. Every count lives in
 Redis, so the limits hold across every API process, and a refused chat counts for nothing.
 """
 
@@ -18,12 +18,15 @@ from api.credentials import Identity
 from shared import keys
 from shared.chats import ChatRequest
 from shared.errors import Overloaded, RateLimited, Unprocessable
+from shared.queue import ENQUEUE_LUA, job_record
 from shared.settings import Settings
 
 #: a chat still counted as running this long past its deadline is counted no more (a lost worker)
 RUNNING_SLACK_MS: Final = 60_000
 
-ADMIT: Final = """
+ADMIT: Final = (
+    ENQUEUE_LUA
+    + """
 local waiting = redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
 if waiting >= tonumber(ARGV[2]) then return 'queue' end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
@@ -36,8 +39,10 @@ redis.call('PEXPIREAT', KEYS[4], ARGV[5])
 redis.call('HSET', KEYS[5], 'owner', ARGV[8], 'created_at', ARGV[9], 'status', 'queued', 'attempts', 0,
   'request', ARGV[10])
 redis.call('EXPIRE', KEYS[5], ARGV[7])
+enqueue(KEYS[6], KEYS[7], KEYS[8], ARGV[11], ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]))
 return 'ok'
 """
+)
 
 
 def check_prompt(chat: ChatRequest, identity: Identity) -> None:
@@ -61,7 +66,8 @@ async def admit_chat(
     request: bytes,
     now: float | None = None,
 ) -> None:
-    """Records the new chat (status ``queued``) if every limit allows it, else raises 429 or 503."""
+    """Records the new chat (status ``queued``) and enqueues its job if every limit allows it, else
+    raises 429 or 503: one round trip."""
     now = time.time() if now is None else now
     window = int(now // 60)
     q = identity.quota
@@ -71,6 +77,9 @@ async def admit_chat(
     args: list[str | bytes] = [str(int(now * 1000)), str(settings.max_queue_depth), str(q.chats_per_minute)]
     args += [str(q.max_running_chats), str(deadline_ms), chat_id, str(settings.result_ttl), identity.user]
     args += [created_at, request]
+    job_keys, job_args = job_record(chat_id)
+    k += job_keys
+    args += job_args
     verdict = await redis.eval(ADMIT, len(k), *k, *args)  # type: ignore[arg-type,misc]
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
     if verdict == "queue":
