@@ -10,7 +10,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from api import chats, edge
+from api import chats, edge, openapi
 from api.auth import load_secret
 from api.context import CONTEXT, SETTINGS, Context
 from api.errors import error_middleware
@@ -46,6 +46,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         app.router.add_get("/healthz", chats.healthz)
     if serve_edge:
         app.add_routes(edge.routes)
+    app.add_routes(openapi.routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # One bounded pool per process: the hub's Pub/Sub takes one socket, commands share the rest.

@@ -1,0 +1,510 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 document of every route, its answers and its errors.
+
+The bodies' schemas come from the msgspec Structs that encode and decode them (``api.chats``,
+``api.errors``, ``shared.events``), so the document cannot disagree with the wire. The document
+is built and encoded once, at import. It describes the whole system: a process started with
+``streambridge api`` serves the API's routes, ``streambridge edge`` the event stream, and
+``streambridge up`` both on one port; every process serves ``/healthz`` and this document.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Final, get_args
+
+import msgspec
+from aiohttp import web
+
+from api.chats import ChatView, CreateChat, Created, StatusView, Visitor
+from api.errors import ErrorAnswer
+from shared.events import Event
+
+routes = web.RouteTableDef()
+
+Json = dict[str, Any]
+
+OPENAPI_VERSION: Final = "3.1.0"
+REF: Final = "#/components/schemas/{name}"
+CHAT_ID_PATTERN: Final = "^[0-9a-f]{32}$"
+STREAM_ID_PATTERN: Final = "^[0-9]{1,20}-[0-9]{1,20}$"
+
+DESCRIPTION: Final = """\
+Reliable, resumable delivery of LLM output. `POST /v1/chats` queues a chat; a worker streams the
+completion into the chat's event stream; `GET /v1/chats/{id}/events` (an SSE edge) delivers it,
+resumable with `Last-Event-ID` on any edge.
+
+`streambridge api` serves the API's routes, `streambridge edge` the event stream, and
+`streambridge up` both on one port. Every process serves `GET /healthz` and this document.
+
+Every error is `{"error": {"code": "snake_case", "message": "a sentence"}}` (`ErrorAnswer`), never
+HTML or a traceback. Besides the answers each operation lists, any path that is not a route
+answers 404 `not_found`, and a method a route does not take answers 405 `method_not_allowed` with
+`Allow`. A 429 or an `overloaded` 503 carries `Retry-After` (seconds)."""
+
+
+def _package_version() -> str:
+    try:
+        return version("streambridge")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.0.0"
+
+
+def ref(name: str) -> Json:
+    return {"$ref": REF.format(name=name)}
+
+
+def json_content(schema: Json, **extra: Any) -> Json:
+    return {"application/json": {"schema": schema, **extra}}
+
+
+RETRY_AFTER: Final = {
+    "description": "Seconds to wait before trying again.",
+    "schema": {"type": "integer", "minimum": 0},
+}
+
+
+def error(description: str, codes: dict[str, str], *, retry_after: bool | None = None) -> Json:
+    """An error answer: ``ErrorAnswer``, its ``code`` one of ``codes`` (code → when it is sent).
+
+    ``retry_after``: ``True`` if every such answer has ``Retry-After``, ``False`` if some do.
+    """
+    lines = "\n".join(f"- `{code}`: {when}" for code, when in codes.items())
+    narrowed = {
+        "type": "object",
+        "properties": {"error": {"type": "object", "properties": {"code": {"enum": list(codes)}}}},
+    }
+    answer: Json = {
+        "description": f"{description}\n\n{lines}",
+        "content": json_content({"allOf": [ref("ErrorAnswer"), narrowed]}),
+    }
+    if retry_after is not None:
+        answer["headers"] = {"Retry-After": {**RETRY_AFTER, "required": retry_after}}
+    return answer
+
+
+UNAUTHORIZED: Final = error(
+    "No valid credentials.",
+    {"unauthorized": "no `Authorization: Bearer` token, or one that is unknown, expired or revoked"},
+)
+NOT_FOUND: Final = error(
+    "No such chat for this caller.",
+    {
+        "not_found": "the chat does not exist or belongs to another user (both look the same); an `id` that is "
+        "not 32 lowercase hex characters names no chat"
+    },
+)
+REDIS_UNAVAILABLE: Final = {"redis_unavailable": "the service's Redis is unreachable; retry shortly"}
+UNAVAILABLE: Final = error("The service cannot answer now.", REDIS_UNAVAILABLE)
+
+CHAT_ID: Final = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The chat's id, as `POST /v1/chats` returned it: 32 lowercase hex characters.",
+    "schema": {"type": "string", "pattern": CHAT_ID_PATTERN},
+}
+
+BEARER: Final[list[Json]] = [{"bearer": []}]
+PUBLIC: Final[list[Json]] = []
+
+
+def healthz() -> Json:
+    return {
+        "get": {
+            "operationId": "healthz",
+            "summary": "Health: whether this process reaches Redis",
+            "description": "Served by every process (api, edge, `up`).",
+            "tags": ["meta"],
+            "security": PUBLIC,
+            "responses": {
+                "200": {"description": "Redis answers.", "content": json_content(ref("Health"))},
+                "503": UNAVAILABLE,
+            },
+        }
+    }
+
+
+def visitor() -> Json:
+    return {
+        "post": {
+            "operationId": "visitor_login",
+            "summary": "Create an anonymous user (a guest login)",
+            "description": "No body. The token (`sbv_…`) is valid for `STREAMBRIDGE_VISITOR_TOKEN_TTL` seconds "
+            "and goes in `Authorization: Bearer` on every other `/v1/` route.",
+            "tags": ["auth"],
+            "security": PUBLIC,
+            "responses": {
+                "201": {"description": "A new visitor and its token.", "content": json_content(ref("Visitor"))},
+                "429": error(
+                    "Too many logins from this address; `Retry-After` says when to try again.",
+                    {
+                        "rate_limited": "the client's address made `STREAMBRIDGE_VISITOR_LOGINS_PER_MINUTE` visitor "
+                        "logins this minute already"
+                    },
+                    retry_after=True,
+                ),
+                "503": UNAVAILABLE,
+            },
+        }
+    }
+
+
+def chat_links() -> Json:
+    by_id = {"id": "$response.body#/id"}
+    return {
+        "read_chat": {"operationId": "read_chat", "parameters": by_id, "description": "The chat's state."},
+        "cancel_chat": {"operationId": "cancel_chat", "parameters": by_id, "description": "Cancel the chat."},
+        "chat_events": {"operationId": "chat_events", "parameters": by_id, "description": "The chat's events."},
+    }
+
+
+def create_chat_body() -> Json:
+    # CreateChat's fields are each optional; exactly one of `messages` and `message` must be sent.
+    one_of = [
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+        {"required": ["message"], "properties": {"message": {"type": "string"}}},
+    ]
+    examples = {
+        "shorthand": {"value": {"message": "Tell me about rivers."}},
+        "messages": {
+            "value": {
+                "messages": [
+                    {"role": "system", "content": "Answer briefly."},
+                    {"role": "user", "content": "Tell me about rivers."},
+                ],
+                "temperature": 0.2,
+                "max_tokens": 256,
+            }
+        },
+    }
+    return {
+        "required": True,
+        "description": "`messages`, or the shorthand `message` (one user message), not both; optionally `model`, "
+        "`temperature` and `max_tokens`. Unknown fields are refused. Limits beyond this schema "
+        "(`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, `STREAMBRIDGE_MAX_TOKENS_CAP`, "
+        "`STREAMBRIDGE_MAX_BODY_BYTES`) are the operator's and answer 422 or 413.",
+        "content": json_content({"allOf": [ref("CreateChat")], "oneOf": one_of}, examples=examples),
+    }
+
+
+def chats() -> Json:
+    return {
+        "post": {
+            "operationId": "create_chat",
+            "summary": "Queue a chat",
+            "description": "Answers at once; the chat runs on a worker. Follow `stream_url` (it carries a token "
+            "scoped to this chat, for clients such as `EventSource` that cannot set headers) or "
+            "`GET /v1/chats/{id}/events` with the bearer token.",
+            "tags": ["chats"],
+            "security": BEARER,
+            "requestBody": create_chat_body(),
+            "responses": {
+                "202": {
+                    "description": "Queued.",
+                    "content": json_content(ref("Created")),
+                    "links": chat_links(),
+                },
+                "400": error("The body is not JSON.", {"malformed_json": "the body is not UTF-8 JSON"}),
+                "401": UNAUTHORIZED,
+                "408": error(
+                    "The body came too slowly.",
+                    {"request_timeout": "the body was not received within `STREAMBRIDGE_BODY_TIMEOUT` seconds"},
+                ),
+                "413": error(
+                    "The body is too large.",
+                    {"payload_too_large": "the body is larger than `STREAMBRIDGE_MAX_BODY_BYTES`"},
+                ),
+                "422": error(
+                    "Valid JSON of the wrong shape.",
+                    {
+                        "invalid_request": "not the shape above (a wrong type, an unknown field, both or neither of "
+                        "`messages` and `message`), or over a prompt limit (the credential's, by default "
+                        "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
+                        "`STREAMBRIDGE_MAX_TOKENS_CAP`)"
+                    },
+                ),
+                "429": error(
+                    "Over a per-user limit; `Retry-After` says when to try again.",
+                    {
+                        "rate_limited": "the user created its chats-per-minute already (the credential's limit; "
+                        "by default `STREAMBRIDGE_CHATS_PER_MINUTE` for API keys, "
+                        "`STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE` for visitors)",
+                        "too_many_chats": "the user has its most chats queued or running at once (the "
+                        "credential's limit; by default `STREAMBRIDGE_MAX_RUNNING_CHATS`, "
+                        "`STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS` for visitors)",
+                    },
+                    retry_after=True,
+                ),
+                "503": error(
+                    "The service cannot take the chat now.",
+                    {
+                        **REDIS_UNAVAILABLE,
+                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats are queued or running; sent with "
+                        "`Retry-After`",
+                    },
+                    retry_after=False,
+                ),
+            },
+        }
+    }
+
+
+def chat() -> Json:
+    return {
+        "parameters": [ref_parameter("ChatId")],
+        "get": {
+            "operationId": "read_chat",
+            "summary": "A chat's state and result",
+            "description": "While the chat runs, `content` is the text streamed so far. Every answer carries a "
+            "fresh `stream_url`, so a client whose stream token expired gets a new one. Answers for "
+            "`STREAMBRIDGE_RESULT_TTL` seconds after the chat ended.",
+            "tags": ["chats"],
+            "security": BEARER,
+            "responses": {
+                "200": {"description": "The chat.", "content": json_content(ref("ChatView"))},
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "503": UNAVAILABLE,
+            },
+        },
+    }
+
+
+def cancel() -> Json:
+    return {
+        "parameters": [ref_parameter("ChatId")],
+        "post": {
+            "operationId": "cancel_chat",
+            "summary": "Cancel a chat (idempotent)",
+            "description": "No body. A queued chat never runs; a running one ends with a `cancelled` event. "
+            "`status` is the chat's status when the request arrived; cancelling an ended chat changes nothing.",
+            "tags": ["chats"],
+            "security": BEARER,
+            "responses": {
+                "202": {"description": "Cancelling, or already ended.", "content": json_content(ref("StatusView"))},
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "503": UNAVAILABLE,
+            },
+        },
+    }
+
+
+EVENTS_DESCRIPTION: Final = """\
+Served by the edge. `Content-Type: text/event-stream`; each event is
+
+    id: <the Redis stream entry id, e.g. 1732400000000-0>
+    event: <type>
+    data: <one line of JSON whose "type" equals the event's type>
+
+followed by an empty line (`SSEEvent`; `data` is an `Event`). The history comes first, then live
+events; the response ends after a terminal event (`complete`, `failed` or `cancelled`), so a client
+that connects after the end gets the whole history, then the close. An idle stream gets a comment
+line `: ping` every `STREAMBRIDGE_HEARTBEAT_INTERVAL` (≤ 15) seconds. A response also ends, after a
+comment line saying why, once open `STREAMBRIDGE_STREAM_MAX_LIFETIME` seconds or without an event for
+`STREAMBRIDGE_STREAM_IDLE_TIMEOUT` seconds: the client resumes where it was.
+
+Resume with `Last-Event-ID: <id>` (or `?last_event_id=<id>` for clients that cannot set headers):
+exactly the events after that id, on any edge. Without either, the stream starts at the beginning.
+
+Auth: the `token` query parameter of `stream_url` (scoped to this chat, short-lived), or the owner's
+`Authorization: Bearer` token (which wins when both are sent)."""
+
+
+RESUME_AT: Final = {"anyOf": [ref("StreamId"), {"const": ""}]}
+
+
+def events() -> Json:
+    return {
+        "parameters": [ref_parameter("ChatId")],
+        "get": {
+            "operationId": "chat_events",
+            "summary": "The chat's event stream (SSE), resumable",
+            "description": EVENTS_DESCRIPTION,
+            "tags": ["events"],
+            "security": [{"bearer": []}, {"streamToken": []}],
+            "parameters": [
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "description": "Resume after this event id (what the browser's `EventSource` sends by itself); "
+                    "empty: from the start.",
+                    "schema": RESUME_AT,
+                },
+                {
+                    "name": "last_event_id",
+                    "in": "query",
+                    "description": "Resume after this event id; the header wins when both are sent. Empty: "
+                    "from the start.",
+                    "schema": RESUME_AT,
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "The stream: history, then live events, closed after the terminal event.",
+                    "headers": {
+                        "Cache-Control": {"schema": {"const": "no-cache"}, "required": True},
+                        "X-Accel-Buffering": {"schema": {"const": "no"}, "required": True},
+                    },
+                    "content": {"text/event-stream": {"schema": ref("SSEEvent")}},
+                },
+                "400": error(
+                    "A resume position this chat's stream does not have.",
+                    {
+                        "bad_last_event_id": "`Last-Event-ID` / `last_event_id` is not a stream id of this chat "
+                        "(malformed, beyond 64 bits, or ahead of its stream)"
+                    },
+                ),
+                "401": error(
+                    "No valid credentials.",
+                    {
+                        "unauthorized": "no bearer token or stream token; a bearer token that is unknown, expired "
+                        "or revoked; a stream token that is forged, expired, for another chat or issued to a "
+                        "credential since revoked"
+                    },
+                ),
+                "404": NOT_FOUND,
+                "410": error(
+                    "The events are gone; `GET /v1/chats/{id}` still has the result.",
+                    {
+                        "stream_expired": "the chat ended and its stream expired (`STREAMBRIDGE_STREAM_TTL`), or "
+                        "the events after the resume position were trimmed"
+                    },
+                ),
+                "429": error(
+                    "Too many open streams; `Retry-After` says when to try again.",
+                    {
+                        "too_many_streams": "the user has its most streams open at once, across every edge (the "
+                        "credential's limit; by default `STREAMBRIDGE_MAX_OPEN_STREAMS`, "
+                        "`STREAMBRIDGE_VISITOR_MAX_OPEN_STREAMS` for visitors), or the client's address has "
+                        "`STREAMBRIDGE_MAX_OPEN_STREAMS_PER_IP`"
+                    },
+                    retry_after=True,
+                ),
+                "503": UNAVAILABLE,
+            },
+        },
+    }
+
+
+def openapi_path() -> Json:
+    return {
+        "get": {
+            "operationId": "openapi",
+            "summary": "This document",
+            "tags": ["meta"],
+            "security": PUBLIC,
+            "responses": {
+                "200": {"description": "The OpenAPI 3.1 document.", "content": json_content({"type": "object"})}
+            },
+        }
+    }
+
+
+def ref_parameter(name: str) -> Json:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def sse_event() -> Json:
+    """One event as a client's SSE parser reads it: ``id``, ``event`` and ``data`` (the event's JSON)."""
+    variants = []
+    for struct in get_args(Event):
+        name = struct.__name__
+        tag = struct.__struct_config__.tag
+        variants.append(
+            {
+                "type": "object",
+                "required": ["id", "event", "data"],
+                "properties": {
+                    "id": ref("StreamId"),
+                    "event": {"const": tag},
+                    "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": ref(name)},
+                },
+            }
+        )
+    return {
+        "title": "SSEEvent",
+        "description": "One server-sent event: its `id` (the stream entry id, for `Last-Event-ID`), `event` (the "
+        "type) and `data` (one line of JSON, the `Event` of that type).",
+        "oneOf": variants,
+    }
+
+
+def components() -> Json:
+    structs = (CreateChat, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
+    (*_, event), schemas = msgspec.json.schema_components(structs, ref_template=REF)
+    schemas["Event"] = {
+        "title": "Event",
+        "description": "An event of a chat's stream; `type` says which. Terminal: `complete`, `failed`, `cancelled`.",
+        **event,
+    }
+    schemas["SSEEvent"] = sse_event()
+    schemas["StreamId"] = {
+        "type": "string",
+        "pattern": STREAM_ID_PATTERN,
+        "description": "A Redis stream entry id, `<milliseconds>-<sequence>`.",
+        "examples": ["1732400000000-0"],
+    }
+    schemas["Health"] = {
+        "type": "object",
+        "properties": {"status": {"const": "ok"}},
+        "required": ["status"],
+    }
+    return {
+        "schemas": dict(sorted(schemas.items())),
+        "parameters": {"ChatId": CHAT_ID},
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "A visitor token (`sbv_<id>_<secret>`, from `POST /v1/auth/visitor`) or an API key "
+                "(`sbk_<id>_<secret>`, from `streambridge keys create`). Each has its own limits.",
+            },
+            "streamToken": {
+                "type": "apiKey",
+                "in": "query",
+                "name": "token",
+                "description": "The token in a chat's `stream_url`: opens that one chat's events for "
+                "`STREAMBRIDGE_STREAM_TOKEN_TTL` seconds, while the credential it was issued to is valid. Only "
+                "`GET /v1/chats/{id}/events` takes it.",
+            },
+        },
+    }
+
+
+def build() -> Json:
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "streambridge",
+            "version": _package_version(),
+            "description": DESCRIPTION,
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "tags": [
+            {"name": "chats", "description": "Create, read and cancel chats (the API)."},
+            {"name": "events", "description": "A chat's event stream (the SSE edge)."},
+            {"name": "auth", "description": "Tokens."},
+            {"name": "meta", "description": "Health and this document (every process)."},
+        ],
+        "security": BEARER,
+        "paths": {
+            "/healthz": healthz(),
+            "/openapi.json": openapi_path(),
+            "/v1/auth/visitor": visitor(),
+            "/v1/chats": chats(),
+            "/v1/chats/{id}": chat(),
+            "/v1/chats/{id}/cancel": cancel(),
+            "/v1/chats/{id}/events": events(),
+        },
+        "components": components(),
+    }
+
+
+DOCUMENT: Final = build()
+BODY: Final = msgspec.json.encode(DOCUMENT)
+
+
+@routes.get("/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="application/json")
