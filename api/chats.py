@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Final
+from typing import Annotated, Final, cast
 
 import msgspec
 from aiohttp import web
@@ -17,7 +17,7 @@ from api.context import Context, context
 from api.credentials import Identity, create_visitor
 from api.limits import admit_chat, check_prompt, count_visitor_login
 from shared import keys
-from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, decode_result
+from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
 from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
 from shared.streams import Entry, entry_from_fields
@@ -42,14 +42,14 @@ class Visitor(msgspec.Struct):
 
 class Created(msgspec.Struct):
     id: str
-    status: str
+    status: Status
     stream_url: str
     created_at: str
 
 
 class ChatView(msgspec.Struct):
     id: str
-    status: str
+    status: Status
     content: str
     finish_reason: str | None
     usage: Usage | None
@@ -61,7 +61,7 @@ class ChatView(msgspec.Struct):
 
 class StatusView(msgspec.Struct):
     id: str
-    status: str
+    status: Status
 
 
 _create_decoder: Final = msgspec.json.Decoder(CreateChat)
@@ -107,7 +107,7 @@ async def create_chat(request: web.Request) -> web.Response:
 async def read_chat(request: web.Request) -> web.Response:
     ctx = context(request)
     identity, chat_id, chat = await owned_chat(request, ctx)
-    status = chat[b"status"].decode()
+    status = cast(Status, chat[b"status"].decode())
     view = ChatView(
         id=chat_id,
         status=status,
@@ -211,9 +211,9 @@ return status
 """
 
 
-async def request_cancel(ctx: Context, chat_id: str) -> str:
+async def request_cancel(ctx: Context, chat_id: str) -> Status:
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
     args: list[str | bytes] = [result, str(ctx.settings.stream_ttl), str(time.time()), chat_id, keys.active("")]
     keyset = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id), keys.cancels()]
     status = await ctx.redis.eval(CANCEL, len(keyset), *keyset, *args)  # type: ignore[arg-type,misc]
-    return bytes(status).decode() if isinstance(status, bytes) else str(status)
+    return cast(Status, bytes(status).decode() if isinstance(status, bytes) else str(status))
