@@ -79,8 +79,8 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     quiet = 0.0
     try:
         async with asyncio.timeout(settings.stream_max_lifetime), aclosing(tail):
-            async for entry in tail:
-                if entry is None:
+            async for batch in tail:
+                if not batch:
                     quiet += settings.heartbeat_interval
                     if quiet >= settings.stream_idle_timeout:
                         await response.write(b": idle; reconnect with Last-Event-ID\n\n")
@@ -88,7 +88,7 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                     await response.write(PING)
                 else:
                     quiet = 0.0
-                    await response.write(encode_entry(entry))
+                    await response.write(b"".join(map(encode_entry, batch)))
         await response.write_eof()
     except TimeoutError:
         with contextlib.suppress(ConnectionResetError):

@@ -96,11 +96,13 @@ class StreamHub:
     def stopping(self) -> bool:
         return self._stopping
 
-    async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[Entry | None, None]:
+    async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[list[Entry], None]:
         """The chat's entries after ``after`` (history, then live), ending with the terminal one.
 
-        Yields ``None`` after ``idle`` seconds without an entry, for the caller's heartbeat. Ends
-        early, without a terminal entry, when the edge shuts down: the client resumes elsewhere.
+        Entries come in batches, for one write each: a page of history, or every live entry that
+        arrived while the last batch was being written. An empty batch comes after ``idle``
+        seconds without an entry, for the caller's heartbeat. Ends early, without a terminal
+        entry, when the edge shuts down: the client resumes elsewhere.
         """
         sub = Subscriber()
         try:
@@ -108,50 +110,62 @@ class StreamHub:
             last = after or "0-0"
             caught_up_once = False
             while True:
-                async for entry in self._read_after(chat_id, last):
-                    yield entry
-                    last = entry.id
-                    if entry.type in TERMINAL_TYPES:
+                async for page in self._read_after(chat_id, last):
+                    yield page
+                    last = page[-1].id
+                    if page[-1].type in TERMINAL_TYPES:
                         return
                 if not caught_up_once and after is not None and await self._ended_at_or_before(chat_id, last):
                     return  # resumed after the terminal event: nothing more will ever come
                 caught_up_once = True
-                async for live in self._live(sub, last, idle):
-                    yield live
-                    if live is not None:
-                        last = live.id
-                        if live.type in TERMINAL_TYPES:
+                async for batch in self._live(sub, last, idle):
+                    yield batch
+                    if batch:
+                        last = batch[-1].id
+                        if batch[-1].type in TERMINAL_TYPES:
                             return
                 if sub.closed:
                     return
         finally:
             self._unsubscribe(chat_id, sub)
 
-    async def _live(self, sub: Subscriber, last: str, idle: float) -> AsyncGenerator[Entry | None, None]:
-        """Live entries after ``last``; returns when the caller must re-read the stream."""
+    async def _live(self, sub: Subscriber, last: str, idle: float) -> AsyncGenerator[list[Entry], None]:
+        """Live entries after ``last``, in batches; returns when the caller must re-read the stream."""
         last_key = id_key(last)
         while True:
             try:
                 async with asyncio.timeout(idle):
                     item = await sub.queue.get()
             except TimeoutError:
-                yield None
+                yield []
                 continue
+            batch: list[Entry] = []
+            while item is not RESYNC:
+                key = id_key(item.id)
+                if key > last_key:
+                    batch.append(item)
+                    last_key = key
+                if item.type in TERMINAL_TYPES or sub.queue.empty():
+                    break
+                item = sub.queue.get_nowait()
+            if batch:
+                yield batch
             if item is RESYNC:
                 return
-            key = id_key(item.id)
-            if key <= last_key:
-                continue
-            yield item
-            last_key = key
 
-    async def _read_after(self, chat_id: str, last: str) -> AsyncGenerator[Entry, None]:
+    async def _read_after(self, chat_id: str, last: str) -> AsyncGenerator[list[Entry], None]:
         while True:
-            page = await self.redis.xrange(keys.events(chat_id), min=f"({last}", count=PAGE)
-            for entry_id, fields in page:
-                entry = entry_from_fields(entry_id, fields)
-                last = entry.id
-                yield entry
+            page = [
+                entry_from_fields(i, f)
+                for i, f in await self.redis.xrange(keys.events(chat_id), min=f"({last}", count=PAGE)
+            ]
+            for n, entry in enumerate(page):
+                if entry.type in TERMINAL_TYPES:
+                    del page[n + 1 :]  # nothing follows the end
+                    break
+            if page:
+                yield page
+                last = page[-1].id
             if len(page) < PAGE:
                 return
 

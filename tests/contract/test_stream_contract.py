@@ -62,8 +62,8 @@ async def append(store: Redis, events: list[Event], token: str = TOKEN) -> None:
     await sink.drain()
 
 
-async def collect(tail: AsyncIterator[Entry | None]) -> list[Entry]:
-    return [entry async for entry in tail if entry is not None]
+async def collect(tail: AsyncIterator[list[Entry]]) -> list[Entry]:
+    return [entry async for batch in tail for entry in batch]
 
 
 def decoded(entries: list[Entry]) -> list[Event]:
@@ -101,10 +101,10 @@ async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
 async def test_tail_gives_history_then_live_and_stops_after_the_terminal_event(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m"), content(1)])
     tail = hub.tail(CHAT, None, idle=5)
-    first = [await anext(tail), await anext(tail)]
+    first = await anext(tail)  # the history, in one batch
     await append(store, [content(2), content(3), COMPLETE])
     rest = await collect(tail)
-    assert decoded([e for e in first if e is not None] + rest) == [
+    assert decoded(first + rest) == [
         Started(attempt=1, model="m"),
         content(1),
         content(2),
@@ -132,18 +132,18 @@ async def test_resume_after_the_terminal_event_ends_at_once(store: Redis, hub: S
 async def test_a_reader_too_slow_for_the_live_feed_catches_up_from_the_stream(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=5)
-    entries = [await anext(tail)]
+    entries = await anext(tail)
     many = [content(n) for n in range(1, QUEUE_SIZE * 3)]
     await append(store, [*many, COMPLETE])  # far more than the reader's queue holds
     entries += await collect(tail)
-    assert decoded([e for e in entries if e is not None]) == [Started(attempt=1, model="m"), *many, COMPLETE]
+    assert decoded(entries) == [Started(attempt=1, model="m"), *many, COMPLETE]
 
 
 async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=0.05)
-    assert (await anext(tail)) is not None
-    assert (await anext(tail)) is None
+    assert (await anext(tail)) != []
+    assert (await anext(tail)) == []
     await tail.aclose()
     assert CHAT not in hub.topics
 
@@ -192,7 +192,7 @@ async def test_readers_that_leave_while_joining_leave_nothing_behind(store: Redi
 async def test_shutting_the_hub_ends_every_tail_without_a_terminal_event(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=5)
-    assert await anext(tail) is not None
+    assert await anext(tail) != []
     reading = asyncio.ensure_future(collect(tail))
     await asyncio.sleep(0.05)
     hub.close_all()
