@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Final, cast
 
+import aiohttp
 import msgspec
 import openai
 from openai.types.chat import ChatCompletionMessageParam
@@ -25,13 +26,21 @@ RETRYABLE_STATUSES = frozenset({408, 409, 425, 429})
 
 
 def make_client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
-    # Retries are ours (announced as events), so the SDK's own are off; its per-read
-    # timeout would cut long generations, so the pipeline's stall timeouts govern instead.
+    """The SDK's client on its aiohttp transport (``openai[aiohttp]``).
+
+    On the default transport (httpx over h11, pure Python) every chunk of a streamed body was an
+    h11 event passed up through five async iterators: a third of a worker's CPU at full speed.
+    aiohttp parses the body in C and hands over whatever arrived at once (docs/benchmarks.md).
+    Retries are ours (announced as events), so the SDK's own are off; its per-read timeout would
+    cut long generations, so the pipeline's stall timeouts govern instead.
+    """
+    timeout = _http.Timeout(None, connect=10.0)
     return openai.AsyncOpenAI(
         base_url=base_url,
         api_key=api_key or "unused",
         max_retries=0,
-        timeout=_http.Timeout(None, connect=10.0),
+        timeout=timeout,
+        http_client=openai.DefaultAioHttpClient(timeout=timeout),
     )
 
 
@@ -65,8 +74,9 @@ _chunk_decoder: Final = msgspec.json.Decoder(_Chunk)
 
 async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
     """The completion as deltas. The SDK makes the request (auth, base URL, status errors); the
-    chunks are decoded here with msgspec: the SDK's pydantic model per chunk cost about half of a
-    worker's CPU (see docs/benchmarks.md)."""
+    body is split into lines here and each chunk decoded with msgspec: the SDK's pydantic model
+    per chunk, then httpx's line decoding, each cost a large share of a worker's CPU (see
+    docs/benchmarks.md)."""
     messages = cast(
         list[ChatCompletionMessageParam], [{"role": m.role, "content": m.content} for m in request.messages]
     )
@@ -78,23 +88,43 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
         temperature=openai.omit if request.temperature is None else request.temperature,
         max_tokens=openai.omit if request.max_tokens is None else request.max_tokens,
     ) as response:
-        async for line in response.iter_lines():
-            if not line.startswith("data:"):
-                continue
-            data = line[5:].strip()
-            if data == "[DONE]":
+        async for data in sse_data(response.iter_bytes()):
+            if data == b"[DONE]":
                 return
             yield delta_from_chunk(data, response.http_request)
 
 
-def delta_from_chunk(data: str, request: Any = None) -> Delta:
+async def sse_data(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
+    """The payload of each ``data:`` line of an SSE body, whatever pieces the body arrives in.
+
+    Lines end at CR, LF or CRLF, as the SSE format says, and nowhere else: a chunk's JSON may
+    hold U+2028 or U+0085 unescaped, which ``str.splitlines`` (and so httpx's ``aiter_lines``)
+    would take for line ends. A CRLF cut between two reads leaves an empty line, which is skipped
+    like every line that is not ``data:``.
+    """
+    tail = b""
+    async for piece in body:
+        if tail:
+            piece = tail + piece
+        lines = piece.splitlines()
+        tail = b"" if piece.endswith((b"\n", b"\r")) else lines.pop()
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if tail.startswith(b"data:"):
+        yield tail[5:].strip()
+
+
+def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
     """One chunk's JSON as a ``Delta``: role-only chunks, empty ``choices`` and usage-only chunks too."""
     try:
         chunk = _chunk_decoder.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         # msgspec refuses a lone UTF-16 surrogate ("\ud83d"), which servers that split emoji send;
-        # the json module keeps it, and the pipeline re-pairs the halves.
-        chunk = msgspec.convert(json.loads(data), _Chunk)
+        # the json module keeps it, and the pipeline re-pairs the halves. Bytes that are not
+        # UTF-8 become U+FFFD, as a text decoder would make them.
+        text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
+        chunk = msgspec.convert(json.loads(text), _Chunk)
     if chunk.error is not None:
         # An error the server sent inside the stream (OpenAI, vLLM, LiteLLM do): the stream broke.
         raise openai.APIError(str(chunk.error.get("message", chunk.error)), request, body=chunk.error)
@@ -121,18 +151,32 @@ def classify(exc: BaseException) -> Failure:
         retryable = exc.status_code >= 500 or exc.status_code in RETRYABLE_STATUSES
         message = f"LLM answered {exc.status_code}: {_provider_message(exc)}"
         return Failure(message, retryable, _retry_after(exc.response.headers))
-    if isinstance(exc, openai.APITimeoutError):
-        return Failure("LLM request timed out", True)
     if isinstance(exc, openai.APIConnectionError):
-        return Failure(f"cannot reach the LLM: {exc.__cause__ or exc}", True)
+        unreachable = _connector_error(exc)
+        if isinstance(exc, openai.APITimeoutError) and unreachable is None:
+            return Failure("LLM request timed out", True)
+        return Failure(f"cannot reach the LLM: {unreachable or exc.__cause__ or exc}", True)
     if isinstance(exc, openai.APIError):
         # An error the server sent inside the stream (OpenAI, vLLM and LiteLLM do): a broken stream.
         return Failure(f"the LLM's stream failed: {exc.message}", True)
     if isinstance(exc, UpstreamTimeout | IncompleteStream):
         return Failure(str(exc), True)
-    if isinstance(exc, _http.TransportError | OSError):
+    if isinstance(exc, _http.TransportError | aiohttp.ClientError | OSError):
         return Failure(f"the LLM's stream broke: {exc or type(exc).__name__}", True)
     return Failure(f"unexpected error: {type(exc).__name__}: {exc}", False)
+
+
+def _connector_error(exc: BaseException) -> BaseException | None:
+    """The refused connection or unknown host behind an SDK error, if that is what it was.
+
+    The SDK's aiohttp transport reports these as a connect *timeout*; the cause it keeps tells.
+    """
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectorError):
+            return cause
+        cause = cause.__cause__
+    return None
 
 
 def _provider_message(exc: openai.APIStatusError) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
@@ -45,6 +46,9 @@ OpenStream = Callable[[], AsyncGenerator[Delta, None]]
 Classify = Callable[[BaseException], Failure]
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class SurrogateJoiner:
     """Re-pairs UTF-16 surrogates that a provider split across two chunks.
 
@@ -56,11 +60,13 @@ class SurrogateJoiner:
         self._held = ""
 
     def feed(self, text: str) -> str:
+        if not self._held and (text.isascii() or _SURROGATE.search(text) is None):
+            return text  # the usual case, checked without a loop over the characters in Python
         text = self._held + text
         self._held = ""
         if text and "\ud800" <= text[-1] <= "\udbff":
             text, self._held = text[:-1], text[-1]
-        if any("\ud800" <= ch <= "\udfff" for ch in text):
+        if _SURROGATE.search(text) is not None:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return text
 
@@ -69,23 +75,96 @@ class SurrogateJoiner:
         return "\ufffd" if held else ""
 
 
+class _Deadline:
+    """A stall deadline kept lazily: moving it is two stores, not a timer per chunk.
+
+    ``asyncio.timeout`` per chunk creates and cancels a timer each time, and under uvloop a timer
+    is a libuv handle: that cost a fifth of a worker's CPU at full speed. Here one timer is armed
+    for the deadline; when it fires and the deadline has moved on, it re-arms itself for the new
+    one, so a steady stream costs one timer per ``limit`` seconds. Only the time spent waiting on
+    the provider counts (as with a timeout around each ``anext``), not the time the consumer holds
+    the generator suspended between chunks. The cancellation it causes is told apart from any
+    other as ``asyncio.timeout`` does, by the task's count of cancel requests.
+    """
+
+    __slots__ = ("_handle", "_loop", "_scheduled", "_task", "cancelling", "deadline", "expired", "waiting")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._handle: asyncio.TimerHandle | None = None
+        self._scheduled = 0.0
+        self.deadline = 0.0
+        self.waiting = False
+        self.expired = False
+        self.cancelling = 0
+
+    def arm(self, limit: float) -> None:
+        """The provider has ``limit`` seconds from now to deliver the next delta."""
+        self.deadline = self._loop.time() + limit
+        self.cancelling = self._task.cancelling()
+        self.waiting = True
+        if self._handle is None:
+            self._schedule()
+        elif self.deadline < self._scheduled:  # a shorter limit now (idle after first): sooner
+            self._handle.cancel()
+            self._schedule()
+
+    def _schedule(self) -> None:
+        self._scheduled = self.deadline
+        self._handle = self._loop.call_at(self.deadline, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        if not self.waiting:
+            return  # the consumer holds the stream between chunks: ``arm`` schedules again
+        if self.deadline > self._scheduled:
+            self._schedule()  # deltas came in time: wait for the current deadline
+            return
+        self.expired = True
+        self._task.cancel()
+
+    def disarm(self) -> bool:
+        """The wait is over; True if it ended because this deadline cancelled the task (and no one else did)."""
+        self.waiting = False
+        if not self.expired:
+            return False
+        self.expired = False
+        return self._task.uncancel() <= self.cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def with_timeouts(
     deltas: AsyncGenerator[Delta, None], *, first: float, idle: float
 ) -> AsyncGenerator[Delta, None]:
     """``deltas``, failing with :class:`UpstreamTimeout` when the provider stalls."""
     limit, what = first, "first token"
     async with aclosing(deltas):
-        while True:
-            try:
-                async with asyncio.timeout(limit):
+        deadline = _Deadline()
+        try:
+            while True:
+                deadline.arm(limit)
+                try:
                     delta = await anext(deltas)
-            except StopAsyncIteration:
-                return
-            except TimeoutError:
-                raise UpstreamTimeout(f"no {what} from the LLM within {limit:g} s") from None
-            yield delta
-            if delta.text:
-                limit, what = idle, "chunk"
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if deadline.disarm():
+                        raise UpstreamTimeout(f"no {what} from the LLM within {limit:g} s") from None
+                    raise
+                finally:
+                    deadline.disarm()
+                yield delta
+                if delta.text:
+                    limit, what = idle, "chunk"
+        finally:
+            deadline.close()
 
 
 async def attempt_events(

@@ -14,7 +14,7 @@ fast provider costs one round trip per batch, not per token, and an idle one no 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Final, get_args
 
 import msgspec
 from redis.asyncio import Redis
@@ -58,6 +58,9 @@ local owner = redis.call('HGET', KEYS[4], 'owner')
 if owner then redis.call('ZREM', ARGV[11] .. owner, ARGV[10]) end
 return 1
 """
+
+# Each event type's name (its tag), as the bytes the APPEND call sends.
+_TYPES: Final[dict[type, bytes]] = {t: str(t.__struct_config__.tag).encode() for t in get_args(Event)}
 
 #: beyond this many unsent events, ``append`` waits for the batch in flight
 MAX_PENDING: Final = 1000
@@ -122,7 +125,8 @@ class StreamSink:
             self._seq += 1
             args: list[str | bytes] = [self._token, str(self._seq), self._maxlen]
             for event in batch:
-                args += [event_type(event), encode_event(event)]
+                args.append(_TYPES[type(event)])
+                args.append(encode_event(event))
             self._check(await self._script(keys=self._keys, args=args))
 
     def _check(self, applied: int) -> None:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 import pytest
 
+from shared.chats import ChatRequest, Message
 from shared.events import Usage
-from workers.llm import classify, delta_from_chunk
-from workers.pipeline import Delta, IncompleteStream, UpstreamTimeout
+from workers.llm import classify, delta_from_chunk, make_client, sse_data, stream_deltas
+from workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
 
 REQUEST = httpx2.Request("POST", "http://x/v1/chat/completions")
 
@@ -192,3 +195,101 @@ def test_an_error_inside_the_stream_raises_a_retryable_api_error() -> None:
     with pytest.raises(openai.APIError) as caught:
         delta_from_chunk('{"error": {"message": "overloaded", "type": "server_error"}}')
     assert classify(caught.value).retryable
+
+
+# --- sse_data: the body split into lines at the bytes level -------------------------------------
+
+
+async def pieces(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+async def data_of(*parts: bytes) -> list[bytes]:
+    return [data async for data in sse_data(pieces(*parts))]
+
+
+async def test_data_lines_are_found_whatever_pieces_the_body_arrives_in() -> None:
+    body = b'data: {"a":1}\n\n: keep-alive\n\ndata: {"b":2}\n\ndata: [DONE]\n\n'
+    whole = await data_of(body)
+    assert whole == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+    assert await data_of(*(body[i : i + 1] for i in range(len(body)))) == whole  # a byte at a time
+    assert await data_of(body[:9], body[9:23], body[23:]) == whole
+
+
+@pytest.mark.parametrize("end", [b"\r\n", b"\r", b"\n"])
+async def test_lines_end_at_crlf_cr_or_lf_even_when_a_crlf_is_cut_in_two(end: bytes) -> None:
+    body = b"data: 1" + end + end + b"event: x" + end + b"data: 2" + end + end
+    assert await data_of(body) == [b"1", b"2"]
+    cut = body.index(end) + 1
+    assert await data_of(body[:cut], body[cut:]) == [b"1", b"2"]
+
+
+async def test_a_last_line_without_its_line_end_still_counts() -> None:
+    assert await data_of(b"data: 1\n\ndata: 2") == [b"1", b"2"]
+
+
+async def test_unicode_line_separators_inside_a_chunk_do_not_end_its_line() -> None:
+    # JSON may carry U+2028, U+2029 and U+0085 unescaped; str.splitlines (httpx's aiter_lines)
+    # would cut the chunk's line there and lose the chunk.
+    text = "one\u2028two\u2029three\x85four\x1cfive"
+    line = b"data: " + json.dumps({"choices": [choice({"content": text})]}, ensure_ascii=False).encode() + b"\n\n"
+    [data] = await data_of(line)
+    assert delta_from_chunk(data) == Delta(text=text)
+
+
+def test_a_chunk_as_bytes_decodes_like_the_same_chunk_as_text() -> None:
+    text = chunk([choice({"content": "café 東京 👍🏽"}, finish_reason="stop")])
+    assert delta_from_chunk(text.encode()) == delta_from_chunk(text) == Delta("café 東京 👍🏽", "stop")
+
+
+def test_bytes_that_are_not_utf8_become_replacement_characters() -> None:
+    data = b'{"choices": [{"index": 0, "delta": {"content": "a\xffb"}, "finish_reason": null}]}'
+    assert delta_from_chunk(data) == Delta(text="a\ufffdb")
+
+
+def test_a_lone_surrogate_in_bytes_is_kept_for_the_pipeline_to_rejoin() -> None:
+    data = b'{"choices": [{"index": 0, "delta": {"content": "a\\ud83d"}, "finish_reason": null}]}'
+    assert delta_from_chunk(data) == Delta(text="a\ud83d")
+
+
+# --- classify: the SDK's aiohttp transport ------------------------------------------------------
+
+
+def sdk_error(cls: type[openai.APIConnectionError], *chain: BaseException) -> openai.APIConnectionError:
+    """``cls`` raised from ``chain[0]``, raised from ``chain[1]``…, as the SDK and its transport chain them."""
+    exc = cls(request=REQUEST)
+    outer: BaseException = exc
+    for cause in chain:
+        outer.__cause__ = cause
+        outer = cause
+    return exc
+
+
+async def test_a_refused_connection_is_told_as_unreachable_not_as_a_timeout() -> None:
+    # The SDK's aiohttp transport reports every aiohttp connection error as httpx's ConnectTimeout.
+    async with make_client("http://127.0.0.1:1/v1", None) as client:
+        with pytest.raises(openai.APIConnectionError) as caught:
+            await anext(stream_deltas(client, ChatRequest(messages=[Message(role="user", content="hi")]), "m"))
+    failure = classify(caught.value)
+    assert failure.retryable
+    assert failure.message.startswith("cannot reach the LLM: Cannot connect to host 127.0.0.1:1")
+
+
+def test_a_real_connect_timeout_stays_a_timeout() -> None:
+    exc = sdk_error(openai.APITimeoutError, httpx2.ConnectTimeout("timed out"), aiohttp.ConnectionTimeoutError())
+    assert classify(exc) == Failure("LLM request timed out", True)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        pytest.param(httpx2.ReadError("Response payload is not completed"), id="mapped-payload-error"),
+        pytest.param(aiohttp.ClientPayloadError("Response payload is not completed"), id="payload-error"),
+        pytest.param(aiohttp.ServerDisconnectedError(), id="server-disconnected"),
+    ],
+)
+def test_a_body_the_aiohttp_transport_could_not_finish_is_a_broken_stream(exc: BaseException) -> None:
+    failure = classify(exc)
+    assert failure.retryable
+    assert failure.message.startswith("the LLM's stream broke")

@@ -417,6 +417,64 @@ async def test_stream_in_time_passes_through_unchanged() -> None:
     assert await collect_deltas(with_timeouts(deltas(*items), first=10, idle=10)) == items
 
 
+async def test_a_stall_after_the_first_token_is_caught_by_the_idle_limit_not_the_longer_first_one() -> None:
+    provider = Stalling(Delta(text="Hi"))
+    async with asyncio.timeout(2):  # the first-token limit (60 s) must not be what ends it
+        with pytest.raises(UpstreamTimeout, match="chunk"):
+            await collect_deltas(with_timeouts(provider.stream(), first=60, idle=0.05))
+
+
+async def steady(count: int, every: float) -> AsyncGenerator[Delta, None]:
+    for n in range(count):
+        await asyncio.sleep(every)
+        yield Delta(text=str(n))
+    yield STOP
+
+
+async def test_a_steady_stream_that_lasts_many_idle_limits_does_not_time_out() -> None:
+    received = await collect_deltas(with_timeouts(steady(20, 0.01), first=0.05, idle=0.05))
+    assert [d.text for d in received] == [*map(str, range(20)), ""]
+
+
+async def test_time_the_consumer_holds_the_stream_between_chunks_does_not_count() -> None:
+    received = []
+    async for delta in with_timeouts(deltas(*texts("a", "b", "c"), STOP), first=0.03, idle=0.03):
+        received.append(delta)
+        await asyncio.sleep(0.08)  # the consumer is slow (a full sink), not the provider
+    assert received == [*texts("a", "b", "c"), STOP]
+
+
+async def test_a_stall_timeout_leaves_no_cancel_request_on_the_task() -> None:
+    with pytest.raises(UpstreamTimeout):
+        await collect_deltas(with_timeouts(Stalling().stream(), first=0.02, idle=10))
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    await asyncio.sleep(0.01)  # and no stray cancellation arrives later
+
+
+async def test_a_cancel_from_outside_during_a_stall_stays_a_cancel() -> None:
+    provider = Stalling(Delta(text="Hi"))
+    task = asyncio.create_task(collect_deltas(with_timeouts(provider.stream(), first=10, idle=0.2)))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert provider.closed
+
+
+async def test_a_cancel_from_outside_as_the_stall_limit_passes_stays_a_cancel() -> None:
+    provider = Stalling()
+    task = asyncio.create_task(collect_deltas(with_timeouts(provider.stream(), first=0.05, idle=10)))
+    await asyncio.sleep(0.05)  # the stall limit fires about now, in either order with the cancel
+    task.cancel()
+    with pytest.raises((asyncio.CancelledError, UpstreamTimeout)) as caught:
+        await task
+    # asyncio.timeout's rule: a cancel request of someone else's is never swallowed
+    assert isinstance(caught.value, asyncio.CancelledError) or task.cancelling() == 0
+    assert provider.closed
+
+
 # --- backoff ------------------------------------------------------------------------------------
 
 
