@@ -76,6 +76,7 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     # So does a stream open too long, or too long without an event: a client holds a stream
     # only while it is of use, and picks it up again with Last-Event-ID at no loss.
     tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval)
+    writes = StalledWrites(request, response, settings.stream_write_timeout, chat_id)
     quiet = 0.0
     try:
         async with asyncio.timeout(settings.stream_max_lifetime), aclosing(tail):
@@ -83,22 +84,54 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                 if not batch:
                     quiet += settings.heartbeat_interval
                     if quiet >= settings.stream_idle_timeout:
-                        await response.write(b": idle; reconnect with Last-Event-ID\n\n")
+                        await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
                         return response
-                    await response.write(PING)
+                    await writes.write(PING)
                 else:
                     quiet = 0.0
-                    await response.write(b"".join(map(encode_entry, batch)))
+                    await writes.write(b"".join(map(encode_entry, batch)))
         await response.write_eof()
     except TimeoutError:
         with contextlib.suppress(ConnectionResetError):
-            await response.write(b": lifetime; reconnect with Last-Event-ID\n\n")
+            await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
     except ConnectionResetError:
         pass  # the client went away
     except RedisError as exc:
         log.warning("chat %s: ending a stream on a Redis error (%s); the client will resume", chat_id, exc)
         response.force_close()
+    finally:
+        writes.stop()
     return response
+
+
+class StalledWrites:
+    """Aborts a stream whose client stopped reading: a write still waiting after ``timeout`` s.
+
+    Its socket and buffers would otherwise be held until the stream's lifetime ran out. One timer
+    per stream, re-armed every ``timeout / 2`` s, costs less than a timer around every write.
+    """
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, chat_id: str) -> None:
+        self._request, self._response, self._timeout, self._chat_id = request, response, timeout, chat_id
+        self._loop = asyncio.get_running_loop()
+        self._since: float | None = None
+        self._timer = self._loop.call_later(timeout / 2, self._check)
+
+    async def write(self, data: bytes) -> None:
+        self._since = self._loop.time()
+        await self._response.write(data)
+        self._since = None
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        if self._since is not None and self._loop.time() - self._since >= self._timeout:
+            log.info("chat %s: a client stopped reading its stream; dropping it (it can resume)", self._chat_id)
+            if self._request.transport is not None:
+                self._request.transport.abort()
+            return
+        self._timer = self._loop.call_later(self._timeout / 2, self._check)
 
 
 async def authorize(request: web.Request, ctx: Context, chat_id: str) -> tuple[Identity, ChatState]:

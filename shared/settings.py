@@ -82,6 +82,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: an SSE response ends after this long in all, or this long without an event; clients resume
     stream_max_lifetime: Seconds = 3600.0
     stream_idle_timeout: Seconds = 600.0
+    #: a stream whose client reads nothing for this long (a write cannot complete) is dropped
+    stream_write_timeout: Seconds = 30.0
     #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
     redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
     log_level: str = "INFO"

@@ -4,14 +4,17 @@ and an SSE response ends after its lifetime or a spell without events (the clien
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
 from aiohttp import ClientSession
+from redis.asyncio import Redis
 
 from api.app import make_app
+from shared import keys
 from shared.settings import Settings
 from streambridge.serve import start_site
 
@@ -108,3 +111,33 @@ async def test_a_stream_ends_after_its_idle_timeout_or_lifetime(
                 body = await asyncio.wait_for(response.read(), 10)
             assert 0.5 < time.monotonic() - began < 3
             assert body.rstrip().endswith(comment + b" reconnect with Last-Event-ID")
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(settings: Settings, redis_url: str) -> None:
+    quick = msgspec.structs.replace(settings, stream_write_timeout=0.5)
+    async for server in serve(quick):
+        async with ClientSession(f"http://{server}") as http:
+            login = await (await http.post("/v1/auth/visitor")).json()
+            auth = {"Authorization": f"Bearer {login['token']}"}
+            created = await (await http.post("/v1/chats", json={"message": "hi"}, headers=auth)).json()
+        redis = Redis.from_url(redis_url)
+        big = b'{"type":"content","content":"' + b"x" * 10_000 + b'","index":1,"attempt":1}'
+        async with redis.pipeline(transaction=False) as pipe:
+            for _ in range(2000):  # 20 MB of history: more than any socket buffers hold
+                pipe.xadd(keys.events(created["id"]), {"type": "content", "data": big})
+            await pipe.execute()
+        host, port = server.split(":")
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
+        path = created["stream_url"].split(server, 1)[1]
+        sock.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        began = time.monotonic()
+        while await redis.zcard(keys.user_streams(login["user"])) == 0:  # the stream opened
+            await asyncio.sleep(0.02)
+        while await redis.zcard(keys.user_streams(login["user"])) == 1:  # ... and never read
+            assert time.monotonic() - began < 10, "a client that reads nothing still holds its stream"
+            await asyncio.sleep(0.05)
+        sock.close()
+        await redis.aclose()
