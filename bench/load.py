@@ -69,7 +69,8 @@ async def streambridge_chat(
     start = time.perf_counter()
     chat = await create(session, api, auth, model, n)
     created_ms = _iso_ms(chat["created_at"])
-    result: dict[str, Any] = {"lags": [], "ttft": None, "pickup": None, "content": 0}
+    # "at": when each of "lags" was received (epoch s), for a timeline (bench/slowclients.py)
+    result: dict[str, Any] = {"lags": [], "at": [], "ttft": None, "pickup": None, "content": 0}
 
     def on_event(now: float, message: Any, live: bool) -> None:
         ms = id_key(message.id)[0]
@@ -80,6 +81,7 @@ async def streambridge_chat(
                 result["ttft"] = (time.perf_counter() - start) * 1000
             if live:
                 result["lags"].append(now * 1000 - ms)
+                result["at"].append(now)
             result["content"] += 1
 
     await follow(session, chat["stream_url"], on_event)
