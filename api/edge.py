@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from contextlib import aclosing
 from typing import Any, NamedTuple
@@ -21,6 +20,7 @@ from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
 from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
+from shared.events import TERMINAL_TYPES
 from shared.streams import id_key, is_entry_id
 
 log = logging.getLogger("streambridge.edge")
@@ -33,14 +33,21 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     assert ctx.slots is not None, "the edge's hub and slots start with the app"
     chat_id = chat_id_of(request)
-    identity, state = await authorize(request, ctx, chat_id)
-    last_event_id = parse_last_event_id(request)
-    check_retained(chat_id, state, last_event_id)
-    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    last_event_id, slot = await admit(request, ctx, chat_id)
     try:
         return await stream(request, ctx, chat_id, last_event_id)
     finally:
         await asyncio.shield(ctx.slots.release(slot))
+
+
+async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str | None, str]:
+    """Checks the request and takes a stream slot; what it read is let go before the stream starts
+    (an open stream's frame holds only what it needs: 10,000 of them add up)."""
+    assert ctx.slots is not None
+    identity, state = await authorize(request, ctx, chat_id)
+    last_event_id = parse_last_event_id(request)
+    check_retained(chat_id, state, last_event_id)
+    return last_event_id, await ctx.slots.acquire(identity, request.remote or "unknown")
 
 
 class ChatState(NamedTuple):
@@ -77,9 +84,11 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     # only while it is of use, and picks it up again with Last-Event-ID at no loss.
     tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval)
     writes = StalledWrites(request, response, settings.stream_write_timeout, chat_id)
+    # Checked at each batch or heartbeat rather than by a timer of its own: one less per stream.
+    end_of_life = asyncio.get_running_loop().time() + settings.stream_max_lifetime
     quiet = 0.0
     try:
-        async with asyncio.timeout(settings.stream_max_lifetime), aclosing(tail):
+        async with aclosing(tail):
             async for batch in tail:
                 if not batch:
                     quiet += settings.heartbeat_interval
@@ -90,10 +99,10 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                 else:
                     quiet = 0.0
                     await writes.write(b"".join(map(encode_entry, batch)))
+                if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
+                    await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
+                    return response
         await response.write_eof()
-    except TimeoutError:
-        with contextlib.suppress(ConnectionResetError):
-            await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
     except ConnectionResetError:
         pass  # the client went away
     except RedisError as exc:
@@ -111,6 +120,8 @@ class StalledWrites:
     per stream, re-armed every ``timeout / 2`` s, costs less than a timer around every write.
     """
 
+    __slots__ = ("_chat_id", "_loop", "_request", "_response", "_since", "_timeout", "_timer")
+
     def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, chat_id: str) -> None:
         self._request, self._response, self._timeout, self._chat_id = request, response, timeout, chat_id
         self._loop = asyncio.get_running_loop()
@@ -124,6 +135,9 @@ class StalledWrites:
 
     def stop(self) -> None:
         self._timer.cancel()
+
+    def now(self) -> float:
+        return self._loop.time()
 
     def _check(self) -> None:
         if self._since is not None and self._loop.time() - self._since >= self._timeout:
