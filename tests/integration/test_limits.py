@@ -190,3 +190,24 @@ async def test_one_address_may_make_only_so_many_visitors_a_minute(settings: Set
         response = await client.post("/v1/auth/visitor")
         assert response.status == 429
         assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+async def test_limits_hold_across_api_and_edge_processes(strict_settings: Settings) -> None:
+    """Two apps on one Redis, as two processes would be: each counts what the other admitted."""
+    async with (
+        TestClient(TestServer(make_app(strict_settings))) as first,
+        TestClient(TestServer(make_app(strict_settings))) as second,
+    ):
+        token = await visitor(first)
+        created = [await create(first, token), await create(second, token)]
+        assert [status for status, _, _ in created] == [202, 202]
+        status, body, _ = await create(first, token)  # the third chat, on either process
+        assert (status, error_code(body)) == (429, "too_many_chats")
+        paths = [str(body["stream_url"])[str(body["stream_url"]).index("/v1/") :] for _, body, _ in created]
+        streams = [await first.get(paths[0]), await second.get(paths[1])]
+        assert [r.status for r in streams] == [200, 200]
+        refused = await second.get(paths[0])  # a third stream, on the edge that holds only one
+        assert refused.status == 429
+        assert error_code(json_of(await refused.read())) == "too_many_streams"
+        for response in streams:
+            response.close()
