@@ -101,7 +101,7 @@ class ChatRunner:
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
         try:
-            chat = await self.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+            chat = lease.chat
             if b"cancel" in chat:
                 self.stop(chat_id, Stop.CANCELLED)
                 await asyncio.sleep(0)  # take the cancellation here
