@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 import uuid
@@ -15,12 +16,14 @@ from aiohttp import web
 from api.auth import authenticate, sign_stream_token
 from api.context import Context, context
 from api.credentials import Identity, create_visitor
-from api.limits import admit_chat, check_prompt, count_visitor_login
+from api.limits import admit_chat, bounded, check_prompt, count_visitor_login
 from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
 from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
 from shared.streams import Entry, entry_from_fields
+
+log = logging.getLogger("streambridge.api")
 
 routes = web.RouteTableDef()
 
@@ -28,7 +31,7 @@ routes = web.RouteTableDef()
 class CreateChat(msgspec.Struct, forbid_unknown_fields=True):
     """The body of ``POST /v1/chats``: ``messages``, or the shorthand ``message``."""
 
-    messages: Annotated[list[Message], msgspec.Meta(min_length=1, max_length=1000)] | None = None
+    messages: Annotated[list[Message], msgspec.Meta(min_length=1)] | None = None
     message: Annotated[str, msgspec.Meta(min_length=1)] | None = None
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
@@ -77,7 +80,8 @@ async def healthz(request: web.Request) -> web.Response:
         async with asyncio.timeout(2):
             await context(request).redis.ping()
     except Exception as exc:
-        raise Unavailable(f"Redis is unreachable: {exc}") from None
+        log.warning("health check: Redis is unreachable: %s", exc)
+        raise Unavailable("Redis is unreachable") from None
     return web.json_response({"status": "ok"})
 
 
@@ -95,6 +99,7 @@ async def create_chat(request: web.Request) -> web.Response:
     identity = await authenticate(request, ctx.redis, ctx.settings)
     chat = parse_create(await read_body(request, ctx))
     check_prompt(chat, identity)
+    chat = bounded(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     request_json = msgspec.json.encode(chat)

@@ -59,6 +59,8 @@ class Quota:
     max_messages: int
     max_prompt_chars: int
     max_tokens: int
+    #: the key's own ``--max-tokens``: also the ``max_tokens`` of its chats that name none
+    default_max_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def quota(settings: Settings, credential: Credential) -> Quota:
         max_messages=o.max_messages or settings.max_messages,
         max_prompt_chars=o.max_prompt_chars or settings.max_prompt_chars,
         max_tokens=o.max_tokens or settings.max_tokens_cap,
+        default_max_tokens=o.max_tokens,
     )
 
 

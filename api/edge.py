@@ -212,8 +212,9 @@ def check_retained(chat_id: str, state: ChatState, last_event_id: str | None) ->
     added = info.get("entries-added")
     if added is not None:
         something_trimmed = added > info["length"]
-    else:  # Redis 6.2 counts no appends; a stream whose first entry is not its opening event was trimmed
-        something_trimmed = first is not None and first[1].get(b"type") not in (b"started", b"cancelled")
+    else:  # Redis 6.2 counts no appends; a stream whose first entry cannot open one was trimmed
+        # (a chat past its deadline before any attempt holds a lone `failed`)
+        something_trimmed = first is not None and first[1].get(b"type") not in (b"started", b"cancelled", b"failed")
     if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
         raise StreamExpired(
             f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "

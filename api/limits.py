@@ -12,6 +12,7 @@ import math
 import time
 from typing import Final
 
+import msgspec
 from redis.asyncio import Redis
 
 from api.credentials import Identity
@@ -54,6 +55,19 @@ def check_prompt(chat: ChatRequest, identity: Identity) -> None:
         raise Unprocessable(f"the prompt may have at most {q.max_prompt_chars} characters, not {chars}")
     if chat.max_tokens is not None and chat.max_tokens > q.max_tokens:
         raise Unprocessable(f"max_tokens may be at most {q.max_tokens}, not {chat.max_tokens}")
+
+
+def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:
+    """The chat as it will run: a key with its own ``--max-tokens`` bounds chats that name none.
+
+    The deployment-wide cap does not fill in for them: servers such as vLLM and llama.cpp refuse a
+    ``max_tokens`` beyond what the model's context leaves, so a default of 8192 would fail every
+    such chat on a small model.
+    """
+    default = identity.quota.default_max_tokens
+    if chat.max_tokens is not None or default is None:
+        return chat
+    return msgspec.structs.replace(chat, max_tokens=default)
 
 
 async def admit_chat(
@@ -99,15 +113,22 @@ async def admit_chat(
         )
 
 
+# Counts one more, unless the count is at the limit already: a refused login counts for nothing.
+COUNT_UP_TO: Final = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('INCR', KEYS[1])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 async def count_visitor_login(redis: Redis, settings: Settings, ip: str, now: float | None = None) -> None:
     """Visitors are free to make, and each has limits of its own: so one address makes only so many."""
     now = time.time() if now is None else now
     window = int(now // 60)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.incr(keys.visitor_logins(ip, window))
-        pipe.expire(keys.visitor_logins(ip, window), 120)
-        count, _ = await pipe.execute()
-    if count > settings.visitor_logins_per_minute:
+    limit = settings.visitor_logins_per_minute
+    counted = await redis.eval(COUNT_UP_TO, 1, keys.visitor_logins(ip, window), str(limit), "120")  # type: ignore[misc]
+    if not counted:
         retry_after = max(1, math.ceil((window + 1) * 60 - now))
         message = f"at most {settings.visitor_logins_per_minute} visitor logins a minute from one address"
         raise RateLimited(f"{message}; try again in {retry_after} s", retry_after=retry_after)

@@ -239,8 +239,7 @@ def chats() -> Json:
                     "The service cannot take the chat now.",
                     {
                         **REDIS_UNAVAILABLE,
-                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats are queued or running; sent with "
-                        "`Retry-After`",
+                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
                     },
                     retry_after=False,
                 ),

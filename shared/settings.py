@@ -73,7 +73,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     visitor_logins_per_minute: Positive = 20
     #: SSE streams open at once from one client IP address, across every edge
     max_open_streams_per_ip: Positive = 500
-    #: admission control: while this many chats are queued or running, new ones get 503 at once
+    #: admission control: while this many chats wait for a worker, new ones get 503 at once
     max_queue_depth: Positive = 10_000
     #: a connection must send a request's headers within this many seconds (also the keep-alive idle limit)
     header_timeout: Seconds = 10.0

@@ -16,6 +16,7 @@ from api.app import make_app
 from api.credentials import Credential, Identity, Limits, issue, quota
 from api.limits import admit_chat
 from shared import keys
+from shared.chats import decode_request
 from shared.errors import Overloaded, RateLimited
 from shared.settings import Settings
 from tests.integration.conftest import RunWorker, bearer, json_of
@@ -211,3 +212,23 @@ async def test_limits_hold_across_api_and_edge_processes(strict_settings: Settin
         assert error_code(json_of(await refused.read())) == "too_many_streams"
         for response in streams:
             response.close()
+
+
+async def test_a_keys_max_tokens_bounds_chats_that_name_none(strict: Client, real_redis: Redis) -> None:
+    key, _ = await issue(real_redis, "acme", "key", limits=Limits(max_tokens=40))
+    visitor_token = await visitor(strict)
+    requests = {}
+    for name, token in [("key", key), ("visitor", visitor_token)]:
+        _, body, _ = await create(strict, token)
+        requests[name] = decode_request(await real_redis.hget(keys.chat(str(body["id"])), "request"))
+    assert requests["key"].max_tokens == 40
+    assert requests["visitor"].max_tokens is None, "the deployment's cap never fills in (small models refuse it)"
+
+
+async def test_refused_visitor_logins_do_not_count(settings: Settings, real_redis: Redis) -> None:
+    two = msgspec.structs.replace(settings, visitor_logins_per_minute=2)
+    async with TestClient(TestServer(make_app(two))) as client:
+        statuses = [(await client.post("/v1/auth/visitor")).status for _ in range(5)]
+    assert statuses == [201, 201, 429, 429, 429]
+    (counter,) = await real_redis.keys(keys.visitor_logins("*", 0).rsplit(":", 2)[0] + ":*")
+    assert await real_redis.get(counter) == b"2"

@@ -135,6 +135,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(setting
         sock.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         began = time.monotonic()
         while await redis.zcard(keys.user_streams(login["user"])) == 0:  # the stream opened
+            assert time.monotonic() - began < 10, "the stream never opened"
             await asyncio.sleep(0.02)
         while await redis.zcard(keys.user_streams(login["user"])) == 1:  # ... and never read
             assert time.monotonic() - began < 10, "a client that reads nothing still holds its stream"

@@ -32,3 +32,11 @@ def test_forged_stream_tokens_are_refused() -> None:
         f"{expires}.{credential}.{signature[:-1]}x",
     ]:
         assert verify_stream_token(SECRET, "chat-a", forged, now=1001) is None
+
+
+def test_on_redis_6_2_a_stream_holding_a_lone_failed_event_is_not_taken_for_trimmed() -> None:
+    from api.edge import ChatState, check_retained
+
+    # Redis 6.2's XINFO has no entries-added: a chat past its deadline before any attempt began
+    info = {"length": 1, "last-generated-id": b"5-0", "first-entry": (b"5-0", {b"type": b"failed"})}
+    check_retained("c", ChatState(None, b"u", b"failed", info), None)  # no 410
