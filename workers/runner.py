@@ -21,10 +21,10 @@ from datetime import datetime
 import openai
 from redis.asyncio import Redis
 
-from shared import keys
 from shared.chats import ChatRequest, ChatResult, decode_request
 from shared.events import Cancelled, Complete, Content, Error, Event, Failed, Started, Status
 from shared.settings import Settings
+from workers.appender import Appender
 from workers.lease import Lease
 from workers.llm import classify, stream_deltas
 from workers.pipeline import Delta, chat_events, with_timeouts
@@ -76,6 +76,7 @@ class ChatRunner:
         self.llm = llm
         self.settings = settings
         self.active: dict[str, Active] = {}
+        self.appender = Appender(redis)  # every chat's appends, in one pipeline per round trip
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
         """Stop the chat if it runs here; the first reason given wins."""
@@ -97,7 +98,7 @@ class ChatRunner:
         assert task is not None
         active = self.active[chat_id] = Active(task)
         keeper = asyncio.create_task(self._keep(lease))
-        sink = StreamSink(self.redis, chat_id, lease.token, maxlen=self.settings.stream_maxlen)
+        sink = StreamSink(self.redis, chat_id, lease.token, maxlen=self.settings.stream_maxlen, appender=self.appender)
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
         try:
@@ -170,10 +171,7 @@ class ChatRunner:
                 if isinstance(event, Complete | Failed):
                     return event
                 tracker.observe(event)
-                if isinstance(event, Started):
-                    # Persisted before the attempt's events, so a re-run numbers its attempt after it.
-                    await self.redis.hset(keys.chat(chat_id), "attempts", str(event.attempt))  # type: ignore[misc]
-                await sink.append(event)
+                await sink.append(event)  # a ``started`` event also records its attempt on the chat
         raise AssertionError("chat_events always ends with complete or failed")
 
     async def _keep(self, lease: Lease) -> None:

@@ -5,10 +5,15 @@ Each batch is one Lua call that, atomically:
 - skips a batch whose sequence number was already applied (a retry after a dropped
   connection must not append the same events twice), and refuses one whose predecessor is
   missing (Redis lost writes in a crash: the attempt must not go on with a hole in its text);
-- XADDs each event and PUBLISHes it on the chat's channel, in stream order.
+- XADDs each event and PUBLISHes it on the chat's channel, in stream order;
+- with an attempt's ``started`` event, records the attempt on the chat, so a re-run after a
+  crash numbers its attempt after it (and the attempt's request goes out one round trip sooner
+  than with a write of its own before it).
 
 Events handed over while a batch is in flight go out together in the next one, so a
-fast provider costs one round trip per batch, not per token, and an idle one no delay.
+fast provider costs one round trip per batch, not per token, and an idle one no delay. And
+every chat of a worker sends its batches through the worker's ``Appender``: one pipeline per
+round trip, however many chats stream at once.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from redis.asyncio import Redis
 from shared import keys
 from shared.chats import ChatResult
 from shared.errors import StreambridgeError
-from shared.events import Event, encode_event, event_type
+from shared.events import Event, Started, encode_event, event_type
+from workers.appender import Appender
 
 APPEND: Final = """
 local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')
@@ -30,7 +36,8 @@ if lease[1] ~= ARGV[1] then return -1 end
 local seq, mine = tonumber(lease[2] or '0'), tonumber(ARGV[2])
 if seq >= mine then return 0 end
 if seq < mine - 1 then return -2 end
-for i = 4, #ARGV, 2 do
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'attempts', ARGV[4]) end
+for i = 5, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
 end
@@ -75,8 +82,11 @@ class StreamGap(StreambridgeError):
 
 
 class StreamSink:
-    def __init__(self, redis: Redis, chat_id: str, token: str, *, maxlen: int) -> None:
+    def __init__(
+        self, redis: Redis, chat_id: str, token: str, *, maxlen: int, appender: Appender | None = None
+    ) -> None:
         self._redis = redis
+        self._appender = appender or Appender(redis)
         self._chat_id = chat_id
         self._keys = [keys.events(chat_id), keys.lease(chat_id), keys.notify(chat_id)]
         self._token = token
@@ -84,11 +94,14 @@ class StreamSink:
         self._script = redis.register_script(APPEND)
         self._finish = redis.register_script(FINISH)
         self._pending: list[Event] = []
+        self._started = ""  # the attempt a pending ``started`` event opens, recorded with its batch
         self._seq = 0
         self._flusher: asyncio.Task[None] | None = None
 
     async def append(self, event: Event) -> None:
         self._pending.append(event)
+        if isinstance(event, Started):
+            self._started = str(event.attempt)
         if self._flusher is None or self._flusher.done():
             self._raise_failure()
             self._flusher = asyncio.create_task(self._flush())
@@ -112,7 +125,7 @@ class StreamSink:
         args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
         args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
         args += [str(stream_ttl), self._chat_id, keys.active("")]
-        self._check(await self._finish(keys=k, args=args))
+        self._check(await self._appender.call(self._finish, k, args))
 
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():
@@ -122,12 +135,13 @@ class StreamSink:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            started, self._started = self._started, ""
             self._seq += 1
-            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen]
+            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started]
             for event in batch:
                 args.append(_TYPES[type(event)])
                 args.append(encode_event(event))
-            self._check(await self._script(keys=self._keys, args=args))
+            self._check(await self._appender.call(self._script, [*self._keys, keys.chat(self._chat_id)], args))
 
     def _check(self, applied: int) -> None:
         if applied == -1:

@@ -92,10 +92,21 @@ async def test_a_worker_that_lost_its_lease_appends_nothing(store: Redis) -> Non
 
 async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
     script = store.register_script(APPEND)
-    batch = [TOKEN, "1", "10000", "content", b'{"type":"content","content":"x","index":1,"attempt":1}']
-    assert await script(keys=[keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)], args=batch) == 1
-    assert await script(keys=[keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)], args=batch) == 0
+    batch = [TOKEN, "1", "10000", "", b"content", b'{"type":"content","content":"x","index":1,"attempt":1}']
+    k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
+    assert await script(keys=k, args=batch) == 1
+    assert await script(keys=k, args=batch) == 0
     assert await store.xlen(keys.events(CHAT)) == 1
+
+
+async def test_an_attempts_started_event_and_its_number_on_the_chat_land_together(store: Redis) -> None:
+    # A re-run after a crash numbers its attempt after the last one recorded: the number must be
+    # on the chat whenever the attempt's events are in the stream.
+    await store.hset(keys.chat(CHAT), mapping={"status": "running", "attempts": "1"})
+    await append(store, [Started(attempt=2, model="m"), content(1)])
+    assert await store.hget(keys.chat(CHAT), "attempts") == b"2"
+    await append(store, [content(2)])  # later batches leave it be
+    assert await store.hget(keys.chat(CHAT), "attempts") == b"2"
 
 
 async def test_tail_gives_history_then_live_and_stops_after_the_terminal_event(store: Redis, hub: StreamHub) -> None:
@@ -150,11 +161,11 @@ async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub)
 
 async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> None:
     script = store.register_script(APPEND)
-    k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT)]
+    k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     event = b'{"type":"content","content":"x","index":1,"attempt":1}'
-    assert await script(keys=k, args=[TOKEN, "1", "10000", "content", event]) == 1
+    assert await script(keys=k, args=[TOKEN, "1", "10000", "", "content", event]) == 1
     # batch 2 was lost in a Redis crash; batch 3 must not paper over the hole
-    assert await script(keys=k, args=[TOKEN, "3", "10000", "content", event]) == -2
+    assert await script(keys=k, args=[TOKEN, "3", "10000", "", "content", event]) == -2
     assert await store.xlen(keys.events(CHAT)) == 1
 
 

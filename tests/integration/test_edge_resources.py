@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 
 from api.context import CONTEXT
+from tests.conftest import OwnRedis
 from tests.integration.conftest import bearer
 
 STREAMS = 500
 
 
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A server of this test's own: it counts the server's clients, and other tests' sockets
+    (closed, but not yet collected) would count too on a shared one."""
+    server = OwnRedis()
+    yield server.url()
+    server.stop()
+
+
 async def redis_clients(client: TestClient) -> int:  # type: ignore[type-arg]
-    """Connections to this test's database (other tests share the server, not the database)."""
+    """Connections to this test's database."""
     redis = client.server.app[CONTEXT].redis
     db = str(redis.connection_pool.connection_kwargs["db"])
     return sum(1 for c in await redis.client_list() if c["db"] == db)

@@ -1,0 +1,90 @@
+"""A worker's appends go out together: one pipeline per round trip, each answer to its caller."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from workers.appender import Appender
+
+INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class CountingAppender(Appender):
+    def __init__(self, redis: Redis) -> None:
+        super().__init__(redis)
+        self.round_trips: list[int] = []
+
+    async def _execute(self, batch: list[Any]) -> list[Any]:
+        self.round_trips.append(len(batch))
+        return await super()._execute(batch)
+
+
+async def test_calls_made_together_share_one_round_trip(redis: Redis) -> None:
+    appender, script = CountingAppender(redis), redis.register_script(INCR)
+    await redis.script_load(INCR)  # or the first round trip is followed by one that loads it
+    answers = await asyncio.gather(*(appender.call(script, [f"k{n}"], [str(n)]) for n in range(10)))
+    assert answers == list(range(10))
+    assert appender.round_trips == [10]
+
+
+async def test_calls_made_while_one_is_in_flight_go_together_in_the_next(redis: Redis) -> None:
+    appender, script = CountingAppender(redis), redis.register_script(INCR)
+    await redis.script_load(INCR)
+    first = asyncio.ensure_future(appender.call(script, ["k"], ["1"]))
+    await asyncio.sleep(0)  # the first round trip is under way
+    rest = await asyncio.gather(*(appender.call(script, ["k"], ["1"]) for _ in range(5)))
+    assert await first == 1
+    assert rest == [2, 3, 4, 5, 6]  # in the order they were made
+    assert appender.round_trips == [1, 5]
+
+
+async def test_a_script_redis_has_forgotten_is_loaded_and_sent_again(redis: Redis) -> None:
+    appender, script = Appender(redis), redis.register_script(INCR)
+    assert await appender.call(script, ["k"], ["1"]) == 1
+    await redis.script_flush()  # as after a Redis restart
+    assert await asyncio.gather(appender.call(script, ["k"], ["1"]), appender.call(script, ["j"], ["5"])) == [2, 5]
+
+
+async def test_an_error_reaches_only_the_call_that_made_it(redis: Redis) -> None:
+    appender, script = Appender(redis), redis.register_script(INCR)
+    await redis.set("text", "not a number")
+    good, bad = await asyncio.gather(
+        appender.call(script, ["k"], ["1"]), appender.call(script, ["text"], ["1"]), return_exceptions=True
+    )
+    assert good == 1
+    assert isinstance(bad, ResponseError)
+
+
+async def test_redis_unreachable_reaches_every_caller_and_the_next_call_tries_again(redis_url: str) -> None:
+    gone = Redis(port=1, socket_connect_timeout=0.5)
+    appender, script = Appender(gone), gone.register_script(INCR)
+    answers = await asyncio.gather(*(appender.call(script, ["k"], ["1"]) for _ in range(3)), return_exceptions=True)
+    assert all(isinstance(a, RedisConnectionError) for a in answers), answers
+    with pytest.raises(RedisConnectionError):
+        await appender.call(script, ["k"], ["1"])
+    await gone.aclose()
+
+
+async def test_a_cancelled_caller_leaves_the_others_their_answers(redis: Redis) -> None:
+    appender, script = Appender(redis), redis.register_script(INCR)
+    cancelled = asyncio.ensure_future(appender.call(script, ["a"], ["1"]))
+    kept = asyncio.ensure_future(appender.call(script, ["b"], ["1"]))
+    await asyncio.sleep(0)
+    cancelled.cancel()
+    assert await kept == 1
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled

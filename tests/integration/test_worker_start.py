@@ -1,0 +1,68 @@
+"""How a long-running worker starts chats: woken by the API's token, or found by arq's scan."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiohttp.test_utils import TestClient
+from arq.connections import create_pool
+from arq.constants import in_progress_key_prefix
+from arq.worker import Worker
+
+from shared import keys
+from shared.settings import Settings
+from tests.integration.conftest import bearer, events_of, read_sse
+from workers.worker import ChatWorker, make_worker, stop_worker
+
+
+async def create(client: TestClient, token: str, n: int) -> str:  # type: ignore[type-arg]
+    response = await client.post("/v1/chats", json={"message": f"chat {n}"}, headers=bearer(token))
+    assert response.status == 202, await response.text()
+    return str((await response.json())["id"])
+
+
+async def test_chats_woken_together_each_start_once_and_complete(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+) -> None:
+    # Queued before the worker runs, so its first wake-up pops all of them at once; arq's scan
+    # is put off, or it would find them first.
+    chat_ids = [await create(client, token, n) for n in range(8)]
+    worker = make_worker(settings, llm_url)
+    assert isinstance(worker, ChatWorker)
+    worker._next_full_poll = asyncio.get_running_loop().time() + 30
+    main = asyncio.create_task(worker.main())
+    try:
+        for chat_id in chat_ids:
+            response = await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token))
+            types = [type(e).__name__ for e in events_of(await read_sse(response))]
+            assert types.count("Started") == 1, types
+            assert types[-1] == "Complete"
+        pickups = [float(await worker.pool.hget(keys.chat(c), "pickup_ms")) for c in chat_ids]  # type: ignore[misc,arg-type]
+        assert all(0 <= ms < 10_000 for ms in pickups), pickups  # each timed from its own enqueue
+    finally:
+        await stop_worker(worker, main, grace=1)
+
+
+async def test_arqs_scan_leaves_a_running_chat_to_the_worker_that_runs_it(
+    settings: Settings, llm_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # arq checks each queued job with a WATCH/MULTI of its own; a job already in progress (the
+    # queue holds it until it ends) must not cost one, let alone start twice.
+    given: list[list[bytes]] = []
+
+    async def recorded(self: Worker, job_ids: list[bytes]) -> None:
+        given.append(job_ids)
+
+    monkeypatch.setattr(Worker, "start_jobs", recorded)
+    worker = make_worker(settings, llm_url)
+    worker._pool = await create_pool(worker.redis_settings)  # what worker.main() does first
+    try:
+        await worker.pool.set(in_progress_key_prefix + "running-chat", b"1")
+        await worker.start_jobs([b"running-chat", b"queued-chat"])
+        assert given == [[b"queued-chat"]]
+    finally:
+        await worker.close()

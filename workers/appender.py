@@ -1,0 +1,65 @@
+"""One worker's appends, every chat's, sent together: one pipeline per round trip.
+
+A worker streams many chats at once, and an LLM sends each token on its own. Sent one call per
+chat, each token cost a Redis round trip of its own: taking a pooled connection, a write, a
+read, a wake-up; at 50 chats a third of a worker's CPU (docs/benchmarks.md). Here each chat's
+batch joins the pipeline that goes next: at once when none is in flight (no fixed delay), or
+as soon as the one in flight returns, together with every batch that came meanwhile.
+
+Each chat still has at most one batch in flight (its sink waits for the answer before it sends
+the next), so a chat's events keep their order; the sink's sequence numbers make a batch Redis
+already applied harmless if a reconnect sends it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+
+
+class Appender:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._queue: list[tuple[AsyncScript, list[str], list[str | bytes], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def call(self, script: AsyncScript, keys: list[str], args: list[str | bytes]) -> Any:
+        """``script``'s answer, sent with whatever else is waiting to go."""
+        answer = asyncio.get_running_loop().create_future()
+        self._queue.append((script, keys, args, answer))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        return await answer
+
+    async def _send(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                answers = await self._execute(batch)
+            except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
+                answers = [exc] * len(batch)
+            for (*_, answer), result in zip(batch, answers, strict=True):
+                if answer.done():  # its caller was cancelled
+                    continue
+                if isinstance(result, BaseException):
+                    answer.set_exception(result)
+                else:
+                    answer.set_result(result)
+
+    async def _execute(self, batch: list[tuple[AsyncScript, list[str], list[str | bytes], Any]]) -> list[Any]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, _ in batch:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
+        if unknown:  # a restarted (or another) Redis: load the scripts, then send those again
+            for script in {batch[n][0] for n in unknown}:
+                script.sha = await self._redis.script_load(script.script)
+            again = await self._execute([batch[n] for n in unknown])
+            for n, answer in zip(unknown, again, strict=True):
+                answers[n] = answer
+        return answers
