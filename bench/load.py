@@ -1,6 +1,6 @@
 """The load generator, run in its own process by ``bench/run.py``; prints one JSON result.
 
-python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50
+python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50 [--steady SECONDS]
 python -m bench.load throughput --api URL --llm URL --chats 20 --words 400
 python -m bench.load fanout --api URL --chats 100 --readers 20 --seconds 10
 python -m bench.load idle --api URL --streams 10000
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import resource
 import sys
 import time
@@ -70,7 +71,7 @@ async def streambridge_chat(
     chat = await create(session, api, auth, model, n)
     created_ms = _iso_ms(chat["created_at"])
     # "at": when each of "lags" was received (epoch s), for a timeline (bench/slowclients.py)
-    result: dict[str, Any] = {"lags": [], "at": [], "ttft": None, "pickup": None, "content": 0}
+    result: dict[str, Any] = {"id": chat["id"], "lags": [], "at": [], "ttft": None, "pickup": None, "content": 0}
 
     def on_event(now: float, message: Any, live: bool) -> None:
         ms = id_key(message.id)[0]
@@ -108,6 +109,13 @@ def _iso_ms(value: str) -> int:
 
 
 async def ttft(args: argparse.Namespace) -> dict[str, Any]:
+    """Time to first token: direct, through the proxy, through streambridge, under the same load.
+
+    Without ``--steady``: bursts, ``--chats`` chats created at the same instant, ``--rounds``
+    times. With ``--steady S``: ``--chats`` clients for S seconds, each starting its next chat
+    as soon as its last one ended, their first chats spread over one second, so that many chats
+    are in flight at any time; chats started in the first second are not counted.
+    """
     model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms={args.delay_ms}"
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         auth = await login(session, args.api)
@@ -119,15 +127,40 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
             ("streambridge", lambda n: streambridge_chat(session, args.api, auth, model, n)),
         ]:
             values: list[Any] = []
-            for _ in range(args.rounds):
-                values += await asyncio.gather(*(run(n) for n in range(args.chats)))
+            if args.steady:
+                values = await steady(run, args.chats, args.steady)
+                out[f"{name}_chats_per_s"] = round(len(values) / (args.steady - 1), 1)
+            else:
+                for _ in range(args.rounds):
+                    values += await asyncio.gather(*(run(n) for n in range(args.chats)))
             if name == "streambridge":
                 out["streambridge_ttft"] = percentiles([v["ttft"] for v in values])
                 out["pickup"] = percentiles([v["pickup"] for v in values])
                 out["lag"] = percentiles([lag for v in values for lag in v["lags"]])
+                out["chat_ids"] = [v["id"] for v in values]
+                if args.steady:
+                    out["chats_per_s"] = out["streambridge_chats_per_s"]
             else:
                 out[f"{name}_ttft"] = percentiles(values)
     return out
+
+
+async def steady(run: Any, clients: int, seconds: float) -> list[Any]:
+    """``clients`` closed loops for ``seconds``; what the chats started after the first second gave."""
+    start = time.perf_counter()
+    results: list[Any] = []
+
+    async def client(c: int) -> None:
+        await asyncio.sleep(random.uniform(0, 1))
+        n = 0
+        while (began := time.perf_counter()) < start + seconds:
+            result = await run(c * 100_000 + n)
+            n += 1
+            if began >= start + 1:
+                results.append(result)
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return results
 
 
 async def throughput(args: argparse.Namespace) -> dict[str, Any]:
@@ -216,6 +249,7 @@ def main() -> None:
     parser.add_argument("--proxy")
     parser.add_argument("--chats", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steady", type=float, default=0, help="seconds of closed-loop load instead of bursts")
     parser.add_argument("--readers", type=int, default=10)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=10)
