@@ -159,6 +159,31 @@ async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub)
     assert CHAT not in hub.topics
 
 
+async def test_a_tail_that_keeps_getting_entries_gets_no_heartbeat_and_a_quiet_one_does(
+    store: Redis, hub: StreamHub
+) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    tail = hub.tail(CHAT, None, idle=0.6)
+    assert (await anext(tail)) != []
+    batches: list[list[Entry]] = []
+
+    async def read() -> None:
+        async for batch in tail:
+            batches.append(batch)
+
+    reader = asyncio.create_task(read())
+    for n in range(1, 13):  # 1.2 s of entries, 0.1 s apart: two heartbeat periods, never quiet for one
+        await append(store, [content(n)])
+        await asyncio.sleep(0.1)
+    assert len(batches) >= 6
+    assert all(batches), "a heartbeat came while entries kept coming"
+    await asyncio.sleep(1.0)  # then quiet
+    assert batches[-1] == [], "no heartbeat after a quiet heartbeat period"
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    await tail.aclose()
+
+
 async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> None:
     script = store.register_script(APPEND)
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
