@@ -69,17 +69,25 @@ class ChatWorker(Worker):
         wait = max(self._next_full_poll - asyncio.get_running_loop().time(), 0.01)
         popped = await self.pool.blpop([keys.wake()], timeout=wait)  # type: ignore[arg-type,misc]
         if popped:
-            room = self.max_jobs - self.job_counter
-            more = await self.pool.lpop(keys.wake(), room - 1) if room > 1 else None  # type: ignore[misc]
-            await self._start_direct([job_id.decode() for job_id in [popped[1], *(more or [])]])
+            more = await self._start_direct([popped[1].decode()], pop=self.max_jobs - self.job_counter - 1)
+            if more:
+                await self._start_direct([job_id.decode() for job_id in more])
 
-    async def _start_direct(self, job_ids: list[str]) -> None:
-        """Starts the woken jobs no other worker has, in one round trip however many woke."""
+    async def _start_direct(self, job_ids: list[str], pop: int = 0) -> list[bytes]:
+        """Starts the woken jobs no other worker has, in one round trip however many woke.
+
+        With ``pop``, the same round trip takes up to that many more woken ids off the list and
+        returns them: a chat that woke alone (the usual case) starts without a round trip spent
+        looking for others.
+        """
         async with self.pool.pipeline(transaction=False) as pipe:
+            if pop > 0:
+                pipe.lpop(keys.wake(), pop)
             for job_id in job_ids:
                 pipe.set(IN_PROGRESS + job_id, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
                 pipe.zscore(self.queue_name, job_id)
             answers = await pipe.execute()
+        more: list[bytes] = (answers.pop(0) or []) if pop > 0 else []
         for job_id, fresh, enqueued_ms in zip(job_ids, answers[::2], answers[1::2], strict=True):
             if not fresh or enqueued_ms is None:
                 continue  # running elsewhere already, or finished
@@ -87,6 +95,7 @@ class ChatWorker(Worker):
             task = asyncio.create_task(self._run_direct(job_id, enqueued_ms / 1000))
             self.direct.add(task)
             task.add_done_callback(self.direct.discard)
+        return more
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's scan, less the jobs that already run: the queue holds a job until it ends, and arq
