@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import aclosing
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import msgspec
 from aiohttp import web
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from api.auth import bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
 from api.credentials import Credential, Identity, check, identity_of
 from api.credentials import credential_id as credential_id_of
+from api.slots import SlotRequest
 from api.sse import HEADERS, PING, encode_entry
 from shared import keys
 from shared.chats import TERMINAL_STATUSES
@@ -42,12 +43,47 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
 
 async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str | None, str]:
     """Checks the request and takes a stream slot; what it read is let go before the stream starts
-    (an open stream's frame holds only what it needs: 10,000 of them add up)."""
+    (an open stream's frame holds only what it needs: 10,000 of them add up).
+
+    A credential this edge has seen before takes its slot in the same round trip as the reads
+    (a credential never changes; only its record's existence is news, and that is read each
+    time): a check that then fails gives the slot back at once.
+    """
     assert ctx.slots is not None
-    identity, state = await authorize(request, ctx, chat_id)
-    last_event_id = parse_last_event_id(request)
-    check_retained(chat_id, state, last_event_id)
-    return last_event_id, await ctx.slots.acquire(identity, request.remote or "unknown")
+    ip = request.remote or "unknown"
+    credential_id = await credential_of(request, ctx, chat_id)
+    known = ctx.identities.get(credential_id)
+    ask = ctx.slots.ask(known, ip) if known is not None else None
+    state, refused = await chat_state(ctx, chat_id, credential_id, ask)
+    slot = ctx.slots.settle(ask, refused) if ask is not None and refused == 0 else None
+    try:
+        identity = authorize(request, ctx, chat_id, state)
+        last_event_id = parse_last_event_id(request)
+        check_retained(chat_id, state, last_event_id)
+        if slot is None or identity != known:
+            if slot is not None:
+                await ctx.slots.release(slot)
+                slot = None
+            if ask is None or identity != known or isinstance(refused, NoScriptError):
+                slot = await ctx.slots.acquire(identity, ip)
+            else:
+                slot = ctx.slots.settle(ask, refused)  # refused: 429
+    except BaseException:
+        if slot is not None:
+            await asyncio.shield(ctx.slots.release(slot))
+        raise
+    remember(ctx, credential_id, identity)
+    return last_event_id, slot
+
+
+#: credentials whose identity an edge keeps (they never change; revoking one deletes its record)
+KNOWN_CREDENTIALS: Final = 10_000
+
+
+def remember(ctx: Context, credential_id: str, identity: Identity) -> None:
+    if credential_id not in ctx.identities and len(ctx.identities) >= KNOWN_CREDENTIALS:
+        del ctx.identities[next(iter(ctx.identities))]  # the longest known
+    ctx.identities[credential_id] = identity
 
 
 class ChatState(NamedTuple):
@@ -59,19 +95,27 @@ class ChatState(NamedTuple):
     stream: dict[str, Any] | None  # XINFO STREAM, None when the stream does not exist
 
 
-async def chat_state(ctx: Context, chat_id: str, credential_id: str) -> ChatState:
+async def chat_state(
+    ctx: Context, chat_id: str, credential_id: str, ask: SlotRequest | None = None
+) -> tuple[ChatState, Any]:
+    """The chat's state, and the answer to ``ask`` (a stream slot) if given, in one round trip."""
+    assert ctx.slots is not None
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.credential(credential_id))
         pipe.hmget(keys.chat(chat_id), ["owner", "status"])
         pipe.xinfo_stream(keys.events(chat_id))
-        record, (owner, status), info = await pipe.execute(raise_on_error=False)
+        if ask is not None:
+            ctx.slots.add_to(pipe, ask)
+        record, (owner, status), info, *refused = await pipe.execute(raise_on_error=False)
     if isinstance(record, Exception):
         raise record
     if isinstance(info, ResponseError) and "no such key" in str(info).lower():
         info = None
     elif isinstance(info, Exception):
         raise info
-    return ChatState(record, owner, status, info)
+    if refused and isinstance(refused[0], Exception) and not isinstance(refused[0], NoScriptError):
+        raise refused[0]
+    return ChatState(record, owner, status, info), (refused[0] if refused else None)
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:
@@ -148,8 +192,9 @@ class StalledWrites:
         self._timer = self._loop.call_later(self._timeout / 2, self._check)
 
 
-async def authorize(request: web.Request, ctx: Context, chat_id: str) -> tuple[Identity, ChatState]:
-    """The stream URL's chat-scoped token, or the owner's bearer token; others get 404."""
+async def credential_of(request: web.Request, ctx: Context, chat_id: str) -> str:
+    """The credential the request names: the stream URL's chat-scoped token's, or the bearer's.
+    A stream token is checked here (it is signed); a bearer token once its record is read."""
     token = request.query.get("token")
     bearer = bearer_token(request)
     if token is not None and bearer is None:
@@ -158,19 +203,26 @@ async def authorize(request: web.Request, ctx: Context, chat_id: str) -> tuple[I
         )
         if credential_id is None:
             raise Unauthorized("the stream token is invalid or expired; GET /v1/chats/{id} gives a fresh stream_url")
-        state = await chat_state(ctx, chat_id, credential_id)
+        return credential_id
+    if bearer is None:
+        raise Unauthorized("send Authorization: Bearer <token>, or use the stream_url's token")
+    return credential_id_of(bearer) or "-"
+
+
+def authorize(request: web.Request, ctx: Context, chat_id: str, state: ChatState) -> Identity:
+    """The identity behind the request, if its credential stands and owns the chat; others get 404."""
+    bearer = bearer_token(request)
+    if request.query.get("token") is not None and bearer is None:
         if state.credential is None:
             raise Unauthorized("the stream token's credential was revoked or has expired")
         credential = msgspec.json.decode(state.credential, type=Credential)
     else:
-        if bearer is None:
-            raise Unauthorized("send Authorization: Bearer <token>, or use the stream_url's token")
-        state = await chat_state(ctx, chat_id, credential_id_of(bearer) or "-")
+        assert bearer is not None, "credential_of() refused a request with neither"
         credential = check(bearer, state.credential)
     identity = identity_of(ctx.settings, credential)
     if state.owner is None or state.owner.decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
-    return identity, state
+    return identity
 
 
 async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> str | None:

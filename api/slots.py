@@ -13,9 +13,11 @@ import contextlib
 import itertools
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from api.credentials import Identity
@@ -38,6 +40,13 @@ return 0
 """
 
 
+@dataclass(frozen=True)
+class SlotRequest:
+    keys: list[str]
+    args: list[str | int]
+    limit: int
+
+
 class StreamSlots:
     def __init__(self, redis: Redis, per_ip: int) -> None:
         self._redis = redis
@@ -48,20 +57,33 @@ class StreamSlots:
 
     async def acquire(self, identity: Identity, ip: str) -> str:
         """A slot for one more stream, or 429 when the user or the address has too many open."""
-        slot, user_key, ip_key = next(self._names), keys.user_streams(identity.user), keys.ip_streams(ip)
+        ask = self.ask(identity, ip)
+        return self.settle(ask, await self._open(keys=ask.keys, args=ask.args))
+
+    def ask(self, identity: Identity, ip: str) -> SlotRequest:
+        """The OPEN call for one more stream: for :meth:`acquire`, or a caller's own pipeline
+        (:meth:`add_to`), its answer then given to :meth:`settle`."""
         now = time.time()
         args: list[str | int] = [
             int(now * 1000),
             int((now + SLOT_TTL) * 1000),
-            slot,
+            next(self._names),
             identity.quota.max_open_streams,
             self._per_ip,
         ]
-        refused = await self._open(keys=[user_key, ip_key], args=args)
+        return SlotRequest(
+            [keys.user_streams(identity.user), keys.ip_streams(ip)], args, identity.quota.max_open_streams
+        )
+
+    def add_to(self, pipe: Pipeline, ask: SlotRequest) -> None:
+        """Queue ``ask`` on ``pipe`` (a NOSCRIPT answer means: :meth:`acquire` instead)."""
+        pipe.evalsha(self._open.sha, 2, *ask.keys, *ask.args)  # type: ignore[arg-type]
+
+    def settle(self, ask: SlotRequest, refused: int) -> str:
+        """The slot ``ask`` took, or the 429 it was refused with."""
         if refused == 1:
-            limit = identity.quota.max_open_streams
             raise RateLimited(
-                f"at most {limit} streams may be open at once per user; close one first",
+                f"at most {ask.limit} streams may be open at once per user; close one first",
                 code="too_many_streams",
                 retry_after=1,
             )
@@ -71,7 +93,8 @@ class StreamSlots:
                 code="too_many_streams",
                 retry_after=1,
             )
-        self._held[slot] = (user_key, ip_key)
+        slot = str(ask.args[2])
+        self._held[slot] = (ask.keys[0], ask.keys[1])
         return slot
 
     async def release(self, slot: str) -> None:

@@ -4,6 +4,7 @@ run in-process on a real Redis; every refusal must be the documented JSON error,
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 from api.app import make_app
 from api.auth import sign_stream_token
 from api.context import CONTEXT
-from api.credentials import issue, revoke
+from api.credentials import credential_id, issue, revoke
 from shared import keys
 from shared.settings import Settings
 
@@ -127,6 +128,48 @@ async def test_a_revoked_key_and_its_stream_urls_stop_working_at_once(client: Cl
         await refused(client, method, route.format(id=chat["id"]), 401, "unauthorized", headers=bearer(key))
     await refused(client, "GET", path_of(chat["stream_url"]), 401, "unauthorized")
     assert not await revoke(redis, credential.id), "revoking twice finds nothing"
+
+
+async def test_a_stream_refused_after_the_edge_took_its_slot_gives_the_slot_back(client: Client, redis: Redis) -> None:
+    # A credential the edge has seen takes its stream slot in the same round trip as the checks'
+    # reads: every refusal after that must give the slot back, or refusals would use up the limit.
+    alice = await visitor(client)
+    own = await new_chat(client, alice)
+    response = await client.get(path_of(own["stream_url"]))
+    assert response.status == 200
+    response.close()
+    identity = client.app[CONTEXT].identities[str(credential_id(alice))]
+    assert await no_open_streams(redis, identity.user)
+    someone_elses = await new_chat(client, await visitor(client))
+    await refused(client, "GET", f"/v1/chats/{someone_elses['id']}/events", 404, "not_found", headers=bearer(alice))
+    ahead = {"Last-Event-ID": "99999999999999-0"}
+    await refused(client, "GET", path_of(own["stream_url"]), 400, "bad_last_event_id", headers=ahead)
+    assert await no_open_streams(redis, identity.user)
+    await revoke(redis, str(credential_id(alice)))
+    await refused(client, "GET", path_of(own["stream_url"]), 401, "unauthorized")
+    assert await no_open_streams(redis, identity.user)
+
+
+async def test_a_known_credential_opens_its_stream_after_redis_forgets_the_slot_script(
+    client: Client, redis: Redis
+) -> None:
+    alice = await visitor(client)
+    chat = await new_chat(client, alice)
+    for forget in (False, True):
+        if forget:
+            await redis.script_flush()  # as after a Redis restart
+        response = await client.get(path_of(chat["stream_url"]))
+        assert response.status == 200, await response.text()
+        response.close()
+
+
+async def no_open_streams(redis: Redis, user: str) -> bool:
+    """True once the user holds no stream slot (a closed stream's handler lets go of it soon)."""
+    for _ in range(100):
+        if await redis.zcard(keys.user_streams(user)) == 0:
+            return True
+        await asyncio.sleep(0.02)
+    return False
 
 
 async def test_another_users_chat_is_404_on_every_route(client: Client, redis: Redis) -> None:
