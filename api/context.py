@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from arq.connections import ArqRedis
 
-from api.credentials import Identity
+from api.credentials import Known
 from api.hub import StreamHub
 from api.slots import StreamSlots
 from shared.settings import Settings
@@ -20,8 +20,8 @@ class Context:
     secret: bytes
     hub: StreamHub | None = None
     slots: StreamSlots | None = None
-    #: the edge's credentials seen, by id: their user and limits (see ``api.edge.admit``)
-    identities: dict[str, Identity] = field(default_factory=dict)
+    #: the credentials an edge has seen, by id, with their identities (see ``api.edge.admit``)
+    credentials: dict[str, Known] = field(default_factory=dict)
 
 
 CONTEXT = web.AppKey("context", Context)

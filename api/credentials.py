@@ -14,7 +14,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Final, Literal, NamedTuple
 
 import msgspec
 from redis.asyncio import Redis
@@ -68,6 +68,13 @@ class Identity:
     user: str
     credential: str
     quota: Quota
+
+
+class Known(NamedTuple):
+    """A credential a process has seen, and the identity it carries."""
+
+    credential: Credential
+    identity: Identity
 
 
 _decoder: Final = msgspec.json.Decoder(Credential)
@@ -129,16 +136,21 @@ def credential_id(token: str) -> str | None:
 
 def check(token: str, record: bytes | None) -> Credential:
     """The credential, if ``record`` (what Redis holds under the token's id) matches the token; else 401."""
-    match = TOKEN.match(token)
-    credential = None if match is None or record is None else _decoder.decode(record)
-    if (
-        match is None
-        or credential is None
-        or credential.kind[0] != match[1]
-        or not hmac.compare_digest(credential.secret_sha256, _sha256(match[3]))
-    ):
+    credential = None if record is None else _decoder.decode(record)
+    if credential is None or not genuine(token, credential):
         raise Unauthorized("the token is unknown, expired or revoked")
     return credential
+
+
+def genuine(token: str, credential: Credential) -> bool:
+    """Whether ``token`` is the bearer token of ``credential`` (its id, kind and secret)."""
+    match = TOKEN.match(token)
+    return (
+        match is not None
+        and match[2] == credential.id
+        and credential.kind[0] == match[1]
+        and hmac.compare_digest(credential.secret_sha256, _sha256(match[3]))
+    )
 
 
 def identity_of(settings: Settings, credential: Credential) -> Identity:

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from api.auth import bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
-from api.credentials import Credential, Identity, check, identity_of
+from api.credentials import Credential, Identity, Known, check, genuine, identity_of
 from api.credentials import credential_id as credential_id_of
 from api.slots import SlotRequest
 from api.sse import HEADERS, PING, encode_entry
@@ -45,45 +45,50 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
     """Checks the request and takes a stream slot; what it read is let go before the stream starts
     (an open stream's frame holds only what it needs: 10,000 of them add up).
 
-    A credential this edge has seen before takes its slot in the same round trip as the reads
-    (a credential never changes; only its record's existence is news, and that is read each
-    time): a check that then fails gives the slot back at once.
+    A credential this edge has seen before, presented genuinely (a signed stream token, or the
+    bearer's secret checked against the remembered record), takes its slot in the same round trip
+    as the reads: a credential never changes, and whether it still exists is read each time. A
+    check that then fails gives the slot back at once.
     """
     assert ctx.slots is not None
     ip = request.remote or "unknown"
     credential_id = await credential_of(request, ctx, chat_id)
-    known = ctx.identities.get(credential_id)
-    ask = ctx.slots.ask(known, ip) if known is not None else None
-    state, refused = await chat_state(ctx, chat_id, credential_id, ask)
-    slot = ctx.slots.settle(ask, refused) if ask is not None and refused == 0 else None
+    known = ctx.credentials.get(credential_id)
+    bearer = bearer_token(request)
+    if known is not None and bearer is not None and not genuine(bearer, known.credential):
+        known = None  # only the secret's holder may spend its user's streams
+    ask = ctx.slots.ask(known.identity, ip) if known is not None else None
+    slot = ask.slot if ask is not None else None  # held from here: given back on any failure
     try:
+        state, refused = await chat_state(ctx, chat_id, credential_id, ask)
         identity = authorize(request, ctx, chat_id, state)
         last_event_id = parse_last_event_id(request)
         check_retained(chat_id, state, last_event_id)
-        if slot is None or identity != known:
+        if ask is not None and known is not None and identity == known.identity and isinstance(refused, int):
+            ctx.slots.settle(ask, refused)  # 429 if refused
+        else:
             if slot is not None:
-                await ctx.slots.release(slot)
-                slot = None
-            if ask is None or identity != known or isinstance(refused, NoScriptError):
-                slot = await ctx.slots.acquire(identity, ip)
-            else:
-                slot = ctx.slots.settle(ask, refused)  # refused: 429
+                held, slot = slot, None
+                await ctx.slots.release(held)
+            slot = await ctx.slots.acquire(identity, ip)
     except BaseException:
         if slot is not None:
             await asyncio.shield(ctx.slots.release(slot))
         raise
-    remember(ctx, credential_id, identity)
+    assert slot is not None
+    remember(ctx, credential_id, state, identity)
     return last_event_id, slot
 
 
-#: credentials whose identity an edge keeps (they never change; revoking one deletes its record)
+#: credentials an edge remembers (they never change; revoking one deletes its record)
 KNOWN_CREDENTIALS: Final = 10_000
 
 
-def remember(ctx: Context, credential_id: str, identity: Identity) -> None:
-    if credential_id not in ctx.identities and len(ctx.identities) >= KNOWN_CREDENTIALS:
-        del ctx.identities[next(iter(ctx.identities))]  # the longest known
-    ctx.identities[credential_id] = identity
+def remember(ctx: Context, credential_id: str, state: ChatState, identity: Identity) -> None:
+    assert state.credential is not None, "authorize() let no missing credential through"
+    if ctx.credentials.pop(credential_id, None) is None and len(ctx.credentials) >= KNOWN_CREDENTIALS:
+        del ctx.credentials[next(iter(ctx.credentials))]  # the least recently used
+    ctx.credentials[credential_id] = Known(msgspec.json.decode(state.credential, type=Credential), identity)
 
 
 class ChatState(NamedTuple):

@@ -42,8 +42,9 @@ return 0
 
 @dataclass(frozen=True)
 class SlotRequest:
+    slot: str
     keys: list[str]
-    args: list[str | int]
+    args: list[int]  # now, and when the slot lapses unless renewed (ms)
     limit: int
 
 
@@ -58,29 +59,38 @@ class StreamSlots:
     async def acquire(self, identity: Identity, ip: str) -> str:
         """A slot for one more stream, or 429 when the user or the address has too many open."""
         ask = self.ask(identity, ip)
-        return self.settle(ask, await self._open(keys=ask.keys, args=ask.args))
+        try:
+            refused = await self._open(keys=ask.keys, args=self._args(ask))
+        except BaseException:  # Redis may have taken it before the answer was lost
+            await asyncio.shield(self.release(ask.slot))
+            raise
+        return self.settle(ask, refused)
 
     def ask(self, identity: Identity, ip: str) -> SlotRequest:
         """The OPEN call for one more stream: for :meth:`acquire`, or a caller's own pipeline
-        (:meth:`add_to`), its answer then given to :meth:`settle`."""
+        (:meth:`add_to`), its answer then given to :meth:`settle`. The slot counts as held from
+        here, so that :meth:`release` gives it back whatever became of the call."""
         now = time.time()
-        args: list[str | int] = [
-            int(now * 1000),
-            int((now + SLOT_TTL) * 1000),
+        ask = SlotRequest(
             next(self._names),
+            [keys.user_streams(identity.user), keys.ip_streams(ip)],
+            [int(now * 1000), int((now + SLOT_TTL) * 1000)],
             identity.quota.max_open_streams,
-            self._per_ip,
-        ]
-        return SlotRequest(
-            [keys.user_streams(identity.user), keys.ip_streams(ip)], args, identity.quota.max_open_streams
         )
+        self._held[ask.slot] = (ask.keys[0], ask.keys[1])
+        return ask
 
     def add_to(self, pipe: Pipeline, ask: SlotRequest) -> None:
         """Queue ``ask`` on ``pipe`` (a NOSCRIPT answer means: :meth:`acquire` instead)."""
-        pipe.evalsha(self._open.sha, 2, *ask.keys, *ask.args)  # type: ignore[arg-type]
+        pipe.evalsha(self._open.sha, 2, *ask.keys, *self._args(ask))  # type: ignore[arg-type]
+
+    def _args(self, ask: SlotRequest) -> list[str | int]:
+        return [*ask.args, ask.slot, ask.limit, self._per_ip]
 
     def settle(self, ask: SlotRequest, refused: int) -> str:
         """The slot ``ask`` took, or the 429 it was refused with."""
+        if refused in (1, 2):
+            self._held.pop(ask.slot, None)
         if refused == 1:
             raise RateLimited(
                 f"at most {ask.limit} streams may be open at once per user; close one first",
@@ -93,16 +103,17 @@ class StreamSlots:
                 code="too_many_streams",
                 retry_after=1,
             )
-        slot = str(ask.args[2])
-        self._held[slot] = (ask.keys[0], ask.keys[1])
-        return slot
+        return ask.slot
 
     async def release(self, slot: str) -> None:
-        user_key, ip_key = self._held.pop(slot)
+        """Give the slot back; a slot already given back is nothing to do."""
+        held = self._held.pop(slot, None)
+        if held is None:
+            return
         with contextlib.suppress(RedisError, OSError):  # it lapses by itself within SLOT_TTL
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(user_key, slot)
-                pipe.zrem(ip_key, slot)
+                pipe.zrem(held[0], slot)
+                pipe.zrem(held[1], slot)
                 await pipe.execute()
 
     async def renew_forever(self) -> None:

@@ -35,6 +35,15 @@ class Appender:
             self._sender = asyncio.create_task(self._send())
         return await answer
 
+    async def close(self) -> None:
+        """Stop sending (the worker is done): whoever still waits for an answer is cancelled."""
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+        for *_, answer in self._queue:
+            answer.cancel()
+        self._queue = []
+
     async def _send(self) -> None:
         while self._queue:
             batch, self._queue = self._queue, []
@@ -42,6 +51,10 @@ class Appender:
                 answers = await self._execute(batch)
             except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
                 answers = [exc] * len(batch)
+            except asyncio.CancelledError:  # the worker's loop is closing: nobody waits forever
+                for *_, answer in [*batch, *self._queue]:
+                    answer.cancel()
+                raise
             for (*_, answer), result in zip(batch, answers, strict=True):
                 if answer.done():  # its caller was cancelled
                     continue
@@ -50,16 +63,18 @@ class Appender:
                 else:
                     answer.set_result(result)
 
-    async def _execute(self, batch: list[tuple[AsyncScript, list[str], list[str | bytes], Any]]) -> list[Any]:
+    async def _execute(
+        self, batch: list[tuple[AsyncScript, list[str], list[str | bytes], Any]], *, reload: bool = True
+    ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
             answers: list[Any] = await pipe.execute(raise_on_error=False)
         unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
-        if unknown:  # a restarted (or another) Redis: load the scripts, then send those again
+        if unknown and reload:  # a restarted (or another) Redis: load the scripts, send those once more
             for script in {batch[n][0] for n in unknown}:
                 script.sha = await self._redis.script_load(script.script)
-            again = await self._execute([batch[n] for n in unknown])
+            again = await self._execute([batch[n] for n in unknown], reload=False)
             for n, answer in zip(unknown, again, strict=True):
                 answers[n] = answer
         return answers

@@ -63,8 +63,8 @@ class ChatWorker(Worker):
         if now >= self._next_full_poll:
             self._next_full_poll = now + self.full_poll
             await super()._poll_iteration()
-        if self.job_counter >= self.max_jobs:
-            await asyncio.sleep(0.01)  # full: leave the wake list to workers with room
+        if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
+            await asyncio.sleep(0.01)  # full, or stopping: leave the wake list to other workers
             return
         wait = max(self._next_full_poll - asyncio.get_running_loop().time(), 0.01)
         popped = await self.pool.blpop([keys.wake()], timeout=wait)  # type: ignore[arg-type,misc]
@@ -88,13 +88,18 @@ class ChatWorker(Worker):
                 pipe.zscore(self.queue_name, job_id)
             answers = await pipe.execute()
         more: list[bytes] = (answers.pop(0) or []) if pop > 0 else []
+        finished = []
         for job_id, fresh, enqueued_ms in zip(job_ids, answers[::2], answers[1::2], strict=True):
+            if fresh and enqueued_ms is None:
+                finished.append(IN_PROGRESS + job_id)  # ended before its wake-up came: unmark it
             if not fresh or enqueued_ms is None:
                 continue  # running elsewhere already, or finished
             self.job_counter += 1
             task = asyncio.create_task(self._run_direct(job_id, enqueued_ms / 1000))
             self.direct.add(task)
             task.add_done_callback(self.direct.discard)
+        if finished:
+            await self.pool.delete(*finished)
         return more
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -150,6 +155,8 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
         for task in ctx.get("background", []):
             task.cancel()
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
+        if "runner" in ctx:
+            await ctx["runner"].appender.close()
         if "llm" in ctx:
             await ctx["llm"].close()
 

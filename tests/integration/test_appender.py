@@ -88,3 +88,12 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers(redis: Redis) 
     assert await kept == 1
     with pytest.raises(asyncio.CancelledError):
         await cancelled
+
+
+async def test_closing_it_cancels_whoever_still_waits_for_an_answer(redis: Redis) -> None:
+    appender, script = Appender(redis), redis.register_script(INCR)
+    calls = [asyncio.ensure_future(appender.call(script, ["k"], ["1"])) for _ in range(3)]
+    await asyncio.sleep(0)  # the round trip is under way
+    await appender.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results

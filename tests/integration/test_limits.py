@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from api.app import make_app
 from api.credentials import Credential, Identity, Limits, issue, quota
 from api.limits import admit_chat
+from api.slots import StreamSlots
 from shared import keys
 from shared.chats import decode_request
 from shared.errors import Overloaded, RateLimited
@@ -232,3 +233,21 @@ async def test_refused_visitor_logins_do_not_count(settings: Settings, real_redi
     assert statuses == [201, 201, 429, 429, 429]
     (counter,) = await real_redis.keys(keys.visitor_logins("*", 0).rsplit(":", 2)[0] + ":*")
     assert await real_redis.get(counter) == b"2"
+
+
+async def test_a_stream_slot_whose_answer_was_lost_is_given_back(real_redis: Redis, settings: Settings) -> None:
+    # Redis took the slot but the edge never heard (a dropped connection, a client gone mid-call):
+    # the slot must not stay taken until it lapses.
+    slots = StreamSlots(real_redis, per_ip=10)
+    identity = Identity("alice", "c1", quota(settings, _key(Limits())))
+    opened = slots._open
+
+    async def answer_lost(**kwargs: object) -> object:
+        await opened(**kwargs)  # type: ignore[arg-type]
+        raise ConnectionError("the answer was lost")
+
+    slots._open = answer_lost  # type: ignore[assignment,method-assign]
+    with pytest.raises(ConnectionError):
+        await slots.acquire(identity, "192.0.2.1")
+    assert await real_redis.zcard(keys.user_streams("alice")) == 0
+    assert await real_redis.zcard(keys.ip_streams("192.0.2.1")) == 0

@@ -66,3 +66,23 @@ async def test_arqs_scan_leaves_a_running_chat_to_the_worker_that_runs_it(
         assert given == [[b"queued-chat"]]
     finally:
         await worker.close()
+
+
+async def test_a_stopping_worker_leaves_woken_chats_to_the_other_workers(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+) -> None:
+    worker = make_worker(settings, llm_url)
+    assert isinstance(worker, ChatWorker)
+    worker._pool = await create_pool(worker.redis_settings)
+    worker._next_full_poll = asyncio.get_running_loop().time() + 30
+    worker.allow_pick_jobs = False  # what stop_worker() does first
+    try:
+        await create(client, token, 0)
+        await worker._wake_or_poll()
+        assert worker.job_counter == 0
+        assert await worker.pool.llen(keys.wake()) == 1  # type: ignore[misc]
+    finally:
+        await worker.close()

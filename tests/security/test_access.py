@@ -138,7 +138,7 @@ async def test_a_stream_refused_after_the_edge_took_its_slot_gives_the_slot_back
     response = await client.get(path_of(own["stream_url"]))
     assert response.status == 200
     response.close()
-    identity = client.app[CONTEXT].identities[str(credential_id(alice))]
+    identity = client.app[CONTEXT].credentials[str(credential_id(alice))].identity
     assert await no_open_streams(redis, identity.user)
     someone_elses = await new_chat(client, await visitor(client))
     await refused(client, "GET", f"/v1/chats/{someone_elses['id']}/events", 404, "not_found", headers=bearer(alice))
@@ -161,6 +161,30 @@ async def test_a_known_credential_opens_its_stream_after_redis_forgets_the_slot_
         response = await client.get(path_of(chat["stream_url"]))
         assert response.status == 200, await response.text()
         response.close()
+
+
+async def test_a_forged_bearer_of_a_credential_the_edge_knows_never_takes_a_stream_slot(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The id in a token is public (stream URLs carry it); only the secret's holder may spend the
+    # user's open streams, or forged requests could keep the owner at 429.
+    alice = await visitor(client)
+    chat = await new_chat(client, alice)
+    response = await client.get(path_of(chat["stream_url"]))  # the edge now knows alice's credential
+    assert response.status == 200
+    slots = client.app[CONTEXT].slots
+    assert slots is not None
+    asked: list[object] = []
+    real_ask = slots.ask
+    monkeypatch.setattr(slots, "ask", lambda *args: asked.append(args) or real_ask(*args))
+    forged = f"sbv_{credential_id(alice)}_{'A' * 43}"
+    await refused(client, "GET", f"/v1/chats/{chat['id']}/events", 401, "unauthorized", headers=bearer(forged))
+    assert asked == []
+    again = await client.get(f"/v1/chats/{chat['id']}/events", headers=bearer(alice))
+    assert again.status == 200
+    assert len(asked) == 1, "the genuine bearer takes its slot with the reads"
+    again.close()
+    response.close()
 
 
 async def no_open_streams(redis: Redis, user: str) -> bool:
@@ -246,4 +270,5 @@ async def test_nothing_secret_is_stored_in_redis(client: Client, redis: Redis) -
         [k + b"=" + repr(await redis.dump(k)).encode() for k in await redis.keys("*")]  # every key and value
     )
     for secret in (token, key):
-        assert secret.rsplit("_", 1)[1].encode() not in dump
+        # sb?_<id>_<secret>: the secret may hold "_" itself, so it is all after the second one
+        assert secret.split("_", 2)[2].encode() not in dump
