@@ -127,12 +127,15 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
             ("streambridge", lambda n: streambridge_chat(session, args.api, auth, model, n)),
         ]:
             values: list[Any] = []
+            cpu, wall = cpu_seconds(), time.perf_counter()
             if args.steady:
                 values = await steady(run, args.chats, args.steady)
                 out[f"{name}_chats_per_s"] = round(len(values) / (args.steady - 1), 1)
             else:
                 for _ in range(args.rounds):
                     values += await asyncio.gather(*(run(n) for n in range(args.chats)))
+            # this process's share of a core while it ran: far from 100%, it is not the bottleneck
+            out[f"{name}_loadgen_cpu"] = round((cpu_seconds() - cpu) / (time.perf_counter() - wall), 2)
             if name == "streambridge":
                 out["streambridge_ttft"] = percentiles([v["ttft"] for v in values])
                 out["pickup"] = percentiles([v["pickup"] for v in values])

@@ -159,7 +159,8 @@ def ttft_rows(load_name: str, t: dict[str, object], client: redis.Redis) -> list
     """TTFT against both baselines, pickup and delivery lag, for one load of the ``ttft`` scenario."""
     direct, proxy, sb = t["direct_ttft"], t["proxy_ttft"], t["streambridge_ttft"]
     rate = f"{t['chats_per_s']} chats/s" if "chats_per_s" in t else ""
-    rows = [(load_name, rate, "", "")]
+    loadgen = f"load generator CPU {t['streambridge_loadgen_cpu']:.0%} (direct {t['direct_loadgen_cpu']:.0%})"
+    rows = [(load_name, rate, "", loadgen)]
     for q in ("p50", "p99"):
         rows.append(
             (
