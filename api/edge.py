@@ -61,7 +61,7 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
     slot = ask.slot if ask is not None else None  # held from here: given back on any failure
     try:
         state, refused = await chat_state(ctx, chat_id, credential_id, ask)
-        identity = authorize(request, ctx, chat_id, state)
+        credential, identity = authorize(request, ctx, chat_id, state)
         last_event_id = parse_last_event_id(request)
         check_retained(chat_id, state, last_event_id)
         if ask is not None and known is not None and identity == known.identity and isinstance(refused, int):
@@ -76,7 +76,7 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
             await asyncio.shield(ctx.slots.release(slot))
         raise
     assert slot is not None
-    remember(ctx, credential_id, state, identity)
+    remember(ctx, Known(credential, identity))
     return last_event_id, slot
 
 
@@ -84,11 +84,11 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
 KNOWN_CREDENTIALS: Final = 10_000
 
 
-def remember(ctx: Context, credential_id: str, state: ChatState, identity: Identity) -> None:
-    assert state.credential is not None, "authorize() let no missing credential through"
-    if ctx.credentials.pop(credential_id, None) is None and len(ctx.credentials) >= KNOWN_CREDENTIALS:
+def remember(ctx: Context, known: Known) -> None:
+    cid = known.credential.id
+    if ctx.credentials.pop(cid, None) is None and len(ctx.credentials) >= KNOWN_CREDENTIALS:
         del ctx.credentials[next(iter(ctx.credentials))]  # the least recently used
-    ctx.credentials[credential_id] = Known(msgspec.json.decode(state.credential, type=Credential), identity)
+    ctx.credentials[cid] = known
 
 
 class ChatState(NamedTuple):
@@ -214,8 +214,8 @@ async def credential_of(request: web.Request, ctx: Context, chat_id: str) -> str
     return credential_id_of(bearer) or "-"
 
 
-def authorize(request: web.Request, ctx: Context, chat_id: str, state: ChatState) -> Identity:
-    """The identity behind the request, if its credential stands and owns the chat; others get 404."""
+def authorize(request: web.Request, ctx: Context, chat_id: str, state: ChatState) -> tuple[Credential, Identity]:
+    """The credential behind the request and its identity, if it stands and owns the chat; others get 404."""
     bearer = bearer_token(request)
     if request.query.get("token") is not None and bearer is None:
         if state.credential is None:
@@ -227,7 +227,7 @@ def authorize(request: web.Request, ctx: Context, chat_id: str, state: ChatState
     identity = identity_of(ctx.settings, credential)
     if state.owner is None or state.owner.decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
-    return identity
+    return credential, identity
 
 
 async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> str | None:
