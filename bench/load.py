@@ -28,7 +28,10 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def percentiles(values: list[float]) -> dict[str, float]:
+def percentiles(
+    values: list[float], qs: tuple[float, ...] = (0.50, 0.90, 0.99), *, mean: bool = False
+) -> dict[str, float]:
+    """``n``, a ``p50``-style entry per quantile in ``qs``, ``max`` (and ``mean`` if asked)."""
     if not values:
         return {"n": 0}
     ordered = sorted(values)
@@ -36,7 +39,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
     def at(q: float) -> float:
         return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
-    return {"n": len(ordered), "p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": round(ordered[-1], 3)}
+    out = {"n": len(ordered)} | {f"p{q * 100:g}": at(q) for q in qs} | {"max": round(ordered[-1], 3)}
+    return out | {"mean": round(sum(ordered) / len(ordered), 3)} if mean else out
 
 
 async def login(session: aiohttp.ClientSession, api: str) -> dict[str, str]:

@@ -83,7 +83,7 @@ from typing import Any
 import aiohttp
 import psutil
 
-from bench.load import login, streambridge_chat
+from bench.load import cpu_seconds, login, percentiles, streambridge_chat
 from bench.run import PY, deployment
 
 #: limits raised for the run: the load generator is one visitor on one address
@@ -114,21 +114,8 @@ gc.callbacks.append(_gc_log)
 """
 
 
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def pcts(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
-    out = {"n": len(ordered), "p50": at(0.50), "p90": at(0.90), "p95": at(0.95), "p99": at(0.99), "p99.9": at(0.999)}
-    return out | {"max": round(ordered[-1], 3), "mean": round(sum(ordered) / len(ordered), 3)}
+    return percentiles(values, (0.50, 0.90, 0.95, 0.99, 0.999), mean=True)
 
 
 # ---------------------------------------------------------------- the load generator (measure)
