@@ -251,3 +251,29 @@ async def test_a_stream_slot_whose_answer_was_lost_is_given_back(real_redis: Red
         await slots.acquire(identity, "192.0.2.1")
     assert await real_redis.zcard(keys.user_streams("alice")) == 0
     assert await real_redis.zcard(keys.ip_streams("192.0.2.1")) == 0
+
+
+async def test_open_stream_slots_are_renewed_and_given_back_ones_stay_gone(
+    real_redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("api.slots.RENEW_PER_CALL", 2)  # several calls, and a key split across them
+    slots = StreamSlots(real_redis, per_ip=10)
+    alice = Identity("alice", "c1", quota(settings, _key(Limits(max_open_streams=10))))
+    bob = Identity("bob", "c2", quota(settings, _key(Limits(max_open_streams=10))))
+    held = [await slots.acquire(alice, "192.0.2.1") for _ in range(3)] + [await slots.acquire(bob, "192.0.2.2")]
+    await slots.release(held[0])
+    touched = [keys.user_streams("alice"), keys.ip_streams("192.0.2.1"), keys.user_streams("bob")]
+    touched.append(keys.ip_streams("192.0.2.2"))
+    for key in touched:  # as if the slots were about to lapse
+        await real_redis.zadd(key, dict.fromkeys(await real_redis.zrange(key, 0, -1), 1), xx=True)
+        await real_redis.pexpire(key, 500)
+    await real_redis.zrem(keys.user_streams("alice"), held[1])  # a release under way as renewal starts
+
+    await slots.renew()
+
+    soon = (await real_redis.time())[0] * 1000 + 20_000
+    for key in touched:
+        assert all(score > soon for _, score in await real_redis.zrange(key, 0, -1, withscores=True))
+        assert await real_redis.pttl(key) > 20_000
+    assert await real_redis.zrange(keys.user_streams("alice"), 0, -1) == [held[2].encode()]
+    assert await real_redis.zrange(keys.ip_streams("192.0.2.2"), 0, -1) == [held[3].encode()]
