@@ -12,10 +12,11 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 
@@ -200,37 +201,60 @@ async def direct_count(session: aiohttp.ClientSession, base: str, model: str, n:
 async def fanout(args: argparse.Namespace) -> dict[str, Any]:
     """``chats`` chats at 5 events/s, each read by ``readers`` clients on one edge.
 
-    The chats' first token waits until every reader is connected (``ttft_ms``), so what is measured
-    is the steady state of delivering to all of them, not the rush of opening them.
+    The chats' first tokens wait until every reader is connected (``ttft_ms``), so what is measured
+    is the steady state of delivering to all of them, not the rush of opening them. Their phases
+    are spread evenly over the 200 ms between tokens, as independent chats' would be: tokens of
+    every chat at the same instant would measure a burst of ``chats * readers`` writes instead.
+    The readers only find each content event's id (no full SSE parse), so that this process,
+    which shares the machine with the edge, takes as little of it as it can.
     """
     words = int(args.seconds * 5 / 2.5) + 5  # the fake LLM sends ~2.5 chunks a word
-    model = f"fake?words={words}&ttft_ms={args.ttft_ms}&delay_ms=200"
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
         auth = await login(session, args.api)
         lags: list[float] = []
-        received: list[float] = []
-
-        def on_event(now: float, message: Any, live: bool) -> None:
-            if message.event == "content" and live:
-                lags.append(now * 1000 - id_key(message.id)[0])
-                received.append(now)
-
-        chats = [await create(session, args.api, auth, model, n) for n in range(args.chats)]
+        arrivals: list[float] = []
+        chats, begin = [], time.perf_counter()
+        for n in range(args.chats):
+            first_token_ms = args.ttft_ms + n * 200 / args.chats - (time.perf_counter() - begin) * 1000
+            model = f"fake?words={words}&ttft_ms={max(first_token_ms, 0):.0f}&delay_ms=200"
+            chats.append(await create(session, args.api, auth, model, n))
         cpu = cpu_seconds()
         start = time.perf_counter()
-        await asyncio.gather(
-            *(follow(session, chat["stream_url"], on_event) for chat in chats for _ in range(args.readers))
-        )
+        urls = [chat["stream_url"] for chat in chats for _ in range(args.readers)]
+        await asyncio.gather(*(follow_content(session, url, lags, arrivals) for url in urls))
         wall = time.perf_counter() - start
-        streaming = max(received) - min(received) if len(received) > 1 else wall
+        streaming = (max(arrivals) - min(arrivals)) / 1000 if len(arrivals) > 1 else wall
         return {
             "streams": args.chats * args.readers,
             "events_delivered": len(lags),
             "events_per_s": round(len(lags) / streaming),
+            "streaming_from": min(arrivals, default=0) / 1000,  # epoch s, for a CPU window
+            "streaming_to": max(arrivals, default=0) / 1000,
             "lag": percentiles(lags),
             "loadgen_cpu": round((cpu_seconds() - cpu) / wall, 2),
         }
+
+
+CONTENT_ID: Final = re.compile(rb"id: ([0-9]+)-[0-9]+\nevent: content\n")
+
+
+async def follow_content(session: aiohttp.ClientSession, url: str, lags: list[float], arrivals: list[float]) -> None:
+    """For each content event appended after this reader connected: its delivery lag, and when
+    it arrived (epoch ms)."""
+    async with session.get(url) as response:
+        assert response.status == 200, await response.text()
+        connected_ms = time.time() * 1000
+        rest = b""
+        async for chunk in response.content.iter_any():
+            now_ms = time.time() * 1000
+            data = rest + chunk
+            end = data.rfind(b"\n\n") + 2  # an event split across reads waits for its end
+            rest = data[end:]
+            for ms in map(int, CONTENT_ID.findall(data, 0, end)):
+                if ms >= connected_ms:
+                    lags.append(now_ms - ms)
+                    arrivals.append(now_ms)
 
 
 async def idle(args: argparse.Namespace) -> dict[str, Any]:
