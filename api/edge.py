@@ -8,7 +8,7 @@ from contextlib import aclosing
 from typing import Any, Final, NamedTuple
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from api.auth import bearer_token, load_secret, verify_stream_token
@@ -22,7 +22,7 @@ from shared import keys
 from shared.chats import TERMINAL_STATUSES
 from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from shared.events import TERMINAL_TYPES
-from shared.streams import id_key, is_entry_id
+from shared.streams import Entry, id_key, is_entry_id
 
 log = logging.getLogger("streambridge.edge")
 
@@ -127,26 +127,27 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     assert ctx.hub is not None
     settings = ctx.settings
     response = web.StreamResponse(headers=HEADERS)
+    if request.version >= HttpVersion11:
+        response.enable_chunked_encoding()  # what aiohttp would choose; said here, so writes.deliver knows
     await response.prepare(request)
     # From here on the status line is sent: trouble ends the response, and the client resumes.
     # So does a stream open too long, or too long without an event: a client holds a stream
     # only while it is of use, and picks it up again with Last-Event-ID at no loss.
-    tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval)
-    writes = StalledWrites(request, response, settings.stream_write_timeout, chat_id)
-    # Checked at each batch or heartbeat rather than by a timer of its own: one less per stream.
+    # The lifetime is checked at each write or heartbeat rather than by a timer of its own.
     end_of_life = asyncio.get_running_loop().time() + settings.stream_max_lifetime
-    quiet = 0.0
+    writes = ClientWrites(request, response, settings.stream_write_timeout, chat_id, end_of_life)
+    tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval, deliver=writes.deliver)
     try:
         async with aclosing(tail):
             async for batch in tail:
                 if not batch:
-                    quiet += settings.heartbeat_interval
-                    if quiet >= settings.stream_idle_timeout:
+                    writes.quiet += settings.heartbeat_interval
+                    if writes.quiet >= settings.stream_idle_timeout:
                         await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
                         return response
                     await writes.write(PING)
                 else:
-                    quiet = 0.0
+                    writes.quiet = 0.0
                     await writes.write(b"".join(map(encode_entry, batch)))
                 if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
                     await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
@@ -162,25 +163,66 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     return response
 
 
-class StalledWrites:
-    """Aborts a stream whose client stopped reading: a write still waiting after ``timeout`` s.
+#: bytes a client's socket may hold unsent before live entries wait for its reader task instead
+DIRECT_BUFFER: Final = 64 * 1024
 
+
+class ClientWrites:
+    """One stream's writes: awaited ones from its task, and live entries written at once by
+    :meth:`deliver`, from the hub's reader.
+
+    Aborts a stream whose client stopped reading: a write still waiting after ``timeout`` s.
     Its socket and buffers would otherwise be held until the stream's lifetime ran out. One timer
     per stream, re-armed every ``timeout / 2`` s, costs less than a timer around every write.
     """
 
-    __slots__ = ("_chat_id", "_loop", "_request", "_response", "_since", "_timeout", "_timer")
+    __slots__ = (
+        "_chat_id",
+        "_chunked",
+        "_end",
+        "_loop",
+        "_request",
+        "_response",
+        "_sent",
+        "_since",
+        "_timeout",
+        "_timer",
+        "quiet",
+    )
 
-    def __init__(self, request: web.Request, response: web.StreamResponse, timeout: float, chat_id: str) -> None:
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, timeout: float, chat_id: str, end_of_life: float
+    ) -> None:
         self._request, self._response, self._timeout, self._chat_id = request, response, timeout, chat_id
+        self._chunked, self._end = response.chunked, end_of_life
         self._loop = asyncio.get_running_loop()
         self._since: float | None = None
+        self._sent = False  # the response's headers are out, whether aiohttp sent them at once or with a write
         self._timer = self._loop.call_later(timeout / 2, self._check)
+        self.quiet = 0.0  # seconds without an event, counted in heartbeats
+
+    def deliver(self, entry: Entry) -> bool:
+        """Writes a live entry now if the socket takes it without waiting, for a stream not past
+        its lifetime; otherwise the stream's task gets it, and waits, stalls or ends as it must.
+
+        Bypasses aiohttp's writer, whose coroutine would need the stream's task: the frame is the
+        one aiohttp writes (a chunk, if the response is chunked), and only once a write through
+        aiohttp has sent the headers, should aiohttp have held them back.
+        """
+        transport = self._request.transport
+        if not self._sent or transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > DIRECT_BUFFER or self._loop.time() >= self._end:
+            return False
+        frame = encode_entry(entry)
+        transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
+        self.quiet = 0.0
+        return True
 
     async def write(self, data: bytes) -> None:
         self._since = self._loop.time()
         await self._response.write(data)
-        self._since = None
+        self._since, self._sent = None, True
 
     def stop(self) -> None:
         self._timer.cancel()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Final
 
 from redis.asyncio import Redis
@@ -36,6 +36,10 @@ PAGE: Final = 500
 RESYNC: Final = None  # queue marker: re-read the stream from your last id
 
 
+#: writes a live entry to the client at once, or returns False when it cannot without waiting
+Deliver = Callable[[Entry], bool]
+
+
 class Subscriber:
     """One reader's live feed: a bounded list of entries, the reader's wake-up, its heartbeat.
 
@@ -43,14 +47,21 @@ class Subscriber:
     stream: a lot, at 10,000 streams an edge. And one heartbeat timer per reader that re-arms
     itself, rather than an ``asyncio.timeout`` around every wait: a reader of a busy chat then
     only moves a timestamp per batch (the timeouts were a tenth of the edge's CPU under load).
+
+    A reader that is caught up and waiting may take live entries through ``deliver``, called from
+    the hub's own reader, instead of being woken for each: waking a task and resuming its
+    generators cost more than the write itself. The entries it declines, and the terminal one,
+    wake the reader as before. ``last_id`` is the last entry handed over either way.
     """
 
-    __slots__ = ("_idle", "_last", "_loop", "_timer", "closed", "items", "waiter")
+    __slots__ = ("_idle", "_last", "_loop", "_timer", "closed", "deliver", "items", "last_id", "last_key", "waiter")
 
-    def __init__(self, idle: float) -> None:
+    def __init__(self, idle: float, deliver: Deliver | None = None) -> None:
         self.items: list[Entry | None] = []
         self.waiter: asyncio.Future[None] | None = None
         self.closed = False
+        self.deliver = deliver
+        self.last_id, self.last_key = "0-0", (0, 0)
         self._idle = idle
         self._loop = asyncio.get_running_loop()
         self._last = self._loop.time()
@@ -63,7 +74,26 @@ class Subscriber:
     def stop(self) -> None:
         self._timer.cancel()
 
-    def push(self, item: Entry | None) -> None:
+    def handed(self, entry_id: str, key: tuple[int, int] | None = None) -> None:
+        self.last_id, self.last_key = entry_id, key or id_key(entry_id)
+
+    def push(self, item: Entry | None, key: tuple[int, int] | None = None) -> None:
+        if (
+            self.deliver is not None
+            and item is not RESYNC
+            # The reader waits for its next batch: it writes nothing, and nothing waits for it
+            # (whatever is queued has woken it, and stays queued until it runs).
+            and self.waiter is not None
+            and not self.waiter.done()
+            and item.type not in TERMINAL_TYPES  # the reader ends the response after it
+        ):
+            key = key or id_key(item.id)
+            if key <= self.last_key:
+                return  # it has that one already
+            if self.deliver(item):
+                self.handed(item.id, key)
+                self._last = self._loop.time()
+                return
         if len(self.items) < QUEUE_SIZE:
             self.items.append(item)
         else:  # too slow for the live feed: drop it, and catch up from the stream instead
@@ -135,43 +165,45 @@ class StreamHub:
     def stopping(self) -> bool:
         return self._stopping
 
-    async def tail(self, chat_id: str, after: str | None, *, idle: float) -> AsyncGenerator[list[Entry], None]:
+    async def tail(
+        self, chat_id: str, after: str | None, *, idle: float, deliver: Deliver | None = None
+    ) -> AsyncGenerator[list[Entry], None]:
         """The chat's entries after ``after`` (history, then live), ending with the terminal one.
 
         Entries come in batches, for one write each: a page of history, or every live entry that
         arrived while the last batch was being written. An empty batch comes after ``idle``
         seconds without an entry, for the caller's heartbeat. Ends early, without a terminal
-        entry, when the edge shuts down: the client resumes elsewhere.
+        entry, when the edge shuts down: the client resumes elsewhere. With ``deliver``, live
+        entries that arrive while the caller waits for the next batch may go through it instead
+        (see :class:`Subscriber`): the caller must then not be writing anything else.
         """
-        sub = Subscriber(idle)
+        sub = Subscriber(idle, deliver)
+        sub.handed(after or "0-0")
         try:
             await self._subscribe(chat_id, sub)
-            last = after or "0-0"
             caught_up_once = False
             while True:
-                async for page in self._read_after(chat_id, last):
+                async for page in self._read_after(chat_id, sub.last_id):
+                    sub.handed(page[-1].id)
                     yield page
-                    last = page[-1].id
                     if page[-1].type in TERMINAL_TYPES:
                         return
-                if not caught_up_once and after is not None and await self._ended_at_or_before(chat_id, last):
+                if not caught_up_once and after is not None and await self._ended_at_or_before(chat_id, sub.last_id):
                     return  # resumed after the terminal event: nothing more will ever come
                 caught_up_once = True
-                async for batch in self._live(sub, last):
+                async for batch in self._live(sub):
                     yield batch
-                    if batch:
-                        last = batch[-1].id
-                        if batch[-1].type in TERMINAL_TYPES:
-                            return
+                    if batch and batch[-1].type in TERMINAL_TYPES:
+                        return
                 if sub.closed:
                     return
         finally:
             sub.stop()
             self._unsubscribe(chat_id, sub)
 
-    async def _live(self, sub: Subscriber, last: str) -> AsyncGenerator[list[Entry], None]:
-        """Live entries after ``last``, in batches; returns when the caller must re-read the stream."""
-        last_key = id_key(last)
+    async def _live(self, sub: Subscriber) -> AsyncGenerator[list[Entry], None]:
+        """Live entries after the last one handed over, in batches; returns when the caller must
+        re-read the stream."""
         while True:
             batch: list[Entry] = []
             items = await sub.take()
@@ -183,9 +215,9 @@ class StreamHub:
                 if item is RESYNC:
                     break
                 key = id_key(item.id)
-                if key > last_key:
+                if key > sub.last_key:
                     batch.append(item)
-                    last_key = key
+                    sub.handed(item.id, key)
                 if item.type in TERMINAL_TYPES:
                     break
             if batch:
@@ -282,8 +314,9 @@ class StreamHub:
             data = message["data"]
             assert isinstance(data, bytes)
             entry = parse_notification(data)
+            key = id_key(entry.id)
             for sub in topic.subscribers:
-                sub.push(entry)
+                sub.push(entry, key)
 
 
 _NOTIFY_PREFIX: Final = keys.notify("\0").split("\0")[0].encode()

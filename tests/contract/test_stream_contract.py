@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from api.hub import QUEUE_SIZE, StreamHub
+from api.hub import QUEUE_SIZE, RESYNC, StreamHub
 from shared import keys
 from shared.chats import ChatResult
 from shared.events import Complete, Content, Event, Started, decode_event
@@ -234,3 +234,88 @@ async def test_shutting_the_hub_ends_every_tail_without_a_terminal_event(store: 
     hub.close_all()
     async with asyncio.timeout(2):
         assert await reading == []
+
+
+async def waiting(hub: StreamHub) -> None:
+    """Until the chat's readers are caught up and waiting for live entries, their subscription
+    confirmed (its confirmation makes them re-read the stream once)."""
+    await asyncio.sleep(0.1)
+    async with asyncio.timeout(5):
+        while not all(s.waiter is not None and not s.waiter.done() for s in hub.topics[CHAT].subscribers):
+            await asyncio.sleep(0.01)
+
+
+async def read_into(log: list[Entry], tail: AsyncIterator[list[Entry]]) -> None:
+    async for batch in tail:
+        log.extend(batch)
+
+
+async def test_a_waiting_reader_takes_live_entries_through_deliver_and_the_end_through_the_tail(
+    store: Redis, hub: StreamHub
+) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    delivered: list[Entry] = []
+    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entry: delivered.append(entry) is None)
+    assert decoded(await anext(tail)) == [Started(attempt=1, model="m")]
+    reading = asyncio.ensure_future(collect(tail))
+    await waiting(hub)
+    await append(store, [content(1), content(2)])
+    async with asyncio.timeout(5):
+        while len(delivered) < 2:
+            await asyncio.sleep(0.01)
+    await append(store, [COMPLETE])
+    assert decoded(await reading) == [COMPLETE], "the tail gave what deliver had taken, or not the end"
+    assert decoded(delivered) == [content(1), content(2)]
+
+
+async def test_what_deliver_declines_comes_through_the_tail_in_order_and_once(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    written: list[Entry] = []  # what the client gets, in the order it gets it
+    offered = 0
+
+    def every_other(entry: Entry) -> bool:
+        nonlocal offered
+        offered += 1
+        if offered % 2:
+            return False
+        written.append(entry)
+        return True
+
+    reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=every_other)))
+    await waiting(hub)
+    many = [content(n) for n in range(1, 41)]
+    for n in range(0, 40, 4):
+        await append(store, many[n : n + 4])
+        await asyncio.sleep(0.005)
+    await append(store, [COMPLETE])
+    async with asyncio.timeout(5):
+        await reading
+    assert decoded(written) == [Started(attempt=1, model="m"), *many, COMPLETE]
+    assert offered > 1, "nothing went through deliver"
+
+
+async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_took(
+    store: Redis, hub: StreamHub
+) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    written: list[Entry] = []
+    delivered = 0
+
+    def deliver(entry: Entry) -> bool:
+        nonlocal delivered
+        written.append(entry)
+        delivered += 1
+        return True
+
+    reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=deliver)))
+    await waiting(hub)
+    await append(store, [content(1), content(2)])
+    async with asyncio.timeout(5):
+        while delivered < 2:
+            await asyncio.sleep(0.01)
+    for sub in hub.topics[CHAT].subscribers:  # as after a Pub/Sub reconnect: the live feed may have a gap
+        sub.push(RESYNC)
+    await append(store, [content(3), COMPLETE])
+    async with asyncio.timeout(5):
+        await reading
+    assert decoded(written) == [Started(attempt=1, model="m"), content(1), content(2), content(3), COMPLETE]

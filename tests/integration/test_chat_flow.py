@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 from aiohttp.test_utils import TestClient
 
+from api.edge import ClientWrites
 from shared.events import Complete, Content, Failed, Started, assemble_text
 from shared.settings import Settings
-from shared.streams import id_key
+from shared.streams import Entry, id_key
 from streambridge.fake_llm import expected_text
+from streambridge.sse import SSEParser
 from tests.integration.conftest import FAST_LLM, RunWorker, bearer, events_of, read_sse
 from workers.worker import make_worker
 
@@ -78,6 +81,60 @@ async def test_a_client_waiting_before_the_worker_starts_gets_every_event_live(
     events = events_of(await asyncio.wait_for(reader, 10))
     assert assemble_text(events) == expected_text(PROMPT, FAST_LLM.words)
     assert sum(isinstance(e, Content) for e in events) == events[-1].total_chunks  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("http", ["1.1", "1.0"])
+async def test_live_events_written_straight_from_the_hub_arrive_whole_in_either_http_version(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+    monkeypatch: pytest.MonkeyPatch,
+    http: str,
+) -> None:
+    # Live entries go to a waiting reader's socket from the hub (ClientWrites.deliver), framed by
+    # hand: a chunk for HTTP/1.1, the bare bytes for HTTP/1.0, which aiohttp does not chunk.
+    direct = 0
+    deliver = ClientWrites.deliver
+
+    def counting(writes: ClientWrites, entry: Entry) -> bool:
+        nonlocal direct
+        taken = deliver(writes, entry)
+        direct += taken
+        return taken
+
+    monkeypatch.setattr(ClientWrites, "deliver", counting)
+    chat = await create(client, token, {"message": PROMPT, "model": "fake?delay_ms=20&ttft_ms=200"})
+    server = client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    path = f"/v1/chats/{chat['id']}/events"
+    head = f"GET {path} HTTP/{http}\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    writer.write(head.encode())
+    reading = asyncio.ensure_future(reader.read())  # until the server closes, after the end
+    await run_worker()
+    raw = await asyncio.wait_for(reading, 10)
+    writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if http == "1.1":
+        assert b"Transfer-Encoding: chunked" in head
+        body = dechunked(body)
+    else:
+        assert b"Transfer-Encoding" not in head
+    assert b"\r\n" not in body, "framing left in the body (the edge writes its SSE with \\n alone)"
+    events = events_of(SSEParser().feed(body))
+    assert assemble_text(events) == expected_text(PROMPT, FAST_LLM.words)
+    assert isinstance(events[-1], Complete)
+    assert direct > 0, "no entry went straight from the hub"
+
+
+def dechunked(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size, _, body = body.partition(b"\r\n")
+        n = int(size, 16)
+        if n == 0:
+            return out
+        assert body[n : n + 2] == b"\r\n", "a chunk's length does not match its data"
+        out, body = out + body[:n], body[n + 2 :]
 
 
 async def test_resume_with_last_event_id_header_or_query_gives_exactly_the_rest(
