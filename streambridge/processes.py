@@ -17,7 +17,7 @@ from shared.settings import Settings
 from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.serve import announce, catch_signals, say, start_site
+from streambridge.serve import announce, catch_signals, say, settle_gc, start_site
 from workers.worker import make_worker, stop_worker
 
 log = logging.getLogger("streambridge")
@@ -39,6 +39,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         )
         stack.push_async_callback(_quietly, "api + edge", runner.cleanup)
         worker = make_worker(settings, llm_url)
+        settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace))
         say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
@@ -57,6 +58,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
     )
+    settle_gc()
     name = "streambridge api" if api else "streambridge edge"
     if api and not edge and settings.public_edge_url is None:
         log.warning("STREAMBRIDGE_PUBLIC_EDGE_URL is unset: stream_url will point at this API, which has no edge")
@@ -73,6 +75,7 @@ async def worker(settings: Settings) -> int:
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
+        settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
