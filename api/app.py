@@ -18,7 +18,7 @@ from api.headers import add_headers, preflight_middleware
 from api.hub import StreamHub
 from api.slots import StreamSlots
 from shared import keys
-from shared.redis import connect
+from shared.redis import connect, connect_feed
 from shared.settings import Settings
 
 SECRET_REFRESH = 10.0
@@ -49,13 +49,16 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
     app.add_routes(openapi.routes)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # One bounded pool per process: the hub's Pub/Sub takes one socket, commands share the rest.
-        redis = connect(redis_url, max_connections=settings.redis_max_connections, client_class=ArqRedis)
+        # A bounded pool per process: an edge's hub takes one socket for its Pub/Sub feed, and
+        # commands share the rest.
+        pool_size = settings.redis_max_connections - (1 if serve_edge else 0)
+        redis = connect(redis_url, max_connections=pool_size, client_class=ArqRedis)
         redis.default_queue_name = keys.QUEUE_NAME
         ctx = Context(settings=settings, redis=redis, secret=await load_secret(redis, settings.secret))
         background = [asyncio.create_task(keep_secret_fresh(ctx))]
+        feed = connect_feed(redis_url) if serve_edge else None
         if serve_edge:
-            ctx.hub = StreamHub(redis)
+            ctx.hub = StreamHub(redis, feed)
             await ctx.hub.start()
             ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip)
             background.append(asyncio.create_task(ctx.slots.renew_forever()))
@@ -66,7 +69,10 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         await asyncio.gather(*background, return_exceptions=True)
         if ctx.hub is not None:
             await ctx.hub.stop()
-        await redis.aclose()
+        # The pools were handed to the clients, so closing a client leaves its pool's sockets open.
+        await redis.aclose(close_connection_pool=True)
+        if feed is not None:
+            await feed.aclose(close_connection_pool=True)
 
     async def close_streams(app: web.Application) -> None:
         # Before aiohttp waits for handlers to finish: open SSE streams end now, not when their chats do.
