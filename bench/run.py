@@ -69,7 +69,7 @@ def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterato
         proxy_port = free_port()
         proxy = subprocess.Popen([PY, "-m", "bench.proxy", f"{llm.url}/v1", str(proxy_port)], env=env)
         env |= {"STREAMBRIDGE_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMBRIDGE_LLM_BASE_URL": f"{llm.url}/v1"}
-        env |= {"STREAMBRIDGE_LOG_LEVEL": "WARNING", "STREAMBRIDGE_WORKER_CONCURRENCY": "200"}
+        env |= {"STREAMBRIDGE_LOG_LEVEL": "WARNING", "STREAMBRIDGE_WORKER_CONCURRENCY": "2000"}
         env |= {"STREAMBRIDGE_CHATS_PER_MINUTE": "1000000"}  # the load generator is one visitor
         lifted = ("VISITOR_CHATS_PER_MINUTE", "VISITOR_MAX_RUNNING_CHATS", "VISITOR_MAX_OPEN_STREAMS")
         env |= {f"STREAMBRIDGE_{name}": "1000000" for name in (*lifted, "MAX_OPEN_STREAMS_PER_IP")}
@@ -212,12 +212,13 @@ def fan_out(d: dict[str, object], chats: int, readers: int) -> tuple[str, str, s
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    name = f"fan-out: {chats * readers:,} streams × 5 ev/s"
+    name = f"fan-out: {chats * readers:,} streams × 5 ev/s ({chats:,} chats × {readers})"
     try:
         f = load(
             "fanout",
             *("--api", str(d["api"]), "--chats", str(chats), "--readers", str(readers), "--seconds", "10"),
-            *("--ttft-ms", str(3000 + chats * readers)),  # every reader connected before the first token
+            # every chat created and every reader connected before the first token
+            *("--ttft-ms", str(3000 + chats * readers + 3 * chats)),
         )
     except ScenarioFailed as exc:
         return (name, "failed", str(exc)[:60], "")
@@ -306,6 +307,8 @@ def main() -> None:
         )
         for chats in (20,) if quick else (40, 200):
             rows.append(fan_out(d, chats, readers=50))
+        # A chat app's usual case: each stream its own chat, so one Pub/Sub message per event written
+        rows.append(fan_out(d, 200 if quick else 1000, readers=1))
 
     print_table(rows)
 

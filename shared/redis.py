@@ -49,6 +49,19 @@ def _connection_class(url: str) -> type[AbstractConnection]:
     return {"rediss": _TLS, "unix": _Unix}.get(urlsplit(url).scheme, _TCP)
 
 
+async def pack_with_hiredis(client: Redis) -> None:
+    """Gives a client made elsewhere (arq's) the packing of the clients made here. The pool's
+    connections so far, made before this, are closed and forgotten; new ones replace them."""
+    pool = client.connection_pool
+    made = pool.connection_class
+    for plain, packing in ((SSLConnection, _TLS), (UnixDomainSocketConnection, _Unix), (Connection, _TCP)):
+        if made is plain:
+            pool.connection_class = packing
+            await pool.disconnect()
+            pool.reset()  # type: ignore[no-untyped-call]
+            return
+
+
 def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) -> R:  # type: ignore[assignment]
     """A client on a bounded pool: however many requests wait, at most ``max_connections`` sockets.
 

@@ -15,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import keys
+from shared.redis import pack_with_hiredis
 from shared.settings import Settings
 from workers.llm import make_client
 from workers.reaper import listen_for_cancels, reap_forever
@@ -143,6 +144,7 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
 
     async def startup(ctx: dict[str, Any]) -> None:
+        await pack_with_hiredis(ctx["redis"])
         llm = make_client(llm_base_url, settings.llm_api_key)
         runner = ChatRunner(ctx["redis"], llm, settings)
         ctx["llm"], ctx["runner"] = llm, runner
