@@ -18,7 +18,7 @@ from typing import Final
 from aiohttp import web
 from redis.asyncio import Redis
 
-from api.credentials import Identity, identify
+from api.credentials import Identity, Known, identify
 from shared import keys
 from shared.errors import Unauthorized
 from shared.settings import Settings
@@ -34,12 +34,14 @@ def bearer_token(request: web.Request) -> str | None:
     return value.strip()
 
 
-async def authenticate(request: web.Request, redis: Redis, settings: Settings) -> Identity:
-    """The identity behind the request's bearer token, or 401."""
+async def authenticate(
+    request: web.Request, redis: Redis, settings: Settings, known: dict[str, Known] | None = None
+) -> Identity:
+    """The identity behind the request's bearer token, or 401; remembered in ``known`` if given."""
     token = bearer_token(request)
     if token is None:
         raise Unauthorized("send Authorization: Bearer <token> (POST /v1/auth/visitor gives one)")
-    return await identify(redis, settings, token)
+    return await identify(redis, settings, token, known)
 
 
 async def load_secret(redis: Redis, configured: str | None, current: bytes | None = None) -> bytes:

@@ -13,13 +13,13 @@ from typing import Annotated, Final, cast
 import msgspec
 from aiohttp import web
 
-from api.auth import authenticate, sign_stream_token
+from api.auth import authenticate, bearer_token, sign_stream_token
 from api.context import Context, context
-from api.credentials import Identity, create_visitor
+from api.credentials import Identity, create_visitor, recall
 from api.limits import admit_chat, bounded, check_prompt, count_visitor_login
 from shared import keys
 from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
-from shared.errors import BadRequest, NotFound, RequestTimeout, Unavailable, Unprocessable
+from shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from shared.events import Usage, assemble_text, decode_event
 from shared.streams import Entry, entry_from_fields
 
@@ -96,14 +96,22 @@ async def visitor_login(request: web.Request) -> web.Response:
 @routes.post("/v1/chats")
 async def create_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    identity = await authenticate(request, ctx.redis, ctx.settings)
+    # A credential this process has seen is not read again: admission checks in its one round
+    # trip that it still exists (revoked or expired, it does not).
+    token = bearer_token(request)
+    remembered = recall(ctx.credentials, token) if token is not None else None
+    identity = remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
     chat = parse_create(await read_body(request, ctx))
     check_prompt(chat, identity)
     chat = bounded(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     request_json = msgspec.json.encode(chat)
-    await admit_chat(ctx.redis, ctx.settings, identity, chat_id, created_at=created_at, request=request_json)
+    try:
+        await admit_chat(ctx.redis, ctx.settings, identity, chat_id, created_at=created_at, request=request_json)
+    except Unauthorized:
+        ctx.credentials.pop(identity.credential, None)
+        raise
     url = stream_url(request, ctx, chat_id, identity)
     return json_response(Created(chat_id, "queued", url, created_at), status=202)
 

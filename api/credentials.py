@@ -77,6 +77,24 @@ class Known(NamedTuple):
     identity: Identity
 
 
+#: credentials a process remembers (they never change; revoking one deletes its record)
+KNOWN_CREDENTIALS: Final = 10_000
+
+
+def remember(known: dict[str, Known], credential: Credential, identity: Identity) -> None:
+    """Keeps the ``KNOWN_CREDENTIALS`` most recently used: whoever uses one again skips reading it,
+    and only checks in its next round trip that it still exists."""
+    if known.pop(credential.id, None) is None and len(known) >= KNOWN_CREDENTIALS:
+        del known[next(iter(known))]  # the least recently used
+    known[credential.id] = Known(credential, identity)
+
+
+def recall(known: dict[str, Known], token: str) -> Identity | None:
+    """The identity of a remembered credential, if ``token`` is genuinely its bearer token."""
+    remembered = known.get(credential_id(token) or "")
+    return remembered.identity if remembered is not None and genuine(token, remembered.credential) else None
+
+
 _decoder: Final = msgspec.json.Decoder(Credential)
 
 
@@ -121,11 +139,16 @@ async def load(redis: Redis, cid: str) -> Credential | None:
     return None if raw is None else _decoder.decode(raw)
 
 
-async def identify(redis: Redis, settings: Settings, token: str) -> Identity:
-    """The identity behind a bearer token, or 401 (unknown, expired or revoked alike)."""
+async def identify(redis: Redis, settings: Settings, token: str, known: dict[str, Known] | None = None) -> Identity:
+    """The identity behind a bearer token, or 401 (unknown, expired or revoked alike). With
+    ``known``, the credential read is remembered there."""
     match = TOKEN.match(token)
     record = None if match is None else await redis.get(keys.credential(match[2]))
-    return identity_of(settings, check(token, record))
+    credential = check(token, record)
+    identity = identity_of(settings, credential)
+    if known is not None:
+        remember(known, credential, identity)
+    return identity
 
 
 def credential_id(token: str) -> str | None:

@@ -14,7 +14,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from api.auth import bearer_token, load_secret, verify_stream_token
 from api.chats import chat_id_of
 from api.context import Context, context
-from api.credentials import Credential, Identity, Known, check, genuine, identity_of
+from api.credentials import Credential, Identity, check, genuine, identity_of, remember
 from api.credentials import credential_id as credential_id_of
 from api.slots import SlotRequest
 from api.sse import HEADERS, PING, encode_entry
@@ -76,19 +76,8 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
             await asyncio.shield(ctx.slots.release(slot))
         raise
     assert slot is not None
-    remember(ctx, Known(credential, identity))
+    remember(ctx.credentials, credential, identity)
     return last_event_id, slot
-
-
-#: credentials an edge remembers (they never change; revoking one deletes its record)
-KNOWN_CREDENTIALS: Final = 10_000
-
-
-def remember(ctx: Context, known: Known) -> None:
-    cid = known.credential.id
-    if ctx.credentials.pop(cid, None) is None and len(ctx.credentials) >= KNOWN_CREDENTIALS:
-        del ctx.credentials[next(iter(ctx.credentials))]  # the least recently used
-    ctx.credentials[cid] = known
 
 
 class ChatState(NamedTuple):

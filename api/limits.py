@@ -1,9 +1,11 @@
 """Abuse limits on creating chats: prompt size, ``max_tokens``, and admission.
 
-Admission is one Lua call that checks, in order, the deployment's queue depth (503 at once
-rather than a wait without bound), the user's chats queued or running, and the user's chats this
-minute (each 429 with ``Retry-After``), and only then records the chat and enqueues its job. Every count lives in
-Redis, so the limits hold across every API process, and a refused chat counts for nothing.
+Admission is one Lua call that checks, in order, that the caller's credential still exists (a
+process that remembers a credential does not read it again), the deployment's queue depth (503 at
+once rather than a wait without bound), the user's chats queued or running, and the user's chats
+this minute (each 429 with ``Retry-After``), and only then records the chat and enqueues its job.
+Every count lives in Redis, so the limits hold across every API process, and a refused chat
+counts for nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from redis.asyncio import Redis
 from api.credentials import Identity
 from shared import keys
 from shared.chats import ChatRequest
-from shared.errors import Overloaded, RateLimited, Unprocessable
+from shared.errors import Overloaded, RateLimited, Unauthorized, Unprocessable
 from shared.queue import ENQUEUE_LUA, job_record
 from shared.settings import Settings
 
@@ -28,6 +30,7 @@ RUNNING_SLACK_MS: Final = 60_000
 ADMIT: Final = (
     ENQUEUE_LUA
     + """
+if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return 'revoked' end
 local waiting = redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
 if waiting >= tonumber(ARGV[2]) then return 'queue' end
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
@@ -92,10 +95,12 @@ async def admit_chat(
     args += [str(q.max_running_chats), str(deadline_ms), chat_id, str(settings.result_ttl), identity.user]
     args += [created_at, request]
     job_keys, job_args = job_record(chat_id)
-    k += job_keys
+    k += [*job_keys, keys.credential(identity.credential)]
     args += job_args
     verdict = await redis.eval(ADMIT, len(k), *k, *args)  # type: ignore[arg-type,misc]
     verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    if verdict == "revoked":
+        raise Unauthorized("the token is unknown, expired or revoked")
     if verdict == "queue":
         raise Overloaded(
             f"the service has {settings.max_queue_depth} chats waiting already; try again shortly", retry_after=2

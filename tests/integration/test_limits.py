@@ -119,6 +119,7 @@ async def test_too_many_chats_a_minute_get_429_with_retry_after(strict_settings:
 
 async def test_the_minute_count_is_shared_and_resets_with_the_minute(real_redis: Redis, settings: Settings) -> None:
     identity = Identity("u", "0" * 16, quota(settings, _key(Limits(chats_per_minute=1))))
+    await real_redis.set(keys.credential(identity.credential), b"{}")  # admission checks it still exists
     await admit_chat(real_redis, settings, identity, "a" * 32, created_at="t", request=b"{}", now=600.0)
     with pytest.raises(RateLimited) as caught:  # another API process, later in the same minute
         await admit_chat(real_redis, settings, identity, "b" * 32, created_at="t", request=b"{}", now=630.5)
@@ -131,6 +132,7 @@ async def test_a_deep_queue_turns_new_chats_away_at_once(real_redis: Redis, sett
     shallow = msgspec.structs.replace(settings, max_queue_depth=2)
     await real_redis.zadd(keys.QUEUE_NAME, {"job-1": 1, "job-2": 2})
     identity = Identity("u", "0" * 16, quota(shallow, _key(Limits())))
+    await real_redis.set(keys.credential(identity.credential), b"{}")
     with pytest.raises(Overloaded) as caught:
         await admit_chat(real_redis, shallow, identity, "a" * 32, created_at="t", request=b"{}")
     assert (caught.value.status, caught.value.code, caught.value.retry_after) == (503, "overloaded", 2)

@@ -130,6 +130,27 @@ async def test_a_revoked_key_and_its_stream_urls_stop_working_at_once(client: Cl
     assert not await revoke(redis, credential.id), "revoking twice finds nothing"
 
 
+async def test_a_remembered_credential_is_not_read_again_yet_its_revocation_holds_at_once(
+    client: Client, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key, credential = await issue(redis, "acme", "key")
+    await new_chat(client, key)  # read once, and remembered
+    reads: list[object] = []
+    get = redis.get
+
+    def counted_get(name: str) -> object:
+        reads.append(name)
+        return get(name)
+
+    monkeypatch.setattr(redis, "get", counted_get)
+    await new_chat(client, key)
+    assert reads == [], "admitted in one round trip: the credential's existence checked inside it"
+    await revoke(redis, credential.id)
+    await refused(client, "POST", "/v1/chats", 401, "unauthorized", json={"message": "hi"}, headers=bearer(key))
+    assert credential.id not in client.app[CONTEXT].credentials, "a revoked credential is forgotten"
+    assert await redis.zcard(keys.active("acme")) == 2, "the refused chat counts for nothing"
+
+
 async def test_a_stream_refused_after_the_edge_took_its_slot_gives_the_slot_back(client: Client, redis: Redis) -> None:
     # A credential the edge has seen takes its stream slot in the same round trip as the checks'
     # reads: every refusal after that must give the slot back, or refusals would use up the limit.
