@@ -84,7 +84,10 @@ def encode_event(event: Event) -> bytes:
 
 
 def decode_event(data: bytes | str) -> Event:
-    return cast(Event, _decoder.decode(data))
+    # Annotated rather than cast: msgspec's stubs type a union's decoder as Any in some
+    # releases and exactly in others, and a cast is then redundant.
+    event: Event = _decoder.decode(data)
+    return event
 
 
 def is_terminal(event: Event) -> bool:
