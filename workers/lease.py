@@ -12,22 +12,43 @@ import time
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from shared import keys
 
-CLAIM: Final = """
+# The claim, for CLAIM and START: the chat must be runnable and its lease free; it then reads
+# the chat. ``pickup`` (enqueue → this start, ms) is kept on the chat for operators and the benchmark.
+_CLAIM_BODY: Final = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return 'missing' end
 if status ~= 'queued' and status ~= 'running' then return status end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'busy' end
 redis.call('HSET', KEYS[2], 'token', ARGV[1], 'seq', 0)
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'running', 'pickup_ms', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'running', 'pickup_ms', pickup)
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
 local chat = redis.call('HGETALL', KEYS[1])
 table.insert(chat, 1, 'claimed')
 return chat
 """
+
+CLAIM: Final = "local pickup = ARGV[5]" + _CLAIM_BODY
+
+# A woken job's start, in one call: arq's in-progress mark (so that arq's scan leaves the job
+# alone; another worker's mark means it runs there), then the claim. A job that left arq's queue
+# before its wake-up came has ended: its mark is taken back. KEYS[4]: the in-progress key,
+# KEYS[5]: arq's queue; ARGV[5]: the worker's clock (ms), ARGV[6]: the job id, ARGV[7]: the mark's ms.
+START: Final = (
+    """
+if not redis.call('SET', KEYS[4], '1', 'PX', ARGV[7], 'NX') then return 'elsewhere' end
+local enqueued = redis.call('ZSCORE', KEYS[5], ARGV[6])
+if not enqueued then
+  redis.call('DEL', KEYS[4])
+  return 'finished'
+end
+local pickup = string.format('%.3f', tonumber(ARGV[5]) - tonumber(enqueued))"""
+    + _CLAIM_BODY
+)
 
 # 0: lost to another attempt; 1: renewed; 2: renewed, and the owner asked to cancel (a backstop
 # for a cancel whose Pub/Sub message the worker missed while reconnecting).
@@ -72,17 +93,31 @@ class Lease:
     async def claim(self, pickup_ms: float = 0.0) -> str:
         """``claimed``, or why not: ``missing``, ``busy`` (another attempt holds it) or a terminal status.
 
-        ``pickup_ms`` (enqueue → this start) is kept on the chat for operators and the benchmark.
         A claim also reads the chat (into :attr:`chat`): one round trip to start a run, not two.
         """
-        k = [keys.chat(self.chat_id), keys.lease(self.chat_id), keys.running()]
-        args = [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id, f"{pickup_ms:.3f}"]
-        answer = await self.redis.eval(CLAIM, len(k), *k, *args)  # type: ignore[misc]
+        k = self._claim_keys()
+        return self.took(await self.redis.eval(CLAIM, len(k), *k, *self._claim_args(f"{pickup_ms:.3f}")))  # type: ignore[misc]
+
+    def start(self, pipe: Pipeline, job_id: str, in_progress_key: str, queue: str, mark_ms: int) -> None:
+        """Queues a woken job's start on ``pipe`` (:data:`START`); :meth:`took` reads its answer:
+        what :meth:`claim` answers, or ``elsewhere`` (another worker has it) or ``finished``."""
+        k = [*self._claim_keys(), in_progress_key, queue]
+        args = [*self._claim_args(f"{time.time() * 1000:.3f}"), job_id, str(mark_ms)]
+        pipe.eval(START, len(k), *k, *args)
+
+    def took(self, answer: list[bytes] | bytes | str) -> str:
+        """The outcome of a claim or a start, keeping the chat it read."""
         if not isinstance(answer, list):
             return _text(answer)
         fields = answer[1:]
         self.chat = dict(zip(fields[::2], fields[1::2], strict=True))
         return _text(answer[0])
+
+    def _claim_keys(self) -> list[str]:
+        return [keys.chat(self.chat_id), keys.lease(self.chat_id), keys.running()]
+
+    def _claim_args(self, pickup_or_now: str) -> list[str]:
+        return [self.token, str(self.ttl_ms), str(now_ms() + self.ttl_ms), self.chat_id, pickup_or_now]
 
     async def renew(self) -> int:
         """0: the lease is lost; 1: renewed; 2: renewed, but the chat's owner asked to cancel it."""

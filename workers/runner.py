@@ -87,10 +87,19 @@ class ChatRunner:
         active.task.cancel()
         return True
 
+    def lease(self, chat_id: str) -> Lease:
+        """A new attempt's lease on the chat, not yet claimed."""
+        return Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
+
     async def run(self, chat_id: str, *, enqueued_at: float | None = None) -> str:
-        lease = Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
+        """Claims the chat and runs it; the outcome (a final status, or why it did not run)."""
+        lease = self.lease(chat_id)
         pickup_ms = (time.time() - enqueued_at) * 1000 if enqueued_at is not None else 0.0
-        claimed = await lease.claim(pickup_ms)
+        return await self.run_claimed(lease, await lease.claim(pickup_ms))
+
+    async def run_claimed(self, lease: Lease, claimed: str) -> str:
+        """Runs the chat whose claim answered ``claimed``: anything but ``claimed`` is why it does not run."""
+        chat_id = lease.chat_id
         if claimed != "claimed":
             log.info("chat %s: not run (%s)", chat_id, claimed)
             return claimed

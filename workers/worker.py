@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import keys
 from shared.redis import pack_with_hiredis
 from shared.settings import Settings
+from workers.lease import Lease
 from workers.llm import make_client
 from workers.reaper import listen_for_cancels, reap_forever
 from workers.runner import ChatRunner, Stop
@@ -25,50 +26,65 @@ log = logging.getLogger("streambridge.worker")
 
 #: A chat's job may run this long; its own timeouts (first token, idle) end stalls far sooner.
 JOB_TIMEOUT = 3600
+#: seconds between two of arq's scans of the queue, in a long-running worker
+FULL_POLL = 0.5
+
+
+#: how long a wake-up listener blocks at a time; it looks again whether it may take chats after it
+WAKE_WAIT = 0.5
 
 
 class ChatWorker(Worker):
     """arq's worker, with two changes.
 
-    It starts a chat the moment it is enqueued: the API pushes the job id on ``keys.wake()``, an
-    idle worker blocks on that list (BLPOP) and runs that chat itself, in one round trip: it marks
-    the job in progress as arq does, so arq's scan skips it, and the lease's claim already makes
-    the run exclusive. arq stays the durable record: its scan of the queue (a round trip per queued
-    or running job, hence only every ``full_poll`` s) starts whatever no wake token reached.
-    And it rides out a Redis outage: it polls again with backoff, never exits.
+    It starts a chat the moment it is enqueued: the API pushes the job id on ``keys.wake()``, and
+    a task of the worker's own blocks on that list (BLPOP) all the while, never held up by arq's
+    scan. It starts what it pops in one round trip, one Lua call a chat (:data:`workers.lease.START`):
+    arq's in-progress mark, so that arq's scan skips the job, and the lease's claim, which makes the
+    run exclusive. arq stays the durable record: its scan of the queue (a round trip per queued or
+    running job, hence only every ``poll_delay`` s) starts whatever no wake token reached. And it
+    rides out a Redis outage: both retry with backoff, never exit.
     """
-
-    full_poll = 0.5
-    _outage_delay = 0.0
-    _next_full_poll = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.direct: set[asyncio.Task[None]] = set()
+        self._waker: asyncio.Task[None] | None = None
+        self._outage_delay = 0.0
+
+    async def main(self) -> None:
+        try:
+            await super().main()
+        finally:
+            if self._waker is not None:
+                self._waker.cancel()
+                await asyncio.gather(self._waker, return_exceptions=True)
 
     async def _poll_iteration(self) -> None:
+        if self._waker is None and not self.burst:  # the first iteration comes after on_startup
+            self._waker = asyncio.create_task(self._wake_forever(), name="wake")
         try:
-            if self.burst:
-                await super()._poll_iteration()
-            else:
-                await self._wake_or_poll()
+            await super()._poll_iteration()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            self._outage_delay = min(max(self._outage_delay * 2, 0.1), 2.0)
-            log.warning("Redis unreachable (%s); polling again in %.1f s", exc, self._outage_delay)
-            await asyncio.sleep(self._outage_delay)
+            self._outage_delay = await _back_off("polling", exc, self._outage_delay)
         else:
             self._outage_delay = 0.0
 
-    async def _wake_or_poll(self) -> None:
-        now = asyncio.get_running_loop().time()
-        if now >= self._next_full_poll:
-            self._next_full_poll = now + self.full_poll
-            await super()._poll_iteration()
+    async def _wake_forever(self) -> None:
+        delay = 0.0
+        while True:
+            try:
+                await self._wake_once()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                delay = await _back_off("waiting for chats", exc, delay)
+            else:
+                delay = 0.0
+
+    async def _wake_once(self) -> None:
         if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
             await asyncio.sleep(0.01)  # full, or stopping: leave the wake list to other workers
             return
-        wait = max(self._next_full_poll - asyncio.get_running_loop().time(), 0.01)
-        popped = await self.pool.blpop([keys.wake()], timeout=wait)  # type: ignore[arg-type,misc]
+        popped = await self.pool.blpop([keys.wake()], timeout=WAKE_WAIT)  # type: ignore[arg-type,misc]
         if popped:
             more = await self._start_direct([popped[1].decode()], pop=self.max_jobs - self.job_counter - 1)
             if more:
@@ -81,26 +97,24 @@ class ChatWorker(Worker):
         returns them: a chat that woke alone (the usual case) starts without a round trip spent
         looking for others.
         """
+        runner: ChatRunner = self.ctx["runner"]
+        leases = [runner.lease(job_id.split(":", 1)[0]) for job_id in job_ids]
+        mark_ms = int(self.in_progress_timeout_s * 1000)
         async with self.pool.pipeline(transaction=False) as pipe:
             if pop > 0:
                 pipe.lpop(keys.wake(), pop)
-            for job_id in job_ids:
-                pipe.set(IN_PROGRESS + job_id, b"1", px=int(self.in_progress_timeout_s * 1000), nx=True)
-                pipe.zscore(self.queue_name, job_id)
+            for job_id, lease in zip(job_ids, leases, strict=True):
+                lease.start(pipe, job_id, IN_PROGRESS + job_id, self.queue_name, mark_ms)
             answers = await pipe.execute()
         more: list[bytes] = (answers.pop(0) or []) if pop > 0 else []
-        finished = []
-        for job_id, fresh, enqueued_ms in zip(job_ids, answers[::2], answers[1::2], strict=True):
-            if fresh and enqueued_ms is None:
-                finished.append(IN_PROGRESS + job_id)  # ended before its wake-up came: unmark it
-            if not fresh or enqueued_ms is None:
-                continue  # running elsewhere already, or finished
+        for job_id, lease, answer in zip(job_ids, leases, answers, strict=True):
+            claimed = lease.took(answer)
+            if claimed in ("elsewhere", "finished"):
+                continue  # running in another worker already, or ended before its wake-up came
             self.job_counter += 1
-            task = asyncio.create_task(self._run_direct(job_id, enqueued_ms / 1000))
+            task = asyncio.create_task(self._run_direct(job_id, lease, claimed))
             self.direct.add(task)
             task.add_done_callback(self.direct.discard)
-        if finished:
-            await self.pool.delete(*finished)
         return more
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
@@ -115,11 +129,11 @@ class ChatWorker(Worker):
             running = await pipe.execute()
         await super().start_jobs([job_id for job_id, busy in zip(job_ids, running, strict=True) if not busy])
 
-    async def _run_direct(self, job_id: str, enqueued_at: float) -> None:
+    async def _run_direct(self, job_id: str, lease: Lease, claimed: str) -> None:
         runner: ChatRunner = self.ctx["runner"]
         outcome: str | None = None
         try:
-            outcome = await runner.run(job_id.split(":", 1)[0], enqueued_at=enqueued_at)
+            outcome = await runner.run_claimed(lease, claimed)
         except asyncio.CancelledError:
             outcome = "handed_back"
         except Exception:
@@ -134,13 +148,27 @@ class ChatWorker(Worker):
                 await asyncio.shield(pipe.execute())
 
 
+async def _back_off(doing: str, exc: BaseException, delay: float) -> float:
+    """Waits out a Redis outage, a little longer each time; returns the delay it waited."""
+    delay = min(max(delay * 2, 0.1), 2.0)
+    log.warning("Redis unreachable while %s (%s); trying again in %.1f s", doing, exc, delay)
+    await asyncio.sleep(delay)
+    return delay
+
+
 async def run_chat(ctx: dict[str, Any], chat_id: str) -> str:
     runner: ChatRunner = ctx["runner"]
     return await runner.run(chat_id, enqueued_at=ctx["enqueue_time"].timestamp())
 
 
-def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float = 0) -> Worker:
-    """A worker for ``settings``; run ``await worker.main()``, then ``stop_worker``."""
+def make_worker(
+    settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float | None = None
+) -> Worker:
+    """A worker for ``settings``; run ``await worker.main()``, then ``stop_worker``.
+
+    ``poll_delay`` spaces arq's scans of the queue: by default 0.5 s for a long-running worker
+    (woken chats start at once regardless), none for a burst worker (it exits once it is empty).
+    """
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
 
     async def startup(ctx: dict[str, Any]) -> None:
@@ -169,7 +197,7 @@ def make_worker(settings: Settings, llm_base_url: str, *, burst: bool = False, p
         on_startup=startup,
         on_shutdown=shutdown,
         burst=burst,
-        poll_delay=poll_delay,
+        poll_delay=(0 if burst else FULL_POLL) if poll_delay is None else poll_delay,
         max_jobs=settings.worker_concurrency,
         job_timeout=JOB_TIMEOUT,
         keep_result=60,

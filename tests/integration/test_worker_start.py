@@ -13,6 +13,8 @@ from arq.worker import Worker
 from shared import keys
 from shared.settings import Settings
 from tests.integration.conftest import bearer, events_of, read_sse
+from workers.llm import make_client
+from workers.runner import ChatRunner
 from workers.worker import ChatWorker, make_worker, stop_worker
 
 
@@ -27,13 +29,19 @@ async def test_chats_woken_together_each_start_once_and_complete(
     token: str,
     settings: Settings,
     llm_url: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Queued before the worker runs, so its first wake-up pops all of them at once; arq's scan
-    # is put off, or it would find them first.
+    # starts nothing, or it would find them first.
     chat_ids = [await create(client, token, n) for n in range(8)]
+    scanned: list[list[bytes]] = []
+
+    async def recorded(self: Worker, job_ids: list[bytes]) -> None:
+        scanned.append(job_ids)
+
+    monkeypatch.setattr(Worker, "start_jobs", recorded)
     worker = make_worker(settings, llm_url)
     assert isinstance(worker, ChatWorker)
-    worker._next_full_poll = asyncio.get_running_loop().time() + 30
     main = asyncio.create_task(worker.main())
     try:
         for chat_id in chat_ids:
@@ -45,6 +53,61 @@ async def test_chats_woken_together_each_start_once_and_complete(
         assert all(0 <= ms < 10_000 for ms in pickups), pickups  # each timed from its own enqueue
     finally:
         await stop_worker(worker, main, grace=1)
+
+
+async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The wake-up listener is a task of its own: a scan waiting on Redis (a slow answer, an
+    # outage's backoff) holds up no chat the API has woken.
+    stuck = asyncio.Event()
+
+    async def scan_that_never_returns(self: Worker) -> None:
+        stuck.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Worker, "_poll_iteration", scan_that_never_returns)
+    worker = make_worker(settings, llm_url)
+    main = asyncio.create_task(worker.main())
+    try:
+        await asyncio.wait_for(stuck.wait(), 10)
+        chat_id = await create(client, token, 0)
+        response = await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token))
+        types = [type(e).__name__ for e in events_of(await read_sse(response))]
+        assert types[0] == "Started", types
+        assert types[-1] == "Complete", types
+    finally:
+        await stop_worker(worker, main, grace=1)
+
+
+async def test_a_wake_up_for_a_job_that_ended_or_runs_elsewhere_starts_nothing(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+) -> None:
+    worker = make_worker(settings, llm_url)
+    assert isinstance(worker, ChatWorker)
+    worker._pool = await create_pool(worker.redis_settings)
+    worker.ctx["runner"] = ChatRunner(worker.pool, make_client(llm_url, None), settings)
+    try:
+        ended, elsewhere = await create(client, token, 0), await create(client, token, 1)
+        await worker.pool.zrem(keys.QUEUE_NAME, ended)  # what arq does with a job that ended
+        await worker.pool.set(in_progress_key_prefix + elsewhere, b"1")  # another worker's mark
+        assert await worker._start_direct([ended, elsewhere]) == []
+        assert worker.job_counter == 0
+        assert not worker.direct
+        assert not await worker.pool.exists(in_progress_key_prefix + ended)  # its mark taken back
+        assert await worker.pool.exists(in_progress_key_prefix + elsewhere)  # the other's left alone
+        statuses = [await worker.pool.hget(keys.chat(c), "status") for c in (ended, elsewhere)]  # type: ignore[misc]
+        assert statuses == [b"queued", b"queued"]  # neither claimed here
+    finally:
+        await worker.ctx["runner"].llm.close()
+        await worker.close()
 
 
 async def test_arqs_scan_leaves_a_running_chat_to_the_worker_that_runs_it(
@@ -77,11 +140,10 @@ async def test_a_stopping_worker_leaves_woken_chats_to_the_other_workers(
     worker = make_worker(settings, llm_url)
     assert isinstance(worker, ChatWorker)
     worker._pool = await create_pool(worker.redis_settings)
-    worker._next_full_poll = asyncio.get_running_loop().time() + 30
     worker.allow_pick_jobs = False  # what stop_worker() does first
     try:
         await create(client, token, 0)
-        await worker._wake_or_poll()
+        await worker._wake_once()
         assert worker.job_counter == 0
         assert await worker.pool.llen(keys.wake()) == 1  # type: ignore[misc]
     finally:
