@@ -190,9 +190,10 @@ class ClientWrites:
         self._timer = self._loop.call_later(timeout / 2, self._check)
         self.quiet = 0.0  # seconds without an event, counted in heartbeats
 
-    def deliver(self, entry: Entry) -> bool:
-        """Writes a live entry now if the socket takes it without waiting, for a stream not past
-        its lifetime; otherwise the stream's task gets it, and waits, stalls or ends as it must.
+    def deliver(self, entries: list[Entry]) -> bool:
+        """Writes live entries now, in one write, if the socket takes them without waiting, for a
+        stream not past its lifetime; otherwise the stream's task gets them, and waits, stalls or
+        ends as it must.
 
         Bypasses aiohttp's writer, whose coroutine would need the stream's task: the frame is the
         one aiohttp writes (a chunk, if the response is chunked), and only once a write through
@@ -203,7 +204,7 @@ class ClientWrites:
             return False
         if transport.get_write_buffer_size() > DIRECT_BUFFER or self._loop.time() >= self._end:
             return False
-        frame = encode_entry(entry)
+        frame = encode_entry(entries[0]) if len(entries) == 1 else b"".join(map(encode_entry, entries))
         transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
         self.quiet = 0.0
         return True

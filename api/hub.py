@@ -38,8 +38,8 @@ PAGE: Final = 500
 RESYNC: Final = None  # queue marker: re-read the stream from your last id
 
 
-#: writes a live entry to the client at once, or returns False when it cannot without waiting
-Deliver = Callable[[Entry], bool]
+#: writes live entries to the client at once, or returns False when it cannot without waiting
+Deliver = Callable[[list[Entry]], bool]
 
 
 class Subscriber:
@@ -79,23 +79,32 @@ class Subscriber:
     def handed(self, entry_id: str, key: tuple[int, int] | None = None) -> None:
         self.last_id, self.last_key = entry_id, key or id_key(entry_id)
 
-    def push(self, item: Entry | None, key: tuple[int, int] | None = None) -> None:
+    def offer(self, entries: list[Entry], keys: list[tuple[int, int]]) -> None:
+        """Live entries, in stream order, with their ids' keys: written through ``deliver`` in one
+        write if the reader waits for its next batch, else queued for it."""
+        start = 0
         if (
             self.deliver is not None
-            and item is not RESYNC
             # The reader waits for its next batch: it writes nothing, and nothing waits for it
             # (whatever is queued has woken it, and stays queued until it runs).
             and self.waiter is not None
             and not self.waiter.done()
-            and item.type not in TERMINAL_TYPES  # the reader ends the response after it
         ):
-            key = key or id_key(item.id)
-            if key <= self.last_key:
-                return  # it has that one already
-            if self.deliver(item):
-                self.handed(item.id, key)
+            # The terminal entry and what follows go through the reader, which ends the response after it.
+            end = next((n for n, e in enumerate(entries) if e.type in TERMINAL_TYPES), len(entries))
+            while start < end and keys[start] <= self.last_key:
+                start += 1  # it has those already
+            if start < end and self.deliver(entries if start == 0 and end == len(entries) else entries[start:end]):
+                self.handed(entries[end - 1].id, keys[end - 1])
                 self._last = self._loop.time()
+                start = end
+            elif start == end == len(entries):
                 return
+        for entry in entries[start:] if start else entries:
+            self.push(entry)
+
+    def push(self, item: Entry | None) -> None:
+        """Queues a live entry, or :data:`RESYNC`, for the reader, and wakes it."""
         if len(self.items) < QUEUE_SIZE:
             self.items.append(item)
         else:  # too slow for the live feed: drop it, and catch up from the stream instead
@@ -334,11 +343,17 @@ class StreamHub:
 
     def _publish(self, channel: bytes, data: bytes) -> None:
         topic = self._topic_of(channel)
-        if topic is not None:
-            entry = parse_notification(data)
-            key = id_key(entry.id)
-            for sub in topic.subscribers:
-                sub.push(entry, key)
+        if topic is None:
+            return
+        try:
+            entries = parse_notification(data)
+            keys_ = [id_key(entry.id) for entry in entries]
+        except ValueError as exc:  # not ours to read (another version's?): the stream says what it announced
+            log.warning("edge hub: unreadable notification on %r (%s); its readers re-read the stream", channel, exc)
+            self._resync(channel)
+            return
+        for sub in topic.subscribers:
+            sub.offer(entries, keys_)
 
     def _topic_of(self, channel: bytes) -> Topic | None:
         chat_id = _chat_of(channel)

@@ -2,7 +2,9 @@
 
 An entry has two fields, ``type`` and ``data`` (the event's JSON), so the edge can write
 SSE without decoding. The worker publishes ``"<id>\\n<type>\\n<data>"`` on the chat's
-channel in the same Lua call as the XADD, so notifications arrive in stream order.
+channel in the same Lua call as the XADD, so notifications arrive in stream order; a batch of
+entries appended together is one notification, their three lines each one after another. A
+``data`` holds no newline: it is compact JSON, as the SSE ``data:`` line it becomes must be.
 """
 
 from __future__ import annotations
@@ -25,9 +27,12 @@ def entry_from_fields(entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entr
     return Entry(eid, fields[b"type"].decode(), fields[b"data"])
 
 
-def parse_notification(payload: bytes) -> Entry:
-    entry_id, kind, data = payload.split(b"\n", 2)
-    return Entry(entry_id.decode(), kind.decode(), data)
+def parse_notification(payload: bytes) -> list[Entry]:
+    """The entries one notification announces, in stream order."""
+    lines = payload.split(b"\n")
+    if len(lines) % 3:
+        raise ValueError(f"a notification holds whole entries, three lines each; this one has {len(lines)}")
+    return [Entry(lines[n].decode(), lines[n + 1].decode(), lines[n + 2]) for n in range(0, len(lines), 3)]
 
 
 def id_key(entry_id: str) -> tuple[int, int]:

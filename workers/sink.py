@@ -5,7 +5,8 @@ Each batch is one Lua call that, atomically:
 - skips a batch whose sequence number was already applied (a retry after a dropped
   connection must not append the same events twice), and refuses one whose predecessor is
   missing (Redis lost writes in a crash: the attempt must not go on with a hole in its text);
-- XADDs each event and PUBLISHes it on the chat's channel, in stream order;
+- XADDs each event, then PUBLISHes the whole batch on the chat's channel in one message (an
+  edge then reads one message and writes to each client once per batch, not per event);
 - with an attempt's ``started`` event, records the attempt on the chat, so a re-run after a
   crash numbers its attempt after it (and the attempt's request goes out one round trip sooner
   than with a write of its own before it).
@@ -37,10 +38,12 @@ local seq, mine = tonumber(lease[2] or '0'), tonumber(ARGV[2])
 if seq >= mine then return 0 end
 if seq < mine - 1 then return -2 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'attempts', ARGV[4]) end
+local notice = {}
 for i = 5, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
-  redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1])
+  notice[#notice + 1] = id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1]
 end
+if #notice > 0 then redis.call('PUBLISH', KEYS[3], table.concat(notice, '\\n')) end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2])
 return 1
 """

@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 from api.hub import QUEUE_SIZE, RESYNC, StreamHub
 from shared import keys
 from shared.chats import ChatResult
-from shared.events import Complete, Content, Event, Started, decode_event
-from shared.streams import Entry, id_key
+from shared.events import Complete, Content, Event, Started, decode_event, encode_event
+from shared.streams import Entry, entry_from_fields, id_key, parse_notification
 from workers.lease import Lease
 from workers.sink import APPEND, LeaseLost, StreamSink
 
@@ -255,7 +255,7 @@ async def test_a_waiting_reader_takes_live_entries_through_deliver_and_the_end_t
 ) -> None:
     await append(store, [Started(attempt=1, model="m")])
     delivered: list[Entry] = []
-    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entry: delivered.append(entry) is None)
+    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries: delivered.extend(entries) is None)
     assert decoded(await anext(tail)) == [Started(attempt=1, model="m")]
     reading = asyncio.ensure_future(collect(tail))
     await waiting(hub)
@@ -273,12 +273,12 @@ async def test_what_deliver_declines_comes_through_the_tail_in_order_and_once(st
     written: list[Entry] = []  # what the client gets, in the order it gets it
     offered = 0
 
-    def every_other(entry: Entry) -> bool:
+    def every_other(entries: list[Entry]) -> bool:
         nonlocal offered
         offered += 1
         if offered % 2:
             return False
-        written.append(entry)
+        written.extend(entries)
         return True
 
     reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=every_other)))
@@ -301,10 +301,10 @@ async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_t
     written: list[Entry] = []
     delivered = 0
 
-    def deliver(entry: Entry) -> bool:
+    def deliver(entries: list[Entry]) -> bool:
         nonlocal delivered
-        written.append(entry)
-        delivered += 1
+        written.extend(entries)
+        delivered += len(entries)
         return True
 
     reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=deliver)))
@@ -319,3 +319,45 @@ async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_t
     async with asyncio.timeout(5):
         await reading
     assert decoded(written) == [Started(attempt=1, model="m"), content(1), content(2), content(3), COMPLETE]
+
+
+async def test_a_batch_is_announced_in_one_notification_holding_each_entry(store: Redis) -> None:
+    async with store.pubsub() as pubsub:
+        await pubsub.subscribe(keys.notify(CHAT))
+        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+        await append(store, [Started(attempt=1, model="m"), content(1), content(2)])
+        message = await pubsub.get_message(timeout=5)
+        assert message is not None
+        assert await pubsub.get_message(timeout=0.1) is None, "one batch, one notification"
+    stored = [entry_from_fields(i, f) for i, f in await store.xrange(keys.events(CHAT))]
+    assert parse_notification(message["data"]) == stored
+    assert decoded(stored) == [Started(attempt=1, model="m"), content(1), content(2)]
+
+
+async def test_a_waiting_reader_gets_a_batch_in_one_write(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    writes: list[list[Entry]] = []
+    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries: writes.append(list(entries)) is None)
+    assert decoded(await anext(tail)) == [Started(attempt=1, model="m")]
+    reading = asyncio.ensure_future(collect(tail))
+    await waiting(hub)
+    await append(store, [content(1), content(2), content(3)])
+    await append(store, [COMPLETE])
+    async with asyncio.timeout(5):
+        assert decoded(await reading) == [COMPLETE]
+    assert [decoded(w) for w in writes] == [[content(1), content(2), content(3)]]
+
+
+async def test_an_unreadable_notification_sends_its_readers_back_to_the_stream(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+    written: list[Entry] = []
+    reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=lambda e: False)))
+    await waiting(hub)
+    # An entry whose announcement the edge cannot read (say, from a version it does not know)
+    await store.xadd(keys.events(CHAT), {"type": "content", "data": encode_event(content(1))})
+    await store.publish(keys.notify(CHAT), b"not\nwhole")
+    await append(store, [COMPLETE])
+    async with asyncio.timeout(5):
+        await reading
+    assert decoded(written) == [Started(attempt=1, model="m"), content(1), COMPLETE]
+    assert not hub.topics, "the reader left"
