@@ -1,9 +1,9 @@
 """One edge process's window on the chats its clients watch.
 
-A single Pub/Sub connection carries every appended entry (the worker publishes each one in
-the same Lua call as its XADD); each client gets a bounded queue. The stream stays the
-source of truth: a client reads history with XRANGE, then takes live entries from its
-queue, skipping ids it already has. Whenever the live feed may have a gap (a full queue,
+A single Pub/Sub connection (``api/feed.py``) carries every appended entry (the worker
+publishes each batch in the same Lua call as its XADDs); each client gets a bounded queue.
+The stream stays the source of truth: a client reads history with XRANGE, then takes live
+entries from its queue, skipping ids it already has. Whenever the live feed may have a gap (a full queue,
 or a Pub/Sub reconnect, which re-confirms every subscription) the client is told to
 re-read the stream from its last id. So a slow client costs bounded memory, and nothing
 is lost or repeated.
@@ -12,18 +12,13 @@ is lost or repeated.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Final
 
 from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.connection import Connection
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from api.feed import Feed
 from shared import keys
 from shared.events import TERMINAL_TYPES
 from shared.streams import Entry, entry_from_fields, id_key, parse_notification
@@ -141,22 +136,18 @@ class Topic:
 
 
 class StreamHub:
-    """``redis`` for reads; ``feed`` (default: ``redis``) for the Pub/Sub connection, best made
-    with :func:`shared.redis.connect_feed`: the reader waits on it without a timeout."""
+    """``redis`` for reads; ``feed`` (default: ``redis``) for the Pub/Sub connection's settings,
+    best made with :func:`shared.redis.connect_feed`. The feed needs a real socket: not fakeredis."""
 
     def __init__(self, redis: Redis, feed: Redis | None = None) -> None:
         self.redis = redis
         self._feed = feed or redis
         self.topics: dict[str, Topic] = {}
-        self._pubsub: PubSub | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._stopping = False
-        self._background: set[asyncio.Task[None]] = set()
+        self._channels = Feed(self._feed, self._publish, self._resync)
 
     async def start(self) -> None:
-        self._pubsub = self._feed.pubsub()
-        await self._pubsub.subscribe(keys.edges())
-        self._reader = asyncio.create_task(self._read(), name="edge-hub-reader")
+        await self._channels.start()
+        self._channels.subscribe(keys.edges())
 
     def close_all(self) -> None:
         """End every tail now (the edge is shutting down); their clients resume on another edge."""
@@ -165,20 +156,8 @@ class StreamHub:
                 sub.close()
 
     async def stop(self) -> None:
-        self._stopping = True
         self.close_all()
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        if self._pubsub is not None:
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    def stopping(self) -> bool:
-        return self._stopping
+        await self._channels.close()
 
     async def tail(
         self, chat_id: str, after: str | None, *, idle: float, deliver: Deliver | None = None
@@ -195,7 +174,7 @@ class StreamHub:
         sub = Subscriber(idle, deliver)
         sub.handed(after or "0-0")
         try:
-            await self._subscribe(chat_id, sub)
+            self._subscribe(chat_id, sub)
             caught_up_once = False
             while True:
                 async for page in self._read_after(chat_id, sub.last_id):
@@ -263,75 +242,25 @@ class StreamHub:
         entry = entry_from_fields(*tail[0])
         return entry.type in TERMINAL_TYPES and id_key(entry.id) <= id_key(last)
 
-    async def _subscribe(self, chat_id: str, sub: Subscriber) -> None:
+    def _subscribe(self, chat_id: str, sub: Subscriber) -> None:
         """Join the chat's live feed. No wait for Redis's confirmation: when it comes, every
         subscriber re-reads the stream, which covers whatever was published before it."""
-        assert self._pubsub is not None, "StreamHub.start() first"
         topic = self.topics.get(chat_id)
-        if topic is not None:
-            topic.subscribers.add(sub)
-            return
-        topic = self.topics[chat_id] = Topic()
+        if topic is None:
+            topic = self.topics[chat_id] = Topic()
+            self._channels.subscribe(keys.notify(chat_id))
         topic.subscribers.add(sub)
-        await self._pubsub.subscribe(keys.notify(chat_id))
 
     def _unsubscribe(self, chat_id: str, sub: Subscriber) -> None:
+        """Leave it; the last reader to leave unsubscribes at once. One who joins meanwhile
+        subscribes again after it, on the same connection, and re-reads on the confirmation."""
         topic = self.topics.get(chat_id)
         if topic is None:
             return
         topic.subscribers.discard(sub)
         if not topic.subscribers:
             del self.topics[chat_id]
-            if self._pubsub is not None:
-                self._unsubscribe_later(chat_id)
-
-    def _unsubscribe_later(self, chat_id: str) -> None:
-        async def unsubscribe() -> None:
-            assert self._pubsub is not None
-            if chat_id not in self.topics:  # nobody came back meanwhile
-                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
-                    await self._pubsub.unsubscribe(keys.notify(chat_id))
-
-        task = asyncio.create_task(unsubscribe())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _read(self) -> None:
-        """Reads the Pub/Sub connection's replies itself, not through ``PubSub.get_message``:
-        that wraps each message in a read timeout, a health check and a retry, 18 µs a message
-        against 2 µs (docs/benchmarks.md), and an edge whose clients each watch their own chat
-        reads one message per event it writes."""
-        assert self._pubsub is not None
-        delay = 0.05
-        while not self._stopping:
-            try:
-                reply = await self._next_reply()
-                delay = 0.05
-            except ResponseError as exc:  # a refused (un)subscribe: the connection itself is fine
-                log.warning("edge hub: Redis refused a Pub/Sub command: %s", exc)
-                continue
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if self.stopping():  # some clients turn our cancellation into a connection error
-                    return
-                log.warning("edge hub lost Redis (%s); reconnecting in %.2f s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            if isinstance(reply, list) and reply[0] == b"message":
-                self._publish(reply[1], reply[2])
-            else:  # a confirmation or a pong: redis-py keeps its books on the channels from these
-                message = await self._pubsub.handle_message(reply)  # type: ignore[no-untyped-call]
-                if message is not None and message["type"] == "subscribe":
-                    self._resync(message["channel"])
-
-    async def _next_reply(self) -> object:
-        assert self._pubsub is not None
-        connection: Connection | None = self._pubsub.connection  # redis-py's own hint says None
-        assert connection is not None
-        # At once if connected. On a reconnect redis-py subscribes every channel again, and each
-        # confirmation is a resync.
-        await connection.connect()  # type: ignore[no-untyped-call]
-        return await connection.read_response(disconnect_on_error=True)
+            self._channels.unsubscribe(keys.notify(chat_id))
 
     def _resync(self, channel: bytes) -> None:
         """The channel's first confirmation, or a re-subscription after a reconnect: either way

@@ -36,6 +36,8 @@ class OwnRedis:
             try:
                 client.ping()
                 break
+            except redis.AuthenticationError:  # up, and asks for the password it was given
+                break
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
                     raise

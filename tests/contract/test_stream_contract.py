@@ -1,4 +1,4 @@
-"""The stream's contract, run once on fakeredis and once on a real redis-server.
+"""The stream's contract, run once on fakeredis and once on a real redis-server (the hub on the real one).
 
 Appends are fenced and ordered; a tail gives history, then live entries, each once, and
 stops after the terminal event; a resume gives exactly what follows its id.
@@ -37,6 +37,10 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
         await _sinks.pop(key).close()
     await client.flushdb()
     await client.aclose()
+
+
+#: the hub's Pub/Sub feed is a socket of its own (api/feed.py): these run on redis-server alone
+needs_a_socket = pytest.mark.parametrize("store", ["redis-server"], indirect=True)
 
 
 @pytest.fixture
@@ -109,6 +113,7 @@ async def test_an_attempts_started_event_and_its_number_on_the_chat_land_togethe
     assert await store.hget(keys.chat(CHAT), "attempts") == b"2"
 
 
+@needs_a_socket
 async def test_tail_gives_history_then_live_and_stops_after_the_terminal_event(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m"), content(1)])
     tail = hub.tail(CHAT, None, idle=5)
@@ -125,6 +130,7 @@ async def test_tail_gives_history_then_live_and_stops_after_the_terminal_event(s
     assert CHAT not in hub.topics, "the last reader leaving drops the chat's subscription"
 
 
+@needs_a_socket
 async def test_resume_gives_exactly_what_follows_the_last_event_id(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m"), content(1), content(2), content(3), COMPLETE])
     everything = await collect(hub.tail(CHAT, None, idle=5))
@@ -133,6 +139,7 @@ async def test_resume_gives_exactly_what_follows_the_last_event_id(store: Redis,
         assert resumed == everything[cut + 1 :]
 
 
+@needs_a_socket
 async def test_resume_after_the_terminal_event_ends_at_once(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m"), COMPLETE])
     everything = await collect(hub.tail(CHAT, None, idle=5))
@@ -140,6 +147,7 @@ async def test_resume_after_the_terminal_event_ends_at_once(store: Redis, hub: S
         assert await collect(hub.tail(CHAT, everything[-1].id, idle=5)) == []
 
 
+@needs_a_socket
 async def test_a_reader_too_slow_for_the_live_feed_catches_up_from_the_stream(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=5)
@@ -150,6 +158,7 @@ async def test_a_reader_too_slow_for_the_live_feed_catches_up_from_the_stream(st
     assert decoded(entries) == [Started(attempt=1, model="m"), *many, COMPLETE]
 
 
+@needs_a_socket
 async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=0.05)
@@ -159,6 +168,7 @@ async def test_an_idle_tail_yields_heartbeat_ticks(store: Redis, hub: StreamHub)
     assert CHAT not in hub.topics
 
 
+@needs_a_socket
 async def test_a_tail_that_keeps_getting_entries_gets_no_heartbeat_and_a_quiet_one_does(
     store: Redis, hub: StreamHub
 ) -> None:
@@ -213,6 +223,7 @@ async def test_the_terminal_event_and_the_final_status_land_together_and_only_on
     await sink.close()
 
 
+@needs_a_socket
 async def test_readers_that_leave_while_joining_leave_nothing_behind(store: Redis, hub: StreamHub) -> None:
     tails = [hub.tail(f"{CHAT}-{n}", None, idle=5) for n in range(20)]
     pending = [asyncio.ensure_future(anext(t)) for t in tails]
@@ -225,6 +236,7 @@ async def test_readers_that_leave_while_joining_leave_nothing_behind(store: Redi
     assert hub.topics == {}
 
 
+@needs_a_socket
 async def test_shutting_the_hub_ends_every_tail_without_a_terminal_event(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     tail = hub.tail(CHAT, None, idle=5)
@@ -250,6 +262,7 @@ async def read_into(log: list[Entry], tail: AsyncIterator[list[Entry]]) -> None:
         log.extend(batch)
 
 
+@needs_a_socket
 async def test_a_waiting_reader_takes_live_entries_through_deliver_and_the_end_through_the_tail(
     store: Redis, hub: StreamHub
 ) -> None:
@@ -268,6 +281,7 @@ async def test_a_waiting_reader_takes_live_entries_through_deliver_and_the_end_t
     assert decoded(delivered) == [content(1), content(2)]
 
 
+@needs_a_socket
 async def test_what_deliver_declines_comes_through_the_tail_in_order_and_once(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     written: list[Entry] = []  # what the client gets, in the order it gets it
@@ -294,6 +308,7 @@ async def test_what_deliver_declines_comes_through_the_tail_in_order_and_once(st
     assert offered > 1, "nothing went through deliver"
 
 
+@needs_a_socket
 async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_took(
     store: Redis, hub: StreamHub
 ) -> None:
@@ -334,6 +349,7 @@ async def test_a_batch_is_announced_in_one_notification_holding_each_entry(store
     assert decoded(stored) == [Started(attempt=1, model="m"), content(1), content(2)]
 
 
+@needs_a_socket
 async def test_a_waiting_reader_gets_a_batch_in_one_write(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     writes: list[list[Entry]] = []
@@ -348,6 +364,7 @@ async def test_a_waiting_reader_gets_a_batch_in_one_write(store: Redis, hub: Str
     assert [decoded(w) for w in writes] == [[content(1), content(2), content(3)]]
 
 
+@needs_a_socket
 async def test_an_unreadable_notification_sends_its_readers_back_to_the_stream(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     written: list[Entry] = []

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
+from api.feed import Feed
 from api.hub import StreamHub
 from shared import keys
 from shared.events import Complete, Content, decode_event
 from shared.redis import connect_feed
 from shared.streams import Entry
+from tests.conftest import OwnRedis
 from workers.sink import StreamSink
 
 CHAT = "feed-chat"
@@ -81,3 +85,70 @@ async def test_a_quiet_feed_is_not_a_fault_and_a_vanished_peer_is_found_by_keepa
     assert feed["socket_keepalive"] is True
     assert feed["socket_keepalive_options"], "the kernel notices a peer gone without a word"
     assert hub._feed.connection_pool.max_connections == 1
+
+
+async def test_the_feeds_socket_is_kept_alive(hub: StreamHub) -> None:
+    transport = hub._channels._transport
+    assert transport is not None
+    assert transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+
+
+class Heard:
+    """What a feed reports: its messages, and the channels whose subscription it confirmed."""
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.gaps: list[bytes] = []
+
+    def feed(self, url: str) -> Feed:
+        return Feed(connect_feed(url), lambda c, d: self.messages.append((c, d)), self.gaps.append)
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not check():
+                await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("credentials", [":s3cret", "default:s3cret"])
+async def test_a_feed_logs_in_as_its_url_says(credentials: str) -> None:
+    server = OwnRedis("--requirepass", "s3cret")
+    heard = Heard()
+    try:
+        feed = heard.feed(f"redis://{credentials}@127.0.0.1:{server.port}/5")
+        await feed.start()
+        feed.subscribe("sb:test:feed")
+        await heard.until(lambda: heard.gaps == [b"sb:test:feed"])
+        publisher = Redis.from_url(f"redis://:s3cret@127.0.0.1:{server.port}/0")
+        await publisher.publish("sb:test:feed", b"hello")
+        await heard.until(lambda: heard.messages == [(b"sb:test:feed", b"hello")])
+        await publisher.aclose()
+        await feed.close()
+        with pytest.raises(ResponseError):
+            await heard.feed(f"redis://:wrong@127.0.0.1:{server.port}/5").start()
+    finally:
+        server.stop()
+
+
+async def test_a_feed_comes_back_after_redis_restarts_and_subscribes_again(caplog: pytest.LogCaptureFixture) -> None:
+    server = OwnRedis()
+    heard = Heard()
+    feed = heard.feed(server.url())
+    try:
+        await feed.start()
+        feed.subscribe("sb:test:a")
+        await heard.until(lambda: heard.gaps == [b"sb:test:a"])
+        server.kill()
+        await heard.until(lambda: not feed.connected())
+        feed.subscribe("sb:test:b")  # asked for while Redis is down
+        await asyncio.sleep(0.3)  # a few failed attempts
+        server.start()
+        await heard.until(lambda: sorted(heard.gaps) == [b"sb:test:a", b"sb:test:a", b"sb:test:b"])
+        publisher = Redis.from_url(server.url())
+        await publisher.publish("sb:test:b", b"after")
+        await heard.until(lambda: heard.messages == [(b"sb:test:b", b"after")])
+        await publisher.aclose()
+    finally:
+        await feed.close()
+        server.stop()
+    assert "edge hub lost Redis" in caplog.text
+    assert "edge hub cannot reach Redis" in caplog.text
