@@ -6,7 +6,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Callable
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -18,6 +21,7 @@ from shared import keys
 from shared.events import Complete, Content, decode_event
 from shared.redis import connect_feed
 from shared.streams import Entry
+from streambridge.embedded import free_port, redis_server_binary
 from tests.conftest import OwnRedis
 from workers.sink import StreamSink
 
@@ -152,3 +156,47 @@ async def test_a_feed_comes_back_after_redis_restarts_and_subscribes_again(caplo
         server.stop()
     assert "edge hub lost Redis" in caplog.text
     assert "edge hub cannot reach Redis" in caplog.text
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server that speaks TLS alone, on a certificate of its own; its port."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+    server = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no", "--save", "", *tls],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    server.terminate()
+    server.wait(10)
+
+
+async def test_a_feed_speaks_tls_when_its_url_says_rediss(tls_redis: int) -> None:
+    url = f"rediss://127.0.0.1:{tls_redis}/0?ssl_cert_reqs=none"
+    publisher = Redis.from_url(url)
+    heard = Heard()
+    feed = heard.feed(url)
+    try:
+        await feed.start()
+        feed.subscribe("sb:test:tls")
+        await heard.until(lambda: heard.gaps == [b"sb:test:tls"])
+        await publisher.publish("sb:test:tls", b"sealed")
+        await heard.until(lambda: heard.messages == [(b"sb:test:tls", b"sealed")])
+    finally:
+        await feed.close()
+        await publisher.aclose()
