@@ -176,6 +176,7 @@ class ClientWrites:
         "_since",
         "_timeout",
         "_timer",
+        "_transport",
         "quiet",
     )
 
@@ -183,6 +184,7 @@ class ClientWrites:
         self, request: web.Request, response: web.StreamResponse, timeout: float, chat_id: str, end_of_life: float
     ) -> None:
         self._request, self._response, self._timeout, self._chat_id = request, response, timeout, chat_id
+        self._transport = request.transport  # None if the client already left
         self._chunked, self._end = response.chunked, end_of_life
         self._loop = asyncio.get_running_loop()
         self._since: float | None = None
@@ -190,7 +192,7 @@ class ClientWrites:
         self._timer = self._loop.call_later(timeout / 2, self._check)
         self.quiet = 0.0  # seconds without an event, counted in heartbeats
 
-    def deliver(self, entries: list[Entry]) -> bool:
+    def deliver(self, entries: list[Entry], now: float) -> bool:
         """Writes live entries now, in one write, if the socket takes them without waiting, for a
         stream not past its lifetime; otherwise the stream's task gets them, and waits, stalls or
         ends as it must.
@@ -199,13 +201,12 @@ class ClientWrites:
         one aiohttp writes (a chunk, if the response is chunked), and only once a write through
         aiohttp has sent the headers, should aiohttp have held them back.
         """
-        transport = self._request.transport
+        transport = self._transport
         if not self._sent or transport is None or transport.is_closing():
             return False
-        if transport.get_write_buffer_size() > DIRECT_BUFFER or self._loop.time() >= self._end:
+        if transport.get_write_buffer_size() > DIRECT_BUFFER or now >= self._end:
             return False
-        frame = encode_entry(entries[0]) if len(entries) == 1 else b"".join(map(encode_entry, entries))
-        transport.write(b"%x\r\n%b\r\n" % (len(frame), frame) if self._chunked else frame)
+        transport.write(_frame(entries, self._chunked))
         self.quiet = 0.0
         return True
 
@@ -227,6 +228,22 @@ class ClientWrites:
                 self._request.transport.abort()
             return
         self._timer = self._loop.call_later(self._timeout / 2, self._check)
+
+
+#: the last batch framed, both ways: the hub hands one list to each reader of a chat in turn
+_framed: tuple[list[Entry] | None, bool, bytes] = (None, False, b"")
+
+
+def _frame(entries: list[Entry], chunked: bool) -> bytes:
+    """The bytes that write ``entries``: SSE, in an HTTP/1.1 chunk if the response is chunked."""
+    global _framed
+    batch, was_chunked, frame = _framed
+    if batch is not entries or was_chunked is not chunked:
+        frame = encode_entry(entries[0]) if len(entries) == 1 else b"".join(map(encode_entry, entries))
+        if chunked:
+            frame = b"%x\r\n%b\r\n" % (len(frame), frame)
+        _framed = (entries, chunked, frame)
+    return frame
 
 
 async def credential_of(request: web.Request, ctx: Context, chat_id: str) -> str:

@@ -33,8 +33,9 @@ PAGE: Final = 500
 RESYNC: Final = None  # queue marker: re-read the stream from your last id
 
 
-#: writes live entries to the client at once, or returns False when it cannot without waiting
-Deliver = Callable[[list[Entry]], bool]
+#: ``deliver(entries, now)`` writes live entries to the client at once, or returns False when it
+#: cannot without waiting. Every reader of a message gets the same list, which it may cache on.
+Deliver = Callable[[list[Entry], float], bool]
 
 
 class Subscriber:
@@ -74,27 +75,27 @@ class Subscriber:
     def handed(self, entry_id: str, key: tuple[int, int] | None = None) -> None:
         self.last_id, self.last_key = entry_id, key or id_key(entry_id)
 
-    def offer(self, entries: list[Entry], keys: list[tuple[int, int]]) -> None:
-        """Live entries, in stream order, with their ids' keys: written through ``deliver`` in one
-        write if the reader waits for its next batch, else queued for it."""
+    def offer(self, entries: list[Entry], keys: list[tuple[int, int]], live: int, now: float) -> None:
+        """Live entries, in stream order, with their ids' keys; those before ``live`` are not
+        terminal. Written through ``deliver`` in one write if the reader waits for its next
+        batch, else queued for it. (Called for every reader of a message: kept lean.)"""
         start = 0
-        if (
-            self.deliver is not None
-            # The reader waits for its next batch: it writes nothing, and nothing waits for it
-            # (whatever is queued has woken it, and stays queued until it runs).
-            and self.waiter is not None
-            and not self.waiter.done()
-        ):
-            # The terminal entry and what follows go through the reader, which ends the response after it.
-            end = next((n for n, e in enumerate(entries) if e.type in TERMINAL_TYPES), len(entries))
-            while start < end and keys[start] <= self.last_key:
+        waiter = self.waiter
+        # The reader waits for its next batch: it writes nothing, and nothing waits for it
+        # (whatever is queued has woken it, and stays queued until it runs).
+        if self.deliver is not None and waiter is not None and not waiter.done():
+            last = self.last_key
+            while start < live and keys[start] <= last:
                 start += 1  # it has those already
-            if start < end and self.deliver(entries if start == 0 and end == len(entries) else entries[start:end]):
-                self.handed(entries[end - 1].id, keys[end - 1])
-                self._last = self._loop.time()
-                start = end
-            elif start == end == len(entries):
+            if start < live and self.deliver(
+                entries if start == 0 and live == len(entries) else entries[start:live], now
+            ):
+                self.last_id, self.last_key = entries[live - 1].id, keys[live - 1]
+                self._last = now
+                start = live
+            elif start == live == len(entries):
                 return
+        # The terminal entry, and whatever was not written, go through the reader's task.
         for entry in entries[start:] if start else entries:
             self.push(entry)
 
@@ -281,8 +282,10 @@ class StreamHub:
             log.warning("edge hub: unreadable notification on %r (%s); its readers re-read the stream", channel, exc)
             self._resync(channel)
             return
+        live = next((n for n, entry in enumerate(entries) if entry.type in TERMINAL_TYPES), len(entries))
+        now = asyncio.get_running_loop().time()
         for sub in topic.subscribers:
-            sub.offer(entries, keys_)
+            sub.offer(entries, keys_, live, now)
 
     def _topic_of(self, channel: bytes) -> Topic | None:
         chat_id = _chat_of(channel)

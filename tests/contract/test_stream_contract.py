@@ -268,7 +268,7 @@ async def test_a_waiting_reader_takes_live_entries_through_deliver_and_the_end_t
 ) -> None:
     await append(store, [Started(attempt=1, model="m")])
     delivered: list[Entry] = []
-    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries: delivered.extend(entries) is None)
+    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries, now: delivered.extend(entries) is None)
     assert decoded(await anext(tail)) == [Started(attempt=1, model="m")]
     reading = asyncio.ensure_future(collect(tail))
     await waiting(hub)
@@ -287,7 +287,7 @@ async def test_what_deliver_declines_comes_through_the_tail_in_order_and_once(st
     written: list[Entry] = []  # what the client gets, in the order it gets it
     offered = 0
 
-    def every_other(entries: list[Entry]) -> bool:
+    def every_other(entries: list[Entry], now: float) -> bool:
         nonlocal offered
         offered += 1
         if offered % 2:
@@ -316,7 +316,7 @@ async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_t
     written: list[Entry] = []
     delivered = 0
 
-    def deliver(entries: list[Entry]) -> bool:
+    def deliver(entries: list[Entry], now: float) -> bool:
         nonlocal delivered
         written.extend(entries)
         delivered += len(entries)
@@ -353,7 +353,7 @@ async def test_a_batch_is_announced_in_one_notification_holding_each_entry(store
 async def test_a_waiting_reader_gets_a_batch_in_one_write(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     writes: list[list[Entry]] = []
-    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries: writes.append(list(entries)) is None)
+    tail = hub.tail(CHAT, None, idle=5, deliver=lambda entries, now: writes.append(list(entries)) is None)
     assert decoded(await anext(tail)) == [Started(attempt=1, model="m")]
     reading = asyncio.ensure_future(collect(tail))
     await waiting(hub)
@@ -368,7 +368,9 @@ async def test_a_waiting_reader_gets_a_batch_in_one_write(store: Redis, hub: Str
 async def test_an_unreadable_notification_sends_its_readers_back_to_the_stream(store: Redis, hub: StreamHub) -> None:
     await append(store, [Started(attempt=1, model="m")])
     written: list[Entry] = []
-    reading = asyncio.ensure_future(read_into(written, hub.tail(CHAT, None, idle=5, deliver=lambda e: False)))
+    reading = asyncio.ensure_future(
+        read_into(written, hub.tail(CHAT, None, idle=5, deliver=lambda entries, now: False))
+    )
     await waiting(hub)
     # An entry whose announcement the edge cannot read (say, from a version it does not know)
     await store.xadd(keys.events(CHAT), {"type": "content", "data": encode_event(content(1))})

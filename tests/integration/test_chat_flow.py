@@ -96,9 +96,9 @@ async def test_live_events_written_straight_from_the_hub_arrive_whole_in_either_
     direct = 0
     deliver = ClientWrites.deliver
 
-    def counting(writes: ClientWrites, entries: list[Entry]) -> bool:
+    def counting(writes: ClientWrites, entries: list[Entry], now: float) -> bool:
         nonlocal direct
-        taken = deliver(writes, entries)
+        taken = deliver(writes, entries, now)
         direct += taken
         return taken
 

@@ -1,3 +1,4 @@
+from api.edge import _frame
 from api.sse import HEADERS, PING, encode_entry
 from shared.events import Complete, Content, encode_event
 from shared.streams import Entry
@@ -34,3 +35,15 @@ def test_stream_headers_keep_proxies_from_buffering() -> None:
     assert HEADERS["Cache-Control"] == "no-cache"
     assert HEADERS["X-Accel-Buffering"] == "no"
     assert HEADERS["Content-Type"].startswith("text/event-stream")
+
+
+def test_a_batch_is_framed_once_for_all_its_readers_and_right_for_each_kind() -> None:
+    batch = [Entry("7-0", "content", b'{"a":1}'), Entry("7-1", "content", b'{"a":2}')]
+    sse = encode_entry(batch[0]) + encode_entry(batch[1])
+    chunk = b"%x\r\n%b\r\n" % (len(sse), sse)
+    assert _frame(batch, True) == chunk
+    assert _frame(batch, True) is _frame(batch, True), "the next reader of the same batch reuses its frame"
+    assert _frame(batch, False) == sse  # an HTTP/1.0 reader of the same chat: not chunked
+    assert _frame(batch, True) == chunk
+    other = [Entry("8-0", "content", b'{"a":3}')]
+    assert _frame(other, False) == encode_entry(other[0])  # another batch, though it may share an id()
