@@ -54,6 +54,9 @@ class StreamSlots:
         self._redis = redis
         self._per_ip = per_ip
         self._held: dict[str, tuple[str, str]] = {}
+        # slots being given back, by key, and when they are gone; the round trip that sends them
+        self._returning: tuple[dict[str, list[str]], asyncio.Future[None]] | None = None
+        self._returner: asyncio.Task[None] | None = None
         self._names = (f"{secrets.token_hex(6)}:{n}" for n in itertools.count())
         self._open = redis.register_script(OPEN)
 
@@ -107,15 +110,35 @@ class StreamSlots:
         return ask.slot
 
     async def release(self, slot: str) -> None:
-        """Give the slot back; a slot already given back is nothing to do."""
+        """Give the slot back; a slot already given back is nothing to do.
+
+        Slots given back while a round trip is out go together in the next one, one ZREM per key:
+        when a chat that thousands watch ends, its streams all close at once, and a round trip
+        each held the edge's loop (every other stream's delivery with it) for a second.
+        """
         held = self._held.pop(slot, None)
         if held is None:
             return
-        with contextlib.suppress(RedisError, OSError):  # it lapses by itself within SLOT_TTL
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zrem(held[0], slot)
-                pipe.zrem(held[1], slot)
-                await pipe.execute()
+        if self._returning is None:
+            self._returning = ({}, asyncio.get_running_loop().create_future())
+        for key in held:
+            self._returning[0].setdefault(key, []).append(slot)
+        done = self._returning[1]
+        if self._returner is None or self._returner.done():
+            self._returner = asyncio.create_task(self._return_slots())
+        await asyncio.shield(done)
+
+    async def _return_slots(self) -> None:
+        while self._returning is not None:
+            (by_key, done), self._returning = self._returning, None
+            try:
+                with contextlib.suppress(RedisError, OSError):  # they lapse by themselves within SLOT_TTL
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for key, slots in by_key.items():
+                            pipe.zrem(key, *slots)
+                        await pipe.execute()
+            finally:
+                done.set_result(None)
 
     async def renew_forever(self) -> None:
         while True:

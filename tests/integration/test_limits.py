@@ -279,3 +279,28 @@ async def test_open_stream_slots_are_renewed_and_given_back_ones_stay_gone(
         assert await real_redis.pttl(key) > 20_000
     assert await real_redis.zrange(keys.user_streams("alice"), 0, -1) == [held[2].encode()]
     assert await real_redis.zrange(keys.ip_streams("192.0.2.2"), 0, -1) == [held[3].encode()]
+
+
+async def test_slots_given_back_together_go_in_one_round_trip_and_all_of_them_go(
+    real_redis: Redis, settings: Settings
+) -> None:
+    # A chat that thousands watch ends: its streams all close at once, and give their slots back.
+    slots = StreamSlots(real_redis, per_ip=1000)
+    alice = Identity("alice", "c1", quota(settings, _key(Limits(max_open_streams=1000))))
+    bob = Identity("bob", "c2", quota(settings, _key(Limits(max_open_streams=1000))))
+    held = [await slots.acquire(alice, "192.0.2.1") for _ in range(150)]
+    held += [await slots.acquire(bob, "192.0.2.2") for _ in range(50)]
+    round_trips = 0
+    pipeline = real_redis.pipeline
+
+    def counted(*args: object, **kwargs: object) -> object:
+        nonlocal round_trips
+        round_trips += 1
+        return pipeline(*args, **kwargs)  # type: ignore[arg-type]
+
+    real_redis.pipeline = counted  # type: ignore[assignment,method-assign]
+    await asyncio.gather(*(slots.release(slot) for slot in held), slots.release(held[0]))
+    assert round_trips <= 2  # the first alone, perhaps, then every one that came meanwhile
+    for key in (keys.user_streams("alice"), keys.ip_streams("192.0.2.1"), keys.user_streams("bob")):
+        assert await real_redis.zcard(key) == 0
+    assert await real_redis.zcard(keys.ip_streams("192.0.2.2")) == 0
