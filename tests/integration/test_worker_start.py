@@ -24,6 +24,12 @@ async def create(client: TestClient, token: str, n: int) -> str:  # type: ignore
     return str((await response.json())["id"])
 
 
+async def event_types(client: TestClient, token: str, chat_id: str) -> list[str]:  # type: ignore[type-arg]
+    """The chat's whole stream, read to its end, as its events' type names."""
+    response = await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token))
+    return [type(e).__name__ for e in events_of(await read_sse(response))]
+
+
 async def test_chats_woken_together_each_start_once_and_complete(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
@@ -34,19 +40,17 @@ async def test_chats_woken_together_each_start_once_and_complete(
     # Queued before the worker runs, so its first wake-up pops all of them at once; arq's scan
     # starts nothing, or it would find them first.
     chat_ids = [await create(client, token, n) for n in range(8)]
-    scanned: list[list[bytes]] = []
 
-    async def recorded(self: Worker, job_ids: list[bytes]) -> None:
-        scanned.append(job_ids)
+    async def starts_nothing(self: Worker, job_ids: list[bytes]) -> None:
+        pass
 
-    monkeypatch.setattr(Worker, "start_jobs", recorded)
+    monkeypatch.setattr(Worker, "start_jobs", starts_nothing)
     worker = make_worker(settings, llm_url)
     assert isinstance(worker, ChatWorker)
     main = asyncio.create_task(worker.main())
     try:
         for chat_id in chat_ids:
-            response = await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token))
-            types = [type(e).__name__ for e in events_of(await read_sse(response))]
+            types = await event_types(client, token, chat_id)
             assert types.count("Started") == 1, types
             assert types[-1] == "Complete"
         pickups = [float(await worker.pool.hget(keys.chat(c), "pickup_ms")) for c in chat_ids]  # type: ignore[misc,arg-type]
@@ -75,9 +79,7 @@ async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
     main = asyncio.create_task(worker.main())
     try:
         await asyncio.wait_for(stuck.wait(), 10)
-        chat_id = await create(client, token, 0)
-        response = await client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token))
-        types = [type(e).__name__ for e in events_of(await read_sse(response))]
+        types = await event_types(client, token, await create(client, token, 0))
         assert types[0] == "Started", types
         assert types[-1] == "Complete", types
     finally:
