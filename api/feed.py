@@ -50,6 +50,7 @@ class Feed(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._answers: deque[asyncio.Future[object]] = deque()  # replies to the handshake's commands
         self._reconnecting: asyncio.Task[None] | None = None
+        self._ready = False  # the connection's handshake is done: (un)subscribe may be written
         self._up = False  # started: from then on a lost connection is made again
         self._closed = False
 
@@ -76,7 +77,7 @@ class Feed(asyncio.Protocol):
             self._transport.close()
 
     def connected(self) -> bool:
-        return self._transport is not None and not self._transport.is_closing()
+        return self._ready and self._transport is not None and not self._transport.is_closing()
 
     # The protocol: called by the event loop.
 
@@ -101,7 +102,7 @@ class Feed(asyncio.Protocol):
             # else: an unsubscribe's confirmation, or a pong: nothing to do
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
+        self._transport, self._ready = None, False
         for answer in self._answers:
             if not answer.done():
                 answer.set_exception(RedisConnectionError("connection lost"))
@@ -119,7 +120,7 @@ class Feed(asyncio.Protocol):
                 await self._open()
                 log.warning("edge hub: Redis is back; subscribed to %d channels again", len(self.channels))
                 return
-            except (OSError, TimeoutError, RedisConnectionError, ResponseError) as exc:
+            except Exception as exc:  # whatever it was, the feed must come back: try again
                 log.warning("edge hub cannot reach Redis (%s); trying again in %.2f s", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -141,20 +142,25 @@ class Feed(asyncio.Protocol):
             try:
                 if s.get("password") is not None:
                     user = s.get("username")
-                    await self._ask(b"AUTH", *([user] if user else []), s["password"])
+                    await self._ask(transport, b"AUTH", *([user] if user else []), s["password"])
                 if s.get("db"):
-                    await self._ask(b"SELECT", str(s["db"]))  # channels are global; CLIENT LIST shows it
+                    await self._ask(transport, b"SELECT", str(s["db"]))  # channels are global; CLIENT LIST shows it
             except BaseException:
-                self._transport.abort()
+                transport.abort()
                 raise
+        if self._transport is not transport or transport.is_closing():
+            raise RedisConnectionError("the connection closed during its handshake")
+        # Whatever was subscribed meanwhile is in ``channels``: nothing was written before this.
+        self._ready = True
         channels = sorted(self.channels)
         for n in range(0, len(channels), SUBSCRIBE_BATCH):
             self._send(b"SUBSCRIBE", *channels[n : n + SUBSCRIBE_BATCH])
 
-    async def _ask(self, *command: bytes | str) -> object:
+    async def _ask(self, transport: asyncio.Transport, *command: bytes | str) -> object:
+        """A handshake command's reply (nothing else is written on the connection before it)."""
         answer: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._answers.append(answer)
-        self._send(*command)
+        transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]  # its stub says 1-tuples
         reply = await answer
         if isinstance(reply, hiredis.ReplyError):
             raise ResponseError(str(reply))

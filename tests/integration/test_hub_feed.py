@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -200,3 +201,67 @@ async def test_a_feed_speaks_tls_when_its_url_says_rediss(tls_redis: int) -> Non
     finally:
         await feed.close()
         await publisher.aclose()
+
+
+class FlakyRedis:
+    """A stand-in Redis that records each connection's commands, and drops the connections it
+    is told to at AUTH, as a proxy whose Redis is gone does."""
+
+    def __init__(self, drop_at_auth: set[int]) -> None:
+        self.commands: list[list[bytes]] = []
+        self.drop_at_auth = drop_at_auth
+        self.first_login = asyncio.Event()
+        self.ended = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        n, parser = len(self.commands), hiredis.Reader()
+        self.commands.append([])
+        try:
+            while data := await reader.read(65536):
+                parser.feed(data)
+                while (command := parser.gets()) is not False:
+                    name = command[0].upper()
+                    self.commands[n].append(name)
+                    if n == 0 and name == b"AUTH":
+                        await self.first_login.wait()  # the feed waits on its first AUTH meanwhile
+                    if not self.answer(n, name, command[1:], writer):
+                        return
+        finally:
+            writer.close()
+            self.ended += 1
+
+    def answer(self, n: int, name: bytes, args: list[bytes], writer: asyncio.StreamWriter) -> bool:
+        if name == b"AUTH" and n in self.drop_at_auth:
+            writer.transport.abort()
+            return False
+        if name in (b"AUTH", b"SELECT"):
+            writer.write(b"+OK\r\n")
+        elif name == b"SUBSCRIBE":
+            for count, channel in enumerate(args, 1):
+                writer.write(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%b\r\n:%d\r\n" % (len(channel), channel, count))
+        return True
+
+
+async def test_a_feed_dropped_during_its_login_comes_back_and_subscribes_only_once_logged_in() -> None:
+    redis = FlakyRedis(drop_at_auth={1})  # the first reconnect is dropped at AUTH
+    server = await asyncio.start_server(redis.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    heard = Heard()
+    feed = heard.feed(f"redis://:pw@127.0.0.1:{port}/3")
+    try:
+        starting = asyncio.create_task(feed.start())
+        await heard.until(lambda: redis.commands == [[b"AUTH"]])
+        feed.subscribe("sb:test:early")  # a reader joins while the feed logs in
+        redis.first_login.set()
+        await starting
+        await heard.until(lambda: heard.gaps == [b"sb:test:early"])
+        assert redis.commands[0] == [b"AUTH", b"SELECT", b"SUBSCRIBE"], "nothing before the login is done"
+        feed._transport.abort()  # type: ignore[union-attr]  # the connection drops
+        await heard.until(lambda: heard.gaps == [b"sb:test:early"] * 2)
+        assert feed.connected()
+        assert redis.commands[1] == [b"AUTH"]  # dropped there, and tried again
+        assert redis.commands[2] == [b"AUTH", b"SELECT", b"SUBSCRIBE"]
+    finally:
+        await feed.close()
+        server.close()
+        await heard.until(lambda: redis.ended == len(redis.commands))
