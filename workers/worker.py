@@ -75,17 +75,29 @@ class ChatWorker(Worker):
         while True:
             try:
                 await self._wake_once()
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except Exception as exc:  # an outage, or a refusal (OOM, READONLY after a failover): wait
                 delay = await _back_off("waiting for chats", exc, delay)
             else:
                 delay = 0.0
+
+    async def stop_waking(self) -> None:
+        """No more woken chats start here (the worker is stopping)."""
+        self.allow_pick_jobs = False
+        if self._waker is not None:
+            self._waker.cancel()
+            await asyncio.gather(self._waker, return_exceptions=True)
+
+    def _stopping(self) -> bool:
+        return not self.allow_pick_jobs
 
     async def _wake_once(self) -> None:
         if self.job_counter >= self.max_jobs or not self.allow_pick_jobs:
             await asyncio.sleep(0.01)  # full, or stopping: leave the wake list to other workers
             return
         popped = await self.pool.blpop([keys.wake()], timeout=WAKE_WAIT)  # type: ignore[arg-type,misc]
-        if popped:
+        if popped and self._stopping():  # it began stopping meanwhile: that chat is another worker's
+            await self.pool.lpush(keys.wake(), popped[1])  # type: ignore[misc]
+        elif popped:
             more = await self._start_direct([popped[1].decode()], pop=self.max_jobs - self.job_counter - 1)
             if more:
                 await self._start_direct([job_id.decode() for job_id in more])
@@ -105,9 +117,12 @@ class ChatWorker(Worker):
                 pipe.lpop(keys.wake(), pop)
             for job_id, lease in zip(job_ids, leases, strict=True):
                 lease.start(pipe, job_id, IN_PROGRESS + job_id, self.queue_name, mark_ms)
-            answers = await pipe.execute()
-        more: list[bytes] = (answers.pop(0) or []) if pop > 0 else []
+            answers = await pipe.execute(raise_on_error=False)
+        more = answers.pop(0) if pop > 0 else []
         for job_id, lease, answer in zip(job_ids, leases, answers, strict=True):
+            if isinstance(answer, Exception):  # not started: arq's scan will find it queued
+                log.warning("job %s: Redis refused its start (%s)", job_id, answer)
+                continue
             claimed = lease.took(answer)
             if claimed in ("elsewhere", "finished"):
                 continue  # running in another worker already, or ended before its wake-up came
@@ -115,7 +130,7 @@ class ChatWorker(Worker):
             task = asyncio.create_task(self._run_direct(job_id, lease, claimed))
             self.direct.add(task)
             task.add_done_callback(self.direct.discard)
-        return more
+        return more if isinstance(more, list) else []
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """arq's scan, less the jobs that already run: the queue holds a job until it ends, and arq
@@ -208,6 +223,8 @@ def make_worker(
 async def stop_worker(worker: Worker, main: asyncio.Task[None], grace: float) -> None:
     """Stop taking chats, let running ones finish for ``grace`` seconds, hand the rest back at once."""
     worker.allow_pick_jobs = False
+    if isinstance(worker, ChatWorker):
+        await worker.stop_waking()  # before the running chats are counted: it starts none after
     runner: ChatRunner | None = worker.ctx.get("runner")
     if runner is not None and runner.active:
         await asyncio.wait([a.task for a in runner.active.values()], timeout=grace)

@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 from aiohttp.test_utils import TestClient
-from arq.connections import create_pool
+from arq.connections import ArqRedis, create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
+from redis.exceptions import ResponseError
 
 from shared import keys
 from shared.settings import Settings
@@ -148,5 +149,67 @@ async def test_a_stopping_worker_leaves_woken_chats_to_the_other_workers(
         await worker._wake_once()
         assert worker.job_counter == 0
         assert await worker.pool.llen(keys.wake()) == 1  # type: ignore[misc]
+    finally:
+        await worker.close()
+
+
+async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # READONLY after a failover, OOM: an error reply, not a lost connection. The listener waits
+    # and tries again; arq's scan is held stuck, so only the listener can start the chat.
+    async def scan_that_never_returns(self: Worker) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(Worker, "_poll_iteration", scan_that_never_returns)
+    worker = make_worker(settings, llm_url)
+    assert isinstance(worker, ChatWorker)
+    refused = 0
+    real_blpop = ArqRedis.blpop
+
+    async def refused_once(self: ArqRedis, *args: object, **kwargs: object) -> object:
+        nonlocal refused
+        if not refused:
+            refused += 1
+            raise ResponseError("READONLY You can't write against a read only replica.")
+        return await real_blpop(self, *args, **kwargs)  # type: ignore[arg-type,misc]
+
+    monkeypatch.setattr(ArqRedis, "blpop", refused_once)
+    main = asyncio.create_task(worker.main())
+    try:
+        types = await event_types(client, token, await create(client, token, 0))
+        assert types[-1] == "Complete", types
+        assert refused == 1
+    finally:
+        await stop_worker(worker, main, grace=1)
+
+
+async def test_a_chat_woken_just_as_its_worker_stops_is_left_for_another(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = make_worker(settings, llm_url)
+    assert isinstance(worker, ChatWorker)
+    worker._pool = await create_pool(worker.redis_settings)
+    real_blpop = ArqRedis.blpop
+
+    async def stopping_meanwhile(self: ArqRedis, *args: object, **kwargs: object) -> object:
+        popped = await real_blpop(self, *args, **kwargs)  # type: ignore[arg-type,misc]
+        worker.allow_pick_jobs = False  # stop_worker() began while BLPOP waited
+        return popped
+
+    monkeypatch.setattr(ArqRedis, "blpop", stopping_meanwhile)
+    try:
+        chat_id = await create(client, token, 0)
+        await worker._wake_once()
+        assert worker.job_counter == 0
+        assert await worker.pool.lrange(keys.wake(), 0, -1) == [chat_id.encode()]  # type: ignore[misc]
     finally:
         await worker.close()
