@@ -129,16 +129,21 @@ class StreamSlots:
         await asyncio.shield(done)
 
     async def _return_slots(self) -> None:
-        while self._returning is not None:
-            (by_key, done), self._returning = self._returning, None
-            try:
-                with contextlib.suppress(RedisError, OSError):  # they lapse by themselves within SLOT_TTL
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for key, slots in by_key.items():
-                            pipe.zrem(key, *slots)
-                        await pipe.execute()
-            finally:
-                done.set_result(None)
+        try:
+            while self._returning is not None:
+                (by_key, done), self._returning = self._returning, None
+                try:
+                    with contextlib.suppress(RedisError, OSError):  # they lapse by themselves within SLOT_TTL
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for key, slots in by_key.items():
+                                pipe.zrem(key, *slots)
+                            await pipe.execute()
+                finally:
+                    done.set_result(None)
+        finally:  # cancelled (the edge is closing): whoever waits for the next batch waits no more
+            if self._returning is not None:
+                self._returning[1].set_result(None)
+                self._returning = None
 
     async def renew_forever(self) -> None:
         while True:
