@@ -60,15 +60,10 @@ async def test_chats_woken_together_each_start_once_and_complete(
         await stop_worker(worker, main, grace=1)
 
 
-async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
-    client: TestClient,  # type: ignore[type-arg]
-    token: str,
-    settings: Settings,
-    llm_url: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # The wake-up listener is a task of its own: a scan waiting on Redis (a slow answer, an
-    # outage's backoff) holds up no chat the API has woken.
+@pytest.fixture
+def stuck_scan(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """arq's scan of the queue, stuck for good at its first round: only a wake-up starts a chat.
+    The event is set once the scan is stuck."""
     stuck = asyncio.Event()
 
     async def scan_that_never_returns(self: Worker) -> None:
@@ -76,10 +71,22 @@ async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
         await asyncio.Event().wait()
 
     monkeypatch.setattr(Worker, "_poll_iteration", scan_that_never_returns)
+    return stuck
+
+
+async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+    stuck_scan: asyncio.Event,
+) -> None:
+    # The wake-up listener is a task of its own: a scan waiting on Redis (a slow answer, an
+    # outage's backoff) holds up no chat the API has woken.
     worker = make_worker(settings, llm_url)
     main = asyncio.create_task(worker.main())
     try:
-        await asyncio.wait_for(stuck.wait(), 10)
+        await asyncio.wait_for(stuck_scan.wait(), 10)
         types = await event_types(client, token, await create(client, token, 0))
         assert types[0] == "Started", types
         assert types[-1] == "Complete", types
@@ -159,13 +166,10 @@ async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
     settings: Settings,
     llm_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    stuck_scan: asyncio.Event,
 ) -> None:
     # READONLY after a failover, OOM: an error reply, not a lost connection. The listener waits
     # and tries again; arq's scan is held stuck, so only the listener can start the chat.
-    async def scan_that_never_returns(self: Worker) -> None:
-        await asyncio.Event().wait()
-
-    monkeypatch.setattr(Worker, "_poll_iteration", scan_that_never_returns)
     worker = make_worker(settings, llm_url)
     assert isinstance(worker, ChatWorker)
     refused = 0
