@@ -29,7 +29,7 @@ COPY api/ api/
 COPY workers/ workers/
 COPY shared/ shared/
 COPY streambridge/ streambridge/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[server]"
 
 # --- runtime
 FROM python:3.11-slim

@@ -10,16 +10,16 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from api import chats, edge, openapi
-from api.auth import load_secret
-from api.context import CONTEXT, SETTINGS, Context
-from api.errors import error_middleware
-from api.headers import add_headers, preflight_middleware
-from api.hub import StreamHub
-from api.slots import StreamSlots
-from shared import keys
-from shared.redis import connect, connect_feed
-from shared.settings import Settings
+from streambridge.api import chats, edge, openapi
+from streambridge.api.auth import load_secret
+from streambridge.api.context import CONTEXT, SETTINGS, Context
+from streambridge.api.errors import error_middleware
+from streambridge.api.headers import add_headers, preflight_middleware
+from streambridge.api.hub import StreamHub
+from streambridge.api.slots import StreamSlots
+from streambridge.shared import keys
+from streambridge.shared.redis import connect, connect_feed
+from streambridge.shared.settings import Settings
 
 SECRET_REFRESH = 10.0
 

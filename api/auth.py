@@ -18,10 +18,10 @@ from typing import Final
 from aiohttp import web
 from redis.asyncio import Redis
 
-from api.credentials import Identity, Known, identify
-from shared import keys
-from shared.errors import Unauthorized
-from shared.settings import Settings
+from streambridge.api.credentials import Identity, Known, identify
+from streambridge.shared import keys
+from streambridge.shared.errors import Unauthorized
+from streambridge.shared.settings import Settings
 
 STREAM_TOKEN: Final = re.compile(r"\A([0-9]{1,12})\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\Z")
 

@@ -13,15 +13,15 @@ from typing import Annotated, Final, cast
 import msgspec
 from aiohttp import web
 
-from api.auth import authenticate, bearer_token, sign_stream_token
-from api.context import Context, context
-from api.credentials import Identity, create_visitor, recall
-from api.limits import admit_chat, bounded, check_prompt, count_visitor_login
-from shared import keys
-from shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
-from shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
-from shared.events import Usage, assemble_text, decode_event
-from shared.streams import Entry, entry_from_fields
+from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
+from streambridge.api.context import Context, context
+from streambridge.api.credentials import Identity, create_visitor, recall
+from streambridge.api.limits import admit_chat, bounded, check_prompt, count_visitor_login
+from streambridge.shared import keys
+from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
+from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
+from streambridge.shared.events import Usage, assemble_text, decode_event
+from streambridge.shared.streams import Entry, entry_from_fields
 
 log = logging.getLogger("streambridge.api")
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from arq.connections import ArqRedis
 
-from api.credentials import Known
-from api.hub import StreamHub
-from api.slots import StreamSlots
-from shared.settings import Settings
+from streambridge.api.credentials import Known
+from streambridge.api.hub import StreamHub
+from streambridge.api.slots import StreamSlots
+from streambridge.shared.settings import Settings
 
 
 @dataclass

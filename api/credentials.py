@@ -14,14 +14,16 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Final, Literal, NamedTuple
 
 import msgspec
-from redis.asyncio import Redis
 
-from shared import keys
-from shared.errors import Unauthorized
-from shared.settings import Settings
+from streambridge.shared import keys
+from streambridge.shared.errors import Unauthorized
+from streambridge.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 TOKEN: Final = re.compile(r"\Asb([vk])_([0-9a-f]{16})_([A-Za-z0-9_-]{43})\Z")
 USER: Final = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}\Z")

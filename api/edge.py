@@ -11,18 +11,18 @@ import msgspec
 from aiohttp import HttpVersion11, web
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from api.auth import bearer_token, load_secret, verify_stream_token
-from api.chats import chat_id_of
-from api.context import Context, context
-from api.credentials import Credential, Identity, check, genuine, identity_of, remember
-from api.credentials import credential_id as credential_id_of
-from api.slots import SlotRequest
-from api.sse import HEADERS, PING, encode_entry
-from shared import keys
-from shared.chats import TERMINAL_STATUSES
-from shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
-from shared.events import TERMINAL_TYPES
-from shared.streams import Entry, id_key, is_entry_id
+from streambridge.api.auth import bearer_token, load_secret, verify_stream_token
+from streambridge.api.chats import chat_id_of
+from streambridge.api.context import Context, context
+from streambridge.api.credentials import Credential, Identity, check, genuine, identity_of, remember
+from streambridge.api.credentials import credential_id as credential_id_of
+from streambridge.api.slots import SlotRequest
+from streambridge.api.sse import HEADERS, PING, encode_entry
+from streambridge.shared import keys
+from streambridge.shared.chats import TERMINAL_STATUSES
+from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
+from streambridge.shared.events import TERMINAL_TYPES
+from streambridge.shared.streams import Entry, id_key, is_entry_id
 
 log = logging.getLogger("streambridge.edge")
 

@@ -11,8 +11,8 @@ from aiohttp.typedefs import Handler
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.context import SETTINGS
-from shared.errors import ApiError, RateLimited
+from streambridge.api.context import SETTINGS
+from streambridge.shared.errors import ApiError, RateLimited
 
 log = logging.getLogger("streambridge.api")
 

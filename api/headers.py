@@ -12,7 +12,7 @@ from typing import Final
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from api.context import SETTINGS
+from streambridge.api.context import SETTINGS
 
 SECURITY: Final = {
     "X-Content-Type-Options": "nosniff",

@@ -18,10 +18,10 @@ from typing import Final
 
 from redis.asyncio import Redis
 
-from api.feed import Feed
-from shared import keys
-from shared.events import TERMINAL_TYPES
-from shared.streams import Entry, entry_from_fields, id_key, parse_notification
+from streambridge.api.feed import Feed
+from streambridge.shared import keys
+from streambridge.shared.events import TERMINAL_TYPES
+from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
 
 log = logging.getLogger("streambridge.edge")
 

@@ -17,12 +17,12 @@ from typing import Final
 import msgspec
 from redis.asyncio import Redis
 
-from api.credentials import Identity
-from shared import keys
-from shared.chats import ChatRequest
-from shared.errors import Overloaded, RateLimited, Unauthorized, Unprocessable
-from shared.queue import ENQUEUE_LUA, job_record
-from shared.settings import Settings
+from streambridge.api.credentials import Identity
+from streambridge.shared import keys
+from streambridge.shared.chats import ChatRequest
+from streambridge.shared.errors import Overloaded, RateLimited, Unauthorized, Unprocessable
+from streambridge.shared.queue import ENQUEUE_LUA, job_record
+from streambridge.shared.settings import Settings
 
 #: a chat still counted as running this long past its deadline is counted no more (a lost worker)
 RUNNING_SLACK_MS: Final = 60_000

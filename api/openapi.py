@@ -15,9 +15,9 @@ from typing import Any, Final, get_args
 import msgspec
 from aiohttp import web
 
-from api.chats import ChatView, CreateChat, Created, StatusView, Visitor
-from api.errors import ErrorAnswer
-from shared.events import Event
+from streambridge.api.chats import ChatView, CreateChat, Created, StatusView, Visitor
+from streambridge.api.errors import ErrorAnswer
+from streambridge.shared.events import Event
 
 routes = web.RouteTableDef()
 

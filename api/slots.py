@@ -20,9 +20,9 @@ from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
-from api.credentials import Identity
-from shared import keys
-from shared.errors import RateLimited
+from streambridge.api.credentials import Identity
+from streambridge.shared import keys
+from streambridge.shared.errors import RateLimited
 
 SLOT_TTL: Final = 30.0
 RENEW_EVERY: Final = 10.0

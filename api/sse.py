@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from shared.streams import Entry
+from streambridge.shared.streams import Entry
 
 PING: Final = b": ping\n\n"
 

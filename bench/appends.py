@@ -18,11 +18,11 @@ import time
 import uvloop
 from redis.asyncio import Redis
 
-from shared import keys
-from shared.events import Content
 from streambridge.embedded import free_port, redis_server_binary
-from workers.appender import Appender
-from workers.sink import StreamSink
+from streambridge.shared import keys
+from streambridge.shared.events import Content
+from streambridge.workers.appender import Appender
+from streambridge.workers.sink import StreamSink
 
 
 class Counted(Appender):

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 import uvloop
 
-from shared.chats import ChatRequest, Message
-from workers.llm import delta_from_chunk, make_client, sse_data, stream_deltas
+from streambridge.shared.chats import ChatRequest, Message
+from streambridge.workers.llm import delta_from_chunk, make_client, sse_data, stream_deltas
 
 MODEL = "fake?words=1&ttft_ms=0&delay_ms=0"
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}

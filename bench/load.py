@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from shared.streams import id_key
+from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 
 

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 import psutil
 import redis
 
-from shared import keys
 from streambridge.embedded import free_port, redis_server_binary
+from streambridge.shared import keys
 
 PY = sys.executable
 

@@ -10,7 +10,7 @@ from typing import Annotated, Final, Literal
 
 import msgspec
 
-from shared.events import Usage
+from streambridge.shared.events import Usage
 
 Status = Literal["queued", "running", "complete", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = frozenset({"complete", "failed", "cancelled"})

@@ -9,7 +9,7 @@ from arq.constants import expires_extra_ms, job_key_prefix
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
-from shared import keys
+from streambridge.shared import keys
 
 #: wake tokens kept when no worker is waiting; more would only cause empty polls later
 WAKE_BACKLOG: Final = 100

@@ -12,9 +12,8 @@ from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
 
 import msgspec
-from redis.asyncio import ConnectionPool
 
-from shared.errors import SettingsError
+from streambridge.shared.errors import SettingsError
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
 
@@ -158,6 +157,11 @@ def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
 
 def _check_redis_url(value: str) -> None:
     """What redis-py would reject only when connecting: a database that is not a number, bad options."""
+    try:
+        from redis.asyncio import ConnectionPool
+    except ImportError:  # a client-only install (no `[server]` extra) runs no server to connect
+        return
+
     try:
         pool = ConnectionPool.from_url(value)
         pool.connection_class(**pool.connection_kwargs)  # not connected: checks option names and types

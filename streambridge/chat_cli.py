@@ -12,9 +12,9 @@ import sys
 import aiohttp
 from yarl import URL
 
-from shared.events import Cancelled, Complete, Content, Error, Failed, Started, Status
 from streambridge.client import ClientError, StreambridgeClient
 from streambridge.serve import catch_signals
+from streambridge.shared.events import Cancelled, Complete, Content, Error, Failed, Started, Status
 
 
 async def chat(prompt: str, *, url: str, model: str | None = None) -> int:

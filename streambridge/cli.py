@@ -11,11 +11,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 
-from shared.errors import SettingsError, StreambridgeError
-from shared.settings import Settings, load_settings
 from streambridge import keys_cli
+from streambridge.shared.errors import SettingsError, StreambridgeError
+from streambridge.shared.settings import Settings, load_settings
 
 log = logging.getLogger("streambridge")
 
@@ -64,12 +63,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StreambridgeError as exc:
         print(f"streambridge: {exc}", file=sys.stderr)
         code = 1
-    except (RedisError, OSError) as exc:  # e.g. Redis unreachable at start: one line, not a traceback
+    except ModuleNotFoundError as exc:  # a client-only install asked to run a server
+        print(
+            f"streambridge: {args.command} needs the server parts ({exc.name} is missing): "
+            "pip install 'streambridge[server]'",
+            file=sys.stderr,
+        )
+        code = 1
+    except _start_errors() as exc:  # e.g. Redis unreachable at start: one line, not a traceback
         print(f"streambridge: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def _start_errors() -> tuple[type[Exception], ...]:
+    try:
+        from redis.exceptions import RedisError
+    except ImportError:
+        return (OSError,)
+    return (RedisError, OSError)
 
 
 def run(args: argparse.Namespace) -> int:

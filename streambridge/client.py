@@ -26,8 +26,8 @@ import aiohttp
 import msgspec
 from yarl import URL
 
-from shared.errors import StreambridgeError
-from shared.events import (
+from streambridge.shared.errors import StreambridgeError
+from streambridge.shared.events import (
     EVENT_TYPES,
     Cancelled,
     Complete,
@@ -42,7 +42,7 @@ from shared.events import (
     Usage,
     decode_event,
 )
-from shared.streams import id_key, is_entry_id
+from streambridge.shared.streams import id_key, is_entry_id
 from streambridge.sse import SSEParser
 
 BACKOFF_START: Final = 0.1

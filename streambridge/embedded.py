@@ -16,7 +16,7 @@ from pathlib import Path
 
 from redis.asyncio import Redis
 
-from shared.errors import StreambridgeError
+from streambridge.shared.errors import StreambridgeError
 
 
 class RedisUnavailableError(StreambridgeError):

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 import msgspec
-from redis.asyncio import Redis
 
-from api.credentials import USER, Limits, issue, list_keys, revoke
-from shared.redis import connect
-from shared.settings import Settings
+from streambridge.api.credentials import USER, Limits, issue, list_keys, revoke
+from streambridge.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 LIMIT_FLAGS = {
     "chats_per_minute": "chats a minute",
@@ -53,6 +55,8 @@ def positive(value: str) -> int:
 
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     assert settings.redis_url is not None
+    from streambridge.shared.redis import connect  # the server extra: not needed to build the CLI
+
     redis: Redis = connect(settings.redis_url, max_connections=2)
     try:
         if args.keys_command == "create":

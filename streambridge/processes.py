@@ -11,14 +11,14 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from api.app import make_app
-from shared.errors import SettingsError
-from shared.settings import Settings
+from streambridge.api.app import make_app
 from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site
-from workers.worker import make_worker, stop_worker
+from streambridge.shared.errors import SettingsError
+from streambridge.shared.settings import Settings
+from streambridge.workers.worker import make_worker, stop_worker
 
 log = logging.getLogger("streambridge")
 

@@ -14,7 +14,7 @@ from typing import Final
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 
-from shared import keys
+from streambridge.shared import keys
 
 # The claim, for CLAIM and START: the chat must be runnable and its lease free; it then reads
 # the chat. ``pickup`` (enqueue → this start, ms) is kept on the chat for operators and the benchmark.

@@ -11,9 +11,9 @@ import aiohttp
 import msgspec
 import openai
 
-from shared.chats import ChatRequest
-from shared.events import Usage
-from workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
+from streambridge.shared.chats import ChatRequest
+from streambridge.shared.events import Usage
+from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
 
 try:  # the SDK's HTTP stack: httpx2 in recent openai releases, httpx before
     import httpx2 as _http

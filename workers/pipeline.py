@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import NamedTuple
 
-from shared.events import Complete, Content, Error, Event, Failed, Progress, Started, Status, Usage
+from streambridge.shared.events import Complete, Content, Error, Event, Failed, Progress, Started, Status, Usage
 
 
 class Delta(NamedTuple):

@@ -7,10 +7,10 @@ import logging
 
 from arq.connections import ArqRedis
 
-from shared import keys
-from shared.queue import enqueue_chat
-from workers.lease import lapsed_chats, reap
-from workers.runner import ChatRunner, Stop
+from streambridge.shared import keys
+from streambridge.shared.queue import enqueue_chat
+from streambridge.workers.lease import lapsed_chats, reap
+from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
 

@@ -21,14 +21,14 @@ from datetime import datetime
 import openai
 from redis.asyncio import Redis
 
-from shared.chats import ChatRequest, ChatResult, decode_request
-from shared.events import Cancelled, Complete, Content, Error, Event, Failed, Started, Status
-from shared.settings import Settings
-from workers.appender import Appender
-from workers.lease import Lease
-from workers.llm import classify, stream_deltas
-from workers.pipeline import Delta, chat_events, with_timeouts
-from workers.sink import LeaseLost, StreamGap, StreamSink
+from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
+from streambridge.shared.events import Cancelled, Complete, Content, Error, Event, Failed, Started, Status
+from streambridge.shared.settings import Settings
+from streambridge.workers.appender import Appender
+from streambridge.workers.lease import Lease
+from streambridge.workers.llm import classify, stream_deltas
+from streambridge.workers.pipeline import Delta, chat_events, with_timeouts
+from streambridge.workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
 

@@ -25,11 +25,11 @@ from typing import Final, get_args
 import msgspec
 from redis.asyncio import Redis
 
-from shared import keys
-from shared.chats import ChatResult
-from shared.errors import StreambridgeError
-from shared.events import Event, Started, encode_event, event_type
-from workers.appender import Appender
+from streambridge.shared import keys
+from streambridge.shared.chats import ChatResult
+from streambridge.shared.errors import StreambridgeError
+from streambridge.shared.events import Event, Started, encode_event, event_type
+from streambridge.workers.appender import Appender
 
 APPEND: Final = """
 local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')

@@ -14,13 +14,13 @@ from arq.worker import func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import keys
-from shared.redis import pack_with_hiredis
-from shared.settings import Settings
-from workers.lease import Lease
-from workers.llm import make_client
-from workers.reaper import listen_for_cancels, reap_forever
-from workers.runner import ChatRunner, Stop
+from streambridge.shared import keys
+from streambridge.shared.redis import pack_with_hiredis
+from streambridge.shared.settings import Settings
+from streambridge.workers.lease import Lease
+from streambridge.workers.llm import make_client
+from streambridge.workers.reaper import listen_for_cancels, reap_forever
+from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
 

@@ -13,13 +13,13 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from api.hub import QUEUE_SIZE, RESYNC, StreamHub
-from shared import keys
-from shared.chats import ChatResult
-from shared.events import Complete, Content, Event, Started, decode_event, encode_event
-from shared.streams import Entry, entry_from_fields, id_key, parse_notification
-from workers.lease import Lease
-from workers.sink import APPEND, LeaseLost, StreamSink
+from streambridge.api.hub import QUEUE_SIZE, RESYNC, StreamHub
+from streambridge.shared import keys
+from streambridge.shared.chats import ChatResult
+from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event
+from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
+from streambridge.workers.lease import Lease
+from streambridge.workers.sink import APPEND, LeaseLost, StreamSink
 
 CHAT = "contract-chat"
 TOKEN = "lease-token"

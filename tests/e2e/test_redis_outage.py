@@ -11,9 +11,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from shared.events import Complete, Event, assemble_text, decode_event
-from shared.streams import id_key
 from streambridge.fake_llm import expected_text
+from streambridge.shared.events import Complete, Event, assemble_text, decode_event
+from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
 from tests.e2e.conftest import Process, clean_env, create_chat, login

@@ -11,9 +11,9 @@ import asyncio
 import aiohttp
 import pytest
 
-from shared.events import Complete, assemble_text, decode_event
-from shared.streams import id_key
 from streambridge.fake_llm import expected_text
+from streambridge.shared.events import Complete, assemble_text, decode_event
+from streambridge.shared.streams import id_key
 from streambridge.sse import SSEMessage
 from tests.e2e.conftest import System, create_chat, login, read_events
 

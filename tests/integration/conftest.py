@@ -10,13 +10,13 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
-from api.app import make_app
-from shared.events import Event, decode_event
-from shared.settings import Settings
+from streambridge.api.app import make_app
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
+from streambridge.shared.events import Event, decode_event
+from streambridge.shared.settings import Settings
 from streambridge.sse import SSEMessage, SSEParser
-from workers.worker import make_worker
+from streambridge.workers.worker import make_worker
 
 FAST_LLM = FakeLLMConfig(ttft_ms=0, delay_ms=0, words=12)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient
 
-from shared import keys
+from streambridge.shared import keys
 from tests.integration.conftest import RunWorker, bearer, json_of
 
 CHAT_ROUTES = [("GET", "/v1/chats/{id}"), ("POST", "/v1/chats/{id}/cancel"), ("GET", "/v1/chats/{id}/events")]
@@ -130,7 +130,7 @@ async def test_an_expired_stream_is_410_and_the_result_stays_readable(
     chat_id = await new_chat(client, token)
     await run_worker()
     redis = client.server.app  # the app's own Redis connection
-    from api.context import CONTEXT
+    from streambridge.api.context import CONTEXT
 
     await redis[CONTEXT].redis.delete(keys.events(chat_id))  # what the stream's expiry does
     message = await error_of(
@@ -145,7 +145,7 @@ async def test_an_expired_stream_is_410_and_the_result_stays_readable(
 async def test_the_stream_expires_after_the_chat_ends(client: TestClient, token: str, run_worker: RunWorker) -> None:  # type: ignore[type-arg]
     chat_id = await new_chat(client, token)
     await run_worker()
-    from api.context import CONTEXT
+    from streambridge.api.context import CONTEXT
 
     redis = client.server.app[CONTEXT].redis
     settings = client.server.app[CONTEXT].settings
@@ -161,7 +161,7 @@ async def test_a_position_older_than_the_stream_holds_is_410_never_a_silent_gap(
 ) -> None:
     chat_id = await new_chat(client, token)
     await run_worker()
-    from api.context import CONTEXT
+    from streambridge.api.context import CONTEXT
 
     redis = client.server.app[CONTEXT].redis
     entries = await redis.xrange(keys.events(chat_id))
@@ -232,8 +232,8 @@ async def test_a_path_id_not_shaped_like_a_chat_id_is_404(client: TestClient, to
 
 
 async def test_after_redis_loses_the_signing_key_processes_converge_on_one(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
-    from api.auth import load_secret, sign_stream_token
-    from api.context import CONTEXT
+    from streambridge.api.auth import load_secret, sign_stream_token
+    from streambridge.api.context import CONTEXT
 
     ctx = client.server.app[CONTEXT]
     chat_id = await new_chat(client, token)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from workers.appender import Appender
+from streambridge.workers.appender import Appender
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp.test_utils import TestClient
 
-from shared.events import Cancelled
+from streambridge.shared.events import Cancelled
 from tests.integration.conftest import RunWorker, bearer, events_of, read_sse
 
 

@@ -8,14 +8,14 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.edge import ClientWrites
-from shared.events import Complete, Content, Failed, Started, assemble_text
-from shared.settings import Settings
-from shared.streams import Entry, id_key
+from streambridge.api.edge import ClientWrites
 from streambridge.fake_llm import expected_text
+from streambridge.shared.events import Complete, Content, Failed, Started, assemble_text
+from streambridge.shared.settings import Settings
+from streambridge.shared.streams import Entry, id_key
 from streambridge.sse import SSEParser
+from streambridge.workers.worker import make_worker
 from tests.integration.conftest import FAST_LLM, RunWorker, bearer, events_of, read_sse
-from workers.worker import make_worker
 
 PROMPT = "tell me about streams"
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from api.context import CONTEXT
+from streambridge.api.context import CONTEXT
 from tests.conftest import OwnRedis
 from tests.integration.conftest import bearer
 

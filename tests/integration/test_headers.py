@@ -8,8 +8,8 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from api.app import make_app
-from shared.settings import Settings
+from streambridge.api.app import make_app
+from streambridge.shared.settings import Settings
 from tests.integration.conftest import bearer
 
 APP = "https://app.example"

@@ -16,15 +16,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from api.feed import Feed
-from api.hub import StreamHub
-from shared import keys
-from shared.events import Complete, Content, decode_event
-from shared.redis import connect_feed
-from shared.streams import Entry
+from streambridge.api.feed import Feed
+from streambridge.api.hub import StreamHub
 from streambridge.embedded import free_port, redis_server_binary
+from streambridge.shared import keys
+from streambridge.shared.events import Complete, Content, decode_event
+from streambridge.shared.redis import connect_feed
+from streambridge.shared.streams import Entry
+from streambridge.workers.sink import StreamSink
 from tests.conftest import OwnRedis
-from workers.sink import StreamSink
 
 CHAT = "feed-chat"
 TOKEN = "lease-token"

@@ -12,16 +12,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from api.app import make_app
-from api.credentials import Credential, Identity, Limits, issue, quota
-from api.limits import admit_chat
-from api.slots import StreamSlots
-from shared import keys
-from shared.chats import decode_request
-from shared.errors import Overloaded, RateLimited
-from shared.settings import Settings
+from streambridge.api.app import make_app
+from streambridge.api.credentials import Credential, Identity, Limits, issue, quota
+from streambridge.api.limits import admit_chat
+from streambridge.api.slots import StreamSlots
+from streambridge.shared import keys
+from streambridge.shared.chats import decode_request
+from streambridge.shared.errors import Overloaded, RateLimited
+from streambridge.shared.settings import Settings
+from streambridge.workers.worker import make_worker
 from tests.integration.conftest import RunWorker, bearer, json_of
-from workers.worker import make_worker
 
 Client = TestClient  # type: ignore[type-arg]
 
@@ -258,7 +258,7 @@ async def test_a_stream_slot_whose_answer_was_lost_is_given_back(real_redis: Red
 async def test_open_stream_slots_are_renewed_and_given_back_ones_stay_gone(
     real_redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("api.slots.RENEW_PER_CALL", 2)  # several calls, and a key split across them
+    monkeypatch.setattr("streambridge.api.slots.RENEW_PER_CALL", 2)  # several calls, and a key split across them
     slots = StreamSlots(real_redis, per_ip=10)
     alice = Identity("alice", "c1", quota(settings, _key(Limits(max_open_streams=10))))
     bob = Identity("bob", "c2", quota(settings, _key(Limits(max_open_streams=10))))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from api import openapi
-from api.app import make_app
-from shared.settings import Settings
+from streambridge.api import openapi
+from streambridge.api.app import make_app
+from streambridge.shared.settings import Settings
 
 
 @pytest.mark.parametrize(

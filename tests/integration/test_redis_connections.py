@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import Connection
 from redis.exceptions import DataError
 
-from shared.redis import connect, pack_with_hiredis
+from streambridge.shared.redis import connect, pack_with_hiredis
 
 COMMANDS = [
     ("EVALSHA", "a" * 40, 2, "k:1", "k:2", "tok", "12", "", b"content", b'{"text":"h\xc3\xa9 \\u2028"}'),

@@ -11,12 +11,12 @@ from arq.constants import in_progress_key_prefix
 from arq.worker import Worker
 from redis.exceptions import ResponseError
 
-from shared import keys
-from shared.settings import Settings
+from streambridge.shared import keys
+from streambridge.shared.settings import Settings
+from streambridge.workers.llm import make_client
+from streambridge.workers.runner import ChatRunner
+from streambridge.workers.worker import ChatWorker, make_worker, stop_worker
 from tests.integration.conftest import bearer, events_of, read_sse
-from workers.llm import make_client
-from workers.runner import ChatRunner
-from workers.worker import ChatWorker, make_worker, stop_worker
 
 
 async def create(client: TestClient, token: str, n: int) -> str:  # type: ignore[type-arg]

@@ -12,12 +12,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from api.app import make_app
-from api.auth import sign_stream_token
-from api.context import CONTEXT
-from api.credentials import credential_id, issue, revoke
-from shared import keys
-from shared.settings import Settings
+from streambridge.api.app import make_app
+from streambridge.api.auth import sign_stream_token
+from streambridge.api.context import CONTEXT
+from streambridge.api.credentials import credential_id, issue, revoke
+from streambridge.shared import keys
+from streambridge.shared.settings import Settings
 
 Client = TestClient  # type: ignore[type-arg]
 

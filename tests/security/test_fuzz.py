@@ -32,8 +32,8 @@ from requests.structures import CaseInsensitiveDict
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.specs.openapi import checks
 
-from api import openapi
-from shared.settings import ENV_PREFIX, Settings
+from streambridge.api import openapi
+from streambridge.shared.settings import ENV_PREFIX, Settings
 from tests.conftest import OwnRedis
 from tests.e2e.conftest import Process, clean_env
 

@@ -13,10 +13,10 @@ import pytest
 from aiohttp import ClientSession
 from redis.asyncio import Redis
 
-from api.app import make_app
-from shared import keys
-from shared.settings import Settings
+from streambridge.api.app import make_app
 from streambridge.serve import start_site
+from streambridge.shared import keys
+from streambridge.shared.settings import Settings
 
 FAST = {"header_timeout": 0.5, "body_timeout": 0.5, "heartbeat_interval": 0.2}
 

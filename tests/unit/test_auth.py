@@ -1,4 +1,4 @@
-from api.auth import sign_stream_token, verify_stream_token
+from streambridge.api.auth import sign_stream_token, verify_stream_token
 
 SECRET = b"k" * 32
 CRED = "0123456789abcdef"
@@ -35,7 +35,7 @@ def test_forged_stream_tokens_are_refused() -> None:
 
 
 def test_on_redis_6_2_a_stream_holding_a_lone_failed_event_is_not_taken_for_trimmed() -> None:
-    from api.edge import ChatState, check_retained
+    from streambridge.api.edge import ChatState, check_retained
 
     # Redis 6.2's XINFO has no entries-added: a chat past its deadline before any attempt began
     info = {"length": 1, "last-generated-id": b"5-0", "first-entry": (b"5-0", {b"type": b"failed"})}

@@ -11,7 +11,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shared.events import (
+from streambridge import client as client_module
+from streambridge.client import CancelAccepted, ChatCreated, ChatStream, ClientError, Received, StreambridgeClient
+from streambridge.shared.events import (
     Complete,
     Content,
     Error,
@@ -23,9 +25,7 @@ from shared.events import (
     encode_event,
     event_type,
 )
-from shared.streams import id_key
-from streambridge import client as client_module
-from streambridge.client import CancelAccepted, ChatCreated, ChatStream, ClientError, Received, StreambridgeClient
+from streambridge.shared.streams import id_key
 
 VISITOR = "visitor-token"
 

@@ -52,10 +52,10 @@ def environment_names(service: dict[str, Any]) -> set[str]:
 
 def settings_env_names() -> set[str]:
     try:
-        settings = importlib.import_module("shared.settings")
+        settings = importlib.import_module("streambridge.shared.settings")
     except ModuleNotFoundError:  # the project is not installed: import it from the checkout
         sys.path.insert(0, str(ROOT))
-        settings = importlib.import_module("shared.settings")
+        settings = importlib.import_module("streambridge.shared.settings")
     return {"STREAMBRIDGE_" + field.upper() for field in settings.Settings.__struct_fields__}
 
 

@@ -1,7 +1,7 @@
 import msgspec
 import pytest
 
-from shared.events import (
+from streambridge.shared.events import (
     EVENT_TYPES,
     Cancelled,
     Complete,

@@ -1,4 +1,4 @@
-from shared import keys
+from streambridge.shared import keys
 
 
 def test_redis_key_strings_are_pinned() -> None:

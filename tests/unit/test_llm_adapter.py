@@ -11,10 +11,10 @@ import httpx2
 import openai
 import pytest
 
-from shared.chats import ChatRequest, Message
-from shared.events import Usage
-from workers.llm import classify, delta_from_chunk, make_client, sse_data, stream_deltas
-from workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
+from streambridge.shared.chats import ChatRequest, Message
+from streambridge.shared.events import Usage
+from streambridge.workers.llm import classify, delta_from_chunk, make_client, sse_data, stream_deltas
+from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
 
 REQUEST = httpx2.Request("POST", "http://x/v1/chat/completions")
 

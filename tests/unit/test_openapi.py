@@ -12,12 +12,12 @@ import pytest
 import schemathesis
 from schemathesis.core.result import Ok
 
-from api import openapi
-from api.app import make_app
-from api.chats import parse_create
-from shared import errors
-from shared.events import EVENT_TYPES
-from shared.settings import Settings
+from streambridge.api import openapi
+from streambridge.api.app import make_app
+from streambridge.api.chats import parse_create
+from streambridge.shared import errors
+from streambridge.shared.events import EVENT_TYPES
+from streambridge.shared.settings import Settings
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 ERROR_ANSWER = {"$ref": "#/components/schemas/ErrorAnswer"}

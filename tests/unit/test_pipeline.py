@@ -9,7 +9,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 import msgspec
 import pytest
 
-from shared.events import (
+from streambridge.shared.events import (
     Complete,
     Content,
     Error,
@@ -21,7 +21,7 @@ from shared.events import (
     Usage,
     assemble_text,
 )
-from workers.pipeline import (
+from streambridge.workers.pipeline import (
     Delta,
     Failure,
     IncompleteStream,

@@ -1,8 +1,8 @@
 from arq.constants import job_key_prefix
 from arq.jobs import deserialize_job
 
-from shared import keys
-from shared.queue import job_record
+from streambridge.shared import keys
+from streambridge.shared.queue import job_record
 
 
 def test_the_api_writes_the_job_record_arq_itself_would() -> None:

@@ -1,7 +1,7 @@
 import pytest
 
-from shared.errors import SettingsError
-from shared.settings import Settings, load_settings
+from streambridge.shared.errors import SettingsError
+from streambridge.shared.settings import Settings, load_settings
 
 
 def test_defaults_need_nothing_set() -> None:

@@ -1,7 +1,7 @@
-from api.edge import _frame
-from api.sse import HEADERS, PING, encode_entry
-from shared.events import Complete, Content, encode_event
-from shared.streams import Entry
+from streambridge.api.edge import _frame
+from streambridge.api.sse import HEADERS, PING, encode_entry
+from streambridge.shared.events import Complete, Content, encode_event
+from streambridge.shared.streams import Entry
 
 
 def test_entry_is_encoded_as_id_event_and_one_line_of_json() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.streams import Entry, parse_notification
+from streambridge.shared.streams import Entry, parse_notification
 
 
 def test_a_notification_of_one_entry_reads_as_that_entry() -> None:
