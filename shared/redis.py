@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import socket
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
@@ -23,25 +25,55 @@ KEEPALIVE: Final = {
 }
 
 
-class _HiredisPacking:
-    """Commands packed by hiredis, in C, as redis-py's synchronous client already does: its
-    asyncio connections pack in Python, 15 µs for one append's EVALSHA against 4 µs."""
+class _Connection:
+    """What streambridge's connections change in redis-py's: two things."""
 
     _packer: Final = HiredisRespSerializer()
 
     def pack_command(self, *args: Any) -> list[bytes]:
+        """Commands packed by hiredis, in C, as redis-py's synchronous client already does: its
+        asyncio connections pack in Python, 15 µs for one append's EVALSHA against 4 µs."""
         return self._packer.pack(*args)  # type: ignore[no-any-return]
 
+    async def _unused(self, command: Any, check_health: bool = True) -> None:
+        """redis-py's, with its ``asyncio.wait_for`` around the write replaced by ``asyncio.timeout``.
+        On Python 3.11 a ``wait_for`` whose write finishes as the task is cancelled drops the
+        cancellation, and the task runs on: a worker whose stop waited forever on its reaper
+        (tests/integration/test_redis_connections.py)."""
+        conn: Any = self
+        if not conn.is_connected:
+            await conn.connect()
+        elif check_health:
+            await conn.check_health()
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            async with asyncio.timeout(conn.socket_timeout):
+                conn._writer.writelines(command)
+                await conn._writer.drain()
+        except builtins.TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise TimeoutError("Timeout writing to socket") from None
+        except OSError as e:
+            await conn.disconnect(nowait=True)
+            raise ConnectionError(f"Error while writing to socket: {e}") from e
+        except BaseException:
+            # a write cut off halfway leaves the protocol out of step: the socket is done for
+            await conn.disconnect(nowait=True)
+            raise
 
-class _TCP(_HiredisPacking, Connection):
+
+class _TCP(_Connection, Connection):
     pass
 
 
-class _TLS(_HiredisPacking, SSLConnection):
+class _TLS(_Connection, SSLConnection):
     pass
 
 
-class _Unix(_HiredisPacking, UnixDomainSocketConnection):
+class _Unix(_Connection, UnixDomainSocketConnection):
     pass
 
 
@@ -49,23 +81,13 @@ def _connection_class(url: str) -> type[AbstractConnection]:
     return {"rediss": _TLS, "unix": _Unix}.get(urlsplit(url).scheme, _TCP)
 
 
-async def pack_with_hiredis(client: Redis) -> None:
-    """Gives a client made elsewhere (arq's) the packing of the clients made here. The pool's
-    connections so far, made before this, are closed and forgotten; new ones replace them."""
-    pool = client.connection_pool
-    made = pool.connection_class
-    for plain, packing in ((SSLConnection, _TLS), (UnixDomainSocketConnection, _Unix), (Connection, _TCP)):
-        if made is plain:
-            pool.connection_class = packing
-            await pool.disconnect()
-            pool.reset()  # type: ignore[no-untyped-call]
-            return
-
-
 def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) -> R:  # type: ignore[assignment]
     """A client on a bounded pool: however many requests wait, at most ``max_connections`` sockets.
 
-    A dropped connection is retried with backoff before the error reaches the caller.
+    Every process's commands go through one of these (the API's, the edge's, the worker's): a
+    dropped connection is retried with backoff before the error reaches the caller (every
+    streambridge script is safe to run twice), a frozen Redis times out, and an idle socket is
+    kept alive, so a peer that vanished is noticed.
     """
     pool = BlockingConnectionPool.from_url(
         url,
@@ -78,8 +100,15 @@ def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) ->
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[ConnectionError, TimeoutError],
+        **_keepalive(url),
     )
     return client_class(connection_pool=pool)
+
+
+def _keepalive(url: str) -> dict[str, Any]:
+    if urlsplit(url).scheme == "unix":
+        return {}
+    return {"socket_keepalive": True, "socket_keepalive_options": KEEPALIVE}
 
 
 def connect_feed(url: str) -> Redis:
@@ -89,9 +118,6 @@ def connect_feed(url: str) -> Redis:
     docs/benchmarks.md), and a quiet feed is no fault. A peer that vanished is found by TCP
     keepalive instead.
     """
-    tcp: dict[str, Any] = {}
-    if urlsplit(url).scheme != "unix":
-        tcp = {"socket_keepalive": True, "socket_keepalive_options": KEEPALIVE}
     pool = BlockingConnectionPool.from_url(
         url,
         connection_class=_connection_class(url),
@@ -99,6 +125,6 @@ def connect_feed(url: str) -> Redis:
         timeout=10,
         socket_connect_timeout=2,
         socket_timeout=None,
-        **tcp,
+        **_keepalive(url),
     )
     return Redis(connection_pool=pool)
