@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import time
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Final, cast
@@ -17,7 +16,7 @@ from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import admit_chat, bounded, check_prompt, count_visitor_login
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
 from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import Usage, assemble_text, decode_event
@@ -104,14 +103,30 @@ async def create_chat(request: web.Request) -> web.Response:
     chat = parse_create(await read_body(request, ctx))
     check_prompt(chat, identity)
     chat = bounded(chat, identity)
+    idempotency_key = idempotency_key_of(request)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     request_json = msgspec.json.encode(chat)
     try:
-        await admit_chat(ctx.redis, ctx.settings, identity, chat_id, created_at=created_at, request=request_json)
+        admitted = await admit_chat(
+            ctx.redis,
+            ctx.settings,
+            identity,
+            chat_id,
+            created_at=created_at,
+            request=request_json,
+            idempotency_key=idempotency_key,
+        )
     except Unauthorized:
         ctx.credentials.pop(identity.credential, None)
         raise
+    if admitted != chat_id:  # the key's first request made it: answer as that one was answered
+        first = await ctx.redis.hmget(keys.chat(admitted), ["status", "created_at"])  # type: ignore[misc]
+        status, created_at = cast(Status, (first[0] or b"queued").decode()), (first[1] or b"").decode()
+        url = stream_url(request, ctx, admitted, identity)
+        response = json_response(Created(admitted, status, url, created_at), status=202)
+        response.headers["Idempotent-Replayed"] = "true"
+        return response
     url = stream_url(request, ctx, chat_id, identity)
     return json_response(Created(chat_id, "queued", url, created_at), status=202)
 
@@ -144,9 +159,24 @@ async def read_chat(request: web.Request) -> web.Response:
 @routes.post("/v1/chats/{id}/cancel")
 async def cancel_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    _, chat_id, _ = await owned_chat(request, ctx)
-    status = await request_cancel(ctx, chat_id)
+    identity, chat_id, _ = await owned_chat(request, ctx)
+    status = await request_cancel(ctx, chat_id, identity.user)
     return json_response(StatusView(chat_id, status), status=202)
+
+
+#: an ``Idempotency-Key`` is up to this many printable ASCII characters (Stripe's and OpenAI's limit)
+IDEMPOTENCY_KEY: Final = re.compile(r"\A[\x21-\x7e]{1,255}\Z")
+
+
+def idempotency_key_of(request: web.Request) -> str | None:
+    """The ``Idempotency-Key`` header: the same key from the same user within 24 h returns the first
+    chat, never a second one (the openai SDK, and any careful client, retries a POST it lost)."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if IDEMPOTENCY_KEY.match(key) is None:
+        raise BadRequest("Idempotency-Key must be 1 to 255 printable ASCII characters", code="bad_idempotency_key")
+    return key
 
 
 async def read_body(request: web.Request, ctx: Context) -> bytes:
@@ -202,31 +232,9 @@ async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:
     return [entry_from_fields(i, f) for i, f in await ctx.redis.xrange(keys.events(chat_id))]
 
 
-# A queued chat is cancelled here, atomically with its status, so a worker that claims it
-# later finds it terminal, and stops counting against its owner; a running one is flagged, and
-# its worker ends it (``cancelled``). The owner's set of active chats is named by prefix + owner.
-CANCEL: Final = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' then
-  local data = '{"type":"cancelled"}'
-  local id = redis.call('XADD', KEYS[2], '*', 'type', 'cancelled', 'data', data)
-  redis.call('PUBLISH', KEYS[3], id .. '\\n' .. 'cancelled' .. '\\n' .. data)
-  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1])
-  redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZREM', ARGV[5] .. (redis.call('HGET', KEYS[1], 'owner') or ''), ARGV[4])
-  return 'cancelled'
-end
-if status == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel', ARGV[3])
-  redis.call('PUBLISH', KEYS[4], ARGV[4])
-end
-return status
-"""
-
-
-async def request_cancel(ctx: Context, chat_id: str) -> Status:
+async def request_cancel(ctx: Context, chat_id: str, owner: str) -> Status:
+    """A queued chat is cancelled at once; a running one is flagged for its worker (``machine.CANCEL``)."""
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
-    args: list[str | bytes] = [result, str(ctx.settings.stream_ttl), str(time.time()), chat_id, keys.active("")]
-    keyset = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id), keys.cancels()]
-    status = await ctx.redis.eval(CANCEL, len(keyset), *keyset, *args)  # type: ignore[arg-type,misc]
+    cancel = machine.cancel(chat_id, owner, result=result, stream_ttl=ctx.settings.stream_ttl)
+    status = await machine.call(ctx.redis, cancel)
     return cast(Status, bytes(status).decode() if isinstance(status, bytes) else str(status))

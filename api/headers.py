@@ -20,7 +20,7 @@ SECURITY: Final = {
     "Referrer-Policy": "no-referrer",
 }
 ALLOW_METHODS: Final = "GET, POST, OPTIONS"
-ALLOW_HEADERS: Final = "Authorization, Content-Type, Last-Event-ID"
+ALLOW_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
 
 
 def allowed_origin(request: web.Request) -> str | None:

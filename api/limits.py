@@ -1,52 +1,33 @@
 """Abuse limits on creating chats: prompt size, ``max_tokens``, and admission.
 
-Admission is one Lua call that checks, in order, that the caller's credential still exists (a
-process that remembers a credential does not read it again), the deployment's queue depth (503 at
-once rather than a wait without bound), the user's chats queued or running, and the user's chats
-this minute (each 429 with ``Retry-After``), and only then records the chat and enqueues its job.
-Every count lives in Redis, so the limits hold across every API process, and a refused chat
-counts for nothing.
+Admission is one Lua call (``shared.machine.ADMIT``) that checks, in order, that the caller's
+credential still exists (a process that remembers a credential does not read it again), whether
+the ``Idempotency-Key`` already names a chat (that chat is the answer), the deployment's queue depth
+(503 at once rather than a wait without bound), the user's chats queued or running, and the user's
+chats this minute (each 429 with ``Retry-After``), and only then records the chat and enqueues its
+job. Every count lives in Redis, so the limits hold across every API process, and a refused chat
+counts for nothing. The call is safe to send twice: a re-send after a lost reply finds its chat.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from typing import Final
 
 import msgspec
 from redis.asyncio import Redis
 
 from streambridge.api.credentials import Identity
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.errors import Overloaded, RateLimited, Unauthorized, Unprocessable
-from streambridge.shared.queue import ENQUEUE_LUA, job_record
+from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 
 #: a chat still counted as running this long past its deadline is counted no more (a lost worker)
 RUNNING_SLACK_MS: Final = 60_000
-
-ADMIT: Final = (
-    ENQUEUE_LUA
-    + """
-if redis.call('EXISTS', KEYS[#KEYS]) == 0 then return 'revoked' end
-local waiting = redis.call('ZCARD', KEYS[1]) - redis.call('ZCARD', KEYS[2])
-if waiting >= tonumber(ARGV[2]) then return 'queue' end
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[4]) then return 'running' end
-if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[3]) then return 'rate' end
-redis.call('INCR', KEYS[3])
-redis.call('EXPIRE', KEYS[3], 120)
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
-redis.call('PEXPIREAT', KEYS[4], ARGV[5])
-redis.call('HSET', KEYS[5], 'owner', ARGV[8], 'created_at', ARGV[9], 'status', 'queued', 'attempts', 0,
-  'request', ARGV[10])
-redis.call('EXPIRE', KEYS[5], ARGV[7])
-enqueue(KEYS[6], KEYS[7], KEYS[8], ARGV[11], ARGV[12], ARGV[13], ARGV[14], tonumber(ARGV[15]))
-return 'ok'
-"""
-)
+#: how long an ``Idempotency-Key`` names the chat it created (at most: never beyond the chat itself)
+IDEMPOTENCY_TTL: Final = 86_400
 
 
 def check_prompt(chat: ChatRequest, identity: Identity) -> None:
@@ -81,24 +62,41 @@ async def admit_chat(
     *,
     created_at: str,
     request: bytes,
-    now: float | None = None,
-) -> None:
+    idempotency_key: str | None = None,
+) -> str:
     """Records the new chat (status ``queued``) and enqueues its job if every limit allows it, else
-    raises 429 or 503: one round trip."""
-    now = time.time() if now is None else now
-    window = int(now // 60)
+    raises 429 or 503: one round trip, safe to send twice. Returns the chat's id: ``chat_id``, or the
+    chat an earlier request with the same ``idempotency_key`` created (its request must be the same)."""
     q = identity.quota
-    deadline_ms = int(now * 1000 + settings.chat_deadline * 1000 + RUNNING_SLACK_MS)
-    k = [keys.QUEUE_NAME, keys.running(), keys.rate(identity.user, window), keys.active(identity.user)]
-    k.append(keys.chat(chat_id))
-    args: list[str | bytes] = [str(int(now * 1000)), str(settings.max_queue_depth), str(q.chats_per_minute)]
-    args += [str(q.max_running_chats), str(deadline_ms), chat_id, str(settings.result_ttl), identity.user]
-    args += [created_at, request]
-    job_keys, job_args = job_record(chat_id)
-    k += [*job_keys, keys.credential(identity.credential)]
-    args += job_args
-    verdict = await redis.eval(ADMIT, len(k), *k, *args)  # type: ignore[arg-type,misc]
-    verdict = verdict.decode() if isinstance(verdict, bytes) else verdict
+    limits = machine.Admission(
+        max_queue=settings.max_queue_depth,
+        chats_per_minute=q.chats_per_minute,
+        max_running=q.max_running_chats,
+        deadline_ms=int(settings.chat_deadline * 1000) + RUNNING_SLACK_MS,
+        result_ttl=settings.result_ttl,
+    )
+    admission = machine.admit(
+        chat_id,
+        identity.user,
+        identity.credential,
+        created_at=created_at,
+        request=request,
+        job=job_record(chat_id),
+        job_expires_ms=JOB_EXPIRES_MS,
+        limits=limits,
+        idempotency_key=idempotency_key,
+        idempotency_ttl=min(IDEMPOTENCY_TTL, settings.result_ttl),
+    )
+    verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in await machine.call(redis, admission)]
+    if verdict == "ok":
+        return chat_id
+    if verdict == "replay":
+        return str(detail[0])
+    if verdict == "reused":
+        raise Unprocessable(
+            "this Idempotency-Key was used for a different request; use a new key for a new chat",
+            code="idempotency_key_reused",
+        )
     if verdict == "revoked":
         raise Unauthorized("the token is unknown, expired or revoked")
     if verdict == "queue":
@@ -111,29 +109,35 @@ async def admit_chat(
             code="too_many_chats",
             retry_after=1,
         )
-    if verdict == "rate":
-        retry_after = max(1, math.ceil((window + 1) * 60 - now))
-        raise RateLimited(
-            f"at most {q.chats_per_minute} chats a minute; try again in {retry_after} s", retry_after=retry_after
-        )
+    retry_after = _seconds(int(detail[0]))
+    raise RateLimited(
+        f"at most {q.chats_per_minute} chats a minute; try again in {retry_after} s", retry_after=retry_after
+    )
 
 
-# Counts one more, unless the count is at the limit already: a refused login counts for nothing.
+def _seconds(pttl: int) -> int:
+    """A Retry-After, from a window's remaining milliseconds (PTTL)."""
+    return max(1, math.ceil(pttl / 1000))
+
+
+def _text(value: bytes) -> str:
+    return value.decode()
+
+
+# Counts one more in the window that began with the first (a minute, by Redis's clock), unless the
+# count is at the limit already: a refused login counts for nothing. Answers the window's PTTL if refused.
 COUNT_UP_TO: Final = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
-redis.call('INCR', KEYS[1])
-redis.call('EXPIRE', KEYS[1], ARGV[2])
-return 1
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return redis.call('PTTL', KEYS[1]) end
+if redis.call('INCR', KEYS[1]) == 1 or redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], 60000) end
+return 0
 """
 
 
-async def count_visitor_login(redis: Redis, settings: Settings, ip: str, now: float | None = None) -> None:
+async def count_visitor_login(redis: Redis, settings: Settings, ip: str) -> None:
     """Visitors are free to make, and each has limits of its own: so one address makes only so many."""
-    now = time.time() if now is None else now
-    window = int(now // 60)
     limit = settings.visitor_logins_per_minute
-    counted = await redis.eval(COUNT_UP_TO, 1, keys.visitor_logins(ip, window), str(limit), "120")  # type: ignore[misc]
-    if not counted:
-        retry_after = max(1, math.ceil((window + 1) * 60 - now))
+    refused = int(await redis.eval(COUNT_UP_TO, 1, keys.visitor_logins(ip), str(limit)))  # type: ignore[misc]
+    if refused:
+        retry_after = _seconds(refused)
         message = f"at most {settings.visitor_logins_per_minute} visitor logins a minute from one address"
         raise RateLimited(f"{message}; try again in {retry_after} s", retry_after=retry_after)

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import secrets
-import time
 from dataclasses import dataclass
 from typing import Final
 
@@ -28,14 +27,19 @@ SLOT_TTL: Final = 30.0
 RENEW_EVERY: Final = 10.0
 RENEW_PER_CALL: Final = 500
 
+# Scored by Redis's clock (TIME), as every lapse is: edges whose clocks disagree still agree on
+# which slots have lapsed. ARGV: the slot's TTL (ms), the slot, the user's limit, the address's.
 OPEN: Final = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 1 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return 2 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lapses = now + tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 1 end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 2 end
 for i = 1, 2 do
-  redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3])
-  redis.call('PEXPIREAT', KEYS[i], ARGV[2])
+  redis.call('ZADD', KEYS[i], lapses, ARGV[2])
+  redis.call('PEXPIREAT', KEYS[i], lapses)
 end
 return 0
 """
@@ -45,7 +49,7 @@ return 0
 class SlotRequest:
     slot: str
     keys: list[str]
-    args: list[int]  # now, and when the slot lapses unless renewed (ms)
+    args: list[int]  # the slot's TTL (ms)
     limit: int
 
 
@@ -74,11 +78,10 @@ class StreamSlots:
         """The OPEN call for one more stream: for :meth:`acquire`, or a caller's own pipeline
         (:meth:`add_to`), its answer then given to :meth:`settle`. The slot counts as held from
         here, so that :meth:`release` gives it back whatever became of the call."""
-        now = time.time()
         ask = SlotRequest(
             next(self._names),
             [keys.user_streams(identity.user), keys.ip_streams(ip)],
-            [int(now * 1000), int((now + SLOT_TTL) * 1000)],
+            [int(SLOT_TTL * 1000)],
             identity.quota.max_open_streams,
         )
         self._held[ask.slot] = (ask.keys[0], ask.keys[1])
@@ -156,7 +159,8 @@ class StreamSlots:
         all its slots, in pipelines of at most ``RENEW_PER_CALL`` slots. A command per slot, as
         before, held the edge's loop for 100 ms at 2,000 streams, and every stream's delivery with it.
         """
-        expires = int((time.time() + SLOT_TTL) * 1000)
+        seconds, micros = await self._redis.time()  # Redis's clock, as OPEN's
+        expires = seconds * 1000 + micros // 1000 + int(SLOT_TTL * 1000)
         by_key: dict[str, list[str]] = {}
         for slot, held in list(self._held.items()):
             for key in held:

@@ -6,10 +6,23 @@ different versions: ``tests/unit/test_keys.py`` pins them.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "sb:"
 
 #: arq's queue; kept apart from arq's default so streambridge can share a Redis.
 QUEUE_NAME = "sb:queue"
+
+
+def queue() -> str:
+    """Sorted set (arq's queue): the job id of every chat waiting for a worker, scored by when (ms)
+    it was queued. Only waiting chats: a worker takes a chat's job off it as it starts the chat."""
+    return QUEUE_NAME
+
+
+def job(job_id: str) -> str:
+    """String: arq's record of a queued job (its own key; ``shared.jobs`` holds arq's layout)."""
+    return f"arq:job:{job_id}"
 
 
 def chat(chat_id: str) -> str:
@@ -78,15 +91,21 @@ def running() -> str:
 
 
 def wake() -> str:
-    """List: the job id of each enqueued chat; idle workers block on it instead of polling."""
+    """List: the job id of each enqueued chat, oldest first; idle workers block on it instead of polling."""
     return f"{PREFIX}wake"
 
 
-def rate(user: str, window: int) -> str:
-    """Counter: chats ``user`` created in the minute numbered ``window`` (expires with it)."""
-    return f"{PREFIX}rate:{user}:{window}"
+def rate(user: str) -> str:
+    """Counter: chats ``user`` created in the minute since its first; it expires with that minute
+    (by Redis's clock, so no host's clock decides a window)."""
+    return f"{PREFIX}rate:{user}"
 
 
-def visitor_logins(ip: str, window: int) -> str:
-    """Counter: visitor logins from one client address in the minute numbered ``window``."""
-    return f"{PREFIX}logins:{ip}:{window}"
+def visitor_logins(ip: str) -> str:
+    """Counter: visitor logins from one client address in the minute since its first, as :func:`rate`."""
+    return f"{PREFIX}logins:{ip}"
+
+
+def idempotency(user: str, key: str) -> str:
+    """Hash: the chat ``user`` created with the ``Idempotency-Key`` ``key``, and its request's SHA-256."""
+    return f"{PREFIX}idem:{user}:{hashlib.sha256(key.encode()).hexdigest()}"

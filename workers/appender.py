@@ -8,7 +8,10 @@ as soon as the one in flight returns, together with every batch that came meanwh
 
 Each chat still has at most one batch in flight (its sink waits for the answer before it sends
 the next), so a chat's events keep their order; the sink's sequence numbers make a batch Redis
-already applied harmless if a reconnect sends it again.
+already applied harmless if a reconnect sends it again. So a round trip whose connection broke
+(a failover, a proxy's reset, ``CLIENT KILL``) is sent again, the same calls with the same
+sequence numbers, for up to ``retry_for`` seconds (half a lease: the chats' leases still hold):
+a dropped socket costs a retry, not an attempt.
 """
 
 from __future__ import annotations
@@ -17,17 +20,23 @@ import asyncio
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from streambridge.shared.machine import Script
+
+Waiting = tuple[Script, list[str], list[str | bytes], asyncio.Future[Any]]
 
 
 class Appender:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis, *, retry_for: float = 0.75) -> None:
         self._redis = redis
-        self._queue: list[tuple[AsyncScript, list[str], list[str | bytes], asyncio.Future[Any]]] = []
+        self._retry_for = retry_for
+        self._queue: list[Waiting] = []
         self._sender: asyncio.Task[None] | None = None
 
-    async def call(self, script: AsyncScript, keys: list[str], args: list[str | bytes]) -> Any:
+    async def call(self, script: Script, keys: list[str], args: list[str | bytes]) -> Any:
         """``script``'s answer, sent with whatever else is waiting to go."""
         answer = asyncio.get_running_loop().create_future()
         self._queue.append((script, keys, args, answer))
@@ -48,7 +57,7 @@ class Appender:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                answers = await self._execute(batch)
+                answers = await self._execute_again_if_dropped(batch)
             except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
                 answers = [exc] * len(batch)
             except asyncio.CancelledError:  # the worker's loop is closing: nobody waits forever
@@ -63,9 +72,19 @@ class Appender:
                 else:
                     answer.set_result(result)
 
-    async def _execute(
-        self, batch: list[tuple[AsyncScript, list[str], list[str | bytes], Any]], *, reload: bool = True
-    ) -> list[Any]:
+    async def _execute_again_if_dropped(self, batch: list[Waiting]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        give_up, delay = loop.time() + self._retry_for, 0.02
+        while True:
+            try:
+                return await self._execute(batch)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                if loop.time() + delay > give_up:
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+    async def _execute(self, batch: list[Waiting], *, reload: bool = True) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
@@ -73,7 +92,7 @@ class Appender:
         unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
         if unknown and reload:  # a restarted (or another) Redis: load the scripts, send those once more
             for script in {batch[n][0] for n in unknown}:
-                script.sha = await self._redis.script_load(script.script)
+                await self._redis.script_load(script.lua)
             again = await self._execute([batch[n] for n in unknown], reload=False)
             for n, answer in zip(unknown, again, strict=True):
                 answers[n] = answer

@@ -5,31 +5,30 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from arq.connections import ArqRedis
+from redis.asyncio import Redis
 
-from streambridge.shared import keys
-from streambridge.shared.queue import enqueue_chat
-from streambridge.workers.lease import lapsed_chats, reap
+from streambridge.shared import keys, machine
+from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
 
 
-async def reap_forever(redis: ArqRedis, interval: float) -> None:
+async def reap_forever(redis: Redis, interval: float) -> None:
     while True:
         try:
-            for chat_id in await lapsed_chats(redis):
-                recovery = await reap(redis, chat_id)
+            for chat_id in await machine.call(redis, machine.lapsed()):
+                chat_id = chat_id.decode()
+                reaped = machine.reap(chat_id, job=job_record(chat_id), job_expires_ms=JOB_EXPIRES_MS)
+                recovery = await machine.call(redis, reaped)
                 if recovery:
-                    # A fresh job id: the dead worker's arq job still holds the chat's own id.
-                    await enqueue_chat(redis, chat_id, job_id=f"{chat_id}:r{recovery}")
                     log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery)
         except Exception as exc:
             log.warning("reaper: %s", exc)
         await asyncio.sleep(interval)
 
 
-async def listen_for_cancels(redis: ArqRedis, runner: ChatRunner) -> None:
+async def listen_for_cancels(redis: Redis, runner: ChatRunner) -> None:
     """Owners' cancel requests reach the worker running the chat at once, wherever it runs."""
     while True:
         pubsub = redis.pubsub()

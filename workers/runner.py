@@ -12,11 +12,9 @@ import contextlib
 import enum
 import logging
 import secrets
-import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import datetime
 
 import openai
 from redis.asyncio import Redis
@@ -76,7 +74,8 @@ class ChatRunner:
         self.llm = llm
         self.settings = settings
         self.active: dict[str, Active] = {}
-        self.appender = Appender(redis)  # every chat's appends, in one pipeline per round trip
+        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send
+        self.appender = Appender(redis, retry_for=settings.lease_ttl / 2)
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
         """Stop the chat if it runs here; the first reason given wins."""
@@ -91,11 +90,10 @@ class ChatRunner:
         """A new attempt's lease on the chat, not yet claimed."""
         return Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
 
-    async def run(self, chat_id: str, *, enqueued_at: float | None = None) -> str:
-        """Claims the chat and runs it; the outcome (a final status, or why it did not run)."""
+    async def run(self, chat_id: str) -> str:
+        """Starts the chat and runs it; the outcome (a final status, or why it did not run)."""
         lease = self.lease(chat_id)
-        pickup_ms = (time.time() - enqueued_at) * 1000 if enqueued_at is not None else 0.0
-        return await self.run_claimed(lease, await lease.claim(pickup_ms))
+        return await self.run_claimed(lease, await lease.claim())
 
     async def run_claimed(self, lease: Lease, claimed: str) -> str:
         """Runs the chat whose claim answered ``claimed``: anything but ``claimed`` is why it does not run."""
@@ -107,7 +105,14 @@ class ChatRunner:
         assert task is not None
         active = self.active[chat_id] = Active(task)
         keeper = asyncio.create_task(self._keep(lease))
-        sink = StreamSink(self.redis, chat_id, lease.token, maxlen=self.settings.stream_maxlen, appender=self.appender)
+        sink = StreamSink(
+            self.redis,
+            chat_id,
+            lease.token,
+            maxlen=self.settings.stream_maxlen,
+            appender=self.appender,
+            owner=lease.owner,
+        )
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
         try:
@@ -117,7 +122,7 @@ class ChatRunner:
                 await asyncio.sleep(0)  # take the cancellation here
             request, attempts = decode_request(chat[b"request"]), int(chat[b"attempts"])
             try:
-                async with asyncio.timeout_at(self._deadline(chat[b"created_at"].decode())):
+                async with asyncio.timeout_at(self._deadline(lease)):
                     terminal: Event = await self._stream(chat_id, request, attempts, sink, tracker)
             except TimeoutError:
                 terminal = await self._past_deadline(sink, tracker)
@@ -195,9 +200,10 @@ class ChatRunner:
             except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
                 log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
 
-    def _deadline(self, created_at: str) -> float:
-        """The loop time by which the chat must end, counted from its creation (recoveries included)."""
-        age = time.time() - datetime.fromisoformat(created_at).timestamp()
+    def _deadline(self, lease: Lease) -> float:
+        """The loop time by which the chat must end, counted from its creation (recoveries included),
+        both by Redis's clock: a worker whose clock disagrees with the API's gives it no more or less."""
+        age = (lease.started_ms - int(lease.chat.get(b"created_ms", lease.started_ms))) / 1000
         return asyncio.get_running_loop().time() + self.settings.chat_deadline - age
 
     async def _past_deadline(self, sink: StreamSink, tracker: ResultTracker) -> Failed:

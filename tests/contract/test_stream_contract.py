@@ -17,9 +17,10 @@ from streambridge.api.hub import QUEUE_SIZE, RESYNC, StreamHub
 from streambridge.shared import keys
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event
+from streambridge.shared.machine import APPEND
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
 from streambridge.workers.lease import Lease
-from streambridge.workers.sink import APPEND, LeaseLost, StreamSink
+from streambridge.workers.sink import LeaseLost, StreamSink
 
 CHAT = "contract-chat"
 TOKEN = "lease-token"
@@ -95,7 +96,7 @@ async def test_a_worker_that_lost_its_lease_appends_nothing(store: Redis) -> Non
 
 
 async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
-    script = store.register_script(APPEND)
+    script = store.register_script(APPEND.lua)
     batch = [TOKEN, "1", "10000", "", b"content", b'{"type":"content","content":"x","index":1,"attempt":1}']
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     assert await script(keys=k, args=batch) == 1
@@ -195,7 +196,7 @@ async def test_a_tail_that_keeps_getting_entries_gets_no_heartbeat_and_a_quiet_o
 
 
 async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> None:
-    script = store.register_script(APPEND)
+    script = store.register_script(APPEND.lua)
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     event = b'{"type":"content","content":"x","index":1,"attempt":1}'
     assert await script(keys=k, args=[TOKEN, "1", "10000", "", "content", event]) == 1
@@ -219,7 +220,7 @@ async def test_the_terminal_event_and_the_final_status_land_together_and_only_on
     await sink.append(content(2))  # nothing after the end, from this attempt or a stale one
     with pytest.raises(LeaseLost):
         await sink.drain()
-    assert await Lease(store, CHAT, "a-second-run", ttl=1).claim() == "complete"  # and no second run
+    assert await Lease(store, CHAT, "a-second-run", ttl=1).claim() != "claimed"  # and no second run
     await sink.close()
 
 

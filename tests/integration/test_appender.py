@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from streambridge.shared.machine import define
 from streambridge.workers.appender import Appender
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -28,22 +29,22 @@ class CountingAppender(Appender):
         super().__init__(redis)
         self.round_trips: list[int] = []
 
-    async def _execute(self, batch: list[Any]) -> list[Any]:
+    async def _execute(self, batch: list[Any], *, reload: bool = True) -> list[Any]:
         self.round_trips.append(len(batch))
-        return await super()._execute(batch)
+        return await super()._execute(batch, reload=reload)
 
 
 async def test_calls_made_together_share_one_round_trip(redis: Redis) -> None:
-    appender, script = CountingAppender(redis), redis.register_script(INCR)
-    await redis.script_load(INCR)  # or the first round trip is followed by one that loads it
+    appender, script = CountingAppender(redis), define("INCR", INCR)
+    await redis.script_load(script.lua)  # or the first round trip is followed by one that loads it
     answers = await asyncio.gather(*(appender.call(script, [f"k{n}"], [str(n)]) for n in range(10)))
     assert answers == list(range(10))
     assert appender.round_trips == [10]
 
 
 async def test_calls_made_while_one_is_in_flight_go_together_in_the_next(redis: Redis) -> None:
-    appender, script = CountingAppender(redis), redis.register_script(INCR)
-    await redis.script_load(INCR)
+    appender, script = CountingAppender(redis), define("INCR", INCR)
+    await redis.script_load(script.lua)
     first = asyncio.ensure_future(appender.call(script, ["k"], ["1"]))
     await asyncio.sleep(0)  # the first round trip is under way
     rest = await asyncio.gather(*(appender.call(script, ["k"], ["1"]) for _ in range(5)))
@@ -53,14 +54,14 @@ async def test_calls_made_while_one_is_in_flight_go_together_in_the_next(redis: 
 
 
 async def test_a_script_redis_has_forgotten_is_loaded_and_sent_again(redis: Redis) -> None:
-    appender, script = Appender(redis), redis.register_script(INCR)
+    appender, script = Appender(redis), define("INCR", INCR)
     assert await appender.call(script, ["k"], ["1"]) == 1
     await redis.script_flush()  # as after a Redis restart
     assert await asyncio.gather(appender.call(script, ["k"], ["1"]), appender.call(script, ["j"], ["5"])) == [2, 5]
 
 
 async def test_an_error_reaches_only_the_call_that_made_it(redis: Redis) -> None:
-    appender, script = Appender(redis), redis.register_script(INCR)
+    appender, script = Appender(redis), define("INCR", INCR)
     await redis.set("text", "not a number")
     good, bad = await asyncio.gather(
         appender.call(script, ["k"], ["1"]), appender.call(script, ["text"], ["1"]), return_exceptions=True
@@ -71,7 +72,7 @@ async def test_an_error_reaches_only_the_call_that_made_it(redis: Redis) -> None
 
 async def test_redis_unreachable_reaches_every_caller_and_the_next_call_tries_again(redis_url: str) -> None:
     gone = Redis(port=1, socket_connect_timeout=0.5)
-    appender, script = Appender(gone), gone.register_script(INCR)
+    appender, script = Appender(gone, retry_for=0.1), define("INCR", INCR)
     answers = await asyncio.gather(*(appender.call(script, ["k"], ["1"]) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(a, RedisConnectionError) for a in answers), answers
     with pytest.raises(RedisConnectionError):
@@ -80,7 +81,7 @@ async def test_redis_unreachable_reaches_every_caller_and_the_next_call_tries_ag
 
 
 async def test_a_cancelled_caller_leaves_the_others_their_answers(redis: Redis) -> None:
-    appender, script = Appender(redis), redis.register_script(INCR)
+    appender, script = Appender(redis), define("INCR", INCR)
     cancelled = asyncio.ensure_future(appender.call(script, ["a"], ["1"]))
     kept = asyncio.ensure_future(appender.call(script, ["b"], ["1"]))
     await asyncio.sleep(0)
@@ -91,9 +92,41 @@ async def test_a_cancelled_caller_leaves_the_others_their_answers(redis: Redis) 
 
 
 async def test_closing_it_cancels_whoever_still_waits_for_an_answer(redis: Redis) -> None:
-    appender, script = Appender(redis), redis.register_script(INCR)
+    appender, script = Appender(redis), define("INCR", INCR)
     calls = [asyncio.ensure_future(appender.call(script, ["k"], ["1"])) for _ in range(3)]
     await asyncio.sleep(0)  # the round trip is under way
     await appender.close()
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+
+
+async def test_a_round_trip_whose_connection_dropped_is_sent_again_within_its_window(redis: Redis) -> None:
+    # A failover or a proxy's reset breaks the socket mid-round-trip: the same calls go again (the
+    # sink's sequence numbers make one Redis already applied harmless), while the leases still hold.
+    drops = 2
+
+    class Dropping(CountingAppender):
+        async def _execute(self, batch: list[Any], *, reload: bool = True) -> list[Any]:
+            nonlocal drops
+            if drops:
+                drops -= 1
+                self.round_trips.append(len(batch))
+                raise RedisConnectionError("Connection closed by server.")
+            return await super()._execute(batch, reload=reload)
+
+    appender, script = Dropping(redis), define("INCR", INCR)
+    await redis.script_load(script.lua)
+    assert await asyncio.gather(appender.call(script, ["k"], ["1"]), appender.call(script, ["j"], ["2"])) == [1, 2]
+    assert appender.round_trips == [2, 2, 2]
+
+
+async def test_a_connection_that_stays_down_past_the_window_reaches_the_callers(redis: Redis) -> None:
+    class Down(Appender):
+        async def _execute(self, batch: list[Any], *, reload: bool = True) -> list[Any]:
+            raise RedisConnectionError("Connection refused.")
+
+    appender, script = Down(redis, retry_for=0.2), define("INCR", INCR)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(RedisConnectionError):
+        await appender.call(script, ["k"], ["1"])
+    assert 0.1 <= asyncio.get_running_loop().time() - started < 1.0

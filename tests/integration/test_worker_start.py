@@ -1,13 +1,14 @@
-"""How a long-running worker starts chats: woken by the API's token, or found by arq's scan."""
+"""How a long-running worker starts chats: woken by the API's token, oldest first, or found by arq's
+scan; whichever worker takes a chat's job off the queue runs it, and nobody else."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp.test_utils import TestClient
-from arq.connections import ArqRedis, create_pool
-from arq.constants import in_progress_key_prefix
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.exceptions import ResponseError
 
@@ -31,6 +32,17 @@ async def event_types(client: TestClient, token: str, chat_id: str) -> list[str]
     return [type(e).__name__ for e in events_of(await read_sse(response))]
 
 
+@pytest.fixture
+async def idle_worker(settings: Settings, llm_url: str) -> AsyncIterator[ChatWorker]:
+    """A worker whose loop does not run: a test calls its parts."""
+    worker = make_worker(settings, llm_url)
+    worker.ctx["runner"] = ChatRunner(worker.pool, make_client(llm_url, None), settings)
+    yield worker
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    await worker.ctx["runner"].llm.close()
+    await worker.close()
+
+
 async def test_chats_woken_together_each_start_once_and_complete(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
@@ -42,12 +54,11 @@ async def test_chats_woken_together_each_start_once_and_complete(
     # starts nothing, or it would find them first.
     chat_ids = [await create(client, token, n) for n in range(8)]
 
-    async def starts_nothing(self: Worker, job_ids: list[bytes]) -> None:
+    async def starts_nothing(self: ChatWorker, job_ids: list[str]) -> None:
         pass
 
-    monkeypatch.setattr(Worker, "start_jobs", starts_nothing)
+    monkeypatch.setattr(ChatWorker, "start", starts_nothing)
     worker = make_worker(settings, llm_url)
-    assert isinstance(worker, ChatWorker)
     main = asyncio.create_task(worker.main())
     try:
         for chat_id in chat_ids:
@@ -56,21 +67,22 @@ async def test_chats_woken_together_each_start_once_and_complete(
             assert types[-1] == "Complete"
         pickups = [float(await worker.pool.hget(keys.chat(c), "pickup_ms")) for c in chat_ids]  # type: ignore[misc,arg-type]
         assert all(0 <= ms < 10_000 for ms in pickups), pickups  # each timed from its own enqueue
+        assert await worker.pool.zcard(keys.queue()) == 0, "a started chat's job leaves the queue"
     finally:
         await stop_worker(worker, main, grace=1)
 
 
 @pytest.fixture
 def stuck_scan(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
-    """arq's scan of the queue, stuck for good at its first round: only a wake-up starts a chat.
-    The event is set once the scan is stuck."""
+    """arq's scan of the queue, stuck for good at its first round (in arq's health record, after
+    its look at the queue): only a wake-up starts a chat. The event is set once the scan is stuck."""
     stuck = asyncio.Event()
 
-    async def scan_that_never_returns(self: Worker) -> None:
+    async def heart_beat_that_never_returns(self: Worker) -> None:
         stuck.set()
         await asyncio.Event().wait()
 
-    monkeypatch.setattr(Worker, "_poll_iteration", scan_that_never_returns)
+    monkeypatch.setattr(Worker, "heart_beat", heart_beat_that_never_returns)
     return stuck
 
 
@@ -94,70 +106,63 @@ async def test_a_woken_chat_starts_while_arqs_scan_is_stuck(
         await stop_worker(worker, main, grace=1)
 
 
-async def test_a_wake_up_for_a_job_that_ended_or_runs_elsewhere_starts_nothing(
+async def test_a_wake_up_for_a_chat_started_elsewhere_or_cancelled_starts_nothing(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
-    settings: Settings,
-    llm_url: str,
+    idle_worker: ChatWorker,
 ) -> None:
-    worker = make_worker(settings, llm_url)
-    assert isinstance(worker, ChatWorker)
-    worker._pool = await create_pool(worker.redis_settings)
-    worker.ctx["runner"] = ChatRunner(worker.pool, make_client(llm_url, None), settings)
-    try:
-        ended, elsewhere = await create(client, token, 0), await create(client, token, 1)
-        await worker.pool.zrem(keys.QUEUE_NAME, ended)  # what arq does with a job that ended
-        await worker.pool.set(in_progress_key_prefix + elsewhere, b"1")  # another worker's mark
-        assert await worker._start_direct([ended, elsewhere]) == []
-        assert worker.job_counter == 0
-        assert not worker.direct
-        assert not await worker.pool.exists(in_progress_key_prefix + ended)  # its mark taken back
-        assert await worker.pool.exists(in_progress_key_prefix + elsewhere)  # the other's left alone
-        statuses = [await worker.pool.hget(keys.chat(c), "status") for c in (ended, elsewhere)]  # type: ignore[misc]
-        assert statuses == [b"queued", b"queued"]  # neither claimed here
-    finally:
-        await worker.ctx["runner"].llm.close()
-        await worker.close()
+    started, cancelled = await create(client, token, 0), await create(client, token, 1)
+    await idle_worker.pool.zrem(keys.queue(), started)  # what another worker's START does
+    response = await client.post(f"/v1/chats/{cancelled}/cancel", headers=bearer(token))
+    assert (await response.json())["status"] == "cancelled"
+    assert await idle_worker._start([started, cancelled]) == []
+    assert idle_worker.busy == 0
+    statuses = [await idle_worker.pool.hget(keys.chat(c), "status") for c in (started, cancelled)]  # type: ignore[misc]
+    assert statuses == [b"queued", b"cancelled"]  # neither claimed here
 
 
-async def test_arqs_scan_leaves_a_running_chat_to_the_worker_that_runs_it(
-    settings: Settings, llm_url: str, monkeypatch: pytest.MonkeyPatch
+async def test_a_chat_woken_twice_starts_once(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    idle_worker: ChatWorker,
 ) -> None:
-    # arq checks each queued job with a WATCH/MULTI of its own; a job already in progress (the
-    # queue holds it until it ends) must not cost one, let alone start twice.
-    given: list[list[bytes]] = []
+    chat_id = await create(client, token, 0)
+    await idle_worker._start([chat_id, chat_id])  # a duplicate token in the same round trip
+    await idle_worker._start([chat_id])  # and a stale one later
+    assert idle_worker.busy == 1
+    types = await event_types(client, token, chat_id)
+    assert types.count("Started") == 1, types
 
-    async def recorded(self: Worker, job_ids: list[bytes]) -> None:
+
+async def test_arqs_scan_takes_the_oldest_waiting_chats_as_many_as_it_has_room_for(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    idle_worker: ChatWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    given: list[list[str]] = []
+
+    async def recorded(self: ChatWorker, job_ids: list[str]) -> None:
         given.append(job_ids)
 
-    monkeypatch.setattr(Worker, "start_jobs", recorded)
-    worker = make_worker(settings, llm_url)
-    worker._pool = await create_pool(worker.redis_settings)  # what worker.main() does first
-    try:
-        await worker.pool.set(in_progress_key_prefix + "running-chat", b"1")
-        await worker.start_jobs([b"running-chat", b"queued-chat"])
-        assert given == [[b"queued-chat"]]
-    finally:
-        await worker.close()
+    monkeypatch.setattr(ChatWorker, "start", recorded)
+    chat_ids = [await create(client, token, n) for n in range(4)]
+    idle_worker.max_jobs = 3
+    idle_worker.busy = 1
+    await idle_worker._poll_iteration()
+    assert given == [chat_ids[:2]]
 
 
 async def test_a_stopping_worker_leaves_woken_chats_to_the_other_workers(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
-    settings: Settings,
-    llm_url: str,
+    idle_worker: ChatWorker,
 ) -> None:
-    worker = make_worker(settings, llm_url)
-    assert isinstance(worker, ChatWorker)
-    worker._pool = await create_pool(worker.redis_settings)
-    worker.allow_pick_jobs = False  # what stop_worker() does first
-    try:
-        await create(client, token, 0)
-        await worker._wake_once()
-        assert worker.job_counter == 0
-        assert await worker.pool.llen(keys.wake()) == 1  # type: ignore[misc]
-    finally:
-        await worker.close()
+    idle_worker.allow_pick_jobs = False  # what stop_worker() does first
+    await create(client, token, 0)
+    await idle_worker._wake_once()
+    assert idle_worker.busy == 0
+    assert await idle_worker.pool.llen(keys.wake()) == 1  # type: ignore[misc]
 
 
 async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
@@ -171,7 +176,6 @@ async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
     # READONLY after a failover, OOM: an error reply, not a lost connection. The listener waits
     # and tries again; arq's scan is held stuck, so only the listener can start the chat.
     worker = make_worker(settings, llm_url)
-    assert isinstance(worker, ChatWorker)
     refused = 0
     real_blpop = ArqRedis.blpop
 
@@ -195,25 +199,18 @@ async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
 async def test_a_chat_woken_just_as_its_worker_stops_is_left_for_another(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
-    settings: Settings,
-    llm_url: str,
+    idle_worker: ChatWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    worker = make_worker(settings, llm_url)
-    assert isinstance(worker, ChatWorker)
-    worker._pool = await create_pool(worker.redis_settings)
     real_blpop = ArqRedis.blpop
 
     async def stopping_meanwhile(self: ArqRedis, *args: object, **kwargs: object) -> object:
         popped = await real_blpop(self, *args, **kwargs)  # type: ignore[arg-type,misc]
-        worker.allow_pick_jobs = False  # stop_worker() began while BLPOP waited
+        idle_worker.allow_pick_jobs = False  # stop_worker() began while BLPOP waited
         return popped
 
     monkeypatch.setattr(ArqRedis, "blpop", stopping_meanwhile)
-    try:
-        chat_id = await create(client, token, 0)
-        await worker._wake_once()
-        assert worker.job_counter == 0
-        assert await worker.pool.lrange(keys.wake(), 0, -1) == [chat_id.encode()]  # type: ignore[misc]
-    finally:
-        await worker.close()
+    chat_id = await create(client, token, 0)
+    await idle_worker._wake_once()
+    assert idle_worker.busy == 0
+    assert await idle_worker.pool.lrange(keys.wake(), 0, -1) == [chat_id.encode()]  # type: ignore[misc]
