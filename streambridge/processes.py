@@ -15,7 +15,7 @@ from streambridge.api.app import make_app
 from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.serve import announce, catch_signals, say, settle_gc, start_site
+from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
@@ -35,9 +35,14 @@ async def up(settings: Settings, host: str, port: int) -> int:
             say(f"embedded Redis: {redis.binary} on {redis.url} (in memory; set STREAMBRIDGE_REDIS_URL to use yours)")
         llm_url = await _llm_url(settings, stack)
         runner, bound = await start_site(
-            make_app(settings), host, port, header_timeout=settings.header_timeout, body_timeout=settings.body_timeout
+            make_app(settings),
+            host,
+            port,
+            header_timeout=settings.header_timeout,
+            body_timeout=settings.body_timeout,
+            grace=settings.shutdown_grace,
         )
-        stack.push_async_callback(_quietly, "api + edge", runner.cleanup)
+        stack.push_async_callback(_quietly, "api + edge", lambda: stop_site(runner, settings.shutdown_grace))
         worker = make_worker(settings, llm_url)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
@@ -57,6 +62,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
         port,
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
+        grace=settings.shutdown_grace,
     )
     settle_gc()
     name = "streambridge api" if api else "streambridge edge"
@@ -66,7 +72,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
     try:
         await stop
     finally:
-        await _quietly(name, runner.cleanup)
+        await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
     return 0
 
 

@@ -14,7 +14,13 @@ BACKLOG: Final = 4096
 
 
 async def start_site(
-    app: web.Application, host: str, port: int, *, header_timeout: float = 75.0, body_timeout: float = 10.0
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    header_timeout: float = 75.0,
+    body_timeout: float = 10.0,
+    grace: float = 10.0,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``app``; port 0 picks a free port, which is returned."""
     # handler_cancellation: a client that disconnects cancels its handler at once, which
@@ -29,6 +35,8 @@ async def start_site(
         access_log=None,
         keepalive_timeout=header_timeout,
         lingering_time=min(2.0, body_timeout),
+        # how long a stop waits for requests in flight (aiohttp's default: 60 s)
+        shutdown_timeout=grace,
     )
     await runner.setup()
     # A listen queue for a reconnect storm: an edge that restarts sends thousands of clients
@@ -58,6 +66,20 @@ def settle_gc() -> None:
     gc.freeze()  # what start made (modules, the app): never garbage
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, FULL_COLLECTION_EVERY)
+
+
+#: how long a stop waits, past its grace, for the app's own cleanup (closing Redis pools)
+CLEANUP_WAIT: Final = 3.0
+
+
+async def stop_site(runner: web.AppRunner, grace: float) -> None:
+    """Stops serving within ``grace + CLEANUP_WAIT`` seconds, whatever Redis does: a frozen Redis
+    may hold a request or a pool's close, never the process."""
+    try:
+        async with asyncio.timeout(grace + CLEANUP_WAIT):
+            await runner.cleanup()
+    except TimeoutError:
+        say(f"stopping took over {grace + CLEANUP_WAIT:.0f} s (Redis unresponsive?); exiting anyway")
 
 
 def announce(what: str, host: str, port: int) -> None:
