@@ -22,7 +22,7 @@ from streambridge.shared import keys
 from streambridge.shared.chats import TERMINAL_STATUSES
 from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from streambridge.shared.events import TERMINAL_TYPES
-from streambridge.shared.streams import Entry, id_key, is_entry_id
+from streambridge.shared.streams import Entry, id_key, is_entry_id, trimmed
 
 log = logging.getLogger("streambridge.edge")
 
@@ -310,18 +310,9 @@ def check_retained(chat_id: str, state: ChatState, last_event_id: str | None) ->
         if last_event_id is not None and last_event_id != "0-0":
             raise BadRequest(f"Last-Event-ID {last_event_id} is not an event of this chat", code="bad_last_event_id")
         return
-    # Entries leave a stream only by trimming (the length cap), oldest first, so a client is
-    # behind the gap when its position precedes the first entry held and something was trimmed.
     if last_event_id is not None and id_key(last_event_id) > id_key(info["last-generated-id"].decode()):
         raise BadRequest(f"Last-Event-ID {last_event_id} is ahead of this chat's stream", code="bad_last_event_id")
-    first = info.get("first-entry")
-    added = info.get("entries-added")
-    if added is not None:
-        something_trimmed = added > info["length"]
-    else:  # Redis 6.2 counts no appends; a stream whose first entry cannot open one was trimmed
-        # (a chat past its deadline before any attempt holds a lone `failed`)
-        something_trimmed = first is not None and first[1].get(b"type") not in (b"started", b"cancelled", b"failed")
-    if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
+    if trimmed(info, last_event_id or "0-0"):
         raise StreamExpired(
             f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "
             f"GET /v1/chats/{chat_id} has the text so far"
