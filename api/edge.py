@@ -128,19 +128,24 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval, deliver=writes.deliver)
     try:
         async with aclosing(tail):
-            async for batch in tail:
-                if not batch:
-                    writes.quiet += settings.heartbeat_interval
-                    if writes.quiet >= settings.stream_idle_timeout:
-                        await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
+            try:
+                async for batch in tail:
+                    if not batch:
+                        writes.quiet += settings.heartbeat_interval
+                        if writes.quiet >= settings.stream_idle_timeout:
+                            await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
+                            return response
+                        await writes.write(PING)
+                    else:
+                        writes.quiet = 0.0
+                        await writes.write(b"".join(map(encode_entry, batch)))
+                    if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
+                        await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
                         return response
-                    await writes.write(PING)
-                else:
-                    writes.quiet = 0.0
-                    await writes.write(b"".join(map(encode_entry, batch)))
-                if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
-                    await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
-                    return response
+            except StreamExpired as exc:  # the client fell a whole stream's length behind
+                log.info("chat %s: %s; ending the stream, its resume gets 410", chat_id, exc)
+                await writes.write(b": trimmed; reconnect with Last-Event-ID\n\n")
+                return response
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away

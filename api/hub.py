@@ -20,8 +20,9 @@ from redis.asyncio import Redis
 
 from streambridge.api.feed import Feed
 from streambridge.shared import keys
+from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
-from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
+from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, trimmed_after
 
 log = logging.getLogger("streambridge.edge")
 
@@ -221,11 +222,17 @@ class StreamHub:
                 return
 
     async def _read_after(self, chat_id: str, last: str) -> AsyncGenerator[list[Entry], None]:
+        """The stream after ``last``, in pages; raises :class:`StreamExpired` if entries after it
+        were trimmed (the reader fell a whole stream's length behind): never a silent gap."""
+        key = keys.events(chat_id)
+        start = last  # inclusive: whether ``last`` is still held tells whether what follows it is
         while True:
-            page = [
-                entry_from_fields(i, f)
-                for i, f in await self.redis.xrange(keys.events(chat_id), min=f"({last}", count=PAGE)
-            ]
+            page = [entry_from_fields(i, f) for i, f in await self.redis.xrange(key, min=start, count=PAGE)]
+            full = len(page) == PAGE
+            if page and page[0].id == last:
+                del page[0]
+            elif start == last and page and await trimmed_after(self.redis, key, last):
+                raise StreamExpired(f"events after {last} were trimmed from chat {chat_id}'s stream")
             for n, entry in enumerate(page):
                 if entry.type in TERMINAL_TYPES:
                     del page[n + 1 :]  # nothing follows the end
@@ -233,7 +240,8 @@ class StreamHub:
             if page:
                 yield page
                 last = page[-1].id
-            if len(page) < PAGE:
+                start = f"({last}"
+            if not full:
                 return
 
     async def _ended_at_or_before(self, chat_id: str, last: str) -> bool:
