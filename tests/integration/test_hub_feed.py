@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from streambridge.api import feed as feed_module
 from streambridge.api.feed import Feed
 from streambridge.api.hub import StreamHub
 from streambridge.embedded import free_port, redis_server_binary
@@ -265,3 +267,33 @@ async def test_a_feed_dropped_during_its_login_comes_back_and_subscribes_only_on
         await feed.close()
         server.close()
         await heard.until(lambda: redis.ended == len(redis.commands))
+
+
+async def test_a_redis_that_stops_answering_is_found_by_ping_and_the_feed_comes_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(feed_module, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(feed_module, "SILENCE", 0.5)
+    server = OwnRedis()
+    heard = Heard()
+    feed = heard.feed(server.url())
+    try:
+        await feed.start()
+        feed.subscribe("sb:test:a")
+        await heard.until(lambda: heard.gaps == [b"sb:test:a"])
+        await asyncio.sleep(0.5)
+        assert "silent" not in caplog.text, "a quiet feed that answers its PINGs is alive"
+        server.process.send_signal(signal.SIGSTOP)  # its socket stays open, and nothing answers: half-open
+        started = time.monotonic()
+        await heard.until(lambda: "Redis silent" in caplog.text)
+        assert time.monotonic() - started < 2
+        server.process.send_signal(signal.SIGCONT)
+        await heard.until(lambda: len(heard.gaps) >= 2 and feed.connected())  # subscribed again
+        publisher = Redis.from_url(server.url())
+        await publisher.publish("sb:test:a", b"after")
+        await heard.until(lambda: heard.messages == [(b"sb:test:a", b"after")])
+        await publisher.aclose()
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        await feed.close()
+        server.stop()
