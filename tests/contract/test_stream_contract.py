@@ -13,7 +13,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from streambridge.api.hub import QUEUE_SIZE, RESYNC, StreamHub
+from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
 from streambridge.shared import keys
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
@@ -418,3 +418,22 @@ async def test_entries_after_a_position_the_length_cap_passed_are_trimmed(server
 
 async def test_a_stream_that_does_not_exist_says_nothing_was_trimmed(server: Redis) -> None:
     assert not await trimmed_after(server, keys.events("no-such-chat"), "1-1")
+
+
+@needs_a_socket
+async def test_stopping_the_hub_ends_readers_whose_read_is_in_flight(
+    store: Redis, hub: StreamHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+
+    async def stuck(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()  # a read that never comes back
+
+    monkeypatch.setattr(hub.redis, "xrange", stuck)
+    reading = asyncio.ensure_future(collect(hub.tail(CHAT, None, idle=5)))
+    await asyncio.sleep(SUBSCRIBE_WAIT + 0.1)
+    assert hub._reading, "a read is in flight"
+    await hub.stop()
+    async with asyncio.timeout(2):
+        assert await reading == []
+    assert not hub._reading
