@@ -22,7 +22,7 @@ from streambridge.shared import keys
 from streambridge.shared.chats import TERMINAL_STATUSES
 from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from streambridge.shared.events import TERMINAL_TYPES
-from streambridge.shared.streams import Entry, id_key, is_entry_id
+from streambridge.shared.streams import Entry, id_key, is_entry_id, trimmed
 
 log = logging.getLogger("streambridge.edge")
 
@@ -128,19 +128,24 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval, deliver=writes.deliver)
     try:
         async with aclosing(tail):
-            async for batch in tail:
-                if not batch:
-                    writes.quiet += settings.heartbeat_interval
-                    if writes.quiet >= settings.stream_idle_timeout:
-                        await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
+            try:
+                async for batch in tail:
+                    if not batch:
+                        writes.quiet += settings.heartbeat_interval
+                        if writes.quiet >= settings.stream_idle_timeout:
+                            await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
+                            return response
+                        await writes.write(PING)
+                    else:
+                        writes.quiet = 0.0
+                        await writes.write(b"".join(map(encode_entry, batch)))
+                    if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
+                        await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
                         return response
-                    await writes.write(PING)
-                else:
-                    writes.quiet = 0.0
-                    await writes.write(b"".join(map(encode_entry, batch)))
-                if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
-                    await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
-                    return response
+            except StreamExpired as exc:  # the client fell a whole stream's length behind
+                log.info("chat %s: %s; ending the stream, its resume gets 410", chat_id, exc)
+                await writes.write(b": trimmed; reconnect with Last-Event-ID\n\n")
+                return response
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away
@@ -310,18 +315,9 @@ def check_retained(chat_id: str, state: ChatState, last_event_id: str | None) ->
         if last_event_id is not None and last_event_id != "0-0":
             raise BadRequest(f"Last-Event-ID {last_event_id} is not an event of this chat", code="bad_last_event_id")
         return
-    # Entries leave a stream only by trimming (the length cap), oldest first, so a client is
-    # behind the gap when its position precedes the first entry held and something was trimmed.
     if last_event_id is not None and id_key(last_event_id) > id_key(info["last-generated-id"].decode()):
         raise BadRequest(f"Last-Event-ID {last_event_id} is ahead of this chat's stream", code="bad_last_event_id")
-    first = info.get("first-entry")
-    added = info.get("entries-added")
-    if added is not None:
-        something_trimmed = added > info["length"]
-    else:  # Redis 6.2 counts no appends; a stream whose first entry cannot open one was trimmed
-        # (a chat past its deadline before any attempt holds a lone `failed`)
-        something_trimmed = first is not None and first[1].get(b"type") not in (b"started", b"cancelled", b"failed")
-    if first and something_trimmed and id_key(last_event_id or "0-0") < id_key(first[0].decode()):
+    if trimmed(info, last_event_id or "0-0"):
         raise StreamExpired(
             f"events after {last_event_id or 'the start'} were trimmed from chat {chat_id}'s stream; "
             f"GET /v1/chats/{chat_id} has the text so far"

@@ -32,6 +32,10 @@ log = logging.getLogger("streambridge.edge")
 
 #: channels per SUBSCRIBE when a reconnect subscribes them all again
 SUBSCRIBE_BATCH: Final = 1000
+#: seconds between PINGs, and of silence after which the connection is taken for dead: a Redis
+#: gone without a word (a half-open connection) is otherwise found by TCP keepalive, after ~25 s
+PING_INTERVAL = 2.0
+SILENCE = 5.0
 
 
 class Feed(asyncio.Protocol):
@@ -50,6 +54,8 @@ class Feed(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self._answers: deque[asyncio.Future[object]] = deque()  # replies to the handshake's commands
         self._reconnecting: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._heard = 0.0  # the loop's time when the connection last said anything
         self._ready = False  # the connection's handshake is done: (un)subscribe may be written
         self._up = False  # started: from then on a lost connection is made again
         self._closed = False
@@ -58,6 +64,7 @@ class Feed(asyncio.Protocol):
         """Connects; raises if Redis cannot be reached now (the edge does not start without it)."""
         await self._open()
         self._up = True
+        self._watching = asyncio.get_running_loop().create_task(self._watch(), name="edge-feed-watch")
 
     def subscribe(self, channel: str) -> None:
         """Subscribes now, or with every other channel when the connection is back."""
@@ -70,9 +77,10 @@ class Feed(asyncio.Protocol):
 
     async def close(self) -> None:
         self._closed = True
-        if self._reconnecting is not None:
-            self._reconnecting.cancel()
-            await asyncio.gather(self._reconnecting, return_exceptions=True)
+        for task in (self._reconnecting, self._watching):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._transport is not None:
             self._transport.close()
 
@@ -82,6 +90,7 @@ class Feed(asyncio.Protocol):
     # The protocol: called by the event loop.
 
     def data_received(self, data: bytes) -> None:
+        self._heard = asyncio.get_running_loop().time()
         self._reader.feed(data)
         while (reply := self._reader.gets()) is not False:
             if isinstance(reply, list) and reply and reply[0] in (b"message", b"subscribe"):
@@ -110,6 +119,20 @@ class Feed(asyncio.Protocol):
         if self._up and not self._closed and (self._reconnecting is None or self._reconnecting.done()):
             log.warning("edge hub lost Redis (%s); reconnecting", exc or "closed by the server")
             self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect(), name="edge-feed-reconnect")
+
+    async def _watch(self) -> None:
+        """PINGs the connection, and drops it when it stays silent: its reconnect finds out."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            if not self.connected():
+                continue  # reconnecting: its own timeouts and backoff apply
+            if loop.time() - self._heard >= SILENCE:
+                log.warning("edge hub: Redis silent for %.1f s; reconnecting", loop.time() - self._heard)
+                assert self._transport is not None
+                self._transport.abort()  # connection_lost() reconnects
+            else:
+                self._send(b"PING")
 
     # Connecting.
 
@@ -151,7 +174,7 @@ class Feed(asyncio.Protocol):
         if self._transport is not transport or transport.is_closing():
             raise RedisConnectionError("the connection closed during its handshake")
         # Whatever was subscribed meanwhile is in ``channels``: nothing was written before this.
-        self._ready = True
+        self._ready, self._heard = True, loop.time()
         channels = sorted(self.channels)
         for n in range(0, len(channels), SUBSCRIBE_BATCH):
             self._send(b"SUBSCRIBE", *channels[n : n + SUBSCRIBE_BATCH])

@@ -6,22 +6,28 @@ The stream stays the source of truth: a client reads history with XRANGE, then t
 entries from its queue, skipping ids it already has. Whenever the live feed may have a gap (a full queue,
 or a Pub/Sub reconnect, which re-confirms every subscription) the client is told to
 re-read the stream from its last id. So a slow client costs bounded memory, and nothing
-is lost or repeated.
+is lost or repeated; a client whose next entry was trimmed away is told (:class:`StreamExpired`).
+
+Reads of a chat's stream are shared: one in flight per chat, and every reader who asks before
+it is sent joins it. A feed reconnect sends every reader back to the stream at once: that is
+one XRANGE per chat, not one per reader, through a pool of a few sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_right
 from collections.abc import AsyncGenerator, Callable
-from typing import Final
+from typing import Any, Final, NamedTuple
 
 from redis.asyncio import Redis
 
 from streambridge.api.feed import Feed
 from streambridge.shared import keys
+from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
-from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
+from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, stream_info, trimmed
 
 log = logging.getLogger("streambridge.edge")
 
@@ -29,6 +35,9 @@ log = logging.getLogger("streambridge.edge")
 QUEUE_SIZE: Final = 256
 #: entries per XRANGE while catching up
 PAGE: Final = 500
+#: seconds a new chat's first read waits for its subscription's confirmation (read before it, the
+#: history would be read again when it comes); past that, the read goes ahead and re-reads then
+SUBSCRIBE_WAIT: Final = 0.5
 
 RESYNC: Final = None  # queue marker: re-read the stream from your last id
 
@@ -52,12 +61,25 @@ class Subscriber:
     wake the reader as before. ``last_id`` is the last entry handed over either way.
     """
 
-    __slots__ = ("_idle", "_last", "_loop", "_timer", "closed", "deliver", "items", "last_id", "last_key", "waiter")
+    __slots__ = (
+        "_idle",
+        "_last",
+        "_loop",
+        "_timer",
+        "closed",
+        "deliver",
+        "items",
+        "last_id",
+        "last_key",
+        "reading",
+        "waiter",
+    )
 
     def __init__(self, idle: float, deliver: Deliver | None = None) -> None:
         self.items: list[Entry | None] = []
         self.waiter: asyncio.Future[None] | None = None
-        self.closed = False
+        self.closed = False  # nothing more comes: the edge shuts down, or the reader is past the end
+        self.reading = False  # has begun reading the stream: a confirmation then sends it back to it
         self.deliver = deliver
         self.last_id, self.last_key = "0-0", (0, 0)
         self._idle = idle
@@ -131,9 +153,33 @@ class Subscriber:
         self._timer = self._loop.call_at(due, self._tick)
 
 
+class Page(NamedTuple):
+    """One XRANGE of a chat's stream, shared by the readers who asked for it."""
+
+    entries: list[Entry]  # from the earliest reader's position, inclusive; none after a terminal entry
+    ids: list[tuple[int, int]]  # their ids' keys
+    full: bool  # PAGE entries and no end: more may follow
+    info: dict[str, Any] | None  # XINFO STREAM, read when the earliest position is not held
+
+
+class Read:
+    """A read of a chat's stream, which readers join until it is sent."""
+
+    __slots__ = ("page", "readers")
+
+    def __init__(self) -> None:
+        self.readers: set[Subscriber] = set()
+        self.page: asyncio.Future[Page | None] = asyncio.get_running_loop().create_future()
+
+
 class Topic:
+    __slots__ = ("confirmed", "next_read", "reading", "subscribers")
+
     def __init__(self) -> None:
         self.subscribers: set[Subscriber] = set()
+        self.confirmed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.next_read: Read | None = None  # sent once the read in flight is done
+        self.reading: asyncio.Task[None] | None = None  # sends the chat's reads, one after another
 
 
 class StreamHub:
@@ -145,6 +191,7 @@ class StreamHub:
         self._feed = feed or redis
         self.topics: dict[str, Topic] = {}
         self._channels = Feed(self._feed, self._publish, self._resync)
+        self._reading: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._channels.start()
@@ -158,6 +205,13 @@ class StreamHub:
 
     async def stop(self) -> None:
         self.close_all()
+        for topic in self.topics.values():  # reads not sent yet, and those in flight: their readers end
+            if topic.next_read is not None:
+                topic.next_read.page.set_result(None)
+                topic.next_read = None
+        for task in self._reading:
+            task.cancel()
+        await asyncio.gather(*self._reading, return_exceptions=True)
         await self._channels.close()
 
     async def tail(
@@ -175,26 +229,45 @@ class StreamHub:
         sub = Subscriber(idle, deliver)
         sub.handed(after or "0-0")
         try:
-            self._subscribe(chat_id, sub)
-            caught_up_once = False
+            topic = self._subscribe(chat_id, sub)
+            if not topic.confirmed.done():  # a new chat: its history is read once, after the confirmation
+                await asyncio.wait([topic.confirmed], timeout=SUBSCRIBE_WAIT)
+            sub.reading = True
             while True:
-                async for page in self._read_after(chat_id, sub.last_id):
-                    sub.handed(page[-1].id)
-                    yield page
-                    if page[-1].type in TERMINAL_TYPES:
-                        return
-                if not caught_up_once and after is not None and await self._ended_at_or_before(chat_id, sub.last_id):
-                    return  # resumed after the terminal event: nothing more will ever come
-                caught_up_once = True
-                async for batch in self._live(sub):
+                async for batch in self._catch_up(chat_id, topic, sub):
                     yield batch
-                    if batch and batch[-1].type in TERMINAL_TYPES:
+                    if batch[-1].type in TERMINAL_TYPES:
                         return
+                if not sub.closed:
+                    async for batch in self._live(sub):
+                        yield batch
+                        if batch and batch[-1].type in TERMINAL_TYPES:
+                            return
                 if sub.closed:
                     return
         finally:
             sub.stop()
             self._unsubscribe(chat_id, sub)
+
+    async def _catch_up(self, chat_id: str, topic: Topic, sub: Subscriber) -> AsyncGenerator[list[Entry], None]:
+        """The stream after the reader's position, in pages; closes the reader at or past the end
+        (or when the hub stops), and raises :class:`StreamExpired` if entries after it were trimmed."""
+        while True:
+            page = await self._read(chat_id, topic, sub)
+            if page is None:  # the hub stopped
+                sub.closed = True
+                return
+            n = bisect_right(page.ids, sub.last_key)  # what the reader has
+            if n == 0 and page.entries and trimmed(page.info, sub.last_id):
+                raise StreamExpired(f"events after {sub.last_id} were trimmed from chat {chat_id}'s stream")
+            if n and page.entries[n - 1].type in TERMINAL_TYPES:
+                sub.closed = True  # resumed at the end: nothing more will ever come
+                return
+            if n < len(page.entries):
+                sub.handed(page.entries[-1].id, page.ids[-1])
+                yield page.entries[n:]
+            if not page.full:
+                return
 
     async def _live(self, sub: Subscriber) -> AsyncGenerator[list[Entry], None]:
         """Live entries after the last one handed over, in batches; returns when the caller must
@@ -220,37 +293,63 @@ class StreamHub:
             if item is RESYNC:
                 return
 
-    async def _read_after(self, chat_id: str, last: str) -> AsyncGenerator[list[Entry], None]:
-        while True:
-            page = [
-                entry_from_fields(i, f)
-                for i, f in await self.redis.xrange(keys.events(chat_id), min=f"({last}", count=PAGE)
-            ]
-            for n, entry in enumerate(page):
-                if entry.type in TERMINAL_TYPES:
-                    del page[n + 1 :]  # nothing follows the end
-                    break
-            if page:
-                yield page
-                last = page[-1].id
-            if len(page) < PAGE:
-                return
+    async def _read(self, chat_id: str, topic: Topic, sub: Subscriber) -> Page | None:
+        """A read of the stream sent after this call, from the reader's position or before it:
+        the chat's next read, which every reader asking meanwhile joins. None if the hub stopped."""
+        read = topic.next_read
+        if read is None:
+            read = topic.next_read = Read()
+        read.readers.add(sub)
+        if topic.reading is None:
+            topic.reading = asyncio.create_task(self._send_reads(chat_id, topic), name=f"edge-read-{chat_id}")
+            self._reading.add(topic.reading)
+            topic.reading.add_done_callback(self._reading.discard)
+        try:
+            return await asyncio.shield(read.page)  # a reader that leaves leaves the read to the others
+        finally:
+            read.readers.discard(sub)
 
-    async def _ended_at_or_before(self, chat_id: str, last: str) -> bool:
-        tail = await self.redis.xrevrange(keys.events(chat_id), count=1)
-        if not tail:
-            return False
-        entry = entry_from_fields(*tail[0])
-        return entry.type in TERMINAL_TYPES and id_key(entry.id) <= id_key(last)
+    async def _send_reads(self, chat_id: str, topic: Topic) -> None:
+        """The chat's reads, one at a time: a read in flight may have been sent before what a reader
+        asking now must see was appended, so that reader waits for the next one."""
+        read: Read | None = None
+        try:
+            while (read := topic.next_read) is not None:
+                topic.next_read = None
+                try:
+                    read.page.set_result(await self._fetch(chat_id, read.readers) if read.readers else None)
+                except Exception as exc:  # each of its readers raises it
+                    read.page.set_exception(exc)
+        finally:
+            topic.reading = None
+            if read is not None and not read.page.done():  # cancelled by stop(): its readers end
+                read.page.set_result(None)
 
-    def _subscribe(self, chat_id: str, sub: Subscriber) -> None:
-        """Join the chat's live feed. No wait for Redis's confirmation: when it comes, every
-        subscriber re-reads the stream, which covers whatever was published before it."""
+    async def _fetch(self, chat_id: str, readers: set[Subscriber]) -> Page:
+        key = keys.events(chat_id)
+        first = min(readers, key=lambda sub: sub.last_key)
+        # From the earliest position inclusive: whether its entry is still held tells whether
+        # what follows it is (entries leave a stream oldest first).
+        entries = [entry_from_fields(i, f) for i, f in await self.redis.xrange(key, min=first.last_id, count=PAGE)]
+        full = len(entries) == PAGE
+        for n, entry in enumerate(entries):
+            if entry.type in TERMINAL_TYPES:
+                del entries[n + 1 :]  # nothing follows the end
+                full = False
+                break
+        ids = [id_key(entry.id) for entry in entries]
+        info = await stream_info(self.redis, key) if ids and ids[0] > first.last_key else None
+        return Page(entries, ids, full, info)
+
+    def _subscribe(self, chat_id: str, sub: Subscriber) -> Topic:
+        """Join the chat's live feed. Its readers read the stream once Redis confirms it (or after
+        ``SUBSCRIBE_WAIT``), which covers whatever was published before."""
         topic = self.topics.get(chat_id)
         if topic is None:
             topic = self.topics[chat_id] = Topic()
             self._channels.subscribe(keys.notify(chat_id))
         topic.subscribers.add(sub)
+        return topic
 
     def _unsubscribe(self, chat_id: str, sub: Subscriber) -> None:
         """Leave it; the last reader to leave unsubscribes at once. One who joins meanwhile
@@ -265,11 +364,15 @@ class StreamHub:
 
     def _resync(self, channel: bytes) -> None:
         """The channel's first confirmation, or a re-subscription after a reconnect: either way
-        the live feed may have missed entries, so every reader re-reads the stream."""
+        the live feed may have missed entries, so every reader already reading re-reads the
+        stream. Those waiting for the first confirmation read it now, once."""
         topic = self._topic_of(channel)
         if topic is not None:
+            if not topic.confirmed.done():
+                topic.confirmed.set_result(None)
             for sub in topic.subscribers:
-                sub.push(RESYNC)
+                if sub.reading:
+                    sub.push(RESYNC)
 
     def _publish(self, channel: bytes, data: bytes) -> None:
         topic = self._topic_of(channel)

