@@ -35,7 +35,7 @@ class _Connection:
         asyncio connections pack in Python, 15 µs for one append's EVALSHA against 4 µs."""
         return self._packer.pack(*args)  # type: ignore[no-any-return]
 
-    async def _unused(self, command: Any, check_health: bool = True) -> None:
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         """redis-py's, with its ``asyncio.wait_for`` around the write replaced by ``asyncio.timeout``.
         On Python 3.11 a ``wait_for`` whose write finishes as the task is cancelled drops the
         cancellation, and the task runs on: a worker whose stop waited forever on its reaper
