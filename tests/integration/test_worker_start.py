@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.exceptions import ResponseError
 
+from streambridge.fake_llm import FakeLLMConfig
+from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.shared import keys
 from streambridge.shared.settings import Settings
+from streambridge.shared.streams import id_key
 from streambridge.workers.llm import make_client
 from streambridge.workers.runner import ChatRunner
 from streambridge.workers.worker import ChatWorker, make_worker, stop_worker
@@ -214,3 +218,27 @@ async def test_a_chat_woken_just_as_its_worker_stops_is_left_for_another(
     await idle_worker._wake_once()
     assert idle_worker.busy == 0
     assert await idle_worker.pool.lrange(keys.wake(), 0, -1) == [chat_id.encode()]  # type: ignore[misc]
+
+
+async def test_under_saturation_chats_start_in_the_order_they_were_accepted(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Twelve chats for two slots, accepted while the worker runs: each starts within one slot's
+    turnover of its turn (a last-in-first-out wake list started the newest first)."""
+    server = TestServer(make_fake_llm(FakeLLMConfig(ttft_ms=0, delay_ms=10, words=6)))
+    await server.start_server()
+    worker = make_worker(msgspec.structs.replace(settings, worker_concurrency=2), str(server.make_url("/v1")))
+    main = asyncio.create_task(worker.main())
+    try:
+        chat_ids = [await create(client, token, n) for n in range(12)]
+        for chat_id in chat_ids:
+            assert (await event_types(client, token, chat_id))[-1] == "Complete"
+        started = [(await worker.pool.xrange(keys.events(c), count=1))[0][0] for c in chat_ids]
+        order = sorted(range(len(chat_ids)), key=lambda n: id_key(started[n].decode()))
+        assert all(abs(turn - n) <= 2 for turn, n in enumerate(order)), order
+    finally:
+        await stop_worker(worker, main, grace=1)
+        await server.close()
