@@ -197,14 +197,35 @@ def chats() -> Json:
             "`GET /v1/chats/{id}/events` with the bearer token.",
             "tags": ["chats"],
             "security": BEARER,
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "description": "Makes the create safe to retry: the same key from the same user within 24 h "
+                    "(or `STREAMBRIDGE_RESULT_TTL`, if shorter) answers with the chat the first request made.",
+                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
+                }
+            ],
             "requestBody": create_chat_body(),
             "responses": {
                 "202": {
-                    "description": "Queued.",
+                    "description": "Queued; or, for a repeated `Idempotency-Key`, the chat its first request made.",
+                    "headers": {
+                        "Idempotent-Replayed": {
+                            "description": "`true` when the answer is an earlier request's chat",
+                            "schema": {"const": "true"},
+                        }
+                    },
                     "content": json_content(ref("Created")),
                     "links": chat_links(),
                 },
-                "400": error("The body is not JSON.", {"malformed_json": "the body is not UTF-8 JSON"}),
+                "400": error(
+                    "The body is not JSON, or the `Idempotency-Key` is malformed.",
+                    {
+                        "malformed_json": "the body is not UTF-8 JSON",
+                        "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
+                    },
+                ),
                 "401": UNAUTHORIZED,
                 "408": error(
                     "The body came too slowly.",
@@ -220,7 +241,8 @@ def chats() -> Json:
                         "invalid_request": "not the shape above (a wrong type, an unknown field, both or neither of "
                         "`messages` and `message`), or over a prompt limit (the credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
-                        "`STREAMBRIDGE_MAX_TOKENS_CAP`)"
+                        "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
+                        "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),
                 "429": error(

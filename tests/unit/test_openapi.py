@@ -29,11 +29,11 @@ ERRORS: dict[str, dict[int, set[str]]] = {
     "GET /openapi.json": {},
     "POST /v1/auth/visitor": {429: {"rate_limited"}, 503: {"redis_unavailable"}},
     "POST /v1/chats": {
-        400: {"malformed_json"},
+        400: {"malformed_json", "bad_idempotency_key"},
         401: {"unauthorized"},
         408: {"request_timeout"},
         413: {"payload_too_large"},
-        422: {"invalid_request"},
+        422: {"invalid_request", "idempotency_key_reused"},
         429: {"rate_limited", "too_many_chats"},
         503: {"redis_unavailable", "overloaded"},
     },
