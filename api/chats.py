@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Final, cast
+from typing import Any, Final, cast
 
 import msgspec
 from aiohttp import web
@@ -17,7 +17,7 @@ from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import admit_chat, bounded, check_prompt, count_visitor_login
 from streambridge.shared import keys, machine
-from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, Message, Status, decode_result
+from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import Usage, assemble_text, decode_event
 from streambridge.shared.streams import Entry, entry_from_fields
@@ -25,16 +25,6 @@ from streambridge.shared.streams import Entry, entry_from_fields
 log = logging.getLogger("streambridge.api")
 
 routes = web.RouteTableDef()
-
-
-class CreateChat(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of ``POST /v1/chats``: ``messages``, or the shorthand ``message``."""
-
-    messages: Annotated[list[Message], msgspec.Meta(min_length=1)] | None = None
-    message: Annotated[str, msgspec.Meta(min_length=1)] | None = None
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Visitor(msgspec.Struct):
@@ -64,9 +54,6 @@ class ChatView(msgspec.Struct):
 class StatusView(msgspec.Struct):
     id: str
     status: Status
-
-
-_create_decoder: Final = msgspec.json.Decoder(CreateChat)
 
 
 def json_response(value: msgspec.Struct, status: int = 200) -> web.Response:
@@ -189,16 +176,50 @@ async def read_body(request: web.Request, ctx: Context) -> bytes:
 
 
 def parse_create(body: bytes) -> ChatRequest:
+    """The body of ``POST /v1/chats``: a Chat Completions request (``messages``, …), or the
+    shorthand ``message``. A field the request does not know is refused: a typo never passes."""
+    fields = json_object(body)
+    unknown = sorted(fields.keys() - REQUEST_FIELDS - {"message"})
+    if unknown:
+        raise Unprocessable(f"invalid chat: unknown field `{unknown[0]}`", param=unknown[0])
+    if ("messages" in fields) == ("message" in fields):
+        raise Unprocessable("send either `messages` or `message`, not both or neither", param="messages")
+    if "message" in fields:
+        message = fields.pop("message")
+        if not isinstance(message, str) or not message:
+            raise Unprocessable("invalid chat: `message` must be a non-empty string", param="message")
+        fields["messages"] = [{"role": "user", "content": message}]
+    return chat_request(fields)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
     try:
-        chat = _create_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise Unprocessable(f"invalid chat: {exc}") from None
+        value = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
-    if (chat.messages is None) == (chat.message is None):
-        raise Unprocessable("send either `messages` or `message`, not both or neither")
-    messages = chat.messages or [Message(role="user", content=chat.message or "")]
-    return ChatRequest(messages, chat.model, chat.temperature, chat.max_tokens)
+    if not isinstance(value, dict):
+        raise Unprocessable("invalid chat: the body must be a JSON object")
+    return value
+
+
+def chat_request(fields: dict[str, Any]) -> ChatRequest:
+    try:
+        chat = msgspec.convert(fields, ChatRequest)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(f"invalid chat: {exc}", param=param_of(exc)) from None
+    for n, m in enumerate(chat.messages):
+        if m.content is None and not (m.role == "assistant" and m.tool_calls):
+            raise Unprocessable(f"invalid chat: a {m.role} message needs `content`", param=f"messages[{n}].content")
+    return chat
+
+
+_AT: Final = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def param_of(exc: msgspec.ValidationError) -> str | None:
+    """The field a validation error names (``messages[0].role``), as OpenAI's ``param`` gives it."""
+    found = _AT.search(str(exc))
+    return found.group(1) or None if found else None
 
 
 async def owned_chat(request: web.Request, ctx: Context) -> tuple[Identity, str, dict[bytes, bytes]]:

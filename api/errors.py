@@ -1,4 +1,5 @@
-"""Every error answer is ``{"error": {"code", "message"}}``: never HTML, never a traceback."""
+"""Every error answer is ``{"error": {"code", "message", "type", "param"}}``, OpenAI's own error
+body, on every route: never HTML, never a traceback."""
 
 from __future__ import annotations
 
@@ -32,17 +33,36 @@ CODES: Final = {
 }
 
 
+#: OpenAI's error ``type`` for each status (its SDK picks the exception class by the status alone)
+TYPES: Final = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+
+#: routes that answer as OpenAI's API does, where a request of the wrong shape is a 400, not a 422
+OPENAI_ROUTES: Final = ("/v1/chat/completions", "/v1/models", "/v1/responses", "/v1/files", "/v1/batches")
+
+
 class ErrorBody(msgspec.Struct):
     code: str
     message: str
+    type: str
+    param: str | None = None
 
 
 class ErrorAnswer(msgspec.Struct):
     error: ErrorBody
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = msgspec.json.encode(ErrorAnswer(ErrorBody(code, message)))
+def error_type(status: int) -> str:
+    return TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(status: int, code: str, message: str, param: str | None = None) -> bytes:
+    return msgspec.json.encode(ErrorAnswer(ErrorBody(code, message, error_type(status), param)))
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+) -> web.Response:
+    body = error_body(status, code, message, param)
     return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
@@ -73,7 +93,8 @@ def _error_answer(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, RateLimited):
         return error_response(exc.status, exc.code, exc.message, {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ApiError):
-        return error_response(exc.status, exc.code, exc.message)
+        status = 400 if exc.status == 422 and request.path.startswith(OPENAI_ROUTES) else exc.status
+        return error_response(status, exc.code, exc.message, param=exc.param)
     if isinstance(exc, web.HTTPException):
         headers = {k: v for k, v in exc.headers.items() if k.lower() in {"allow", "retry-after"}}
         message = _http_message(exc, request)

@@ -34,11 +34,13 @@ def check_prompt(chat: ChatRequest, identity: Identity) -> None:
     q = identity.quota
     if len(chat.messages) > q.max_messages:
         raise Unprocessable(f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}")
-    chars = sum(len(m.content) for m in chat.messages)
+    chars = sum(len(m.text()) for m in chat.messages)
     if chars > q.max_prompt_chars:
         raise Unprocessable(f"the prompt may have at most {q.max_prompt_chars} characters, not {chars}")
-    if chat.max_tokens is not None and chat.max_tokens > q.max_tokens:
-        raise Unprocessable(f"max_tokens may be at most {q.max_tokens}, not {chat.max_tokens}")
+    for name in ("max_tokens", "max_completion_tokens"):
+        asked = getattr(chat, name)
+        if asked is not None and asked > q.max_tokens:
+            raise Unprocessable(f"{name} may be at most {q.max_tokens}, not {asked}")
 
 
 def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:
@@ -49,7 +51,7 @@ def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:
     such chat on a small model.
     """
     default = identity.quota.default_max_tokens
-    if chat.max_tokens is not None or default is None:
+    if chat.max_tokens is not None or chat.max_completion_tokens is not None or default is None:
         return chat
     return msgspec.structs.replace(chat, max_tokens=default)
 

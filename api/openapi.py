@@ -15,7 +15,8 @@ from typing import Any, Final, get_args
 import msgspec
 from aiohttp import web
 
-from streambridge.api.chats import ChatView, CreateChat, Created, StatusView, Visitor
+from streambridge.api.chats import ChatView, Created, StatusView, Visitor
+from streambridge.shared.chats import ChatRequest
 from streambridge.api.errors import ErrorAnswer
 from streambridge.shared.events import Event
 
@@ -158,6 +159,14 @@ def chat_links() -> Json:
     }
 
 
+def create_chat_schema(request: Json) -> Json:
+    """``ChatRequest`` as ``POST /v1/chats`` takes it: ``messages`` or the shorthand ``message``,
+    and no field of its own (``extra`` is the front door's, for vendors' fields)."""
+    properties = {k: v for k, v in request["properties"].items() if k != "extra"}
+    properties["message"] = {"type": "string", "minLength": 1, "description": "Shorthand: one user message."}
+    return {**request, "title": "CreateChat", "properties": properties, "required": [], "additionalProperties": False}
+
+
 def create_chat_body() -> Json:
     # CreateChat's fields are each optional; exactly one of `messages` and `message` must be sent.
     one_of = [
@@ -179,8 +188,9 @@ def create_chat_body() -> Json:
     }
     return {
         "required": True,
-        "description": "`messages`, or the shorthand `message` (one user message), not both; optionally `model`, "
-        "`temperature` and `max_tokens`. Unknown fields are refused. Limits beyond this schema "
+        "description": "A Chat Completions request as OpenAI's API takes it (`messages`, `model`, `temperature`, "
+        "`max_tokens`, `tools`, `response_format`, …), or the shorthand `message` (one user message) in place of "
+        "`messages`. Unknown fields are refused. Limits beyond this schema "
         "(`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, `STREAMBRIDGE_MAX_TOKENS_CAP`, "
         "`STREAMBRIDGE_MAX_BODY_BYTES`) are the operator's and answer 422 or 413.",
         "content": json_content({"allOf": [ref("CreateChat")], "oneOf": one_of}, examples=examples),
@@ -452,8 +462,9 @@ def sse_event() -> Json:
 
 
 def components() -> Json:
-    structs = (CreateChat, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
+    structs = (ChatRequest, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
     (*_, event), schemas = msgspec.json.schema_components(structs, ref_template=REF)
+    schemas["CreateChat"] = create_chat_schema(schemas.pop("ChatRequest"))
     schemas["Event"] = {
         "title": "Event",
         "description": "An event of a chat's stream; `type` says which. Terminal: `complete`, `failed`, `cancelled`.",

@@ -6,7 +6,7 @@ The chat's hash (``keys.chat``) holds ``owner``, ``created_at``, ``status``, ``r
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -15,19 +15,116 @@ from streambridge.shared.events import Usage
 Status = Literal["queued", "running", "complete", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = frozenset({"complete", "failed", "cancelled"})
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
+
+#: the most tools, stop sequences and metadata pairs a request may carry (OpenAI's own limits)
+MAX_TOOLS: Final = 128
+MAX_STOP: Final = 4
+MAX_METADATA: Final = 16
 
 
-class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class TextPart(msgspec.Struct, tag="text", tag_field="type", frozen=True, forbid_unknown_fields=True):
+    text: str
+
+
+class ImageURL(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    url: Annotated[str, msgspec.Meta(min_length=1)]
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(msgspec.Struct, tag="image_url", tag_field="type", frozen=True, forbid_unknown_fields=True):
+    image_url: ImageURL
+
+
+class AudioPart(msgspec.Struct, tag="input_audio", tag_field="type", frozen=True, forbid_unknown_fields=True):
+    input_audio: dict[str, str]
+
+
+class FilePart(msgspec.Struct, tag="file", tag_field="type", frozen=True, forbid_unknown_fields=True):
+    file: dict[str, str]
+
+
+class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type", frozen=True, forbid_unknown_fields=True):
+    refusal: str
+
+
+Part = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
+
+
+class FunctionCall(msgspec.Struct, frozen=True):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A tool call an earlier assistant message made (sent back with the tool's answer)."""
+
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     role: Role
-    content: str
+    content: str | list[Part] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = None
+
+    def text(self) -> str:
+        """What the message says in text: its string, or its text parts."""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content or () if isinstance(p, TextPart))
+
+
+class Function(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    function: Function
+    type: Literal["function"] = "function"
+
+
+class ResponseFormat(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
 
 
 class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A chat as the upstream will be asked it: OpenAI's Chat Completions request, whichever route
+    it came in by. ``extra`` holds the fields of a vendor's own (vLLM's ``top_k``, …), which go to
+    the upstream as they came."""
+
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    stop: str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
+    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    extra: dict[str, Any] | None = None
+
+
+#: the fields a request may carry besides ``extra``'s
+REQUEST_FIELDS: Final = frozenset(ChatRequest.__struct_fields__) - {"extra"}
 
 
 class ChatResult(msgspec.Struct, frozen=True):

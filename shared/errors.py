@@ -32,9 +32,10 @@ class ApiError(StreambridgeError):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param  # the request field at fault, where one is
         if code is not None:
             self.code = code  # type: ignore[misc]
 

@@ -81,16 +81,9 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
     JSON (docs/benchmarks.md). Likewise, the SDK's pydantic model per chunk and httpx's line
     decoding each cost a large share of a worker's CPU.
     """
-    body: dict[str, object] = {
-        "model": model,
-        "messages": [{"role": m.role, "content": m.content} for m in request.messages],
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
+    body: dict[str, Any] = msgspec.to_builtins(request)
+    body.update(body.pop("extra", None) or {})  # a vendor's own fields, at the top level as they came
+    body.update(model=model, stream=True, stream_options={"include_usage": True})
     response = await client.post("/chat/completions", cast_to=_http.Response, body=body, stream=True)
     try:
         async for data in sse_data(response.aiter_bytes()):

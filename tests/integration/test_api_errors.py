@@ -25,7 +25,7 @@ async def error_of(response: object, status: int, code: str) -> str:
     body = json_of(raw)
     error = body["error"]
     assert isinstance(error, dict)
-    assert set(error) == {"code", "message"}
+    assert set(error) == {"code", "message", "type", "param"}
     assert error["code"] == code
     assert isinstance(error["message"], str)
     assert error["message"]
