@@ -16,8 +16,8 @@ import msgspec
 from aiohttp import web
 
 from streambridge.api.chats import ChatView, Created, StatusView, Visitor
-from streambridge.shared.chats import ChatRequest
 from streambridge.api.errors import ErrorAnswer
+from streambridge.shared.chats import ChatRequest
 from streambridge.shared.events import Event
 
 routes = web.RouteTableDef()
