@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final, NamedTuple, cast
 
 import msgspec
 from aiohttp import web
@@ -15,7 +15,7 @@ from aiohttp import web
 from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
-from streambridge.api.limits import admit_chat, bounded, check_prompt, count_visitor_login
+from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_prompt, count_visitor_login
 from streambridge.shared import keys, machine
 from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
@@ -88,12 +88,35 @@ async def create_chat(request: web.Request) -> web.Response:
     remembered = recall(ctx.credentials, token) if token is not None else None
     identity = remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
     chat = parse_create(await read_body(request, ctx))
+    chat_id, created_at = await admit(request, ctx, identity, chat, Idempotency(idempotency_key_of(request)))
+    status: Status = "queued"
+    replayed = created_at is None
+    if created_at is None:  # the key's first request made it: answer as that one was answered
+        status, created_at = await status_of(ctx, chat_id)
+    response = json_response(Created(chat_id, status, stream_url(request, ctx, chat_id, identity), created_at), 202)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+class Idempotency(NamedTuple):
+    """What makes a create safe to send again: a key, and whether a request under it is taken for
+    a repeat of the first (else it only records its chat for a later retry)."""
+
+    key: str | None
+    replay: bool = True
+    ttl: int = IDEMPOTENCY_TTL
+
+
+async def admit(
+    request: web.Request, ctx: Context, identity: Identity, chat: ChatRequest, idempotency: Idempotency
+) -> tuple[str, str | None]:
+    """Admits the chat (``api.limits.admit_chat``): its id and creation time, or, when an earlier
+    request under the same key made it, that chat's id and None."""
     check_prompt(chat, identity)
     chat = bounded(chat, identity)
-    idempotency_key = idempotency_key_of(request)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    request_json = msgspec.json.encode(chat)
     try:
         admitted = await admit_chat(
             ctx.redis,
@@ -101,21 +124,20 @@ async def create_chat(request: web.Request) -> web.Response:
             identity,
             chat_id,
             created_at=created_at,
-            request=request_json,
-            idempotency_key=idempotency_key,
+            request=msgspec.json.encode(chat),
+            idempotency_key=idempotency.key,
+            idempotency_ttl=idempotency.ttl,
+            replay=idempotency.replay,
         )
     except Unauthorized:
         ctx.credentials.pop(identity.credential, None)
         raise
-    if admitted != chat_id:  # the key's first request made it: answer as that one was answered
-        first = await ctx.redis.hmget(keys.chat(admitted), ["status", "created_at"])  # type: ignore[misc]
-        status, created_at = cast(Status, (first[0] or b"queued").decode()), (first[1] or b"").decode()
-        url = stream_url(request, ctx, admitted, identity)
-        response = json_response(Created(admitted, status, url, created_at), status=202)
-        response.headers["Idempotent-Replayed"] = "true"
-        return response
-    url = stream_url(request, ctx, chat_id, identity)
-    return json_response(Created(chat_id, "queued", url, created_at), status=202)
+    return admitted, (created_at if admitted == chat_id else None)
+
+
+async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:
+    status, created_at = await ctx.redis.hmget(keys.chat(chat_id), ["status", "created_at"])  # type: ignore[misc]
+    return cast(Status, (status or b"queued").decode()), (created_at or b"").decode()
 
 
 @routes.get("/v1/chats/{id}")

@@ -65,6 +65,8 @@ async def admit_chat(
     created_at: str,
     request: bytes,
     idempotency_key: str | None = None,
+    idempotency_ttl: int = IDEMPOTENCY_TTL,
+    replay: bool = True,
 ) -> str:
     """Records the new chat (status ``queued``) and enqueues its job if every limit allows it, else
     raises 429 or 503: one round trip, safe to send twice. Returns the chat's id: ``chat_id``, or the
@@ -87,7 +89,8 @@ async def admit_chat(
         job_expires_ms=JOB_EXPIRES_MS,
         limits=limits,
         idempotency_key=idempotency_key,
-        idempotency_ttl=min(IDEMPOTENCY_TTL, settings.result_ttl),
+        idempotency_ttl=min(idempotency_ttl, settings.result_ttl),
+        replay=replay,
     )
     verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in await machine.call(redis, admission)]
     if verdict == "ok":

@@ -116,7 +116,7 @@ ADMIT: Final = define(
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'revoked'} end
 local idem = KEYS[8]
-if idem then
+if idem and ARGV[14] == 'replay' then
   local first = redis.call('HMGET', idem, 'chat', 'request')
   if first[1] then
     if first[2] ~= ARGV[12] then return {'reused'} end
@@ -327,7 +327,10 @@ def admit(
     limits: Admission,
     idempotency_key: str | None = None,
     idempotency_ttl: int = 86_400,
+    replay: bool = True,
 ) -> Call:
+    """``replay``: the key's chat answers a request that repeats it; when false, the key only
+    records this chat (for a later request that says it is a retry)."""
     k = [
         keys.credential(credential_id),
         keys.queue(),
@@ -342,7 +345,7 @@ def admit(
     args: list[str | bytes] = [chat_id, owner, created_at, request, job, str(job_expires_ms)]
     args += [str(limits.max_queue), str(limits.chats_per_minute), str(limits.max_running)]
     args += [str(limits.deadline_ms), str(limits.result_ttl), hashlib.sha256(request).hexdigest()]
-    args.append(str(idempotency_ttl))
+    args += [str(idempotency_ttl), "replay" if replay else "record"]
     return Call(ADMIT, k, args)
 
 

@@ -1,0 +1,291 @@
+"""OpenAI's Chat Completions, served from streambridge's chats: the openai SDK works unchanged.
+
+``POST /v1/chat/completions`` admits a chat like ``POST /v1/chats`` and answers from its stream:
+``chat.completion.chunk`` SSE (``stream: true``), or one ``chat.completion`` once it ends. Each
+chunk names its chat and its cursor (the stream entry it came from) in a ``streambridge`` field,
+and ``GET /v1/chat/completions/{id}/stream?after=CURSOR`` continues the same chunks after it, on
+any edge, exactly once. The chunk stream carries no ``id:`` lines and heartbeats are a bare
+``: ping`` line: the SDK's SSE decoder breaks on either otherwise (openai-python #2722, #3833).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from contextlib import aclosing
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from streambridge.api.auth import authenticate, bearer_token
+from streambridge.api.chats import (
+    Idempotency,
+    admit,
+    chat_request,
+    idempotency_key_of,
+    json_object,
+    owned_chat,
+    read_body,
+)
+from streambridge.api.context import Context, context
+from streambridge.api.credentials import Identity, recall
+from streambridge.api.errors import error_body
+from streambridge.shared import keys
+from streambridge.shared.chats import REQUEST_FIELDS
+from streambridge.shared.errors import BadRequest, StreamExpired
+from streambridge.shared.events import Cancelled, Complete, Content, Failed, Started, Usage, decode_event
+from streambridge.shared.streams import Entry, id_key, is_entry_id
+
+log = logging.getLogger("streambridge.api")
+
+routes = web.RouteTableDef()
+
+HEADERS: Final = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+PING: Final = b": ping\n"  # no blank line after it: the SDK would take the block for an event
+DONE: Final = b"data: [DONE]\n\n"
+
+#: how long an SDK retry (``x-stainless-retry-count``) of an identical request finds its first chat
+RETRY_WINDOW: Final = 600
+
+
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+class Control(msgspec.Struct, forbid_unknown_fields=True):
+    """The fields that say how to answer, not what to ask the upstream."""
+
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
+
+
+@routes.post("/v1/chat/completions")
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    ctx = context(request)
+    token = bearer_token(request)
+    remembered = recall(ctx.credentials, token) if token is not None else None
+    identity = remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
+    body = await read_body(request, ctx)
+    fields = json_object(body)
+    control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
+    extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
+    if extra:
+        fields["extra"] = extra
+    chat = chat_request(fields)
+    chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, identity, body))
+    include_usage = control.stream_options is not None and control.stream_options.include_usage
+    if control.stream:
+        return await stream_chunks(request, ctx, identity, chat_id, None, include_usage)
+    return await completion(ctx, chat_id)
+
+
+@routes.get("/v1/chat/completions/{id}/stream")
+async def resume_completion(request: web.Request) -> web.StreamResponse:
+    """The chunk stream again, after ``after`` (a chunk's ``streambridge.cursor``): exactly what followed it."""
+    ctx = context(request)
+    identity, chat_id, chat = await owned_chat(request, ctx)
+    after = request.query.get("after") or None
+    if after is not None and not is_entry_id(after):
+        raise BadRequest(f"`after` must be a chunk's cursor, not {after!r}", code="bad_cursor", param="after")
+    include_usage = request.query.get("include_usage", "false").lower() in {"1", "true"}
+    if not await ctx.redis.exists(keys.events(chat_id)) and chat.get(b"status", b"") not in {b"queued", b"running"}:
+        raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
+    return await stream_chunks(request, ctx, identity, chat_id, after, include_usage)
+
+
+def parse_control(fields: dict[str, Any]) -> Control:
+    try:
+        control = msgspec.convert(fields, Control)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"invalid request: {exc}", code="invalid_request") from None
+    if control.n != 1:
+        raise BadRequest("only n=1 is supported: send one request per choice", code="invalid_request", param="n")
+    return control
+
+
+def idempotency(request: web.Request, identity: Identity, body: bytes) -> Idempotency:
+    """The caller's ``Idempotency-Key``; else the body itself, so that the openai SDK's own retry of
+    a request whose answer it lost (it says so in ``x-stainless-retry-count``) finds the chat the
+    first try made, while the same question asked afresh is a new chat."""
+    key = idempotency_key_of(request)
+    if key is not None:
+        return Idempotency(key)
+    retry = request.headers.get("x-stainless-retry-count", "0")
+    digest = hashlib.sha256(body).hexdigest()
+    return Idempotency(f"sdk-retry:{digest}", replay=retry not in {"", "0"}, ttl=RETRY_WINDOW)
+
+
+async def stream_chunks(
+    request: web.Request, ctx: Context, identity: Identity, chat_id: str, after: str | None, include_usage: bool
+) -> web.StreamResponse:
+    assert ctx.hub is not None, "served by edges, which have a hub"
+    assert ctx.slots is not None
+    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    try:
+        response = web.StreamResponse(headers=HEADERS)
+        await response.prepare(request)
+        chunks = Chunks(chat_id, include_usage)
+        skip = id_key(after) if after is not None else None
+        # From the start, always: the chunks are a function of the whole stream (a retried attempt
+        # is matched against what was shown), so a resume regenerates them and sends what follows.
+        tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
+        async with aclosing(tail):
+            async for batch in tail:
+                if not batch:
+                    await response.write(PING)
+                    continue
+                out = []
+                for entry in batch:
+                    data = chunks.feed(entry)
+                    if skip is None or id_key(entry.id) > skip:
+                        out.append(data)
+                if out:
+                    await response.write(b"".join(out))
+                if chunks.ended:
+                    break
+        await response.write_eof()
+        return response
+    except ConnectionResetError:
+        return response  # the client went away; the chat goes on, and its stream can be resumed
+    finally:
+        await asyncio.shield(ctx.slots.release(slot))
+
+
+async def completion(ctx: Context, chat_id: str) -> web.Response:
+    assert ctx.hub is not None, "served by edges, which have a hub"
+    entries: list[Entry] = []
+    tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
+    async with aclosing(tail):
+        async for batch in tail:
+            entries += batch
+    events = [decode_event(e.data) for e in entries]
+    end = events[-1] if events else None
+    if isinstance(end, Failed):
+        return error(502, "upstream_failed", end.message)
+    if isinstance(end, Cancelled):
+        return error(409, "cancelled", "the chat was cancelled")
+    if not isinstance(end, Complete):
+        return error(503, "unavailable", "the edge is shutting down; send the request again")
+    started = next(e for e in reversed(events) if isinstance(e, Started))
+    text = "".join(e.content for e in events if isinstance(e, Content) and e.attempt == end.attempt)
+    body = {
+        "id": f"chatcmpl-{chat_id}",
+        "object": "chat.completion",
+        "created": created(entries[0].id),
+        "model": started.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": end.finish_reason or "stop",
+                "logprobs": None,
+            }
+        ],
+        "usage": usage_of(end.usage),
+        "streambridge": {"chat_id": chat_id},
+    }
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
+
+
+def created(entry_id: str) -> int:
+    """Unix seconds of a stream entry id: the chat's first entry stands for when it was created."""
+    return int(entry_id.partition("-")[0]) // 1000
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return web.Response(status=status, body=error_body(status, code, message), content_type="application/json")
+
+
+def usage_of(usage: Usage | None) -> dict[str, int] | None:
+    return msgspec.to_builtins(usage) if usage is not None else None
+
+
+class Chunks:
+    """A chat's events as ``chat.completion.chunk`` SSE, one entry at a time.
+
+    A pure function of the stream, so a resume that feeds the same entries gets the same chunks.
+    OpenAI's stream has no way to take text back, so an attempt that follows one whose text was
+    shown must say the same thing again: its content is matched against what was shown and only
+    what goes beyond it is sent. A retry that says something else ends the stream with an error
+    (a deterministic upstream, or one that failed before answering, never does).
+    """
+
+    def __init__(self, chat_id: str, include_usage: bool) -> None:
+        self.chat_id, self.include_usage = chat_id, include_usage
+        self.model = ""
+        self.created = 0
+        self.shown = ""  # the answer's text as the client has it
+        self.matched = 0  # how much of it the current attempt has said again
+        self.ended = False
+
+    def feed(self, entry: Entry) -> bytes:
+        if self.ended:
+            return b""
+        event = decode_event(entry.data)
+        self.created = self.created or created(entry.id)
+        if isinstance(event, Started):
+            first = not self.model
+            self.model, self.matched = event.model, 0
+            return self._chunk(entry.id, {"role": "assistant", "content": ""}) if first else b""
+        if isinstance(event, Content):
+            text = event.content
+            if self.matched < len(self.shown):
+                again = self.shown[self.matched : self.matched + len(text)]
+                if not text.startswith(again):
+                    return self._diverged(entry.id)
+                self.matched += len(again)
+                text = text[len(again) :]
+            if not text:
+                return b""
+            self.shown += text
+            self.matched = len(self.shown)
+            return self._chunk(entry.id, {"content": text})
+        if isinstance(event, Complete):
+            if self.matched < len(self.shown):
+                return self._diverged(entry.id)
+            self.ended = True
+            out = self._chunk(entry.id, {}, event.finish_reason or "stop")
+            if self.include_usage:
+                out += self._data(entry.id, [], usage_of(event.usage))
+            return out + DONE
+        if isinstance(event, Failed):
+            return self._error(entry.id, "upstream_failed", event.message)
+        if isinstance(event, Cancelled):
+            return self._error(entry.id, "cancelled", "the chat was cancelled")
+        return b""  # progress, status, a failed attempt's error: the chunk stream has no place for them
+
+    def _chunk(self, cursor: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return self._data(cursor, [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
+
+    def _data(self, cursor: str, choices: list[Any], usage: dict[str, int] | None = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": f"chatcmpl-{self.chat_id}",
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "streambridge": {"chat_id": self.chat_id, "cursor": cursor},
+        }
+        if usage is not None or not choices:
+            chunk["usage"] = usage
+        return b"data: %s\n\n" % msgspec.json.encode(chunk)
+
+    def _diverged(self, cursor: str) -> bytes:
+        message = "the upstream failed mid-answer and its retry answered differently; ask again"
+        return self._error(cursor, "retry_diverged", message)
+
+    def _error(self, cursor: str, code: str, message: str) -> bytes:
+        self.ended = True
+        error = msgspec.json.decode(error_body(502, code, message))
+        error["streambridge"] = {"chat_id": self.chat_id, "cursor": cursor}
+        return b"data: %s\n\n" % msgspec.json.encode(error)

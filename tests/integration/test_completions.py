@@ -1,0 +1,147 @@
+"""The OpenAI front door, driven by the real openai SDK over HTTP: the API and edge in-process, a
+long-running worker, the simulated LLM on a real port."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from streambridge.api.app import make_app
+from streambridge.fake_llm import expected_text
+from streambridge.shared.settings import Settings
+from streambridge.workers.worker import make_worker, stop_worker
+from tests.integration.conftest import FAST_LLM
+
+Client = TestClient  # type: ignore[type-arg]
+WORDS = FAST_LLM.words
+
+
+@pytest.fixture
+async def base_url(settings: Settings, llm_url: str) -> AsyncIterator[str]:
+    """API and edge on one port with a worker running: what ``streambridge up`` serves."""
+    server = TestServer(make_app(settings))
+    await server.start_server()
+    worker = make_worker(settings, llm_url)
+    main = asyncio.create_task(worker.main())
+    yield str(server.make_url("/v1"))
+    await stop_worker(worker, main, grace=1)
+    await server.close()
+
+
+@pytest.fixture
+async def sdk(base_url: str) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base_url}/auth/visitor") as response:
+            token = (await response.json())["token"]
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=token, max_retries=0)
+    yield client
+    await client.close()
+
+
+def ask(prompt: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+async def test_a_completion_comes_back_whole(sdk: openai.AsyncOpenAI) -> None:
+    completion = await sdk.chat.completions.create(model="fake", messages=ask("whole"))  # type: ignore[arg-type]
+    assert completion.object == "chat.completion"
+    assert completion.choices[0].message.content == expected_text("whole", WORDS)
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    assert completion.model_extra is not None
+    assert len(completion.model_extra["streambridge"]["chat_id"]) == 32
+
+
+async def test_a_streamed_completion_is_the_answer_and_ends_with_usage(sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.chat.completions.create(
+        model="fake",
+        messages=ask("streamed"),  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected_text("streamed", WORDS)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None
+    assert len({c.id for c in chunks}) == 1
+
+
+async def test_a_dropped_chunk_stream_resumes_from_its_cursor_exactly(
+    sdk: openai.AsyncOpenAI, base_url: str, settings: Settings
+) -> None:
+    stream = await sdk.chat.completions.create(model="fake", messages=ask("resume me"), stream=True)  # type: ignore[arg-type]
+    seen: list[str] = []
+    async for chunk in stream:
+        seen.append(chunk.choices[0].delta.content or "")
+        if len(seen) == 4:
+            cursor = chunk.model_extra["streambridge"]  # type: ignore[index]
+            break
+    await stream.close()
+    url = f"{base_url}/chat/completions/{cursor['chat_id']}/stream?after={cursor['cursor']}"
+    rest: list[str] = []
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 200
+            for line in (await response.read()).decode().splitlines():
+                if line.startswith("data: {"):
+                    chunk = msgspec.json.decode(line[6:])
+                    rest += [c["delta"].get("content") or "" for c in chunk["choices"]]
+                elif line.startswith("data: "):
+                    assert line == "data: [DONE]"
+    assert "".join(seen + rest) == expected_text("resume me", WORDS)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"messages": []}, "messages")],
+)
+async def test_a_malformed_request_is_the_sdks_bad_request_naming_its_field(
+    sdk: openai.AsyncOpenAI, extra: dict[str, object], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="fake", **{"messages": ask("x"), **extra})  # type: ignore[call-overload]
+    assert caught.value.param == param
+    assert caught.value.type == "invalid_request_error"
+
+
+async def test_a_bad_key_is_the_sdks_authentication_error(base_url: str) -> None:
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="sbk_nope_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await client.chat.completions.create(model="fake", messages=ask("x"))  # type: ignore[arg-type]
+    await client.close()
+
+
+async def test_vendor_fields_reach_the_upstream(sdk: openai.AsyncOpenAI) -> None:
+    completion = await sdk.chat.completions.create(
+        model="fake",
+        messages=ask("extras"),  # type: ignore[arg-type]
+        extra_body={"top_k": 5},
+        response_format={"type": "json_object"},
+        seed=7,
+    )
+    assert completion.choices[0].message.content == expected_text("extras", WORDS)
+
+
+async def test_an_sdk_retry_finds_the_first_chat_and_a_fresh_request_makes_a_new_one(
+    sdk: openai.AsyncOpenAI, base_url: str
+) -> None:
+    body = {"model": "fake", "messages": ask("once")}
+    headers = {"Authorization": f"Bearer {sdk.api_key}"}
+    ids = []
+    async with aiohttp.ClientSession(headers=headers) as session:
+        for retry in ("0", "1", "2", "0"):
+            url = f"{base_url}/chat/completions"
+            async with session.post(url, json=body, headers={"x-stainless-retry-count": retry}) as response:
+                assert response.status == 200
+                ids.append((await response.json())["streambridge"]["chat_id"])
+    assert ids[0] == ids[1] == ids[2], "the SDK's retries are the first request"
+    assert ids[3] != ids[0], "asked afresh, it is a new chat"
