@@ -82,6 +82,7 @@ class QueueWorker(Worker):
             handle_signals=False,
         )
         self.busy = 0
+        self.reserved = 0  # slots held for starts in flight (:meth:`reserve`)
         self._began = False
         self._outage_delay = 0.0
 
@@ -91,6 +92,17 @@ class QueueWorker(Worker):
 
     async def began(self) -> None:
         """Called once, before the first scan: startup is done and ``ctx`` is filled in."""
+
+    def reserve(self, want: int) -> int:
+        """Up to ``want`` free slots, held for starts about to be sent (give them back with
+        :meth:`unreserve` once the answers are in and the started chats tracked): the scan and
+        a subclass's own starts share the slots, so together they never start more than ``max_jobs``."""
+        n = max(0, min(want, self.max_jobs - self.busy - self.reserved))
+        self.reserved += n
+        return n
+
+    def unreserve(self, n: int) -> None:
+        self.reserved -= n
 
     def track(self, job_id: str, task: asyncio.Task[None]) -> None:
         """Counts a running chat while its task runs; arq's burst mode and ``close`` wait for it."""
@@ -105,12 +117,15 @@ class QueueWorker(Worker):
         if not self._began:
             self._began = True
             await self.began()
+        free = self.reserve(self.max_jobs) if self.allow_pick_jobs else 0
         try:
-            free = self.max_jobs - self.busy
-            if self.allow_pick_jobs and free > 0:
-                waiting = await self.pool.zrange(self.queue_name, 0, free - 1)
-                if waiting:
-                    await self.start([job_id.decode() for job_id in waiting])
+            try:
+                if free > 0:
+                    waiting = await self.pool.zrange(self.queue_name, 0, free - 1)
+                    if waiting:
+                        await self.start([job_id.decode() for job_id in waiting])
+            finally:
+                self.unreserve(free)
             await self.heart_beat()
         except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             self._outage_delay = await back_off("scanning the queue", exc, self._outage_delay)

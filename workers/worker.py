@@ -74,17 +74,23 @@ class ChatWorker(QueueWorker):
         return not self.allow_pick_jobs
 
     async def _wake_once(self) -> None:
-        free = self.max_jobs - self.busy
-        if free <= 0 or not self.allow_pick_jobs:
+        if self.max_jobs - self.busy - self.reserved <= 0 or not self.allow_pick_jobs:
             await asyncio.sleep(0.01)  # full, or stopping: leave the wake list to other workers
             return
         popped = await self.pool.blpop([keys.wake()], timeout=WAKE_WAIT)  # type: ignore[arg-type,misc]
-        if popped and self._stopping():  # it began stopping meanwhile: the chat is another worker's
-            await self.pool.lpush(keys.wake(), popped[1])  # type: ignore[misc]
-        elif popped:
+        if not popped:
+            return
+        # The slots are counted now, not before the wait: meanwhile the scan may have filled them.
+        free = self.reserve(self.max_jobs) if not self._stopping() else 0
+        try:
+            if free == 0:  # full, or stopping: the chat is another worker's
+                await self.pool.lpush(keys.wake(), popped[1])  # type: ignore[misc]
+                return
             more = await self._start([popped[1].decode()], pop=free - 1)
             if more:
                 await self._start(more)
+        finally:
+            self.unreserve(free)
 
     async def _start(self, job_ids: list[str], pop: int = 0) -> list[str]:
         """Starts the jobs, in one round trip however many. With ``pop``, the same round trip takes

@@ -4,6 +4,7 @@ scan; whichever worker takes a chat's job off the queue runs it, and nobody else
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -11,11 +12,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from arq.connections import ArqRedis
 from arq.worker import Worker
+from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
+from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 from streambridge.shared.streams import id_key
 from streambridge.workers.llm import make_client
@@ -153,6 +156,7 @@ async def test_arqs_scan_takes_the_oldest_waiting_chats_as_many_as_it_has_room_f
     chat_ids = [await create(client, token, n) for n in range(4)]
     idle_worker.max_jobs = 3
     idle_worker.busy = 1
+    idle_worker._began = True  # no wake-up listener: only the scan starts chats here
     await idle_worker._poll_iteration()
     assert given == [chat_ids[:2]]
 
@@ -193,6 +197,9 @@ async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
     monkeypatch.setattr(ArqRedis, "blpop", refused_once)
     main = asyncio.create_task(worker.main())
     try:
+        await stuck_scan.wait()  # it looked at the queue before the chat was there
+        while not refused:
+            await asyncio.sleep(0.01)
         types = await event_types(client, token, await create(client, token, 0))
         assert types[-1] == "Complete", types
         assert refused == 1
@@ -242,3 +249,51 @@ async def test_under_saturation_chats_start_in_the_order_they_were_accepted(
     finally:
         await stop_worker(worker, main, grace=1)
         await server.close()
+
+
+async def test_a_worker_never_runs_more_chats_than_its_concurrency(settings: Settings, real_redis: Redis) -> None:
+    """Its wake-up listener and its scan share the free slots (each counted them on its own, and
+    together they started a third chat on two slots)."""
+    server = TestServer(make_fake_llm(FakeLLMConfig(ttft_ms=0, delay_ms=5, words=1)))
+    await server.start_server()
+    worker = make_worker(msgspec.structs.replace(settings, worker_concurrency=2), str(server.make_url("/v1")))
+    main = asyncio.create_task(worker.main())
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, worker.busy)
+            await asyncio.sleep(0.001)
+
+    watching = asyncio.create_task(watch())
+    await real_redis.set(keys.credential("c"), b"{}")
+    limits = machine.Admission(
+        max_queue=10_000, chats_per_minute=10_000, max_running=10_000, deadline_ms=60_000, result_ttl=60
+    )
+    try:
+        chat_ids = [uuid.uuid4().hex for _ in range(400)]
+        for n, chat_id in enumerate(chat_ids):  # as fast as Redis takes them
+            request = msgspec.json.encode({"messages": [{"role": "user", "content": f"chat {n}"}]})
+            admit = machine.admit(
+                chat_id,
+                "u",
+                "c",
+                created_at="",
+                request=request,
+                job=job_record(chat_id),
+                job_expires_ms=JOB_EXPIRES_MS,
+                limits=limits,
+            )
+            await machine.call(real_redis, admit)
+        for _ in range(300):
+            statuses = {await real_redis.hget(keys.chat(c), "status") for c in chat_ids}  # type: ignore[misc]
+            if statuses == {b"complete"}:
+                break
+            await asyncio.sleep(0.1)
+        assert statuses == {b"complete"}
+    finally:
+        watching.cancel()
+        await stop_worker(worker, main, grace=1)
+        await server.close()
+    assert peak <= 2

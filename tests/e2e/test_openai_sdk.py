@@ -1,0 +1,68 @@
+"""The official openai SDK, unchanged, against real processes: its retries make one chat, and a
+chunk stream dropped mid-answer resumes on the other edge from its cursor, exactly."""
+
+from __future__ import annotations
+
+import aiohttp
+import msgspec
+import openai
+import pytest
+
+from streambridge.fake_llm import expected_text
+from tests.e2e.conftest import System, login
+
+pytestmark = pytest.mark.e2e
+
+WORDS = 40
+SLOW = f"fake?words={WORDS}&delay_ms=30"  # about 1.2 s
+
+
+async def llm_requests(session: aiohttp.ClientSession, system: System) -> int:
+    async with session.get(system.llm_url.removesuffix("/v1") + "/_stats") as response:
+        return int((await response.json())["paths"].get("/v1/chat/completions", 0))
+
+
+async def test_the_sdks_retries_after_timeouts_make_one_chat_and_one_upstream_call(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, system.api.url)
+        before = await llm_requests(session, system)
+        # Each try gives up after 0.5 s, before the chat (1.2 s) ends: the SDK retries by itself.
+        sdk = openai.AsyncOpenAI(
+            base_url=f"{system.edges[0].url}/v1",
+            api_key=auth["Authorization"].removeprefix("Bearer "),
+            max_retries=4,
+            timeout=0.5,
+        )
+        completion = await sdk.chat.completions.create(model=SLOW, messages=[{"role": "user", "content": "retry"}])
+        await sdk.close()
+        assert completion.choices[0].message.content == expected_text("retry", WORDS)
+        assert await llm_requests(session, system) - before == 1, "one chat, asked upstream once"
+
+
+async def test_a_dropped_chunk_stream_resumes_on_the_other_edge_exactly(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, system.api.url)
+        sdk = openai.AsyncOpenAI(
+            base_url=f"{system.edges[0].url}/v1", api_key=auth["Authorization"].removeprefix("Bearer ")
+        )
+        stream = await sdk.chat.completions.create(
+            model=SLOW, messages=[{"role": "user", "content": "two edges"}], stream=True
+        )
+        seen: list[str] = []
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
+            if len(seen) == 10:
+                where = (chunk.model_extra or {})["streambridge"]
+                break
+        await stream.close()  # the connection drops mid-answer
+        await sdk.close()
+        url = f"{system.edges[1].url}/v1/chat/completions/{where['chat_id']}/stream?after={where['cursor']}"
+        rest: list[str] = []
+        async with session.get(url, headers=auth) as response:
+            assert response.status == 200
+            lines = (await response.read()).decode().splitlines()
+        for line in lines:
+            if line.startswith("data: {"):
+                rest += [c["delta"].get("content") or "" for c in msgspec.json.decode(line[6:])["choices"]]
+        assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        assert "".join(seen + rest) == expected_text("two edges", WORDS)
