@@ -192,12 +192,13 @@ local now = now_ms()
 if redis.call('HGET', KEYS[4], 'token') == ARGV[2] then return claimed(now) end
 local enqueued = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not enqueued then return {'taken'} end
+-- another attempt holds the chat: the job stays queued, and starts once that lease is gone
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'busy'} end
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
 local status = redis.call('HGET', KEYS[3], 'status')
 if not status then return {'missing'} end
 if status ~= 'queued' and status ~= 'running' then return {status} end
-if redis.call('EXISTS', KEYS[4]) == 1 then return {'busy'} end
 redis.call('HSET', KEYS[4], 'token', ARGV[2], 'seq', 0)
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[3], 'status', 'running', 'pickup_ms', math.max(0, now - tonumber(enqueued)))

@@ -42,11 +42,14 @@ async def up(settings: Settings, host: str, port: int) -> int:
             body_timeout=settings.body_timeout,
             grace=settings.shutdown_grace,
         )
-        stack.push_async_callback(_quietly, "api + edge", lambda: stop_site(runner, settings.shutdown_grace))
+        # stopped together, so the process exits within one grace, not the sum of two
+        stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
+        stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
+        stack.push_async_callback(_stop_together, stops)
         worker = make_worker(settings, llm_url)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
-        stack.push_async_callback(_quietly, "worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace))
+        stops.append(("worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace)))
         say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
@@ -126,6 +129,10 @@ async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.T
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # a worker that died on its own is an error, not a clean exit
+
+
+async def _stop_together(stops: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:
+    await asyncio.gather(*(_quietly(name, stop) for name, stop in stops))
 
 
 async def _quietly(name: str, cleanup: Callable[[], Awaitable[object]]) -> None:

@@ -77,7 +77,11 @@ class Appender:
         give_up, delay = loop.time() + self._retry_for, 0.02
         while True:
             try:
-                return await self._execute(batch)
+                # bounded as a whole: the client's own retries and socket timeout would run on past it
+                async with asyncio.timeout(max(0.0, give_up - loop.time())):
+                    return await self._execute(batch)
+            except TimeoutError:
+                raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from None
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 if loop.time() + delay > give_up:
                     raise

@@ -167,6 +167,26 @@ async def test_a_start_takes_the_job_off_the_queue_and_claims_the_lease(store: R
     assert before + TTL_MS <= lapses <= await redis_ms(store) + TTL_MS
 
 
+async def test_a_queued_chat_whose_old_lease_holds_waits_on_the_queue_until_it_goes(store: Redis) -> None:
+    # a state only a crash leaves (an AOF recovery): queued, and an earlier attempt's lease alive
+    await run(store, admission())
+    await store.hset(keys.lease(CHAT), mapping={"token": "old", "seq": 3})  # type: ignore[misc]
+    assert await run(store, machine.start(CHAT, "t1", TTL_MS)) == ["busy"]
+    assert await store.zcard(keys.queue()) == 1, "the job stays queued: nothing else would start it"
+    await store.delete(keys.lease(CHAT))
+    assert (await run(store, machine.start(CHAT, "t1", TTL_MS)))[0] == "claimed"
+
+
+async def test_a_refused_admission_leaves_its_idempotency_key_free(store: Redis) -> None:
+    full = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
+    refused = machine.admit(
+        CHAT, OWNER, CRED, created_at="", request=b"{}", job=b"", job_expires_ms=1, limits=full, idempotency_key="k"
+    )
+    assert await run(store, refused) == ["queue"]
+    assert not await store.exists(keys.idempotency(OWNER, "k"))
+    assert await run(store, admission("d" * 32, request=b"{}", key="k")) == ["ok"]
+
+
 async def test_a_start_sent_twice_is_the_same_claim(store: Redis) -> None:
     await run(store, admission())
     first = await run(store, machine.start(CHAT, "t1", TTL_MS))

@@ -26,6 +26,7 @@ WORDS = 1500
 FAST = f"fake?words={WORDS}&delay_ms=2"
 KILLS = 40
 GRACE = 2
+UP_GRACE = 4
 
 
 class Stack:
@@ -122,3 +123,32 @@ async def test_every_process_stops_within_its_grace_while_redis_is_frozen(stack:
     assert set(took) == set(processes), f"still running after {GRACE + 15} s: {set(processes) - set(took)}"
     assert codes == dict.fromkeys(processes, 0)
     assert max(took.values()) <= GRACE + 8, f"stopping took {took}"
+
+
+async def test_up_stops_within_one_grace_while_redis_is_frozen(stack: Stack, tmp_path: Path) -> None:
+    """``up`` runs api, edge and a worker in one process: they stop together, not one after another."""
+    env = clean_env(
+        STREAMBRIDGE_REDIS_URL=stack.redis.url(1),
+        STREAMBRIDGE_LLM_BASE_URL=f"{stack.llm.url}/v1",
+        STREAMBRIDGE_SHUTDOWN_GRACE=str(UP_GRACE),
+    )
+    up = Process(["up", "--port", "0"], env, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            auth = await login(session, up.url)
+            chat = await create_chat(session, up.url, auth, message="freeze", model="fake?words=400&delay_ms=25")
+            reading = asyncio.create_task(read_to_the_end(session, chat["stream_url"]))
+            await asyncio.sleep(1.0)
+            stack.admin.execute_command("CLIENT", "PAUSE", "30000", "ALL")
+            started = time.monotonic()
+            up.proc.send_signal(signal.SIGTERM)
+            while up.proc.poll() is None and time.monotonic() - started < 2 * UP_GRACE + 15:
+                await asyncio.sleep(0.05)
+            took = time.monotonic() - started
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
+        assert up.proc.returncode == 0
+        # measured: about the grace and 2 s; one part after the other took 12 s
+        assert took <= UP_GRACE + 4, f"stopping took {took:.1f} s"
+    finally:
+        up.stop()
