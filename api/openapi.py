@@ -83,6 +83,13 @@ def error(description: str, codes: dict[str, str], *, retry_after: bool | None =
     return answer
 
 
+IDEMPOTENCY_KEY: Final = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "description": "Makes the create safe to retry: the same key from the same user within 24 h "
+    "(or `STREAMBRIDGE_RESULT_TTL`, if shorter) answers with the chat the first request made.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x21-\\x7e]+$"},
+}
 UNAUTHORIZED: Final = error(
     "No valid credentials.",
     {"unauthorized": "no `Authorization: Bearer` token, or one that is unknown, expired or revoked"},
@@ -207,15 +214,7 @@ def chats() -> Json:
             "`GET /v1/chats/{id}/events` with the bearer token.",
             "tags": ["chats"],
             "security": BEARER,
-            "parameters": [
-                {
-                    "name": "Idempotency-Key",
-                    "in": "header",
-                    "description": "Makes the create safe to retry: the same key from the same user within 24 h "
-                    "(or `STREAMBRIDGE_RESULT_TTL`, if shorter) answers with the chat the first request made.",
-                    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7e]+$"},
-                }
-            ],
+            "parameters": [IDEMPOTENCY_KEY],
             "requestBody": create_chat_body(),
             "responses": {
                 "202": {
@@ -504,6 +503,114 @@ def components() -> Json:
     }
 
 
+OPENAI_BODY: Final = {"type": "object", "description": "OpenAI's own shape; see its API reference."}
+
+
+def completions() -> Json:
+    return {
+        "post": {
+            "operationId": "create_completion",
+            "summary": "OpenAI's Chat Completions (the openai SDK's `chat.completions.create`)",
+            "description": "A chat, admitted as `POST /v1/chats` admits one and answered in OpenAI's shapes: one "
+            "`chat.completion` once it ends, or (`stream: true`) `chat.completion.chunk` SSE ending with "
+            "`data: [DONE]` (the usage chunk before it with `stream_options.include_usage`). Every chunk carries "
+            "`streambridge: {chat_id, cursor}`; a dropped stream continues at "
+            "`GET /v1/chat/completions/{id}/stream?after=<cursor>`. Fields other than OpenAI's go to the upstream "
+            "as they came. Served by edges.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": {"required": True, "content": json_content(OPENAI_BODY)},
+            "responses": {
+                "200": {
+                    "description": "A `chat.completion`, or its chunks as SSE.",
+                    "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": {"type": "string"}}},
+                },
+                "400": error(
+                    "Not a request OpenAI's API would take (a wrong shape is 400 here, as OpenAI answers it).",
+                    {
+                        "malformed_json": "the body is not UTF-8 JSON",
+                        "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
+                        "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
+                        "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
+                    },
+                ),
+                "401": UNAUTHORIZED,
+                "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
+                "409": error("The chat was cancelled before it ended.", {"cancelled": "its owner cancelled it"}),
+                "413": error("The body is too large.", {"payload_too_large": "see `POST /v1/chats`"}),
+                "429": error(
+                    "Over a per-user limit.",
+                    {
+                        "rate_limited": "see `POST /v1/chats`",
+                        "too_many_chats": "see `POST /v1/chats`",
+                        "too_many_streams": "the user or address has its most streams open",
+                    },
+                    retry_after=True,
+                ),
+                "502": error("The upstream failed the chat.", {"upstream_failed": "every attempt failed"}),
+                "503": error(
+                    "The service cannot answer now.",
+                    {
+                        **REDIS_UNAVAILABLE,
+                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
+                        "unavailable": "the edge is shutting down; send the request again",
+                    },
+                    retry_after=False,
+                ),
+            },
+        }
+    }
+
+
+def completion_stream() -> Json:
+    return {
+        "parameters": [ref_parameter("ChatId")],
+        "get": {
+            "operationId": "resume_completion",
+            "summary": "A Chat Completions chunk stream again, after a cursor",
+            "description": "The chunks of the chat's completion that follow `after` (a chunk's "
+            "`streambridge.cursor`), on any edge, exactly once; from the first without it.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "parameters": [
+                {"name": "after", "in": "query", "schema": ref("StreamId"), "description": "A chunk's cursor."},
+                {"name": "include_usage", "in": "query", "schema": {"type": "boolean"}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "The chunks, as SSE.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                "400": error("Not a cursor.", {"bad_cursor": "`after` is not a chunk's cursor"}),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "410": error("The stream expired.", {"stream_expired": "`GET /v1/chats/{id}` still has the result"}),
+                "429": error("Too many streams.", {"too_many_streams": "see the events route"}, retry_after=True),
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        },
+    }
+
+
+def models() -> Json:
+    return {
+        "get": {
+            "operationId": "list_models",
+            "summary": "The upstream's models (the openai SDK's `models.list`)",
+            "description": "Fetched from the upstream at most once a minute; the configured "
+            "`STREAMBRIDGE_LLM_MODEL` when the upstream has no list.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "responses": {
+                "200": {"description": "OpenAI's model list.", "content": json_content(OPENAI_BODY)},
+                "401": UNAUTHORIZED,
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        }
+    }
+
+
 def build() -> Json:
     return {
         "openapi": OPENAPI_VERSION,
@@ -518,6 +625,7 @@ def build() -> Json:
             {"name": "events", "description": "A chat's event stream (the SSE edge)."},
             {"name": "auth", "description": "Tokens."},
             {"name": "meta", "description": "Health and this document (every process)."},
+            {"name": "openai", "description": "OpenAI's API: the openai SDK works unchanged (edges)."},
         ],
         "security": BEARER,
         "paths": {
@@ -528,6 +636,9 @@ def build() -> Json:
             "/v1/chats/{id}": chat(),
             "/v1/chats/{id}/cancel": cancel(),
             "/v1/chats/{id}/events": events(),
+            "/v1/chat/completions": completions(),
+            "/v1/chat/completions/{id}/stream": completion_stream(),
+            "/v1/models": models(),
         },
         "components": components(),
     }

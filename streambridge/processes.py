@@ -34,6 +34,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
             settings = msgspec.structs.replace(settings, redis_url=redis.url)
             say(f"embedded Redis: {redis.binary} on {redis.url} (in memory; set STREAMBRIDGE_REDIS_URL to use yours)")
         llm_url = await _llm_url(settings, stack)
+        settings = msgspec.structs.replace(settings, llm_base_url=llm_url)  # for /v1/models too
         runner, bound = await start_site(
             make_app(settings),
             host,

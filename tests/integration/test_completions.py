@@ -25,7 +25,7 @@ WORDS = FAST_LLM.words
 @pytest.fixture
 async def base_url(settings: Settings, llm_url: str) -> AsyncIterator[str]:
     """API and edge on one port with a worker running: what ``streambridge up`` serves."""
-    server = TestServer(make_app(settings))
+    server = TestServer(make_app(msgspec.structs.replace(settings, llm_base_url=llm_url)))
     await server.start_server()
     worker = make_worker(settings, llm_url)
     main = asyncio.create_task(worker.main())
@@ -145,3 +145,16 @@ async def test_an_sdk_retry_finds_the_first_chat_and_a_fresh_request_makes_a_new
                 ids.append((await response.json())["streambridge"]["chat_id"])
     assert ids[0] == ids[1] == ids[2], "the SDK's retries are the first request"
     assert ids[3] != ids[0], "asked afresh, it is a new chat"
+
+
+async def test_models_are_the_upstreams(sdk: openai.AsyncOpenAI) -> None:
+    assert [m.id async for m in sdk.models.list()] == ["fake"]
+
+
+async def test_models_fall_back_to_the_configured_one_without_an_upstream_list(settings: Settings) -> None:
+    unreachable = msgspec.structs.replace(settings, llm_base_url="http://127.0.0.1:9/v1", llm_model="my-model")
+    async with TestClient(TestServer(make_app(unreachable))) as client:
+        token = (await (await client.post("/v1/auth/visitor")).json())["token"]
+        response = await client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+        assert response.status == 200
+        assert [m["id"] for m in (await response.json())["data"]] == ["my-model"]

@@ -50,6 +50,27 @@ ERRORS: dict[str, dict[int, set[str]]] = {
 }
 
 
+ERRORS["POST /v1/chat/completions"] = {
+    400: {"malformed_json", "invalid_request", "bad_idempotency_key", "idempotency_key_reused"},
+    401: {"unauthorized"},
+    408: {"request_timeout"},
+    409: {"cancelled"},
+    413: {"payload_too_large"},
+    429: {"rate_limited", "too_many_chats", "too_many_streams"},
+    502: {"upstream_failed"},
+    503: {"redis_unavailable", "overloaded", "unavailable"},
+}
+ERRORS["GET /v1/chat/completions/{id}/stream"] = {
+    400: {"bad_cursor"},
+    401: {"unauthorized"},
+    404: {"not_found"},
+    410: {"stream_expired"},
+    429: {"too_many_streams"},
+    503: {"redis_unavailable"},
+}
+ERRORS["GET /v1/models"] = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
+
+
 def document() -> dict[str, Any]:
     """A fresh copy, decoded from the bytes the route serves."""
     return dict(msgspec.json.decode(openapi.BODY))
