@@ -503,6 +503,7 @@ def components() -> Json:
     }
 
 
+SSE_TEXT: Final = {"type": "string"}
 OPENAI_BODY: Final = {"type": "object", "description": "OpenAI's own shape; see its API reference."}
 
 
