@@ -94,13 +94,18 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     """The chunk stream again, after ``after`` (a chunk's ``streambridge.cursor``): exactly what followed it."""
     ctx = context(request)
     identity, chat_id, chat = await owned_chat(request, ctx)
+    unknown = sorted(set(request.query) - {"after", "include_usage"})
+    if unknown:  # a typo (`starting_after`, say) would otherwise replay everything, silently
+        raise BadRequest(f"unknown query parameter `{unknown[0]}`", code="invalid_request", param=unknown[0])
     after = request.query.get("after") or None
     if after is not None and not is_entry_id(after):
         raise BadRequest(f"`after` must be a chunk's cursor, not {after!r}", code="bad_cursor", param="after")
-    include_usage = request.query.get("include_usage", "false").lower() in {"1", "true"}
+    include_usage = request.query.get("include_usage", "false")
+    if include_usage not in {"true", "false"}:
+        raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
     if not await ctx.redis.exists(keys.events(chat_id)) and chat.get(b"status", b"") not in {b"queued", b"running"}:
         raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
-    return await stream_chunks(request, ctx, identity, chat_id, after, include_usage)
+    return await stream_chunks(request, ctx, identity, chat_id, after, include_usage == "true")
 
 
 def parse_control(fields: dict[str, Any]) -> Control:

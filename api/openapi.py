@@ -174,6 +174,20 @@ def create_chat_schema(request: Json) -> Json:
     return {**request, "title": "CreateChat", "properties": properties, "required": [], "additionalProperties": False}
 
 
+def completion_request_schema(request: Json) -> Json:
+    """``ChatRequest`` as ``POST /v1/chat/completions`` takes it: OpenAI's fields, the answer's
+    (``stream``, ``stream_options``, ``n``), and any other field, for the upstream."""
+    properties = {k: v for k, v in request["properties"].items() if k != "extra"}
+    properties["stream"] = {"type": "boolean"}
+    properties["stream_options"] = {
+        "type": "object",
+        "properties": {"include_usage": {"type": "boolean"}},
+        "additionalProperties": False,
+    }
+    properties["n"] = {"const": 1}
+    return {**request, "title": "ChatCompletionRequest", "properties": properties}
+
+
 def create_chat_body() -> Json:
     # CreateChat's fields are each optional; exactly one of `messages` and `message` must be sent.
     one_of = [
@@ -463,7 +477,9 @@ def sse_event() -> Json:
 def components() -> Json:
     structs = (ChatRequest, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
     (*_, event), schemas = msgspec.json.schema_components(structs, ref_template=REF)
-    schemas["CreateChat"] = create_chat_schema(schemas.pop("ChatRequest"))
+    request = schemas.pop("ChatRequest")
+    schemas["CreateChat"] = create_chat_schema(request)
+    schemas["ChatCompletionRequest"] = completion_request_schema(request)
     schemas["Event"] = {
         "title": "Event",
         "description": "An event of a chat's stream; `type` says which. Terminal: `complete`, `failed`, `cancelled`.",
@@ -503,7 +519,12 @@ def components() -> Json:
     }
 
 
-SSE_TEXT: Final = {"type": "string"}
+#: one SSE event of a chunk stream: a ``data:`` line of JSON (or ``[DONE]``), with no ``id:``
+SSE_TEXT: Final = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"const": "message"}},
+    "required": ["data"],
+}
 OPENAI_BODY: Final = {"type": "object", "description": "OpenAI's own shape; see its API reference."}
 
 
@@ -521,11 +542,11 @@ def completions() -> Json:
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
-            "requestBody": {"required": True, "content": json_content(OPENAI_BODY)},
+            "requestBody": {"required": True, "content": json_content(ref("ChatCompletionRequest"))},
             "responses": {
                 "200": {
                     "description": "A `chat.completion`, or its chunks as SSE.",
-                    "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": {"type": "string"}}},
+                    "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": SSE_TEXT}},
                 },
                 "400": error(
                     "Not a request OpenAI's API would take (a wrong shape is 400 here, as OpenAI answers it).",
@@ -575,15 +596,26 @@ def completion_stream() -> Json:
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [
-                {"name": "after", "in": "query", "schema": ref("StreamId"), "description": "A chunk's cursor."},
+                {
+                    "name": "after",
+                    "in": "query",
+                    "schema": RESUME_AT,
+                    "description": "A chunk's cursor; empty: from the start.",
+                },
                 {"name": "include_usage", "in": "query", "schema": {"type": "boolean"}},
             ],
             "responses": {
                 "200": {
                     "description": "The chunks, as SSE.",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    "content": {"text/event-stream": {"schema": SSE_TEXT}},
                 },
-                "400": error("Not a cursor.", {"bad_cursor": "`after` is not a chunk's cursor"}),
+                "400": error(
+                    "Not a cursor, or not a boolean.",
+                    {
+                        "bad_cursor": "`after` is not a chunk's cursor",
+                        "invalid_request": "`include_usage` is not a boolean",
+                    },
+                ),
                 "401": UNAUTHORIZED,
                 "404": NOT_FOUND,
                 "410": error("The stream expired.", {"stream_expired": "`GET /v1/chats/{id}` still has the result"}),

@@ -61,7 +61,7 @@ ERRORS["POST /v1/chat/completions"] = {
     503: {"redis_unavailable", "overloaded", "unavailable"},
 }
 ERRORS["GET /v1/chat/completions/{id}/stream"] = {
-    400: {"bad_cursor"},
+    400: {"bad_cursor", "invalid_request"},
     401: {"unauthorized"},
     404: {"not_found"},
     410: {"stream_expired"},
