@@ -296,13 +296,16 @@ async def verify_with_fresh_secret(ctx: Context, chat_id: str, token: str) -> st
 
 
 def parse_last_event_id(request: web.Request) -> str | None:
-    value = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    if value is None or value == "":
-        return None
-    value = value.strip()
-    if not is_entry_id(value):
-        raise BadRequest(f"Last-Event-ID {value!r} is not a stream id like 1732400000000-0", code="bad_last_event_id")
-    return value
+    """The header's position, else the query's; either, if sent, must be a stream id (a malformed
+    one is refused even where the other wins: it is a client's mistake worth hearing of)."""
+    header, query = request.headers.get("Last-Event-ID"), request.query.get("last_event_id")
+    for value in (header, query):
+        if value and not is_entry_id(value.strip()):
+            raise BadRequest(
+                f"Last-Event-ID {value!r} is not a stream id like 1732400000000-0", code="bad_last_event_id"
+            )
+    value = header or query
+    return value.strip() if value else None
 
 
 def check_retained(chat_id: str, state: ChatState, last_event_id: str | None) -> None:
