@@ -30,7 +30,7 @@ class Content(msgspec.Struct, tag="content", tag_field="type", frozen=True):
 
 
 class Reasoning(msgspec.Struct, tag="reasoning", tag_field="type", frozen=True):
-    """The model's reasoning text, kept apart from the answer; ``index`` counts these within the attempt."""
+    """The model's reasoning text, kept apart from the answer; `index` counts these within the attempt."""
 
     content: str
     index: int
@@ -38,10 +38,10 @@ class Reasoning(msgspec.Struct, tag="reasoning", tag_field="type", frozen=True):
 
 
 class ToolCallFragment(msgspec.Struct, tag="tool_call", tag_field="type", frozen=True):
-    """One fragment of a streamed tool call, as OpenAI's ``delta.tool_calls[i]`` carries it.
+    """One fragment of a streamed tool call, as OpenAI's `delta.tool_calls[i]` carries it.
 
-    ``index`` is the call's place in the message; ``id`` and ``name`` come with its first fragment,
-    and the ``arguments`` fragments, joined in stream order, are its arguments' JSON.
+    `index` is the call's place in the message; `id` and `name` come with its first fragment,
+    and the `arguments` fragments, joined in stream order, are its arguments' JSON.
     """
 
     index: int
@@ -93,7 +93,7 @@ class FunctionCall(msgspec.Struct, frozen=True):
 
 
 class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
-    """An assembled tool call, shaped as in an OpenAI ``chat.completion`` message."""
+    """An assembled tool call, shaped as in an OpenAI `chat.completion` message."""
 
     id: str
     type: Literal["function"] = "function"
