@@ -19,7 +19,14 @@ from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_
 from streambridge.shared import keys, machine
 from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
-from streambridge.shared.events import Usage, assemble_text, decode_event
+from streambridge.shared.events import (
+    ToolCall,
+    Usage,
+    assemble_reasoning,
+    assemble_text,
+    assemble_tool_calls,
+    decode_event,
+)
 from streambridge.shared.streams import Entry, entry_from_fields
 
 log = logging.getLogger("streambridge.api")
@@ -39,7 +46,7 @@ class Created(msgspec.Struct):
     created_at: str
 
 
-class ChatView(msgspec.Struct):
+class ChatView(msgspec.Struct, omit_defaults=True):
     id: str
     status: Status
     content: str
@@ -49,6 +56,8 @@ class ChatView(msgspec.Struct):
     error: str | None
     created_at: str
     stream_url: str
+    reasoning: str | None = None  # left out unless the model sent reasoning
+    tool_calls: list[ToolCall] | None = None  # left out unless the model called tools
 
 
 class StatusView(msgspec.Struct):
@@ -160,8 +169,11 @@ async def read_chat(request: web.Request) -> web.Response:
         result = decode_result(chat[b"result"])
         view.content, view.finish_reason, view.usage = result.content, result.finish_reason, result.usage
         view.error, view.attempts = result.error, max(result.attempts, view.attempts)
+        view.reasoning, view.tool_calls = result.reasoning, result.tool_calls
     elif status not in TERMINAL_STATUSES:
-        view.content = assemble_text(decode_event(e.data) for e in await read_stream(ctx, chat_id))
+        events = [decode_event(e.data) for e in await read_stream(ctx, chat_id)]
+        view.content = assemble_text(events)
+        view.reasoning, view.tool_calls = assemble_reasoning(events) or None, assemble_tool_calls(events) or None
     return json_response(view)
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from streambridge.shared.events import Usage
+from streambridge.shared.events import ToolCall, Usage
 
 Status = Literal["queued", "running", "complete", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = frozenset({"complete", "failed", "cancelled"})
@@ -127,13 +127,17 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
 REQUEST_FIELDS: Final = frozenset(ChatRequest.__struct_fields__) - {"extra"}
 
 
-class ChatResult(msgspec.Struct, frozen=True):
+class ChatResult(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Fields added later get defaults, so results stored before them still decode."""
+
     status: Status
     content: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
     attempts: int = 0
     error: str | None = None
+    reasoning: str | None = None  # the completing attempt's reasoning text, if it sent any
+    tool_calls: list[ToolCall] | None = None  # the completing attempt's tool calls, if it made any
 
 
 _request_decoder: Final = msgspec.json.Decoder(ChatRequest)

@@ -7,7 +7,7 @@ Fields added later must get defaults so that old entries still decode.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Final, cast
+from typing import Final, Literal, TypeVar, cast
 
 import msgspec
 
@@ -26,6 +26,28 @@ class Started(msgspec.Struct, tag="started", tag_field="type", frozen=True):
 class Content(msgspec.Struct, tag="content", tag_field="type", frozen=True):
     content: str
     index: int
+    attempt: int
+
+
+class Reasoning(msgspec.Struct, tag="reasoning", tag_field="type", frozen=True):
+    """The model's reasoning text, kept apart from the answer; `index` counts these within the attempt."""
+
+    content: str
+    index: int
+    attempt: int
+
+
+class ToolCallFragment(msgspec.Struct, tag="tool_call", tag_field="type", frozen=True):
+    """One fragment of a streamed tool call, as OpenAI's `delta.tool_calls[i]` carries it.
+
+    `index` is the call's place in the message; `id` and `name` come with its first fragment,
+    and the `arguments` fragments, joined in stream order, are its arguments' JSON.
+    """
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
     attempt: int
 
 
@@ -65,11 +87,26 @@ class Cancelled(msgspec.Struct, tag="cancelled", tag_field="type", frozen=True):
     pass
 
 
-Event = Started | Content | Progress | Status | Error | Complete | Failed | Cancelled
+class FunctionCall(msgspec.Struct, frozen=True):
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """An assembled tool call, shaped as in an OpenAI `chat.completion` message."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+Event = Started | Content | Reasoning | ToolCallFragment | Progress | Status | Error | Complete | Failed | Cancelled
 Terminal = Complete | Failed | Cancelled
 
 TERMINAL_TYPES: Final = frozenset({"complete", "failed", "cancelled"})
-EVENT_TYPES: Final = frozenset({"started", "content", "progress", "status", "error", "complete", "failed", "cancelled"})
+EVENT_TYPES: Final = frozenset(
+    {"started", "content", "reasoning", "tool_call", "progress", "status", "error", "complete", "failed", "cancelled"}
+)
 
 _encoder: Final = msgspec.json.Encoder()
 _decoder: Final = msgspec.json.Decoder(Event)
@@ -94,19 +131,50 @@ def is_terminal(event: Event) -> bool:
     return isinstance(event, Complete | Failed | Cancelled)
 
 
-def assemble_text(events: Iterable[Event]) -> str:
-    """The answer's text, by the contract's rule.
+_E = TypeVar("_E", bound=Content | Reasoning | ToolCallFragment)
 
-    The concatenation of the ``content`` events of the attempt that completed; while no
-    attempt has completed, of the latest attempt seen (what a client shows as it streams).
-    """
-    parts: dict[int, list[str]] = {}
+
+def answer_events(events: Iterable[Event], kind: type[_E]) -> list[_E]:
+    """The events of one kind from the attempt that completed, by the contract's rule; while no
+    attempt has completed, from the latest attempt seen (what a client shows as it streams)."""
+    by_attempt: dict[int, list[_E]] = {}
     latest = 0
     for event in events:
-        if isinstance(event, Content):
-            parts.setdefault(event.attempt, []).append(event.content)
-        if isinstance(event, Started | Content | Complete):
+        if isinstance(event, kind):
+            by_attempt.setdefault(event.attempt, []).append(event)
+        if isinstance(event, Started | Content | Reasoning | ToolCallFragment | Complete):
             latest = event.attempt
         if isinstance(event, Complete):
-            return "".join(parts.get(event.attempt, ()))
-    return "".join(parts.get(latest, ()))
+            return by_attempt.get(event.attempt, [])
+    return by_attempt.get(latest, [])
+
+
+def assemble_text(events: Iterable[Event]) -> str:
+    """The answer's text: the ``content`` of the attempt that completed (else the latest)."""
+    return "".join(event.content for event in answer_events(events, Content))
+
+
+def assemble_reasoning(events: Iterable[Event]) -> str:
+    """The reasoning text of the attempt that completed (else the latest); not part of the answer."""
+    return "".join(event.content for event in answer_events(events, Reasoning))
+
+
+def assemble_tool_calls(events: Iterable[Event]) -> list[ToolCall]:
+    """The tool calls of the attempt that completed (else the latest), in ``index`` order.
+
+    Each call's ``arguments`` fragments are joined; its ``id`` and ``name`` are the first ones sent
+    (a provider may repeat them on later fragments; joining those would garble them).
+    """
+    ids: dict[int, str] = {}
+    names: dict[int, str] = {}
+    arguments: dict[int, list[str]] = {}
+    for event in answer_events(events, ToolCallFragment):
+        arguments.setdefault(event.index, []).append(event.arguments)
+        if event.id and event.index not in ids:
+            ids[event.index] = event.id
+        if event.name and event.index not in names:
+            names[event.index] = event.name
+    return [
+        ToolCall(id=ids.get(i, ""), function=FunctionCall(name=names.get(i, ""), arguments="".join(arguments[i])))
+        for i in sorted(arguments)
+    ]

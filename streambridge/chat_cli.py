@@ -2,6 +2,8 @@
 
 On a terminal the text streams live (a restarted attempt is announced on stderr and its text
 starts over); into a pipe or file only the final answer is written, so it holds just that.
+The model's reasoning is not the answer: it goes to stderr (dimmed on a terminal, streamed live
+when the answer is). Tool calls the model made are the answer: ``tool call: name(arguments)``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 import aiohttp
 from yarl import URL
 
-from streambridge.client import ClientError, StreambridgeClient
+from streambridge.client import ChatStream, ClientError, StreambridgeClient
 from streambridge.serve import catch_signals
-from streambridge.shared.events import Cancelled, Complete, Content, Error, Failed, Started, Status
+from streambridge.shared.events import Cancelled, Complete, Content, Error, Event, Failed, Reasoning, Started, Status
+
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
 
 
 async def chat(prompt: str, *, url: str, model: str | None = None) -> int:
@@ -29,36 +33,29 @@ async def chat(prompt: str, *, url: str, model: str | None = None) -> int:
     if not streaming.done():  # SIGINT/SIGTERM: leave quietly; the chat goes on server-side
         streaming.cancel()
         await asyncio.gather(streaming, return_exceptions=True)
-        print(file=sys.stderr)
+        print(PLAIN if sys.stderr.isatty() else "", file=sys.stderr)  # a dimmed reasoning may be cut off
         return 0
     return streaming.result()
 
 
 async def _stream(prompt: str, url: str, model: str | None, *, live: bool) -> int:
-    out, err = sys.stdout, sys.stderr
+    screen = _Screen(live=live)
+    err = sys.stderr
     try:
         async with StreambridgeClient(url) as client:
             await client.login_visitor()
             created = await client.create_chat(prompt, model=model)
-            shown = 0  # the attempt whose text is on screen
             async with client.stream(created) as stream:
                 async for received in stream:
                     event = received.event
-                    if isinstance(event, Started) and shown and event.attempt != shown and live:
-                        print(f"\n[attempt {event.attempt}: the answer restarts]", file=err, flush=True)
-                    elif isinstance(event, Content) and live:
-                        shown = event.attempt
-                        out.write(event.content)
-                        out.flush()
-                    elif isinstance(event, Status | Error):
-                        print(f"\n[{event.message}]" if live else f"[{event.message}]", file=err, flush=True)
-                    elif isinstance(event, Complete):
-                        out.write("\n" if live else stream.text + "\n")
+                    screen.show(event)
+                    if isinstance(event, Complete):
+                        screen.complete(stream)
                         return 0
-                    elif isinstance(event, Failed):
+                    if isinstance(event, Failed):
                         print(f"\nfailed after {event.attempts} attempt(s): {event.message}", file=err)
                         return 1
-                    elif isinstance(event, Cancelled):
+                    if isinstance(event, Cancelled):
                         print("\ncancelled", file=err)
                         return 1
         print("\nthe stream ended without a final event", file=err)
@@ -69,3 +66,43 @@ async def _stream(prompt: str, url: str, model: str | None, *, live: bool) -> in
     except (OSError, aiohttp.ClientError) as exc:
         print(f"streambridge chat: cannot reach {url}: {exc}", file=err)
         return 1
+
+
+class _Screen:
+    """Writes the events as they come (``live``), and the outcome at the end: the answer and tool
+    calls on stdout, everything else (reasoning included) on stderr."""
+
+    def __init__(self, *, live: bool) -> None:
+        self.out, self.err, self.live = sys.stdout, sys.stderr, live
+        self.dim, self.plain = (DIM, PLAIN) if self.err.isatty() else ("", "")
+        self.shown = 0  # the attempt whose text is on screen
+        self.thinking = False  # its reasoning is being written to stderr, a line end still owed
+
+    def show(self, event: Event) -> None:
+        if self.thinking and not isinstance(event, Reasoning):
+            print(self.plain, file=self.err, flush=True)
+            self.thinking = False
+        if isinstance(event, Status | Error):
+            print(f"\n[{event.message}]" if self.live else f"[{event.message}]", file=self.err, flush=True)
+        if not self.live:
+            return
+        if isinstance(event, Started) and self.shown and event.attempt != self.shown:
+            print(f"\n[attempt {event.attempt}: the answer restarts]", file=self.err, flush=True)
+        elif isinstance(event, Reasoning):
+            self.shown = event.attempt
+            self.err.write(event.content if self.thinking else f"{self.dim}reasoning: {event.content}")
+            self.err.flush()
+            self.thinking = True
+        elif isinstance(event, Content):
+            self.shown = event.attempt
+            self.out.write(event.content)
+            self.out.flush()
+
+    def complete(self, stream: ChatStream) -> None:
+        if stream.reasoning and not self.live:
+            print(f"{self.dim}reasoning: {stream.reasoning}{self.plain}", file=self.err, flush=True)
+        if stream.text or not stream.tool_calls:
+            self.out.write("\n" if self.live else stream.text + "\n")
+        for call in stream.tool_calls:
+            self.out.write(f"tool call: {call.function.name}({call.function.arguments})\n")
+        self.out.flush()

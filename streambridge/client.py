@@ -36,10 +36,14 @@ from streambridge.shared.events import (
     Event,
     Failed,
     Progress,
+    Reasoning,
     Started,
     Status,
     Terminal,
+    ToolCall,
+    ToolCallFragment,
     Usage,
+    assemble_tool_calls,
     decode_event,
 )
 from streambridge.shared.streams import id_key, is_entry_id
@@ -67,6 +71,8 @@ class ChatInfo(msgspec.Struct, frozen=True):
     attempts: int = 0
     error: str | None = None
     stream_url: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class CancelAccepted(msgspec.Struct, frozen=True):
@@ -120,6 +126,8 @@ class ChatOutcome(NamedTuple):
     text: str
     terminal: Terminal
     reconnects: int
+    reasoning: str = ""  # the model's reasoning, apart from the answer's text
+    tool_calls: tuple[ToolCall, ...] = ()  # the tool calls it made, assembled from their fragments
 
 
 class StreambridgeClient:
@@ -204,6 +212,8 @@ class StreambridgeClient:
         temperature: float | None = None,
         max_tokens: int | None = None,
         on_content: Callable[[str, Content], object] | None = None,
+        on_reasoning: Callable[[str, Reasoning], object] | None = None,
+        on_tool_call: Callable[[ToolCallFragment], object] | None = None,
         on_progress: Callable[[Progress], object] | None = None,
         on_status: Callable[[Status], object] | None = None,
         on_error: Callable[[Error], object] | None = None,
@@ -212,7 +222,8 @@ class StreambridgeClient:
     ) -> ChatOutcome:
         """Ask, follow the answer to its end and return it. Callbacks may be plain functions or coroutines.
 
-        ``on_content`` gets each piece of the latest attempt; when a ``started`` event of a new attempt
+        ``on_content`` gets each piece of the latest attempt (``on_reasoning`` each piece of its reasoning,
+        ``on_tool_call`` each fragment of a tool call); when a ``started`` event of a new attempt
         arrives (``on_event``), the pieces shown so far are superseded. ``on_complete`` gets the terminal
         event: ``complete``, ``failed`` or ``cancelled``.
         """
@@ -228,6 +239,10 @@ class StreambridgeClient:
                     await _call(on_event, event)
                 if isinstance(event, Content) and on_content is not None:
                     await _call(on_content, event.content, event)
+                elif isinstance(event, Reasoning) and on_reasoning is not None:
+                    await _call(on_reasoning, event.content, event)
+                elif isinstance(event, ToolCallFragment) and on_tool_call is not None:
+                    await _call(on_tool_call, event)
                 elif isinstance(event, Progress) and on_progress is not None:
                     await _call(on_progress, event)
                 elif isinstance(event, Status) and on_status is not None:
@@ -237,7 +252,8 @@ class StreambridgeClient:
         assert stream.terminal is not None
         if on_complete is not None:
             await _call(on_complete, stream.terminal)
-        return ChatOutcome(created.id, stream.text, stream.terminal, stream.reconnects)
+        text, reasoning, tool_calls = stream.text, stream.reasoning, tuple(stream.tool_calls)
+        return ChatOutcome(created.id, text, stream.terminal, stream.reconnects, reasoning, tool_calls)
 
     async def _request(self, method: str, path: str, body: object = None) -> bytes:
         headers = {"Accept": "application/json", **self.auth_headers()}
@@ -272,14 +288,24 @@ class ChatStream:
         self._by_stream_url = not isinstance(chat, str)
         self._url, self._headers = _route(client, self.chat_id, None if isinstance(chat, str) else chat.stream_url)
         self._stale_url = False
-        self._parts: dict[int, list[str]] = {}
+        self._parts: dict[int, list[Content | Reasoning | ToolCallFragment]] = {}  # by attempt
         self._attempt = 0
         self._events = self._run()
 
     @property
     def text(self) -> str:
         """The answer so far: the content of the completed attempt, or of the latest one while running."""
-        return "".join(self._parts.get(self._attempt, ()))
+        return "".join(e.content for e in self._parts.get(self._attempt, ()) if isinstance(e, Content))
+
+    @property
+    def reasoning(self) -> str:
+        """The reasoning so far, of the same attempt as ``text``; not part of the answer."""
+        return "".join(e.content for e in self._parts.get(self._attempt, ()) if isinstance(e, Reasoning))
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tool calls so far, of the same attempt as ``text``, assembled from their fragments."""
+        return assemble_tool_calls(self._parts.get(self._attempt, ()))
 
     def __aiter__(self) -> Self:
         return self
@@ -355,9 +381,9 @@ class ChatStream:
         if kind not in EVENT_TYPES:
             return None  # a type newer than this client: skip it
         event = decode_event(data)
-        if isinstance(event, Content):
-            self._parts.setdefault(event.attempt, []).append(event.content)
-        if isinstance(event, Started | Content | Complete):
+        if isinstance(event, Content | Reasoning | ToolCallFragment):
+            self._parts.setdefault(event.attempt, []).append(event)
+        if isinstance(event, Started | Content | Reasoning | ToolCallFragment | Complete):
             self._attempt = event.attempt
         if isinstance(event, Complete | Failed | Cancelled):
             self.terminal = event

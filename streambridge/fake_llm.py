@@ -6,7 +6,10 @@ Per-request behaviour rides in the model name, so one process can script many ca
 ``"fake?words=5&fail=drop:3&fail_times=1&delay_ms=1"`` overrides those fields of the base
 ``FakeLLMConfig`` for that request. The answer to a prompt is always ``expected_text(prompt,
 words)``, cut into chunks of 1..6 units that split words, ZWJ sequences, letters from their
-combining marks and (with ``split="utf16"``) surrogate pairs.
+combining marks and (with ``split="utf16"``) surrogate pairs. With ``reasoning=N`` it first
+streams ``expected_reasoning(prompt, N)`` as ``delta.reasoning_content``; with ``tool=NAME``, or
+``tools`` in the request, it answers with one tool call, ``expected_tool_call(prompt, name)``, its
+arguments in fragments, and ``finish_reason: "tool_calls"``, in place of the text.
 
 Chunks are encoded with the stdlib ``json``: msgspec refuses the lone surrogates that the
 utf16 mode sends on purpose as ``\\udXXX`` escapes.
@@ -21,29 +24,34 @@ import math
 import re
 import time
 import uuid
-from typing import Annotated, Any, Final, TypeVar
+from typing import Annotated, Any, Final, NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from streambridge.shared.events import FunctionCall, ToolCall
+
 
 class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
-    ttft_ms: float = 50.0  # delay before the first content chunk
-    delay_ms: float = 20.0  # delay between content chunks
+    ttft_ms: float = 50.0  # delay before the first chunk of reasoning, text or a tool call
+    delay_ms: float = 20.0  # delay between those chunks
     words: int = 40  # length of the answer in words
-    # None | "500" | "429" | "drop:K" (close the connection after K content chunks)
-    # | "stall" (the role chunk, then nothing) | "stall:K" (stall after K content chunks)
+    # None | "500" | "429" | "drop:K" (close the connection after K chunks of reasoning, text or tool call)
+    # | "stall" (the role chunk, then nothing) | "stall:K" (stall after K such chunks)
     fail: str | None = None
     fail_times: int = 0  # fail only the first N requests per (fail, prompt); 0 = every request
     split: str = "codepoints"  # "codepoints" | "utf16" (surrogate pairs may be split)
     retry_after: float | None = None  # Retry-After header value for 429
+    reasoning: int = 0  # words of reasoning streamed before the answer
+    tool: str | None = None  # call this tool in place of answering, as if the request offered it
 
 
 DEFAULT_CONFIG: Final = FakeLLMConfig()
 
 _FAIL: Final = re.compile(r"500|429|(drop|stall):\d+|stall")
+_TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _SPLITS: Final = ("codepoints", "utf16")
 # Chunk sizes in units (code points or UTF-16 code units), cycled; the same for every prompt.
 _SIZES: Final = (3, 1, 4, 1, 5, 2, 6, 2, 1, 3)
@@ -77,6 +85,18 @@ def expected_text(prompt: str, words: int) -> str:
         else:
             out.append(_PLAIN[digest[i + 1] % len(_PLAIN)])
     return " ".join(out)
+
+
+def expected_reasoning(prompt: str, words: int) -> str:
+    """The exact reasoning sent before the answer to ``prompt``: like the answer, but other words."""
+    return expected_text(f"reasoning about {prompt}", words)
+
+
+def expected_tool_call(prompt: str, name: str) -> ToolCall:
+    """The exact tool call made for ``prompt`` when offered the tool ``name``: its arguments are the prompt."""
+    digest = hashlib.sha256(f"{name}\0{prompt}".encode("utf-8", "surrogatepass")).hexdigest()
+    arguments = json.dumps({"query": prompt}, ensure_ascii=False, separators=(",", ":"))
+    return ToolCall(id=f"call_{digest[:24]}", function=FunctionCall(name=name, arguments=arguments))
 
 
 def split_text(text: str, split: str = "codepoints") -> list[str]:
@@ -124,7 +144,16 @@ def check_config(config: FakeLLMConfig) -> None:
         raise ValueError(f"fail must be 500, 429, drop:K, stall or stall:K, not {config.fail!r}")
     if config.split not in _SPLITS:
         raise ValueError(f"split must be codepoints or utf16, not {config.split!r}")
-    numbers = (config.ttft_ms, config.delay_ms, config.words, config.fail_times, config.retry_after or 0)
+    if config.tool is not None and not _TOOL_NAME.fullmatch(config.tool):
+        raise ValueError(f"tool must be 1 to 64 letters, digits, _ or -, not {config.tool!r}")
+    numbers = (
+        config.ttft_ms,
+        config.delay_ms,
+        config.words,
+        config.reasoning,
+        config.fail_times,
+        config.retry_after or 0,
+    )
     if not all(0 <= number < math.inf for number in numbers):
         raise ValueError("numeric fake model options must be finite and not negative")
 
@@ -149,6 +178,15 @@ class _StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class _Function(msgspec.Struct):
+    name: str
+
+
+class _Tool(msgspec.Struct):
+    type: str = "function"
+    function: _Function | None = None
+
+
 class _ChatRequest(msgspec.Struct):
     messages: Annotated[list[_Message], msgspec.Meta(min_length=1)]
     model: str = "fake"
@@ -156,9 +194,17 @@ class _ChatRequest(msgspec.Struct):
     stream_options: _StreamOptions | None = None
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def prompt(self) -> str:
         return next((m.text() for m in reversed(self.messages) if m.role == "user"), "")
+
+    def tool(self) -> str | None:
+        """The function tool to call: the first one offered, unless ``tool_choice`` is ``"none"``."""
+        if self.tool_choice == "none":
+            return None
+        return next((t.function.name for t in self.tools or () if t.function is not None), None)
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         prompt_tokens = sum(len(m.text().split()) for m in self.messages)
@@ -222,14 +268,10 @@ class _FakeLLM:
         if fail == "429":
             headers = {} if config.retry_after is None else {"Retry-After": f"{config.retry_after:g}"}
             return _error(429, "The fake LLM is rate limiting as asked (fail=429).", "rate_limit_error", headers)
-        chunks = split_text(expected_text(prompt, config.words), config.split)
-        limit = chat.max_tokens or chat.max_completion_tokens
-        finish_reason = "stop"
-        if limit is not None and limit < len(chunks):
-            chunks, finish_reason = chunks[:limit], "length"
+        answer = _answer(chat, config, prompt)
         if chat.stream:
-            return await self._stream(request, chat, config, fail, chunks, finish_reason)
-        return await self._complete(request, chat, config, fail, chunks, finish_reason)
+            return await self._stream(request, chat, config, fail, answer)
+        return await self._complete(request, chat, config, fail, answer)
 
     def _failure(self, config: FakeLLMConfig, prompt: str) -> str | None:
         """The failure this request should show, counting attempts per (fail, prompt)."""
@@ -247,24 +289,24 @@ class _FakeLLM:
         chat: _ChatRequest,
         config: FakeLLMConfig,
         fail: str | None,
-        chunks: list[str],
-        finish_reason: str,
+        answer: _Answer,
     ) -> web.StreamResponse:
-        await asyncio.sleep((config.ttft_ms + config.delay_ms * max(len(chunks) - 1, 0)) / 1000)
+        await asyncio.sleep((config.ttft_ms + config.delay_ms * max(len(answer.deltas) - 1, 0)) / 1000)
         if fail is not None and fail.startswith("stall"):
             await _wait_for_disconnect(request)
             return web.Response()  # never read: the client is gone
         if fail is not None and fail.startswith("drop") and request.transport is not None:
             request.transport.close()
             return web.Response()
-        message = {"role": "assistant", "content": "".join(chunks)}
         body = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": chat.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": chat.usage(len(chunks)),
+            "choices": [
+                {"index": 0, "message": answer.message, "logprobs": None, "finish_reason": answer.finish_reason}
+            ],
+            "usage": chat.usage(len(answer.deltas)),
         }
         return web.Response(
             body=json.dumps(body, ensure_ascii=config.split == "utf16"), content_type="application/json"
@@ -276,8 +318,7 @@ class _FakeLLM:
         chat: _ChatRequest,
         config: FakeLLMConfig,
         fail: str | None,
-        chunks: list[str],
-        finish_reason: str,
+        answer: _Answer,
     ) -> web.StreamResponse:
         ascii_only = config.split == "utf16"
         base = {
@@ -287,31 +328,34 @@ class _FakeLLM:
             "model": chat.model,
         }
 
-        def chunk(delta: dict[str, str], reason: str | None = None) -> bytes:
+        def chunk(delta: dict[str, object], reason: str | None = None) -> bytes:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
             return _sse(base | {"choices": [choice]}, ascii_only=ascii_only)
 
+        deltas = answer.deltas
         fail_kind, _, fail_at = (fail or "").partition(":")
         if fail_kind in ("drop", "stall"):
-            chunks = chunks[: int(fail_at or 0)]
+            deltas = deltas[: int(fail_at or 0)]
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
         )
         self.streams_open += 1
         try:
             await response.prepare(request)
-            await response.write(chunk({"role": "assistant", "content": ""}))
-            for index, text in enumerate(chunks):
+            # OpenAI's first chunk: content "" before a text, null before tool calls
+            empty = None if answer.finish_reason == "tool_calls" else ""
+            await response.write(chunk({"role": "assistant", "content": empty}))
+            for index, delta in enumerate(deltas):
                 await asyncio.sleep((config.delay_ms if index else config.ttft_ms) / 1000)
-                await response.write(chunk({"content": text}))
+                await response.write(chunk(delta))
             if fail_kind == "drop" and request.transport is not None:
                 request.transport.close()  # the client sees a chunked body that never ends properly
             elif fail_kind == "stall":
                 await _wait_for_disconnect(request)
             else:
-                await response.write(chunk({}, finish_reason))
+                await response.write(chunk({}, answer.finish_reason))
                 if chat.stream_options is not None and chat.stream_options.include_usage:
-                    usage = base | {"choices": [], "usage": chat.usage(len(chunks))}
+                    usage = base | {"choices": [], "usage": chat.usage(len(deltas))}
                     await response.write(_sse(usage, ascii_only=ascii_only))
                 await response.write(b"data: [DONE]\n\n")
         except ConnectionResetError:
@@ -319,6 +363,35 @@ class _FakeLLM:
         finally:
             self.streams_open -= 1
         return response
+
+
+class _Answer(NamedTuple):
+    deltas: list[dict[str, object]]  # what the stream sends after the role chunk, one chunk each
+    message: dict[str, object]  # the same, as the message of a response that is not streamed
+    finish_reason: str
+
+
+def _answer(chat: _ChatRequest, config: FakeLLMConfig, prompt: str) -> _Answer:
+    """Reasoning (if asked for), then the text cut into chunks, or one tool call in fragments."""
+    reasoning = expected_reasoning(prompt, config.reasoning)
+    deltas: list[dict[str, object]] = [{"reasoning_content": r} for r in split_text(reasoning, config.split)]
+    message: dict[str, object] = {"role": "assistant", "content": None}
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    if tool := config.tool or chat.tool():
+        call = expected_tool_call(prompt, tool)
+        first = {"index": 0, "id": call.id, "type": "function", "function": {"name": tool, "arguments": ""}}
+        deltas.append({"content": None, "tool_calls": [first]})
+        for part in split_text(call.function.arguments):
+            deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
+        return _Answer(deltas, message | {"tool_calls": [msgspec.to_builtins(call)]}, "tool_calls")
+    chunks = split_text(expected_text(prompt, config.words), config.split)
+    limit = chat.max_tokens or chat.max_completion_tokens
+    finish_reason = "stop"
+    if limit is not None and limit < len(chunks):
+        chunks, finish_reason = chunks[:limit], "length"
+    deltas += ({"content": text} for text in chunks)
+    return _Answer(deltas, message | {"content": "".join(chunks)}, finish_reason)
 
 
 def make_app(config: FakeLLMConfig = DEFAULT_CONFIG) -> web.Application:

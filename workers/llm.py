@@ -13,7 +13,7 @@ import openai
 
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.events import Usage
-from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
+from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, ToolCallDelta, UpstreamTimeout
 
 try:  # the SDK's HTTP stack: httpx2 in recent openai releases, httpx before
     import httpx2 as _http
@@ -43,9 +43,24 @@ def make_client(base_url: str, api_key: str | None) -> openai.AsyncOpenAI:
     )
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCall(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function | None = None
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
     refusal: str | None = None
+    # DeepSeek and vLLM name the reasoning text ``reasoning_content``, OpenRouter and newer vLLM ``reasoning``
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCall] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -116,7 +131,8 @@ async def sse_data(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
 
 
 def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
-    """One chunk's JSON as a ``Delta``: role-only chunks, empty ``choices`` and usage-only chunks too."""
+    """One chunk's JSON as a ``Delta``: role-only chunks, empty ``choices`` and usage-only chunks too;
+    reasoning (under either name a server uses) and tool call fragments ride along."""
     try:
         chunk = _chunk_decoder.decode(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -128,12 +144,18 @@ def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
     if chunk.error is not None:
         # An error the server sent inside the stream (OpenAI, vLLM, LiteLLM do): the stream broke.
         raise openai.APIError(str(chunk.error.get("message", chunk.error)), request, body=chunk.error)
-    text, finish_reason = "", None
+    text, reasoning, finish_reason = "", "", None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
     for choice in chunk.choices:
         if choice.index == 0:
-            # A refusal is the model's answer too; dropping it would "complete" with no text.
-            text = (choice.delta.content or choice.delta.refusal or "") if choice.delta else ""
             finish_reason = choice.finish_reason
+            if (delta := choice.delta) is None:
+                continue
+            # A refusal is the model's answer too; dropping it would "complete" with no text.
+            text = delta.content or delta.refusal or ""
+            reasoning = delta.reasoning_content or delta.reasoning or ""
+            if delta.tool_calls:
+                tool_calls = tuple(_tool_call_delta(call) for call in delta.tool_calls)
     usage = None
     if chunk.usage is not None:
         u = chunk.usage
@@ -142,7 +164,12 @@ def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
             completion_tokens=u.completion_tokens or 0,
             total_tokens=u.total_tokens or 0,
         )
-    return Delta(text, finish_reason, usage)
+    return Delta(text, finish_reason, usage, reasoning, tool_calls)
+
+
+def _tool_call_delta(call: _ToolCall) -> ToolCallDelta:
+    function = call.function or _Function()
+    return ToolCallDelta(call.index, call.id, function.name, function.arguments or "")
 
 
 def classify(exc: BaseException) -> Failure:

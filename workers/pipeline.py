@@ -1,7 +1,7 @@
 """The generator pipeline: provider deltas in, typed events out.
 
 Pure: no Redis, no openai SDK. ``attempt_events`` turns one attempt's deltas into
-``started → content/progress… → complete``; ``chat_events`` runs attempts with backoff
+``started → reasoning/content/tool_call/progress… → complete``; ``chat_events`` runs attempts with backoff
 until one completes or the attempts run out, announcing each failure.
 """
 
@@ -15,15 +15,40 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import NamedTuple
 
-from streambridge.shared.events import Complete, Content, Error, Event, Failed, Progress, Started, Status, Usage
+import msgspec
+
+from streambridge.shared.events import (
+    Complete,
+    Content,
+    Error,
+    Event,
+    Failed,
+    Progress,
+    Reasoning,
+    Started,
+    Status,
+    ToolCallFragment,
+    Usage,
+)
+
+
+class ToolCallDelta(msgspec.Struct, frozen=True):
+    """One fragment of a streamed tool call (OpenAI's ``delta.tool_calls[i]``)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 class Delta(NamedTuple):
-    """What one provider chunk contributes: text, maybe a finish reason, maybe usage."""
+    """What one provider chunk contributes: text, reasoning, tool call fragments, maybe a finish reason and usage."""
 
     text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 class Failure(NamedTuple):
@@ -161,7 +186,7 @@ async def with_timeouts(
                 finally:
                     deadline.disarm()
                 yield delta
-                if delta.text:
+                if delta.text or delta.reasoning or delta.tool_calls:
                     limit, what = idle, "chunk"
         finally:
             deadline.close()
@@ -175,16 +200,28 @@ async def attempt_events(
     progress_every: int,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncGenerator[Event, None]:
-    """One attempt: ``started``, then ``content`` (and ``progress``), then ``complete``."""
+    """One attempt: ``started``, then ``reasoning``/``content``/``tool_call`` (and ``progress``), then ``complete``.
+
+    ``progress`` and ``complete`` count the answer's ``content`` only: reasoning and tool calls have
+    events of their own, and ``content_length`` is the length of the answer's text.
+    """
     start = clock()
     yield Started(attempt=attempt, model=model)
-    joiner = SurrogateJoiner()
-    chunks = chars = 0
+    joiner, thinker = SurrogateJoiner(), SurrogateJoiner()
+    arguments: dict[int, SurrogateJoiner] = {}  # per tool call: its fragments may split a surrogate pair too
+    chunks = chars = thoughts = 0
     finish_reason: str | None = None
     usage: Usage | None = None
     async for delta in deltas:
         finish_reason = delta.finish_reason or finish_reason
         usage = delta.usage or usage
+        if reasoning := thinker.feed(delta.reasoning):
+            thoughts += 1
+            yield Reasoning(content=reasoning, index=thoughts, attempt=attempt)
+        for call in delta.tool_calls:
+            part = arguments.setdefault(call.index, SurrogateJoiner()).feed(call.arguments)
+            if part or call.id or call.name:
+                yield ToolCallFragment(index=call.index, id=call.id, name=call.name, arguments=part, attempt=attempt)
         text = joiner.feed(delta.text)
         if not text:
             continue
@@ -193,6 +230,11 @@ async def attempt_events(
         yield Content(content=text, index=chunks, attempt=attempt)
         if chunks % progress_every == 0:
             yield Progress(chunks=chunks, chars=chars, elapsed_ms=_ms(clock() - start), attempt=attempt)
+    if tail := thinker.flush():
+        yield Reasoning(content=tail, index=thoughts + 1, attempt=attempt)
+    for index, held in arguments.items():
+        if tail := held.flush():
+            yield ToolCallFragment(index=index, id=None, name=None, arguments=tail, attempt=attempt)
     if tail := joiner.flush():
         chunks += 1
         chars += len(tail)

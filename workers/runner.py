@@ -20,7 +20,21 @@ import openai
 from redis.asyncio import Redis
 
 from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
-from streambridge.shared.events import Cancelled, Complete, Content, Error, Event, Failed, Started, Status
+from streambridge.shared.events import (
+    Cancelled,
+    Complete,
+    Content,
+    Error,
+    Event,
+    Failed,
+    Reasoning,
+    Started,
+    Status,
+    ToolCallFragment,
+    assemble_reasoning,
+    assemble_text,
+    assemble_tool_calls,
+)
 from streambridge.shared.settings import Settings
 from streambridge.workers.appender import Appender
 from streambridge.workers.lease import Lease
@@ -44,25 +58,27 @@ class Active:
 
 
 class ResultTracker:
-    """Folds the events into the chat's final result (the completing attempt's text)."""
+    """Folds the events into the chat's final result: the completing attempt's text, reasoning and tool calls."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        self.parts: list[Event] = []  # the current attempt's answer: content, reasoning and tool call events
         self.attempt = 0
         self.result: ChatResult | None = None
 
     def observe(self, event: Event) -> None:
         if isinstance(event, Started):
             self.parts, self.attempt = [], event.attempt
-        elif isinstance(event, Content):
-            self.parts.append(event.content)
+        elif isinstance(event, Content | Reasoning | ToolCallFragment):
+            self.parts.append(event)
         elif isinstance(event, Complete):
             self.result = ChatResult(
                 status="complete",
-                content="".join(self.parts),
+                content=assemble_text(self.parts),
                 finish_reason=event.finish_reason,
                 usage=event.usage,
                 attempts=event.attempt,
+                reasoning=assemble_reasoning(self.parts) or None,
+                tool_calls=assemble_tool_calls(self.parts) or None,
             )
         elif isinstance(event, Failed):
             self.result = ChatResult(status="failed", attempts=event.attempts, error=event.message)

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from streambridge.fake_llm import DEFAULT_CONFIG, expected_text
+from streambridge.fake_llm import DEFAULT_CONFIG, expected_reasoning, expected_text, expected_tool_call
 from tests.e2e.conftest import Process, System, clean_env, create_chat, login
 
 pytestmark = pytest.mark.e2e
@@ -47,6 +47,15 @@ def test_up_with_nothing_configured_answers_streambridge_chat(up: Process) -> No
     log = up.log_path.read_text()
     assert "embedded Redis" in log
     assert "simulated LLM" in log
+
+
+def test_chat_prints_a_tool_call_as_such_and_the_reasoning_apart_from_it(up: Process) -> None:
+    model = "fake?reasoning=5&tool=get_weather"
+    result = streambridge("chat", "weather in Paris?", "--url", up.url, "--model", model, env=clean_env())
+    assert result.returncode == 0, result.stderr
+    arguments = expected_tool_call("weather in Paris?", "get_weather").function.arguments
+    assert result.stdout == f"tool call: get_weather({arguments})\n"
+    assert result.stderr == f"reasoning: {expected_reasoning('weather in Paris?', 5)}\n"
 
 
 def test_chat_exits_non_zero_when_the_chat_fails(up: Process) -> None:

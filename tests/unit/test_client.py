@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from streambridge import chat_cli
 from streambridge import client as client_module
 from streambridge.client import CancelAccepted, ChatCreated, ChatStream, ClientError, Received, StreambridgeClient
 from streambridge.shared.events import (
@@ -19,9 +20,13 @@ from streambridge.shared.events import (
     Error,
     Event,
     Failed,
+    FunctionCall,
     Progress,
+    Reasoning,
     Started,
     Status,
+    ToolCall,
+    ToolCallFragment,
     encode_event,
     event_type,
 )
@@ -223,6 +228,65 @@ async def test_chat_returns_only_the_completed_attempts_text_and_calls_back(
     assert script.bodies == [{"message": "hi", "model": "m"}]
     assert pieces == ["Half an ", "answer", "The ", "answer"]
     assert seen == [ATTEMPTS[3], ATTEMPTS[4], ATTEMPTS[7], ATTEMPTS[9]]
+
+
+async def test_reasoning_and_tool_calls_come_apart_from_the_text_and_resume_like_it(
+    client: StreambridgeClient, script: Script
+) -> None:
+    script.entries = entries(
+        Started(1, "m"),
+        Reasoning("lost ", 1, 1),
+        Error("upstream broke", True, 1),
+        Started(2, "m"),
+        Reasoning("Look it ", 1, 2),
+        Reasoning("up.", 2, 2),
+        ToolCallFragment(0, "call_a", "get_weather", "", 2),
+        ToolCallFragment(0, None, None, '{"city":', 2),
+        ToolCallFragment(0, None, None, '"Paris"}', 2),
+        Complete(2, 0, 0, 20, "tool_calls"),
+    )
+    script.plan = ["drop:7"]  # cut between two fragments of the call
+    thoughts: list[str] = []
+    fragments: list[ToolCallFragment] = []
+    outcome = await client.chat(
+        "weather?", on_reasoning=lambda piece, event: thoughts.append(piece), on_tool_call=fragments.append
+    )
+    assert outcome.reconnects == 1
+    assert outcome.text == ""
+    assert outcome.reasoning == "Look it up."
+    call = ToolCall(id="call_a", function=FunctionCall(name="get_weather", arguments='{"city":"Paris"}'))
+    assert outcome.tool_calls == (call,)
+    assert thoughts == ["lost ", "Look it ", "up."]
+    assert [f.arguments for f in fragments] == ["", '{"city":', '"Paris"}']
+
+
+TOOL_CALL_CHAT = entries(
+    Started(1, "m"),
+    Reasoning("Look it ", 1, 1),
+    Reasoning("up.", 2, 1),
+    ToolCallFragment(0, "call_a", "get_weather", "", 1),
+    ToolCallFragment(0, None, None, '{"city":"Paris"}', 1),
+    Complete(1, 0, 0, 20, "tool_calls"),
+)
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["terminal", "pipe"])
+async def test_the_cli_shows_reasoning_on_stderr_and_tool_calls_as_such(
+    client: StreambridgeClient, script: Script, capsys: pytest.CaptureFixture[str], live: bool
+) -> None:
+    script.entries = TOOL_CALL_CHAT
+    assert await chat_cli._stream("weather?", client.base_url, None, live=live) == 0
+    out, err = capsys.readouterr()
+    assert out == 'tool call: get_weather({"city":"Paris"})\n'
+    assert err == "reasoning: Look it up.\n"
+
+
+async def test_the_cli_streams_reasoning_apart_from_the_answer_on_a_terminal(
+    client: StreambridgeClient, script: Script, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script.entries = entries(Started(1, "m"), Reasoning("Hm", 1, 1), Content("Hi", 1, 1), Complete(1, 1, 2, 5, "stop"))
+    assert await chat_cli._stream("hi", client.base_url, None, live=True) == 0
+    assert capsys.readouterr() == ("Hi\n", "reasoning: Hm\n")
 
 
 async def test_a_failed_chat_has_no_text(client: StreambridgeClient, script: Script) -> None:

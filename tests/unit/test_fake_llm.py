@@ -19,10 +19,13 @@ from streambridge.fake_llm import (
     DEFAULT_CONFIG,
     FakeLLMConfig,
     config_from_model,
+    expected_reasoning,
     expected_text,
+    expected_tool_call,
     make_app,
     split_text,
 )
+from streambridge.shared.events import FunctionCall, ToolCall
 
 MakeServer = Callable[..., Awaitable[TestServer]]
 MakeClient = Callable[[TestServer], Awaitable[TestClient[web.Request, web.Application]]]
@@ -78,8 +81,11 @@ def test_config_from_model_overrides_and_rejects() -> None:
     assert config_from_model(DEFAULT_CONFIG, None) is DEFAULT_CONFIG
     config = config_from_model(DEFAULT_CONFIG, "fake?words=5&fail=drop:3&fail_times=1&ttft_ms=0&delay_ms=1")
     assert config == FakeLLMConfig(words=5, fail="drop:3", fail_times=1, ttft_ms=0, delay_ms=1)
-    for bad in ("fake?nope=1", "fake?words=many", "fake?fail=boom", "fake?delay_ms=-1", "fake?split=utf8"):
-        with pytest.raises(ValueError, match=r"fake model option|fail must|split must"):
+    config = config_from_model(DEFAULT_CONFIG, "fake?reasoning=6&tool=get_weather")
+    assert (config.reasoning, config.tool) == (6, "get_weather")
+    bad_ones = ("fake?nope=1", "fake?words=many", "fake?fail=boom", "fake?delay_ms=-1", "fake?split=utf8")
+    for bad in (*bad_ones, "fake?reasoning=-1", "fake?tool=not%20a%20name"):
+        with pytest.raises(ValueError, match=r"fake model option|fail must|split must|tool must|not negative"):
             config_from_model(DEFAULT_CONFIG, bad)
 
 
@@ -238,3 +244,72 @@ async def test_bad_requests_are_400_with_openai_error_bodies(
 async def test_stats_counts_requests(llm: openai.AsyncOpenAI) -> None:
     await llm.chat.completions.create(model="fake?words=1", messages=user("x"))
     assert await stats(llm) == {"requests": 1, "streams_open": 0, "paths": {"/v1/chat/completions": 1}}
+
+
+def test_expected_reasoning_and_tool_call_are_deterministic() -> None:
+    reasoning = expected_reasoning("hello", 6)
+    assert reasoning == expected_reasoning("hello", 6)
+    assert len(reasoning.split()) == 6
+    assert reasoning != expected_text("hello", 6)
+    assert expected_reasoning("hello", 0) == ""
+    call = expected_tool_call("weather in Paris?", "get_weather")
+    assert call == expected_tool_call("weather in Paris?", "get_weather")
+    assert call.id.startswith("call_")
+    assert call.id != expected_tool_call("weather in Paris?", "search").id
+    assert call.function == FunctionCall(name="get_weather", arguments='{"query":"weather in Paris?"}')
+    assert json.loads(call.function.arguments) == {"query": "weather in Paris?"}
+
+
+async def test_reasoning_streams_as_reasoning_content_before_the_answer(llm: openai.AsyncOpenAI) -> None:
+    stream = await llm.chat.completions.create(model="fake?reasoning=5&words=4", messages=user("why"), stream=True)
+    deltas = [chunk.choices[0].delta async for chunk in stream]
+    reasoning = [(d.model_extra or {}).get("reasoning_content") for d in deltas]
+    content = [d.content for d in deltas]
+    first_content = next(i for i, c in enumerate(content) if c)
+    assert "".join(r for r in reasoning[:first_content] if r) == expected_reasoning("why", 5)
+    assert not any(reasoning[first_content:])
+    assert "".join(c or "" for c in content) == expected_text("why", 4)
+    completion = await llm.chat.completions.create(model="fake?reasoning=5&words=4", messages=user("why"))
+    message = completion.choices[0].message
+    assert (message.model_extra or {})["reasoning_content"] == expected_reasoning("why", 5)
+    assert message.content == expected_text("why", 4)
+
+
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+}
+
+
+async def test_a_request_with_tools_gets_one_tool_call_in_fragments_assembled_by_the_sdk(
+    llm: openai.AsyncOpenAI,
+) -> None:
+    prompt = "what is the weather in Paris, 東京 and 👩\u200d💻 land?"
+    expected = expected_tool_call(prompt, "get_weather")
+    async with llm.chat.completions.stream(model="fake", messages=user(prompt), tools=[WEATHER_TOOL]) as stream:
+        chunks = [event.chunk async for event in stream if event.type == "chunk"]
+        final = await stream.get_final_completion()
+    fragments = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(fragments) > 3  # the arguments come in pieces, as real servers send them
+    assert fragments[0][0].id == expected.id
+    assert all(f[0].id is None for f in fragments[1:])
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert final.choices[0].message.content is None
+    (call,) = final.choices[0].message.tool_calls or []
+    assert ToolCall(id=call.id, function=FunctionCall(call.function.name, call.function.arguments)) == expected
+
+
+async def test_the_tool_option_calls_a_tool_the_request_did_not_offer_and_tool_choice_none_calls_none(
+    llm: openai.AsyncOpenAI,
+) -> None:
+    completion = await llm.chat.completions.create(model="fake?tool=search&reasoning=2", messages=user("rivers"))
+    message = completion.choices[0].message
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert (message.model_extra or {})["reasoning_content"] == expected_reasoning("rivers", 2)
+    (call,) = message.tool_calls or []
+    assert (call.id, call.function.name) == (expected_tool_call("rivers", "search").id, "search")
+    plain = await llm.chat.completions.create(
+        model="fake?words=3", messages=user("rivers"), tools=[WEATHER_TOOL], tool_choice="none"
+    )
+    assert plain.choices[0].message.content == expected_text("rivers", 3)
+    assert plain.choices[0].message.tool_calls is None

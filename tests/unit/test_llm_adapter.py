@@ -14,7 +14,7 @@ import pytest
 from streambridge.shared.chats import ChatRequest, Message
 from streambridge.shared.events import Usage
 from streambridge.workers.llm import classify, delta_from_chunk, make_client, sse_data, stream_deltas
-from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, UpstreamTimeout
+from streambridge.workers.pipeline import Delta, Failure, IncompleteStream, ToolCallDelta, UpstreamTimeout
 
 REQUEST = httpx2.Request("POST", "http://x/v1/chat/completions")
 
@@ -60,6 +60,23 @@ def test_finish_reason_in_a_chunk_of_its_own() -> None:
 def test_usage_only_last_chunk_yields_usage() -> None:
     last = chunk([], usage={"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21})
     assert delta_from_chunk(last) == Delta(usage=Usage(prompt_tokens=9, completion_tokens=12, total_tokens=21))
+
+
+@pytest.mark.parametrize("name", ["reasoning_content", "reasoning"])
+def test_reasoning_under_either_name_servers_use_is_kept_apart_from_the_text(name: str) -> None:
+    # DeepSeek and vLLM send ``reasoning_content``, OpenRouter and newer vLLM ``reasoning``; both with content null
+    assert delta_from_chunk(chunk([choice({name: "Let me see", "content": None})])) == Delta(reasoning="Let me see")
+
+
+def test_tool_call_fragments_are_read_as_openai_streams_them() -> None:
+    first = {"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+    assert delta_from_chunk(chunk([choice({"role": "assistant", "content": None, "tool_calls": [first]})])) == Delta(
+        tool_calls=(ToolCallDelta(0, "call_a", "get_weather", ""),)
+    )
+    later = [{"index": 0, "function": {"arguments": '{"city":'}}, {"index": 1, "id": "call_b", "function": {}}]
+    assert delta_from_chunk(chunk([choice({"tool_calls": later})])) == Delta(
+        tool_calls=(ToolCallDelta(0, None, None, '{"city":'), ToolCallDelta(1, "call_b", None, ""))
+    )
 
 
 def test_choices_other_than_index_0_are_ignored() -> None:

@@ -15,11 +15,17 @@ from streambridge.shared.events import (
     Error,
     Event,
     Failed,
+    FunctionCall,
     Progress,
+    Reasoning,
     Started,
     Status,
+    ToolCall,
+    ToolCallFragment,
     Usage,
+    assemble_reasoning,
     assemble_text,
+    assemble_tool_calls,
 )
 from streambridge.workers.pipeline import (
     Delta,
@@ -27,6 +33,7 @@ from streambridge.workers.pipeline import (
     IncompleteStream,
     OpenStream,
     SurrogateJoiner,
+    ToolCallDelta,
     UpstreamTimeout,
     attempt_events,
     backoff,
@@ -140,6 +147,63 @@ async def test_stream_without_finish_reason_raises_incomplete_stream_after_its_c
 async def test_attempt_number_is_carried_by_every_event() -> None:
     stream = attempt_events(deltas(*texts("a", "b"), STOP), attempt=4, model="m", progress_every=1)
     assert {getattr(event, "attempt", None) for event in await collect(stream)} == {4}
+
+
+async def test_reasoning_comes_as_its_own_events_apart_from_the_text() -> None:
+    events = await one_attempt(
+        Delta(reasoning="The user "),
+        Delta(reasoning="greets me."),
+        *texts("Hel", "lo"),
+        STOP,
+        progress_every=2,
+    )
+    assert events == [
+        Started(attempt=1, model="m"),
+        Reasoning(content="The user ", index=1, attempt=1),
+        Reasoning(content="greets me.", index=2, attempt=1),
+        Content(content="Hel", index=1, attempt=1),
+        Content(content="lo", index=2, attempt=1),
+        Progress(chunks=2, chars=5, elapsed_ms=250, attempt=1),  # progress counts the answer's chunks only
+        Complete(attempt=1, total_chunks=2, content_length=5, elapsed_ms=500, finish_reason="stop"),
+    ]
+    assert assemble_text(events) == "Hello"
+    assert assemble_reasoning(events) == "The user greets me."
+
+
+def call(index: int, arguments: str = "", id: str | None = None, name: str | None = None) -> Delta:
+    return Delta(tool_calls=(ToolCallDelta(index, id, name, arguments),))
+
+
+async def test_tool_call_fragments_become_events_and_finish_reason_tool_calls_completes() -> None:
+    events = await one_attempt(
+        Delta(),
+        call(0, id="call_a", name="get_weather"),
+        call(0, '{"city"'),
+        call(0, ':"Paris"}'),
+        call(1, '{"q":"x"}', id="call_b", name="search"),
+        Delta(finish_reason="tool_calls"),
+        Delta(usage=USAGE),
+    )
+    assert events == [
+        Started(attempt=1, model="m"),
+        ToolCallFragment(index=0, id="call_a", name="get_weather", arguments="", attempt=1),
+        ToolCallFragment(index=0, id=None, name=None, arguments='{"city"', attempt=1),
+        ToolCallFragment(index=0, id=None, name=None, arguments=':"Paris"}', attempt=1),
+        ToolCallFragment(index=1, id="call_b", name="search", arguments='{"q":"x"}', attempt=1),
+        Complete(attempt=1, total_chunks=0, content_length=0, elapsed_ms=250, finish_reason="tool_calls", usage=USAGE),
+    ]
+    assert assemble_tool_calls(events) == [
+        ToolCall(id="call_a", function=FunctionCall(name="get_weather", arguments='{"city":"Paris"}')),
+        ToolCall(id="call_b", function=FunctionCall(name="search", arguments='{"q":"x"}')),
+    ]
+
+
+async def test_tool_call_arguments_that_split_a_surrogate_pair_are_rejoined() -> None:
+    events = await one_attempt(call(0, '{"e":"\ud83d', "call_a", "f"), call(0, '\ude00"}'), call(1, "\ud83d"), STOP)
+    fragments = [e for e in events if isinstance(e, ToolCallFragment)]
+    for fragment in fragments:
+        fragment.arguments.encode("utf-8")  # no lone surrogate: the sink could not encode it
+    assert [(f.index, f.arguments) for f in fragments] == [(0, '{"e":"'), (0, '😀"}'), (1, "\ufffd")]
 
 
 # --- attempt_events: awkward text ---------------------------------------------------------------
@@ -410,6 +474,16 @@ async def test_role_only_chunk_does_not_count_as_the_first_token() -> None:
     provider = Stalling(Delta())
     with pytest.raises(UpstreamTimeout, match="first token"):
         await collect_deltas(with_timeouts(provider.stream(), first=0.05, idle=10))
+
+
+@pytest.mark.parametrize(
+    "first", [Delta(reasoning="Hm"), call(0, id="call_a", name="f")], ids=["reasoning", "tool-call"]
+)
+async def test_reasoning_or_a_tool_call_is_the_first_token_too(first: Delta) -> None:
+    provider = Stalling(first)
+    async with asyncio.timeout(2):  # the first-token limit (60 s) must not be what ends it
+        with pytest.raises(UpstreamTimeout, match="chunk"):
+            await collect_deltas(with_timeouts(provider.stream(), first=60, idle=0.05))
 
 
 async def test_stream_in_time_passes_through_unchanged() -> None:
