@@ -35,7 +35,19 @@ from streambridge.api.errors import error_body
 from streambridge.shared import keys
 from streambridge.shared.chats import REQUEST_FIELDS
 from streambridge.shared.errors import BadRequest, StreamExpired
-from streambridge.shared.events import Cancelled, Complete, Content, Failed, Started, Usage, decode_event
+from streambridge.shared.events import (
+    Cancelled,
+    Complete,
+    Content,
+    Failed,
+    Reasoning,
+    Started,
+    ToolCallFragment,
+    Usage,
+    assemble_reasoning,
+    assemble_tool_calls,
+    decode_event,
+)
 from streambridge.shared.streams import Entry, id_key, is_entry_id
 
 log = logging.getLogger("streambridge.api")
@@ -183,6 +195,13 @@ async def completion(ctx: Context, chat_id: str) -> web.Response:
         return error(503, "unavailable", "the edge is shutting down; send the request again")
     started = next(e for e in reversed(events) if isinstance(e, Started))
     text = "".join(e.content for e in events if isinstance(e, Content) and e.attempt == end.attempt)
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    tool_calls = assemble_tool_calls(events)
+    if tool_calls:
+        message.update(content=text or None, tool_calls=msgspec.to_builtins(tool_calls))
+    reasoning = assemble_reasoning(events)
+    if reasoning:
+        message["reasoning_content"] = reasoning
     body = {
         "id": f"chatcmpl-{chat_id}",
         "object": "chat.completion",
@@ -191,7 +210,7 @@ async def completion(ctx: Context, chat_id: str) -> web.Response:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "finish_reason": end.finish_reason or "stop",
                 "logprobs": None,
             }
@@ -215,22 +234,60 @@ def usage_of(usage: Usage | None) -> dict[str, int] | None:
     return msgspec.to_builtins(usage) if usage is not None else None
 
 
+class Shown:
+    """What a client was shown of one kind of output: a later attempt must show the same again
+    (it is skipped) before anything beyond it is sent. Text is matched character by character,
+    tool call fragments one by one."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.pieces: list[Any] = []
+        self.matched = 0  # how much of it the current attempt has said again
+
+    def again(self) -> None:
+        self.matched = 0
+
+    @property
+    def behind(self) -> bool:
+        return self.matched < max(len(self.text), len(self.pieces))
+
+    def new_text(self, text: str) -> str | None:
+        """What of ``text`` the client has not seen; None if the attempt said something else."""
+        seen = self.text[self.matched : self.matched + len(text)]
+        if not text.startswith(seen):
+            return None
+        self.text += text[len(seen) :]
+        self.matched += len(text)
+        return text[len(seen) :]
+
+    def new_piece(self, piece: Any) -> bool | None:
+        """Whether the client has yet to see ``piece``; None if the attempt said something else."""
+        if self.matched < len(self.pieces):
+            if self.pieces[self.matched] != piece:
+                return None
+            self.matched += 1
+            return False
+        self.pieces.append(piece)
+        self.matched += 1
+        return True
+
+
 class Chunks:
     """A chat's events as ``chat.completion.chunk`` SSE, one entry at a time.
 
     A pure function of the stream, so a resume that feeds the same entries gets the same chunks.
-    OpenAI's stream has no way to take text back, so an attempt that follows one whose text was
-    shown must say the same thing again: its content is matched against what was shown and only
-    what goes beyond it is sent. A retry that says something else ends the stream with an error
-    (a deterministic upstream, or one that failed before answering, never does).
+    OpenAI's stream has no way to take anything back, so an attempt that follows one whose output
+    was shown must say the same again: its content, reasoning and tool call fragments are matched
+    against what was shown and only what goes beyond it is sent. A retry that says something else
+    ends the stream with an error (a deterministic upstream, or one that failed before answering,
+    never does).
     """
 
     def __init__(self, chat_id: str, include_usage: bool) -> None:
         self.chat_id, self.include_usage = chat_id, include_usage
         self.model = ""
         self.created = 0
-        self.shown = ""  # the answer's text as the client has it
-        self.matched = 0  # how much of it the current attempt has said again
+        self.content, self.reasoning, self.tools = Shown(), Shown(), Shown()
         self.ended = False
 
     def feed(self, entry: Entry) -> bytes:
@@ -240,34 +297,42 @@ class Chunks:
         self.created = self.created or created(entry.id)
         if isinstance(event, Started):
             first = not self.model
-            self.model, self.matched = event.model, 0
+            self.model = event.model
+            for shown in (self.content, self.reasoning, self.tools):
+                shown.again()
             return self._chunk(entry.id, {"role": "assistant", "content": ""}) if first else b""
-        if isinstance(event, Content):
-            text = event.content
-            if self.matched < len(self.shown):
-                again = self.shown[self.matched : self.matched + len(text)]
-                if not text.startswith(again):
-                    return self._diverged(entry.id)
-                self.matched += len(again)
-                text = text[len(again) :]
-            if not text:
-                return b""
-            self.shown += text
-            self.matched = len(self.shown)
-            return self._chunk(entry.id, {"content": text})
+        if isinstance(event, Content | Reasoning | ToolCallFragment):
+            return self._output(entry.id, event)
         if isinstance(event, Complete):
-            if self.matched < len(self.shown):
-                return self._diverged(entry.id)
-            self.ended = True
-            out = self._chunk(entry.id, {}, event.finish_reason or "stop")
-            if self.include_usage:
-                out += self._data(entry.id, [], usage_of(event.usage))
-            return out + DONE
+            return self._complete(entry.id, event)
         if isinstance(event, Failed):
             return self._error(entry.id, "upstream_failed", event.message)
         if isinstance(event, Cancelled):
             return self._error(entry.id, "cancelled", "the chat was cancelled")
         return b""  # progress, status, a failed attempt's error: the chunk stream has no place for them
+
+    def _output(self, cursor: str, event: Content | Reasoning | ToolCallFragment) -> bytes:
+        if isinstance(event, ToolCallFragment):
+            fresh = self.tools.new_piece((event.index, event.id, event.name, event.arguments))
+            if fresh is None:
+                return self._diverged(cursor)
+            return self._chunk(cursor, {"tool_calls": [tool_call_delta(event)]}) if fresh else b""
+        shown, field = (
+            (self.content, "content") if isinstance(event, Content) else (self.reasoning, "reasoning_content")
+        )
+        new = shown.new_text(event.content)
+        if new is None:
+            return self._diverged(cursor)
+        return self._chunk(cursor, {field: new}) if new else b""
+
+    def _complete(self, cursor: str, event: Complete) -> bytes:
+        if self.content.behind or self.reasoning.behind or self.tools.behind:
+            return self._diverged(cursor)  # the retry said less than was shown
+        self.ended = True
+        out = self._chunk(cursor, {}, event.finish_reason or "stop")
+        if self.include_usage:
+            out += self._data(cursor, [], usage_of(event.usage))
+        return out + DONE
 
     def _chunk(self, cursor: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._data(cursor, [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
@@ -294,3 +359,14 @@ class Chunks:
         error = msgspec.json.decode(error_body(502, code, message))
         error["streambridge"] = {"chat_id": self.chat_id, "cursor": cursor}
         return b"data: %s\n\n" % msgspec.json.encode(error)
+
+
+def tool_call_delta(event: ToolCallFragment) -> dict[str, Any]:
+    """A fragment as OpenAI streams it: ``id``, ``type`` and the name only with the first."""
+    function: dict[str, Any] = {"arguments": event.arguments}
+    delta: dict[str, Any] = {"index": event.index, "function": function}
+    if event.id is not None:
+        delta.update(id=event.id, type="function")
+    if event.name is not None:
+        function["name"] = event.name
+    return delta

@@ -51,24 +51,11 @@ class RefusalPart(msgspec.Struct, tag="refusal", tag_field="type", frozen=True, 
 Part = TextPart | ImagePart | AudioPart | FilePart | RefusalPart
 
 
-class FunctionCall(msgspec.Struct, frozen=True):
-    name: str
-    arguments: str
-
-
-class MessageToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """A tool call an earlier assistant message made (sent back with the tool's answer)."""
-
-    id: str
-    function: FunctionCall
-    type: Literal["function"] = "function"
-
-
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     role: Role
     content: str | list[Part] | None = None
     name: str | None = None
-    tool_calls: list[MessageToolCall] | None = None
+    tool_calls: list[ToolCall] | None = None  # an earlier assistant message's, sent back with their answers
     tool_call_id: str | None = None
 
     def text(self) -> str:

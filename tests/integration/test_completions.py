@@ -13,7 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from streambridge.api.app import make_app
-from streambridge.fake_llm import expected_text
+from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM
@@ -158,3 +158,52 @@ async def test_models_fall_back_to_the_configured_one_without_an_upstream_list(s
         response = await client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
         assert response.status == 200
         assert [m["id"] for m in (await response.json())["data"]] == ["my-model"]
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}},
+}
+
+
+async def test_a_streamed_tool_call_is_assembled_by_the_sdks_stream_helper(sdk: openai.AsyncOpenAI) -> None:
+    async with sdk.chat.completions.stream(model="fake", messages=ask("use a tool"), tools=[LOOKUP]) as stream:  # type: ignore[arg-type,list-item]
+        final = await stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    call = expected_tool_call("use a tool", "lookup")
+    assert choice.message.tool_calls is not None
+    assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+        (call.id, "lookup", call.function.arguments)
+    ]
+
+
+async def test_a_tool_call_comes_back_whole_without_streaming(sdk: openai.AsyncOpenAI) -> None:
+    completion = await sdk.chat.completions.create(model="fake", messages=ask("whole tool"), tools=[LOOKUP])  # type: ignore[arg-type,list-item]
+    assert completion.choices[0].finish_reason == "tool_calls"
+    assert completion.choices[0].message.content is None
+    calls = completion.choices[0].message.tool_calls
+    assert calls is not None
+    assert calls[0].function.arguments == expected_tool_call("whole tool", "lookup").function.arguments
+
+
+async def test_reasoning_streams_apart_from_the_answer(sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.chat.completions.create(model="fake?reasoning=6", messages=ask("think"), stream=True)  # type: ignore[arg-type]
+    reasoning, text = "", ""
+    async for chunk in stream:
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            reasoning += (delta.model_extra or {}).get("reasoning_content") or ""
+            text += delta.content or ""
+    assert reasoning == expected_reasoning("think", 6)
+    assert text == expected_text("think", WORDS)
+
+
+async def test_a_json_schema_response_format_is_taken(sdk: openai.AsyncOpenAI) -> None:
+    schema = {"name": "answer", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+    completion = await sdk.chat.completions.create(
+        model="fake",
+        messages=ask("json"),  # type: ignore[arg-type]
+        response_format={"type": "json_schema", "json_schema": schema},  # type: ignore[typeddict-item]
+    )
+    assert completion.choices[0].message.content == expected_text("json", WORDS)
