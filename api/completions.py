@@ -11,6 +11,7 @@ any edge, exactly once. The chunk stream carries no ``id:`` lines and heartbeats
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from contextlib import aclosing
@@ -18,6 +19,7 @@ from typing import Any, Final
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from streambridge.api.auth import authenticate, bearer_token
 from streambridge.api.chats import (
@@ -30,7 +32,7 @@ from streambridge.api.chats import (
     read_body,
 )
 from streambridge.api.context import Context, context
-from streambridge.api.credentials import Identity, recall
+from streambridge.api.credentials import recall
 from streambridge.api.errors import error_body
 from streambridge.shared import keys
 from streambridge.shared.chats import REQUEST_FIELDS
@@ -62,7 +64,8 @@ HEADERS: Final = {
 PING: Final = b": ping\n"  # no blank line after it: the SDK would take the block for an event
 DONE: Final = b"data: [DONE]\n\n"
 
-#: how long an SDK retry (``x-stainless-retry-count``) of an identical request finds its first chat
+#: how long past a chat's deadline an SDK retry (``x-stainless-retry-count``) of an identical
+#: request still finds its first chat
 RETRY_WINDOW: Final = 600
 
 
@@ -94,11 +97,19 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     if extra:
         fields["extra"] = extra
     chat = chat_request(fields)
-    chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, identity, body))
     include_usage = control.stream_options is not None and control.stream_options.include_usage
-    if control.stream:
-        return await stream_chunks(request, ctx, identity, chat_id, None, include_usage)
-    return await completion(ctx, chat_id)
+    if not control.stream:
+        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+        return await completion(ctx, chat_id)
+    assert ctx.slots is not None, "served by edges, which have slots"
+    # the stream's slot first: a 429 for too many streams must come before a chat that nobody reads
+    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    try:
+        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+    except BaseException:
+        await asyncio.shield(ctx.slots.release(slot))
+        raise
+    return await stream_chunks(request, ctx, slot, chat_id, None, include_usage)
 
 
 @routes.get("/v1/chat/completions/{id}/stream")
@@ -117,7 +128,9 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
     if not await ctx.redis.exists(keys.events(chat_id)) and chat.get(b"status", b"") not in {b"queued", b"running"}:
         raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
-    return await stream_chunks(request, ctx, identity, chat_id, after, include_usage == "true")
+    assert ctx.slots is not None, "served by edges, which have slots"
+    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
 
 
 def parse_control(fields: dict[str, Any]) -> Control:
@@ -130,7 +143,7 @@ def parse_control(fields: dict[str, Any]) -> Control:
     return control
 
 
-def idempotency(request: web.Request, identity: Identity, body: bytes) -> Idempotency:
+def idempotency(request: web.Request, ctx: Context, body: bytes) -> Idempotency:
     """The caller's ``Idempotency-Key``; else the body itself, so that the openai SDK's own retry of
     a request whose answer it lost (it says so in ``x-stainless-retry-count``) finds the chat the
     first try made, while the same question asked afresh is a new chat."""
@@ -139,19 +152,21 @@ def idempotency(request: web.Request, identity: Identity, body: bytes) -> Idempo
         return Idempotency(key)
     retry = request.headers.get("x-stainless-retry-count", "0")
     digest = hashlib.sha256(body).hexdigest()
-    return Idempotency(f"sdk-retry:{digest}", replay=retry not in {"", "0"}, ttl=RETRY_WINDOW)
+    # as long as a chat may run, and then some: the SDK's own timeout (600 s) may come first
+    window = int(ctx.settings.chat_deadline) + RETRY_WINDOW
+    return Idempotency(f"sdk-retry:{digest}", replay=retry not in {"", "0"}, ttl=window)
 
 
 async def stream_chunks(
-    request: web.Request, ctx: Context, identity: Identity, chat_id: str, after: str | None, include_usage: bool
+    request: web.Request, ctx: Context, slot: str, chat_id: str, after: str | None, include_usage: bool
 ) -> web.StreamResponse:
+    """The chunks after ``after`` (all without it), in the slot given, which it gives back."""
     assert ctx.hub is not None, "served by edges, which have a hub"
     assert ctx.slots is not None
-    slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    response = web.StreamResponse(headers=HEADERS)
+    chunks = Chunks(chat_id, include_usage)
     try:
-        response = web.StreamResponse(headers=HEADERS)
         await response.prepare(request)
-        chunks = Chunks(chat_id, include_usage)
         skip = id_key(after) if after is not None else None
         # From the start, always: the chunks are a function of the whole stream (a retried attempt
         # is matched against what was shown), so a resume regenerates them and sends what follows.
@@ -166,16 +181,25 @@ async def stream_chunks(
                     data = chunks.feed(entry)
                     if skip is None or id_key(entry.id) > skip:
                         out.append(data)
+                    elif data.endswith(DONE):  # resumed after the last chunk: the end is still said
+                        out.append(DONE)
                 if out:
                     await response.write(b"".join(out))
                 if chunks.ended:
                     break
+        if not chunks.ended:  # the edge is stopping: say so, or the SDK takes the cut for the end
+            await response.write(chunks.interrupted())
         await response.write_eof()
-        return response
     except ConnectionResetError:
-        return response  # the client went away; the chat goes on, and its stream can be resumed
+        pass  # the client went away; the chat goes on, and its stream can be resumed
+    except (RedisError, StreamExpired) as exc:
+        log.warning("chat %s: ending a chunk stream (%s); the client can resume", chat_id, exc)
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(chunks.interrupted())
+        response.force_close()
     finally:
         await asyncio.shield(ctx.slots.release(slot))
+    return response
 
 
 async def completion(ctx: Context, chat_id: str) -> web.Response:
@@ -288,11 +312,14 @@ class Chunks:
         self.model = ""
         self.created = 0
         self.content, self.reasoning, self.tools = Shown(), Shown(), Shown()
+        self.cursor = ""  # the last entry fed
+        self.named: set[int] = set()  # tool calls whose id and name were sent
         self.ended = False
 
     def feed(self, entry: Entry) -> bytes:
         if self.ended:
             return b""
+        self.cursor = entry.id
         event = decode_event(entry.data)
         self.created = self.created or created(entry.id)
         if isinstance(event, Started):
@@ -313,10 +340,15 @@ class Chunks:
 
     def _output(self, cursor: str, event: Content | Reasoning | ToolCallFragment) -> bytes:
         if isinstance(event, ToolCallFragment):
-            fresh = self.tools.new_piece((event.index, event.id, event.name, event.arguments))
+            # ids are made up afresh by most upstreams on every request: a retry is matched without them
+            fresh = self.tools.new_piece((event.index, event.name, event.arguments))
             if fresh is None:
                 return self._diverged(cursor)
-            return self._chunk(cursor, {"tool_calls": [tool_call_delta(event)]}) if fresh else b""
+            if not fresh:
+                return b""
+            first = event.index not in self.named
+            self.named.add(event.index)
+            return self._chunk(cursor, {"tool_calls": [tool_call_delta(event, first)]})
         shown, field = (
             (self.content, "content") if isinstance(event, Content) else (self.reasoning, "reasoning_content")
         )
@@ -350,6 +382,13 @@ class Chunks:
             chunk["usage"] = usage
         return b"data: %s\n\n" % msgspec.json.encode(chunk)
 
+    def interrupted(self) -> bytes:
+        """An error for a stream cut short, naming the cursor to resume after."""
+        message = (
+            f"the stream was interrupted; resume at /v1/chat/completions/{self.chat_id}/stream?after={self.cursor}"
+        )
+        return self._error(self.cursor, "stream_interrupted", message)
+
     def _diverged(self, cursor: str) -> bytes:
         message = "the upstream failed mid-answer and its retry answered differently; ask again"
         return self._error(cursor, "retry_diverged", message)
@@ -361,12 +400,12 @@ class Chunks:
         return b"data: %s\n\n" % msgspec.json.encode(error)
 
 
-def tool_call_delta(event: ToolCallFragment) -> dict[str, Any]:
-    """A fragment as OpenAI streams it: ``id``, ``type`` and the name only with the first."""
+def tool_call_delta(event: ToolCallFragment, first: bool) -> dict[str, Any]:
+    """A fragment as OpenAI streams it: ``id``, ``type`` and the name with a call's first fragment
+    only (the SDK joins whatever repeats), an id made up where the upstream sent none."""
     function: dict[str, Any] = {"arguments": event.arguments}
     delta: dict[str, Any] = {"index": event.index, "function": function}
-    if event.id is not None:
-        delta.update(id=event.id, type="function")
-    if event.name is not None:
-        function["name"] = event.name
+    if first:
+        delta.update(id=event.id or f"call_{event.index}", type="function")
+        function["name"] = event.name or ""
     return delta

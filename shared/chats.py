@@ -57,6 +57,12 @@ class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defa
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an earlier assistant message's, sent back with their answers
     tool_call_id: str | None = None
+    # what an assistant message the SDK sends back may carry besides (``messages.append(reply)``)
+    refusal: str | None = None
+    audio: dict[str, Any] | None = None
+    function_call: dict[str, Any] | None = None
+    reasoning_content: str | None = None  # not sent upstream: most refuse it in a request
+    reasoning: str | None = None  # likewise
 
     def text(self) -> str:
         """What the message says in text: its string, or its text parts."""

@@ -124,12 +124,17 @@ if idem and ARGV[14] == 'replay' then
   end
 end
 if redis.call('EXISTS', KEYS[5]) == 1 then return {'ok'} end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return {'queue'} end
+-- a refused request's retry must not find an earlier request's chat under a recording key
+local function refuse(answer)
+  if idem and ARGV[14] == 'record' then redis.call('DEL', idem) end
+  return answer
+end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return refuse({'queue'}) end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[9]) then return {'running'} end
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[9]) then return refuse({'running'}) end
 if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[8]) then
-  return {'rate', redis.call('PTTL', KEYS[3])}
+  return refuse({'rate', redis.call('PTTL', KEYS[3])})
 end
 if redis.call('INCR', KEYS[3]) == 1 or redis.call('PTTL', KEYS[3]) < 0 then
   redis.call('PEXPIRE', KEYS[3], 60000)

@@ -98,6 +98,9 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
     """
     body: dict[str, Any] = msgspec.to_builtins(request)
     body.update(body.pop("extra", None) or {})  # a vendor's own fields, at the top level as they came
+    for message in body["messages"]:  # an earlier reply's reasoning, sent back: upstreams refuse it
+        message.pop("reasoning_content", None)
+        message.pop("reasoning", None)
     body.update(model=model, stream=True, stream_options={"include_usage": True})
     response = await client.post("/chat/completions", cast_to=_http.Response, body=body, stream=True)
     try:

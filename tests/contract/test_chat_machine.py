@@ -342,3 +342,35 @@ async def test_scores_come_from_redis_clock_whatever_the_hosts_clock_says(
     assert now < lapses <= now + TTL_MS
     assert now < deadline <= now + LIMITS.deadline_ms
     assert await run(store, machine.lapsed()) == []
+
+
+async def test_a_refused_request_under_a_recording_key_forgets_the_earlier_chat(store: Redis) -> None:
+    """The SDK's retry of a refused request must not be answered with an earlier, identical one."""
+    first = machine.admit(
+        CHAT,
+        OWNER,
+        CRED,
+        created_at="",
+        request=b"{}",
+        job=job_record(CHAT),
+        job_expires_ms=JOB_EXPIRES_MS,
+        limits=LIMITS,
+        idempotency_key="same-body",
+        replay=False,
+    )
+    assert await run(store, first) == ["ok"]
+    full = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
+    refused = machine.admit(
+        "d" * 32,
+        OWNER,
+        CRED,
+        created_at="",
+        request=b"{}",
+        job=b"",
+        job_expires_ms=1,
+        limits=full,
+        idempotency_key="same-body",
+        replay=False,
+    )
+    assert await run(store, refused) == ["queue"]
+    assert not await store.exists(keys.idempotency(OWNER, "same-body"))

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from streambridge.api.app import make_app
+from streambridge.api.context import CONTEXT
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
@@ -207,3 +208,40 @@ async def test_a_json_schema_response_format_is_taken(sdk: openai.AsyncOpenAI) -
         response_format={"type": "json_schema", "json_schema": schema},  # type: ignore[typeddict-item]
     )
     assert completion.choices[0].message.content == expected_text("json", WORDS)
+
+
+async def test_the_tool_loop_sends_the_reply_back_and_goes_on(sdk: openai.AsyncOpenAI) -> None:
+    messages: list[object] = [*ask("loop")]
+    first = await sdk.chat.completions.create(model="fake", messages=messages, tools=[LOOKUP])  # type: ignore[arg-type,list-item]
+    reply = first.choices[0].message
+    assert reply.tool_calls is not None
+    messages += [reply, {"role": "tool", "tool_call_id": reply.tool_calls[0].id, "content": "42"}]
+    second = await sdk.chat.completions.create(model="fake?reasoning=2", messages=messages)  # type: ignore[arg-type]
+    messages.append(second.choices[0].message)  # with its reasoning_content, which goes no further
+    messages.append({"role": "user", "content": "and?"})
+    third = await sdk.chat.completions.create(model="fake", messages=messages)  # type: ignore[arg-type]
+    assert third.choices[0].message.content
+
+
+async def test_an_edge_stopping_mid_stream_is_an_error_for_the_sdk_not_an_end(
+    sdk: openai.AsyncOpenAI, settings: Settings, llm_url: str
+) -> None:
+    server = TestServer(make_app(settings))
+    await server.start_server()
+    worker = make_worker(settings, llm_url)
+    main = asyncio.create_task(worker.main())
+    client = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=sdk.api_key, max_retries=0)
+    try:
+        stream = await client.chat.completions.create(model="fake?delay_ms=50", messages=ask("cut"), stream=True)  # type: ignore[arg-type]
+
+        async def read_while_the_edge_stops() -> None:
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    server.app[CONTEXT].hub.close_all()  # type: ignore[union-attr]
+
+        with pytest.raises(openai.APIError, match="interrupted"):
+            await read_while_the_edge_stops()
+    finally:
+        await client.close()
+        await stop_worker(worker, main, grace=1)
+        await server.close()

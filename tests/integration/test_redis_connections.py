@@ -55,4 +55,4 @@ async def test_a_cancelled_command_is_cancelled_however_its_timing_falls(redis_u
             assert done, f"cancellation {attempt} was lost: the task ran on"
     finally:
         lost.set()
-        await client.aclose()
+        await client.aclose(close_connection_pool=True)  # the pool, with the connections cancelled mid-command

@@ -82,3 +82,36 @@ def test_a_resume_shows_exactly_what_followed_its_cursor() -> None:
     events = (Started(1, "m"), Content("a", 1, 1), Content("b", 2, 1), Content("c", 3, 1), Complete(1, 3, 3, 1))
     whole = chunks_of(*events)
     assert chunks_of(*events, after=2) == whole[3:]
+
+
+def test_a_tool_calls_id_and_name_go_with_its_first_fragment_only() -> None:
+    # some upstreams repeat them on every fragment; the SDK would join the repeats
+    out = chunks_of(
+        Started(1, "m"),
+        ToolCallFragment(0, "call_1", "lookup", "{", 1),
+        ToolCallFragment(0, "call_1", "lookup", "}", 1),
+        Complete(1, 0, 0, 5, "tool_calls"),
+    )
+    assert deltas(out)[2] == {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]}
+
+
+def test_a_retried_tool_call_with_a_new_id_is_the_same_call() -> None:
+    out = chunks_of(
+        Started(1, "m"),
+        ToolCallFragment(0, "call_a", "lookup", "{}", 1),
+        Error("x", True, 1),
+        Started(2, "m"),
+        ToolCallFragment(0, "call_b", "lookup", "{}", 2),
+        Complete(2, 0, 0, 5, "tool_calls"),
+    )
+    assert out[-1] == "[DONE]"
+    assert len([d for d in deltas(out) if "tool_calls" in d]) == 1  # type: ignore[operator]
+
+
+def test_a_stream_cut_short_ends_with_an_error_naming_where_to_resume() -> None:
+    chunks = Chunks("c" * 32, include_usage=False)
+    chunks.feed(Entry("1700000000000-0", "", encode_event(Started(1, "m"))))
+    chunks.feed(Entry("1700000000000-1", "", encode_event(Content("a", 1, 1))))
+    error = msgspec.json.decode(chunks.interrupted().decode()[6:])
+    assert error["error"]["code"] == "stream_interrupted"
+    assert error["streambridge"]["cursor"] == "1700000000000-1"
