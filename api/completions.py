@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import re
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -82,6 +83,8 @@ class Control(msgspec.Struct, forbid_unknown_fields=True):
 
 
 CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
+#: a vendor's own field (vLLM's ``top_k``, …): a name like OpenAI's own, passed to the upstream
+VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 @routes.post("/v1/chat/completions")
@@ -95,6 +98,9 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
     extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
     if extra:
+        bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
+        if bad is not None:
+            raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])
         fields["extra"] = extra
     chat = chat_request(fields)
     include_usage = control.stream_options is not None and control.stream_options.include_usage

@@ -34,7 +34,10 @@ def check_prompt(chat: ChatRequest, identity: Identity) -> None:
     q = identity.quota
     if len(chat.messages) > q.max_messages:
         raise Unprocessable(f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}")
+    # what the upstream reads counts: tools' definitions, earlier tool calls and vendors' fields too
     chars = sum(len(m.text()) for m in chat.messages)
+    for part in (chat.tools, [m.tool_calls for m in chat.messages if m.tool_calls], chat.extra):
+        chars += len(msgspec.json.encode(part)) if part else 0
     if chars > q.max_prompt_chars:
         raise Unprocessable(f"the prompt may have at most {q.max_prompt_chars} characters, not {chars}")
     for name in ("max_tokens", "max_completion_tokens"):

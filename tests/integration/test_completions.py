@@ -245,3 +245,9 @@ async def test_an_edge_stopping_mid_stream_is_an_error_for_the_sdk_not_an_end(
         await client.close()
         await stop_worker(worker, main, grace=1)
         await server.close()
+
+
+async def test_a_vendor_field_must_be_named_like_one(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="fake", messages=ask("x"), extra_body={"not a name!": 1})  # type: ignore[arg-type]
+    assert caught.value.param == "not a name!"

@@ -46,6 +46,14 @@ def test_the_worker_methods_streambridge_replaces_or_calls_are_arqs() -> None:
         assert name in init, name
 
 
+def test_the_worker_attributes_streambridge_reads_are_arqs() -> None:
+    # read or set by QueueWorker and the worker: arq's __init__ must still make each of them
+    source = inspect.getsource(Worker.__init__)
+    for name in ("_pool", "health_check_key", "allow_pick_jobs", "tasks", "ctx", "max_jobs", "queue_name"):
+        assert f"self.{name}" in source, name
+    assert isinstance(Worker.pool, property)
+
+
 def test_arqs_main_loop_calls_the_scan_and_its_burst_mode_waits_for_tracked_tasks() -> None:
     source = inspect.getsource(Worker.main)
     assert "await self._poll_iteration()" in source
