@@ -71,15 +71,17 @@ RETRY_WINDOW: Final = 600
 
 
 class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # the SDK's; streambridge pads nothing
 
 
 class Control(msgspec.Struct, forbid_unknown_fields=True):
-    """The fields that say how to answer, not what to ask the upstream."""
+    """The fields that say how to answer, not what to ask the upstream (null is the default, as
+    OpenAI takes it)."""
 
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int | None = 1
 
 
 CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
@@ -103,7 +105,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])
         fields["extra"] = extra
     chat = chat_request(fields)
-    include_usage = control.stream_options is not None and control.stream_options.include_usage
+    include_usage = control.stream_options is not None and bool(control.stream_options.include_usage)
     if not control.stream:
         chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
         return await completion(ctx, chat_id)
@@ -144,7 +146,7 @@ def parse_control(fields: dict[str, Any]) -> Control:
         control = msgspec.convert(fields, Control)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}", code="invalid_request") from None
-    if control.n != 1:
+    if control.n not in {1, None}:
         raise BadRequest("only n=1 is supported: send one request per choice", code="invalid_request", param="n")
     return control
 

@@ -178,13 +178,16 @@ def completion_request_schema(request: Json) -> Json:
     """``ChatRequest`` as ``POST /v1/chat/completions`` takes it: OpenAI's fields, the answer's
     (``stream``, ``stream_options``, ``n``), and any other field, for the upstream."""
     properties = {k: v for k, v in request["properties"].items() if k != "extra"}
-    properties["stream"] = {"type": "boolean"}
+    properties["stream"] = {"type": ["boolean", "null"]}
     properties["stream_options"] = {
-        "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}},
+        "type": ["object", "null"],
+        "properties": {
+            "include_usage": {"type": ["boolean", "null"]},
+            "include_obfuscation": {"type": ["boolean", "null"]},
+        },
         "additionalProperties": False,
     }
-    properties["n"] = {"const": 1}
+    properties["n"] = {"enum": [1, None]}
     return {**request, "title": "ChatCompletionRequest", "properties": properties}
 
 

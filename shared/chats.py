@@ -106,7 +106,8 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
-    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # OpenAI's levels grow ("none", "xhigh", …) and vendors have their own: a short word
+    reasoning_effort: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,16}$")] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None

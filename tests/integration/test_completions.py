@@ -251,3 +251,16 @@ async def test_a_vendor_field_must_be_named_like_one(sdk: openai.AsyncOpenAI) ->
     with pytest.raises(openai.BadRequestError) as caught:
         await sdk.chat.completions.create(model="fake", messages=ask("x"), extra_body={"not a name!": 1})  # type: ignore[arg-type]
     assert caught.value.param == "not a name!"
+
+
+async def test_what_the_sdk_may_send_is_taken(sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.chat.completions.create(
+        model="fake",
+        messages=ask("options"),  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True, "include_obfuscation": False},
+        reasoning_effort="xhigh",  # type: ignore[arg-type]
+        n=None,
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == expected_text("options", WORDS)
