@@ -91,11 +91,7 @@ async def visitor_login(request: web.Request) -> web.Response:
 @routes.post("/v1/chats")
 async def create_chat(request: web.Request) -> web.Response:
     ctx = context(request)
-    # A credential this process has seen is not read again: admission checks in its one round
-    # trip that it still exists (revoked or expired, it does not).
-    token = bearer_token(request)
-    remembered = recall(ctx.credentials, token) if token is not None else None
-    identity = remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
+    identity = await creator(request, ctx)
     chat = parse_create(await read_body(request, ctx))
     chat_id, created_at = await admit(request, ctx, identity, chat, Idempotency(idempotency_key_of(request)))
     status: Status = "queued"
@@ -106,6 +102,14 @@ async def create_chat(request: web.Request) -> web.Response:
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response
+
+
+async def creator(request: web.Request, ctx: Context) -> Identity:
+    """Who creates a chat. A credential this process has seen is not read again: admission checks,
+    in its one round trip, that it still exists (revoked or expired, it does not)."""
+    token = bearer_token(request)
+    remembered = recall(ctx.credentials, token) if token is not None else None
+    return remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
 
 
 class Idempotency(NamedTuple):

@@ -22,18 +22,17 @@ import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from streambridge.api.auth import authenticate, bearer_token
 from streambridge.api.chats import (
     Idempotency,
     admit,
     chat_request,
+    creator,
     idempotency_key_of,
     json_object,
     owned_chat,
     read_body,
 )
 from streambridge.api.context import Context, context
-from streambridge.api.credentials import recall
 from streambridge.api.errors import error_body
 from streambridge.shared import keys
 from streambridge.shared.chats import REQUEST_FIELDS
@@ -92,9 +91,7 @@ VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 @routes.post("/v1/chat/completions")
 async def create_completion(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
-    token = bearer_token(request)
-    remembered = recall(ctx.credentials, token) if token is not None else None
-    identity = remembered or await authenticate(request, ctx.redis, ctx.settings, ctx.credentials)
+    identity = await creator(request, ctx)
     body = await read_body(request, ctx)
     fields = json_object(body)
     control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
