@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Final
 
 import fakeredis
 import pytest
@@ -44,7 +44,14 @@ async def run(store: Redis, c: machine.Call) -> Any:
     return answer.decode() if isinstance(answer, bytes) else answer
 
 
-def admission(chat_id: str = CHAT, *, request: bytes = b'{"messages":[]}', key: str | None = None) -> machine.Call:
+def admission(
+    chat_id: str = CHAT,
+    *,
+    request: bytes = b'{"messages":[]}',
+    key: str | None = None,
+    limits: machine.Admission = LIMITS,
+    replay: bool = True,
+) -> machine.Call:
     return machine.admit(
         chat_id,
         OWNER,
@@ -53,9 +60,14 @@ def admission(chat_id: str = CHAT, *, request: bytes = b'{"messages":[]}', key: 
         request=request,
         job=job_record(chat_id),
         job_expires_ms=JOB_EXPIRES_MS,
-        limits=LIMITS,
+        limits=limits,
         idempotency_key=key,
+        replay=replay,
     )
+
+
+#: a deployment whose queue is full: every admission is refused
+FULL: Final = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
 
 
 def reaping(chat_id: str = CHAT) -> machine.Call:
@@ -124,20 +136,8 @@ async def test_admission_replayed_after_the_chat_started_leaves_it_running(store
 async def test_admission_replayed_by_a_user_at_the_running_limit_is_not_refused(store: Redis) -> None:
     one = machine.Admission(max_queue=100, chats_per_minute=1, max_running=1, deadline_ms=60_000, result_ttl=600)
 
-    def admitted() -> machine.Call:
-        return machine.admit(
-            CHAT,
-            OWNER,
-            CRED,
-            created_at="t",
-            request=b"{}",
-            job=job_record(CHAT),
-            job_expires_ms=JOB_EXPIRES_MS,
-            limits=one,
-        )
-
-    assert await run(store, admitted()) == ["ok"]
-    assert await run(store, admitted()) == ["ok"]  # not 429 for the chat it already made
+    assert await run(store, admission(limits=one)) == ["ok"]
+    assert await run(store, admission(limits=one)) == ["ok"]  # not 429 for the chat it already made
 
 
 async def test_an_idempotency_key_returns_the_first_chat_and_refuses_a_different_request(store: Redis) -> None:
@@ -178,11 +178,7 @@ async def test_a_queued_chat_whose_old_lease_holds_waits_on_the_queue_until_it_g
 
 
 async def test_a_refused_admission_leaves_its_idempotency_key_free(store: Redis) -> None:
-    full = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
-    refused = machine.admit(
-        CHAT, OWNER, CRED, created_at="", request=b"{}", job=b"", job_expires_ms=1, limits=full, idempotency_key="k"
-    )
-    assert await run(store, refused) == ["queue"]
+    assert await run(store, admission(key="k", limits=FULL)) == ["queue"]
     assert not await store.exists(keys.idempotency(OWNER, "k"))
     assert await run(store, admission("d" * 32, request=b"{}", key="k")) == ["ok"]
 
@@ -346,31 +342,6 @@ async def test_scores_come_from_redis_clock_whatever_the_hosts_clock_says(
 
 async def test_a_refused_request_under_a_recording_key_forgets_the_earlier_chat(store: Redis) -> None:
     """The SDK's retry of a refused request must not be answered with an earlier, identical one."""
-    first = machine.admit(
-        CHAT,
-        OWNER,
-        CRED,
-        created_at="",
-        request=b"{}",
-        job=job_record(CHAT),
-        job_expires_ms=JOB_EXPIRES_MS,
-        limits=LIMITS,
-        idempotency_key="same-body",
-        replay=False,
-    )
-    assert await run(store, first) == ["ok"]
-    full = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
-    refused = machine.admit(
-        "d" * 32,
-        OWNER,
-        CRED,
-        created_at="",
-        request=b"{}",
-        job=b"",
-        job_expires_ms=1,
-        limits=full,
-        idempotency_key="same-body",
-        replay=False,
-    )
-    assert await run(store, refused) == ["queue"]
+    assert await run(store, admission(key="same-body", replay=False)) == ["ok"]
+    assert await run(store, admission("d" * 32, key="same-body", limits=FULL, replay=False)) == ["queue"]
     assert not await store.exists(keys.idempotency(OWNER, "same-body"))
