@@ -34,6 +34,7 @@ from streambridge.api.chats import (
 )
 from streambridge.api.context import Context, context
 from streambridge.api.errors import error_body
+from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
 from streambridge.shared import keys
 from streambridge.shared.chats import REQUEST_FIELDS
 from streambridge.shared.errors import BadRequest, StreamExpired
@@ -42,7 +43,6 @@ from streambridge.shared.events import (
     Complete,
     Content,
     Failed,
-    Reasoning,
     Started,
     ToolCallFragment,
     Usage,
@@ -263,108 +263,48 @@ def usage_of(usage: Usage | None) -> dict[str, int] | None:
     return msgspec.to_builtins(usage) if usage is not None else None
 
 
-class Shown:
-    """What a client was shown of one kind of output: a later attempt must show the same again
-    (it is skipped) before anything beyond it is sent. Text is matched character by character,
-    tool call fragments one by one."""
-
-    def __init__(self) -> None:
-        self.text = ""
-        self.pieces: list[Any] = []
-        self.matched = 0  # how much of it the current attempt has said again
-
-    def again(self) -> None:
-        self.matched = 0
-
-    @property
-    def behind(self) -> bool:
-        return self.matched < max(len(self.text), len(self.pieces))
-
-    def new_text(self, text: str) -> str | None:
-        """What of ``text`` the client has not seen; None if the attempt said something else."""
-        seen = self.text[self.matched : self.matched + len(text)]
-        if not text.startswith(seen):
-            return None
-        self.text += text[len(seen) :]
-        self.matched += len(text)
-        return text[len(seen) :]
-
-    def new_piece(self, piece: Any) -> bool | None:
-        """Whether the client has yet to see ``piece``; None if the attempt said something else."""
-        if self.matched < len(self.pieces):
-            if self.pieces[self.matched] != piece:
-                return None
-            self.matched += 1
-            return False
-        self.pieces.append(piece)
-        self.matched += 1
-        return True
-
-
 class Chunks:
     """A chat's events as ``chat.completion.chunk`` SSE, one entry at a time.
 
-    A pure function of the stream, so a resume that feeds the same entries gets the same chunks.
-    OpenAI's stream has no way to take anything back, so an attempt that follows one whose output
-    was shown must say the same again: its content, reasoning and tool call fragments are matched
-    against what was shown and only what goes beyond it is sent. A retry that says something else
-    ends the stream with an error (a deterministic upstream, or one that failed before answering,
-    never does).
+    A pure function of the stream (see :mod:`streambridge.api.telling` for what a retried attempt
+    shows), so a resume that feeds the same entries gets the same chunks.
     """
 
     def __init__(self, chat_id: str, include_usage: bool) -> None:
         self.chat_id, self.include_usage = chat_id, include_usage
-        self.model = ""
+        self.telling = Telling()
         self.created = 0
-        self.content, self.reasoning, self.tools = Shown(), Shown(), Shown()
         self.cursor = ""  # the last entry fed
-        self.named: set[int] = set()  # tool calls whose id and name were sent
         self.ended = False
+
+    @property
+    def model(self) -> str:
+        return self.telling.model
 
     def feed(self, entry: Entry) -> bytes:
         if self.ended:
             return b""
         self.cursor = entry.id
-        event = decode_event(entry.data)
         self.created = self.created or created(entry.id)
-        if isinstance(event, Started):
-            first = not self.model
-            self.model = event.model
-            for shown in (self.content, self.reasoning, self.tools):
-                shown.again()
-            return self._chunk(entry.id, {"role": "assistant", "content": ""}) if first else b""
-        if isinstance(event, Content | Reasoning | ToolCallFragment):
-            return self._output(entry.id, event)
-        if isinstance(event, Complete):
-            return self._complete(entry.id, event)
-        if isinstance(event, Failed):
-            return self._error(entry.id, "upstream_failed", event.message)
-        if isinstance(event, Cancelled):
+        told = self.telling.feed(decode_event(entry.data))
+        if isinstance(told, Begun):
+            return self._chunk(entry.id, {"role": "assistant", "content": ""})
+        if isinstance(told, Said):
+            field = "content" if told.kind == "content" else "reasoning_content"
+            return self._chunk(entry.id, {field: told.text})
+        if isinstance(told, Called):
+            return self._chunk(entry.id, {"tool_calls": [tool_call_delta(told.fragment, told.first)]})
+        if isinstance(told, Complete):
+            return self._complete(entry.id, told)
+        if isinstance(told, Diverged):
+            return self._diverged(entry.id)
+        if isinstance(told, Failed):
+            return self._error(entry.id, "upstream_failed", told.message)
+        if isinstance(told, Cancelled):
             return self._error(entry.id, "cancelled", "the chat was cancelled")
-        return b""  # progress, status, a failed attempt's error: the chunk stream has no place for them
-
-    def _output(self, cursor: str, event: Content | Reasoning | ToolCallFragment) -> bytes:
-        if isinstance(event, ToolCallFragment):
-            # ids are made up afresh by most upstreams on every request: a retry is matched without them
-            fresh = self.tools.new_piece((event.index, event.name, event.arguments))
-            if fresh is None:
-                return self._diverged(cursor)
-            if not fresh:
-                return b""
-            first = event.index not in self.named
-            self.named.add(event.index)
-            return self._chunk(cursor, {"tool_calls": [tool_call_delta(event, first)]})
-        shown, field = (
-            (self.content, "content") if isinstance(event, Content) else (self.reasoning, "reasoning_content")
-        )
-        new = shown.new_text(event.content)
-        if new is None:
-            return self._diverged(cursor)
-        return self._chunk(cursor, {field: new}) if new else b""
+        return b""
 
     def _complete(self, cursor: str, event: Complete) -> bytes:
-        if self.content.behind or self.reasoning.behind or self.tools.behind:
-            return self._diverged(cursor)  # the retry said less than was shown
         self.ended = True
         out = self._chunk(cursor, {}, event.finish_reason or "stop")
         if self.include_usage:
