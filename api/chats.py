@@ -260,10 +260,13 @@ def param_of(exc: msgspec.ValidationError) -> str | None:
     return found.group(1) or None if found else None
 
 
-async def owned_chat(request: web.Request, ctx: Context) -> tuple[Identity, str, dict[bytes, bytes]]:
-    """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
+async def owned_chat(
+    request: web.Request, ctx: Context, chat_id: str | None = None
+) -> tuple[Identity, str, dict[bytes, bytes]]:
+    """The chat named in the path (or ``chat_id``), if it is the caller's; anyone else gets 404 as
+    if it did not exist."""
     identity = await authenticate(request, ctx.redis, ctx.settings)
-    chat_id = chat_id_of(request)
+    chat_id = chat_id or chat_id_of(request)
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")

@@ -68,6 +68,34 @@ ERRORS["GET /v1/chat/completions/{id}/stream"] = {
     429: {"too_many_streams"},
     503: {"redis_unavailable"},
 }
+ERRORS["POST /v1/responses"] = {
+    400: {
+        "malformed_json",
+        "invalid_request",
+        "unsupported_parameter",
+        "bad_idempotency_key",
+        "idempotency_key_reused",
+    },
+    401: {"unauthorized"},
+    408: {"request_timeout"},
+    413: {"payload_too_large"},
+    429: {"rate_limited", "too_many_chats", "too_many_streams"},
+    503: {"redis_unavailable", "overloaded", "unavailable"},
+}
+ERRORS["GET /v1/responses/{id}"] = {
+    400: {"invalid_request"},
+    401: {"unauthorized"},
+    404: {"not_found"},
+    410: {"stream_expired"},
+    429: {"too_many_streams"},
+    503: {"redis_unavailable"},
+}
+ERRORS["POST /v1/responses/{id}/cancel"] = {
+    400: {"invalid_request"},
+    401: {"unauthorized"},
+    404: {"not_found"},
+    503: {"redis_unavailable"},
+}
 ERRORS["GET /v1/models"] = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
 
 
