@@ -102,7 +102,7 @@ class ResponseStream:
             "instructions": echo.instructions,
             "max_output_tokens": echo.max_output_tokens,
             "model": self.model,
-            "output": [dict(item) for item in self.output],
+            "output": [public(item) for item in self.output],
             "parallel_tool_calls": echo.parallel_tool_calls,
             "previous_response_id": None,
             "reasoning": echo.reasoning,
@@ -263,9 +263,7 @@ class ResponseStream:
         return [self._lifecycle(f"response.{status}")]
 
     def _lifecycle(self, kind: str) -> dict[str, Any]:
-        snapshot = self.snapshot()
-        snapshot["output"] = [public(item) for item in self.output]
-        return self._event(kind, response=snapshot)
+        return self._event(kind, response=self.snapshot())
 
     def _event(self, kind: str, **fields: Any) -> dict[str, Any]:
         self.seq += 1
