@@ -217,9 +217,9 @@ async def completion(ctx: Context, chat_id: str) -> web.Response:
     events = [decode_event(e.data) for e in entries]
     end = events[-1] if events else None
     if isinstance(end, Failed):
-        return error(502, "upstream_failed", end.message)
+        return refused(end)
     if isinstance(end, Cancelled):
-        return error(409, "cancelled", "the chat was cancelled")
+        return error(409, "cancelled", "the chat was cancelled", retry=False)
     if not isinstance(end, Complete):
         return error(503, "unavailable", "the edge is shutting down; send the request again")
     started = next(e for e in reversed(events) if isinstance(e, Started))
@@ -255,8 +255,24 @@ def created(entry_id: str) -> int:
     return int(entry_id.partition("-")[0]) // 1000
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.Response(status=status, body=error_body(status, code, message), content_type="application/json")
+def error(status: int, code: str, message: str, param: str | None = None, *, retry: bool = True) -> web.Response:
+    body = error_body(status, code, message, param)
+    # the SDK retries 409 and 5xx by itself, unless told not to; a chat that ended has its answer
+    headers = {} if retry else {"x-should-retry": "false"}
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+#: an upstream's refusal of the request itself, passed on as it said it (OpenAI answers 422 as 400)
+PASSED_ON: Final = {400: 400, 404: 404, 413: 413, 422: 400}
+
+
+def refused(end: Failed) -> web.Response:
+    """A failed chat's answer: the upstream's own refusal of the request (a bad field, an unknown
+    model, a prompt too long) as it gave it; 502 for anything else (the worker already retried)."""
+    status = PASSED_ON.get(end.upstream_status or 0)
+    if status is None:
+        return error(502, end.code or "upstream_failed", end.message, end.param, retry=False)
+    return error(status, end.code or "upstream_rejected", end.message, end.param, retry=False)
 
 
 def usage_of(usage: Usage | None) -> dict[str, int] | None:
@@ -299,7 +315,7 @@ class Chunks:
         if isinstance(told, Diverged):
             return self._diverged(entry.id)
         if isinstance(told, Failed):
-            return self._error(entry.id, "upstream_failed", told.message)
+            return self._error(entry.id, told.code or "upstream_failed", told.message, told.param)
         if isinstance(told, Cancelled):
             return self._error(entry.id, "cancelled", "the chat was cancelled")
         return b""
@@ -338,9 +354,9 @@ class Chunks:
         message = "the upstream failed mid-answer and its retry answered differently; ask again"
         return self._error(cursor, "retry_diverged", message)
 
-    def _error(self, cursor: str, code: str, message: str) -> bytes:
+    def _error(self, cursor: str, code: str, message: str, param: str | None = None) -> bytes:
         self.ended = True
-        error = msgspec.json.decode(error_body(502, code, message))
+        error = msgspec.json.decode(error_body(502, code, message, param))
         error["streambridge"] = {"chat_id": self.chat_id, "cursor": cursor}
         return b"data: %s\n\n" % msgspec.json.encode(error)
 

@@ -65,15 +65,19 @@ RETRY_AFTER: Final = {
 }
 
 
-def error(description: str, codes: dict[str, str], *, retry_after: bool | None = None) -> Json:
-    """An error answer: ``ErrorAnswer``, its ``code`` one of ``codes`` (code → when it is sent).
+def error(description: str, codes: dict[str, str], *, retry_after: bool | None = None, upstream: bool = False) -> Json:
+    """An error answer: ``ErrorAnswer``, its ``code`` one of ``codes`` (code → when it is sent), or
+    with ``upstream`` also the upstream's own code, passed on as it gave it.
 
     ``retry_after``: ``True`` if every such answer has ``Retry-After``, ``False`` if some do.
     """
     lines = "\n".join(f"- `{code}`: {when}" for code, when in codes.items())
+    if upstream:
+        lines += "\n- any other code: the upstream's own, with its `param`, as it refused the request"
+    code = {"type": "string", "examples": list(codes)} if upstream else {"enum": list(codes)}
     narrowed = {
         "type": "object",
-        "properties": {"error": {"type": "object", "properties": {"code": {"enum": list(codes)}}}},
+        "properties": {"error": {"type": "object", "properties": {"code": code}}},
     }
     answer: Json = {
         "description": f"{description}\n\n{lines}",
@@ -570,12 +574,26 @@ def completions() -> Json:
                         "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
                         "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
                         "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
+                        "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",
                     },
+                    upstream=True,
                 ),
                 "401": UNAUTHORIZED,
+                "404": error(
+                    "The upstream does not know the model.",
+                    {"upstream_rejected": "the upstream answered 404 and gave no code"},
+                    upstream=True,
+                ),
                 "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
                 "409": error("The chat was cancelled before it ended.", {"cancelled": "its owner cancelled it"}),
-                "413": error("The body is too large.", {"payload_too_large": "see `POST /v1/chats`"}),
+                "413": error(
+                    "The body is too large, for streambridge or for the upstream.",
+                    {
+                        "payload_too_large": "see `POST /v1/chats`",
+                        "upstream_rejected": "the upstream answered 413 and gave no code",
+                    },
+                    upstream=True,
+                ),
                 "429": error(
                     "Over a per-user limit.",
                     {
@@ -585,7 +603,12 @@ def completions() -> Json:
                     },
                     retry_after=True,
                 ),
-                "502": error("The upstream failed the chat.", {"upstream_failed": "every attempt failed"}),
+                "502": error(
+                    "The upstream failed the chat (every attempt the worker made); not worth the SDK's retry, "
+                    "so sent with `x-should-retry: false`.",
+                    {"upstream_failed": "every attempt failed"},
+                    upstream=True,
+                ),
                 "503": error(
                     "The service cannot answer now.",
                     {

@@ -80,7 +80,7 @@ class ResponseStream:
         if isinstance(told, Complete):
             return self._complete(told)
         if isinstance(told, Failed):
-            return self._end("failed", {"code": "server_error", "message": told.message})
+            return self._end("failed", {"code": told.code or "server_error", "message": told.message})
         if isinstance(told, Cancelled):
             return self._end("cancelled", None)
         if isinstance(told, Diverged):

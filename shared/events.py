@@ -78,9 +78,15 @@ class Complete(msgspec.Struct, tag="complete", tag_field="type", frozen=True):
     usage: Usage | None = None
 
 
-class Failed(msgspec.Struct, tag="failed", tag_field="type", frozen=True):
+class Failed(msgspec.Struct, tag="failed", tag_field="type", frozen=True, omit_defaults=True):
+    """Terminal: every attempt failed. When the upstream refused the request (a 4xx), its status
+    and its error's ``code`` and ``param`` come along, so the front door can answer as it did."""
+
     message: str
     attempts: int
+    upstream_status: int | None = None
+    code: str | None = None
+    param: str | None = None
 
 
 class Cancelled(msgspec.Struct, tag="cancelled", tag_field="type", frozen=True):

@@ -180,7 +180,8 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code >= 500 or exc.status_code in RETRYABLE_STATUSES
         message = f"LLM answered {exc.status_code}: {_provider_message(exc)}"
-        return Failure(message, retryable, _retry_after(exc.response.headers))
+        code, param = _error_field(exc, "code"), _error_field(exc, "param")
+        return Failure(message, retryable, _retry_after(exc.response.headers), exc.status_code, code, param)
     if isinstance(exc, openai.APIConnectionError):
         unreachable = _connector_error(exc)
         if isinstance(exc, openai.APITimeoutError) and unreachable is None:
@@ -207,6 +208,14 @@ def _connector_error(exc: BaseException) -> BaseException | None:
             return cause
         cause = cause.__cause__
     return None
+
+
+def _error_field(exc: openai.APIStatusError, name: str) -> str | None:
+    """A short string field of the upstream's error body (``code``, ``param``), if it has one."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error", body)
+    value = inner.get(name) if isinstance(inner, dict) else None
+    return value[:200] if isinstance(value, str) else None
 
 
 def _provider_message(exc: openai.APIStatusError) -> str:

@@ -114,6 +114,37 @@ async def test_a_malformed_request_is_the_sdks_bad_request_naming_its_field(
     assert caught.value.type == "invalid_request_error"
 
 
+async def test_an_upstreams_refusal_is_passed_on_with_its_code_and_param(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="fake?fail=400", messages=ask("too long"))  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    stream = await sdk.chat.completions.create(
+        model="fake?fail=400",
+        messages=ask("too long, streamed"),  # type: ignore[arg-type]
+        stream=True,
+    )
+    with pytest.raises(openai.APIError, match="fail=400") as raised:
+        async for _ in stream:
+            pass
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == "context_length_exceeded"
+
+
+async def test_an_upstream_that_failed_every_attempt_is_a_502_the_sdk_does_not_retry(base_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base_url}/auth/visitor") as response:
+            token = (await response.json())["token"]
+    retrying = openai.AsyncOpenAI(base_url=base_url, api_key=token, max_retries=2)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await retrying.chat.completions.create(model="fake?fail=500", messages=ask("broken"))  # type: ignore[arg-type]
+    await retrying.close()
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_failed"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.response.request.headers.get("x-stainless-retry-count") == "0", "the SDK did not retry"
+
+
 async def test_a_bad_key_is_the_sdks_authentication_error(base_url: str) -> None:
     client = openai.AsyncOpenAI(base_url=base_url, api_key="sbk_nope_nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
