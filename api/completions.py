@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import re
 from contextlib import aclosing
 from typing import Any, Final
@@ -33,6 +34,7 @@ from streambridge.api.chats import (
     read_body,
 )
 from streambridge.api.context import Context, context
+from streambridge.api.edge import ClientWrites
 from streambridge.api.errors import error_body
 from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
 from streambridge.shared import keys
@@ -170,6 +172,7 @@ async def stream_chunks(
     assert ctx.slots is not None
     response = web.StreamResponse(headers=HEADERS)
     chunks = Chunks(chat_id, include_usage)
+    writes = stalls_dropped(request, ctx, response, chat_id)
     try:
         await response.prepare(request)
         skip = id_key(after) if after is not None else None
@@ -179,7 +182,7 @@ async def stream_chunks(
         async with aclosing(tail):
             async for batch in tail:
                 if not batch:
-                    await response.write(PING)
+                    await writes.write(PING)
                     continue
                 out = []
                 for entry in batch:
@@ -189,22 +192,29 @@ async def stream_chunks(
                     elif data.endswith(DONE):  # resumed after the last chunk: the end is still said
                         out.append(DONE)
                 if out:
-                    await response.write(b"".join(out))
+                    await writes.write(b"".join(out))
                 if chunks.ended:
                     break
         if not chunks.ended:  # the edge is stopping: say so, or the SDK takes the cut for the end
-            await response.write(chunks.interrupted())
+            await writes.write(chunks.interrupted())
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away; the chat goes on, and its stream can be resumed
     except (RedisError, StreamExpired) as exc:
         log.warning("chat %s: ending a chunk stream (%s); the client can resume", chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
-            await response.write(chunks.interrupted())
+            await writes.write(chunks.interrupted())
         response.force_close()
     finally:
+        writes.stop()
         await asyncio.shield(ctx.slots.release(slot))
     return response
+
+
+def stalls_dropped(request: web.Request, ctx: Context, response: web.StreamResponse, chat_id: str) -> ClientWrites:
+    """The stream's writes, its client dropped once it stops reading (as the native stream does);
+    no lifetime of their own: a chat's deadline ends its stream."""
+    return ClientWrites(request, response, ctx.settings.stream_write_timeout, chat_id, math.inf)
 
 
 async def completion(ctx: Context, chat_id: str) -> web.Response:

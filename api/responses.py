@@ -25,7 +25,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from streambridge.api.chats import admit, creator, json_object, owned_chat, read_body, read_stream, request_cancel
-from streambridge.api.completions import HEADERS, idempotency
+from streambridge.api.completions import HEADERS, idempotency, stalls_dropped
 from streambridge.api.context import Context, context
 from streambridge.api.response_stream import Echo, ResponseStream
 from streambridge.api.responses_request import parse_responses
@@ -242,35 +242,37 @@ async def stream_events(
     assert ctx.slots is not None
     skip = -1 if after is None else after
     response = web.StreamResponse(headers=HEADERS)
+    writes = stalls_dropped(request, ctx, response, story.chat_id)
     try:
         await response.prepare(request)
         out = b"".join(sse(e) for e in story.begin() if e["sequence_number"] > skip)
         if out:
-            await response.write(out)
+            await writes.write(out)
         # from the start, always: the events are a function of the whole stream, so a resume
         # regenerates them and sends those numbered after the client's last
         tail = ctx.hub.tail(story.chat_id, None, idle=ctx.settings.heartbeat_interval)
         async with aclosing(tail):
             async for batch in tail:
                 if not batch:
-                    await response.write(sse(story.keepalive()))
+                    await writes.write(sse(story.keepalive()))
                     continue
                 events = [e for entry in batch for e in story.feed(decode_event(entry.data))]
                 out = b"".join(sse(e) for e in events if e["sequence_number"] > skip)
                 if out:
-                    await response.write(out)
+                    await writes.write(out)
                 if story.ended:
                     break
         if not story.ended:  # the edge is stopping: say so, or the SDK takes the cut for the end
-            await response.write(sse(story.interrupted()))
+            await writes.write(sse(story.interrupted()))
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away; the response goes on, and its stream can be resumed
     except (RedisError, StreamExpired) as exc:
         log.warning("chat %s: ending a response stream (%s); the client can resume", story.chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
-            await response.write(sse(story.interrupted()))
+            await writes.write(sse(story.interrupted()))
         response.force_close()
     finally:
+        writes.stop()
         await asyncio.shield(ctx.slots.release(slot))
     return response
