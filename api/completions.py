@@ -105,17 +105,19 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         fields["extra"] = extra
     chat = chat_request(fields)
     include_usage = control.stream_options is not None and bool(control.stream_options.include_usage)
-    if not control.stream:
-        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
-        return await completion(ctx, chat_id)
     assert ctx.slots is not None, "served by edges, which have slots"
-    # the stream's slot first: a 429 for too many streams must come before a chat that nobody reads
+    # A slot first, for a wait as for a stream (both hold a connection and a feed for as long as
+    # the chat runs): a 429 for too many must come before a chat that nobody reads.
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    handed = False
     try:
         chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
-    except BaseException:
-        await asyncio.shield(ctx.slots.release(slot))
-        raise
+        if not control.stream:
+            return await completion(ctx, chat_id)
+        handed = True
+    finally:
+        if not handed:
+            await asyncio.shield(ctx.slots.release(slot))
     return await stream_chunks(request, ctx, slot, chat_id, None, include_usage)
 
 

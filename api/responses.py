@@ -63,28 +63,30 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     identity = await creator(request, ctx)
     body = await read_body(request, ctx)
     asked, chat, echo = parse_responses(json_object(body))
+    assert ctx.slots is not None, "served by edges, which have slots"
     slot = None
-    if asked.stream:
-        assert ctx.slots is not None, "served by edges, which have slots"
-        # the stream's slot first: a 429 for too many streams must come before a response nobody reads
+    if asked.stream or not asked.background:
+        # a slot first, for a wait as for a stream: a 429 must come before a response nobody reads
         slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    handed = False
     try:
         chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
         if created_at is not None:  # a first request, not the SDK's retry of one
             await ctx.redis.hset(keys.chat(chat_id), mapping={ECHO_FIELD: msgspec.json.encode(echo)})  # type: ignore[misc]
         else:
             echo = await read_echo(ctx, chat_id) or echo
-    except BaseException:
-        if slot is not None:
-            await asyncio.shield(ctx.slots.release(slot))  # type: ignore[union-attr]
-        raise
-    story = ResponseStream(chat_id, echo, unix(created_at or await created_of(ctx, chat_id)), model_of(ctx, chat))
-    if slot is not None:
-        return await stream_events(request, ctx, slot, story, None)
-    if asked.background:
-        story.begin()
-        return json(story.snapshot())
-    return json(await told_whole(ctx, story))
+        story = ResponseStream(chat_id, echo, unix(created_at or await created_of(ctx, chat_id)), model_of(ctx, chat))
+        if asked.background and not asked.stream:
+            story.begin()
+            return json(story.snapshot())
+        if not asked.stream:
+            return json(await told_whole(ctx, story))
+        handed = True
+    finally:
+        if slot is not None and not handed:
+            await asyncio.shield(ctx.slots.release(slot))
+    assert slot is not None
+    return await stream_events(request, ctx, slot, story, None)
 
 
 @routes.get("/v1/responses/{id}")
