@@ -282,6 +282,7 @@ def chats() -> Json:
                         "`messages` and `message`), or over a prompt limit (the credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
                         "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
+                        "unsupported_parameter": "`logprobs` or `top_logprobs`: streambridge does not return them",
                         "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),
@@ -572,6 +573,7 @@ def completions() -> Json:
                     {
                         "malformed_json": "the body is not UTF-8 JSON",
                         "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
+                        "unsupported_parameter": "`logprobs` or `top_logprobs`: streambridge does not return them",
                         "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
                         "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
                         "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",
@@ -701,7 +703,7 @@ def responses() -> Json:
                     {
                         "malformed_json": "the body is not UTF-8 JSON",
                         "invalid_request": "a field of the wrong type or out of range (`param` names it)",
-                        "unsupported_parameter": "a field that cannot be served over Chat Completions",
+                        "unsupported_parameter": "a field Chat Completions cannot serve (`param` names it)",
                         "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
                         "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
                     },

@@ -15,7 +15,7 @@ import msgspec
 from streambridge.api.chats import chat_request, param_of
 from streambridge.api.completions import VENDOR_FIELD
 from streambridge.api.response_stream import Echo
-from streambridge.shared.chats import MAX_METADATA, MAX_TOOLS, ChatRequest
+from streambridge.shared.chats import MAX_TOOLS, ChatRequest, Metadata
 from streambridge.shared.errors import BadRequest
 
 #: OpenAI's fields that a response served from Chat Completions cannot honour
@@ -129,7 +129,7 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True):
     tools: Annotated[list[FunctionTool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | ToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     safety_identifier: Annotated[str, msgspec.Meta(max_length=256)] | None = None
     prompt_cache_key: Annotated[str, msgspec.Meta(max_length=256)] | None = None

@@ -103,7 +103,14 @@ async def test_a_dropped_chunk_stream_resumes_from_its_cursor_exactly(
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"messages": []}, "messages")],
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"messages": []}, "messages"),
+        ({"logprobs": True}, "logprobs"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"logit_bias": {"50256": 101}}, "logit_bias[...]"),
+    ],
 )
 async def test_a_malformed_request_is_the_sdks_bad_request_naming_its_field(
     sdk: openai.AsyncOpenAI, extra: dict[str, object], param: str

@@ -33,7 +33,7 @@ ERRORS: dict[str, dict[int, set[str]]] = {
         401: {"unauthorized"},
         408: {"request_timeout"},
         413: {"payload_too_large"},
-        422: {"invalid_request", "idempotency_key_reused"},
+        422: {"invalid_request", "unsupported_parameter", "idempotency_key_reused"},
         429: {"rate_limited", "too_many_chats"},
         503: {"redis_unavailable", "overloaded"},
     },
@@ -51,7 +51,14 @@ ERRORS: dict[str, dict[int, set[str]]] = {
 
 
 ERRORS["POST /v1/chat/completions"] = {
-    400: {"malformed_json", "invalid_request", "bad_idempotency_key", "idempotency_key_reused", "upstream_rejected"},
+    400: {
+        "malformed_json",
+        "invalid_request",
+        "unsupported_parameter",
+        "bad_idempotency_key",
+        "idempotency_key_reused",
+        "upstream_rejected",
+    },
     401: {"unauthorized"},
     404: {"upstream_rejected"},
     408: {"request_timeout"},
