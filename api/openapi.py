@@ -823,6 +823,32 @@ def models() -> Json:
     }
 
 
+def model() -> Json:
+    return {
+        "parameters": [
+            {
+                "name": "model",
+                "in": "path",
+                "required": True,
+                "description": "A model's id, as `GET /v1/models` lists it (it may hold `/`).",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "get": {
+            "operationId": "read_model",
+            "summary": "One of the upstream's models (the openai SDK's `models.retrieve`)",
+            "tags": ["openai"],
+            "security": BEARER,
+            "responses": {
+                "200": {"description": "OpenAI's model object.", "content": json_content(OPENAI_BODY)},
+                "401": UNAUTHORIZED,
+                "404": error("Not a listed model.", {"model_not_found": "`GET /v1/models` does not list it"}),
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        },
+    }
+
+
 def build() -> Json:
     return {
         "openapi": OPENAPI_VERSION,
@@ -854,6 +880,7 @@ def build() -> Json:
             "/v1/responses/{id}": response(),
             "/v1/responses/{id}/cancel": response_cancel(),
             "/v1/models": models(),
+            "/v1/models/{model}": model(),
         },
         "components": components(),
     }

@@ -188,6 +188,10 @@ async def test_an_sdk_retry_finds_the_first_chat_and_a_fresh_request_makes_a_new
 
 async def test_models_are_the_upstreams(sdk: openai.AsyncOpenAI) -> None:
     assert [m.id async for m in sdk.models.list()] == ["fake"]
+    assert (await sdk.models.retrieve("fake")).id == "fake"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.models.retrieve("org/unknown")
+    assert caught.value.code == "model_not_found"
 
 
 async def test_models_fall_back_to_the_configured_one_without_an_upstream_list(settings: Settings) -> None:

@@ -93,6 +93,7 @@ class Server:
     stream_token: str  # the token of the first chat's stream_url
     chat_ids: list[str]  # the first visitor's chats: one that ended, then those fuzzing created
     cancelled: str  # a chat of the first visitor's that was cancelled (its cancel answers 2xx again)
+    model: str  # a model the upstream lists
     statuses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
 
 
@@ -140,7 +141,8 @@ def server() -> Iterator[Server]:
             auth = {"Authorization": f"Bearer {token}"}
             chat_id, stream_token = completed_chat(http, process.url, auth)
             cancelled = cancelled_chat(http, process.url, auth)
-        yield Server(process.url, token, other, stream_token, [chat_id], cancelled)
+            model = http.get(f"{process.url}/v1/models", headers=auth, timeout=10).json()["data"][0]["id"]
+        yield Server(process.url, token, other, stream_token, [chat_id], cancelled, model)
     finally:
         if process is not None:
             assert process.stop() == 0, process.log_path.read_text()
@@ -188,6 +190,8 @@ def use_chat(case: Case, server: Server) -> None:
     """Aim most well-formed ids at chats that exist, or nearly every one names no chat (404): the
     fixture's chat, which ended, or the latest one fuzzing created, likely still running."""
     params = case.path_parameters
+    if params is not None and "model" in params and pick(case, 2):
+        params["model"] = server.model  # or nearly every generated one names no model
     chat_id = params.get("id") if params is not None else None
     if params is None or not isinstance(chat_id, str):
         return
@@ -250,7 +254,14 @@ def test_without_a_good_token(case: Case, server: Server) -> None:
 
     label, chat_id = case.operation.label, (case.path_parameters or {}).get("id")
     opens = {
-        "other_user": label in {"POST /v1/chats", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models"},
+        "other_user": label
+        in {
+            "POST /v1/chats",
+            "POST /v1/chat/completions",
+            "POST /v1/responses",
+            "GET /v1/models",
+            "GET /v1/models/{model}",
+        },
         "stream_token": label == "GET /v1/chats/{id}/events" and chat_id == server.chat_ids[0],
     }
     if label not in PUBLIC and not opens.get(credential, False):

@@ -105,6 +105,7 @@ ERRORS["POST /v1/responses/{id}/cancel"] = {
     503: {"redis_unavailable"},
 }
 ERRORS["GET /v1/models"] = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
+ERRORS["GET /v1/models/{model}"] = {401: {"unauthorized"}, 404: {"model_not_found"}, 503: {"redis_unavailable"}}
 
 
 def document() -> dict[str, Any]:
