@@ -203,9 +203,11 @@ async def stream_chunks(
     except ConnectionResetError:
         pass  # the client went away; the chat goes on, and its stream can be resumed
     except (RedisError, StreamExpired) as exc:
-        log.warning("chat %s: ending a chunk stream (%s); the client can resume", chat_id, exc)
+        # a stream trimmed past its start cannot be told again (the chunks are a function of all of it)
+        expired = isinstance(exc, StreamExpired)
+        log.warning("chat %s: ending a chunk stream (%s)", chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
-            await writes.write(chunks.interrupted())
+            await writes.write(chunks.expired() if expired else chunks.interrupted())
         response.force_close()
     finally:
         writes.stop()
@@ -361,6 +363,10 @@ class Chunks:
             f"the stream was interrupted; resume at /v1/chat/completions/{self.chat_id}/stream?after={self.cursor}"
         )
         return self._error(self.cursor, "stream_interrupted", message)
+
+    def expired(self) -> bytes:
+        message = f"the stream was trimmed and cannot be resumed; GET /v1/chats/{self.chat_id} has the result"
+        return self._error(self.cursor, "stream_expired", message)
 
     def _diverged(self, cursor: str) -> bytes:
         message = "the upstream failed mid-answer and its retry answered differently; ask again"

@@ -131,6 +131,11 @@ class ResponseStream:
         )
         return {"type": "error", "code": "stream_interrupted", "message": message, "param": None, **self._number()}
 
+    def expired(self) -> dict[str, Any]:
+        """An error for a stream that was trimmed past its start: it cannot be told again."""
+        message = f"the events were trimmed; GET /v1/responses/{response_id(self.chat_id)} has the response"
+        return {"type": "error", "code": "stream_expired", "message": message, "param": None, **self._number()}
+
     def _said(self, told: Said) -> list[dict[str, Any]]:
         kind = "message" if told.kind == "content" else "reasoning"
         events = [] if self.current is not None and self.current["type"] == kind else self._open(kind)

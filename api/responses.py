@@ -270,9 +270,11 @@ async def stream_events(
     except ConnectionResetError:
         pass  # the client went away; the response goes on, and its stream can be resumed
     except (RedisError, StreamExpired) as exc:
-        log.warning("chat %s: ending a response stream (%s); the client can resume", story.chat_id, exc)
+        # a stream trimmed past its start cannot be told again (the events are a function of all of it)
+        expired = isinstance(exc, StreamExpired)
+        log.warning("chat %s: ending a response stream (%s)", story.chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
-            await writes.write(sse(story.interrupted()))
+            await writes.write(sse(story.expired() if expired else story.interrupted()))
         response.force_close()
     finally:
         writes.stop()

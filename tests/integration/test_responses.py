@@ -11,8 +11,10 @@ import aiohttp
 import msgspec
 import openai
 import pytest
+from redis.asyncio import Redis
 
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
+from streambridge.shared import keys
 from streambridge.shared.settings import Settings
 from tests.integration.conftest import FAST_LLM
 from tests.integration.test_completions import base_url  # noqa: F401  (the fixture)
@@ -209,3 +211,21 @@ async def test_someone_elses_response_is_not_found(
     with pytest.raises(openai.NotFoundError):
         await stranger.responses.cancel(response.id)
     await stranger.close()
+
+
+async def test_a_stream_trimmed_past_its_start_says_it_cannot_be_resumed(
+    sdk: openai.AsyncOpenAI,
+    base_url: str,  # noqa: F811
+    token: str,
+    settings: Settings,
+) -> None:
+    response = await sdk.responses.create(model="fake", input="trimmed")
+    chat_id = response.id.removeprefix("resp_")
+    async with Redis.from_url(str(settings.redis_url)) as redis:
+        await redis.xtrim(keys.events(chat_id), maxlen=3, approximate=False)
+    events = await raw_events(base_url, token, f"/responses/{response.id}?stream=true")
+    assert events[-1]["type"] == "error"
+    assert events[-1]["code"] == "stream_expired"
+    chunks = await raw_events(base_url, token, f"/chat/completions/{chat_id}/stream")
+    assert chunks[-1]["error"]["code"] == "stream_expired"
+    assert (await sdk.responses.retrieve(response.id)).output_text == expected_text("trimmed", WORDS)
