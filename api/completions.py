@@ -289,8 +289,11 @@ def refused(end: Failed) -> web.Response:
     return error(status, end.code or "upstream_rejected", end.message, end.param, retry=False)
 
 
-def usage_of(usage: Usage | None) -> dict[str, int] | None:
-    return msgspec.to_builtins(usage) if usage is not None else None
+def usage_of(usage: Usage | None) -> dict[str, Any] | None:
+    """OpenAI's usage object, with the upstream's breakdowns where it sent them."""
+    if usage is None:
+        return None
+    return {k: v for k, v in msgspec.to_builtins(usage).items() if v is not None}
 
 
 class Chunks:
@@ -344,7 +347,7 @@ class Chunks:
     def _chunk(self, cursor: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._data(cursor, [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
 
-    def _data(self, cursor: str, choices: list[Any], usage: dict[str, int] | None = None) -> bytes:
+    def _data(self, cursor: str, choices: list[Any], usage: dict[str, Any] | None = None) -> bytes:
         chunk: dict[str, Any] = {
             "id": f"chatcmpl-{self.chat_id}",
             "object": "chat.completion.chunk",

@@ -289,8 +289,10 @@ def public(item: dict[str, Any]) -> dict[str, Any]:
 def responses_usage(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": (usage.prompt_tokens_details or {}).get("cached_tokens", 0)},
         "output_tokens": usage.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {
+            "reasoning_tokens": (usage.completion_tokens_details or {}).get("reasoning_tokens", 0)
+        },
         "total_tokens": usage.total_tokens,
     }

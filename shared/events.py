@@ -12,10 +12,13 @@ from typing import Final, Literal, TypeVar, cast
 import msgspec
 
 
-class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    prompt_tokens: int  # the counts have no default, so they are always written
+    completion_tokens: int
+    total_tokens: int
+    # the upstream's breakdowns (``cached_tokens``, ``reasoning_tokens``, …), only where it sent them
+    prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class Started(msgspec.Struct, tag="started", tag_field="type", frozen=True):

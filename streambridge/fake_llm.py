@@ -206,12 +206,16 @@ class _ChatRequest(msgspec.Struct):
             return None
         return next((t.function.name for t in self.tools or () if t.function is not None), None)
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
+    def usage(self, deltas: list[dict[str, object]]) -> dict[str, object]:
+        """A chunk a token, the reasoning's among them, as OpenAI counts them."""
         prompt_tokens = sum(len(m.text().split()) for m in self.messages)
+        reasoning = sum("reasoning_content" in delta for delta in deltas)
         return {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": len(deltas),
+            "total_tokens": prompt_tokens + len(deltas),
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": None},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
         }
 
 
@@ -312,7 +316,7 @@ class _FakeLLM:
             "choices": [
                 {"index": 0, "message": answer.message, "logprobs": None, "finish_reason": answer.finish_reason}
             ],
-            "usage": chat.usage(len(answer.deltas)),
+            "usage": chat.usage(answer.deltas),
         }
         return web.Response(
             body=json.dumps(body, ensure_ascii=config.split == "utf16"), content_type="application/json"
@@ -361,7 +365,7 @@ class _FakeLLM:
             else:
                 await response.write(chunk({}, answer.finish_reason))
                 if chat.stream_options is not None and chat.stream_options.include_usage:
-                    usage = base | {"choices": [], "usage": chat.usage(len(deltas))}
+                    usage = base | {"choices": [], "usage": chat.usage(deltas)}
                     await response.write(_sse(usage, ascii_only=ascii_only))
                 await response.write(b"data: [DONE]\n\n")
         except ConnectionResetError:

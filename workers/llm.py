@@ -73,6 +73,8 @@ class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -166,8 +168,16 @@ def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
             prompt_tokens=u.prompt_tokens or 0,
             completion_tokens=u.completion_tokens or 0,
             total_tokens=u.total_tokens or 0,
+            prompt_tokens_details=_counts(u.prompt_tokens_details),
+            completion_tokens_details=_counts(u.completion_tokens_details),
         )
     return Delta(text, finish_reason, usage, reasoning, tool_calls)
+
+
+def _counts(details: dict[str, Any] | None) -> dict[str, int] | None:
+    """A usage breakdown's counts (some upstreams send nulls, or more than counts, in it)."""
+    counts = {k: v for k, v in (details or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+    return counts or None
 
 
 def _tool_call_delta(call: _ToolCall) -> ToolCallDelta:

@@ -143,6 +143,8 @@ async def test_reasoning_streams_as_a_reasoning_item_before_the_message(sdk: ope
     assert reasoning.content is not None
     assert reasoning.content[0].text == expected_reasoning("think", 5)
     assert response.output_text == expected_text("think", WORDS)
+    assert response.usage is not None
+    assert response.usage.output_tokens_details.reasoning_tokens > 0, "the upstream's breakdown is passed on"
 
 
 async def test_a_conversation_of_input_items_reaches_the_upstream(sdk: openai.AsyncOpenAI) -> None:
