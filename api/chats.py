@@ -245,9 +245,8 @@ def chat_request(fields: dict[str, Any]) -> ChatRequest:
         chat = msgspec.convert(fields, ChatRequest)
     except msgspec.ValidationError as exc:
         raise Unprocessable(f"invalid chat: {exc}", param=param_of(exc)) from None
-    if chat.logprobs or chat.top_logprobs:  # the answer would come back without them
-        param = "logprobs" if chat.logprobs else "top_logprobs"
-        raise Unprocessable("logprobs are not returned by streambridge", code="unsupported_parameter", param=param)
+    if chat.logprobs:  # the answer would come back without them
+        raise Unprocessable("logprobs are not returned by streambridge", code="unsupported_parameter", param="logprobs")
     for n, m in enumerate(chat.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise Unprocessable(f"invalid chat: a {m.role} message needs `content`", param=f"messages[{n}].content")

@@ -282,7 +282,7 @@ def chats() -> Json:
                         "`messages` and `message`), or over a prompt limit (the credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
                         "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
-                        "unsupported_parameter": "`logprobs` or `top_logprobs`: streambridge does not return them",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
                         "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),
@@ -497,6 +497,8 @@ def components() -> Json:
     structs = (ChatRequest, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
     (*_, event), schemas = msgspec.json.schema_components(structs, ref_template=REF)
     request = schemas.pop("ChatRequest")
+    # what msgspec cannot say: `logprobs` may only be false (they are not returned)
+    request["properties"]["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "default": None}
     schemas["CreateChat"] = create_chat_schema(request)
     schemas["ChatCompletionRequest"] = completion_request_schema(request)
     schemas["Event"] = {
@@ -573,7 +575,7 @@ def completions() -> Json:
                     {
                         "malformed_json": "the body is not UTF-8 JSON",
                         "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
-                        "unsupported_parameter": "`logprobs` or `top_logprobs`: streambridge does not return them",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
                         "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
                         "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
                         "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",

@@ -114,8 +114,8 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
         Annotated[dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]], msgspec.Meta(max_length=MAX_LOGIT_BIAS)]
         | None
     ) = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    logprobs: bool | None = None  # false or null: streambridge does not return them
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=0)] | None = None
     # OpenAI's levels grow ("none", "xhigh", …) and vendors have their own: a short word
     reasoning_effort: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,16}$")] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
