@@ -27,7 +27,7 @@ from streambridge.shared.events import (
     assemble_tool_calls,
     decode_event,
 )
-from streambridge.shared.streams import Entry, entry_from_fields
+from streambridge.shared.streams import Entry, entry_from_fields, stream_info, trimmed
 
 log = logging.getLogger("streambridge.api")
 
@@ -153,6 +153,17 @@ async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:
     return cast(Status, (status or b"queued").decode()), (created_at or b"").decode()
 
 
+def model_of(ctx: Context, chat: ChatRequest | None) -> str:
+    return (chat.model if chat is not None else None) or ctx.settings.llm_model
+
+
+def unix(created_at: str) -> int:
+    try:
+        return int(datetime.fromisoformat(created_at).timestamp())
+    except ValueError:
+        return 0
+
+
 @routes.get("/v1/chats/{id}")
 async def read_chat(request: web.Request) -> web.Response:
     ctx = context(request)
@@ -235,6 +246,8 @@ def json_object(body: bytes) -> dict[str, Any]:
         value = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", code="malformed_json") from None
     if not isinstance(value, dict):
         raise Unprocessable("invalid chat: the body must be a JSON object")
     return value
@@ -290,6 +303,17 @@ def stream_url(request: web.Request, ctx: Context, chat_id: str, identity: Ident
     base = ctx.settings.public_edge_url or str(request.url.origin())
     token = sign_stream_token(ctx.secret, chat_id, identity.credential, ctx.settings.stream_token_ttl)
     return f"{base.rstrip('/')}/v1/chats/{chat_id}/events?token={token}"
+
+
+async def stream_gone(ctx: Context, chat_id: str) -> bool:
+    """Whether the chat's stream can no longer be told from its start: the chat ended and its
+    stream expired, or entries were trimmed from it (an OpenAI-shaped stream is a function of
+    all of it)."""
+    info = await stream_info(ctx.redis, keys.events(chat_id))
+    if info is None:
+        status = await ctx.redis.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
+        return (status or b"").decode() in TERMINAL_STATUSES
+    return trimmed(info, "0-0")
 
 
 async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:

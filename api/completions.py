@@ -30,15 +30,19 @@ from streambridge.api.chats import (
     creator,
     idempotency_key_of,
     json_object,
+    model_of,
     owned_chat,
     read_body,
+    stream_gone,
+    unix,
 )
 from streambridge.api.context import Context, context
 from streambridge.api.edge import ClientWrites
 from streambridge.api.errors import error_body
+from streambridge.api.retold import from_result
 from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
 from streambridge.shared import keys
-from streambridge.shared.chats import REQUEST_FIELDS
+from streambridge.shared.chats import REQUEST_FIELDS, decode_request, decode_result
 from streambridge.shared.errors import BadRequest, StreamExpired
 from streambridge.shared.events import (
     Cancelled,
@@ -111,9 +115,12 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     handed = False
     try:
-        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+        chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+        gone = created_at is None and await stream_gone(ctx, chat_id)  # a retry, after the stream expired
+        if gone and control.stream:
+            raise StreamExpired("the chat ended and its stream expired; GET /v1/chats/{id} has its result")
         if not control.stream:
-            return await completion(ctx, chat_id)
+            return await completion(ctx, chat_id, gone)
         handed = True
     finally:
         if not handed:
@@ -125,7 +132,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
 async def resume_completion(request: web.Request) -> web.StreamResponse:
     """The chunk stream again, after ``after`` (a chunk's ``streambridge.cursor``): exactly what followed it."""
     ctx = context(request)
-    identity, chat_id, chat = await owned_chat(request, ctx)
+    identity, chat_id, _ = await owned_chat(request, ctx)
     unknown = sorted(set(request.query) - {"after", "include_usage"})
     if unknown:  # a typo (`starting_after`, say) would otherwise replay everything, silently
         raise BadRequest(f"unknown query parameter `{unknown[0]}`", code="invalid_request", param=unknown[0])
@@ -135,7 +142,7 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     include_usage = request.query.get("include_usage", "false")
     if include_usage not in {"true", "false"}:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
-    if not await ctx.redis.exists(keys.events(chat_id)) and chat.get(b"status", b"") not in {b"queued", b"running"}:
+    if await stream_gone(ctx, chat_id):
         raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
@@ -221,14 +228,22 @@ def stalls_dropped(request: web.Request, ctx: Context, response: web.StreamRespo
     return ClientWrites(request, response, ctx.settings.stream_write_timeout, chat_id, math.inf)
 
 
-async def completion(ctx: Context, chat_id: str) -> web.Response:
+async def completion(ctx: Context, chat_id: str, gone: bool = False) -> web.Response:
+    """The ``chat.completion`` once the chat ends: from its stream, or from its result if the stream is ``gone``."""
     assert ctx.hub is not None, "served by edges, which have a hub"
-    entries: list[Entry] = []
-    tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
-    async with aclosing(tail):
-        async for batch in tail:
-            entries += batch
-    events = [decode_event(e.data) for e in entries]
+    if gone:
+        chat = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+        asked = decode_request(chat[b"request"]) if b"request" in chat else None
+        events = from_result(model_of(ctx, asked), decode_result(chat[b"result"]))
+        first = unix(chat.get(b"created_at", b"").decode())
+    else:
+        entries: list[Entry] = []
+        tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
+        async with aclosing(tail):
+            async for batch in tail:
+                entries += batch
+        events = [decode_event(e.data) for e in entries]
+        first = created(entries[0].id) if entries else 0
     end = events[-1] if events else None
     if isinstance(end, Failed):
         return refused(end)
@@ -248,7 +263,7 @@ async def completion(ctx: Context, chat_id: str) -> web.Response:
     body = {
         "id": f"chatcmpl-{chat_id}",
         "object": "chat.completion",
-        "created": created(entries[0].id),
+        "created": first,
         "model": started.model,
         "choices": [
             {

@@ -40,6 +40,9 @@ class Echo(msgspec.Struct, kw_only=True):
     metadata: dict[str, str] = {}
     user: str | None = None
     truncation: str = "disabled"
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    service_tier: str | None = None
 
 
 def response_id(chat_id: str) -> str:
@@ -64,7 +67,8 @@ class ResponseStream:
         self.ended = False
 
     def begin(self) -> list[dict[str, Any]]:
-        return [self._lifecycle("response.created")]
+        created = [self._lifecycle("response.created")]
+        return [*created, self._lifecycle("response.queued")] if self.echo.background else created
 
     def feed(self, event: Event) -> list[dict[str, Any]]:
         if self.ended:
@@ -82,7 +86,9 @@ class ResponseStream:
         if isinstance(told, Failed):
             return self._end("failed", {"code": told.code or "server_error", "message": told.message})
         if isinstance(told, Cancelled):
-            return self._end("cancelled", None)
+            # OpenAI has no event for it, and the SDK types an unknown one wrong: the event of a
+            # response that stopped short, its status `cancelled`
+            return self._end("cancelled", None, "response.incomplete")
         if isinstance(told, Diverged):
             message = "the upstream failed mid-answer and its retry answered differently; ask again"
             return self._end("failed", {"code": "retry_diverged", "message": message})
@@ -115,6 +121,9 @@ class ResponseStream:
             "truncation": echo.truncation,
             "usage": responses_usage(self.usage) if self.usage is not None else None,
             "user": echo.user,
+            "safety_identifier": echo.safety_identifier,
+            "prompt_cache_key": echo.prompt_cache_key,
+            "service_tier": echo.service_tier,
             "metadata": echo.metadata,
             "streambridge": {"chat_id": self.chat_id},
         }
@@ -260,12 +269,12 @@ class ResponseStream:
             return events + self._end("incomplete", None)
         return events + self._end("completed", None)
 
-    def _end(self, status: str, error: dict[str, Any] | None) -> list[dict[str, Any]]:
+    def _end(self, status: str, error: dict[str, Any] | None, kind: str | None = None) -> list[dict[str, Any]]:
         self.ended, self.status, self.error = True, status, error
         for item in self.output:
             if item["status"] == "in_progress":
                 item["status"] = "incomplete"
-        return [self._lifecycle(f"response.{status}")]
+        return [self._lifecycle(kind or f"response.{status}")]
 
     def _lifecycle(self, kind: str) -> dict[str, Any]:
         return self._event(kind, response=self.snapshot())

@@ -17,30 +17,38 @@ import contextlib
 import logging
 import re
 from contextlib import aclosing
-from datetime import datetime
 from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from streambridge.api.chats import admit, creator, json_object, owned_chat, read_body, read_stream, request_cancel
-from streambridge.api.completions import HEADERS, idempotency, stalls_dropped
+from streambridge.api.chats import (
+    Idempotency,
+    admit,
+    creator,
+    json_object,
+    model_of,
+    owned_chat,
+    read_body,
+    read_stream,
+    request_cancel,
+    stream_gone,
+    unix,
+)
+from streambridge.api.completions import HEADERS, idempotency, refused, stalls_dropped
 from streambridge.api.context import Context, context
+from streambridge.api.credentials import Identity
 from streambridge.api.response_stream import Echo, ResponseStream
 from streambridge.api.responses_request import parse_responses
+from streambridge.api.retold import from_result, so_far
 from streambridge.shared import keys
-from streambridge.shared.chats import TERMINAL_STATUSES, decode_request, decode_result
-from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unavailable
+from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, decode_request, decode_result
+from streambridge.shared.errors import ApiError, BadRequest, NotFound, StreamExpired, Unavailable
 from streambridge.shared.events import (
     Cancelled,
     Complete,
-    Content,
-    Event,
     Failed,
-    Reasoning,
-    Started,
-    ToolCallFragment,
     decode_event,
 )
 
@@ -70,17 +78,22 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     handed = False
     try:
-        chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+        chat_id, created_at = await admit_response(request, ctx, identity, chat, idempotency(request, ctx, body))
         if created_at is not None:  # a first request, not the SDK's retry of one
             await ctx.redis.hset(keys.chat(chat_id), mapping={ECHO_FIELD: msgspec.json.encode(echo)})  # type: ignore[misc]
         else:
             echo = await read_echo(ctx, chat_id) or echo
         story = ResponseStream(chat_id, echo, unix(created_at or await created_of(ctx, chat_id)), model_of(ctx, chat))
+        if created_at is None and ((asked.background and not asked.stream) or await stream_gone(ctx, chat_id)):
+            # a retry of a create that was answered: the response as it is now
+            if asked.stream:
+                raise StreamExpired("the response ended and its events expired; GET /v1/responses/{id} has it")
+            return json(await object_of(ctx, story, await chat_of(ctx, chat_id)))
         if asked.background and not asked.stream:
             story.begin()
             return json(story.snapshot())
         if not asked.stream:
-            return json(await told_whole(ctx, story))
+            return await told_whole(ctx, story)
         handed = True
     finally:
         if slot is not None and not handed:
@@ -89,16 +102,38 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, ctx, slot, story, None)
 
 
+#: a limit's field as a Responses request names it
+RESPONSES_NAMES: Final = {
+    "max_completion_tokens": "max_output_tokens",
+    "max_tokens": "max_output_tokens",
+    "messages": "input",
+}
+
+
+async def admit_response(
+    request: web.Request, ctx: Context, identity: Identity, chat: ChatRequest, idempotency: Idempotency
+) -> tuple[str, str | None]:
+    """``admit``, its refusals naming the fields as the Responses request has them."""
+    try:
+        return await admit(request, ctx, identity, chat, idempotency)
+    except ApiError as exc:
+        if exc.param not in RESPONSES_NAMES:
+            raise
+        name = RESPONSES_NAMES[exc.param]
+        exc.message = exc.message.replace(exc.param, name)
+        exc.param = name
+        raise
+
+
 @routes.get("/v1/responses/{id}")
 async def read_response(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     stream, after = stream_query(request)
     identity, chat_id, chat = await owned_response(request, ctx)
     story = story_of(ctx, chat_id, chat)
-    status = chat.get(b"status", b"").decode()
     if not stream:
         return json(await object_of(ctx, story, chat))
-    if not await ctx.redis.exists(keys.events(chat_id)) and status in TERMINAL_STATUSES:
+    if await stream_gone(ctx, chat_id):
         raise StreamExpired("the response's events have expired; GET /v1/responses/{id} has its result")
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
@@ -173,63 +208,43 @@ async def created_of(ctx: Context, chat_id: str) -> str:
     return (await ctx.redis.hget(keys.chat(chat_id), "created_at") or b"").decode()  # type: ignore[misc]
 
 
-def model_of(ctx: Context, chat: Any) -> str:
-    return str(getattr(chat, "model", None) or ctx.settings.llm_model)
-
-
-def unix(created_at: str) -> int:
-    try:
-        return int(datetime.fromisoformat(created_at).timestamp())
-    except ValueError:
-        return 0
-
-
 def json(value: dict[str, Any]) -> web.Response:
     return web.Response(body=msgspec.json.encode(value), content_type="application/json")
 
 
 async def object_of(ctx: Context, story: ResponseStream, chat: dict[bytes, bytes]) -> dict[str, Any]:
-    """The response object: from the chat's result once it ended (it outlives the stream), else
-    from its events so far."""
+    """The response object, as the chat says it now: its result once it ended (it outlives the
+    stream), else its latest attempt so far; never an earlier attempt's words, as a stream may
+    have to keep them (``api.telling``)."""
     story.begin()
     if b"result" in chat:
-        for event in result_events(story.model, chat[b"result"]):
-            story.feed(event)
+        events = from_result(story.model, decode_result(chat[b"result"]))
     else:
-        for entry in await read_stream(ctx, story.chat_id):
-            story.feed(decode_event(entry.data))
+        events = so_far([decode_event(entry.data) for entry in await read_stream(ctx, story.chat_id)])
+    for event in events:
+        story.feed(event)
     return story.snapshot()
 
 
-def result_events(model: str, data: bytes) -> list[Event]:
-    """A finished chat's result told as the events of one attempt that said it all at once."""
-    result = decode_result(data)
-    if result.status == "cancelled":
-        return [Cancelled()]
-    events: list[Event] = [Started(attempt=1, model=model)]
-    if result.reasoning:
-        events.append(Reasoning(result.reasoning, 1, 1))
-    if result.content:
-        events.append(Content(result.content, 1, 1))
-    for n, call in enumerate(result.tool_calls or ()):
-        events.append(ToolCallFragment(n, call.id, call.function.name, call.function.arguments, 1))
-    if result.status == "failed":
-        return [*events, Failed(result.error or "the response failed", result.attempts)]
-    return [*events, Complete(1, 1, len(result.content), 0, result.finish_reason, result.usage)]
+async def chat_of(ctx: Context, chat_id: str) -> dict[bytes, bytes]:
+    return await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[no-any-return,misc]
 
 
-async def told_whole(ctx: Context, story: ResponseStream) -> dict[str, Any]:
-    """Waits for the response to end, and gives its object."""
+async def told_whole(ctx: Context, story: ResponseStream) -> web.Response:
+    """Waits for the response to end, and answers with its object; an upstream's refusal of the
+    request, or a failure of every attempt, as the chunk route answers them."""
     assert ctx.hub is not None, "served by edges, which have a hub"
-    story.begin()
+    end = None
     tail = ctx.hub.tail(story.chat_id, None, idle=ctx.settings.heartbeat_interval)
     async with aclosing(tail):
         async for batch in tail:
-            for entry in batch:
-                story.feed(decode_event(entry.data))
-    if not story.ended:
+            end = batch[-1] if batch else end
+    ended = decode_event(end.data) if end is not None else None
+    if isinstance(ended, Failed):
+        return refused(ended)
+    if not isinstance(ended, Complete | Cancelled):
         raise Unavailable("the edge is stopping; GET /v1/responses/{id} reads the response", code="unavailable")
-    return story.snapshot()
+    return json(await object_of(ctx, story, await chat_of(ctx, story.chat_id)))
 
 
 def sse(event: dict[str, Any]) -> bytes:

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 
 from streambridge.api.chats import chat_request, param_of
-from streambridge.api.completions import VENDOR_FIELD
+from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD
 from streambridge.api.response_stream import Echo
-from streambridge.shared.chats import MAX_TOOLS, ChatRequest, Metadata
+from streambridge.shared.chats import MAX_TOOLS, REQUEST_FIELDS, ChatRequest, Metadata
 from streambridge.shared.errors import BadRequest
 
 #: OpenAI's fields that a response served from Chat Completions cannot honour
@@ -51,7 +51,7 @@ InputPart = InputText | OutputText | InputImage | Refusal
 
 class MessageItem(msgspec.Struct, tag="message", tag_field="type"):
     role: Literal["user", "system", "developer", "assistant"]
-    content: str | list[InputPart]
+    content: str | Annotated[list[InputPart], msgspec.Meta(min_length=1)]
     id: str | None = None
     status: str | None = None
 
@@ -89,7 +89,7 @@ class FunctionTool(msgspec.Struct, tag="function", tag_field="type", forbid_unkn
 
 
 class ToolChoice(msgspec.Struct, tag="function", tag_field="type", forbid_unknown_fields=True):
-    name: str
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class TextFormat(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -142,6 +142,8 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 
 RESPONSES_FIELDS: Final = frozenset(ResponsesRequest.__struct_fields__)
+#: what the upstream's Chat Completions request is made of: never a vendor's field here
+CHAT_FIELDS: Final = (REQUEST_FIELDS | CONTROL_FIELDS | {"extra"}) - RESPONSES_FIELDS
 
 
 def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatRequest, Echo]:
@@ -153,6 +155,13 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
     bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
     if bad is not None:
         raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])
+    shadowing = sorted(extra.keys() & CHAT_FIELDS)
+    if shadowing:  # a Chat Completions field sent as a vendor's would go round the checks of its Responses twin
+        name = shadowing[0]
+        message = (
+            f"`{name}` is a Chat Completions field; the Responses API has its own (`input`, `max_output_tokens`, …)"
+        )
+        raise BadRequest(message, code="unsupported_parameter", param=name)
     if isinstance(fields.get("input"), list):
         # OpenAI's "easy" message, {role, content}, has no type
         fields["input"] = [_typed(item) for item in fields["input"]]
@@ -168,12 +177,22 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
         request = msgspec.convert(fields, ResponsesRequest)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"invalid request: {exc}", code="invalid_request", param=param_of(exc)) from None
+    _check_format(request)
     if request.background and request.store is False:
         raise BadRequest(
             "a background response must be stored: `store` cannot be false", code="invalid_request", param="store"
         )
     chat = chat_request(_chat_fields(request, extra))
     return request, chat, _echo(request)
+
+
+def _check_format(request: ResponsesRequest) -> None:
+    text_format = request.text.format if request.text is not None else None
+    if text_format is not None and text_format.type == "json_schema":
+        for name in ("name", "schema"):
+            if getattr(text_format, name) is None:
+                message = f"a json_schema format needs its `{name}`"
+                raise BadRequest(message, code="invalid_request", param=f"text.format.{name}")
 
 
 def _typed(item: Any) -> Any:
@@ -285,6 +304,9 @@ def _echo(request: ResponsesRequest) -> Echo:
         parallel_tool_calls=request.parallel_tool_calls is not False,
         metadata=request.metadata or {},
         user=request.user,
+        safety_identifier=request.safety_identifier,
+        prompt_cache_key=request.prompt_cache_key,
+        service_tier=request.service_tier,
     )
     if request.tool_choice is not None:
         echo.tool_choice = msgspec.to_builtins(request.tool_choice)

@@ -12,7 +12,7 @@ stream from its start tells the same story and skips what the client already has
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import msgspec
 
@@ -29,12 +29,11 @@ from streambridge.shared.events import (
 
 
 class Shown:
-    """What a client was shown of one kind of output. Text is matched character by character,
-    tool call fragments one by one."""
+    """What a client was shown of one text (the answer, the reasoning, a tool call's arguments),
+    matched character by character, so a retry may split it otherwise."""
 
     def __init__(self) -> None:
         self.text = ""
-        self.pieces: list[Any] = []
         self.matched = 0  # how much of it the current attempt has said again
 
     def again(self) -> None:
@@ -42,7 +41,7 @@ class Shown:
 
     @property
     def behind(self) -> bool:
-        return self.matched < max(len(self.text), len(self.pieces))
+        return self.matched < len(self.text)
 
     def new_text(self, text: str) -> str | None:
         """What of ``text`` the client has not seen; None if the attempt said something else."""
@@ -52,17 +51,6 @@ class Shown:
         self.text += text[len(seen) :]
         self.matched += len(text)
         return text[len(seen) :]
-
-    def new_piece(self, piece: Any) -> bool | None:
-        """Whether the client has yet to see ``piece``; None if the attempt said something else."""
-        if self.matched < len(self.pieces):
-            if self.pieces[self.matched] != piece:
-                return None
-            self.matched += 1
-            return False
-        self.pieces.append(piece)
-        self.matched += 1
-        return True
 
 
 class Begun(msgspec.Struct, frozen=True):
@@ -97,26 +85,19 @@ class Telling:
 
     def __init__(self) -> None:
         self.model = ""
-        self.content, self.reasoning, self.tools = Shown(), Shown(), Shown()
-        self.named: set[int] = set()  # tool calls whose first fragment was told
+        self.content, self.reasoning = Shown(), Shown()
+        self.calls: dict[int, Shown] = {}  # each tool call's arguments, by its index
+        self.names: dict[int, str] = {}  # and its name
 
     def feed(self, event: Event) -> Told | None:
         if isinstance(event, Started):
             first = not self.model
             self.model = event.model
-            for shown in (self.content, self.reasoning, self.tools):
+            for shown in (self.content, self.reasoning, *self.calls.values()):
                 shown.again()
             return Begun(event.model) if first else None
         if isinstance(event, ToolCallFragment):
-            # ids are made up afresh by most upstreams on every request: a retry is matched without them
-            fresh = self.tools.new_piece((event.index, event.name, event.arguments))
-            if fresh is None:
-                return Diverged()
-            if not fresh:
-                return None
-            first = event.index not in self.named
-            self.named.add(event.index)
-            return Called(event, first)
+            return self._called(event)
         if isinstance(event, Content | Reasoning):
             content = isinstance(event, Content)
             new = (self.content if content else self.reasoning).new_text(event.content)
@@ -124,9 +105,24 @@ class Telling:
                 return Diverged()
             return Said("content" if content else "reasoning", new) if new else None
         if isinstance(event, Complete):
-            if self.content.behind or self.reasoning.behind or self.tools.behind:
+            if any(shown.behind for shown in (self.content, self.reasoning, *self.calls.values())):
                 return Diverged()  # the retry said less than was shown
             return event
         if isinstance(event, Failed | Cancelled):
             return event
         return None  # progress, status, a failed attempt's error: news only to the native stream
+
+    def _called(self, event: ToolCallFragment) -> Told | None:
+        """A call's arguments are matched as text, so a retry may split them otherwise; its id is
+        not matched (most upstreams make one up afresh on every request), its name is."""
+        first = event.index not in self.calls
+        shown = self.calls.setdefault(event.index, Shown())
+        named = self.names.setdefault(event.index, event.name or "") if event.name else None
+        if named is not None and named != event.name:
+            return Diverged()
+        new = shown.new_text(event.arguments)
+        if new is None:
+            return Diverged()
+        if not first and not new:
+            return None
+        return Called(msgspec.structs.replace(event, arguments=new), first)

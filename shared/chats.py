@@ -142,6 +142,7 @@ class ChatResult(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str | None = None
     reasoning: str | None = None  # the completing attempt's reasoning text, if it sent any
     tool_calls: list[ToolCall] | None = None  # the completing attempt's tool calls, if it made any
+    error_code: str | None = None  # a failed chat's: the upstream's own code, when it refused the request
 
 
 _request_decoder: Final = msgspec.json.Decoder(ChatRequest)

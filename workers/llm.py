@@ -99,7 +99,8 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
     decoding each cost a large share of a worker's CPU.
     """
     body: dict[str, Any] = msgspec.to_builtins(request)
-    body.update(body.pop("extra", None) or {})  # a vendor's own fields, at the top level as they came
+    # a vendor's own fields, at the top level as they came; never in place of a field that was checked
+    body = {**(body.pop("extra", None) or {}), **body}
     for message in body["messages"]:  # an earlier reply's reasoning, sent back: upstreams refuse it
         message.pop("reasoning_content", None)
         message.pop("reasoning", None)

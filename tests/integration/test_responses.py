@@ -177,7 +177,7 @@ async def test_the_wire_numbers_every_event_and_carries_no_ids(
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": "x", "background": True, "store": False}, "store"),
         ({"input": "x", "temperature": 3}, "temperature"),
-        ({"input": [{"type": "item_reference", "id": "x"}]}, None),
+        ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": "x", "conversation": "conv_1"}, "conversation"),
     ],
 )
@@ -215,7 +215,7 @@ async def test_someone_elses_response_is_not_found(
     await stranger.close()
 
 
-async def test_a_stream_trimmed_past_its_start_says_it_cannot_be_resumed(
+async def test_a_stream_trimmed_past_its_start_is_gone_and_the_object_remains(
     sdk: openai.AsyncOpenAI,
     base_url: str,  # noqa: F811
     token: str,
@@ -225,9 +225,134 @@ async def test_a_stream_trimmed_past_its_start_says_it_cannot_be_resumed(
     chat_id = response.id.removeprefix("resp_")
     async with Redis.from_url(str(settings.redis_url)) as redis:
         await redis.xtrim(keys.events(chat_id), maxlen=3, approximate=False)
-    events = await raw_events(base_url, token, f"/responses/{response.id}?stream=true")
-    assert events[-1]["type"] == "error"
-    assert events[-1]["code"] == "stream_expired"
-    chunks = await raw_events(base_url, token, f"/chat/completions/{chat_id}/stream")
-    assert chunks[-1]["error"]["code"] == "stream_expired"
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        for path in (f"/responses/{response.id}?stream=true", f"/chat/completions/{chat_id}/stream"):
+            async with session.get(f"{base_url}{path}") as answer:
+                assert answer.status == 410, path
+                assert (await answer.json())["error"]["code"] == "stream_expired"
     assert (await sdk.responses.retrieve(response.id)).output_text == expected_text("trimmed", WORDS)
+
+
+async def post(base_url: str, token: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:  # noqa: F811
+    auth = {"Authorization": f"Bearer {token}", **(headers or {})}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        async with session.post(f"{base_url}/responses", json=body) as response:
+            return response.status, await response.json()
+
+
+async def test_an_sdk_retry_of_a_create_finds_the_first_response_as_it_is_now(
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    body = {"model": "fake", "input": "once", "background": True}
+    status, first = await post(base_url, token, body)
+    assert (status, first["status"]) == (200, "queued")
+    async with asyncio.timeout(10):
+        while (await post(base_url, token, body, {"x-stainless-retry-count": "1"}))[1]["status"] != "completed":
+            await asyncio.sleep(0.05)
+    status, again = await post(base_url, token, body, {"x-stainless-retry-count": "2"})
+    assert again["id"] == first["id"], "the SDK's retry is the first request"
+    assert again["output"][0]["content"][0]["text"] == expected_text("once", WORDS)
+    assert (await post(base_url, token, body))[1]["id"] != first["id"], "asked afresh, it is a new response"
+
+
+async def test_a_retry_after_the_events_expired_is_answered_not_left_waiting(
+    sdk: openai.AsyncOpenAI,
+    base_url: str,  # noqa: F811
+    token: str,
+    settings: Settings,
+) -> None:
+    body = {"model": "fake", "input": "expired"}
+    status, first = await post(base_url, token, body, {"Idempotency-Key": "expire-1"})
+    async with Redis.from_url(str(settings.redis_url)) as redis:
+        await redis.delete(keys.events(first["id"].removeprefix("resp_")))  # as STREAM_TTL would
+    async with asyncio.timeout(5):
+        status, again = await post(base_url, token, body, {"Idempotency-Key": "expire-1"})
+        assert (status, again["id"], again["status"]) == (200, first["id"], "completed")
+        status, streamed = await post(base_url, token, {**body, "stream": True}, {"Idempotency-Key": "expire-1"})
+        assert (status, streamed["error"]["code"]) == (410, "stream_expired")
+    messages = [{"role": "user", "content": "expired too"}]
+    completion = await sdk.chat.completions.create(model="fake", messages=messages)  # type: ignore[arg-type]
+    async with Redis.from_url(str(settings.redis_url)) as redis:
+        await redis.delete(keys.events(completion.id.removeprefix("chatcmpl-")))
+    async with asyncio.timeout(5):
+        again_completion = await sdk.chat.completions.create(
+            model="fake",
+            messages=messages,  # type: ignore[arg-type]
+            extra_headers={"x-stainless-retry-count": "1"},
+        )
+    assert again_completion.id == completion.id
+    assert again_completion.choices[0].message.content == expected_text("expired too", WORDS)
+
+
+async def test_a_quiet_stream_keeps_alive_with_the_last_events_number(
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    _, created = await post(
+        base_url, token, {"model": "fake?words=3&ttft_ms=700", "input": "quiet", "background": True}
+    )
+    events = await raw_events(base_url, token, f"/responses/{created['id']}?stream=true")
+    alive = [n for n, e in enumerate(events) if e["type"] == "keepalive"]
+    assert alive, "heartbeats come every 0.2 s here, the first token after 0.7 s"
+    for n in alive:
+        assert events[n]["sequence_number"] == events[n - 1]["sequence_number"]
+    numbered = [e["sequence_number"] for e in events if e["type"] != "keepalive"]
+    assert numbered == list(range(len(numbered)))
+
+
+async def test_cancel_of_a_running_response_keeps_what_it_said(sdk: openai.AsyncOpenAI) -> None:
+    stream = await sdk.responses.create(model="fake?words=300&delay_ms=20", input="stop", background=True, stream=True)
+    said = ""
+    async for event in stream:
+        if event.type == "response.created":
+            response_id = event.response.id
+        if event.type == "response.output_text.delta":
+            said += event.delta
+            if len(said) > 20:
+                break
+    await stream.close()
+    cancelled = await sdk.responses.cancel(response_id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.output_text.startswith(said)
+    assert cancelled.output_text != expected_text("stop", 300)
+
+
+async def test_a_chat_completions_field_is_not_a_vendors_on_the_responses_route(
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    for name, value in [("max_completion_tokens", 99999), ("messages", []), ("logprobs", True), ("n", 3)]:
+        status, answer = await post(base_url, token, {"input": "x", name: value})
+        assert (status, answer["error"]["param"]) == (400, name)
+
+
+async def test_a_refused_request_is_the_sdks_error_and_its_object_keeps_the_code(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.responses.create(model="fake?fail=400", input="too long")
+    assert caught.value.code == "context_length_exceeded"
+    background = await sdk.responses.create(model="fake?fail=400", input="too long", background=True)
+    async with sdk.responses.stream(response_id=background.id) as stream:
+        failed = [e async for e in stream][-1]
+    assert failed.type == "response.failed"
+    assert failed.response.error is not None
+    assert failed.response.error.code == "context_length_exceeded"
+    read = await sdk.responses.retrieve(background.id)
+    assert read.status == "failed"
+    assert read.error is not None
+    assert read.error.code == "context_length_exceeded"
+
+
+async def test_deep_nesting_is_malformed_json_on_every_create_route(
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    deep = "[" * 5000 + "]" * 5000
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        for path in ("/responses", "/chat/completions", "/chats"):
+            data = '{"input": "x", "messages": [], "metadata": ' + deep + "}"
+            async with session.post(f"{base_url}{path}", data=data) as response:
+                assert response.status == 400, path
+                assert (await response.json())["error"]["code"] == "malformed_json"

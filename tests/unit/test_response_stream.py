@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
-
 from streambridge.api.response_stream import Echo, ResponseStream
-from streambridge.api.responses import result_events
+from streambridge.api.retold import from_result
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import (
     Cancelled,
@@ -122,7 +120,7 @@ def test_failure_and_cancel_end_the_response_with_their_status() -> None:
     assert story.snapshot()["error"] == {"code": "server_error", "message": "upstream down"}
     assert story.snapshot()["output"][0]["status"] == "incomplete"
     cancelled, story = told(Started(1, "m"), Cancelled())
-    assert cancelled[-1]["type"] == "response.cancelled"
+    assert cancelled[-1]["type"] == "response.incomplete"
     assert story.snapshot()["status"] == "cancelled"
 
 
@@ -142,5 +140,5 @@ def test_a_result_tells_the_same_items_as_the_stream_did() -> None:
     )
     call = ToolCall(id="call_a", function=FunctionCall("f", "{}"))
     result = ChatResult("complete", "yes", "tool_calls", Usage(1, 2, 3), 1, reasoning="hmm", tool_calls=[call])
-    _, story = told(*result_events("m", msgspec.json.encode(result)))
+    _, story = told(*from_result("m", result))
     assert story.snapshot()["output"] == streamed[-1]["response"]["output"]
