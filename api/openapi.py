@@ -564,7 +564,23 @@ def completions() -> Json:
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
-            "requestBody": {"required": True, "content": json_content(ref("ChatCompletionRequest"))},
+            "requestBody": {
+                "required": True,
+                "content": json_content(
+                    ref("ChatCompletionRequest"),
+                    examples={
+                        "whole": {"value": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}},
+                        "streamed": {
+                            "value": {
+                                "model": "gpt-4o-mini",
+                                "messages": [{"role": "user", "content": "Tell me about rivers."}],
+                                "stream": True,
+                                "stream_options": {"include_usage": True},
+                            }
+                        },
+                    },
+                ),
+            },
             "responses": {
                 "200": {
                     "description": "A `chat.completion`, or its chunks as SSE.",
@@ -694,7 +710,17 @@ def responses() -> Json:
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
-            "requestBody": {"required": True, "content": json_content(ref("ResponsesRequest"))},
+            "requestBody": {
+                "required": True,
+                "content": json_content(
+                    ref("ResponsesRequest"),
+                    examples={
+                        "whole": {"value": {"model": "gpt-4o-mini", "input": "Hi", "instructions": "Be brief."}},
+                        "background": {"value": {"model": "gpt-4o-mini", "input": "Hi", "background": True}},
+                        "streamed": {"value": {"model": "gpt-4o-mini", "input": "Hi", "stream": True}},
+                    },
+                ),
+            },
             "responses": {
                 "200": {
                     "description": "A `response` object, or its events as SSE.",
