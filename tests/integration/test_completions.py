@@ -11,10 +11,12 @@ import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 
 from streambridge.api.app import make_app
 from streambridge.api.context import CONTEXT
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
+from streambridge.shared import keys
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM
@@ -150,6 +152,25 @@ async def test_an_upstream_that_failed_every_attempt_is_a_502_the_sdk_does_not_r
     assert caught.value.code == "upstream_failed"
     assert caught.value.response.headers["x-should-retry"] == "false"
     assert caught.value.response.request.headers.get("x-stainless-retry-count") == "0", "the SDK did not retry"
+
+
+async def test_a_chat_cancelled_while_its_completion_waits_is_the_sdks_conflict_error(
+    sdk: openai.AsyncOpenAI, base_url: str, settings: Settings
+) -> None:
+    waiting = asyncio.create_task(
+        sdk.chat.completions.create(model="fake?words=300&delay_ms=20", messages=ask("cancel me"))  # type: ignore[arg-type]
+    )
+    async with Redis.from_url(str(settings.redis_url)) as redis, asyncio.timeout(10):
+        while not (running := await redis.zrange(keys.running(), 0, 0)):
+            await asyncio.sleep(0.02)
+    chat_id = running[0].decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.post(f"{base_url}/chats/{chat_id}/cancel") as response:
+            assert response.status == 202
+    with pytest.raises(openai.ConflictError) as caught:
+        await waiting
+    assert caught.value.code == "cancelled"
+    assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_a_bad_key_is_the_sdks_authentication_error(base_url: str) -> None:
