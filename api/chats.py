@@ -258,12 +258,41 @@ def chat_request(fields: dict[str, Any]) -> ChatRequest:
         chat = msgspec.convert(fields, ChatRequest)
     except msgspec.ValidationError as exc:
         raise Unprocessable(f"invalid chat: {exc}", param=param_of(exc)) from None
+    for param, value in free_form(chat):
+        if too_deep(value):  # msgspec took it, but encoding it for the upstream would recurse too far
+            raise Unprocessable(f"`{param}` is nested deeper than {MAX_DEPTH} levels", param=param)
     if chat.logprobs:  # the answer would come back without them
         raise Unprocessable("logprobs are not returned by streambridge", code="unsupported_parameter", param="logprobs")
     for n, m in enumerate(chat.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise Unprocessable(f"invalid chat: a {m.role} message needs `content`", param=f"messages[{n}].content")
     return chat
+
+
+#: how deep a request's free-form JSON (a vendor's field, a tool's parameters, a schema) may nest
+MAX_DEPTH: Final = 64
+
+
+def free_form(chat: ChatRequest) -> list[tuple[str, Any]]:
+    """The parts of a request whose shape is the caller's: where deep nesting can hide."""
+    parts: list[tuple[str, Any]] = [(f"{name}", value) for name, value in (chat.extra or {}).items()]
+    parts += [(f"tools[{n}].function.parameters", t.function.parameters) for n, t in enumerate(chat.tools or ())]
+    if chat.response_format is not None:
+        parts.append(("response_format.json_schema", chat.response_format.json_schema))
+    for n, m in enumerate(chat.messages):
+        parts += [(f"messages[{n}].audio", m.audio), (f"messages[{n}].function_call", m.function_call)]
+    return parts
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 _AT: Final = re.compile(r"`\$\.?([^`]*)`")
@@ -306,14 +335,23 @@ def stream_url(request: web.Request, ctx: Context, chat_id: str, identity: Ident
 
 
 async def stream_gone(ctx: Context, chat_id: str) -> bool:
-    """Whether the chat's stream can no longer be told from its start: the chat ended and its
-    stream expired, or entries were trimmed from it (an OpenAI-shaped stream is a function of
-    all of it)."""
+    """Whether the chat's stream can no longer be told from its start: its chat ended (or expired
+    itself) and the stream expired, or entries were trimmed from it (an OpenAI-shaped stream is a
+    function of all of it). Trimming is judged only where Redis counts appends (7+); elsewhere
+    the hub finds it as it reads."""
     info = await stream_info(ctx.redis, keys.events(chat_id))
     if info is None:
-        status = await ctx.redis.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
-        return (status or b"").decode() in TERMINAL_STATUSES
-    return trimmed(info, "0-0")
+        return await ended_and_expired(ctx, chat_id)
+    return info.get("entries-added") is not None and trimmed(info, "0-0")
+
+
+async def ended_and_expired(ctx: Context, chat_id: str) -> bool:
+    """Whether the chat has no stream because it ended long ago: its stream expired, or its
+    whole record did (an ``Idempotency-Key`` may outlive it)."""
+    if await ctx.redis.exists(keys.events(chat_id)):
+        return False
+    status = await ctx.redis.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
+    return status is None or status.decode() in TERMINAL_STATUSES
 
 
 async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:

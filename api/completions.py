@@ -16,6 +16,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ from streambridge.api.chats import (
     admit,
     chat_request,
     creator,
+    ended_and_expired,
     idempotency_key_of,
     json_object,
     model_of,
@@ -116,9 +118,9 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     handed = False
     try:
         chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
-        gone = created_at is None and await stream_gone(ctx, chat_id)  # a retry, after the stream expired
-        if gone and control.stream:
-            raise StreamExpired("the chat ended and its stream expired; GET /v1/chats/{id} has its result")
+        gone = created_at is None and await ended_and_expired(ctx, chat_id)  # a retry, long after
+        if gone and (control.stream or not await ctx.redis.exists(keys.chat(chat_id))):
+            raise StreamExpired(f"chat {chat_id} ended and its stream expired; GET /v1/chats/{chat_id} has its result")
         if not control.stream:
             return await completion(ctx, chat_id, gone)
         handed = True
@@ -143,7 +145,7 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     if include_usage not in {"true", "false"}:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
     if await stream_gone(ctx, chat_id):
-        raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
+        raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
@@ -295,13 +297,15 @@ def error(status: int, code: str, message: str, param: str | None = None, *, ret
 PASSED_ON: Final = {400: 400, 404: 404, 413: 413, 422: 400}
 
 
-def refused(end: Failed) -> web.Response:
+def refused(end: Failed, names: Mapping[str, str] | None = None) -> web.Response:
     """A failed chat's answer: the upstream's own refusal of the request (a bad field, an unknown
-    model, a prompt too long) as it gave it; 502 for anything else (the worker already retried)."""
+    model, a prompt too long) as it gave it, its ``param`` as the route names it (``names``); 502
+    for anything else (the worker already retried)."""
+    param = (names or {}).get(end.param or "", end.param)
     status = PASSED_ON.get(end.upstream_status or 0)
     if status is None:
-        return error(502, end.code or "upstream_failed", end.message, end.param, retry=False)
-    return error(status, end.code or "upstream_rejected", end.message, end.param, retry=False)
+        return error(502, end.code or "upstream_failed", end.message, param, retry=False)
+    return error(status, end.code or "upstream_rejected", end.message, param, retry=False)
 
 
 def usage_of(usage: Usage | None) -> dict[str, Any] | None:

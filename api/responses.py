@@ -27,6 +27,7 @@ from streambridge.api.chats import (
     Idempotency,
     admit,
     creator,
+    ended_and_expired,
     json_object,
     model_of,
     owned_chat,
@@ -84,11 +85,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
         else:
             echo = await read_echo(ctx, chat_id) or echo
         story = ResponseStream(chat_id, echo, unix(created_at or await created_of(ctx, chat_id)), model_of(ctx, chat))
-        if created_at is None and ((asked.background and not asked.stream) or await stream_gone(ctx, chat_id)):
-            # a retry of a create that was answered: the response as it is now
-            if asked.stream:
-                raise StreamExpired("the response ended and its events expired; GET /v1/responses/{id} has it")
-            return json(await object_of(ctx, story, await chat_of(ctx, chat_id)))
+        gone = created_at is None and await ended_and_expired(ctx, chat_id)  # a retry, long after
+        if gone and (asked.stream or not await ctx.redis.exists(keys.chat(chat_id))):
+            message = f"the response ended and its events expired; GET /v1/responses/resp_{chat_id} has it"
+            raise StreamExpired(message)
+        if gone or (created_at is None and asked.background and not asked.stream):
+            # a retry of a create that was answered: the response as it is now, or as it ended
+            return await answered(ctx, story, await chat_of(ctx, chat_id), wait=not asked.background)
         if asked.background and not asked.stream:
             story.begin()
             return json(story.snapshot())
@@ -134,7 +137,7 @@ async def read_response(request: web.Request) -> web.StreamResponse:
     if not stream:
         return json(await object_of(ctx, story, chat))
     if await stream_gone(ctx, chat_id):
-        raise StreamExpired("the response's events have expired; GET /v1/responses/{id} has its result")
+        raise StreamExpired(f"the response's events have expired; GET /v1/responses/resp_{chat_id} has it")
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_events(request, ctx, slot, story, after)
@@ -223,7 +226,18 @@ async def object_of(ctx: Context, story: ResponseStream, chat: dict[bytes, bytes
         events = so_far([decode_event(entry.data) for entry in await read_stream(ctx, story.chat_id)])
     for event in events:
         story.feed(event)
+    if story.status == "queued" and chat.get(b"status") == b"running":
+        story.status = "in_progress"  # its `started` is trimmed away, or not yet appended
     return story.snapshot()
+
+
+async def answered(ctx: Context, story: ResponseStream, chat: dict[bytes, bytes], *, wait: bool) -> web.Response:
+    """The object; for a create that waited, a failure answers as it did the first time."""
+    if wait and b"result" in chat:
+        end = from_result(story.model, decode_result(chat[b"result"]))[-1]
+        if isinstance(end, Failed):
+            return refused(end, RESPONSES_NAMES)
+    return json(await object_of(ctx, story, chat))
 
 
 async def chat_of(ctx: Context, chat_id: str) -> dict[bytes, bytes]:
@@ -241,7 +255,7 @@ async def told_whole(ctx: Context, story: ResponseStream) -> web.Response:
             end = batch[-1] if batch else end
     ended = decode_event(end.data) if end is not None else None
     if isinstance(ended, Failed):
-        return refused(ended)
+        return refused(ended, RESPONSES_NAMES)
     if not isinstance(ended, Complete | Cancelled):
         raise Unavailable("the edge is stopping; GET /v1/responses/{id} reads the response", code="unavailable")
     return json(await object_of(ctx, story, await chat_of(ctx, story.chat_id)))

@@ -143,7 +143,11 @@ class ResponsesRequest(msgspec.Struct, forbid_unknown_fields=True):
 
 RESPONSES_FIELDS: Final = frozenset(ResponsesRequest.__struct_fields__)
 #: what the upstream's Chat Completions request is made of: never a vendor's field here
-CHAT_FIELDS: Final = (REQUEST_FIELDS | CONTROL_FIELDS | {"extra"}) - RESPONSES_FIELDS
+CHAT_FIELDS: Final = (
+    REQUEST_FIELDS
+    | CONTROL_FIELDS
+    | {"extra", "functions", "function_call", "modalities", "audio", "prediction", "web_search_options"}
+) - RESPONSES_FIELDS
 
 
 def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatRequest, Echo]:

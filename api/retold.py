@@ -5,6 +5,8 @@ attempt said before it failed."""
 
 from __future__ import annotations
 
+import msgspec
+
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import (
     Cancelled,
@@ -39,7 +41,8 @@ def from_result(model: str, result: ChatResult) -> list[Event]:
     if result.status == "cancelled":
         return [*events, Cancelled()]
     if result.status == "failed":
-        return [*events, Failed(result.error or "the chat failed", result.attempts, code=result.error_code)]
+        failed = Failed(result.error or "the chat failed", result.attempts, result.upstream_status, result.error_code)
+        return [*events, msgspec.structs.replace(failed, param=result.error_param)]
     return [*events, Complete(1, 1, len(result.content), 0, result.finish_reason, result.usage)]
 
 

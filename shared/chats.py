@@ -142,7 +142,10 @@ class ChatResult(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str | None = None
     reasoning: str | None = None  # the completing attempt's reasoning text, if it sent any
     tool_calls: list[ToolCall] | None = None  # the completing attempt's tool calls, if it made any
-    error_code: str | None = None  # a failed chat's: the upstream's own code, when it refused the request
+    # a failed chat's, when the upstream refused the request: its status, and its error's code and param
+    upstream_status: int | None = None
+    error_code: str | None = None
+    error_param: str | None = None
 
 
 _request_decoder: Final = msgspec.json.Decoder(ChatRequest)

@@ -82,8 +82,15 @@ class ResultTracker:
             )
         elif isinstance(event, Failed):
             self.result = ChatResult(
-                status="failed", attempts=event.attempts, error=event.message, error_code=event.code
+                status="failed",
+                attempts=event.attempts,
+                error=event.message,
+                upstream_status=event.upstream_status,
+                error_code=event.code,
+                error_param=event.param,
             )
+        elif isinstance(event, Error):  # the attempt failed: a cancel in the backoff keeps nothing of it
+            self.parts = []
 
     def cancelled(self) -> ChatResult:
         """A cancelled chat's result keeps what its attempt had said."""

@@ -356,3 +356,49 @@ async def test_deep_nesting_is_malformed_json_on_every_create_route(
             async with session.post(f"{base_url}{path}", data=data) as response:
                 assert response.status == 400, path
                 assert (await response.json())["error"]["code"] == "malformed_json"
+
+
+async def test_a_retry_after_the_whole_chat_expired_is_a_410_not_a_wait(
+    sdk: openai.AsyncOpenAI,
+    base_url: str,  # noqa: F811
+    token: str,
+    settings: Settings,
+) -> None:
+    body = {"model": "fake", "input": "forgotten"}
+    _, first = await post(base_url, token, body, {"Idempotency-Key": "gone-1"})
+    chat_id = first["id"].removeprefix("resp_")
+    async with Redis.from_url(str(settings.redis_url)) as redis:
+        await redis.delete(keys.chat(chat_id), keys.events(chat_id))  # RESULT_TTL shorter than the key's 24 h
+    async with asyncio.timeout(5):
+        status, again = await post(base_url, token, body, {"Idempotency-Key": "gone-1"})
+    assert (status, again["error"]["code"]) == (410, "stream_expired")
+
+
+async def test_a_refused_sync_create_retried_after_expiry_is_refused_again(
+    base_url: str,  # noqa: F811
+    token: str,
+    settings: Settings,
+) -> None:
+    body = {"model": "fake?fail=400", "input": "too long again"}
+    status, first = await post(base_url, token, body, {"Idempotency-Key": "refused-1"})
+    assert (status, first["error"]["code"], first["error"]["param"]) == (400, "context_length_exceeded", "input")
+    async with Redis.from_url(str(settings.redis_url)) as redis:
+        for key in await redis.keys(keys.events("*")):
+            await redis.delete(key)
+    async with asyncio.timeout(5):
+        status, again = await post(base_url, token, body, {"Idempotency-Key": "refused-1"})
+    assert (status, again["error"]) == (400, first["error"])
+
+
+async def test_deep_free_form_json_is_refused_before_it_runs(
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    deep: Any = {}
+    for _ in range(200):  # deep enough to be refused, shallow enough to decode
+        deep = {"a": deep}
+    tools = [{"type": "function", "name": "f", "parameters": deep}]
+    status, answer = await post(base_url, token, {"input": "x", "tools": tools})
+    assert (status, answer["error"]["param"]) == (400, "tools[0].function.parameters")
+    status, answer = await post(base_url, token, {"input": "x", "functions": []})
+    assert (status, answer["error"]["param"]) == (400, "functions")
