@@ -18,6 +18,7 @@ from typing import Final, NamedTuple
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from streambridge.api.context import SETTINGS
 from streambridge.shared.settings import Settings
@@ -31,14 +32,14 @@ class Asset(NamedTuple):
     etag: str
 
 
-#: URL path → (file under STATIC, Content-Type); the paths are stable: pages import the client by them
+#: URL path → (file under STATIC, Content-Type, operationId); the paths are stable: pages import the client by them
 FILES: Final = {
-    "/": ("page/index.html", "text/html"),
-    "/page/chat.js": ("page/chat.js", "text/javascript"),
-    "/page/chat.css": ("page/chat.css", "text/css"),
-    "/page/icon.svg": ("page/icon.svg", "image/svg+xml"),
-    "/streambridge.js": ("client/streambridge.js", "text/javascript"),
-    "/streambridge.d.ts": ("client/streambridge.d.ts", "application/typescript"),
+    "/": ("page/index.html", "text/html", "chat_page"),
+    "/page/chat.js": ("page/chat.js", "text/javascript", "page_script"),
+    "/page/chat.css": ("page/chat.css", "text/css", "page_style"),
+    "/page/icon.svg": ("page/icon.svg", "image/svg+xml", "page_icon"),
+    "/streambridge.js": ("client/streambridge.js", "text/javascript", "client_module"),
+    "/streambridge.d.ts": ("client/streambridge.d.ts", "application/typescript", "client_types"),
 }
 
 
@@ -47,7 +48,7 @@ def load(relative: str, content_type: str) -> Asset:
     return Asset(body, content_type, '"' + hashlib.sha256(body).hexdigest()[:32] + '"')
 
 
-ASSETS: Final = {path: load(relative, content_type) for path, (relative, content_type) in FILES.items()}
+ASSETS: Final = {path: load(relative, content_type) for path, (relative, content_type, _) in FILES.items()}
 
 
 def content_security_policy(settings: Settings) -> str:
@@ -70,16 +71,22 @@ def content_security_policy(settings: Settings) -> str:
     )
 
 
-async def asset(request: web.Request) -> web.Response:
-    found = ASSETS[request.path]
-    headers = {"Cache-Control": "no-cache", "ETag": found.etag}
-    if found.content_type == "text/html":
-        headers["Content-Security-Policy"] = content_security_policy(request.app[SETTINGS])
-    if found.etag in request.headers.get("If-None-Match", ""):
-        return web.Response(status=304, headers=headers)
-    return web.Response(body=found.body, content_type=found.content_type, charset="utf-8", headers=headers)
+def serve(path: str, operation_id: str) -> Handler:
+    """The handler of one file, named as /openapi.json names its operation."""
+    found = ASSETS[path]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        headers = {"Cache-Control": "no-cache", "ETag": found.etag}
+        if found.content_type == "text/html":
+            headers["Content-Security-Policy"] = content_security_policy(request.app[SETTINGS])
+        if found.etag in request.headers.get("If-None-Match", ""):
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=found.body, content_type=found.content_type, charset="utf-8", headers=headers)
+
+    handler.__name__ = handler.__qualname__ = operation_id
+    return handler
 
 
 routes = web.RouteTableDef()
-for _path in FILES:
-    routes.get(_path)(asset)
+for _path, (_, _, _operation_id) in FILES.items():
+    routes.get(_path)(serve(_path, _operation_id))
