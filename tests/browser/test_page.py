@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from typing import Any
 
 import pytest
 from playwright.sync_api import Page, expect
 
 from streambridge.fake_llm import expected_text
-from tests.browser.conftest import Deployment, Shots, unique
+from tests.browser.conftest import WAIT_MS, Deployment, Shots, unique
 
 pytestmark = pytest.mark.e2e
 
@@ -41,6 +43,18 @@ def wait_for_some_text(page: Page, chars: int = 30) -> None:
 
 def answer(page: Page) -> str:
     return page.locator("#answer").text_content() or ""
+
+
+def saved_chat(page: Page) -> dict[str, Any]:
+    """The page's stored chat, once it holds a position (it is written at most every 250 ms)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        raw = page.evaluate("sessionStorage.getItem('streambridge:chat')")
+        saved: dict[str, Any] = json.loads(raw) if raw else {}
+        if saved.get("lastEventId") or time.monotonic() > deadline:
+            assert saved.get("lastEventId"), f"the page stored no position: {raw}"
+            return saved
+        page.wait_for_timeout(50)  # polled: the page's policy forbids the eval wait_for_function needs
 
 
 def test_the_page_streams_the_whole_answer_exactly(page: Page, deployment: Deployment, shots: Shots) -> None:
@@ -100,8 +114,7 @@ def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
     open_page(page, deployment)
     ask(page, prompt, SLOW)
     wait_for_some_text(page)
-    saved = json.loads(page.evaluate("sessionStorage.getItem('streambridge:chat')"))
-    assert saved["lastEventId"] is not None
+    saved = saved_chat(page)
     shots(page, "before-reload")
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-resumed", "true")
