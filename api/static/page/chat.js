@@ -134,6 +134,7 @@ function start() {
   if (saved) {
     // A reload mid-answer: the text so far comes from the store, the rest from after its last event.
     show(saved.meta?.prompt ?? "");
+    $("prompt").value = saved.meta?.prompt ?? "";
     setState("streaming");
     chat = client.resumeChat(callbacks());
     document.body.dataset.chat = chat.id;
