@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from typing import Any
 
 import pytest
 import redis
 from playwright.sync_api import Page, expect
 
-from streambridge.api.page import STATIC
 from streambridge.fake_llm import expected_text
 from streambridge.shared import keys
 from tests.browser.conftest import Deployment, Shots, unique
@@ -82,9 +79,3 @@ def test_an_expired_history_is_a_clear_error_holding_the_final_result(page: Page
     assert got["status"] == 410
     assert "expired" in got["message"]
     assert (got["state"], got["content"]) == ("complete", expected_text(prompt, 30))
-
-
-@pytest.mark.skipif(shutil.which("node") is None, reason="no node here")
-def test_the_module_parses_in_node() -> None:
-    for path in (STATIC / "client" / "streambridge.js", STATIC / "page" / "chat.js"):
-        subprocess.run(["node", "--check", str(path)], check=True)

@@ -253,6 +253,7 @@ export class ChatStream {
     return {
       next: async () => {
         for (;;) {
+          if (next === Infinity) return { value: undefined, done: true }; // return() was called
           if (next < this._events.length) return { value: this._events[next++], done: false };
           if (this._ended) {
             if (this._error) throw this._error;
