@@ -127,6 +127,10 @@ async function cancel() {
   }
 }
 
+// BATCH VIEW (not built yet): upload JSONL, a live progress bar, download the results. It lands with
+// /v1/batches (another branch): fill <section id="batches"> in index.html, following the batch's
+// GET /v1/batches/{id}/events as this file follows a chat.
+
 function start() {
   $("ask").addEventListener("submit", ask);
   $("cancel").addEventListener("click", cancel);
