@@ -47,6 +47,13 @@ class Deployment:
     logs: Path
     started: list[Process] = field(default_factory=list)
 
+    def replace_worker(self) -> Process:
+        """A second worker, idle until the first dies; it takes the first's place in ``workers``."""
+        worker = Process(["worker"], self.env, self.logs, ready="worker started")
+        self.started.append(worker)
+        self.workers.append(worker)
+        return worker
+
     def replace_edge(self, index: int) -> None:
         """A fresh edge in place of a dead one, so later tests have two again."""
         edge = Process(["edge", "--port", "0"], self.env, self.logs)
@@ -90,6 +97,7 @@ def deployment() -> Iterator[Deployment]:
             STREAMBRIDGE_REDIS_URL=redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
             STREAMBRIDGE_PUBLIC_EDGE_URL=proxy.url,  # stream_url through the proxy, as in a deployment
+            STREAMBRIDGE_LEASE_TTL="1.5",  # a SIGKILLed worker's chat runs again within seconds
         )
         edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
         started += edges

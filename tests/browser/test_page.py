@@ -107,6 +107,25 @@ def test_an_edge_sigkilled_mid_answer_is_passed_over_and_the_answer_ends_exact(
         deployment.replace_edge(0)
 
 
+def test_a_worker_lost_mid_answer_shows_and_the_answer_ends_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    prompt = unique("a worker dies")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    doomed = deployment.workers[0]  # the only one when the chat started: it runs it
+    deployment.replace_worker()
+    doomed.kill()
+    deployment.workers.remove(doomed)
+    page.click("#history-box summary")
+    expect(page.locator("#history")).to_contain_text("worker lost")
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "complete-after-worker-lost")
+    expect(page.locator("#history")).to_contain_text("running: attempt 2")
+    assert answer(page) == expected_text(prompt, 60)  # attempt 2's text, the first's superseded
+
+
 def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
     page: Page, deployment: Deployment, shots: Shots
 ) -> None:

@@ -20,10 +20,18 @@ function say(id, text) {
   $(id).textContent = text;
 }
 
+/** The current state in #status, and every state in order in #history (what happened on the way). */
+function status(text) {
+  say("status", text);
+  const item = document.createElement("li");
+  item.textContent = text;
+  $("history").append(item);
+}
+
 function show(prompt) {
   $("chat").hidden = false;
   say("question", prompt);
-  for (const id of ["answer", "reasoning", "tool-calls", "progress-text", "error"]) say(id, "");
+  for (const id of ["answer", "reasoning", "tool-calls", "progress-text", "error", "history"]) say(id, "");
   $("reasoning-box").hidden = true;
   $("tool-calls").hidden = true;
   $("error").hidden = true;
@@ -36,6 +44,9 @@ function fail(message) {
 }
 
 function connection({ state, delay }) {
+  const was = document.body.dataset.connection;
+  if (state === "reconnecting" && was !== "reconnecting") status("connection lost: reconnecting");
+  if (state === "open" && was === "reconnecting") status("reconnected: resuming after the last event received");
   const pill = $("connection");
   pill.hidden = state === "open" || state === "closed" || state === "connecting";
   if (state === "reconnecting") {
@@ -48,7 +59,7 @@ function connection({ state, delay }) {
 function callbacks() {
   return {
     onContent: (_piece, _event, text) => say("answer", text),
-    onAttempt: (attempt) => say("status", `attempt ${attempt}: the earlier attempt's text is replaced`),
+    onAttempt: (attempt) => status(`attempt ${attempt}: the earlier attempt's text is replaced`),
     onReasoning: (_piece, _event, reasoning) => {
       $("reasoning-box").hidden = false;
       say("reasoning", reasoning);
@@ -59,19 +70,19 @@ function callbacks() {
     },
     onProgress: (p) => say("progress-text", `${p.chars} characters in ${(p.elapsed_ms / 1000).toFixed(1)} s`),
     onStatus: (event) =>
-      say("status", event.type === "started" ? `running: attempt ${event.attempt} (${event.model})` : event.message),
+      status(event.type === "started" ? `running: attempt ${event.attempt} (${event.model})` : event.message),
     onAttemptError: (event) =>
-      say("status", `attempt ${event.attempt} failed: ${event.message}${event.retryable ? "; retrying" : ""}`),
+      status(`attempt ${event.attempt} failed: ${event.message}${event.retryable ? "; retrying" : ""}`),
     onConnection: connection,
     onComplete: (result) => {
       $("progress").hidden = true;
       if (result.status === "cancelled") {
-        say("status", "cancelled");
+        status("cancelled");
         setState("cancelled");
         return;
       }
       const t = result.terminal;
-      say("status", `done: ${t.content_length} characters in ${(t.elapsed_ms / 1000).toFixed(1)} s (${t.finish_reason})`);
+      status(`done: ${t.content_length} characters in ${(t.elapsed_ms / 1000).toFixed(1)} s (${t.finish_reason})`);
       setState("complete");
     },
     onError: (error) => {
@@ -80,13 +91,13 @@ function callbacks() {
         // The live history is gone; the final result is not: show it.
         const result = error.result;
         if (result) say("answer", result.content ?? "");
-        say("status", `history expired: the final result is shown (${result ? result.status : "unknown"})`);
+        status(`history expired: the final result is shown (${result ? result.status : "unknown"})`);
         fail("This chat's live history has expired.");
         setState("error");
         return;
       }
       if (error instanceof StreambridgeError && error.code === "chat_failed") {
-        say("status", "failed");
+        status("failed");
         fail(`The chat failed: ${error.message}`);
         setState("failed");
         return;
@@ -102,12 +113,12 @@ async function ask(event) {
   const prompt = $("prompt").value;
   if (!prompt.trim()) return;
   show(prompt);
-  say("status", "sending…");
+  status("sending…");
   setState("streaming");
   try {
     chat = await client.createChat({ message: prompt, model: $("model").value.trim(), meta: { prompt }, ...callbacks() });
     document.body.dataset.chat = chat.id;
-    say("status", "queued: waiting for a worker");
+    status("queued: waiting for a worker");
   } catch (error) {
     $("progress").hidden = true;
     fail(`Could not start the chat: ${error.message}`);
@@ -118,7 +129,7 @@ async function ask(event) {
 async function cancel() {
   if (!chat) return;
   $("cancel").disabled = true;
-  say("status", "cancelling…");
+  status("cancelling…");
   try {
     await chat.cancel();
   } catch (error) {
@@ -143,7 +154,7 @@ function start() {
     chat = client.resumeChat(callbacks());
     document.body.dataset.chat = chat.id;
     say("answer", chat.text);
-    say("status", "resuming after a reload…");
+    status("resuming after a reload…");
     document.body.dataset.resumed = "true";
   } else {
     setState("idle");
