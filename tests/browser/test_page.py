@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from typing import Any
 
@@ -111,11 +113,15 @@ def test_a_worker_lost_mid_answer_shows_and_the_answer_ends_exact(
     page: Page, deployment: Deployment, shots: Shots
 ) -> None:
     prompt = unique("a worker dies")
-    open_page(page, deployment)
-    ask(page, prompt, SLOW)
-    wait_for_some_text(page)
-    doomed = deployment.workers[0]  # the only one when the chat started: it runs it
-    deployment.replace_worker()
+    doomed = deployment.workers[0]
+    spare = deployment.replace_worker()  # started now (slow on a busy machine), frozen until the crash …
+    os.kill(spare.proc.pid, signal.SIGSTOP)  # … so that the doomed one takes the chat
+    try:
+        open_page(page, deployment)
+        ask(page, prompt, SLOW)
+        wait_for_some_text(page)
+    finally:
+        os.kill(spare.proc.pid, signal.SIGCONT)
     doomed.kill()
     deployment.workers.remove(doomed)
     page.click("#history-box summary")
