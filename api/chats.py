@@ -245,13 +245,15 @@ def chat_request(fields: dict[str, Any]) -> ChatRequest:
         chat = msgspec.convert(fields, ChatRequest)
     except msgspec.ValidationError as exc:
         raise Unprocessable(f"invalid chat: {exc}", param=param_of(exc)) from None
+    if chat.logprobs:  # the answer would come back without them
+        raise Unprocessable("logprobs are not returned by streambridge", code="unsupported_parameter", param="logprobs")
     for n, m in enumerate(chat.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise Unprocessable(f"invalid chat: a {m.role} message needs `content`", param=f"messages[{n}].content")
     return chat
 
 
-_AT: Final = re.compile(r"at `\$\.?([^`]*)`")
+_AT: Final = re.compile(r"`\$\.?([^`]*)`")
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:
@@ -260,10 +262,13 @@ def param_of(exc: msgspec.ValidationError) -> str | None:
     return found.group(1) or None if found else None
 
 
-async def owned_chat(request: web.Request, ctx: Context) -> tuple[Identity, str, dict[bytes, bytes]]:
-    """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
+async def owned_chat(
+    request: web.Request, ctx: Context, chat_id: str | None = None
+) -> tuple[Identity, str, dict[bytes, bytes]]:
+    """The chat named in the path (or ``chat_id``), if it is the caller's; anyone else gets 404 as
+    if it did not exist."""
     identity = await authenticate(request, ctx.redis, ctx.settings)
-    chat_id = chat_id_of(request)
+    chat_id = chat_id or chat_id_of(request)
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")

@@ -8,6 +8,9 @@ export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
   total_tokens: number;
+  /** the upstream's breakdowns (cached_tokens, reasoning_tokens …), only where it sent them */
+  prompt_tokens_details?: Record<string, number>;
+  completion_tokens_details?: Record<string, number>;
 }
 
 interface Entry {
@@ -43,7 +46,15 @@ export interface CompleteEvent extends Entry {
   finish_reason: string | null;
   usage: Usage | null;
 }
-export interface FailedEvent extends Entry { type: "failed"; message: string; attempts: number }
+/** every attempt failed; when the upstream refused the request (a 4xx), its status, code and param */
+export interface FailedEvent extends Entry {
+  type: "failed";
+  message: string;
+  attempts: number;
+  upstream_status?: number;
+  code?: string;
+  param?: string;
+}
 export interface CancelledEvent extends Entry { type: "cancelled" }
 
 export type ChatEvent =
