@@ -10,7 +10,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from streambridge.api import chats, completions, edge, models, openapi, responses
+from streambridge.api import chats, completions, edge, models, openapi, page, responses
 from streambridge.api.auth import load_secret
 from streambridge.api.context import CONTEXT, SETTINGS, Context
 from streambridge.api.errors import error_middleware
@@ -49,6 +49,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         app.add_routes(completions.routes)  # they stream, as an edge does
         app.add_routes(responses.routes)
     app.add_routes(openapi.routes)
+    app.add_routes(page.routes)  # the chat page and the JavaScript client, on every process that serves HTTP
     app.add_routes(models.routes)
     app[models.MODELS] = models.Models(settings)
 

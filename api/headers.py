@@ -19,6 +19,8 @@ SECURITY: Final = {
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
 }
+#: for every answer but the page (which sets its own): JSON and streams load nothing and are never framed
+NO_CONTENT_POLICY: Final = "default-src 'none'; frame-ancestors 'none'"
 ALLOW_METHODS: Final = "GET, POST, OPTIONS"
 ALLOW_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
 
@@ -44,6 +46,7 @@ async def preflight_middleware(request: web.Request, handler: Handler) -> web.St
 async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
     """``on_response_prepare``: runs for every answer, SSE streams included, before headers go out."""
     response.headers.update(SECURITY)
+    response.headers.setdefault("Content-Security-Policy", NO_CONTENT_POLICY)
     if request.path.startswith("/v1/") and "Cache-Control" not in response.headers:
         response.headers["Cache-Control"] = "no-store"  # answers carry tokens and private text
     origin = allowed_origin(request)

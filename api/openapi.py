@@ -17,6 +17,7 @@ from aiohttp import web
 
 from streambridge.api.chats import ChatView, Created, StatusView, Visitor
 from streambridge.api.errors import ErrorAnswer
+from streambridge.api.page import FILES
 from streambridge.api.responses_request import ResponsesRequest
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.events import Event
@@ -464,6 +465,35 @@ def openapi_path() -> Json:
     }
 
 
+BROWSER_FILES: Final = {
+    "/": "The chat page: prompt, streamed answer, progress, status, cancel. Model output is shown as text.",
+    "/page/chat.js": "The page's script (scripts are files: the page's policy allows no inline code).",
+    "/page/chat.css": "The page's styles.",
+    "/page/icon.svg": "The page's icon.",
+    "/streambridge.js": "The JavaScript client, an ES module with no dependencies: `import { createClient } "
+    'from "/streambridge.js"`. Resumes after drops and reloads; see the README.',
+    "/streambridge.d.ts": "The JavaScript client's TypeScript types.",
+}
+
+
+def browser_file(path: str) -> Json:
+    """A file of the page or the client: public, revalidated on each load (``ETag``, 304)."""
+    _, content_type, operation_id = FILES[path]
+    return {
+        "get": {
+            "operationId": operation_id,
+            "summary": BROWSER_FILES[path].partition(":")[0].rstrip("."),
+            "description": f"{BROWSER_FILES[path]} Served by every process (api, edge, `up`).",
+            "tags": ["browser"],
+            "security": PUBLIC,
+            "responses": {
+                "200": {"description": "The file.", "content": {content_type: {"schema": {"type": "string"}}}},
+                "304": {"description": "Unchanged since the `ETag` sent in `If-None-Match`."},
+            },
+        }
+    }
+
+
 def ref_parameter(name: str) -> Json:
     return {"$ref": f"#/components/parameters/{name}"}
 
@@ -892,6 +922,7 @@ def build() -> Json:
             {"name": "auth", "description": "Tokens."},
             {"name": "meta", "description": "Health and this document (every process)."},
             {"name": "openai", "description": "OpenAI's API: the openai SDK works unchanged (edges)."},
+            {"name": "browser", "description": "The chat page and the JavaScript client (every process)."},
         ],
         "security": BEARER,
         "paths": {
@@ -909,6 +940,7 @@ def build() -> Json:
             "/v1/responses/{id}/cancel": response_cancel(),
             "/v1/models": models(),
             "/v1/models/{model}": model(),
+            **{path: browser_file(path) for path in BROWSER_FILES},
         },
         "components": components(),
     }

@@ -9,7 +9,8 @@ words)``, cut into chunks of 1..6 units that split words, ZWJ sequences, letters
 combining marks and (with ``split="utf16"``) surrogate pairs. With ``reasoning=N`` it first
 streams ``expected_reasoning(prompt, N)`` as ``delta.reasoning_content``; with ``tool=NAME``, or
 ``tools`` in the request, it answers with one tool call, ``expected_tool_call(prompt, name)``, its
-arguments in fragments, and ``finish_reason: "tool_calls"``, in place of the text.
+arguments in fragments, and ``finish_reason: "tool_calls"``, in place of the text. With
+``echo=1`` the answer is the prompt itself, so a test can choose its text.
 
 Chunks are encoded with the stdlib ``json``: msgspec refuses the lone surrogates that the
 utf16 mode sends on purpose as ``\\udXXX`` escapes.
@@ -46,6 +47,8 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry_after: float | None = None  # Retry-After header value for 429
     reasoning: int = 0  # words of reasoning streamed before the answer
     tool: str | None = None  # call this tool in place of answering, as if the request offered it
+    # answer with the prompt itself, verbatim: lets a test choose the text (markup a page must not run)
+    echo: bool = False
 
 
 DEFAULT_CONFIG: Final = FakeLLMConfig()
@@ -395,7 +398,8 @@ def _answer(chat: _ChatRequest, config: FakeLLMConfig, prompt: str) -> _Answer:
         for part in split_text(call.function.arguments):
             deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": part}}]})
         return _Answer(deltas, message | {"tool_calls": [msgspec.to_builtins(call)]}, "tool_calls")
-    chunks = split_text(expected_text(prompt, config.words), config.split)
+    text = prompt if config.echo else expected_text(prompt, config.words)
+    chunks = split_text(text, config.split)
     limit = chat.max_tokens or chat.max_completion_tokens
     finish_reason = "stop"
     if limit is not None and limit < len(chunks):

@@ -53,7 +53,10 @@ REQUEST_TIMEOUT = 3.0
 SEED = 20241124
 CHAT_ID = re.compile(openapi.CHAT_ID_PATTERN)
 RESPONSE_ID = re.compile(openapi.RESPONSE_ID_PATTERN)
-PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"})
+PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"}) | {
+    f"GET {path}"
+    for path in ("/", "/page/chat.js", "/page/chat.css", "/page/icon.svg", "/streambridge.js", "/streambridge.d.ts")
+}
 
 # Limits high enough that most answers are not 429 (a 429 is still a documented answer). Only the
 # settings this version has are passed: an unknown STREAMBRIDGE_* variable stops the process.

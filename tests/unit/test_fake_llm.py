@@ -313,3 +313,9 @@ async def test_the_tool_option_calls_a_tool_the_request_did_not_offer_and_tool_c
     )
     assert plain.choices[0].message.content == expected_text("rivers", 3)
     assert plain.choices[0].message.tool_calls is None
+
+
+async def test_echo_answers_with_the_prompt_verbatim(llm: openai.AsyncOpenAI) -> None:
+    prompt = '<script>alert(1)</script> <img src=x onerror="alert(2)"> café 👩\u200d💻'
+    stream = await llm.chat.completions.create(model="fake?echo=1", messages=user(prompt), stream=True)
+    assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream]) == prompt

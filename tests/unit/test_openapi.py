@@ -106,6 +106,12 @@ ERRORS["POST /v1/responses/{id}/cancel"] = {
 }
 ERRORS["GET /v1/models"] = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
 ERRORS["GET /v1/models/{model}"] = {401: {"unauthorized"}, 404: {"model_not_found"}, 503: {"redis_unavailable"}}
+# the chat page and the JavaScript client: public files, which answer no error of their own
+BROWSER = frozenset(
+    f"GET {path}"
+    for path in ("/", "/page/chat.js", "/page/chat.css", "/page/icon.svg", "/streambridge.js", "/streambridge.d.ts")
+)
+ERRORS.update((label, {}) for label in BROWSER)
 
 
 def document() -> dict[str, Any]:
@@ -241,7 +247,7 @@ def test_secured_operations_take_the_bearer_token() -> None:
         "token",
     )
     for label, operation in operations(doc):
-        if label in {"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"}:
+        if label in {"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"} | BROWSER:
             assert operation["security"] == []
         elif label == "GET /v1/chats/{id}/events":
             assert operation["security"] == [{"bearer": []}, {"streamToken": []}]

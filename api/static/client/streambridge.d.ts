@@ -1,0 +1,247 @@
+// Types of streambridge.js: the browser client for streambridge's chat API and SSE edge.
+// The event types mirror shared/events.py (the server's tagged union); each event also carries
+// `eventId`, the stream entry id it came with (resume position).
+
+export declare const VERSION: string;
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+  /** the upstream's breakdowns (cached_tokens, reasoning_tokens …), only where it sent them */
+  prompt_tokens_details?: Record<string, number>;
+  completion_tokens_details?: Record<string, number>;
+}
+
+interface Entry {
+  /** the stream entry id this event came with, e.g. "1732400000000-0" */
+  eventId: string;
+}
+
+export interface StartedEvent extends Entry { type: "started"; attempt: number; model: string }
+/** text to append; superseded if a later attempt starts (see `onAttempt`) */
+export interface ContentEvent extends Entry { type: "content"; content: string; index: number; attempt: number }
+/** the model's reasoning, kept apart from the answer */
+export interface ReasoningEvent extends Entry { type: "reasoning"; content: string; index: number; attempt: number }
+/** one fragment of a streamed tool call; `id` and `name` come with its first fragment */
+export interface ToolCallEvent extends Entry {
+  type: "tool_call";
+  index: number;
+  id: string | null;
+  name: string | null;
+  arguments: string;
+  attempt: number;
+}
+export interface ProgressEvent extends Entry { type: "progress"; chunks: number; chars: number; elapsed_ms: number; attempt: number }
+/** a human-readable state change: retrying, worker lost and resumed … */
+export interface StatusEvent extends Entry { type: "status"; message: string; attempt: number }
+/** one attempt failed; `retryable` says whether another follows */
+export interface AttemptErrorEvent extends Entry { type: "error"; message: string; retryable: boolean; attempt: number }
+export interface CompleteEvent extends Entry {
+  type: "complete";
+  attempt: number;
+  total_chunks: number;
+  content_length: number;
+  elapsed_ms: number;
+  finish_reason: string | null;
+  usage: Usage | null;
+}
+/** every attempt failed; when the upstream refused the request (a 4xx), its status, code and param */
+export interface FailedEvent extends Entry {
+  type: "failed";
+  message: string;
+  attempts: number;
+  upstream_status?: number;
+  code?: string;
+  param?: string;
+}
+export interface CancelledEvent extends Entry { type: "cancelled" }
+
+export type ChatEvent =
+  | StartedEvent
+  | ContentEvent
+  | ReasoningEvent
+  | ToolCallEvent
+  | ProgressEvent
+  | StatusEvent
+  | AttemptErrorEvent
+  | CompleteEvent
+  | FailedEvent
+  | CancelledEvent;
+export type TerminalEvent = CompleteEvent | FailedEvent | CancelledEvent;
+
+export interface ToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/** What `done` resolves to (and `onComplete` gets): the answer of the attempt that completed. */
+export interface ChatResult {
+  id: string;
+  status: "complete" | "failed" | "cancelled";
+  text: string;
+  reasoning: string;
+  toolCalls: ToolCall[];
+  terminal: TerminalEvent;
+  reconnects: number;
+}
+
+/** `GET /v1/chats/{id}` */
+export interface ChatInfo {
+  id: string;
+  status: "queued" | "running" | "complete" | "failed" | "cancelled";
+  content: string;
+  finish_reason: string | null;
+  usage: Usage | null;
+  attempts: number;
+  error: string | null;
+  created_at?: string;
+  stream_url?: string;
+  reasoning?: string | null;
+  tool_calls?: ToolCall[] | null;
+}
+
+/** `POST /v1/chats` */
+export interface ChatCreated {
+  id: string;
+  status: string;
+  stream_url: string;
+  created_at?: string;
+}
+
+export declare class StreambridgeError extends Error {
+  name: "StreambridgeError";
+  /** the HTTP status; null when there was no answer */
+  status: number | null;
+  /**
+   * The server's error code (`not_found`, `unauthorized`, `rate_limited` …) or the client's own:
+   * `stream_expired` (410: the history is gone; `result` holds the final state),
+   * `chat_failed` (the chat ended `failed`; `result` is its ChatResult),
+   * `stream_lost` (reconnecting gave up), `read_timeout`, `connection_lost`, `bad_event_id`.
+   */
+  code: string;
+  retryAfter: number | null;
+  result: ChatInfo | ChatResult | null;
+}
+
+/** Where the chat id, last event id and text so far are kept between reloads. */
+export interface Store {
+  get(key: string): string | null;
+  set(key: string, value: string): void;
+  remove(key: string): void;
+}
+
+export type ConnectionState =
+  | { state: "connecting" }
+  | { state: "open"; reconnects: number }
+  | { state: "reconnecting"; attempt: number; delay: number; error: unknown }
+  | { state: "closed"; error?: unknown };
+
+export interface ClientOptions {
+  /** where the API is; "" (the default) is the page's own origin */
+  baseUrl?: string;
+  /** a Bearer token (an API key, or your backend's); without one the client logs in as a visitor */
+  token?: string | null;
+  /** sessionStorage by default; `memoryStore()` or null to keep nothing */
+  store?: Store | null;
+  /** prefix of the store's keys: `${storageKey}:token`, `${storageKey}:chat` */
+  storageKey?: string;
+  /** "auto": EventSource for a stream_url (no headers needed), fetch streaming when a header must be sent */
+  transport?: "auto" | "eventsource" | "fetch";
+  /** failed connections in a row before giving up with `stream_lost`; time offline is not counted */
+  maxReconnects?: number;
+  fetch?: typeof fetch;
+}
+
+export interface StreamOptions {
+  signal?: AbortSignal;
+  transport?: "auto" | "eventsource" | "fetch";
+  /** keep the chat in the store so a reload resumes it (default true); one chat per storageKey */
+  persist?: boolean;
+  /** anything JSON to keep with the chat (the prompt, say); `savedChat().meta` gives it back */
+  meta?: unknown;
+  onEvent?(event: ChatEvent, chat: ChatStream): void;
+  /** `text` is the whole answer so far: render it, and a superseded attempt's text disappears */
+  onContent?(piece: string, event: ContentEvent, text: string): void;
+  onReasoning?(piece: string, event: ReasoningEvent, reasoning: string): void;
+  onToolCall?(event: ToolCallEvent, calls: ToolCall[]): void;
+  onProgress?(event: ProgressEvent): void;
+  /** `started` and `status` events */
+  onStatus?(event: StartedEvent | StatusEvent): void;
+  /** one attempt failed (another may follow: `retryable`) */
+  onAttemptError?(event: AttemptErrorEvent): void;
+  /** a new attempt started: what the last one streamed is superseded */
+  onAttempt?(attempt: number, chat: ChatStream): void;
+  onConnection?(state: ConnectionState): void;
+  /** the chat ended `complete` or `cancelled` */
+  onComplete?(result: ChatResult): void;
+  /** the chat failed, its history expired, or it could not be followed (not called for close()/abort) */
+  onError?(error: StreambridgeError | Error): void;
+}
+
+export interface ChatOptions extends StreamOptions {
+  message?: string;
+  messages?: { role: "system" | "user" | "assistant"; content: string }[];
+  model?: string;
+  temperature?: number;
+  max_tokens?: number;
+  /** more fields of the request body (any OpenAI Chat Completions field) */
+  body?: Record<string, unknown>;
+}
+
+export interface SavedChat {
+  id: string;
+  streamUrl: string | null;
+  lastEventId: string | null;
+  attempt: number;
+  meta: unknown;
+}
+
+export declare class ChatStream implements AsyncIterable<ChatEvent> {
+  readonly id: string;
+  readonly streamUrl: string | null;
+  /** the id of the last event received: where a resume starts */
+  readonly lastEventId: string | null;
+  readonly meta: unknown;
+  readonly status: "queued" | "running" | "complete" | "failed" | "cancelled";
+  readonly attempt: number;
+  readonly terminal: TerminalEvent | null;
+  readonly reconnects: number;
+  readonly text: string;
+  readonly reasoning: string;
+  readonly toolCalls: ToolCall[];
+  /** resolves at `complete` or `cancelled`; rejects with a StreambridgeError otherwise (or the abort reason) */
+  readonly done: Promise<ChatResult>;
+  /** asks the server to cancel; the stream ends with its `cancelled` event */
+  cancel(): Promise<{ id: string; status: string }>;
+  /** stops following; the chat goes on, and stays in the store to be resumed */
+  close(reason?: unknown): void;
+  /** every event once, in order, from the first; ends after the terminal one, throws what `done` rejects with */
+  [Symbol.asyncIterator](): AsyncIterator<ChatEvent>;
+}
+
+export declare class StreambridgeClient {
+  constructor(options?: ClientOptions);
+  baseUrl: string;
+  token: string | null;
+  login(): Promise<string>;
+  createChat(options: ChatOptions): Promise<ChatStream>;
+  followChat(chat: ChatCreated | string, options?: StreamOptions): ChatStream;
+  /** the chat this tab was following before a reload, resumed after its last event; null if none */
+  resumeChat(options?: StreamOptions): ChatStream | null;
+  savedChat(): SavedChat | null;
+  forgetChat(): void;
+  getChat(id: string): Promise<ChatInfo>;
+  cancelChat(id: string): Promise<{ id: string; status: string }>;
+}
+
+export declare function createClient(options?: ClientOptions): StreambridgeClient;
+export declare function createChat(options: ClientOptions & ChatOptions & { client?: StreambridgeClient }): Promise<ChatStream>;
+export declare function sessionStore(): Store;
+export declare function memoryStore(): Store;
+
+export interface SSEMessage { id: string | null; event: string; data: string }
+export declare class SSEParser {
+  feed(text: string): SSEMessage[];
+}

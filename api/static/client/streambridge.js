@@ -1,0 +1,733 @@
+// streambridge.js — the browser's client for streambridge. One ES module, no dependencies, no build step:
+//
+//   import { createClient } from "/streambridge.js";          // every edge (and `streambridge up`) serves it
+//   const client = createClient();                              // same origin; { baseUrl } for another
+//   const chat = await client.createChat({ message: "Hello", onContent: (piece, ev, text) => show(text) });
+//   const result = await chat.done;                             // or: for await (const ev of chat) { … }
+//
+// What it guarantees, as the Python client does (streambridge/client.py): every event once, in
+// order, across dropped connections (it resumes after the last event id it saw, on any edge), and
+// across page reloads (the chat id, last event id and the text so far are kept in sessionStorage,
+// or a store you give; `client.resumeChat()` picks the chat up). Types: streambridge.d.ts.
+
+export const VERSION = "0.1.0";
+
+const BACKOFF_START_MS = 100;
+const BACKOFF_MAX_MS = 2000;
+// The edge sends a comment at least every 15 s; a connection silent for longer than this is dead.
+const READ_TIMEOUT_MS = 45000;
+// The persisted record is rewritten at most this often while text streams (and at once at the end).
+const PERSIST_EVERY_MS = 250;
+const ENTRY_ID = /^\d{1,20}-\d{1,20}$/;
+const EVENT_TYPES = [
+  "started", "content", "reasoning", "tool_call", "progress", "status", "error", "complete", "failed", "cancelled",
+];
+const TERMINAL = new Set(["complete", "failed", "cancelled"]);
+
+/** Every failure the client reports: an HTTP error body's code and message, or one of its own codes. */
+export class StreambridgeError extends Error {
+  constructor(status, code, message, { retryAfter = null, result = null, cause = undefined } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = "StreambridgeError";
+    this.status = status; // the HTTP status; null when there was no answer
+    this.code = code; // e.g. "stream_expired", "chat_failed", "stream_lost", "not_found"
+    this.retryAfter = retryAfter; // seconds, from Retry-After
+    this.result = result; // the chat's final state (GET /v1/chats/{id}) when it is known
+  }
+}
+
+/** A store in sessionStorage: it lives as long as the tab, survives reloads, and other tabs do not see it. */
+export function sessionStore() {
+  try {
+    const storage = globalThis.sessionStorage;
+    storage.getItem("streambridge:probe"); // throws where storage is disabled
+    return {
+      get: (key) => storage.getItem(key),
+      set: (key, value) => storage.setItem(key, value),
+      remove: (key) => storage.removeItem(key),
+    };
+  } catch {
+    return memoryStore(); // a sandboxed frame, or no DOM (Node): nothing survives a reload
+  }
+}
+
+export function memoryStore() {
+  const items = new Map();
+  return {
+    get: (key) => (items.has(key) ? items.get(key) : null),
+    set: (key, value) => void items.set(key, value),
+    remove: (key) => void items.delete(key),
+  };
+}
+
+export function createClient(options = {}) {
+  return new StreambridgeClient(options);
+}
+
+/** One call: a client from `options`, a chat from the same `options`. */
+export function createChat(options) {
+  return (options.client ?? createClient(options)).createChat(options);
+}
+
+export class StreambridgeClient {
+  constructor({
+    baseUrl = "",
+    token = null,
+    store = sessionStore(),
+    storageKey = "streambridge",
+    transport = "auto",
+    maxReconnects = 20,
+    fetch: fetchImpl = undefined,
+  } = {}) {
+    this.baseUrl = String(baseUrl).replace(/\/+$/, "");
+    this.store = store;
+    this.storageKey = storageKey;
+    this.transport = transport;
+    this.maxReconnects = maxReconnects;
+    this._fetch = fetchImpl ?? ((...args) => globalThis.fetch(...args));
+    this._tokenGiven = token !== null;
+    this.token = token ?? (store && store.get(`${storageKey}:token`));
+  }
+
+  /** A new anonymous user (`POST /v1/auth/visitor`); its token is kept for later calls (and in the store). */
+  async login() {
+    const visitor = await this._request("POST", "/v1/auth/visitor");
+    this.token = visitor.token;
+    this.store?.set(`${this.storageKey}:token`, visitor.token);
+    return visitor.token;
+  }
+
+  /** Starts a chat and follows its events; see ChatOptions in streambridge.d.ts. */
+  async createChat(options) {
+    const { message, messages, model, temperature, max_tokens: maxTokens, body: extra } = options;
+    if ((message === undefined) === (messages === undefined)) throw new TypeError("give either message or messages");
+    const body = { ...extra, ...(messages === undefined ? { message } : { messages }) };
+    for (const [name, value] of Object.entries({ model, temperature, max_tokens: maxTokens })) {
+      if (value !== undefined && value !== null && value !== "") body[name] = value;
+    }
+    // One key for every try: a POST whose answer was lost is sent again, and the server returns
+    // the chat the first one made rather than starting a second.
+    const headers = { "Idempotency-Key": randomKey() };
+    if (!this.token) await this.login();
+    let created;
+    try {
+      created = await this._create(body, headers, options.signal);
+    } catch (error) {
+      if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven) throw error;
+      await this.login(); // the kept visitor token expired: a new visitor, once
+      created = await this._create(body, headers, options.signal);
+    }
+    return this.followChat(created, options);
+  }
+
+  /** Follows a chat already created: `{ id, stream_url }` (as POST /v1/chats answers) or its id. */
+  followChat(chat, options = {}) {
+    const ref = typeof chat === "string" ? { id: chat } : chat;
+    return new ChatStream(this, { id: ref.id, streamUrl: ref.stream_url ?? null }, options);
+  }
+
+  /** The chat this tab was following when it was reloaded, resumed where it stopped; null if there is none. */
+  resumeChat(options = {}) {
+    const saved = this.savedChat();
+    if (saved === null) return null;
+    return new ChatStream(this, saved, options);
+  }
+
+  /** The record `resumeChat` would resume, with the `meta` given to createChat; null if none. */
+  savedChat() {
+    const raw = this.store?.get(`${this.storageKey}:chat`);
+    if (!raw) return null;
+    try {
+      const saved = JSON.parse(raw);
+      if (typeof saved.id === "string" && (saved.lastEventId === null || ENTRY_ID.test(saved.lastEventId))) return saved;
+    } catch {
+      // a record this version cannot read: forget it
+    }
+    this.forgetChat();
+    return null;
+  }
+
+  forgetChat() {
+    this.store?.remove(`${this.storageKey}:chat`);
+  }
+
+  getChat(id) {
+    return this._request("GET", `/v1/chats/${encodeURIComponent(id)}`);
+  }
+
+  cancelChat(id) {
+    return this._request("POST", `/v1/chats/${encodeURIComponent(id)}/cancel`);
+  }
+
+  async _create(body, headers, signal) {
+    for (let tries = 1; ; tries++) {
+      try {
+        return await this._request("POST", "/v1/chats", body, headers, signal);
+      } catch (error) {
+        // no answer (the network): the same key makes sending it again safe
+        if (error instanceof StreambridgeError || signal?.aborted || tries >= 3) throw error;
+        await sleep(backoff(tries), signal);
+      }
+    }
+  }
+
+  async _request(method, path, body = undefined, extraHeaders = {}, signal = undefined) {
+    const headers = { Accept: "application/json", ...extraHeaders };
+    if (this.token) headers.Authorization = `Bearer ${this.token}`;
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const init = { method, headers, signal, cache: "no-store" };
+    if (body !== undefined) init.body = JSON.stringify(body);
+    const response = await this._fetch(this.baseUrl + path, init);
+    if (!response.ok) throw await errorFrom(response);
+    return response.json();
+  }
+}
+
+/**
+ * One chat's events, followed to the end: callbacks, `for await`, and `done`.
+ *
+ * Resumes after drops (exactly once: events at or before the last id are skipped), after a 401 on
+ * an expired stream token (a fresh stream_url from GET /v1/chats/{id}), and after a reload (the
+ * record in the store). Stops at the terminal event, on `close()` or the AbortSignal, or on an
+ * error it cannot get past.
+ */
+export class ChatStream {
+  constructor(client, saved, options) {
+    this.client = client;
+    this.id = saved.id;
+    this.streamUrl = saved.streamUrl ?? null;
+    this.lastEventId = saved.lastEventId ?? null;
+    this.meta = saved.meta ?? options.meta ?? null;
+    this.status = saved.lastEventId ? "running" : "queued";
+    this.attempt = saved.attempt ?? 0;
+    this.terminal = null;
+    this.reconnects = 0;
+    this._parts = restoreParts(saved.parts);
+    this._options = options;
+    this._persist = options.persist ?? true;
+    this._events = []; // every event received, for iterators that start late
+    this._wake = null;
+    this._error = null;
+    this._ended = false;
+    this._saveTimer = null;
+    this._stop = new AbortController();
+    if (options.signal) {
+      if (options.signal.aborted) this._stop.abort(options.signal.reason);
+      else options.signal.addEventListener("abort", () => this._stop.abort(options.signal.reason), { once: true });
+    }
+    this._save();
+    // Started a turn later: the caller holds the object before any callback runs.
+    this.done = Promise.resolve().then(() => this._run()).then(
+      () => this._finish(),
+      (error) => this._fail(error),
+    );
+    this.done.catch(() => {}); // callbacks alone are a complete way to use it: no unhandled rejection
+  }
+
+  /** The answer so far: the text of the attempt that completed, or of the latest one while it runs. */
+  get text() {
+    return this._parts.text;
+  }
+
+  get reasoning() {
+    return this._parts.reasoning;
+  }
+
+  /** Tool calls so far, assembled from their fragments, in index order. */
+  get toolCalls() {
+    return [...this._parts.calls.entries()].sort(([a], [b]) => a - b).map(([, call]) => toolCall(call));
+  }
+
+  /** Asks the server to cancel the chat; the stream then ends with its `cancelled` event. */
+  cancel() {
+    return this.client.cancelChat(this.id);
+  }
+
+  /** Stops following (the chat goes on on the server; resumeChat or followChat picks it up again). */
+  close(reason = new DOMException("the stream was closed", "AbortError")) {
+    this._stop.abort(reason);
+  }
+
+  [Symbol.asyncIterator]() {
+    let next = 0;
+    return {
+      next: async () => {
+        for (;;) {
+          if (next === Infinity) return { value: undefined, done: true }; // return() was called
+          if (next < this._events.length) return { value: this._events[next++], done: false };
+          if (this._ended) {
+            if (this._error) throw this._error;
+            return { value: undefined, done: true };
+          }
+          await new Promise((resolve) => {
+            const previous = this._wake;
+            this._wake = () => {
+              previous?.();
+              resolve();
+            };
+          });
+        }
+      },
+      return: async () => {
+        next = Infinity;
+        return { value: undefined, done: true };
+      },
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+
+  async _run() {
+    const signal = this._stop.signal;
+    let failures = 0;
+    let stale = false;
+    for (;;) {
+      signal.throwIfAborted();
+      let retryAfter = 0;
+      let cause;
+      try {
+        if (stale) await this._refreshUrl();
+        if (!this.reconnects) this._connection("connecting", {});
+        await this._connect(signal, () => {
+          failures = 0;
+          this._connection("open", { reconnects: this.reconnects });
+        });
+        stale = false;
+        if (this.terminal) return;
+        cause = new Error("the stream ended before a terminal event");
+      } catch (error) {
+        if (signal.aborted) throw signal.reason;
+        const status = error instanceof StreambridgeError ? error.status : null;
+        if (status === 401 && !stale && this.client.token) {
+          stale = true; // the stream token expired (or the bearer route needs one): ask the API again
+          continue;
+        }
+        if (status === 410) throw await this._expired(error);
+        if (status !== null && status !== 429 && status < 500) throw error;
+        cause = error;
+        retryAfter = (error.retryAfter ?? 0) * 1000;
+      }
+      failures += 1;
+      if (failures > this.client.maxReconnects) {
+        throw new StreambridgeError(null, "stream_lost", `gave up after ${failures} failed connections in a row`, {
+          cause,
+        });
+      }
+      this.reconnects += 1;
+      const delay = Math.max(backoff(failures), retryAfter);
+      this._connection("reconnecting", { attempt: failures, delay, error: cause });
+      await waitForNetwork(delay, signal);
+    }
+  }
+
+  _connect(signal, opened) {
+    const { url, headers } = this._route();
+    const deliver = (id, type, data) => this._accept(id, type, data);
+    const kind = this._options.transport ?? this.client.transport;
+    // EventSource cannot send headers: it serves a stream_url (its token is in the URL) and no Bearer.
+    if (kind === "eventsource" || (kind === "auto" && !headers.Authorization && typeof EventSource === "function")) {
+      return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe));
+    }
+    return viaFetch(this.client._fetch, url, headers, this.lastEventId, signal, deliver, opened);
+  }
+
+  _route() {
+    if (this.streamUrl) return { url: new URL(this.streamUrl, baseOf(this.client)).href, headers: {} };
+    const url = `${baseOf(this.client)}/v1/chats/${encodeURIComponent(this.id)}/events`;
+    return { url, headers: this.client.token ? { Authorization: `Bearer ${this.client.token}` } : {} };
+  }
+
+  async _refreshUrl() {
+    const info = await this.client.getChat(this.id);
+    this.streamUrl = info.stream_url ?? null;
+  }
+
+  /** 410: the history is gone. The final result (or the text so far) is fetched and kept on the error. */
+  async _expired(error) {
+    let result = null;
+    if (this.client.token) {
+      try {
+        result = await this.client.getChat(this.id);
+      } catch {
+        // the error below says what happened; the result is a courtesy
+      }
+    }
+    const message = "this chat's history has expired; its final result is on the error (GET /v1/chats/{id})";
+    return new StreambridgeError(410, "stream_expired", message, { result, cause: error });
+  }
+
+  /** One event from the wire: skipped if already seen, else applied, kept and handed to the callbacks. */
+  _accept(id, type, data) {
+    if (!ENTRY_ID.test(id ?? "")) throw new StreambridgeError(200, "bad_event_id", `an event came with the id ${id}`);
+    if (this.lastEventId !== null && !after(id, this.lastEventId)) return false;
+    this.lastEventId = id;
+    if (!EVENT_TYPES.includes(type)) return false; // a type newer than this client: skip it
+    const event = { ...JSON.parse(data), eventId: id };
+    const fresh = this._apply(event);
+    this._events.push(event);
+    this._wake?.();
+    this._wake = null;
+    this._dispatch(event, fresh);
+    this._scheduleSave(TERMINAL.has(type));
+    return this.terminal !== null;
+  }
+
+  _apply(event) {
+    let fresh = false;
+    if ("attempt" in event && event.type !== "progress" && event.type !== "status" && event.type !== "error") {
+      if (event.attempt !== this.attempt) {
+        // A new attempt supersedes what the earlier one streamed (the contract's rule).
+        fresh = this.attempt !== 0 || this._parts.text !== "";
+        this.attempt = event.attempt;
+        this._parts = restoreParts(null);
+      }
+    }
+    if (event.type === "content") this._parts.text += event.content;
+    else if (event.type === "reasoning") this._parts.reasoning += event.content;
+    else if (event.type === "tool_call") {
+      const call = this._parts.calls.get(event.index) ?? { id: "", name: "", arguments: "" };
+      call.id ||= event.id ?? "";
+      call.name ||= event.name ?? "";
+      call.arguments += event.arguments;
+      this._parts.calls.set(event.index, call);
+    }
+    if (event.type === "started") this.status = "running";
+    if (TERMINAL.has(event.type)) {
+      this.terminal = event;
+      this.status = event.type;
+    }
+    return fresh;
+  }
+
+  _dispatch(event, fresh) {
+    const o = this._options;
+    const call = (callback, ...args) => {
+      if (typeof callback !== "function") return;
+      try {
+        callback(...args);
+      } catch (error) {
+        queueMicrotask(() => {
+          throw error; // a caller's bug: reported as uncaught, and the stream goes on
+        });
+      }
+    };
+    call(o.onEvent, event, this);
+    if (fresh) call(o.onAttempt, event.attempt, this);
+    if (event.type === "content") call(o.onContent, event.content, event, this.text);
+    else if (event.type === "reasoning") call(o.onReasoning, event.content, event, this.reasoning);
+    else if (event.type === "tool_call") call(o.onToolCall, event, this.toolCalls);
+    else if (event.type === "progress") call(o.onProgress, event);
+    else if (event.type === "status" || event.type === "started") call(o.onStatus, event);
+    else if (event.type === "error") call(o.onAttemptError, event);
+  }
+
+  _connection(state, detail) {
+    if (typeof this._options.onConnection === "function") this._options.onConnection({ state, ...detail });
+  }
+
+  _scheduleSave(now) {
+    if (now) return this._save();
+    this._saveTimer ??= setTimeout(() => this._save(), PERSIST_EVERY_MS);
+  }
+
+  _save() {
+    clearTimeout(this._saveTimer);
+    this._saveTimer = null;
+    if (!this._persist || !this.client.store) return;
+    if (this.terminal) return this.client.forgetChat(); // ended: nothing to resume
+    const calls = [...this._parts.calls.entries()];
+    const parts = { text: this._parts.text, reasoning: this._parts.reasoning, calls };
+    const record = { id: this.id, streamUrl: this.streamUrl, lastEventId: this.lastEventId, attempt: this.attempt };
+    try {
+      this.client.store.set(`${this.client.storageKey}:chat`, JSON.stringify({ ...record, parts, meta: this.meta }));
+    } catch {
+      // storage full or refused: a reload then cannot resume, the stream itself goes on
+    }
+  }
+
+  _result() {
+    const t = this.terminal;
+    return {
+      id: this.id,
+      status: t.type,
+      text: this.text,
+      reasoning: this.reasoning,
+      toolCalls: this.toolCalls,
+      terminal: t,
+      reconnects: this.reconnects,
+    };
+  }
+
+  _end(error) {
+    this._ended = true;
+    this._error = error;
+    this._wake?.();
+    this._wake = null;
+  }
+
+  _finish() {
+    const result = this._result();
+    const o = this._options;
+    this._end(null);
+    this._connection("closed", {});
+    if (result.status === "failed") {
+      const error = new StreambridgeError(null, "chat_failed", this.terminal.message, { result });
+      o.onError?.(error);
+      throw error;
+    }
+    o.onComplete?.(result);
+    return result;
+  }
+
+  _fail(error) {
+    this._end(error);
+    this._connection("closed", { error });
+    if (error?.code === "stream_expired" || error?.status === 404) this.client.forgetChat();
+    else this._save(); // closed, or the stream lost: a reload, or resumeChat, picks it up
+    if (!this._stop.signal.aborted) this._options.onError?.(error);
+    throw error;
+  }
+}
+
+/** Follows `url` with fetch: headers (Authorization, Last-Event-ID) and a readable body. */
+async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, opened) {
+  const stop = new AbortController();
+  const abort = () => stop.abort(signal.reason);
+  signal.addEventListener("abort", abort, { once: true });
+  let timer = null;
+  const arm = () => {
+    clearTimeout(timer);
+    timer = setTimeout(() => stop.abort(new StreambridgeError(null, "read_timeout", "the stream went silent")), READ_TIMEOUT_MS);
+  };
+  try {
+    const sent = { Accept: "text/event-stream", ...headers };
+    if (lastEventId) sent["Last-Event-ID"] = lastEventId;
+    arm();
+    const response = await fetchImpl(url, { headers: sent, signal: stop.signal, cache: "no-store" });
+    if (!response.ok) throw await errorFrom(response);
+    opened();
+    const parser = new SSEParser();
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;
+        arm();
+        for (const message of parser.feed(value)) {
+          if (deliver(message.id, message.event, message.data)) return;
+        }
+      }
+    } finally {
+      reader.cancel().catch(() => {});
+    }
+  } catch (error) {
+    if (stop.signal.aborted && !signal.aborted && stop.signal.reason instanceof StreambridgeError) {
+      throw stop.signal.reason;
+    }
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    signal.removeEventListener("abort", abort);
+  }
+}
+
+/**
+ * Follows `url` with the browser's EventSource, which sends no headers: the position rides in
+ * `?last_event_id=`. Its own reconnection is not used (it would retry a 410 forever and knows no
+ * backoff): any error closes it, and the caller reconnects. An error before the stream opened may
+ * be an HTTP status EventSource does not show: one fetch asks, and is dropped once it has it.
+ */
+function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe) {
+  return new Promise((resolve, reject) => {
+    const target = new URL(url);
+    if (lastEventId) target.searchParams.set("last_event_id", lastEventId);
+    const source = new EventSource(target.href);
+    let open = false;
+    let timer = null;
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(() => finish(new StreambridgeError(null, "read_timeout", "the stream went silent")), READ_TIMEOUT_MS);
+    };
+    const finish = (error) => {
+      clearTimeout(timer);
+      source.close();
+      signal.removeEventListener("abort", onAbort);
+      if (error) reject(error);
+      else resolve();
+    };
+    const onAbort = () => finish(signal.reason);
+    signal.addEventListener("abort", onAbort, { once: true });
+    const onMessage = (message) => {
+      // "error" is both an event type of the stream and EventSource's own signal of a failed
+      // connection: only a MessageEvent is the stream's.
+      if (!(message instanceof MessageEvent)) return;
+      arm();
+      try {
+        if (deliver(message.lastEventId, message.type, message.data)) finish(null);
+      } catch (error) {
+        finish(error);
+      }
+    };
+    for (const type of EVENT_TYPES) source.addEventListener(type, onMessage);
+    source.addEventListener("open", () => {
+      open = true;
+      arm();
+      opened();
+    });
+    source.addEventListener("error", (event) => {
+      if (event instanceof MessageEvent) return; // the stream's own `error` event, handled above
+      if (open) return finish(new StreambridgeError(null, "connection_lost", "the stream's connection dropped"));
+      clearTimeout(timer);
+      source.close();
+      probe(fetchProbe, target.href).then(finish, finish);
+    });
+    arm();
+  });
+}
+
+async function probe(fetchImpl, url) {
+  const stop = new AbortController();
+  try {
+    const response = await fetchImpl(new Request(url, { headers: { Accept: "text/event-stream" }, signal: stop.signal }));
+    if (!response.ok) return await errorFrom(response);
+    return new StreambridgeError(null, "connection_lost", "the stream could not be opened");
+  } catch (error) {
+    return error; // no answer at all: the network
+  } finally {
+    stop.abort();
+  }
+}
+
+/** An incremental SSE parser as the WHATWG spec reads a stream (fed decoded text, split anywhere). */
+export class SSEParser {
+  constructor() {
+    this._partial = "";
+    this._skipLf = false;
+    this._started = false;
+    this._data = [];
+    this._event = "";
+    this._id = null;
+  }
+
+  feed(text) {
+    if (!text) return [];
+    if (!this._started) {
+      this._started = true;
+      if (text.startsWith("\ufeff")) text = text.slice(1);
+    }
+    if (this._skipLf && text.startsWith("\n")) text = text.slice(1);
+    this._skipLf = text.endsWith("\r"); // a "\n" that may follow belongs to the same line end
+    const lines = (this._partial + text).split(/\r\n|\r|\n/);
+    this._partial = lines.pop();
+    const messages = [];
+    for (const line of lines) {
+      const message = this._line(line);
+      if (message) messages.push(message);
+    }
+    return messages;
+  }
+
+  _line(line) {
+    if (line === "") {
+      const data = this._data;
+      const event = this._event;
+      this._data = [];
+      this._event = "";
+      return data.length ? { id: this._id, event: event || "message", data: data.join("\n") } : null;
+    }
+    if (line.startsWith(":")) return null;
+    const colon = line.indexOf(":");
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value.startsWith(" ")) value = value.slice(1);
+    if (name === "data") this._data.push(value);
+    else if (name === "event") this._event = value;
+    else if (name === "id" && !value.includes("\0")) this._id = value;
+    return null;
+  }
+}
+
+function restoreParts(saved) {
+  return {
+    text: saved?.text ?? "",
+    reasoning: saved?.reasoning ?? "",
+    calls: new Map(saved?.calls ?? []),
+  };
+}
+
+function toolCall(call) {
+  return { id: call.id, type: "function", function: { name: call.name, arguments: call.arguments } };
+}
+
+/** Whether stream entry id `a` comes after `b` ("ms-seq", each part a number). */
+function after(a, b) {
+  const [am, as] = a.split("-").map(BigInt);
+  const [bm, bs] = b.split("-").map(BigInt);
+  return am > bm || (am === bm && as > bs);
+}
+
+function baseOf(client) {
+  return client.baseUrl || globalThis.location?.origin || "";
+}
+
+function backoff(failures) {
+  const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** (failures - 1));
+  return delay / 2 + (Math.random() * delay) / 2;
+}
+
+function randomKey() {
+  if (globalThis.crypto?.randomUUID) return globalThis.crypto.randomUUID();
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(done, ms);
+    function done() {
+      signal?.removeEventListener("abort", stop);
+      resolve();
+    }
+    function stop() {
+      clearTimeout(timer);
+      reject(signal.reason);
+    }
+    signal?.throwIfAborted();
+    signal?.addEventListener("abort", stop, { once: true });
+  });
+}
+
+/** The backoff, or — while the browser says it is offline — until it is back: time offline is not a failure. */
+async function waitForNetwork(ms, signal) {
+  await sleep(ms, signal);
+  if (globalThis.navigator?.onLine !== false || typeof globalThis.addEventListener !== "function") return;
+  await new Promise((resolve, reject) => {
+    const back = () => {
+      signal.removeEventListener("abort", stop);
+      resolve();
+    };
+    const stop = () => {
+      globalThis.removeEventListener("online", back);
+      reject(signal.reason);
+    };
+    globalThis.addEventListener("online", back, { once: true });
+    signal.addEventListener("abort", stop, { once: true });
+  });
+}
+
+async function errorFrom(response) {
+  const header = response.headers.get("Retry-After");
+  const retryAfter = header !== null && /^\d+(\.\d+)?$/.test(header.trim()) ? Number(header) : null;
+  let text = "";
+  try {
+    text = await response.text();
+    const { error } = JSON.parse(text);
+    if (error && typeof error.code === "string") {
+      return new StreambridgeError(response.status, error.code, String(error.message ?? error.code), { retryAfter });
+    }
+  } catch {
+    // not the JSON error body: a proxy's page, say
+  }
+  const message = text.trim().slice(0, 200) || response.statusText || "no message";
+  return new StreambridgeError(response.status, `http_${response.status}`, message, { retryAfter });
+}

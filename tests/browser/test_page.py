@@ -1,0 +1,190 @@
+"""The chat page at ``/``, in Chromium, against real processes: the answer ends exact whatever happens on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+from typing import Any
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from streambridge.fake_llm import expected_text
+from tests.browser.conftest import WAIT_MS, Deployment, Shots, unique
+
+pytestmark = pytest.mark.e2e
+
+# Long enough to be cut, reloaded or cancelled mid-answer (~4 s); short enough for a quick suite.
+SLOW = "fake?words=60&delay_ms=30"
+HOSTILE = (
+    "<script>window.__pwned = 'script'</script> "
+    "<img src=x onerror=\"window.__pwned = 'img'\"> "
+    "<a href=\"javascript:window.__pwned = 'link'\">click me</a> "
+    "<iframe src=\"javascript:parent.__pwned = 'frame'\"></iframe> **bold** & &amp; done"
+)
+
+
+def open_page(page: Page, deployment: Deployment) -> None:
+    page.goto(deployment.url + "/")
+    expect(page.locator("body")).to_have_attribute("data-state", "idle")
+
+
+def ask(page: Page, prompt: str, model: str) -> None:
+    page.fill("#prompt", prompt)
+    page.click("#options summary")
+    page.fill("#model", model)
+    page.click("#send")
+
+
+def wait_for_some_text(page: Page, chars: int = 30) -> None:
+    expect(page.locator("#answer")).to_have_text(re.compile(rf"^[\s\S]{{{chars},}}"))
+
+
+def answer(page: Page) -> str:
+    return page.locator("#answer").text_content() or ""
+
+
+def saved_chat(page: Page) -> dict[str, Any]:
+    """The page's stored chat, once it holds a position (it is written at most every 250 ms)."""
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while True:
+        raw = page.evaluate("sessionStorage.getItem('streambridge:chat')")
+        saved: dict[str, Any] = json.loads(raw) if raw else {}
+        if saved.get("lastEventId") or time.monotonic() > deadline:
+            assert saved.get("lastEventId"), f"the page stored no position: {raw}"
+            return saved
+        page.wait_for_timeout(50)  # polled: the page's policy forbids the eval wait_for_function needs
+
+
+def test_the_page_streams_the_whole_answer_exactly(page: Page, deployment: Deployment, shots: Shots) -> None:
+    prompt = unique("hello from the page")
+    open_page(page, deployment)
+    shots(page, "idle")
+    ask(page, prompt, "fake?words=40&delay_ms=15")
+    wait_for_some_text(page, 10)
+    shots(page, "streaming")
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "complete")
+    assert answer(page) == expected_text(prompt, 40)
+    expect(page.locator("#status")).to_contain_text("done:")
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert page.evaluate("window.__violations") == []
+
+
+def test_a_network_cut_mid_answer_resumes_and_ends_exact(page: Page, deployment: Deployment, shots: Shots) -> None:
+    prompt = unique("a flaky network")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    deployment.proxy.cut()  # every connection dropped, new ones refused …
+    page.context.set_offline(True)  # … and the browser knows it is offline
+    expect(page.locator("body")).to_have_attribute("data-connection", "reconnecting")
+    expect(page.locator("#connection")).to_contain_text("reconnecting")
+    shots(page, "cut")
+    assert expected_text(prompt, 60).startswith(answer(page))
+    page.context.set_offline(False)
+    deployment.proxy.restore()
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "restored-complete")
+    assert answer(page) == expected_text(prompt, 60)
+
+
+def test_an_edge_sigkilled_mid_answer_is_passed_over_and_the_answer_ends_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    prompt = unique("an edge dies")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    shots(page, "before-kill")
+    deployment.edges[0].kill()  # the proxy's first choice: this page's stream runs through it
+    try:
+        expect(page.locator("body")).to_have_attribute("data-state", "complete")
+        shots(page, "complete-on-the-other-edge")
+        assert answer(page) == expected_text(prompt, 60)
+    finally:
+        deployment.replace_edge(0)
+
+
+def test_a_worker_lost_mid_answer_shows_and_the_answer_ends_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    prompt = unique("a worker dies")
+    doomed = deployment.workers[0]
+    spare = deployment.replace_worker()  # started now (slow on a busy machine), frozen until the crash …
+    os.kill(spare.proc.pid, signal.SIGSTOP)  # … so that the doomed one takes the chat
+    try:
+        open_page(page, deployment)
+        ask(page, prompt, SLOW)
+        wait_for_some_text(page)
+    finally:
+        os.kill(spare.proc.pid, signal.SIGCONT)
+    doomed.kill()
+    deployment.workers.remove(doomed)
+    page.click("#history-box summary")
+    expect(page.locator("#history")).to_contain_text("worker lost")
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "complete-after-worker-lost")
+    expect(page.locator("#history")).to_contain_text("running: attempt 2")
+    assert answer(page) == expected_text(prompt, 60)  # attempt 2's text, the first's superseded
+
+
+def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    prompt = unique("reload me")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    saved = saved_chat(page)
+    shots(page, "before-reload")
+    page.reload()
+    expect(page.locator("body")).to_have_attribute("data-resumed", "true")
+    shots(page, "resumed")
+    expect(page.locator("#question")).to_have_text(prompt)  # the same chat, not a new one
+    expect(page.locator("body")).to_have_attribute("data-chat", saved["id"])
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "complete")
+    assert answer(page) == expected_text(prompt, 60)
+    assert page.evaluate("sessionStorage.getItem('streambridge:chat')") is None  # ended: nothing left to resume
+
+
+def test_cancel_stops_the_chat(page: Page, deployment: Deployment, shots: Shots) -> None:
+    prompt = unique("cancel me")
+    open_page(page, deployment)
+    ask(page, prompt, "fake?words=400&delay_ms=30")
+    wait_for_some_text(page)
+    page.click("#cancel")
+    expect(page.locator("body")).to_have_attribute("data-state", "cancelled")
+    shots(page, "cancelled")
+    expect(page.locator("#status")).to_have_text("cancelled")
+    whole = expected_text(prompt, 400)
+    assert whole.startswith(answer(page))
+    assert len(answer(page)) < len(whole)
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_a_failed_chat_shows_its_error(page: Page, deployment: Deployment, shots: Shots) -> None:
+    open_page(page, deployment)
+    ask(page, unique("this one fails"), "fake?fail=500")
+    expect(page.locator("body")).to_have_attribute("data-state", "failed")
+    shots(page, "failed")
+    expect(page.locator("#error")).to_be_visible()
+    expect(page.locator("#error")).to_contain_text("The chat failed")
+
+
+def test_markup_in_an_answer_is_shown_as_text_and_never_runs(page: Page, deployment: Deployment, shots: Shots) -> None:
+    open_page(page, deployment)
+    ask(page, HOSTILE, "fake?echo=1&delay_ms=5")  # the simulated LLM answers with the prompt itself
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "hostile-answer")
+    assert answer(page) == HOSTILE
+    assert page.locator("#answer *").count() == 0  # not one element made from it
+    assert page.locator("#question *").count() == 0
+    page.get_by_text("click me").first.click()  # were it a link, this would run it
+    assert page.evaluate("window.__pwned") is None
+    assert page.evaluate("window.__violations") == []  # nothing even tried to load
+    assert page.errors == []  # type: ignore[attr-defined]

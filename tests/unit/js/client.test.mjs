@@ -1,0 +1,93 @@
+// streambridge.js without a browser (node --test): the resume rules against a scripted fetch.
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { createClient, memoryStore, SSEParser } from "../../../api/static/client/streambridge.js";
+
+const ID = "0123456789abcdef0123456789abcdef";
+const sse = (id, type, data) => `id: ${id}\nevent: ${type}\ndata: ${JSON.stringify({ type, ...data })}\n\n`;
+const content = (id, text) => sse(id, "content", { content: text, index: 1, attempt: 1 });
+const json = (status, body) => new Response(JSON.stringify(body), { status, headers: { "Content-Type": "application/json" } });
+
+/** A fetch that answers the API's routes and hands each events request to the next of `streams`. */
+function scripted(streams, seen) {
+  return async (url, init = {}) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") return json(201, { token: "tok", user: "u" });
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    if (path === `/v1/chats/${ID}`) return json(200, { id: ID, status: "complete", content: "the final text" });
+    seen.push(init.headers?.["Last-Event-ID"] ?? null);
+    const next = streams.shift();
+    if (typeof next === "number") return json(next, { error: { code: next === 410 ? "stream_expired" : "x", message: "m" } });
+    return new Response(next, { status: 200, headers: { "Content-Type": "text/event-stream" } });
+  };
+}
+
+test("a dropped stream resumes after the last id, and nothing is repeated", async () => {
+  const seen = [];
+  const first = sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "Hel") + content("3-0", "lo");
+  const second = content("3-0", "lo") + content("4-0", ", wörld 👩‍💻") + sse("5-0", "complete", { attempt: 1 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([first, second], seen) });
+  const pieces = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onContent: (piece) => pieces.push(piece) });
+  const types = [];
+  for await (const event of chat) types.push(`${event.eventId} ${event.type}`);
+  const result = await chat.done;
+  assert.equal(result.text, "Hello, wörld 👩‍💻");
+  assert.deepEqual(pieces, ["Hel", "lo", ", wörld 👩‍💻"]);
+  assert.deepEqual(types, ["1-0 started", "2-0 content", "3-0 content", "4-0 content", "5-0 complete"]);
+  assert.deepEqual(seen, [null, "3-0"]);
+  assert.equal(chat.reconnects, 1);
+  assert.equal(client.savedChat(), null); // ended: nothing to resume
+});
+
+test("a reload resumes from the stored position with the text so far", async () => {
+  const store = memoryStore();
+  const seen = [];
+  const first = content("2-0", "Hel") + content("3-0", "lo");
+  const client = createClient({ baseUrl: "http://x", store, fetch: scripted([first], seen), maxReconnects: 0 });
+  const chat = await client.createChat({ message: "hi", transport: "fetch", meta: { prompt: "hi" } });
+  await assert.rejects(chat.done, { code: "stream_lost" });
+  assert.deepEqual(client.savedChat().meta, { prompt: "hi" });
+  const rest = content("4-0", "!") + sse("5-0", "complete", { attempt: 1 });
+  const again = createClient({ baseUrl: "http://x", store, fetch: scripted([rest], seen) });
+  const resumed = again.resumeChat({ transport: "fetch" });
+  assert.equal(resumed.text, "Hello");
+  assert.equal((await resumed.done).text, "Hello!");
+  assert.deepEqual(seen, [null, "3-0"]); // the first client gave up at once (maxReconnects: 0)
+});
+
+test("410 is stream_expired holding the final result", async () => {
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([410], []) });
+  const errors = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onError: (e) => errors.push(e.code) });
+  const error = await chat.done.then(() => null, (e) => e);
+  assert.equal(error.code, "stream_expired");
+  assert.equal(error.status, 410);
+  assert.equal(error.result.content, "the final text");
+  assert.deepEqual(errors, ["stream_expired"]);
+});
+
+test("a later attempt supersedes the text of the earlier one", async () => {
+  const stream =
+    content("1-0", "half an ans") +
+    sse("2-0", "error", { message: "dropped", retryable: true, attempt: 1 }) +
+    sse("3-0", "content", { content: "whole", index: 1, attempt: 2 }) +
+    sse("4-0", "complete", { attempt: 2 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream], []) });
+  const attempts = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onAttempt: (n) => attempts.push(n) });
+  assert.equal((await chat.done).text, "whole");
+  assert.deepEqual(attempts, [2]);
+});
+
+test("the SSE parser takes text split anywhere, CRLF included", () => {
+  const wire = "id: 1-0\r\nevent: content\r\ndata: {\"a\":1}\r\n\r\n: ping\n\nid: 2-0\rdata: x\rdata: y\r\r";
+  for (let cut = 0; cut <= wire.length; cut++) {
+    const parser = new SSEParser();
+    const messages = [...parser.feed(wire.slice(0, cut)), ...parser.feed(wire.slice(cut))];
+    assert.deepEqual(messages, [
+      { id: "1-0", event: "content", data: '{"a":1}' },
+      { id: "2-0", event: "message", data: "x\ny" },
+    ]);
+  }
+});
