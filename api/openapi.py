@@ -580,6 +580,69 @@ SSE_TEXT: Final = {
 OPENAI_BODY: Final = {"type": "object", "description": "OpenAI's own shape; see its API reference."}
 
 
+def openai_create_errors(unsupported: str, invalid: str, unavailable: str) -> Json:
+    """The errors of a create on the OpenAI surface: the request's own, the limits', and the
+    upstream's refusal passed on as it gave it (a request that waited for its answer)."""
+    return {
+        "400": error(
+            "Not a request that can be served (a wrong shape is 400 here, as OpenAI answers it).",
+            {
+                "malformed_json": "the body is not UTF-8 JSON, or nested too deeply",
+                "invalid_request": invalid,
+                "unsupported_parameter": unsupported,
+                "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
+                "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
+                "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",
+            },
+            upstream=True,
+        ),
+        "401": UNAUTHORIZED,
+        "404": error(
+            "The upstream does not know the model.",
+            {"upstream_rejected": "the upstream answered 404 and gave no code"},
+            upstream=True,
+        ),
+        "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
+        "409": error("The chat was cancelled before it ended.", {"cancelled": "its owner cancelled it"}),
+        "410": error(
+            "A retry of a create whose chat ended long ago, with `stream`.",
+            {"stream_expired": "its stream (or the chat itself) expired; read it with its GET"},
+        ),
+        "413": error(
+            "The body is too large, for streambridge or for the upstream.",
+            {
+                "payload_too_large": "see `POST /v1/chats`",
+                "upstream_rejected": "the upstream answered 413 and gave no code",
+            },
+            upstream=True,
+        ),
+        "429": error(
+            "Over a per-user limit.",
+            {
+                "rate_limited": "see `POST /v1/chats`",
+                "too_many_chats": "see `POST /v1/chats`",
+                "too_many_streams": "the user or address has its most streams open",
+            },
+            retry_after=True,
+        ),
+        "502": error(
+            "The upstream failed the chat (every attempt the worker made); not worth the SDK's retry, "
+            "so sent with `x-should-retry: false`.",
+            {"upstream_failed": "every attempt failed"},
+            upstream=True,
+        ),
+        "503": error(
+            "The service cannot answer now.",
+            {
+                **REDIS_UNAVAILABLE,
+                "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
+                "unavailable": unavailable,
+            },
+            retry_after=False,
+        ),
+    }
+
+
 def completions() -> Json:
     return {
         "post": {
@@ -616,57 +679,10 @@ def completions() -> Json:
                     "description": "A `chat.completion`, or its chunks as SSE.",
                     "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": SSE_TEXT}},
                 },
-                "400": error(
-                    "Not a request OpenAI's API would take (a wrong shape is 400 here, as OpenAI answers it).",
-                    {
-                        "malformed_json": "the body is not UTF-8 JSON",
-                        "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
-                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
-                        "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
-                        "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
-                        "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",
-                    },
-                    upstream=True,
-                ),
-                "401": UNAUTHORIZED,
-                "404": error(
-                    "The upstream does not know the model.",
-                    {"upstream_rejected": "the upstream answered 404 and gave no code"},
-                    upstream=True,
-                ),
-                "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
-                "409": error("The chat was cancelled before it ended.", {"cancelled": "its owner cancelled it"}),
-                "413": error(
-                    "The body is too large, for streambridge or for the upstream.",
-                    {
-                        "payload_too_large": "see `POST /v1/chats`",
-                        "upstream_rejected": "the upstream answered 413 and gave no code",
-                    },
-                    upstream=True,
-                ),
-                "429": error(
-                    "Over a per-user limit.",
-                    {
-                        "rate_limited": "see `POST /v1/chats`",
-                        "too_many_chats": "see `POST /v1/chats`",
-                        "too_many_streams": "the user or address has its most streams open",
-                    },
-                    retry_after=True,
-                ),
-                "502": error(
-                    "The upstream failed the chat (every attempt the worker made); not worth the SDK's retry, "
-                    "so sent with `x-should-retry: false`.",
-                    {"upstream_failed": "every attempt failed"},
-                    upstream=True,
-                ),
-                "503": error(
-                    "The service cannot answer now.",
-                    {
-                        **REDIS_UNAVAILABLE,
-                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
-                        "unavailable": "the edge is shutting down; send the request again",
-                    },
-                    retry_after=False,
+                **openai_create_errors(
+                    "`logprobs`: streambridge does not return them",
+                    "a field of the wrong type or out of range (`param` names it), or `n` > 1",
+                    "the edge is shutting down; send the request again",
                 ),
             },
         }
@@ -756,36 +772,10 @@ def responses() -> Json:
                     "description": "A `response` object, or its events as SSE.",
                     "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": SSE_RESPONSES}},
                 },
-                "400": error(
-                    "Not a request that can be served (a wrong shape is 400 here, as OpenAI answers it).",
-                    {
-                        "malformed_json": "the body is not UTF-8 JSON",
-                        "invalid_request": "a field of the wrong type or out of range (`param` names it)",
-                        "unsupported_parameter": "a field Chat Completions cannot serve (`param` names it)",
-                        "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
-                        "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
-                    },
-                ),
-                "401": UNAUTHORIZED,
-                "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
-                "413": error("The body is too large.", {"payload_too_large": "see `POST /v1/chats`"}),
-                "429": error(
-                    "Over a per-user limit.",
-                    {
-                        "rate_limited": "see `POST /v1/chats`",
-                        "too_many_chats": "see `POST /v1/chats`",
-                        "too_many_streams": "the user or address has its most streams open",
-                    },
-                    retry_after=True,
-                ),
-                "503": error(
-                    "The service cannot answer now.",
-                    {
-                        **REDIS_UNAVAILABLE,
-                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
-                        "unavailable": "the edge is stopping before the response ended; read it with its GET",
-                    },
-                    retry_after=False,
+                **openai_create_errors(
+                    "a field Chat Completions cannot serve (`param` names it)",
+                    "a field of the wrong type or out of range (`param` names it)",
+                    "the edge is stopping before the response ended; read it with its GET",
                 ),
             },
         }

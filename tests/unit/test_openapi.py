@@ -50,7 +50,7 @@ ERRORS: dict[str, dict[int, set[str]]] = {
 }
 
 
-ERRORS["POST /v1/chat/completions"] = {
+OPENAI_CREATE: dict[int, set[str]] = {
     400: {
         "malformed_json",
         "invalid_request",
@@ -63,11 +63,13 @@ ERRORS["POST /v1/chat/completions"] = {
     404: {"upstream_rejected"},
     408: {"request_timeout"},
     409: {"cancelled"},
+    410: {"stream_expired"},
     413: {"payload_too_large", "upstream_rejected"},
     429: {"rate_limited", "too_many_chats", "too_many_streams"},
     502: {"upstream_failed"},
     503: {"redis_unavailable", "overloaded", "unavailable"},
 }
+ERRORS["POST /v1/chat/completions"] = OPENAI_CREATE
 ERRORS["GET /v1/chat/completions/{id}/stream"] = {
     400: {"bad_cursor", "invalid_request"},
     401: {"unauthorized"},
@@ -76,20 +78,7 @@ ERRORS["GET /v1/chat/completions/{id}/stream"] = {
     429: {"too_many_streams"},
     503: {"redis_unavailable"},
 }
-ERRORS["POST /v1/responses"] = {
-    400: {
-        "malformed_json",
-        "invalid_request",
-        "unsupported_parameter",
-        "bad_idempotency_key",
-        "idempotency_key_reused",
-    },
-    401: {"unauthorized"},
-    408: {"request_timeout"},
-    413: {"payload_too_large"},
-    429: {"rate_limited", "too_many_chats", "too_many_streams"},
-    503: {"redis_unavailable", "overloaded", "unavailable"},
-}
+ERRORS["POST /v1/responses"] = OPENAI_CREATE
 ERRORS["GET /v1/responses/{id}"] = {
     400: {"invalid_request"},
     401: {"unauthorized"},
