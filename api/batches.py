@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
-from typing import Final, Literal, cast
+from typing import Annotated, Any, Final, Literal, cast
 
 import msgspec
 from aiohttp import web
@@ -47,10 +47,11 @@ POLL_MAX: Final = 0.5
 
 class CreateBatch(msgspec.Struct, forbid_unknown_fields=True):
     input_file_id: str
-    endpoint: str
-    completion_window: str
+    # taken as any string, so that a wrong one gets its own error code
+    endpoint: Annotated[str, msgspec.Meta(extra_json_schema={"const": ENDPOINT})]
+    completion_window: Annotated[str, msgspec.Meta(extra_json_schema={"const": COMPLETION_WINDOW})]
     metadata: Metadata | None = None
-    output_expires_after: dict[str, object] | None = None  # taken, as OpenAI's: files here last file_ttl
+    output_expires_after: dict[str, Any] | None = None  # taken, as OpenAI's: files here last file_ttl
 
 
 class Errors(msgspec.Struct):

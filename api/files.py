@@ -18,7 +18,8 @@ from collections.abc import AsyncIterator
 from typing import Any, Final, Literal
 
 import msgspec
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from streambridge.api.auth import authenticate
 from streambridge.api.chats import chat_request, json_response
@@ -89,11 +90,11 @@ async def upload_file(request: web.Request) -> web.Response:
     identity = await authenticate(request, ctx.redis, ctx.settings)
     if not request.content_type.startswith("multipart/form-data"):
         raise BadRequest("send the file as multipart/form-data, with `file` and `purpose`", code="invalid_request")
-    reader = await request.multipart()
     purpose: str | None = None
     upload: Upload | None = None
     try:
-        while (part := await within(ctx, reader.next())) is not None:
+        reader = await form(request)
+        while (part := await next_part(ctx, reader)) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("a nested multipart body is not a file", code="invalid_request")
             if part.name == "purpose":
@@ -116,6 +117,21 @@ async def upload_file(request: web.Request) -> web.Response:
         raise
 
 
+#: what aiohttp raises for a form it cannot read
+MALFORMED: Final = (ValueError, AssertionError, KeyError, HttpProcessingError)
+
+
+async def form(request: web.Request) -> MultipartReader:
+    try:
+        return await request.multipart()
+    except MALFORMED as exc:
+        raise BadRequest(f"malformed multipart body: {exc}", code="invalid_request") from None
+
+
+async def next_part(ctx: Context, reader: MultipartReader) -> Any:
+    return await within(ctx, reader.next())
+
+
 async def within(ctx: Context, step: Any) -> Any:
     """One read of the body, within ``body_timeout``: a client that stops sending holds nothing for long."""
     try:
@@ -123,6 +139,8 @@ async def within(ctx: Context, step: Any) -> Any:
             return await step
     except TimeoutError:
         raise RequestTimeout(f"the upload stalled for {ctx.settings.body_timeout:g} s") from None
+    except MALFORMED as exc:
+        raise BadRequest(f"malformed multipart body: {exc}", code="invalid_request") from None
 
 
 class Upload:

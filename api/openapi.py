@@ -15,6 +15,7 @@ from typing import Any, Final, get_args
 import msgspec
 from aiohttp import web
 
+from streambridge.api import openapi_batches
 from streambridge.api.chats import ChatView, Created, StatusView, Visitor
 from streambridge.api.errors import ErrorAnswer
 from streambridge.shared.chats import ChatRequest
@@ -501,6 +502,7 @@ def components() -> Json:
         "properties": {"status": {"const": "ok"}},
         "required": ["status"],
     }
+    schemas.update(openapi_batches.schemas())
     return {
         "schemas": dict(sorted(schemas.items())),
         "parameters": {"ChatId": CHAT_ID},
@@ -663,6 +665,10 @@ def build() -> Json:
             {"name": "auth", "description": "Tokens."},
             {"name": "meta", "description": "Health and this document (every process)."},
             {"name": "openai", "description": "OpenAI's API: the openai SDK works unchanged (edges)."},
+            {
+                "name": "batches",
+                "description": "OpenAI's Files and Batches APIs, live progress and partial results (API).",
+            },
         ],
         "security": BEARER,
         "paths": {
@@ -676,6 +682,7 @@ def build() -> Json:
             "/v1/chat/completions": completions(),
             "/v1/chat/completions/{id}/stream": completion_stream(),
             "/v1/models": models(),
+            **openapi_batches.paths(error, UNAUTHORIZED, UNAVAILABLE, BEARER, RESUME_AT),
         },
         "components": components(),
     }

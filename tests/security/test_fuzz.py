@@ -32,7 +32,7 @@ from requests.structures import CaseInsensitiveDict
 from schemathesis.checks import CheckFunction, not_a_server_error
 from schemathesis.specs.openapi import checks
 
-from streambridge.api import openapi
+from streambridge.api import openapi, openapi_batches
 from streambridge.shared.settings import ENV_PREFIX, Settings
 from tests.conftest import OwnRedis
 from tests.e2e.conftest import Process, clean_env
@@ -52,6 +52,8 @@ MAX_EXAMPLES = 150
 REQUEST_TIMEOUT = 3.0
 SEED = 20241124
 CHAT_ID = re.compile(openapi.CHAT_ID_PATTERN)
+FILE_ID = re.compile(openapi_batches.FILE_ID_PATTERN)
+BATCH_ID = re.compile(openapi_batches.BATCH_ID_PATTERN)
 PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"})
 
 # Limits high enough that most answers are not 429 (a 429 is still a documented answer). Only the
@@ -91,6 +93,8 @@ class Server:
     other_token: str  # another visitor's
     stream_token: str  # the token of the first chat's stream_url
     chat_ids: list[str]  # the first visitor's chats: one that ended, then those fuzzing created
+    file_ids: list[str]  # the first visitor's batch input, then the files fuzzing uploaded
+    batch_id: str  # the first visitor's batch, made from that file
     statuses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
 
 
@@ -117,6 +121,19 @@ def completed_chat(http: requests.Session, url: str, auth: dict[str, str]) -> tu
     return chat_id, parse_qs(urlsplit(stream_url).query)["token"][0]
 
 
+def a_batch(http: requests.Session, url: str, auth: dict[str, str]) -> tuple[str, str]:
+    """A batch input file, and a batch made from it."""
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": []}}
+    line["body"] = {"messages": [{"role": "user", "content": "fuzz me"}]}
+    files = {"file": ("in.jsonl", msgspec.json.encode(line) + b"\n"), "purpose": (None, "batch")}
+    uploaded = http.post(f"{url}/v1/files", files=files, headers=auth, timeout=10)
+    assert uploaded.status_code == 200, uploaded.text
+    body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = http.post(f"{url}/v1/batches", json=body, headers=auth, timeout=10)
+    assert batch.status_code == 200, batch.text
+    return str(uploaded.json()["id"]), str(batch.json()["id"])
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """``streambridge up`` through the CLI, on a redis-server of the test's own; two visitors, one chat."""
@@ -128,7 +145,8 @@ def server() -> Iterator[Server]:
         with requests.Session() as http:
             token, other = visitor(http, process.url), visitor(http, process.url)
             chat_id, stream_token = completed_chat(http, process.url, {"Authorization": f"Bearer {token}"})
-        yield Server(process.url, token, other, stream_token, [chat_id])
+            file_id, batch_id = a_batch(http, process.url, {"Authorization": f"Bearer {token}"})
+        yield Server(process.url, token, other, stream_token, [chat_id], [file_id], batch_id)
     finally:
         if process is not None:
             assert process.stop() == 0, process.log_path.read_text()
@@ -174,9 +192,24 @@ def pick(case: Case, choices: int) -> int:
 
 def use_chat(case: Case, server: Server) -> None:
     """Aim most well-formed ids at chats that exist, or nearly every one names no chat (404): the
-    fixture's chat, which ended, or the latest one fuzzing created, likely still running."""
+    fixture's chat, which ended, or the latest one fuzzing created, likely still running. Likewise
+    files (a delete at the latest upload, never the fixture's) and batches."""
     params = case.path_parameters
     chat_id = params.get("id") if params is not None else None
+    body = case.body if case.operation.label == "POST /v1/batches" and isinstance(case.body, dict) else {}
+    if isinstance(body.get("input_file_id"), str) and pick(case, 3) < 2:  # a negative case's wrong type stays
+        body["input_file_id"] = server.file_ids[0]
+    if params is not None and isinstance(chat_id, str) and pick(case, 3) < 2:
+        if FILE_ID.match(chat_id) and case.operation.method.upper() == "DELETE":
+            if len(server.file_ids) > 1:
+                params["id"] = server.file_ids.pop()
+            return
+        if FILE_ID.match(chat_id):
+            params["id"] = server.file_ids[0]
+            return
+        if BATCH_ID.match(chat_id):
+            params["id"] = server.batch_id
+            return
     if params is None or not isinstance(chat_id, str) or not CHAT_ID.match(chat_id):
         return
     choice = pick(case, 3)
@@ -204,6 +237,8 @@ def test_with_a_visitor_token(case: Case, server: Server) -> None:
     record(server, case, response.status_code)
     if case.operation.label == "POST /v1/chats" and response.status_code == 202:
         server.chat_ids.append(response.json()["id"])
+    if case.operation.label == "POST /v1/files" and response.status_code == 200:
+        server.file_ids.append(response.json()["id"])
 
 
 UNKNOWN_TOKEN = "sbv_0123456789abcdef_" + "A" * 43  # well-formed, never issued
@@ -233,7 +268,9 @@ def test_without_a_good_token(case: Case, server: Server) -> None:
 
     label, chat_id = case.operation.label, (case.path_parameters or {}).get("id")
     opens = {
-        "other_user": label in {"POST /v1/chats", "POST /v1/chat/completions", "GET /v1/models"},  # valid, its own
+        "other_user": label  # valid, its own
+        in {"POST /v1/chats", "POST /v1/chat/completions", "GET /v1/models", "POST /v1/files", "GET /v1/files"}
+        | {"GET /v1/batches"},
         "stream_token": label == "GET /v1/chats/{id}/events" and chat_id == server.chat_ids[0],
     }
     if label not in PUBLIC and not opens.get(credential, False):
