@@ -6,7 +6,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import aiohttp
 import openai
@@ -14,7 +18,7 @@ import pytest
 
 from streambridge.fake_llm import expected_text
 from streambridge.sse import SSEParser
-from tests.e2e.conftest import Process, System, create_chat, login, read_events
+from tests.e2e.conftest import Process, System, clean_env, create_chat, login, read_events
 
 pytestmark = pytest.mark.e2e
 
@@ -150,3 +154,47 @@ async def test_an_interactive_chat_is_not_held_up_by_a_large_batch(system: Syste
         cancelled = await until_ended(sdk, (await sdk.batches.cancel(batch.id)).id)
         assert cancelled.status == "cancelled"
         await sdk.close()
+
+
+async def llm_requests(session: aiohttp.ClientSession, system: System) -> int:
+    async with session.get(system.llm_url.removesuffix("/v1") + "/_stats") as response:
+        return int((await response.json())["paths"].get("/v1/chat/completions", 0))
+
+
+async def test_the_cli_interrupted_and_run_again_finishes_the_same_batch_once(system: System, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"cli prompt {n}\n" for n in range(40)))
+    out = tmp_path / "out.jsonl"
+    env = clean_env(XDG_STATE_HOME=str(tmp_path / "state"))
+    model = "fake?words=5&delay_ms=300"  # about 1.5 s an item: the batch runs on past the interruption
+    run = [sys.executable, "-m", "streambridge", "batch", "run", str(prompts), "-o", str(out)]
+    run += ["--url", system.api.url, "--model", model]
+    async with aiohttp.ClientSession() as session:
+        before = await llm_requests(session, system)
+        first = await asyncio.create_subprocess_exec(*run, env=env, stderr=asyncio.subprocess.PIPE)
+        state = out.with_name("out.jsonl.batch.json")
+        deadline = time.monotonic() + 20
+        while not state.exists():
+            assert time.monotonic() < deadline, "the CLI did not start a batch"
+            await asyncio.sleep(0.05)
+        first.send_signal(signal.SIGINT)
+        _, said = await asyncio.wait_for(first.communicate(), 20)
+        assert first.returncode == 0, said
+        assert b"run the same command again" in said.lower()
+        batch_id = json.loads(state.read_text())["batch_id"]
+
+        again = await asyncio.to_thread(subprocess.run, run, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert f"re-attaching to batch {batch_id}" in again.stderr
+        results = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["custom_id"] for r in results] == [f"line-{n + 1}" for n in range(40)]  # input order
+        texts = [r["response"]["body"]["choices"][0]["message"]["content"] for r in results]
+        assert texts == [expected_text(f"cli prompt {n}", 5) for n in range(40)]
+        assert await llm_requests(session, system) - before == 40, "each prompt asked upstream once"
+
+    listing = await asyncio.create_subprocess_exec(
+        *run[:3], "batch", "list", "--url", system.api.url, env=env, stdout=asyncio.subprocess.PIPE
+    )
+    listed, _ = await asyncio.wait_for(listing.communicate(), 20)
+    assert listing.returncode == 0
+    assert [line.split()[:2] for line in listed.decode().splitlines()] == [[batch_id, "completed"]]
