@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -21,6 +22,15 @@ from streambridge.sse import SSEParser
 from tests.e2e.conftest import Process, System, clean_env, create_chat, login, read_events
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def replacements(system: System) -> Iterator[list[Process]]:
+    """Processes a test started in place of one it killed or stopped: stopped with the system."""
+    started: list[Process] = []
+    yield started
+    for process in started:
+        process.stop()
 
 
 def line(custom_id: str, prompt: str, model: str = "fake?words=5") -> bytes:
@@ -95,7 +105,9 @@ async def test_the_sdk_round_trip_with_a_refused_line_and_a_flaky_one(system: Sy
         await sdk.close()
 
 
-async def test_a_worker_sigkilled_mid_batch_loses_no_item_and_doubles_none(system: System) -> None:
+async def test_a_worker_sigkilled_mid_batch_loses_no_item_and_doubles_none(
+    system: System, replacements: list[Process]
+) -> None:
     async with aiohttp.ClientSession() as session:
         sdk = await sdk_for(session, system)
         slow = "fake?words=20&delay_ms=15"  # about 0.3 s an item
@@ -104,6 +116,7 @@ async def test_a_worker_sigkilled_mid_batch_loses_no_item_and_doubles_none(syste
         await items_done(session, system, sdk, batch.id, 20)
         system.workers[0].kill()  # its running items' leases lapse; the other worker runs them again
         system.workers[0] = Process(["worker"], system.env, system.logs, ready="worker started")
+        replacements.append(system.workers[0])
         done = await until_ended(sdk, batch.id)
         assert done.status == "completed"
         assert done.request_counts is not None
@@ -198,3 +211,22 @@ async def test_the_cli_interrupted_and_run_again_finishes_the_same_batch_once(sy
     listed, _ = await asyncio.wait_for(listing.communicate(), 20)
     assert listing.returncode == 0
     assert [line.split()[:2] for line in listed.decode().splitlines()] == [[batch_id, "completed"]]
+
+
+async def test_a_batch_survives_a_restart_of_the_api(system: System, replacements: list[Process]) -> None:
+    async with aiohttp.ClientSession() as session:
+        sdk = await sdk_for(session, system)
+        model = "fake?words=10&delay_ms=30"
+        batch = await submit(sdk, b"".join(line(f"r{n}", f"restart {n}", model=model) for n in range(100)))
+        token = sdk.api_key
+        await sdk.close()
+        assert system.api.stop() == 0
+        system.api = Process(
+            ["api", "--port", "0"], {**system.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": system.edges[0].url}, system.logs
+        )
+        sdk = openai.AsyncOpenAI(base_url=f"{system.api.url}/v1", api_key=token)
+        done = await until_ended(sdk, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert done.request_counts.completed == 100
+        await sdk.close()

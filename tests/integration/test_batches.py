@@ -282,3 +282,19 @@ async def test_another_users_batch_and_file_are_not_found(
         async with client.get(path, headers=bearer(other)) as response:
             assert response.status == 404, path
             assert (await response.json())["error"]["type"] == "not_found_error"
+
+
+async def test_an_upstreams_429s_halve_the_batchs_concurrency_and_the_items_still_complete(
+    sdk: openai.AsyncOpenAI, feeder: BatchFeeder
+) -> None:
+    limited = "fake?words=5&fail=429&fail_times=1&retry_after=0"
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=limited) for n in range(3))))
+    full = feeder.limit
+
+    await feeder.run_until_idle()
+
+    assert feeder.limit < full  # the batch backs off; interactive chats have their own slots
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert done.request_counts.completed == 3
