@@ -155,6 +155,7 @@ class BatchKeys(NamedTuple):
             keys.file_items(self.input_file),
             keys.file(self.input_file),
             keys.user_batches(self.owner),
+            keys.user_batch_items(self.owner),
         ]
 
 
@@ -162,6 +163,8 @@ class BatchKeys(NamedTuple):
 _BATCH_PRELUDE: Final = """
 local B, EV, LEASES, AGAIN, DONE, ACTIVE, UFILES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local OUTF, OUTL, ERRF, ERRL, ITEMS = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
+local USER_ITEMS = KEYS[15]
+local function member(index) return redis.call('HGET', B, 'id') .. ':' .. index end
 local TERMINAL = {failed = true, completed = true, expired = true, cancelled = true}
 local function event(kind, fields)
   fields.type = kind
@@ -212,8 +215,8 @@ def _define(name: str, lua: str) -> Any:
 # A batch from an uploaded file whose lines were checked as it arrived (``api/files.py``): ``failed``
 # at once if any line was bad (``errors`` names each), else ``in_progress``. Answers ``ok``,
 # ``failed`` or ``no_file`` (not the caller's, not a batch input, deleted).
-# ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), and the
-# input, output and error files' ids.
+# ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), the
+# input, output and error files' ids, and the owner's limit of running items (across batches).
 CREATE: Final = _define(
     "BATCH_CREATE",
     """
@@ -226,7 +229,7 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'created_ms', now, 'created_at', math.floor(now / 1000), 'expires_ms', expires,
   'expires_at', math.floor(expires / 1000), 'total', f[3], 'next', 0, 'completed', 0, 'failed', 0,
   'output_bytes', 0, 'error_bytes', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'total_tokens', 0,
-  'status', 'validating')
+  'status', 'validating', 'user_limit', ARGV[11])
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -248,14 +251,17 @@ return 'ok'
 )
 
 # Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of ARGV[3]
-# running at once: lines handed back first, then new ones. Answers ``{index, item, ...}``.
+# running at once and its owner's (``user_limit``, across their batches): lines handed back first,
+# then new ones. Answers ``{index, item, ...}``.
 CLAIM: Final = _define(
     "BATCH_CLAIM",
     """
 local b = redis.call('HMGET', B, 'status', 'expires_ms', 'next', 'total')
 local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
-local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[3]) - redis.call('ZCARD', LEASES))
+redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
+local user_room = tonumber(redis.call('HGET', B, 'user_limit') or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
+local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[3]) - redis.call('ZCARD', LEASES), user_room)
 local nxt, total = tonumber(b[3]), tonumber(b[4])
 local out = {}
 while #out < 2 * n do
@@ -267,11 +273,13 @@ while #out < 2 * n do
   end
   if redis.call('GETBIT', DONE, index) == 0 and not redis.call('ZSCORE', LEASES, index) then
     redis.call('ZADD', LEASES, now + tonumber(ARGV[2]), index)
+    redis.call('ZADD', USER_ITEMS, now + tonumber(ARGV[2]), member(index))
     out[#out + 1] = index
     out[#out + 1] = redis.call('LINDEX', ITEMS, index) or ''
   end
 end
 redis.call('HSET', B, 'next', nxt)
+redis.call('PEXPIRE', USER_ITEMS, 10 * tonumber(ARGV[2]))
 return out
 """,
 )
@@ -282,7 +290,11 @@ RENEW: Final = _define(
     "BATCH_RENEW",
     """
 local lapse = now_ms() + tonumber(ARGV[1])
-for i = 2, #ARGV do redis.call('ZADD', LEASES, 'XX', lapse, ARGV[i]) end
+for i = 2, #ARGV do
+  redis.call('ZADD', LEASES, 'XX', lapse, ARGV[i])
+  redis.call('ZADD', USER_ITEMS, 'XX', lapse, member(ARGV[i]))
+end
+redis.call('PEXPIRE', USER_ITEMS, 10 * tonumber(ARGV[1]))
 return redis.call('HGET', B, 'status') or 'gone'
 """,
 )
@@ -295,6 +307,7 @@ RELEASE: Final = _define(
     """
 local status = redis.call('HGET', B, 'status')
 for i = 2, #ARGV do
+  redis.call('ZREM', USER_ITEMS, member(ARGV[i]))
   if redis.call('ZREM', LEASES, ARGV[i]) == 1 and status == 'in_progress'
       and redis.call('GETBIT', DONE, ARGV[i]) == 0 then
     redis.call('LPUSH', AGAIN, ARGV[i])
@@ -318,6 +331,7 @@ if status ~= 'in_progress' and status ~= 'cancelling' then return 0 end
 if redis.call('GETBIT', DONE, index) == 1 then return 0 end
 redis.call('SETBIT', DONE, index, 1)
 redis.call('ZREM', LEASES, index)
+redis.call('ZREM', USER_ITEMS, member(index))
 local outcome
 if ARGV[2] == '1' then
   redis.call('RPUSH', OUTL, ARGV[3])
@@ -396,6 +410,7 @@ end
 local lapsed = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 for _, index in ipairs(lapsed) do
   redis.call('ZREM', LEASES, index)
+  redis.call('ZREM', USER_ITEMS, member(index))
   if b[1] == 'in_progress' and redis.call('GETBIT', DONE, index) == 0 then redis.call('LPUSH', AGAIN, index) end
 end
 if b[1] == 'cancelling' and redis.call('ZCARD', LEASES) == 0 then finish('cancelled', ARGV[2]) end
@@ -404,9 +419,11 @@ return #lapsed
 )
 
 
-def create(k: BatchKeys, *, endpoint: str, window: str, metadata: bytes, window_ms: int, ttl: int) -> Call:
+def create(
+    k: BatchKeys, *, endpoint: str, window: str, metadata: bytes, window_ms: int, ttl: int, user_limit: int
+) -> Call:
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
-    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file])
+    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, str(user_limit)])
 
 
 def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int) -> Call:

@@ -161,6 +161,12 @@ def user_batches(user: str) -> str:
     return f"{PREFIX}batches:user:{user}"
 
 
+def user_batch_items(user: str) -> str:
+    """Sorted set: ``user``'s running batch items (``batch_id:index``) across batches, scored by when
+    (ms) their lease lapses: the per-user limit counts them."""
+    return f"{PREFIX}batches:running:{user}"
+
+
 def active_batches() -> str:
     """Sorted set: batches with items still to run or running, scored by when (ms) each was created."""
     return f"{PREFIX}batches:active"

@@ -92,6 +92,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     batch_completion_window: Seconds = 86_400.0
     #: items of one batch running at once, across every worker
     batch_max_running_items: Positive = 200
+    #: items of one user's batches running at once, across every worker (an API key may have its own)
+    batch_user_max_running_items: Positive = 400
     #: batch items one worker runs at once, at most (an upstream's 429s lower it for a while)
     batch_worker_concurrency: Positive = 50
     #: a worker's chat slots batch items never take: they stay free for interactive chats

@@ -298,3 +298,25 @@ async def test_an_upstreams_429s_halve_the_batchs_concurrency_and_the_items_stil
     assert done.status == "completed"
     assert done.request_counts is not None
     assert done.request_counts.completed == 3
+
+
+async def test_a_users_running_items_are_bounded_across_their_batches(
+    sdk: openai.AsyncOpenAI, real_redis: Redis, settings: Settings
+) -> None:
+    # the visitor's limit (STREAMBRIDGE_BATCH_USER_MAX_RUNNING_ITEMS) is recorded on each batch it makes
+    first, second = [await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(5)))) for _ in range(2)]
+    a, b = await batches.batch_keys(real_redis, first.id), await batches.batch_keys(real_redis, second.id)
+    assert a is not None
+    assert b is not None
+    await real_redis.hset(keys.batch(first.id), "user_limit", 3)
+    await real_redis.hset(keys.batch(second.id), "user_limit", 3)
+
+    async def claim(k: batches.BatchKeys, n: int) -> list[int]:
+        answer = await machine.call(real_redis, batches.claim(k, n, lease_ms=60_000, max_running=100))
+        return [int(i) for i in answer[::2]]
+
+    assert await claim(a, 2) == [0, 1]
+    assert await claim(b, 5) == [0]  # the user has 3 running in all
+    done = batches.done(a, 0, ok=True, line=b"{}", custom_id="r0", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, done) == 1
+    assert await claim(b, 5) == [1]  # one ended: room for one more

@@ -38,3 +38,4 @@ def test_batch_key_strings_are_pinned() -> None:
     assert keys.batch_done("batch_1") == "sb:batch:batch_1:done"
     assert keys.user_batches("visitor_1") == "sb:batches:user:visitor_1"
     assert keys.active_batches() == "sb:batches:active"
+    assert keys.user_batch_items("visitor_1") == "sb:batches:running:visitor_1"
