@@ -303,6 +303,8 @@ async def event_frames(ctx: Context, key: str, after: str | None) -> AsyncIterat
         entries = await ctx.redis.xrange(key, min=start, count=PAGE_EVENTS)
         if not entries:
             if quiet >= ctx.settings.heartbeat_interval:
+                if not await ctx.redis.exists(key):  # the batch expired meanwhile: nothing more will come
+                    return
                 yield PING
                 quiet = 0.0
             began = loop.time()

@@ -286,6 +286,7 @@ class Progress:
         self.total = total
         self.done = self.failed = 0
         self._said = 0.0
+        self._shown = -1
         self._rich: Any = None
         if sys.stderr.isatty():
             with contextlib.suppress(ImportError):
@@ -322,8 +323,8 @@ class Progress:
         rate = (self.done - self._start_done) / elapsed if elapsed > 0 else 0.0
         if self._rich is not None:
             self._rich.update(self._task, completed=self.done, failed=failed, rate=f"{rate:.1f}")
-        elif time.monotonic() - self._said >= 2 or self.done == self.total:
-            self._said = time.monotonic()
+        elif self.done != self._shown and (time.monotonic() - self._said >= 2 or self.done == self.total):
+            self._said, self._shown = time.monotonic(), self.done
             say(f"{self.done}/{self.total} done, {failed} failed, {rate:.1f}/s")
 
     def note(self, message: str) -> None:
