@@ -41,8 +41,10 @@ from streambridge.workers.pipeline import Failure, backoff
 
 log = logging.getLogger("streambridge.worker")
 
-#: how long an idle feeder waits before looking for work again (a finished item wakes it sooner)
+#: how long a feeder waits before looking for work again: its items running (a finished one wakes
+#: it sooner), or no batch running anywhere (a new batch starts within that)
 IDLE_WAIT: Final = 0.1
+NO_BATCH_WAIT: Final = 0.5
 #: an upstream's 429s halve the feeder's limit at most this often (one overload, one cut)
 CUT_EVERY: Final = 1.0
 
@@ -119,6 +121,7 @@ class BatchFeeder:
         """Claims items while there is room, across active batches in turn; waits when there is none."""
         started = 0
         room = self.room()
+        active: list[str] = []
         if room > 0:
             active = [m.decode() for m in await self.redis.zrange(keys.active_batches(), 0, -1)]
             self._turn += 1
@@ -131,7 +134,7 @@ class BatchFeeder:
         if not started:
             self._freed.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(IDLE_WAIT):
+                async with asyncio.timeout(IDLE_WAIT if active or self.running else NO_BATCH_WAIT):
                     await self._freed.wait()
 
     async def _claim(self, batch_id: str, room: int) -> int:

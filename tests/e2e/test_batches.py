@@ -221,9 +221,9 @@ async def test_a_batch_survives_a_restart_of_the_api(system: System, replacement
         token = sdk.api_key
         await sdk.close()
         assert system.api.stop() == 0
-        system.api = Process(
-            ["api", "--port", "0"], {**system.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": system.edges[0].url}, system.logs
-        )
+        env = {**system.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": system.edges[0].url}
+        system.api = Process(["api", "--port", "0"], env, system.logs)
+        replacements.append(system.api)
         sdk = openai.AsyncOpenAI(base_url=f"{system.api.url}/v1", api_key=token)
         done = await until_ended(sdk, batch.id)
         assert done.status == "completed"
