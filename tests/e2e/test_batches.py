@@ -205,12 +205,13 @@ async def test_the_cli_interrupted_and_run_again_finishes_the_same_batch_once(sy
         assert texts == [expected_text(f"cli prompt {n}", 5) for n in range(40)]
         assert await llm_requests(session, system) - before == 40, "each prompt asked upstream once"
 
-    listing = await asyncio.create_subprocess_exec(
-        *run[:3], "batch", "list", "--url", system.api.url, env=env, stdout=asyncio.subprocess.PIPE
-    )
-    listed, _ = await asyncio.wait_for(listing.communicate(), 20)
-    assert listing.returncode == 0
-    assert [line.split()[:2] for line in listed.decode().splitlines()] == [[batch_id, "completed"]]
+    for action in (["list"], ["status", batch_id], ["cancel", batch_id]):  # an ended batch stays as it is
+        cli = await asyncio.create_subprocess_exec(
+            *run[:3], "batch", *action, "--url", system.api.url, env=env, stdout=asyncio.subprocess.PIPE
+        )
+        said, _ = await asyncio.wait_for(cli.communicate(), 20)
+        assert cli.returncode == 0
+        assert [line.split()[:2] for line in said.decode().splitlines()] == [[batch_id, "completed"]], action
 
 
 async def test_a_batch_survives_a_restart_of_the_api(system: System, replacements: list[Process]) -> None:
