@@ -31,6 +31,7 @@ from streambridge.shared import batches, keys, machine
 from streambridge.shared.batches import BatchKeys, OutputError, OutputLine, Response, Usage, decode_item
 from streambridge.shared.jobs import back_off
 from streambridge.shared.settings import Settings
+from streambridge.workers.appender import Appender
 from streambridge.workers.llm import classify
 
 try:  # the SDK's HTTP stack, as workers/llm.py finds it
@@ -90,6 +91,9 @@ class BatchFeeder:
         self._cut_at = 0.0
         self._turn = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # the items' results, every item's in one pipeline per round trip (DONE is safe to re-send);
+        # apart from the chats' appends, which never wait behind a batch's
+        self.appender = Appender(redis, retry_for=settings.lease_ttl / 2)
 
     @property
     def lease_ms(self) -> int:
@@ -108,6 +112,7 @@ class BatchFeeder:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._stop_items(list(self.running))
+        await self.appender.close()
 
     def room(self) -> int:
         """Items this worker may start now: what the interactive chats leave, less the reserve."""
@@ -222,7 +227,7 @@ class BatchFeeder:
         delay = 0.0
         while True:  # the result is in hand: wait out a Redis outage rather than run the item again
             try:
-                await machine.call(self.redis, done)
+                await self.appender.call(done.script, done.keys, done.args)
                 return
             except Exception as exc:
                 if self.stopping():
