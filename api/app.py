@@ -10,7 +10,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from streambridge.api import batches, chats, completions, edge, files, models, openapi
+from streambridge.api import batches, chats, completions, edge, files, models, openapi, responses
 from streambridge.api.auth import load_secret
 from streambridge.api.context import CONTEXT, SETTINGS, Context
 from streambridge.api.errors import error_middleware
@@ -48,7 +48,8 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         app.router.add_get("/healthz", chats.healthz)
     if serve_edge:
         app.add_routes(edge.routes)
-        app.add_routes(completions.routes)  # it streams, as an edge does
+        app.add_routes(completions.routes)  # they stream, as an edge does
+        app.add_routes(responses.routes)
     app.add_routes(openapi.routes)
     app.add_routes(models.routes)
     app[models.MODELS] = models.Models(settings)

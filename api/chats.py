@@ -27,7 +27,7 @@ from streambridge.shared.events import (
     assemble_tool_calls,
     decode_event,
 )
-from streambridge.shared.streams import Entry, entry_from_fields
+from streambridge.shared.streams import Entry, entry_from_fields, stream_info, trimmed
 
 log = logging.getLogger("streambridge.api")
 
@@ -153,6 +153,17 @@ async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:
     return cast(Status, (status or b"queued").decode()), (created_at or b"").decode()
 
 
+def model_of(ctx: Context, chat: ChatRequest | None) -> str:
+    return (chat.model if chat is not None else None) or ctx.settings.llm_model
+
+
+def unix(created_at: str) -> int:
+    try:
+        return int(datetime.fromisoformat(created_at).timestamp())
+    except ValueError:
+        return 0
+
+
 @routes.get("/v1/chats/{id}")
 async def read_chat(request: web.Request) -> web.Response:
     ctx = context(request)
@@ -235,6 +246,8 @@ def json_object(body: bytes) -> dict[str, Any]:
         value = msgspec.json.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}", code="malformed_json") from None
+    except RecursionError:
+        raise BadRequest("malformed JSON: nested too deeply", code="malformed_json") from None
     if not isinstance(value, dict):
         raise Unprocessable("invalid chat: the body must be a JSON object")
     return value
@@ -245,13 +258,44 @@ def chat_request(fields: dict[str, Any]) -> ChatRequest:
         chat = msgspec.convert(fields, ChatRequest)
     except msgspec.ValidationError as exc:
         raise Unprocessable(f"invalid chat: {exc}", param=param_of(exc)) from None
+    for param, value in free_form(chat):
+        if too_deep(value):  # msgspec took it, but encoding it for the upstream would recurse too far
+            raise Unprocessable(f"`{param}` is nested deeper than {MAX_DEPTH} levels", param=param)
+    if chat.logprobs:  # the answer would come back without them
+        raise Unprocessable("logprobs are not returned by streambridge", code="unsupported_parameter", param="logprobs")
     for n, m in enumerate(chat.messages):
         if m.content is None and not (m.role == "assistant" and m.tool_calls):
             raise Unprocessable(f"invalid chat: a {m.role} message needs `content`", param=f"messages[{n}].content")
     return chat
 
 
-_AT: Final = re.compile(r"at `\$\.?([^`]*)`")
+#: how deep a request's free-form JSON (a vendor's field, a tool's parameters, a schema) may nest
+MAX_DEPTH: Final = 64
+
+
+def free_form(chat: ChatRequest) -> list[tuple[str, Any]]:
+    """The parts of a request whose shape is the caller's: where deep nesting can hide."""
+    parts: list[tuple[str, Any]] = [(f"{name}", value) for name, value in (chat.extra or {}).items()]
+    parts += [(f"tools[{n}].function.parameters", t.function.parameters) for n, t in enumerate(chat.tools or ())]
+    if chat.response_format is not None:
+        parts.append(("response_format.json_schema", chat.response_format.json_schema))
+    for n, m in enumerate(chat.messages):
+        parts += [(f"messages[{n}].audio", m.audio), (f"messages[{n}].function_call", m.function_call)]
+    return parts
+
+
+def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+_AT: Final = re.compile(r"`\$\.?([^`]*)`")
 
 
 def param_of(exc: msgspec.ValidationError) -> str | None:
@@ -260,10 +304,13 @@ def param_of(exc: msgspec.ValidationError) -> str | None:
     return found.group(1) or None if found else None
 
 
-async def owned_chat(request: web.Request, ctx: Context) -> tuple[Identity, str, dict[bytes, bytes]]:
-    """The chat named in the path, if it is the caller's; anyone else gets 404 as if it did not exist."""
+async def owned_chat(
+    request: web.Request, ctx: Context, chat_id: str | None = None
+) -> tuple[Identity, str, dict[bytes, bytes]]:
+    """The chat named in the path (or ``chat_id``), if it is the caller's; anyone else gets 404 as
+    if it did not exist."""
     identity = await authenticate(request, ctx.redis, ctx.settings)
-    chat_id = chat_id_of(request)
+    chat_id = chat_id or chat_id_of(request)
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
@@ -285,6 +332,26 @@ def stream_url(request: web.Request, ctx: Context, chat_id: str, identity: Ident
     base = ctx.settings.public_edge_url or str(request.url.origin())
     token = sign_stream_token(ctx.secret, chat_id, identity.credential, ctx.settings.stream_token_ttl)
     return f"{base.rstrip('/')}/v1/chats/{chat_id}/events?token={token}"
+
+
+async def stream_gone(ctx: Context, chat_id: str) -> bool:
+    """Whether the chat's stream can no longer be told from its start: its chat ended (or expired
+    itself) and the stream expired, or entries were trimmed from it (an OpenAI-shaped stream is a
+    function of all of it). Trimming is judged only where Redis counts appends (7+); elsewhere
+    the hub finds it as it reads."""
+    info = await stream_info(ctx.redis, keys.events(chat_id))
+    if info is None:
+        return await ended_and_expired(ctx, chat_id)
+    return info.get("entries-added") is not None and trimmed(info, "0-0")
+
+
+async def ended_and_expired(ctx: Context, chat_id: str) -> bool:
+    """Whether the chat has no stream because it ended long ago: its stream expired, or its
+    whole record did (an ``Idempotency-Key`` may outlive it)."""
+    if await ctx.redis.exists(keys.events(chat_id)):
+        return False
+    status = await ctx.redis.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
+    return status is None or status.decode() in TERMINAL_STATUSES
 
 
 async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:

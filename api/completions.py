@@ -14,7 +14,9 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import re
+from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -27,22 +29,28 @@ from streambridge.api.chats import (
     admit,
     chat_request,
     creator,
+    ended_and_expired,
     idempotency_key_of,
     json_object,
+    model_of,
     owned_chat,
     read_body,
+    stream_gone,
+    unix,
 )
 from streambridge.api.context import Context, context
+from streambridge.api.edge import ClientWrites
 from streambridge.api.errors import error_body
+from streambridge.api.retold import from_result
+from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
 from streambridge.shared import keys
-from streambridge.shared.chats import REQUEST_FIELDS
+from streambridge.shared.chats import REQUEST_FIELDS, decode_request, decode_result
 from streambridge.shared.errors import BadRequest, StreamExpired
 from streambridge.shared.events import (
     Cancelled,
     Complete,
     Content,
     Failed,
-    Reasoning,
     Started,
     ToolCallFragment,
     Usage,
@@ -103,17 +111,22 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         fields["extra"] = extra
     chat = chat_request(fields)
     include_usage = control.stream_options is not None and bool(control.stream_options.include_usage)
-    if not control.stream:
-        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
-        return await completion(ctx, chat_id)
     assert ctx.slots is not None, "served by edges, which have slots"
-    # the stream's slot first: a 429 for too many streams must come before a chat that nobody reads
+    # A slot first, for a wait as for a stream (both hold a connection and a feed for as long as
+    # the chat runs): a 429 for too many must come before a chat that nobody reads.
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    handed = False
     try:
-        chat_id, _ = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
-    except BaseException:
-        await asyncio.shield(ctx.slots.release(slot))
-        raise
+        chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
+        gone = created_at is None and await ended_and_expired(ctx, chat_id)  # a retry, long after
+        if gone and (control.stream or not await ctx.redis.exists(keys.chat(chat_id))):
+            raise StreamExpired(f"chat {chat_id} ended and its stream expired; GET /v1/chats/{chat_id} has its result")
+        if not control.stream:
+            return await completion(ctx, chat_id, gone)
+        handed = True
+    finally:
+        if not handed:
+            await asyncio.shield(ctx.slots.release(slot))
     return await stream_chunks(request, ctx, slot, chat_id, None, include_usage)
 
 
@@ -121,7 +134,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
 async def resume_completion(request: web.Request) -> web.StreamResponse:
     """The chunk stream again, after ``after`` (a chunk's ``streambridge.cursor``): exactly what followed it."""
     ctx = context(request)
-    identity, chat_id, chat = await owned_chat(request, ctx)
+    identity, chat_id, _ = await owned_chat(request, ctx)
     unknown = sorted(set(request.query) - {"after", "include_usage"})
     if unknown:  # a typo (`starting_after`, say) would otherwise replay everything, silently
         raise BadRequest(f"unknown query parameter `{unknown[0]}`", code="invalid_request", param=unknown[0])
@@ -131,8 +144,8 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     include_usage = request.query.get("include_usage", "false")
     if include_usage not in {"true", "false"}:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
-    if not await ctx.redis.exists(keys.events(chat_id)) and chat.get(b"status", b"") not in {b"queued", b"running"}:
-        raise StreamExpired("the chat's stream has expired; GET /v1/chats/{id} has its result")
+    if await stream_gone(ctx, chat_id):
+        raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
@@ -170,6 +183,7 @@ async def stream_chunks(
     assert ctx.slots is not None
     response = web.StreamResponse(headers=HEADERS)
     chunks = Chunks(chat_id, include_usage)
+    writes = stalls_dropped(request, ctx, response, chat_id)
     try:
         await response.prepare(request)
         skip = id_key(after) if after is not None else None
@@ -179,7 +193,7 @@ async def stream_chunks(
         async with aclosing(tail):
             async for batch in tail:
                 if not batch:
-                    await response.write(PING)
+                    await writes.write(PING)
                     continue
                 out = []
                 for entry in batch:
@@ -189,37 +203,54 @@ async def stream_chunks(
                     elif data.endswith(DONE):  # resumed after the last chunk: the end is still said
                         out.append(DONE)
                 if out:
-                    await response.write(b"".join(out))
+                    await writes.write(b"".join(out))
                 if chunks.ended:
                     break
         if not chunks.ended:  # the edge is stopping: say so, or the SDK takes the cut for the end
-            await response.write(chunks.interrupted())
+            await writes.write(chunks.interrupted())
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away; the chat goes on, and its stream can be resumed
     except (RedisError, StreamExpired) as exc:
-        log.warning("chat %s: ending a chunk stream (%s); the client can resume", chat_id, exc)
+        # a stream trimmed past its start cannot be told again (the chunks are a function of all of it)
+        expired = isinstance(exc, StreamExpired)
+        log.warning("chat %s: ending a chunk stream (%s)", chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
-            await response.write(chunks.interrupted())
+            await writes.write(chunks.expired() if expired else chunks.interrupted())
         response.force_close()
     finally:
+        writes.stop()
         await asyncio.shield(ctx.slots.release(slot))
     return response
 
 
-async def completion(ctx: Context, chat_id: str) -> web.Response:
+def stalls_dropped(request: web.Request, ctx: Context, response: web.StreamResponse, chat_id: str) -> ClientWrites:
+    """The stream's writes, its client dropped once it stops reading (as the native stream does);
+    no lifetime of their own: a chat's deadline ends its stream."""
+    return ClientWrites(request, response, ctx.settings.stream_write_timeout, chat_id, math.inf)
+
+
+async def completion(ctx: Context, chat_id: str, gone: bool = False) -> web.Response:
+    """The ``chat.completion`` once the chat ends: from its stream, or from its result if the stream is ``gone``."""
     assert ctx.hub is not None, "served by edges, which have a hub"
-    entries: list[Entry] = []
-    tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
-    async with aclosing(tail):
-        async for batch in tail:
-            entries += batch
-    events = [decode_event(e.data) for e in entries]
+    if gone:
+        chat = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+        asked = decode_request(chat[b"request"]) if b"request" in chat else None
+        events = from_result(model_of(ctx, asked), decode_result(chat[b"result"]))
+        first = unix(chat.get(b"created_at", b"").decode())
+    else:
+        entries: list[Entry] = []
+        tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
+        async with aclosing(tail):
+            async for batch in tail:
+                entries += batch
+        events = [decode_event(e.data) for e in entries]
+        first = created(entries[0].id) if entries else 0
     end = events[-1] if events else None
     if isinstance(end, Failed):
-        return error(502, "upstream_failed", end.message)
+        return refused(end)
     if isinstance(end, Cancelled):
-        return error(409, "cancelled", "the chat was cancelled")
+        return error(409, "cancelled", "the chat was cancelled", retry=False)
     if not isinstance(end, Complete):
         return error(503, "unavailable", "the edge is shutting down; send the request again")
     started = next(e for e in reversed(events) if isinstance(e, Started))
@@ -234,7 +265,7 @@ async def completion(ctx: Context, chat_id: str) -> web.Response:
     body = {
         "id": f"chatcmpl-{chat_id}",
         "object": "chat.completion",
-        "created": created(entries[0].id),
+        "created": first,
         "model": started.model,
         "choices": [
             {
@@ -255,116 +286,77 @@ def created(entry_id: str) -> int:
     return int(entry_id.partition("-")[0]) // 1000
 
 
-def error(status: int, code: str, message: str) -> web.Response:
-    return web.Response(status=status, body=error_body(status, code, message), content_type="application/json")
+def error(status: int, code: str, message: str, param: str | None = None, *, retry: bool = True) -> web.Response:
+    body = error_body(status, code, message, param)
+    # the SDK retries 409 and 5xx by itself, unless told not to; a chat that ended has its answer
+    headers = {} if retry else {"x-should-retry": "false"}
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
-def usage_of(usage: Usage | None) -> dict[str, int] | None:
-    return msgspec.to_builtins(usage) if usage is not None else None
+#: an upstream's refusal of the request itself, passed on as it said it (OpenAI answers 422 as 400)
+PASSED_ON: Final = {400: 400, 404: 404, 413: 413, 422: 400}
 
 
-class Shown:
-    """What a client was shown of one kind of output: a later attempt must show the same again
-    (it is skipped) before anything beyond it is sent. Text is matched character by character,
-    tool call fragments one by one."""
+def refused(end: Failed, names: Mapping[str, str] | None = None) -> web.Response:
+    """A failed chat's answer: the upstream's own refusal of the request (a bad field, an unknown
+    model, a prompt too long) as it gave it, its ``param`` as the route names it (``names``); 502
+    for anything else (the worker already retried)."""
+    param = (names or {}).get(end.param or "", end.param)
+    status = PASSED_ON.get(end.upstream_status or 0)
+    if status is None:
+        return error(502, end.code or "upstream_failed", end.message, param, retry=False)
+    return error(status, end.code or "upstream_rejected", end.message, param, retry=False)
 
-    def __init__(self) -> None:
-        self.text = ""
-        self.pieces: list[Any] = []
-        self.matched = 0  # how much of it the current attempt has said again
 
-    def again(self) -> None:
-        self.matched = 0
-
-    @property
-    def behind(self) -> bool:
-        return self.matched < max(len(self.text), len(self.pieces))
-
-    def new_text(self, text: str) -> str | None:
-        """What of ``text`` the client has not seen; None if the attempt said something else."""
-        seen = self.text[self.matched : self.matched + len(text)]
-        if not text.startswith(seen):
-            return None
-        self.text += text[len(seen) :]
-        self.matched += len(text)
-        return text[len(seen) :]
-
-    def new_piece(self, piece: Any) -> bool | None:
-        """Whether the client has yet to see ``piece``; None if the attempt said something else."""
-        if self.matched < len(self.pieces):
-            if self.pieces[self.matched] != piece:
-                return None
-            self.matched += 1
-            return False
-        self.pieces.append(piece)
-        self.matched += 1
-        return True
+def usage_of(usage: Usage | None) -> dict[str, Any] | None:
+    """OpenAI's usage object, with the upstream's breakdowns where it sent them."""
+    if usage is None:
+        return None
+    return {k: v for k, v in msgspec.to_builtins(usage).items() if v is not None}
 
 
 class Chunks:
     """A chat's events as ``chat.completion.chunk`` SSE, one entry at a time.
 
-    A pure function of the stream, so a resume that feeds the same entries gets the same chunks.
-    OpenAI's stream has no way to take anything back, so an attempt that follows one whose output
-    was shown must say the same again: its content, reasoning and tool call fragments are matched
-    against what was shown and only what goes beyond it is sent. A retry that says something else
-    ends the stream with an error (a deterministic upstream, or one that failed before answering,
-    never does).
+    A pure function of the stream (see :mod:`streambridge.api.telling` for what a retried attempt
+    shows), so a resume that feeds the same entries gets the same chunks.
     """
 
     def __init__(self, chat_id: str, include_usage: bool) -> None:
         self.chat_id, self.include_usage = chat_id, include_usage
-        self.model = ""
+        self.telling = Telling()
         self.created = 0
-        self.content, self.reasoning, self.tools = Shown(), Shown(), Shown()
         self.cursor = ""  # the last entry fed
-        self.named: set[int] = set()  # tool calls whose id and name were sent
         self.ended = False
+
+    @property
+    def model(self) -> str:
+        return self.telling.model
 
     def feed(self, entry: Entry) -> bytes:
         if self.ended:
             return b""
         self.cursor = entry.id
-        event = decode_event(entry.data)
         self.created = self.created or created(entry.id)
-        if isinstance(event, Started):
-            first = not self.model
-            self.model = event.model
-            for shown in (self.content, self.reasoning, self.tools):
-                shown.again()
-            return self._chunk(entry.id, {"role": "assistant", "content": ""}) if first else b""
-        if isinstance(event, Content | Reasoning | ToolCallFragment):
-            return self._output(entry.id, event)
-        if isinstance(event, Complete):
-            return self._complete(entry.id, event)
-        if isinstance(event, Failed):
-            return self._error(entry.id, "upstream_failed", event.message)
-        if isinstance(event, Cancelled):
+        told = self.telling.feed(decode_event(entry.data))
+        if isinstance(told, Begun):
+            return self._chunk(entry.id, {"role": "assistant", "content": ""})
+        if isinstance(told, Said):
+            field = "content" if told.kind == "content" else "reasoning_content"
+            return self._chunk(entry.id, {field: told.text})
+        if isinstance(told, Called):
+            return self._chunk(entry.id, {"tool_calls": [tool_call_delta(told.fragment, told.first)]})
+        if isinstance(told, Complete):
+            return self._complete(entry.id, told)
+        if isinstance(told, Diverged):
+            return self._diverged(entry.id)
+        if isinstance(told, Failed):
+            return self._error(entry.id, told.code or "upstream_failed", told.message, told.param)
+        if isinstance(told, Cancelled):
             return self._error(entry.id, "cancelled", "the chat was cancelled")
-        return b""  # progress, status, a failed attempt's error: the chunk stream has no place for them
-
-    def _output(self, cursor: str, event: Content | Reasoning | ToolCallFragment) -> bytes:
-        if isinstance(event, ToolCallFragment):
-            # ids are made up afresh by most upstreams on every request: a retry is matched without them
-            fresh = self.tools.new_piece((event.index, event.name, event.arguments))
-            if fresh is None:
-                return self._diverged(cursor)
-            if not fresh:
-                return b""
-            first = event.index not in self.named
-            self.named.add(event.index)
-            return self._chunk(cursor, {"tool_calls": [tool_call_delta(event, first)]})
-        shown, field = (
-            (self.content, "content") if isinstance(event, Content) else (self.reasoning, "reasoning_content")
-        )
-        new = shown.new_text(event.content)
-        if new is None:
-            return self._diverged(cursor)
-        return self._chunk(cursor, {field: new}) if new else b""
+        return b""
 
     def _complete(self, cursor: str, event: Complete) -> bytes:
-        if self.content.behind or self.reasoning.behind or self.tools.behind:
-            return self._diverged(cursor)  # the retry said less than was shown
         self.ended = True
         out = self._chunk(cursor, {}, event.finish_reason or "stop")
         if self.include_usage:
@@ -374,7 +366,7 @@ class Chunks:
     def _chunk(self, cursor: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._data(cursor, [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])
 
-    def _data(self, cursor: str, choices: list[Any], usage: dict[str, int] | None = None) -> bytes:
+    def _data(self, cursor: str, choices: list[Any], usage: dict[str, Any] | None = None) -> bytes:
         chunk: dict[str, Any] = {
             "id": f"chatcmpl-{self.chat_id}",
             "object": "chat.completion.chunk",
@@ -394,13 +386,17 @@ class Chunks:
         )
         return self._error(self.cursor, "stream_interrupted", message)
 
+    def expired(self) -> bytes:
+        message = f"the stream was trimmed and cannot be resumed; GET /v1/chats/{self.chat_id} has the result"
+        return self._error(self.cursor, "stream_expired", message)
+
     def _diverged(self, cursor: str) -> bytes:
         message = "the upstream failed mid-answer and its retry answered differently; ask again"
         return self._error(cursor, "retry_diverged", message)
 
-    def _error(self, cursor: str, code: str, message: str) -> bytes:
+    def _error(self, cursor: str, code: str, message: str, param: str | None = None) -> bytes:
         self.ended = True
-        error = msgspec.json.decode(error_body(502, code, message))
+        error = msgspec.json.decode(error_body(502, code, message, param))
         error["streambridge"] = {"chat_id": self.chat_id, "cursor": cursor}
         return b"data: %s\n\n" % msgspec.json.encode(error)
 

@@ -33,7 +33,9 @@ IDEMPOTENCY_TTL: Final = 86_400
 def check_prompt(chat: ChatRequest, identity: Identity) -> None:
     q = identity.quota
     if len(chat.messages) > q.max_messages:
-        raise Unprocessable(f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}")
+        raise Unprocessable(
+            f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}", param="messages"
+        )
     # what the upstream reads counts: tools' definitions, earlier tool calls and vendors' fields too
     chars = sum(len(m.text()) for m in chat.messages)
     for part in (chat.tools, [m.tool_calls for m in chat.messages if m.tool_calls], chat.extra):
@@ -43,7 +45,7 @@ def check_prompt(chat: ChatRequest, identity: Identity) -> None:
     for name in ("max_tokens", "max_completion_tokens"):
         asked = getattr(chat, name)
         if asked is not None and asked > q.max_tokens:
-            raise Unprocessable(f"{name} may be at most {q.max_tokens}, not {asked}")
+            raise Unprocessable(f"{name} may be at most {q.max_tokens}, not {asked}", param=name)
 
 
 def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from streambridge.api.auth import authenticate
 from streambridge.api.context import context
+from streambridge.shared.errors import NotFound
 from streambridge.shared.settings import Settings
 
 log = logging.getLogger("streambridge.api")
@@ -81,3 +82,16 @@ async def list_models(request: web.Request) -> web.Response:
     await authenticate(request, ctx.redis, ctx.settings)
     listed = await request.app[MODELS].get()
     return web.Response(body=msgspec.json.encode(listed), content_type="application/json")
+
+
+@routes.get("/v1/models/{model:.+}")
+async def read_model(request: web.Request) -> web.Response:
+    """One model of the list (``client.models.retrieve(id)``); ids may hold slashes (``org/name``)."""
+    ctx = context(request)
+    await authenticate(request, ctx.redis, ctx.settings)
+    wanted = request.match_info["model"]
+    listed = await request.app[MODELS].get()
+    found = next((m for m in listed.data if m.id == wanted), None)
+    if found is None:
+        raise NotFound(f"the model `{wanted[:200]}` does not exist", code="model_not_found", param="model")
+    return web.Response(body=msgspec.json.encode(found), content_type="application/json")

@@ -18,6 +18,7 @@ from aiohttp import web
 from streambridge.api import openapi_batches
 from streambridge.api.chats import ChatView, Created, StatusView, Visitor
 from streambridge.api.errors import ErrorAnswer
+from streambridge.api.responses_request import ResponsesRequest
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.events import Event
 
@@ -65,15 +66,19 @@ RETRY_AFTER: Final = {
 }
 
 
-def error(description: str, codes: dict[str, str], *, retry_after: bool | None = None) -> Json:
-    """An error answer: ``ErrorAnswer``, its ``code`` one of ``codes`` (code → when it is sent).
+def error(description: str, codes: dict[str, str], *, retry_after: bool | None = None, upstream: bool = False) -> Json:
+    """An error answer: ``ErrorAnswer``, its ``code`` one of ``codes`` (code → when it is sent), or
+    with ``upstream`` also the upstream's own code, passed on as it gave it.
 
     ``retry_after``: ``True`` if every such answer has ``Retry-After``, ``False`` if some do.
     """
     lines = "\n".join(f"- `{code}`: {when}" for code, when in codes.items())
+    if upstream:
+        lines += "\n- any other code: the upstream's own, with its `param`, as it refused the request"
+    code = {"type": "string", "examples": list(codes)} if upstream else {"enum": list(codes)}
     narrowed = {
         "type": "object",
-        "properties": {"error": {"type": "object", "properties": {"code": {"enum": list(codes)}}}},
+        "properties": {"error": {"type": "object", "properties": {"code": code}}},
     }
     answer: Json = {
         "description": f"{description}\n\n{lines}",
@@ -111,6 +116,15 @@ CHAT_ID: Final = {
     "required": True,
     "description": "The chat's id, as `POST /v1/chats` returned it: 32 lowercase hex characters.",
     "schema": {"type": "string", "pattern": CHAT_ID_PATTERN},
+}
+
+RESPONSE_ID_PATTERN: Final = "^resp_[0-9a-f]{32}$"
+RESPONSE_ID: Final = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "description": "The response's id, `resp_` and its chat's id (any chat can be read as a response).",
+    "schema": {"type": "string", "pattern": RESPONSE_ID_PATTERN},
 }
 
 BEARER: Final[list[Json]] = [{"bearer": []}]
@@ -269,6 +283,7 @@ def chats() -> Json:
                         "`messages` and `message`), or over a prompt limit (the credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
                         "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
                         "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),
@@ -483,6 +498,8 @@ def components() -> Json:
     structs = (ChatRequest, Visitor, Created, ChatView, StatusView, ErrorAnswer, Event)
     (*_, event), schemas = msgspec.json.schema_components(structs, ref_template=REF)
     request = schemas.pop("ChatRequest")
+    # what msgspec cannot say: `logprobs` may only be false (they are not returned)
+    request["properties"]["logprobs"] = {"anyOf": [{"const": False}, {"type": "null"}], "default": None}
     schemas["CreateChat"] = create_chat_schema(request)
     schemas["ChatCompletionRequest"] = completion_request_schema(request)
     schemas["Event"] = {
@@ -491,6 +508,7 @@ def components() -> Json:
         **event,
     }
     schemas["SSEEvent"] = sse_event()
+    schemas.update(responses_request_schema()[1])
     schemas["StreamId"] = {
         "type": "string",
         "pattern": STREAM_ID_PATTERN,
@@ -505,7 +523,7 @@ def components() -> Json:
     schemas.update(openapi_batches.schemas())
     return {
         "schemas": dict(sorted(schemas.items())),
-        "parameters": {"ChatId": CHAT_ID},
+        "parameters": {"ChatId": CHAT_ID, "ResponseId": RESPONSE_ID},
         "securitySchemes": {
             "bearer": {
                 "type": "http",
@@ -548,7 +566,23 @@ def completions() -> Json:
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
-            "requestBody": {"required": True, "content": json_content(ref("ChatCompletionRequest"))},
+            "requestBody": {
+                "required": True,
+                "content": json_content(
+                    ref("ChatCompletionRequest"),
+                    examples={
+                        "whole": {"value": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}},
+                        "streamed": {
+                            "value": {
+                                "model": "gpt-4o-mini",
+                                "messages": [{"role": "user", "content": "Tell me about rivers."}],
+                                "stream": True,
+                                "stream_options": {"include_usage": True},
+                            }
+                        },
+                    },
+                ),
+            },
             "responses": {
                 "200": {
                     "description": "A `chat.completion`, or its chunks as SSE.",
@@ -559,14 +593,29 @@ def completions() -> Json:
                     {
                         "malformed_json": "the body is not UTF-8 JSON",
                         "invalid_request": "a field of the wrong type or out of range (`param` names it), or `n` > 1",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
                         "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
                         "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
+                        "upstream_rejected": "the upstream refused the request (400 or 422) and gave no code",
                     },
+                    upstream=True,
                 ),
                 "401": UNAUTHORIZED,
+                "404": error(
+                    "The upstream does not know the model.",
+                    {"upstream_rejected": "the upstream answered 404 and gave no code"},
+                    upstream=True,
+                ),
                 "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
                 "409": error("The chat was cancelled before it ended.", {"cancelled": "its owner cancelled it"}),
-                "413": error("The body is too large.", {"payload_too_large": "see `POST /v1/chats`"}),
+                "413": error(
+                    "The body is too large, for streambridge or for the upstream.",
+                    {
+                        "payload_too_large": "see `POST /v1/chats`",
+                        "upstream_rejected": "the upstream answered 413 and gave no code",
+                    },
+                    upstream=True,
+                ),
                 "429": error(
                     "Over a per-user limit.",
                     {
@@ -576,7 +625,12 @@ def completions() -> Json:
                     },
                     retry_after=True,
                 ),
-                "502": error("The upstream failed the chat.", {"upstream_failed": "every attempt failed"}),
+                "502": error(
+                    "The upstream failed the chat (every attempt the worker made); not worth the SDK's retry, "
+                    "so sent with `x-should-retry: false`.",
+                    {"upstream_failed": "every attempt failed"},
+                    upstream=True,
+                ),
                 "503": error(
                     "The service cannot answer now.",
                     {
@@ -632,6 +686,155 @@ def completion_stream() -> Json:
     }
 
 
+#: one event of a Responses stream: ``event`` is its type, ``data`` its JSON, with no ``id:``
+SSE_RESPONSES: Final = {
+    "type": "object",
+    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+    "required": ["data"],
+}
+RESPONSE_NOT_FOUND: Final = error(
+    "No such response.",
+    {"not_found": "the response does not exist or belongs to another user (both look the same)"},
+)
+
+
+def responses() -> Json:
+    return {
+        "post": {
+            "operationId": "create_response",
+            "summary": "OpenAI's Responses API (the openai SDK's `responses.create` and `responses.stream`)",
+            "description": "A chat, asked of the upstream as Chat Completions and answered as a Responses "
+            "response: the object once it ends, at once with `background`, or its events with `stream` "
+            "(numbered by `sequence_number`; a dropped stream continues at "
+            "`GET /v1/responses/{id}?stream=true&starting_after=<n>`). Fields other than OpenAI's go to the "
+            "upstream as they came; `previous_response_id`, `conversation`, `prompt` and built-in tools are "
+            "refused. Served by edges.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "parameters": [IDEMPOTENCY_KEY],
+            "requestBody": {
+                "required": True,
+                "content": json_content(
+                    ref("ResponsesRequest"),
+                    examples={
+                        "whole": {"value": {"model": "gpt-4o-mini", "input": "Hi", "instructions": "Be brief."}},
+                        "background": {"value": {"model": "gpt-4o-mini", "input": "Hi", "background": True}},
+                        "streamed": {"value": {"model": "gpt-4o-mini", "input": "Hi", "stream": True}},
+                    },
+                ),
+            },
+            "responses": {
+                "200": {
+                    "description": "A `response` object, or its events as SSE.",
+                    "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": SSE_RESPONSES}},
+                },
+                "400": error(
+                    "Not a request that can be served (a wrong shape is 400 here, as OpenAI answers it).",
+                    {
+                        "malformed_json": "the body is not UTF-8 JSON",
+                        "invalid_request": "a field of the wrong type or out of range (`param` names it)",
+                        "unsupported_parameter": "a field Chat Completions cannot serve (`param` names it)",
+                        "bad_idempotency_key": "`Idempotency-Key` is empty, over 255 characters or not printable ASCII",
+                        "idempotency_key_reused": "the `Idempotency-Key` was used for a different request",
+                    },
+                ),
+                "401": UNAUTHORIZED,
+                "408": error("The body came too slowly.", {"request_timeout": "see `POST /v1/chats`"}),
+                "413": error("The body is too large.", {"payload_too_large": "see `POST /v1/chats`"}),
+                "429": error(
+                    "Over a per-user limit.",
+                    {
+                        "rate_limited": "see `POST /v1/chats`",
+                        "too_many_chats": "see `POST /v1/chats`",
+                        "too_many_streams": "the user or address has its most streams open",
+                    },
+                    retry_after=True,
+                ),
+                "503": error(
+                    "The service cannot answer now.",
+                    {
+                        **REDIS_UNAVAILABLE,
+                        "overloaded": "`STREAMBRIDGE_MAX_QUEUE_DEPTH` chats wait for a worker; sent with `Retry-After`",
+                        "unavailable": "the edge is stopping before the response ended; read it with its GET",
+                    },
+                    retry_after=False,
+                ),
+            },
+        }
+    }
+
+
+def response() -> Json:
+    return {
+        "parameters": [ref_parameter("ResponseId")],
+        "get": {
+            "operationId": "read_response",
+            "summary": "A response, or its events again (`responses.retrieve`)",
+            "description": "The `response` object; with `stream=true`, its events from `sequence_number` 0, then "
+            "live, sending only those above `starting_after`: exactly what a dropped client missed, on any edge.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "parameters": [
+                {"name": "stream", "in": "query", "schema": {"type": "boolean"}},
+                {
+                    "name": "starting_after",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 0, "maximum": 999999999999999999},
+                    "description": "The last `sequence_number` the client has (needs `stream=true`).",
+                },
+                {"name": "include", "in": "query", "schema": {"type": "array", "items": {"type": "string"}}},
+                {"name": "include_obfuscation", "in": "query", "schema": {"type": "boolean"}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "The `response` object, or its events as SSE.",
+                    "content": {**json_content(OPENAI_BODY), "text/event-stream": {"schema": SSE_RESPONSES}},
+                },
+                "400": error(
+                    "A query it does not take.",
+                    {"invalid_request": "an unknown parameter, a non-boolean, or `starting_after` without a stream"},
+                ),
+                "401": UNAUTHORIZED,
+                "404": RESPONSE_NOT_FOUND,
+                "410": error("The events expired.", {"stream_expired": "the object (without `stream`) remains"}),
+                "429": error("Too many streams.", {"too_many_streams": "see the events route"}, retry_after=True),
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        },
+    }
+
+
+def response_cancel() -> Json:
+    return {
+        "parameters": [ref_parameter("ResponseId")],
+        "post": {
+            "operationId": "cancel_response",
+            "summary": "Cancel a response (`responses.cancel`)",
+            "description": "Idempotent: a cancelled response answers again as it is. Waits up to 5 s for a running "
+            "one's worker to stop it, then answers with the `response` object.",
+            "tags": ["openai"],
+            "security": BEARER,
+            "responses": {
+                "200": {"description": "The `response` object.", "content": json_content(OPENAI_BODY)},
+                "400": error("It already ended.", {"invalid_request": "the response completed or failed"}),
+                "401": UNAUTHORIZED,
+                "404": RESPONSE_NOT_FOUND,
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        },
+    }
+
+
+def responses_request_schema() -> tuple[Json, Json]:
+    """``ResponsesRequest`` and its parts; a message item may leave out its ``type`` (OpenAI's "easy"
+    message), and any other field goes to the upstream."""
+    (request,), schemas = msgspec.json.schema_components((ResponsesRequest,), ref_template=REF)
+    message = schemas["MessageItem"]
+    message["required"] = [name for name in message["required"] if name != "type"]
+    schemas["ResponsesRequest"].pop("additionalProperties", None)
+    return request, schemas
+
+
 def models() -> Json:
     return {
         "get": {
@@ -647,6 +850,32 @@ def models() -> Json:
                 "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
             },
         }
+    }
+
+
+def model() -> Json:
+    return {
+        "parameters": [
+            {
+                "name": "model",
+                "in": "path",
+                "required": True,
+                "description": "A model's id, as `GET /v1/models` lists it (it may hold `/`).",
+                "schema": {"type": "string", "minLength": 1},
+            }
+        ],
+        "get": {
+            "operationId": "read_model",
+            "summary": "One of the upstream's models (the openai SDK's `models.retrieve`)",
+            "tags": ["openai"],
+            "security": BEARER,
+            "responses": {
+                "200": {"description": "OpenAI's model object.", "content": json_content(OPENAI_BODY)},
+                "401": UNAUTHORIZED,
+                "404": error("Not a listed model.", {"model_not_found": "`GET /v1/models` does not list it"}),
+                "503": error("Redis is unreachable.", REDIS_UNAVAILABLE),
+            },
+        },
     }
 
 
@@ -681,7 +910,11 @@ def build() -> Json:
             "/v1/chats/{id}/events": events(),
             "/v1/chat/completions": completions(),
             "/v1/chat/completions/{id}/stream": completion_stream(),
+            "/v1/responses": responses(),
+            "/v1/responses/{id}": response(),
+            "/v1/responses/{id}/cancel": response_cancel(),
             "/v1/models": models(),
+            "/v1/models/{model}": model(),
             **openapi_batches.paths(error, UNAUTHORIZED, UNAVAILABLE, BEARER, RESUME_AT),
         },
         "components": components(),

@@ -6,6 +6,7 @@ openai SDK or aiohttp as the client:
 
 - **direct**: the SDK streaming from the simulated LLM itself (the baseline);
 - **front door**: the same SDK call against streambridge's ``/v1/chat/completions``;
+- **responses**: the SDK's ``responses.create(stream=True)`` against streambridge's ``/v1/responses``;
 - **native**: ``POST /v1/chats``, then its ``stream_url`` (SSE).
 
 Prints, per chat, the CPU our processes (``up`` and Redis) spent beside the upstream's own, and
@@ -46,6 +47,16 @@ async def direct(sdk: openai.AsyncOpenAI, model: str, n: int) -> float:
     return first
 
 
+async def responses(sdk: openai.AsyncOpenAI, model: str, n: int) -> float:
+    started = time.perf_counter()
+    first = 0.0
+    stream = await sdk.responses.create(model=model, input=f"c{n}", stream=True)
+    async for event in stream:
+        if not first and event.type == "response.output_text.delta":
+            first = time.perf_counter() - started
+    return first
+
+
 async def native(session: aiohttp.ClientSession, url: str, auth: dict[str, str], model: str, n: int) -> float:
     started = time.perf_counter()
     first = 0.0
@@ -73,6 +84,7 @@ async def measure(args: argparse.Namespace, up: Child, llm: Child, ours: list[ps
         ways: dict[str, Callable[[int], Awaitable[float]]] = {
             "direct (baseline)": lambda n: direct(direct_sdk, model, n),
             "front door": lambda n: direct(door_sdk, model, n),
+            "responses": lambda n: responses(door_sdk, model, n),
             "native": lambda n: native(session, up.url, auth, model, n),
         }
         ttft: dict[str, list[float]] = {name: [] for name in ways}

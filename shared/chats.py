@@ -21,6 +21,13 @@ Role = Literal["system", "developer", "user", "assistant", "tool"]
 MAX_TOOLS: Final = 128
 MAX_STOP: Final = 4
 MAX_METADATA: Final = 16
+MAX_LOGIT_BIAS: Final = 1024
+
+#: OpenAI's metadata: up to 16 pairs, keys of at most 64 characters, values of at most 512
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=64)], Annotated[str, msgspec.Meta(max_length=512)]],
+    msgspec.Meta(max_length=MAX_METADATA),
+]
 
 
 class TextPart(msgspec.Struct, tag="text", tag_field="type", frozen=True, forbid_unknown_fields=True):
@@ -103,13 +110,16 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     seed: int | None = None
     presence_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, msgspec.Meta(ge=-2, le=2)] | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
+    logit_bias: (
+        Annotated[dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]], msgspec.Meta(max_length=MAX_LOGIT_BIAS)]
+        | None
+    ) = None
+    logprobs: bool | None = None  # false or null: streambridge does not return them
+    top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=0)] | None = None
     # OpenAI's levels grow ("none", "xhigh", …) and vendors have their own: a short word
     reasoning_effort: Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,16}$")] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
-    metadata: Annotated[dict[str, str], msgspec.Meta(max_length=MAX_METADATA)] | None = None
+    metadata: Metadata | None = None
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -132,6 +142,10 @@ class ChatResult(msgspec.Struct, frozen=True, omit_defaults=True):
     error: str | None = None
     reasoning: str | None = None  # the completing attempt's reasoning text, if it sent any
     tool_calls: list[ToolCall] | None = None  # the completing attempt's tool calls, if it made any
+    # a failed chat's, when the upstream refused the request: its status, and its error's code and param
+    upstream_status: int | None = None
+    error_code: str | None = None
+    error_param: str | None = None
 
 
 _request_decoder: Final = msgspec.json.Decoder(ChatRequest)

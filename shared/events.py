@@ -12,10 +12,13 @@ from typing import Final, Literal, TypeVar, cast
 import msgspec
 
 
-class Usage(msgspec.Struct, frozen=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    total_tokens: int = 0
+class Usage(msgspec.Struct, frozen=True, omit_defaults=True):
+    prompt_tokens: int  # the counts have no default, so they are always written
+    completion_tokens: int
+    total_tokens: int
+    # the upstream's breakdowns (``cached_tokens``, ``reasoning_tokens``, …), only where it sent them
+    prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = None
 
 
 class Started(msgspec.Struct, tag="started", tag_field="type", frozen=True):
@@ -78,9 +81,15 @@ class Complete(msgspec.Struct, tag="complete", tag_field="type", frozen=True):
     usage: Usage | None = None
 
 
-class Failed(msgspec.Struct, tag="failed", tag_field="type", frozen=True):
+class Failed(msgspec.Struct, tag="failed", tag_field="type", frozen=True, omit_defaults=True):
+    """Terminal: every attempt failed. When the upstream refused the request (a 4xx), its status
+    and its error's ``code`` and ``param`` come along, so the front door can answer as it did."""
+
     message: str
     attempts: int
+    upstream_status: int | None = None
+    code: str | None = None
+    param: str | None = None
 
 
 class Cancelled(msgspec.Struct, tag="cancelled", tag_field="type", frozen=True):

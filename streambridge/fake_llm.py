@@ -50,7 +50,7 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 DEFAULT_CONFIG: Final = FakeLLMConfig()
 
-_FAIL: Final = re.compile(r"500|429|(drop|stall):\d+|stall")
+_FAIL: Final = re.compile(r"500|429|400|(drop|stall):\d+|stall")
 _TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _SPLITS: Final = ("codepoints", "utf16")
 # Chunk sizes in units (code points or UTF-16 code units), cycled; the same for every prompt.
@@ -141,7 +141,7 @@ def config_from_model(base: FakeLLMConfig, model: str | None) -> FakeLLMConfig:
 
 def check_config(config: FakeLLMConfig) -> None:
     if config.fail is not None and not _FAIL.fullmatch(config.fail):
-        raise ValueError(f"fail must be 500, 429, drop:K, stall or stall:K, not {config.fail!r}")
+        raise ValueError(f"fail must be 500, 429, 400, drop:K, stall or stall:K, not {config.fail!r}")
     if config.split not in _SPLITS:
         raise ValueError(f"split must be codepoints or utf16, not {config.split!r}")
     if config.tool is not None and not _TOOL_NAME.fullmatch(config.tool):
@@ -206,20 +206,27 @@ class _ChatRequest(msgspec.Struct):
             return None
         return next((t.function.name for t in self.tools or () if t.function is not None), None)
 
-    def usage(self, completion_tokens: int) -> dict[str, int]:
+    def usage(self, deltas: list[dict[str, object]]) -> dict[str, object]:
+        """A chunk a token, the reasoning's among them, as OpenAI counts them."""
         prompt_tokens = sum(len(m.text().split()) for m in self.messages)
+        reasoning = sum("reasoning_content" in delta for delta in deltas)
         return {
             "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "completion_tokens": len(deltas),
+            "total_tokens": prompt_tokens + len(deltas),
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": None},
+            "completion_tokens_details": {"reasoning_tokens": reasoning},
         }
 
 
 _decode_request: Final = msgspec.json.Decoder(_ChatRequest)
 
 
-def _error(status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"message": message, "type": type_, "param": None, "code": None}}
+def _error(
+    status: int, message: str, type_: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> web.Response:
+    param = "messages" if code else None
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
@@ -265,6 +272,9 @@ class _FakeLLM:
         fail = self._failure(config, prompt)
         if fail == "500":
             return _error(500, "The fake LLM failed as asked (fail=500).", "server_error")
+        if fail == "400":  # a refusal of the request itself, as a prompt too long gets it
+            message = "The fake LLM refused the request as asked (fail=400)."
+            return _error(400, message, "invalid_request_error", code="context_length_exceeded")
         if fail == "429":
             headers = {} if config.retry_after is None else {"Retry-After": f"{config.retry_after:g}"}
             return _error(429, "The fake LLM is rate limiting as asked (fail=429).", "rate_limit_error", headers)
@@ -306,7 +316,7 @@ class _FakeLLM:
             "choices": [
                 {"index": 0, "message": answer.message, "logprobs": None, "finish_reason": answer.finish_reason}
             ],
-            "usage": chat.usage(len(answer.deltas)),
+            "usage": chat.usage(answer.deltas),
         }
         return web.Response(
             body=json.dumps(body, ensure_ascii=config.split == "utf16"), content_type="application/json"
@@ -355,7 +365,7 @@ class _FakeLLM:
             else:
                 await response.write(chunk({}, answer.finish_reason))
                 if chat.stream_options is not None and chat.stream_options.include_usage:
-                    usage = base | {"choices": [], "usage": chat.usage(len(deltas))}
+                    usage = base | {"choices": [], "usage": chat.usage(deltas)}
                     await response.write(_sse(usage, ascii_only=ascii_only))
                 await response.write(b"data: [DONE]\n\n")
         except ConnectionResetError:

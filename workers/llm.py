@@ -73,6 +73,8 @@ class _Usage(msgspec.Struct):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
 
 
 class _Chunk(msgspec.Struct):
@@ -97,7 +99,8 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
     decoding each cost a large share of a worker's CPU.
     """
     body: dict[str, Any] = msgspec.to_builtins(request)
-    body.update(body.pop("extra", None) or {})  # a vendor's own fields, at the top level as they came
+    # a vendor's own fields, at the top level as they came; never in place of a field that was checked
+    body = {**(body.pop("extra", None) or {}), **body}
     for message in body["messages"]:  # an earlier reply's reasoning, sent back: upstreams refuse it
         message.pop("reasoning_content", None)
         message.pop("reasoning", None)
@@ -166,8 +169,16 @@ def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
             prompt_tokens=u.prompt_tokens or 0,
             completion_tokens=u.completion_tokens or 0,
             total_tokens=u.total_tokens or 0,
+            prompt_tokens_details=_counts(u.prompt_tokens_details),
+            completion_tokens_details=_counts(u.completion_tokens_details),
         )
     return Delta(text, finish_reason, usage, reasoning, tool_calls)
+
+
+def _counts(details: dict[str, Any] | None) -> dict[str, int] | None:
+    """A usage breakdown's counts (some upstreams send nulls, or more than counts, in it)."""
+    counts = {k: v for k, v in (details or {}).items() if isinstance(v, int) and not isinstance(v, bool)}
+    return counts or None
 
 
 def _tool_call_delta(call: _ToolCall) -> ToolCallDelta:
@@ -180,7 +191,8 @@ def classify(exc: BaseException) -> Failure:
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code >= 500 or exc.status_code in RETRYABLE_STATUSES
         message = f"LLM answered {exc.status_code}: {_provider_message(exc)}"
-        return Failure(message, retryable, _retry_after(exc.response.headers))
+        code, param = _error_field(exc, "code"), _error_field(exc, "param")
+        return Failure(message, retryable, _retry_after(exc.response.headers), exc.status_code, code, param)
     if isinstance(exc, openai.APIConnectionError):
         unreachable = _connector_error(exc)
         if isinstance(exc, openai.APITimeoutError) and unreachable is None:
@@ -207,6 +219,14 @@ def _connector_error(exc: BaseException) -> BaseException | None:
             return cause
         cause = cause.__cause__
     return None
+
+
+def _error_field(exc: openai.APIStatusError, name: str) -> str | None:
+    """A short string field of the upstream's error body (``code``, ``param``), if it has one."""
+    body = exc.body if isinstance(exc.body, dict) else {}
+    inner = body.get("error", body)
+    value = inner.get(name) if isinstance(inner, dict) else None
+    return value[:200] if isinstance(value, str) else None
 
 
 def _provider_message(exc: openai.APIStatusError) -> str:

@@ -57,6 +57,9 @@ class Failure(NamedTuple):
     message: str
     retryable: bool
     retry_after: float | None = None
+    upstream_status: int | None = None  # the HTTP status the upstream refused the request with
+    code: str | None = None  # and its error's code and param, as it said them
+    param: str | None = None
 
 
 class UpstreamTimeout(Exception):
@@ -278,7 +281,7 @@ async def chat_events(
         last = attempt >= max_attempts or not failure.retryable
         yield Error(message=failure.message, retryable=failure.retryable and not last, attempt=attempt)
         if last:
-            yield Failed(message=failure.message, attempts=attempt)
+            yield Failed(failure.message, attempt, failure.upstream_status, failure.code, failure.param)
             return
         delay = backoff(attempt - first_attempt + 1, retry_base_delay, failure.retry_after)
         attempt += 1

@@ -81,7 +81,26 @@ class ResultTracker:
                 tool_calls=assemble_tool_calls(self.parts) or None,
             )
         elif isinstance(event, Failed):
-            self.result = ChatResult(status="failed", attempts=event.attempts, error=event.message)
+            self.result = ChatResult(
+                status="failed",
+                attempts=event.attempts,
+                error=event.message,
+                upstream_status=event.upstream_status,
+                error_code=event.code,
+                error_param=event.param,
+            )
+        elif isinstance(event, Error):  # the attempt failed: a cancel in the backoff keeps nothing of it
+            self.parts = []
+
+    def cancelled(self) -> ChatResult:
+        """A cancelled chat's result keeps what its attempt had said."""
+        return ChatResult(
+            status="cancelled",
+            content=assemble_text(self.parts),
+            attempts=self.attempt,
+            reasoning=assemble_reasoning(self.parts) or None,
+            tool_calls=assemble_tool_calls(self.parts) or None,
+        )
 
 
 class ChatRunner:
@@ -242,6 +261,6 @@ class ChatRunner:
     async def _finish(self, sink: StreamSink, tracker: ResultTracker, terminal: Event) -> None:
         tracker.observe(terminal)
         if tracker.result is None:  # cancelled
-            tracker.result = ChatResult(status="cancelled", attempts=tracker.attempt)
+            tracker.result = tracker.cancelled()
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)

@@ -66,3 +66,30 @@ async def test_a_dropped_chunk_stream_resumes_on_the_other_edge_exactly(system: 
                 rest += [c["delta"].get("content") or "" for c in msgspec.json.decode(line[6:])["choices"]]
         assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
         assert "".join(seen + rest) == expected_text("two edges", WORDS)
+
+
+async def test_a_dropped_background_response_resumes_on_the_other_edge_by_both_sdk_calls(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        key = (await login(session, system.api.url))["Authorization"].removeprefix("Bearer ")
+    first, second = (openai.AsyncOpenAI(base_url=f"{edge.url}/v1", api_key=key) for edge in system.edges)
+    stream = await first.responses.create(model=SLOW, input="background", background=True, stream=True)
+    seen = []
+    async for event in stream:
+        seen.append(event)
+        if event.type == "response.output_text.delta" and len(seen) > 10:
+            break
+    await stream.close()  # the connection drops mid-answer
+    response_id, last = seen[0].response.id, seen[-1].sequence_number
+    said = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
+    rest = [e async for e in await second.responses.retrieve(response_id, stream=True, starting_after=last)]
+    assert [e.sequence_number for e in rest] == list(range(last + 1, last + 1 + len(rest)))
+    deltas = "".join(e.delta for e in rest if e.type == "response.output_text.delta")
+    assert said + deltas == expected_text("background", WORDS)
+    async with second.responses.stream(response_id=response_id, starting_after=last) as helper:
+        again = [e async for e in helper]
+        final = await helper.get_final_response()
+    assert [e.sequence_number for e in again] == [e.sequence_number for e in rest]
+    assert final.output_text == expected_text("background", WORDS)
+    assert (await first.responses.retrieve(response_id)).output_text == final.output_text
+    await first.close()
+    await second.close()

@@ -11,10 +11,12 @@ import msgspec
 import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 
 from streambridge.api.app import make_app
 from streambridge.api.context import CONTEXT
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
+from streambridge.shared import keys
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM
@@ -103,7 +105,14 @@ async def test_a_dropped_chunk_stream_resumes_from_its_cursor_exactly(
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"temperature": 5}, "temperature"), ({"n": 2}, "n"), ({"messages": []}, "messages")],
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 2}, "n"),
+        ({"messages": []}, "messages"),
+        ({"logprobs": True}, "logprobs"),
+        ({"metadata": {"k" * 65: "v"}}, "metadata"),
+        ({"logit_bias": {"50256": 101}}, "logit_bias[...]"),
+    ],
 )
 async def test_a_malformed_request_is_the_sdks_bad_request_naming_its_field(
     sdk: openai.AsyncOpenAI, extra: dict[str, object], param: str
@@ -112,6 +121,56 @@ async def test_a_malformed_request_is_the_sdks_bad_request_naming_its_field(
         await sdk.chat.completions.create(model="fake", **{"messages": ask("x"), **extra})  # type: ignore[call-overload]
     assert caught.value.param == param
     assert caught.value.type == "invalid_request_error"
+
+
+async def test_an_upstreams_refusal_is_passed_on_with_its_code_and_param(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model="fake?fail=400", messages=ask("too long"))  # type: ignore[arg-type]
+    assert (caught.value.code, caught.value.param) == ("context_length_exceeded", "messages")
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    stream = await sdk.chat.completions.create(
+        model="fake?fail=400",
+        messages=ask("too long, streamed"),  # type: ignore[arg-type]
+        stream=True,
+    )
+    with pytest.raises(openai.APIError, match="fail=400") as raised:
+        async for _ in stream:
+            pass
+    assert isinstance(raised.value.body, dict)
+    assert raised.value.body["code"] == "context_length_exceeded"
+
+
+async def test_an_upstream_that_failed_every_attempt_is_a_502_the_sdk_does_not_retry(base_url: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{base_url}/auth/visitor") as response:
+            token = (await response.json())["token"]
+    retrying = openai.AsyncOpenAI(base_url=base_url, api_key=token, max_retries=2)
+    with pytest.raises(openai.InternalServerError) as caught:
+        await retrying.chat.completions.create(model="fake?fail=500", messages=ask("broken"))  # type: ignore[arg-type]
+    await retrying.close()
+    assert caught.value.status_code == 502
+    assert caught.value.code == "upstream_failed"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+    assert caught.value.response.request.headers.get("x-stainless-retry-count") == "0", "the SDK did not retry"
+
+
+async def test_a_chat_cancelled_while_its_completion_waits_is_the_sdks_conflict_error(
+    sdk: openai.AsyncOpenAI, base_url: str, settings: Settings
+) -> None:
+    waiting = asyncio.create_task(
+        sdk.chat.completions.create(model="fake?words=300&delay_ms=20", messages=ask("cancel me"))  # type: ignore[arg-type]
+    )
+    async with Redis.from_url(str(settings.redis_url)) as redis, asyncio.timeout(10):
+        while not (running := await redis.zrange(keys.running(), 0, 0)):
+            await asyncio.sleep(0.02)
+    chat_id = running[0].decode()
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.post(f"{base_url}/chats/{chat_id}/cancel") as response:
+            assert response.status == 202
+    with pytest.raises(openai.ConflictError) as caught:
+        await waiting
+    assert caught.value.code == "cancelled"
+    assert caught.value.response.headers["x-should-retry"] == "false"
 
 
 async def test_a_bad_key_is_the_sdks_authentication_error(base_url: str) -> None:
@@ -150,6 +209,10 @@ async def test_an_sdk_retry_finds_the_first_chat_and_a_fresh_request_makes_a_new
 
 async def test_models_are_the_upstreams(sdk: openai.AsyncOpenAI) -> None:
     assert [m.id async for m in sdk.models.list()] == ["fake"]
+    assert (await sdk.models.retrieve("fake")).id == "fake"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.models.retrieve("org/unknown")
+    assert caught.value.code == "model_not_found"
 
 
 async def test_models_fall_back_to_the_configured_one_without_an_upstream_list(settings: Settings) -> None:

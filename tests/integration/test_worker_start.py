@@ -153,7 +153,10 @@ async def test_arqs_scan_takes_the_oldest_waiting_chats_as_many_as_it_has_room_f
         given.append(job_ids)
 
     monkeypatch.setattr(ChatWorker, "start", recorded)
-    chat_ids = [await create(client, token, n) for n in range(4)]
+    chat_ids = []
+    for n in range(4):
+        chat_ids.append(await create(client, token, n))
+        await asyncio.sleep(0.002)  # the queue orders by the millisecond of enqueue: a tie is in no order
     idle_worker.max_jobs = 3
     idle_worker.busy = 1
     idle_worker._began = True  # no wake-up listener: only the scan starts chats here

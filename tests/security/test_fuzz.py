@@ -54,6 +54,7 @@ SEED = 20241124
 CHAT_ID = re.compile(openapi.CHAT_ID_PATTERN)
 FILE_ID = re.compile(openapi_batches.FILE_ID_PATTERN)
 BATCH_ID = re.compile(openapi_batches.BATCH_ID_PATTERN)
+RESPONSE_ID = re.compile(openapi.RESPONSE_ID_PATTERN)
 PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"})
 
 # Limits high enough that most answers are not 429 (a 429 is still a documented answer). Only the
@@ -93,6 +94,8 @@ class Server:
     other_token: str  # another visitor's
     stream_token: str  # the token of the first chat's stream_url
     chat_ids: list[str]  # the first visitor's chats: one that ended, then those fuzzing created
+    cancelled: str  # a chat of the first visitor's that was cancelled (its cancel answers 2xx again)
+    model: str  # a model the upstream lists
     file_ids: list[str]  # the first visitor's batch input, then the files fuzzing uploaded
     batch_id: str  # the first visitor's batch, made from that file
     statuses: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
@@ -134,6 +137,14 @@ def a_batch(http: requests.Session, url: str, auth: dict[str, str]) -> tuple[str
     return str(uploaded.json()["id"]), str(batch.json()["id"])
 
 
+def cancelled_chat(http: requests.Session, url: str, auth: dict[str, str]) -> str:
+    body = {"message": "cancel me", "model": "fake?words=1000&delay_ms=50"}
+    chat_id = str(http.post(f"{url}/v1/chats", json=body, headers=auth, timeout=10).json()["id"])
+    response = http.post(f"{url}/v1/chats/{chat_id}/cancel", headers=auth, timeout=10)
+    assert response.status_code == 202, response.text
+    return chat_id
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[Server]:
     """``streambridge up`` through the CLI, on a redis-server of the test's own; two visitors, one chat."""
@@ -144,9 +155,12 @@ def server() -> Iterator[Server]:
         process = Process(["up", "--port", "0"], clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), **limits_env()), logs)
         with requests.Session() as http:
             token, other = visitor(http, process.url), visitor(http, process.url)
-            chat_id, stream_token = completed_chat(http, process.url, {"Authorization": f"Bearer {token}"})
-            file_id, batch_id = a_batch(http, process.url, {"Authorization": f"Bearer {token}"})
-        yield Server(process.url, token, other, stream_token, [chat_id], [file_id], batch_id)
+            auth = {"Authorization": f"Bearer {token}"}
+            chat_id, stream_token = completed_chat(http, process.url, auth)
+            cancelled = cancelled_chat(http, process.url, auth)
+            model = http.get(f"{process.url}/v1/models", headers=auth, timeout=10).json()["data"][0]["id"]
+            file_id, batch_id = a_batch(http, process.url, auth)
+        yield Server(process.url, token, other, stream_token, [chat_id], cancelled, model, [file_id], batch_id)
     finally:
         if process is not None:
             assert process.stop() == 0, process.log_path.read_text()
@@ -195,6 +209,8 @@ def use_chat(case: Case, server: Server) -> None:
     fixture's chat, which ended, or the latest one fuzzing created, likely still running. Likewise
     files (a delete at the latest upload, never the fixture's) and batches."""
     params = case.path_parameters
+    if params is not None and "model" in params and pick(case, 2):
+        params["model"] = server.model  # or nearly every generated one names no model
     chat_id = params.get("id") if params is not None else None
     body = case.body if case.operation.label == "POST /v1/batches" and isinstance(case.body, dict) else {}
     if isinstance(body.get("input_file_id"), str) and pick(case, 3) < 2:  # a negative case's wrong type stays
@@ -210,11 +226,16 @@ def use_chat(case: Case, server: Server) -> None:
         if BATCH_ID.match(chat_id):
             params["id"] = server.batch_id
             return
-    if params is None or not isinstance(chat_id, str) or not CHAT_ID.match(chat_id):
+    if params is None or not isinstance(chat_id, str):
+        return
+    prefix = "resp_" if RESPONSE_ID.match(chat_id) else ""  # a response's id is its chat's
+    if not (prefix or CHAT_ID.match(chat_id)):
         return
     choice = pick(case, 3)
     if choice < 2:
-        params["id"] = server.chat_ids[-1 if choice else 0]
+        params["id"] = prefix + server.chat_ids[-1 if choice else 0]
+    elif case.operation.label.endswith("/cancel"):
+        params["id"] = prefix + server.cancelled
 
 
 def record(server: Server, case: Case, status: int) -> None:
@@ -272,9 +293,17 @@ def test_without_a_good_token(case: Case, server: Server) -> None:
 
     label, chat_id = case.operation.label, (case.path_parameters or {}).get("id")
     opens = {
-        "other_user": label  # valid, its own
-        in {"POST /v1/chats", "POST /v1/chat/completions", "GET /v1/models", "POST /v1/files", "GET /v1/files"}
-        | {"GET /v1/batches"},
+        "other_user": label
+        in {
+            "POST /v1/chats",
+            "POST /v1/chat/completions",
+            "POST /v1/responses",
+            "GET /v1/models",
+            "GET /v1/models/{model}",
+            "POST /v1/files",
+            "GET /v1/files",
+            "GET /v1/batches",
+        },
         "stream_token": label == "GET /v1/chats/{id}/events" and chat_id == server.chat_ids[0],
     }
     if label not in PUBLIC and not opens.get(credential, False):

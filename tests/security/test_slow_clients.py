@@ -113,7 +113,14 @@ async def test_a_stream_ends_after_its_idle_timeout_or_lifetime(
             assert body.rstrip().endswith(comment + b" reconnect with Last-Event-ID")
 
 
-async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(settings: Settings, redis_url: str) -> None:
+@pytest.mark.parametrize(
+    "route",
+    ["events", "chat/completions", "responses"],
+    ids=["native events", "a chunk stream", "a Responses stream"],
+)
+async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(
+    settings: Settings, redis_url: str, route: str
+) -> None:
     quick = msgspec.structs.replace(settings, stream_write_timeout=0.5)
     async for server in serve(quick):
         async with ClientSession(f"http://{server}") as http:
@@ -131,8 +138,13 @@ async def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(setting
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-        path = created["stream_url"].split(server, 1)[1]
-        sock.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        path = {
+            "events": created["stream_url"].split(server, 1)[1],
+            "chat/completions": f"/v1/chat/completions/{created['id']}/stream",
+            "responses": f"/v1/responses/resp_{created['id']}?stream=true",
+        }[route]
+        bearer = f"Authorization: Bearer {login['token']}\r\n"
+        sock.send(f"GET {path} HTTP/1.1\r\nHost: x\r\n{bearer}\r\n".encode())
         began = time.monotonic()
         while await redis.zcard(keys.user_streams(login["user"])) == 0:  # the stream opened
             assert time.monotonic() - began < 10, "the stream never opened"

@@ -115,3 +115,19 @@ def test_a_stream_cut_short_ends_with_an_error_naming_where_to_resume() -> None:
     error = msgspec.json.decode(chunks.interrupted().decode()[6:])
     assert error["error"]["code"] == "stream_interrupted"
     assert error["streambridge"]["cursor"] == "1700000000000-1"
+
+
+def test_a_retry_may_split_a_tool_calls_arguments_otherwise() -> None:
+    out = chunks_of(
+        Started(1, "m"),
+        ToolCallFragment(0, "call_1", "f", '{"q":', 1),
+        Error("broken stream", True, 1),
+        Started(2, "m"),
+        ToolCallFragment(0, "call_9", "f", '{"', 2),
+        ToolCallFragment(0, None, None, 'q":"x"}', 2),
+        Complete(2, 2, 0, 5, "tool_calls"),
+    )
+    calls = [d["tool_calls"][0] for d in deltas(out) if d.get("tool_calls")]  # type: ignore[attr-defined]
+    assert [c["function"]["arguments"] for c in calls] == ['{"q":', '"x"}']
+    assert [c.get("id") for c in calls] == ["call_1", None], "the call is named once, as first shown"
+    assert out[-1] == "[DONE]"
