@@ -10,7 +10,7 @@ from aiohttp import web
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from streambridge.api import chats, completions, edge, models, openapi, page, responses
+from streambridge.api import batches, chats, completions, edge, files, models, openapi, page, responses
 from streambridge.api.auth import load_secret
 from streambridge.api.context import CONTEXT, SETTINGS, Context
 from streambridge.api.errors import error_middleware
@@ -42,6 +42,8 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
     app[SETTINGS] = settings
     if serve_api:
         app.add_routes(chats.routes)
+        app.add_routes(files.routes)
+        app.add_routes(batches.routes)
     else:
         app.router.add_get("/healthz", chats.healthz)
     if serve_edge:

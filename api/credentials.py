@@ -40,6 +40,7 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     max_messages: Positive | None = None
     max_prompt_chars: Positive | None = None
     max_tokens: Positive | None = None
+    batch_running_items: Positive | None = None
 
 
 class Credential(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -63,6 +64,8 @@ class Quota:
     max_tokens: int
     #: the key's own ``--max-tokens``: also the ``max_tokens`` of its chats that name none
     default_max_tokens: int | None = None
+    #: items of the user's batches running at once
+    batch_running_items: int = 400
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ def quota(settings: Settings, credential: Credential) -> Quota:
         max_prompt_chars=o.max_prompt_chars or settings.max_prompt_chars,
         max_tokens=o.max_tokens or settings.max_tokens_cap,
         default_max_tokens=o.max_tokens,
+        batch_running_items=o.batch_running_items or settings.batch_user_max_running_items,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Final, get_args
 import msgspec
 from aiohttp import web
 
+from streambridge.api import openapi_batches
 from streambridge.api.chats import ChatView, Created, StatusView, Visitor
 from streambridge.api.errors import ErrorAnswer
 from streambridge.api.page import FILES
@@ -549,6 +550,7 @@ def components() -> Json:
         "properties": {"status": {"const": "ok"}},
         "required": ["status"],
     }
+    schemas.update(openapi_batches.schemas())
     return {
         "schemas": dict(sorted(schemas.items())),
         "parameters": {"ChatId": CHAT_ID, "ResponseId": RESPONSE_ID},
@@ -913,6 +915,10 @@ def build() -> Json:
             {"name": "meta", "description": "Health and this document (every process)."},
             {"name": "openai", "description": "OpenAI's API: the openai SDK works unchanged (edges)."},
             {"name": "browser", "description": "The chat page and the JavaScript client (every process)."},
+            {
+                "name": "batches",
+                "description": "OpenAI's Files and Batches APIs, live progress and partial results (API).",
+            },
         ],
         "security": BEARER,
         "paths": {
@@ -931,6 +937,7 @@ def build() -> Json:
             "/v1/models": models(),
             "/v1/models/{model}": model(),
             **{path: browser_file(path) for path in BROWSER_FILES},
+            **openapi_batches.paths(error, UNAUTHORIZED, UNAVAILABLE, BEARER, RESUME_AT),
         },
         "components": components(),
     }

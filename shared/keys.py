@@ -109,3 +109,64 @@ def visitor_logins(ip: str) -> str:
 def idempotency(user: str, key: str) -> str:
     """Hash: the chat ``user`` created with the ``Idempotency-Key`` ``key``, and its request's SHA-256."""
     return f"{PREFIX}idem:{user}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def file(file_id: str) -> str:
+    """Hash: a file's record (owner, purpose, filename, bytes, lines, created_at; an input's line errors)."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def file_lines(file_id: str) -> str:
+    """List: a file's lines, without their newlines, in order (an output file's grow as items finish)."""
+    return f"{PREFIX}file:{file_id}:lines"
+
+
+def file_items(file_id: str) -> str:
+    """List: a batch input's lines as the workers run them (``shared.batches.Item``), parsed once at upload."""
+    return f"{PREFIX}file:{file_id}:items"
+
+
+def user_files(user: str) -> str:
+    """Sorted set: ``user``'s files, scored by when (ms) each was created."""
+    return f"{PREFIX}files:user:{user}"
+
+
+def batch(batch_id: str) -> str:
+    """Hash: a batch's owner, status, counts, usage, timestamps and files."""
+    return f"{PREFIX}batch:{batch_id}"
+
+
+def batch_events(batch_id: str) -> str:
+    """Stream: the batch's progress events (``shared.batches``), one entry per event, fields ``type`` and ``data``."""
+    return f"{PREFIX}batch:{batch_id}:events"
+
+
+def batch_leases(batch_id: str) -> str:
+    """Sorted set: the batch's running items (line index), scored by when (ms) their lease lapses."""
+    return f"{PREFIX}batch:{batch_id}:leases"
+
+
+def batch_again(batch_id: str) -> str:
+    """List: line indexes to run again (their worker died or handed them back), taken before new ones."""
+    return f"{PREFIX}batch:{batch_id}:again"
+
+
+def batch_done(batch_id: str) -> str:
+    """Bitmap: bit N is set once line N has its one result line."""
+    return f"{PREFIX}batch:{batch_id}:done"
+
+
+def user_batches(user: str) -> str:
+    """Sorted set: ``user``'s batches, scored by when (ms) each was created."""
+    return f"{PREFIX}batches:user:{user}"
+
+
+def user_batch_items(user: str) -> str:
+    """Sorted set: ``user``'s running batch items (``batch_id:index``) across batches, scored by when
+    (ms) their lease lapses: the per-user limit counts them."""
+    return f"{PREFIX}batches:running:{user}"
+
+
+def active_batches() -> str:
+    """Sorted set: batches with items still to run or running, scored by when (ms) each was created."""
+    return f"{PREFIX}batches:active"

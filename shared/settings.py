@@ -85,6 +85,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     stream_write_timeout: Seconds = 30.0
     #: Redis sockets per API/edge process, however many clients (one is the edge's Pub/Sub)
     redis_max_connections: Annotated[int, msgspec.Meta(ge=2)] = 4
+    #: batches (the Files and Batches API): OpenAI's limits on an input file
+    batch_max_lines: Positive = 50_000
+    max_file_bytes: Positive = 200 * 1024 * 1024
+    #: how long the "24h" completion window lasts; unfinished lines then fail as ``batch_expired``
+    batch_completion_window: Seconds = 86_400.0
+    #: items of one batch running at once, across every worker
+    batch_max_running_items: Positive = 200
+    #: items of one user's batches running at once, across every worker (an API key may have its own)
+    batch_user_max_running_items: Positive = 400
+    #: batch items one worker runs at once, at most (an upstream's 429s lower it for a while)
+    batch_worker_concurrency: Positive = 50
+    #: a worker's chat slots batch items never take: they stay free for interactive chats
+    batch_reserved_slots: Annotated[int, msgspec.Meta(ge=0)] = 5
+    #: one attempt of a batch item gives up after this long
+    batch_item_timeout: Seconds = 600.0
+    #: how long files, and batches once ended, are kept
+    file_ttl: Positive = 30 * 86400
     log_level: str = "INFO"
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access

@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from streambridge import keys_cli
+from streambridge import batch_cli, keys_cli
 from streambridge.shared.errors import SettingsError, StreambridgeError
 from streambridge.shared.settings import Settings, load_settings
 
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--words", type=int, help="answer length in words")
     fake.add_argument("--fail", help="500 | 429 | drop:K | stall | stall:K")
     keys_cli.add_parser(commands)
+    batch_cli.add_parser(commands)
     chat = commands.add_parser("chat", help="stream an answer in the terminal, resuming after drops")
     chat.add_argument("prompt")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import processes
 
         return _run_loop(processes.fake_llm(args))
+    if args.command == "batch":
+        return _run_loop(batch_cli.main(args))
     if args.command == "keys":
         return _run_loop(keys_cli.run(args, require_redis(settings, "keys")))
     _configure_logging(settings)

@@ -13,6 +13,7 @@ from streambridge.shared import keys
 from streambridge.shared.jobs import QueueWorker, back_off
 from streambridge.shared.redis import connect
 from streambridge.shared.settings import Settings
+from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import make_client
 from streambridge.workers.reaper import listen_for_cancels, reap_forever
@@ -150,17 +151,24 @@ def make_worker(
             asyncio.create_task(reap_forever(ctx["redis"], settings.lease_ttl / 6), name="reaper"),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
+        if not burst:  # batch items fill the slots chats leave free (workers/batches.py)
+            feeder = ctx["batches"] = BatchFeeder(
+                ctx["redis"], llm, settings, busy=lambda: worker.busy, stopping=lambda: not worker.allow_pick_jobs
+            )
+            feeder.start()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         for task in ctx.get("background", []):
             task.cancel()
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
+        if "batches" in ctx:
+            await ctx["batches"].close()
         if "runner" in ctx:
             await ctx["runner"].appender.close()
         if "llm" in ctx:
             await ctx["llm"].close()
 
-    return ChatWorker(
+    worker = ChatWorker(
         pool=connect(settings.redis_url, max_connections=CONNECTIONS, client_class=ArqRedis),
         concurrency=settings.worker_concurrency,
         burst=burst,
@@ -168,6 +176,7 @@ def make_worker(
         on_startup=startup,
         on_shutdown=shutdown,
     )
+    return worker
 
 
 async def stop_worker(worker: ChatWorker, main: asyncio.Task[None], grace: float) -> None:

@@ -24,3 +24,18 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.job("c1") == "arq:job:c1"
     k_sha256 = "8254c329a92850f6d539dd376f4816ee2764517da5e0235514af433164480d7a"
     assert keys.idempotency("u", "k") == f"sb:idem:u:{k_sha256}"
+
+
+def test_batch_key_strings_are_pinned() -> None:
+    assert keys.file("file-1") == "sb:file:file-1"
+    assert keys.file_lines("file-1") == "sb:file:file-1:lines"
+    assert keys.file_items("file-1") == "sb:file:file-1:items"
+    assert keys.user_files("visitor_1") == "sb:files:user:visitor_1"
+    assert keys.batch("batch_1") == "sb:batch:batch_1"
+    assert keys.batch_events("batch_1") == "sb:batch:batch_1:events"
+    assert keys.batch_leases("batch_1") == "sb:batch:batch_1:leases"
+    assert keys.batch_again("batch_1") == "sb:batch:batch_1:again"
+    assert keys.batch_done("batch_1") == "sb:batch:batch_1:done"
+    assert keys.user_batches("visitor_1") == "sb:batches:user:visitor_1"
+    assert keys.active_batches() == "sb:batches:active"
+    assert keys.user_batch_items("visitor_1") == "sb:batches:running:visitor_1"

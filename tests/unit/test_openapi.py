@@ -101,6 +101,26 @@ BROWSER = frozenset(
     for path in ("/", "/page/chat.js", "/page/chat.css", "/page/icon.svg", "/streambridge.js", "/streambridge.d.ts")
 )
 ERRORS.update((label, {}) for label in BROWSER)
+BASE = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
+ERRORS["POST /v1/files"] = {
+    **BASE,
+    400: {"invalid_request", "too_many_lines"},
+    408: {"request_timeout"},
+    413: {"payload_too_large"},
+}
+ERRORS["GET /v1/files"] = {**BASE, 400: {"invalid_request"}}
+for route in ("GET /v1/files/{id}", "DELETE /v1/files/{id}", "GET /v1/files/{id}/content"):
+    ERRORS[route] = {**BASE, 404: {"file_not_found"}}
+ERRORS["POST /v1/batches"] = {
+    **BASE,
+    400: {"malformed_json", "invalid_request", "unsupported_endpoint", "invalid_input_file"},
+    408: {"request_timeout"},
+    413: {"payload_too_large"},
+}
+ERRORS["GET /v1/batches"] = {**BASE, 400: {"invalid_request"}}
+for route in ("GET /v1/batches/{id}", "POST /v1/batches/{id}/cancel", "GET /v1/batches/{id}/results"):
+    ERRORS[route] = {**BASE, 404: {"batch_not_found"}}
+ERRORS["GET /v1/batches/{id}/events"] = {**BASE, 400: {"bad_last_event_id"}, 404: {"batch_not_found"}}
 
 
 def document() -> dict[str, Any]:

@@ -1,0 +1,259 @@
+"""Batches beside a plain asyncio loop, and interactive chats beside a batch: ``python -m bench.batch``.
+
+Starts its own redis-server, the simulated LLM, ``streambridge api``, ``streambridge edge`` and
+one ``streambridge worker`` (each a process of its own), then, in one run:
+
+1. **interactive, idle**: chats one at a time (``POST /v1/chats`` + SSE): pickup (queued →
+   started, as the chat records it) and time to the first content token;
+2. **plain loop (baseline)**: the openai SDK calling the simulated LLM straight, N requests at
+   the batch's concurrency, each result written to a file as a line;
+3. **batch**: the same N requests as a batch (``files.create`` + ``batches.create``, polled until
+   it completes), with CPU per item of our processes and Redis, each process's peak RSS, and
+   Redis's memory per 1,000 items;
+4. **interactive, beside a batch**: the chats of 1 again while another N-item batch runs.
+
+Prints a table of each figure beside its baseline from the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import aiohttp
+import openai
+import psutil
+import redis
+
+from bench.run import Child, streambridge
+from streambridge.embedded import free_port, redis_server_binary
+from streambridge.sse import SSEParser
+
+
+def cpu(*procs: psutil.Process) -> float:
+    return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+
+class PeakRSS:
+    """Samples each process's RSS every 50 ms while running; ``peaks`` by name, in MiB."""
+
+    def __init__(self, procs: dict[str, psutil.Process]) -> None:
+        self.procs, self.peaks = procs, dict.fromkeys(procs, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            for name, proc in self.procs.items():
+                self.peaks[name] = max(self.peaks[name], proc.memory_info().rss / 2**20)
+
+
+def items(n: int, model: str, tag: str) -> bytes:
+    lines = []
+    for i in range(n):
+        body = {"model": model, "messages": [{"role": "user", "content": f"{tag} {i}"}]}
+        lines.append(
+            json.dumps({"custom_id": f"{tag}-{i}", "method": "POST", "url": "/v1/chat/completions", "body": body})
+        )
+    return ("\n".join(lines) + "\n").encode()
+
+
+async def submit(sdk: openai.AsyncOpenAI, data: bytes) -> str:
+    uploaded = await sdk.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = await sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    return batch.id
+
+
+async def until_done(sdk: openai.AsyncOpenAI, batch_id: str) -> None:
+    while True:  # polled, as an SDK user does
+        if (await sdk.batches.retrieve(batch_id)).status in {"completed", "failed", "expired", "cancelled"}:
+            return
+        await asyncio.sleep(0.1)
+
+
+async def plain_loop(llm_url: str, n: int, concurrency: int, model: str) -> float:
+    """The baseline: the SDK against the upstream, ``concurrency`` at a time, results to a file."""
+    sdk = openai.AsyncOpenAI(
+        base_url=f"{llm_url}/v1", api_key="x", max_retries=0, http_client=openai.DefaultAioHttpClient()
+    )
+    queue = list(range(n))
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w") as out:
+
+        async def work() -> None:
+            while queue:
+                i = queue.pop()
+                answer = await sdk.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": f"plain {i}"}]
+                )
+                out.write(json.dumps({"custom_id": f"plain-{i}", "body": answer.model_dump()}) + "\n")
+
+        await asyncio.gather(*(work() for _ in range(concurrency)))
+    await sdk.close()
+    return time.perf_counter() - started
+
+
+async def interactive(
+    session: aiohttp.ClientSession, api: str, auth: dict[str, str], r: redis.Redis, n: int
+) -> tuple[list[float], list[float]]:
+    pickups, ttfts = [], []
+    for i in range(n):
+        started = time.perf_counter()
+        async with session.post(f"{api}/v1/chats", json={"message": f"hi {i}"}, headers=auth) as response:
+            created = await response.json()
+        parser, first = SSEParser(), 0.0
+        async with session.get(created["stream_url"]) as response:
+            async for piece in response.content.iter_any():
+                if any(m.event == "content" for m in parser.feed(piece)):
+                    first = time.perf_counter() - started
+                    break  # the rest of the answer is not what is measured
+        ttfts.append(first * 1000)
+        pickups.append(float(r.hget(f"sb:chat:{created['id']}", "pickup_ms") or 0))
+    return pickups, ttfts
+
+
+async def measure(
+    args: argparse.Namespace, api: Child, edge: Child, llm: Child, procs: dict[str, psutil.Process], r: redis.Redis
+) -> None:
+    model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms=0"
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{api.url}/v1/auth/visitor") as response:
+            token = (await response.json())["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        sdk = openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0)
+        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats)
+        phase("interactive, idle")
+
+        me = psutil.Process()
+        before = cpu(me)
+        plain_wall = await plain_loop(llm.url, args.items, args.concurrency, model)
+        plain_cpu = cpu(me) - before
+        phase("plain loop")
+
+        data = items(args.items, model, "batch")
+        memory_before = r.info("memory")["used_memory"]
+        ours = [procs["api"], procs["worker"], procs["redis"]]
+        with PeakRSS(procs) as rss:
+            before = cpu(*ours)
+            started = time.perf_counter()
+            batch_id = await submit(sdk, data)
+            await until_done(sdk, batch_id)
+            batch_wall = time.perf_counter() - started
+            batch_cpu = cpu(*ours) - before
+        memory_per_1000 = (r.info("memory")["used_memory"] - memory_before) / args.items * 1000 / 2**20
+        phase("batch")
+
+        busy_id = await submit(sdk, items(3 * args.items, model, "busy"))  # runs on past the chats below
+        await asyncio.sleep(0.5)  # the batch fills the spare slots
+        busy_pickup, busy_ttft = await interactive(session, api.url, auth, r, args.chats)
+        still = (await sdk.batches.retrieve(busy_id)).status
+        await sdk.batches.cancel(busy_id)
+        phase("interactive, beside a batch")
+        await sdk.close()
+
+    print(
+        f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}\n"
+    )
+    print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
+    row(
+        "CPU per item (ms): plain loop vs api+worker+redis",
+        plain_cpu / args.items * 1000,
+        batch_cpu / args.items * 1000,
+    )
+    row("throughput (items/s)", args.items / plain_wall, args.items / batch_wall)
+    row("interactive pickup p50 (ms): idle vs batch", statistics.median(idle_pickup), statistics.median(busy_pickup))
+    row("interactive TTFT p50 (ms): idle vs batch", statistics.median(idle_ttft), statistics.median(busy_ttft))
+    row("interactive TTFT p95 (ms): idle vs batch", quantile(idle_ttft, 0.95), quantile(busy_ttft, 0.95))
+    print(f"\n(the second batch was {still} while the interactive chats ran)")
+    print("peak RSS during the batch: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss.peaks.items()))
+    print(f"Redis memory per 1,000 items (input, parsed items, output, events): {memory_per_1000:.2f} MiB")
+
+
+BEGAN = time.perf_counter()
+
+
+def phase(name: str) -> None:
+    print(f"[{time.perf_counter() - BEGAN:6.1f} s] {name} done", file=sys.stderr, flush=True)
+
+
+def row(name: str, base: float, ours: float) -> None:
+    print(f"{name:<52}{base:>10.2f}{ours:>10.2f}{ours / base if base else float('nan'):>8.2f}×")
+
+
+def quantile(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))]
+
+
+def cli() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--chats", type=int, default=40)
+    parser.add_argument("--words", type=int, default=20)
+    parser.add_argument("--ttft-ms", type=float, default=20)
+    parser.add_argument("--concurrency", type=int, default=50)
+    args = parser.parse_args()
+    port = free_port()
+    redis_proc = subprocess.Popen(
+        [redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBRIDGE_")} | {"PYTHONUNBUFFERED": "1"}
+    children: list[Child] = []
+    try:
+        time.sleep(0.3)
+        llm = streambridge("fake-llm", "--port", "0", env=env)
+        children.append(llm)
+        env |= {
+            "STREAMBRIDGE_REDIS_URL": f"redis://127.0.0.1:{port}/0",
+            "STREAMBRIDGE_LLM_BASE_URL": f"{llm.url}/v1",
+            "STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE": "1000000",
+            "STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS": "1000000",
+            "STREAMBRIDGE_VISITOR_MAX_OPEN_STREAMS": "1000000",
+            "STREAMBRIDGE_LOG_LEVEL": "WARNING",
+            # the batch's concurrency is the baseline's; 5 more slots stay for interactive chats
+            "STREAMBRIDGE_WORKER_CONCURRENCY": str(args.concurrency + 5),
+            "STREAMBRIDGE_BATCH_RESERVED_SLOTS": "5",
+            "STREAMBRIDGE_BATCH_WORKER_CONCURRENCY": str(args.concurrency),
+        }
+        edge = streambridge("edge", "--port", "0", env=env)
+        children.append(edge)
+        api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
+        children.append(api)
+        worker = streambridge("worker", env=env, ready="worker started")
+        children.append(worker)
+        procs = {
+            "api": psutil.Process(api.proc.pid),
+            "edge": psutil.Process(edge.proc.pid),
+            "worker": psutil.Process(worker.proc.pid),
+            "redis": psutil.Process(redis_proc.pid),
+            "llm": psutil.Process(llm.proc.pid),
+        }
+        r = redis.Redis(port=port)
+        asyncio.run(measure(args, api, edge, llm, procs, r))
+    finally:
+        for child in reversed(children):
+            child.stop()
+        redis_proc.terminate()
+        redis_proc.wait(10)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,322 @@
+"""Batches through the official openai SDK against the API in-process, a real Redis, the simulated
+LLM on a real port and a batch feeder run until its batches end (as a burst worker runs chats)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+import openai
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+
+from streambridge.api.app import make_app
+from streambridge.fake_llm import expected_text
+from streambridge.shared import batches, keys, machine
+from streambridge.shared.settings import Settings
+from streambridge.workers.batches import BatchFeeder
+from streambridge.workers.llm import make_client
+from tests.integration.conftest import bearer, read_sse
+
+RunBatches = Callable[[], Awaitable[None]]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return msgspec.structs.replace(settings, lease_ttl=0.3, max_attempts=3)
+
+
+@pytest.fixture
+async def sdk(client: TestClient, token: str) -> AsyncIterator[openai.AsyncOpenAI]:  # type: ignore[type-arg]
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token, max_retries=0)
+    yield sdk
+    await sdk.close()
+
+
+@pytest.fixture
+async def feeder(real_redis: Redis, settings: Settings, llm_url: str) -> AsyncIterator[BatchFeeder]:
+    llm = make_client(llm_url, None)
+    feeder = BatchFeeder(real_redis, llm, settings)
+    yield feeder
+    await feeder.close()
+    await llm.close()
+
+
+def line(custom_id: str, prompt: str, model: str = "fake?words=5") -> dict[str, object]:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def jsonl(*lines: dict[str, object]) -> bytes:
+    return b"".join(json.dumps(x).encode() + b"\n" for x in lines)
+
+
+async def submit(sdk: openai.AsyncOpenAI, data: bytes) -> openai.types.Batch:
+    uploaded = await sdk.files.create(file=("prompts.jsonl", io.BytesIO(data)), purpose="batch")
+    return await sdk.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "t"}
+    )
+
+
+async def content(sdk: openai.AsyncOpenAI, file_id: str | None) -> dict[str, dict[str, object]]:
+    assert file_id is not None
+    text = (await sdk.files.content(file_id)).text
+    found = [json.loads(x) for x in text.splitlines()]
+    by_id = {x["custom_id"]: x for x in found}
+    assert len(by_id) == len(found), "one line per custom_id"
+    return by_id
+
+
+async def test_a_batch_runs_end_to_end_through_the_sdk(sdk: openai.AsyncOpenAI, feeder: BatchFeeder) -> None:
+    prompts = {f"r{n}": f"prompt number {n}" for n in range(6)}
+    data = jsonl(
+        *(line(cid, p) for cid, p in prompts.items()),
+        line("bad-model", "refused", model="fake?no_such_option=1"),  # the upstream answers 400
+        line("flaky", "fails twice", model="fake?words=5&fail=500&fail_times=2"),
+    )
+    batch = await submit(sdk, data)
+    assert batch.status == "in_progress"
+    assert batch.request_counts is not None
+    assert batch.request_counts.total == 8
+
+    await feeder.run_until_idle()
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (7, 1)
+    assert done.metadata == {"run": "t"}
+    assert done.completed_at is not None
+    assert done.finalizing_at is not None
+    assert done.usage is not None
+    assert done.usage.total_tokens > 0
+    output = await content(sdk, done.output_file_id)
+    assert set(output) == {*prompts, "flaky"}
+    for cid, prompt in prompts.items():
+        response = output[cid]["response"]
+        assert isinstance(response, dict)
+        assert response["status_code"] == 200
+        assert response["body"]["choices"][0]["message"]["content"] == expected_text(prompt, 5)
+    errors = await content(sdk, done.error_file_id)
+    assert list(errors) == ["bad-model"]
+    assert errors["bad-model"]["response"]["status_code"] == 400  # type: ignore[index]
+    assert errors["bad-model"]["error"] is None
+
+
+async def test_a_malformed_input_fails_the_batch_naming_each_bad_line(sdk: openai.AsyncOpenAI) -> None:
+    data = (
+        jsonl(line("a", "fine"), line("a", "again"))
+        + b"not json\n"
+        + jsonl({**line("c", "x"), "body": {"messages": []}})
+    )
+    batch = await submit(sdk, data)
+    assert batch.status == "failed"
+    assert batch.errors is not None
+    assert batch.errors.data is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == [
+        (2, "duplicate_custom_id"),
+        (3, "invalid_json_line"),
+        (4, "invalid_request"),
+    ]
+    assert batch.output_file_id is None
+
+
+async def test_files_are_listed_read_and_deleted(sdk: openai.AsyncOpenAI, client: TestClient) -> None:  # type: ignore[type-arg]
+    data = jsonl(line("a", "one"), line("b", "two"))
+    uploaded = await sdk.files.create(file=("in.jsonl", io.BytesIO(data)), purpose="batch")
+    assert (uploaded.bytes, uploaded.filename, uploaded.purpose) == (len(data), "in.jsonl", "batch")
+    assert (await sdk.files.content(uploaded.id)).content == data
+    assert [f.id async for f in sdk.files.list()] == [uploaded.id]
+    assert (await sdk.files.delete(uploaded.id)).deleted
+    with pytest.raises(openai.NotFoundError):
+        await sdk.files.retrieve(uploaded.id)
+
+
+async def test_an_upload_that_is_not_a_batch_is_refused_with_openais_error(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as refused:
+        await sdk.files.create(file=("a.jsonl", io.BytesIO(b"{}\n")), purpose="fine-tune")
+    assert refused.value.code == "invalid_request"
+    with pytest.raises(openai.BadRequestError) as missing:
+        await sdk.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    assert missing.value.code == "invalid_input_file"
+
+
+async def test_batches_list_pages_with_the_sdk(sdk: openai.AsyncOpenAI) -> None:
+    made = [(await submit(sdk, jsonl(line("a", f"p{n}")))).id for n in range(3)]
+    page = await sdk.batches.list(limit=2)
+    assert [b.id for b in page.data] == made[::-1][:2]
+    assert page.has_more
+    assert [b.id async for b in await sdk.batches.list(limit=2)] == made[::-1]
+
+
+async def test_a_dead_workers_items_run_again_and_each_has_one_result_line(
+    sdk: openai.AsyncOpenAI, feeder: BatchFeeder, real_redis: Redis, settings: Settings
+) -> None:
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(5))))
+    k = await batches.batch_keys(real_redis, batch.id)
+    assert k is not None
+    # a worker claims three items and dies: nothing renews their leases
+    lost = await machine.call(real_redis, batches.claim(k, 3, lease_ms=300, max_running=100))
+    assert len(lost) == 6
+
+    await feeder.run_until_idle()
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert done.request_counts.completed == 5
+    assert set(await content(sdk, done.output_file_id)) == {f"r{n}" for n in range(5)}
+    # the dead worker wakes up and finishes an item after all: it changes nothing
+    late = batches.done(k, 0, ok=True, line=b"{}", custom_id="r0", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, late) == 0
+    assert await real_redis.llen(keys.file_lines(k.output_file)) == 5
+
+
+async def test_cancel_mid_batch_keeps_finished_items_and_stops_the_rest(
+    sdk: openai.AsyncOpenAI,
+    feeder: BatchFeeder,
+    client: TestClient,
+    token: str,  # type: ignore[type-arg]
+) -> None:
+    slow = "fake?words=20&delay_ms=20"  # about 0.4 s an item
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=slow) for n in range(200))))
+    running = asyncio.create_task(feeder.run_until_idle())
+    async with client.get(f"/v1/batches/{batch.id}/events", headers=bearer(token)) as response:
+        async for chunk in response.content.iter_any():
+            if b"event: item" in chunk:
+                break
+    cancelling = await sdk.batches.cancel(batch.id)
+    assert cancelling.status in {"cancelling", "cancelled"}
+    await running
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "cancelled"
+    assert done.cancelled_at is not None
+    assert done.request_counts is not None
+    finished = done.request_counts.completed + done.request_counts.failed
+    assert 1 <= finished < 200
+    assert len(await content(sdk, done.output_file_id)) == done.request_counts.completed
+
+
+async def test_an_expired_batch_sends_unfinished_lines_to_the_error_file(
+    settings: Settings, real_redis: Redis, llm_url: str, token: str
+) -> None:
+    short = msgspec.structs.replace(settings, batch_completion_window=0.5, batch_worker_concurrency=1)
+    async with TestClient(TestServer(make_app(short))) as client:
+        sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key=token, max_retries=0)
+        slow = "fake?words=10&delay_ms=40"  # about 0.4 s each, one at a time: two at most in the window
+        batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=slow) for n in range(6))))
+        llm = make_client(llm_url, None)
+        feeder = BatchFeeder(real_redis, llm, short)
+        await feeder.run_until_idle()
+        await feeder.close()
+        await llm.close()
+        done = await sdk.batches.retrieve(batch.id)
+        assert done.status == "expired"
+        assert done.expired_at is not None
+        counts = done.request_counts
+        assert counts is not None
+        assert counts.completed + counts.failed == 6
+        assert counts.completed < 6
+        errors = await content(sdk, done.error_file_id)
+        assert len(errors) == counts.failed
+        assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}  # type: ignore[index]
+        await sdk.close()
+
+
+async def test_progress_events_resume_after_last_event_id_exactly(
+    sdk: openai.AsyncOpenAI,
+    feeder: BatchFeeder,
+    client: TestClient,
+    token: str,  # type: ignore[type-arg]
+) -> None:
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(4))))
+    await feeder.run_until_idle()
+    async with client.get(f"/v1/batches/{batch.id}/events", headers=bearer(token)) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        everything = await read_sse(response)
+    assert [m.event for m in everything] == ["status", "status", *["item"] * 4, "status", "end"]
+    items = [json.loads(m.data) for m in everything if m.event == "item"]
+    assert sorted(i["custom_id"] for i in items) == ["r0", "r1", "r2", "r3"]
+    assert [i["completed"] for i in items] == [1, 2, 3, 4]
+    assert json.loads(everything[-1].data) == {
+        "type": "end",
+        "status": "completed",
+        "completed": 4,
+        "failed": 0,
+        "total": 4,
+    }
+    resumed_at = everything[3].id
+    headers = {**bearer(token), "Last-Event-ID": resumed_at}
+    async with client.get(f"/v1/batches/{batch.id}/events", headers=headers) as response:
+        rest = await read_sse(response)
+    assert [m.id for m in rest] == [m.id for m in everything[4:]]
+
+
+async def test_results_stream_what_has_finished(
+    sdk: openai.AsyncOpenAI,
+    feeder: BatchFeeder,
+    client: TestClient,
+    token: str,  # type: ignore[type-arg]
+) -> None:
+    batch = await submit(sdk, jsonl(line("ok", "fine"), line("no", "x", model="fake?no_such_option=1")))
+    async with client.get(f"/v1/batches/{batch.id}/results", headers=bearer(token)) as response:
+        assert response.status == 200
+        assert await response.read() == b""
+    await feeder.run_until_idle()
+    async with client.get(f"/v1/batches/{batch.id}/results", headers=bearer(token)) as response:
+        lines = [json.loads(x) for x in (await response.read()).splitlines()]
+    assert [x["custom_id"] for x in lines] == ["ok", "no"]
+
+
+async def test_another_users_batch_and_file_are_not_found(
+    sdk: openai.AsyncOpenAI,
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    batch = await submit(sdk, jsonl(line("a", "mine")))
+    other = (await (await client.post("/v1/auth/visitor")).json())["token"]
+    for path in (f"/v1/batches/{batch.id}", f"/v1/files/{batch.input_file_id}", f"/v1/batches/{batch.id}/events"):
+        async with client.get(path, headers=bearer(other)) as response:
+            assert response.status == 404, path
+            assert (await response.json())["error"]["type"] == "not_found_error"
+
+
+async def test_an_upstreams_429s_halve_the_batchs_concurrency_and_the_items_still_complete(
+    sdk: openai.AsyncOpenAI, feeder: BatchFeeder
+) -> None:
+    limited = "fake?words=5&fail=429&fail_times=1&retry_after=0"
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=limited) for n in range(3))))
+    full = feeder.limit
+
+    await feeder.run_until_idle()
+
+    assert feeder.limit < full  # the batch backs off; interactive chats have their own slots
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert done.request_counts.completed == 3
+
+
+async def test_a_users_running_items_are_bounded_across_their_batches(
+    sdk: openai.AsyncOpenAI, real_redis: Redis, settings: Settings
+) -> None:
+    # the visitor's limit (STREAMBRIDGE_BATCH_USER_MAX_RUNNING_ITEMS) is recorded on each batch it makes
+    first, second = [await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(5)))) for _ in range(2)]
+    a, b = await batches.batch_keys(real_redis, first.id), await batches.batch_keys(real_redis, second.id)
+    assert a is not None
+    assert b is not None
+    await real_redis.hset(keys.batch(first.id), "user_limit", 3)
+    await real_redis.hset(keys.batch(second.id), "user_limit", 3)
+
+    async def claim(k: batches.BatchKeys, n: int) -> list[int]:
+        answer = await machine.call(real_redis, batches.claim(k, n, lease_ms=60_000, max_running=100))
+        return [int(i) for i in answer[::2]]
+
+    assert await claim(a, 2) == [0, 1]
+    assert await claim(b, 5) == [0]  # the user has 3 running in all
+    done = batches.done(a, 0, ok=True, line=b"{}", custom_id="r0", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, done) == 1
+    assert await claim(b, 5) == [1]  # one ended: room for one more
