@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple, cast
+from typing import Annotated, Any, Final, NamedTuple, cast
 
 import msgspec
 from aiohttp import web
@@ -46,6 +46,12 @@ class Created(msgspec.Struct):
     created_at: str
 
 
+QUEUE_POSITION: Final = (
+    "Only while `status` is `queued`: the chat's place in the deployment's queue, 1 being the next to "
+    "start. It counts every user's chats waiting ahead of this one, so it may jump by more than one."
+)
+
+
 class ChatView(msgspec.Struct, omit_defaults=True):
     id: str
     status: Status
@@ -58,6 +64,8 @@ class ChatView(msgspec.Struct, omit_defaults=True):
     stream_url: str
     reasoning: str | None = None  # left out unless the model sent reasoning
     tool_calls: list[ToolCall] | None = None  # left out unless the model called tools
+    # left out unless the chat is queued (see :func:`queue_position`)
+    queue_position: Annotated[int, msgspec.Meta(ge=1, description=QUEUE_POSITION)] | None = None
 
 
 class StatusView(msgspec.Struct):
@@ -186,10 +194,23 @@ async def read_chat(request: web.Request) -> web.Response:
         view.error, view.attempts = result.error, max(result.attempts, view.attempts)
         view.reasoning, view.tool_calls = result.reasoning, result.tool_calls
     elif status not in TERMINAL_STATUSES:
+        if status == "queued":
+            view.queue_position = await queue_position(ctx, chat_id)
         events = [decode_event(e.data) for e in await read_stream(ctx, chat_id)]
         view.content = assemble_text(events)
         view.reasoning, view.tool_calls = assemble_reasoning(events) or None, assemble_tool_calls(events) or None
     return json_response(view)
+
+
+async def queue_position(ctx: Context, chat_id: str) -> int | None:
+    """Where the chat waits in arq's queue, 1 being the next to start: the number of chats in the
+    whole deployment (every user's) queued before it, plus one. The queue is one sorted set scored
+    by enqueue time with the chat id as job id, so this is one ZRANK, O(log n); workers take the
+    oldest first (``shared.jobs.QueueWorker`` scans from rank 0, the wake list is in enqueue order),
+    so it is also the order in which they start. None when the chat is no longer in it: it started
+    (or was cancelled) between the read of its status and this."""
+    rank = await ctx.redis.zrank(keys.queue(), chat_id)
+    return None if rank is None else int(rank) + 1
 
 
 @routes.post("/v1/chats/{id}/cancel")

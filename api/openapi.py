@@ -320,7 +320,8 @@ def chat() -> Json:
             "operationId": "read_chat",
             "summary": "A chat's state and result",
             "description": "While the chat runs, `content` is the text streamed so far (and `reasoning` and "
-            "`tool_calls` what the model sent of them, when it sent any). Every answer carries a "
+            "`tool_calls` what the model sent of them, when it sent any); while it waits, "
+            "`queue_position` is its place in the queue (1: the next to start). Every answer carries a "
             "fresh `stream_url`, so a client whose stream token expired gets a new one. Answers for "
             "`STREAMBRIDGE_RESULT_TTL` seconds after the chat ended.",
             "tags": ["chats"],

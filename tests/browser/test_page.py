@@ -188,3 +188,37 @@ def test_markup_in_an_answer_is_shown_as_text_and_never_runs(page: Page, deploym
     assert page.evaluate("window.__pwned") is None
     assert page.evaluate("window.__violations") == []  # nothing even tried to load
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_queued_chat_shows_its_place_in_the_queue_and_moves_up(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # No worker free: the workers are frozen (SIGSTOP), so chats wait; one queued through the API
+    # first (another user's, as far as the page knows) is ahead of the page's.
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        token = page.request.post(deployment.url + "/v1/auth/visitor").json()["token"]
+        auth = {"Authorization": f"Bearer {token}"}
+        ahead = page.request.post(deployment.url + "/v1/chats", data={"message": "ahead"}, headers=auth).json()["id"]
+        place = page.request.get(f"{deployment.url}/v1/chats/{ahead}", headers=auth).json()["queue_position"]
+        open_page(page, deployment)
+        ask(page, unique("wait in line"), "fake?words=5")
+        body = page.locator("body")
+        expect(body).to_have_attribute("data-queue-position", str(place + 1))
+        expect(page.locator("#status")).to_have_text(f"queued — position {place + 1}")
+        shots(page, "queued")
+        page.request.post(f"{deployment.url}/v1/chats/{ahead}/cancel", headers=auth)
+        expect(body).to_have_attribute("data-queue-position", str(place))  # the next poll sees it move up
+        expect(page.locator("#status")).to_have_text(f"queued — position {place}")
+        shots(page, "moved-up")
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(body).to_have_attribute("data-state", "complete")
+    expect(body).not_to_have_attribute("data-queue-position", re.compile(".*"))
+    shots(page, "complete")
+    page.click("#history-box summary")
+    expect(page.locator("#history")).to_contain_text(f"queued — position {place + 1}")
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -100,6 +100,8 @@ export interface ChatInfo {
   stream_url?: string;
   reasoning?: string | null;
   tool_calls?: ToolCall[] | null;
+  /** only while `status` is "queued": its place among every user's waiting chats, 1 = the next to start */
+  queue_position?: number;
 }
 
 /** `POST /v1/chats` */
@@ -169,6 +171,14 @@ export interface StreamOptions {
   onProgress?(event: ProgressEvent): void;
   /** `started` and `status` events */
   onStatus?(event: StartedEvent | StatusEvent): void;
+  /**
+   * While the chat waits for a worker (before its first event), its place in the queue, asked of
+   * GET /v1/chats/{id} every `queuePollMs`: 1 = the next chat to start; null if the API gave none.
+   * Not called once the chat has started. Given this, the client polls; without it, it never does.
+   */
+  onQueued?(position: number | null, info: ChatInfo): void;
+  /** how often onQueued's position is asked for, in ms (default 1000) */
+  queuePollMs?: number;
   /** one attempt failed (another may follow: `retryable`) */
   onAttemptError?(event: AttemptErrorEvent): void;
   /** a new attempt started: what the last one streamed is superseded */
@@ -208,6 +218,8 @@ export declare class ChatStream implements AsyncIterable<ChatEvent> {
   readonly attempt: number;
   readonly terminal: TerminalEvent | null;
   readonly reconnects: number;
+  /** the last place in the queue onQueued was given; null once the chat started, or unknown */
+  readonly queuePosition: number | null;
   readonly text: string;
   readonly reasoning: string;
   readonly toolCalls: ToolCall[];

@@ -18,6 +18,8 @@ const BACKOFF_MAX_MS = 2000;
 const READ_TIMEOUT_MS = 45000;
 // The persisted record is rewritten at most this often while text streams (and at once at the end).
 const PERSIST_EVERY_MS = 250;
+// While a chat waits in the queue, its place is asked for this often (one cheap GET each time).
+const QUEUE_POLL_MS = 1000;
 const ENTRY_ID = /^\d{1,20}-\d{1,20}$/;
 const EVENT_TYPES = [
   "started", "content", "reasoning", "tool_call", "progress", "status", "error", "complete", "failed", "cancelled",
@@ -202,6 +204,7 @@ export class ChatStream {
     this.attempt = saved.attempt ?? 0;
     this.terminal = null;
     this.reconnects = 0;
+    this.queuePosition = null; // while queued and onQueued is given: 1 = the next chat to start
     this._parts = restoreParts(saved.parts);
     this._options = options;
     this._persist = options.persist ?? true;
@@ -211,11 +214,17 @@ export class ChatStream {
     this._ended = false;
     this._saveTimer = null;
     this._stop = new AbortController();
+    this._queued = new AbortController(); // aborted when the chat's first event arrives, or it ends
     if (options.signal) {
       if (options.signal.aborted) this._stop.abort(options.signal.reason);
       else options.signal.addEventListener("abort", () => this._stop.abort(options.signal.reason), { once: true });
     }
+    this._stop.signal.addEventListener("abort", () => this._queued.abort(), { once: true });
     this._save();
+    // The stream says nothing while the chat waits: only the API knows its place in the queue.
+    if (typeof options.onQueued === "function" && this.lastEventId === null) {
+      Promise.resolve().then(() => this._pollQueue(options.queuePollMs ?? QUEUE_POLL_MS));
+    }
     // Started a turn later: the caller holds the object before any callback runs.
     this.done = Promise.resolve().then(() => this._run()).then(
       () => this._finish(),
@@ -357,6 +366,41 @@ export class ChatStream {
     return new StreambridgeError(410, "stream_expired", message, { result, cause: error });
   }
 
+  /**
+   * Asks GET /v1/chats/{id} for the chat's place every `interval` ms and hands it to onQueued, until
+   * its first event arrives (it started, or ended), it is no longer queued, or the stream stops.
+   * A failed ask is tried again next time (the stream, not this, decides whether the chat is lost),
+   * except an answer that will not change: the chat is not ours (404), or no token (401).
+   */
+  async _pollQueue(interval) {
+    const signal = this._queued.signal;
+    while (!signal.aborted) {
+      let info = null;
+      try {
+        info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
+      } catch (error) {
+        if (signal.aborted || (error instanceof StreambridgeError && [401, 403, 404].includes(error.status))) return;
+      }
+      if (signal.aborted) return; // an event arrived while the GET was out: the stream knows better
+      if (info !== null) {
+        if (info.status !== "queued") return;
+        this.queuePosition = Number.isInteger(info.queue_position) ? info.queue_position : null;
+        try {
+          this._options.onQueued(this.queuePosition, info);
+        } catch (error) {
+          queueMicrotask(() => {
+            throw error; // a caller's bug: reported as uncaught, and the polling goes on
+          });
+        }
+      }
+      try {
+        await sleep(interval, signal);
+      } catch {
+        return;
+      }
+    }
+  }
+
   /** One event from the wire: skipped if already seen, else applied, kept and handed to the callbacks. */
   _accept(id, type, data) {
     if (!ENTRY_ID.test(id ?? "")) throw new StreambridgeError(200, "bad_event_id", `an event came with the id ${id}`);
@@ -364,6 +408,8 @@ export class ChatStream {
     this.lastEventId = id;
     if (!EVENT_TYPES.includes(type)) return false; // a type newer than this client: skip it
     const event = { ...JSON.parse(data), eventId: id };
+    this._queued.abort(); // the chat has left the queue: its events tell the rest
+    this.queuePosition = null;
     const fresh = this._apply(event);
     this._events.push(event);
     this._wake?.();
@@ -460,6 +506,7 @@ export class ChatStream {
   }
 
   _end(error) {
+    this._queued.abort();
     this._ended = true;
     this._error = error;
     this._wake?.();

@@ -29,6 +29,7 @@ function status(text) {
 }
 
 function show(prompt) {
+  leftQueue();
   $("chat").hidden = false;
   say("question", prompt);
   for (const id of ["answer", "reasoning", "tool-calls", "progress-text", "error", "history"]) say(id, "");
@@ -56,6 +57,20 @@ function connection({ state, delay }) {
   document.body.dataset.connection = state;
 }
 
+/** The chat's place while it waits: #status says it, `data-queue-position` holds it (for the tests);
+ * #history gets a line only when the place changes, not at every poll. */
+function queued(position) {
+  const was = document.body.dataset.queuePosition ?? "";
+  const now = position === null ? "" : String(position);
+  if (now === was) return;
+  document.body.dataset.queuePosition = now;
+  if (now) status(`queued — position ${now}`);
+}
+
+function leftQueue() {
+  delete document.body.dataset.queuePosition;
+}
+
 function callbacks() {
   return {
     onContent: (_piece, _event, text) => say("answer", text),
@@ -69,12 +84,16 @@ function callbacks() {
       say("tool-calls", calls.map((c) => `tool call ${c.function.name}(${c.function.arguments})`).join("\n"));
     },
     onProgress: (p) => say("progress-text", `${p.chars} characters in ${(p.elapsed_ms / 1000).toFixed(1)} s`),
-    onStatus: (event) =>
-      status(event.type === "started" ? `running: attempt ${event.attempt} (${event.model})` : event.message),
+    onQueued: queued,
+    onStatus: (event) => {
+      leftQueue();
+      status(event.type === "started" ? `running: attempt ${event.attempt} (${event.model})` : event.message);
+    },
     onAttemptError: (event) =>
       status(`attempt ${event.attempt} failed: ${event.message}${event.retryable ? "; retrying" : ""}`),
     onConnection: connection,
     onComplete: (result) => {
+      leftQueue();
       $("progress").hidden = true;
       if (result.status === "cancelled") {
         status("cancelled");
@@ -86,6 +105,7 @@ function callbacks() {
       setState("complete");
     },
     onError: (error) => {
+      leftQueue();
       $("progress").hidden = true;
       if (error instanceof StreambridgeError && error.code === "stream_expired") {
         // The live history is gone; the final result is not: show it.

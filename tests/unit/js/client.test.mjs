@@ -91,3 +91,81 @@ test("the SSE parser takes text split anywhere, CRLF included", () => {
     ]);
   }
 });
+
+test("a queued chat's place is polled and reported until its first event, then never again", async () => {
+  const encoder = new TextEncoder();
+  let push;
+  const body = new ReadableStream({ start: (controller) => void (push = (text) => controller.enqueue(encoder.encode(text))) });
+  const places = [3, 2, 1];
+  let polls = 0;
+  const fetchImpl = async (url, init = {}) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") return json(201, { token: "tok", user: "u" });
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    if (path === `/v1/chats/${ID}`) {
+      polls += 1;
+      assert.equal(init.headers.Authorization, "Bearer tok");
+      return json(200, { id: ID, status: "queued", content: "", queue_position: places.shift() ?? 1 });
+    }
+    return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: fetchImpl });
+  const seen = [];
+  let chat;
+  await new Promise((resolve, reject) => {
+    client
+      .createChat({
+        message: "hi",
+        transport: "fetch",
+        queuePollMs: 5,
+        onQueued: (position, info) => {
+          seen.push(position);
+          assert.equal(info.status, "queued");
+          assert.equal(chat?.queuePosition ?? position, position);
+          if (position === 1) resolve();
+        },
+      })
+      .then((c) => void (chat = c), reject);
+  });
+  push(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "hi") + sse("3-0", "complete", { attempt: 1 }));
+  assert.equal((await chat.done).text, "hi");
+  assert.deepEqual(seen, [3, 2, 1]);
+  assert.equal(chat.queuePosition, null);
+  const after = polls;
+  await new Promise((resolve) => setTimeout(resolve, 30));
+  assert.equal(polls, after); // ended: no more asking
+});
+
+test("polling stops when the chat is no longer queued, and never happens without onQueued", async () => {
+  let polls = 0;
+  const counting = (streams) => {
+    const inner = scripted(streams, []);
+    return (url, init) => {
+      if (new URL(url).pathname === `/v1/chats/${ID}`) polls += 1;
+      return inner(url, init);
+    };
+  };
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + sse("2-0", "complete", { attempt: 1 });
+  const plain = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: counting([stream]) });
+  await (await plain.createChat({ message: "hi", transport: "fetch" })).done;
+  assert.equal(polls, 0);
+  // the stream stays open and silent; the API says "complete" (scripted()): the first answer ends the polling
+  polls = 0;
+  const seen = [];
+  const inner = counting([]);
+  const silentStream = (url, init) => {
+    if (!new URL(url).pathname.endsWith("/events")) return inner(url, init);
+    const body = new ReadableStream({
+      start: (controller) => init.signal.addEventListener("abort", () => controller.error(init.signal.reason)),
+    });
+    return new Response(body, { status: 200, headers: { "Content-Type": "text/event-stream" } });
+  };
+  const polled = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: silentStream });
+  const chat = await polled.createChat({ message: "hi", transport: "fetch", queuePollMs: 1, onQueued: (p) => seen.push(p) });
+  while (polls === 0) await new Promise((resolve) => setTimeout(resolve, 1));
+  await new Promise((resolve) => setTimeout(resolve, 20));
+  assert.equal(polls, 1);
+  assert.deepEqual(seen, []);
+  chat.close();
+  await chat.done.catch(() => {});
+});
