@@ -319,10 +319,17 @@ def too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
 _AT: Final = re.compile(r"`\$\.?([^`]*)`")
 
 
+_MISSING: Final = re.compile(r"missing required field `([^`]*)`")
+
+
 def param_of(exc: msgspec.ValidationError) -> str | None:
-    """The field a validation error names (``messages[0].role``), as OpenAI's ``param`` gives it."""
-    found = _AT.search(str(exc))
-    return found.group(1) or None if found else None
+    """The field a validation error names (``messages[0].role``), as OpenAI's ``param`` gives it;
+    for a missing field, the field itself, not the object that lacks it."""
+    found, missing = _AT.search(str(exc)), _MISSING.search(str(exc))
+    where = found.group(1) if found else ""
+    if missing is not None:
+        return f"{where}.{missing.group(1)}" if where else missing.group(1)
+    return where or None
 
 
 async def owned_chat(

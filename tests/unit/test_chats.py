@@ -2,7 +2,8 @@
 
 import msgspec
 
-from streambridge.shared.chats import ChatResult, decode_result
+from streambridge.api.chats import param_of
+from streambridge.shared.chats import ChatRequest, ChatResult, decode_result
 from streambridge.shared.events import FunctionCall, ToolCall
 
 
@@ -25,3 +26,16 @@ def test_tool_calls_and_reasoning_are_stored_when_there_are_some_and_left_out_wh
     plain = msgspec.json.decode(msgspec.json.encode(ChatResult(status="complete", content="hi")))
     assert "reasoning" not in plain
     assert "tool_calls" not in plain
+
+
+def test_a_validation_error_names_the_field_as_openais_param_does() -> None:
+    def param(value: dict[str, object]) -> str | None:
+        try:
+            msgspec.convert(value, ChatRequest)
+        except msgspec.ValidationError as exc:
+            return param_of(exc)
+        raise AssertionError("valid")
+
+    assert param({}) == "messages"
+    assert param({"messages": [{"content": "x"}]}) == "messages[0].role"
+    assert param({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}) == "temperature"
