@@ -169,7 +169,8 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
     if isinstance(fields.get("input"), list):
         # OpenAI's "easy" message, {role, content}, has no type
         fields["input"] = [_typed(item) for item in fields["input"]]
-    for n, tool in enumerate(fields.get("tools") or ()):
+    tools = fields.get("tools")
+    for n, tool in enumerate(tools if isinstance(tools, list) else ()):  # not a list: the schema says so
         if isinstance(tool, dict) and tool.get("type") != "function":
             kind = tool.get("type")
             raise BadRequest(

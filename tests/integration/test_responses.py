@@ -179,6 +179,7 @@ async def test_the_wire_numbers_every_event_and_carries_no_ids(
         ({"input": "x", "temperature": 3}, "temperature"),
         ({"input": [{"type": "item_reference", "id": "x"}]}, "input[0].type"),
         ({"input": "x", "conversation": "conv_1"}, "conversation"),
+        ({"input": "x", "tools": -9167}, "tools"),  # found by the fuzz: it was a 500
     ],
 )
 async def test_what_cannot_be_served_is_a_400_naming_the_field(
