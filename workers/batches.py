@@ -316,11 +316,21 @@ def _failed(custom_id: str, exc: BaseException | str, message: str) -> Outcome:
         except Exception:  # a body never read: what the SDK parsed of it
             data = msgspec.json.encode(exc.body)
         request_id = exc.response.headers.get("x-request-id") or _request_id()
-        out = OutputLine(_line_id(), custom_id, Response(exc.status_code, request_id, msgspec.Raw(data)), None)
+        out = OutputLine(_line_id(), custom_id, Response(exc.status_code, request_id, _json_body(data)), None)
     else:
         code = exc if isinstance(exc, str) else "upstream_error"
         out = OutputLine(_line_id(), custom_id, None, OutputError(code, message))
     return Outcome(False, msgspec.json.encode(out), Usage())
+
+
+def _json_body(data: bytes) -> msgspec.Raw:
+    """The upstream's body as JSON: a proxy's HTML 502 or a truncated body becomes a JSON string,
+    because a Raw is written into the error file as is and one bad line breaks every reader of it."""
+    try:
+        msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return msgspec.Raw(msgspec.json.encode(data.decode("utf-8", errors="replace")))
+    return msgspec.Raw(data)
 
 
 def _line_id() -> str:
