@@ -147,6 +147,9 @@ class Upload:
     """A file arriving: its lines checked and written to Redis a page at a time."""
 
     def __init__(self, ctx: Context, identity: Identity, filename: str) -> None:
+        # aiohttp keeps undecodable bytes of the name as surrogates, which Redis (and JSON) cannot
+        # encode: a "?" for each keeps the rest of the name readable
+        filename = filename.encode("utf-8", errors="replace").decode("utf-8")
         self.ctx, self.identity, self.filename = ctx, identity, filename[:256]
         self.id = FILE_ID_PREFIX + uuid.uuid4().hex[:24]
         self.size = 0

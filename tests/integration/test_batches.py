@@ -320,3 +320,23 @@ async def test_a_users_running_items_are_bounded_across_their_batches(
     done = batches.done(a, 0, ok=True, line=b"{}", custom_id="r0", usage=batches.Usage(), ttl=60)
     assert await machine.call(real_redis, done) == 1
     assert await claim(b, 5) == [1]  # one ended: room for one more
+
+
+async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_characters(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+) -> None:
+    # a hand-made multipart body: the SDK and aiohttp's writer would both encode the name for us
+    data = jsonl(line("a", "one"))
+    body = (
+        b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="\xff\xfe.jsonl"\r\n'
+        b"Content-Type: application/jsonl\r\n\r\n" + data + b"\r\n--xx--\r\n"
+    )
+    headers = {**bearer(token), "Content-Type": "multipart/form-data; boundary=xx"}
+    async with client.post("/v1/files", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        uploaded = await response.json()
+    assert uploaded["filename"].endswith(".jsonl")
+    async with client.get(f"/v1/files/{uploaded['id']}", headers=bearer(token)) as response:
+        assert (await response.json())["filename"] == uploaded["filename"]
