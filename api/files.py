@@ -341,15 +341,25 @@ async def list_files(request: web.Request) -> web.Response:
     order = request.query.get("order", "desc")
     if order not in {"asc", "desc"}:
         raise BadRequest("`order` must be asc or desc", code="invalid_request", param="order")
-    ids = await ids_after(ctx, keys.user_files(identity.user), after, limit + 1, descending=order == "desc")
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        for file_id in ids:
-            pipe.hgetall(keys.file(file_id))
-        records = await pipe.execute()
-    files = [file_object(i, r) for i, r in zip(ids, records, strict=True) if r]
-    if purpose is not None:
-        files = [f for f in files if f.purpose == purpose]
-    more = len(ids) > limit
+    # Filter before the limit, reading on until limit + 1 files match or the set ends: filtering a
+    # page already cut to the limit answered `data: [], has_more: true, last_id: null`, and the
+    # SDK's auto-paging stops at a page without a last_id.
+    files: list[FileObject] = []
+    cursor = after
+    while len(files) <= limit:
+        ids = await ids_after(ctx, keys.user_files(identity.user), cursor, limit + 1, descending=order == "desc")
+        if not ids:
+            break
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hgetall(keys.file(file_id))
+            records = await pipe.execute()
+        found = [file_object(i, r) for i, r in zip(ids, records, strict=True) if r]  # an expired record: skipped
+        files += [f for f in found if purpose is None or f.purpose == purpose]
+        if len(ids) <= limit:
+            break  # the set's end
+        cursor = ids[-1]
+    more = len(files) > limit
     files = files[:limit]
     first, last = (files[0].id, files[-1].id) if files else (None, None)
     return json_response(FileList(files, more, first, last))

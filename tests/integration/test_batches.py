@@ -340,3 +340,18 @@ async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_cha
     assert uploaded["filename"].endswith(".jsonl")
     async with client.get(f"/v1/files/{uploaded['id']}", headers=bearer(token)) as response:
         assert (await response.json())["filename"] == uploaded["filename"]
+
+
+async def test_files_listed_by_purpose_are_filtered_before_the_limit_so_the_sdk_pages_on(
+    sdk: openai.AsyncOpenAI, real_redis: Redis
+) -> None:
+    made = [
+        (await sdk.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(line("a", "p")))), purpose="batch")).id
+        for n in range(4)
+    ]
+    for file_id in (made[3], made[2], made[0]):  # the newest two and the oldest look like results
+        await real_redis.hset(keys.file(file_id), "purpose", "batch_output")
+    page = await sdk.files.list(purpose="batch", limit=1)
+    assert [f.id for f in page.data] == [made[1]]
+    assert page.has_more is False
+    assert [f.id async for f in sdk.files.list(purpose="batch_output", limit=1)] == [made[3], made[2], made[0]]
