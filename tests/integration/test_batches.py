@@ -355,3 +355,18 @@ async def test_files_listed_by_purpose_are_filtered_before_the_limit_so_the_sdk_
     assert [f.id for f in page.data] == [made[1]]
     assert page.has_more is False
     assert [f.id async for f in sdk.files.list(purpose="batch_output", limit=1)] == [made[3], made[2], made[0]]
+
+
+async def test_429s_slow_a_batch_but_use_up_no_attempt_so_a_burst_longer_than_the_retries_completes(
+    sdk: openai.AsyncOpenAI, feeder: BatchFeeder, settings: Settings
+) -> None:
+    assert settings.max_attempts == 3
+    limited = "fake?words=3&fail=429&fail_times=3"  # the 4th request answers: past max_attempts
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=limited) for n in range(3))))
+
+    await feeder.run_until_idle()
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
