@@ -27,15 +27,20 @@ from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD, parse_con
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.limits import bounded, check_prompt
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
 from streambridge.shared.batches import ENDPOINT, Item, LineError
 from streambridge.shared.chats import REQUEST_FIELDS
 from streambridge.shared.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, RequestTimeout
 
 routes = web.RouteTableDef()
 
-#: lines written to Redis in one round trip, and served in one page
+#: lines written to Redis in one round trip, and served in one page, at most
 PAGE: Final = 1000
+#: and bytes, at most (give or take a line): lines may be up to a request body long (1 MiB), and
+#: 1,000 of those made pages of a gigabyte in the API's memory
+PAGE_BYTES: Final = 2 * 1024 * 1024
+#: lines one LRANGE inside the page-reading script takes: what Redis holds beyond the byte budget
+READ_STEP: Final = 16
 #: an upload's bytes read at a time
 CHUNK: Final = 64 * 1024
 #: the bad lines a failed batch names (OpenAI's ``errors.data``); the count says how many in all
@@ -160,6 +165,7 @@ class Upload:
         self.seen: set[str] = set()  # custom_ids so far: bounded by the line limit
         self._raw: list[bytes] = []
         self._parsed: list[bytes] = []
+        self._bytes = 0  # of the page held: _raw's and _parsed's
 
     async def receive(self, part: BodyPartReader) -> None:
         s = self.ctx.settings
@@ -173,8 +179,8 @@ class Upload:
                 raise PayloadTooLarge(f"line {self.lines + 1} is longer than {s.max_body_bytes} bytes")
             for line in complete:
                 self._take(line)
-            if len(self._raw) >= PAGE:
-                await self._flush()
+                if self.page_full():
+                    await self._flush()
         if tail.strip():
             self._take(tail)
         await self._flush()
@@ -183,6 +189,7 @@ class Upload:
         raw = raw.removesuffix(b"\r")
         self.lines += 1
         self._raw.append(raw)
+        self._bytes += len(raw)
         if not raw.strip():
             return
         self.items += 1
@@ -195,7 +202,13 @@ class Upload:
             if len(self.errors) < MAX_LINE_ERRORS:
                 self.errors.append(LineError(exc.code, exc.message, exc.param, self.lines))
             return
-        self._parsed.append(msgspec.json.encode(item))
+        parsed = msgspec.json.encode(item)
+        self._parsed.append(parsed)
+        self._bytes += len(parsed)
+
+    def page_full(self) -> bool:
+        """Whether the page held is due to be written: by line count, or by bytes for big lines."""
+        return len(self._raw) >= PAGE or self._bytes >= PAGE_BYTES
 
     async def _flush(self) -> None:
         ttl = self.ctx.settings.file_ttl
@@ -207,7 +220,7 @@ class Upload:
                 pipe.rpush(keys.file_items(self.id), *self._parsed)
                 pipe.expire(keys.file_items(self.id), ttl)
             await pipe.execute()
-        self._raw, self._parsed = [], []
+        self._raw, self._parsed, self._bytes = [], [], 0
 
     async def save(self) -> FileObject:
         """The file's record, written last: until then the file does not exist for anyone."""
@@ -320,12 +333,37 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def pages(ctx: Context, key: str, stop: int | None = None) -> AsyncIterator[bytes]:
-    """The list's lines, a page at a time, each line ending with a newline; up to ``stop`` lines."""
+#: up to ARGV[2] lines of the list KEYS[1] from index ARGV[1], stopping after the line that brings
+#: them to ARGV[3] bytes; read ARGV[4] lines at a time so that Redis, too, never holds a page of
+#: a thousand big lines at once
+READ_PAGE: Final = machine.define(
+    "read_page",
+    """
+local start, most, budget, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, size = {}, 0
+while #out < most and size < budget do
+  local first = start + #out
+  local got = redis.call('LRANGE', KEYS[1], first, first + math.min(step, most - #out) - 1)
+  if #got == 0 then break end
+  for _, line in ipairs(got) do
+    out[#out + 1] = line
+    size = size + #line
+    if size >= budget then break end
+  end
+end
+return out
+""",
+)
+
+
+async def pages(ctx: Context, key: str, stop: int | None = None, *, budget: int = PAGE_BYTES) -> AsyncIterator[bytes]:
+    """The list's lines, a page at a time (at most PAGE lines, and about ``budget`` bytes), each
+    line ending with a newline; up to ``stop`` lines."""
     start = 0
     while stop is None or start < stop:
-        end = start + PAGE - 1 if stop is None else min(start + PAGE, stop) - 1
-        lines: list[bytes] = await ctx.redis.lrange(key, start, end)  # type: ignore[misc]
+        most = PAGE if stop is None else min(PAGE, stop - start)
+        read = machine.Call(READ_PAGE, [key], [str(start), str(most), str(budget), str(READ_STEP)])
+        lines: list[bytes] = await machine.call(ctx.redis, read)
         if not lines:
             return
         yield b"\n".join(lines) + b"\n"

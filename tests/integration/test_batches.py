@@ -370,3 +370,23 @@ async def test_429s_slow_a_batch_but_use_up_no_attempt_so_a_burst_longer_than_th
     assert done.status == "completed"
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+
+
+async def test_a_file_of_big_lines_is_read_in_pages_of_about_the_byte_budget(real_redis: Redis) -> None:
+    from types import SimpleNamespace
+
+    from streambridge.api.files import PAGE_BYTES, pages
+
+    assert PAGE_BYTES == 2 * 1024 * 1024
+    key = f"test:big-lines:{id(real_redis)}"
+    big = [bytes([97 + n]) * 300_000 for n in range(10)]
+    await real_redis.rpush(key, *big)
+    try:
+        ctx = SimpleNamespace(redis=real_redis)
+        read = [page async for page in pages(ctx, key)]  # type: ignore[arg-type]
+        assert b"".join(read) == b"".join(x + b"\n" for x in big)
+        assert [page.count(b"\n") for page in read] == [7, 3]  # the line that crosses 2 MiB ends a page
+        stopped = [page async for page in pages(ctx, key, stop=9, budget=1_000_000)]  # type: ignore[arg-type]
+        assert [page.count(b"\n") for page in stopped] == [4, 4, 1]
+    finally:
+        await real_redis.delete(key)
