@@ -291,7 +291,10 @@ class BatchFeeder:
             if k is None:
                 await self.redis.zrem(keys.active_batches(), batch_id)
                 continue
-            lapsed = await machine.call(self.redis, batches.tick(k, ttl=self.settings.file_ttl))
+            tick = batches.tick(k, ttl=self.settings.file_ttl)
+            lapsed = await machine.call(self.redis, tick)
+            while lapsed == -1:  # an expiry a chunk a call: other clients get Redis in between
+                lapsed = await machine.call(self.redis, tick)
             if lapsed:
                 log.warning("batch %s: %d item(s) lost their worker; running them again", batch_id, lapsed)
 

@@ -390,3 +390,38 @@ async def test_a_file_of_big_lines_is_read_in_pages_of_about_the_byte_budget(rea
         assert [page.count(b"\n") for page in stopped] == [4, 4, 1]
     finally:
         await real_redis.delete(key)
+
+
+async def test_expiry_walks_a_batch_bigger_than_its_chunk_over_several_ticks_one_line_per_item(
+    sdk: openai.AsyncOpenAI, real_redis: Redis
+) -> None:
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(5))))
+    k = await batches.batch_keys(real_redis, batch.id)
+    assert k is not None
+    finished = batches.done(k, 1, ok=True, line=b'{"custom_id": "r1"}', custom_id="r1", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, finished) == 1
+    await real_redis.hset(keys.batch(batch.id), "expires_ms", 0)  # the window is over
+
+    def tick() -> machine.Call:
+        return batches.tick(k, ttl=60, expire_chunk=2)
+
+    assert await machine.call(real_redis, tick()) == -1  # lines 0-1 walked: more to come
+    midway = await sdk.batches.retrieve(batch.id)
+    assert midway.status == "in_progress"
+    assert midway.request_counts is not None
+    assert (midway.request_counts.completed, midway.request_counts.failed) == (1, 1)
+    late = batches.done(k, 4, ok=True, line=b'{"custom_id": "r4"}', custom_id="r4", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, late) == 0  # the expiry owns every unfinished line
+    assert await machine.call(real_redis, batches.cancel(k, ttl=60)) == b"in_progress"
+    assert await machine.call(real_redis, batches.renew(k, [3], lease_ms=1000)) == b"expired"
+    assert await machine.call(real_redis, tick()) == -1  # lines 2-3
+    assert await machine.call(real_redis, tick()) == 0  # line 4: the end
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "expired"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed, done.request_counts.total) == (1, 4, 5)
+    errors = await content(sdk, done.error_file_id)
+    assert sorted(errors) == ["r0", "r2", "r3", "r4"]
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}  # type: ignore[index]
+    assert await real_redis.zscore(keys.active_batches(), batch.id) is None
