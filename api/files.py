@@ -27,15 +27,20 @@ from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD, parse_con
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.limits import bounded, check_prompt
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
 from streambridge.shared.batches import ENDPOINT, Item, LineError
 from streambridge.shared.chats import REQUEST_FIELDS
 from streambridge.shared.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, RequestTimeout
 
 routes = web.RouteTableDef()
 
-#: lines written to Redis in one round trip, and served in one page
+#: lines written to Redis in one round trip, and served in one page, at most
 PAGE: Final = 1000
+#: and bytes, at most (give or take a line): lines may be up to a request body long (1 MiB), and
+#: 1,000 of those made pages of a gigabyte in the API's memory
+PAGE_BYTES: Final = 2 * 1024 * 1024
+#: lines one LRANGE inside the page-reading script takes: what Redis holds beyond the byte budget
+READ_STEP: Final = 16
 #: an upload's bytes read at a time
 CHUNK: Final = 64 * 1024
 #: the bad lines a failed batch names (OpenAI's ``errors.data``); the count says how many in all
@@ -147,6 +152,9 @@ class Upload:
     """A file arriving: its lines checked and written to Redis a page at a time."""
 
     def __init__(self, ctx: Context, identity: Identity, filename: str) -> None:
+        # aiohttp keeps undecodable bytes of the name as surrogates, which Redis (and JSON) cannot
+        # encode: a "?" for each keeps the rest of the name readable
+        filename = filename.encode("utf-8", errors="replace").decode("utf-8")
         self.ctx, self.identity, self.filename = ctx, identity, filename[:256]
         self.id = FILE_ID_PREFIX + uuid.uuid4().hex[:24]
         self.size = 0
@@ -157,6 +165,7 @@ class Upload:
         self.seen: set[str] = set()  # custom_ids so far: bounded by the line limit
         self._raw: list[bytes] = []
         self._parsed: list[bytes] = []
+        self._bytes = 0  # of the page held: _raw's and _parsed's
 
     async def receive(self, part: BodyPartReader) -> None:
         s = self.ctx.settings
@@ -170,8 +179,8 @@ class Upload:
                 raise PayloadTooLarge(f"line {self.lines + 1} is longer than {s.max_body_bytes} bytes")
             for line in complete:
                 self._take(line)
-            if len(self._raw) >= PAGE:
-                await self._flush()
+                if self.page_full():
+                    await self._flush()
         if tail.strip():
             self._take(tail)
         await self._flush()
@@ -180,6 +189,7 @@ class Upload:
         raw = raw.removesuffix(b"\r")
         self.lines += 1
         self._raw.append(raw)
+        self._bytes += len(raw)
         if not raw.strip():
             return
         self.items += 1
@@ -192,7 +202,13 @@ class Upload:
             if len(self.errors) < MAX_LINE_ERRORS:
                 self.errors.append(LineError(exc.code, exc.message, exc.param, self.lines))
             return
-        self._parsed.append(msgspec.json.encode(item))
+        parsed = msgspec.json.encode(item)
+        self._parsed.append(parsed)
+        self._bytes += len(parsed)
+
+    def page_full(self) -> bool:
+        """Whether the page held is due to be written: by line count, or by bytes for big lines."""
+        return len(self._raw) >= PAGE or self._bytes >= PAGE_BYTES
 
     async def _flush(self) -> None:
         ttl = self.ctx.settings.file_ttl
@@ -204,7 +220,7 @@ class Upload:
                 pipe.rpush(keys.file_items(self.id), *self._parsed)
                 pipe.expire(keys.file_items(self.id), ttl)
             await pipe.execute()
-        self._raw, self._parsed = [], []
+        self._raw, self._parsed, self._bytes = [], [], 0
 
     async def save(self) -> FileObject:
         """The file's record, written last: until then the file does not exist for anyone."""
@@ -317,12 +333,37 @@ async def file_content(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def pages(ctx: Context, key: str, stop: int | None = None) -> AsyncIterator[bytes]:
-    """The list's lines, a page at a time, each line ending with a newline; up to ``stop`` lines."""
+#: up to ARGV[2] lines of the list KEYS[1] from index ARGV[1], stopping after the line that brings
+#: them to ARGV[3] bytes; read ARGV[4] lines at a time so that Redis, too, never holds a page of
+#: a thousand big lines at once
+READ_PAGE: Final = machine.define(
+    "read_page",
+    """
+local start, most, budget, step = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local out, size = {}, 0
+while #out < most and size < budget do
+  local first = start + #out
+  local got = redis.call('LRANGE', KEYS[1], first, first + math.min(step, most - #out) - 1)
+  if #got == 0 then break end
+  for _, line in ipairs(got) do
+    out[#out + 1] = line
+    size = size + #line
+    if size >= budget then break end
+  end
+end
+return out
+""",
+)
+
+
+async def pages(ctx: Context, key: str, stop: int | None = None, *, budget: int = PAGE_BYTES) -> AsyncIterator[bytes]:
+    """The list's lines, a page at a time (at most PAGE lines, and about ``budget`` bytes), each
+    line ending with a newline; up to ``stop`` lines."""
     start = 0
     while stop is None or start < stop:
-        end = start + PAGE - 1 if stop is None else min(start + PAGE, stop) - 1
-        lines: list[bytes] = await ctx.redis.lrange(key, start, end)  # type: ignore[misc]
+        most = PAGE if stop is None else min(PAGE, stop - start)
+        read = machine.Call(READ_PAGE, [key], [str(start), str(most), str(budget), str(READ_STEP)])
+        lines: list[bytes] = await machine.call(ctx.redis, read)
         if not lines:
             return
         yield b"\n".join(lines) + b"\n"
@@ -338,15 +379,25 @@ async def list_files(request: web.Request) -> web.Response:
     order = request.query.get("order", "desc")
     if order not in {"asc", "desc"}:
         raise BadRequest("`order` must be asc or desc", code="invalid_request", param="order")
-    ids = await ids_after(ctx, keys.user_files(identity.user), after, limit + 1, descending=order == "desc")
-    async with ctx.redis.pipeline(transaction=False) as pipe:
-        for file_id in ids:
-            pipe.hgetall(keys.file(file_id))
-        records = await pipe.execute()
-    files = [file_object(i, r) for i, r in zip(ids, records, strict=True) if r]
-    if purpose is not None:
-        files = [f for f in files if f.purpose == purpose]
-    more = len(ids) > limit
+    # Filter before the limit, reading on until limit + 1 files match or the set ends: filtering a
+    # page already cut to the limit answered `data: [], has_more: true, last_id: null`, and the
+    # SDK's auto-paging stops at a page without a last_id.
+    files: list[FileObject] = []
+    cursor = after
+    while len(files) <= limit:
+        ids = await ids_after(ctx, keys.user_files(identity.user), cursor, limit + 1, descending=order == "desc")
+        if not ids:
+            break
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            for file_id in ids:
+                pipe.hgetall(keys.file(file_id))
+            records = await pipe.execute()
+        found = [file_object(i, r) for i, r in zip(ids, records, strict=True) if r]  # an expired record: skipped
+        files += [f for f in found if purpose is None or f.purpose == purpose]
+        if len(ids) <= limit:
+            break  # the set's end
+        cursor = ids[-1]
+    more = len(files) > limit
     files = files[:limit]
     first, last = (files[0].id, files[-1].id) if files else (None, None)
     return json_response(FileList(files, more, first, last))

@@ -23,6 +23,9 @@ script keeps in one atomic call:
   takes before new lines: a dead worker's items run again.
 - no item of a batch that is not ``in_progress`` starts; a cancelled batch keeps its finished items.
 - every event of the batch is appended (XADD) in the same call as the change it tells of.
+- expiry is a chunk of lines per TICK, from ``expire_cursor`` in the batch's hash: while the field
+  exists the batch is still ``in_progress`` but no CLAIM, DONE or CANCEL touches it, so the lines
+  the walk has yet to reach stay unfinished until it reaches them.
 
 Time is Redis's (``TIME``). The batch's hash holds its counts, usage and timestamps; ``output_file``
 and ``error_file`` are the ids its result files take, named ``output_file_id`` / ``error_file_id``
@@ -295,7 +298,9 @@ for i = 2, #ARGV do
   redis.call('ZADD', USER_ITEMS, 'XX', lapse, member(ARGV[i]))
 end
 redis.call('PEXPIRE', USER_ITEMS, 10 * tonumber(ARGV[1]))
-return redis.call('HGET', B, 'status') or 'gone'
+local b = redis.call('HMGET', B, 'status', 'expire_cursor')
+if b[2] then return 'expired' end  -- expiring: its running items' results would be refused
+return b[1] or 'gone'
 """,
 )
 
@@ -326,8 +331,12 @@ DONE: Final = _define(
     "BATCH_DONE",
     """
 local index = ARGV[1]
-local status = redis.call('HGET', B, 'status')
+local b = redis.call('HMGET', B, 'status', 'expire_cursor')
+local status = b[1]
 if status ~= 'in_progress' and status ~= 'cancelling' then return 0 end
+-- expiring: every unfinished line is the expiry's (a late result would race the cursor, and could
+-- end an expired batch as completed)
+if b[2] then return 0 end
 if redis.call('GETBIT', DONE, index) == 1 then return 0 end
 redis.call('SETBIT', DONE, index, 1)
 redis.call('ZREM', LEASES, index)
@@ -365,6 +374,7 @@ CANCEL: Final = _define(
     """
 local status = redis.call('HGET', B, 'status')
 if status ~= 'in_progress' and status ~= 'validating' then return status end
+if redis.call('HEXISTS', B, 'expire_cursor') == 1 then return status end  -- expiring: it ends expired
 local now = now_ms()
 redis.call('HSET', B, 'status', 'cancelling', 'cancelling_at', math.floor(now / 1000))
 event('status', {status = 'cancelling'})
@@ -379,7 +389,11 @@ return 'cancelling'
 # Every worker, for every active batch, every so often: a lapsed lease (its worker died) puts its
 # line back; a batch past its window expires (every unfinished line goes to the error file as
 # ``batch_expired``); a cancelling batch with nothing running is cancelled; an ended one leaves the
-# active set. Answers how many leases lapsed. ARGV: batch id, TTL (s), at most this many lapsed.
+# active set. Answers how many leases lapsed, or -1 while an expiry has lines left to walk.
+# Expiry walks at most ARGV[4] lines a call, from the cursor ``expire_cursor`` in the batch's hash:
+# a 50,000-line batch in one call held Redis for most of a second. Until the cursor reaches the end
+# the batch stays ``in_progress`` (no claim, no result, no cancel: the expiry owns every unfinished
+# line), then ends ``expired``. ARGV: batch id, TTL (s), at most this many lapsed, lines a call.
 TICK: Final = _define(
     "BATCH_TICK",
     """
@@ -392,7 +406,9 @@ local now = now_ms()
 if b[1] == 'in_progress' and now >= tonumber(b[2]) then
   local message = 'This request could not be executed before the completion window expired.'
   local failed, bytes = 0, 0
-  for i = 0, tonumber(b[3]) - 1 do
+  local from, total = tonumber(redis.call('HGET', B, 'expire_cursor') or 0), tonumber(b[3])
+  local to = math.min(from + tonumber(ARGV[4]), total)
+  for i = from, to - 1 do
     if redis.call('GETBIT', DONE, i) == 0 then
       redis.call('SETBIT', DONE, i, 1)
       local ok, item = pcall(cjson.decode, redis.call('LINDEX', ITEMS, i) or '')
@@ -404,6 +420,8 @@ if b[1] == 'in_progress' and now >= tonumber(b[2]) then
   end
   redis.call('HINCRBY', B, 'failed', failed)
   redis.call('HINCRBY', B, 'error_bytes', bytes)
+  redis.call('HSET', B, 'expire_cursor', to)
+  if to < total then return -1 end
   finish('expired', ARGV[2])
   return 0
 end
@@ -454,8 +472,12 @@ def cancel(k: BatchKeys, *, ttl: int) -> Call:
     return Call(CANCEL, k.keys(), [str(ttl)])
 
 
-def tick(k: BatchKeys, *, ttl: int, limit: int = 1000) -> Call:
-    return Call(TICK, k.keys(), [k.batch_id, str(ttl), str(limit)])
+#: lines one TICK call expires: about a millisecond of Redis's time
+EXPIRE_CHUNK: Final = 1000
+
+
+def tick(k: BatchKeys, *, ttl: int, limit: int = 1000, expire_chunk: int = EXPIRE_CHUNK) -> Call:
+    return Call(TICK, k.keys(), [k.batch_id, str(ttl), str(limit), str(expire_chunk)])
 
 
 async def batch_keys(redis: Any, batch_id: str) -> BatchKeys | None:

@@ -155,9 +155,11 @@ class Input:
         self.raw = path.read_bytes()
         self.digest = hashlib.sha256(self.raw + b"\0" + (model or "").encode()).hexdigest()
         lines = [x for x in self.raw.decode("utf-8", "replace").splitlines()]
-        if all(is_request(x) for x in lines if x.strip()):
+        if looks_like_jsonl([x for x in lines if x.strip()]):
+            # sent as given, a bad line too: the server's validation names it and fails the batch,
+            # where taking the file for plain text would send every JSON line as a prompt
             self.jsonl = self.raw
-            self.ids = [json.loads(x)["custom_id"] for x in lines if x.strip()]
+            self.ids = [custom_id for x in lines if (custom_id := request_id(x)) is not None]
             return
         out, self.ids = [], []
         for n, prompt in enumerate(lines, 1):
@@ -181,11 +183,38 @@ def write_in_order(output: Path, ids: list[str], results: dict[str, bytes]) -> N
 
 
 def is_request(line: str) -> bool:
+    return request_id(line) is not None
+
+
+def request_id(line: str) -> str | None:
+    """The line's custom_id if it is a batch request line."""
     try:
         value = json.loads(line)
     except ValueError:
+        return None
+    if isinstance(value, dict) and "custom_id" in value and "body" in value:
+        return str(value["custom_id"])
+    return None
+
+
+def looks_like_jsonl(lines: list[str]) -> bool:
+    """OpenAI batch JSONL if its first line is a request or most of its lines are: one malformed
+    line must not turn a JSONL file into plain-text prompts (one prompt per JSON line)."""
+    if not lines:
         return False
-    return isinstance(value, dict) and "custom_id" in value and "body" in value
+    if is_request(lines[0]):
+        return True
+    return sum(map(is_request, lines)) * 2 > len(lines)
+
+
+def validation_errors(batch: dict[str, Any]) -> list[str]:
+    """The batch's ``errors.data`` (the server's refusal of bad input lines), one message each."""
+    errors = batch.get("errors") or {}
+    out = []
+    for error in errors.get("data") or []:
+        where = f"line {error['line']}: " if error.get("line") is not None else ""
+        out.append(f"{where}{error.get('message') or error.get('code')}")
+    return out
 
 
 async def run(api: Api, path: Path, output: Path, model: str | None) -> int:
@@ -205,6 +234,8 @@ async def run(api: Api, path: Path, output: Path, model: str | None) -> int:
         say(f"batch {batch['id']}: {len(data.ids)} prompts")
     started = time.monotonic()
     batch = await follow(api, batch)
+    for message in validation_errors(batch):
+        say(f"invalid input: {message}")
     results: dict[str, bytes] = {}
     async with api.http.get(f"{api.url}/v1/batches/{batch['id']}/results", headers=api.headers) as response:
         if response.status != 200:

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -166,7 +167,9 @@ class BatchFeeder:
         try:
             item = decode_item(raw) if raw else None
             custom_id = item.custom_id if item is not None else ""
-            outcome = await self._attempts(item) if item is not None else _failed("", "input_missing", "no such line")
+            outcome = (
+                await self._attempts(k, item) if item is not None else _failed("", "input_missing", "no such line")
+            )
             await self._finish(k, index, custom_id, outcome)
         except asyncio.CancelledError:
             raise
@@ -176,11 +179,12 @@ class BatchFeeder:
             self.running.pop((k.batch_id, index), None)
             self._freed.set()
 
-    async def _attempts(self, item: batches.Item) -> Outcome:
+    async def _attempts(self, k: BatchKeys, item: batches.Item) -> Outcome:
         s = self.settings
         body = _body_decoder.decode(item.body)
         body.setdefault("model", s.llm_model)
         attempt = 0
+        limited = 0  # 429s in a row: they back off, but are not attempts
         while True:
             attempt += 1
             try:
@@ -192,11 +196,27 @@ class BatchFeeder:
                 return _failed(item.custom_id, "invalid_response", f"the LLM's answer is not JSON: {exc}")
             except Exception as exc:
                 failure = _classify(exc, s.batch_item_timeout)
+                if isinstance(exc, openai.RateLimitError):
+                    # A rate limit says "slower", not "broken": the batch backs off (fewer items at
+                    # once here, each waiting as long as Retry-After asks) and the 429 uses up no
+                    # attempt. What bounds the waiting is the batch's completion window.
+                    self._slow_down()
+                    attempt -= 1
+                    limited += 1
+                    delay = backoff(limited, s.retry_base_delay, failure.retry_after)
+                    if await self._past_expiry(k, delay):
+                        return _failed(item.custom_id, exc, failure.message)
+                    await asyncio.sleep(delay)
+                    continue
+                limited = 0
                 if not failure.retryable or attempt >= s.max_attempts:
                     return _failed(item.custom_id, exc, failure.message)
-                if isinstance(exc, openai.RateLimitError):
-                    self._slow_down()
                 await asyncio.sleep(backoff(attempt, s.retry_base_delay, failure.retry_after))
+
+    async def _past_expiry(self, k: BatchKeys, delay: float) -> bool:
+        """Whether waiting ``delay`` s would outlast the batch's completion window."""
+        expires_at = await self.redis.hget(keys.batch(k.batch_id), "expires_at")
+        return expires_at is None or time.time() + delay >= int(expires_at)
 
     def _succeeded(self, custom_id: str, request_id: str | None, data: bytes) -> Outcome:
         self.limit = min(float(self.settings.batch_worker_concurrency), self.limit + 1 / self.limit)
@@ -271,7 +291,10 @@ class BatchFeeder:
             if k is None:
                 await self.redis.zrem(keys.active_batches(), batch_id)
                 continue
-            lapsed = await machine.call(self.redis, batches.tick(k, ttl=self.settings.file_ttl))
+            tick = batches.tick(k, ttl=self.settings.file_ttl)
+            lapsed = await machine.call(self.redis, tick)
+            while lapsed == -1:  # an expiry a chunk a call: other clients get Redis in between
+                lapsed = await machine.call(self.redis, tick)
             if lapsed:
                 log.warning("batch %s: %d item(s) lost their worker; running them again", batch_id, lapsed)
 
@@ -316,11 +339,21 @@ def _failed(custom_id: str, exc: BaseException | str, message: str) -> Outcome:
         except Exception:  # a body never read: what the SDK parsed of it
             data = msgspec.json.encode(exc.body)
         request_id = exc.response.headers.get("x-request-id") or _request_id()
-        out = OutputLine(_line_id(), custom_id, Response(exc.status_code, request_id, msgspec.Raw(data)), None)
+        out = OutputLine(_line_id(), custom_id, Response(exc.status_code, request_id, _json_body(data)), None)
     else:
         code = exc if isinstance(exc, str) else "upstream_error"
         out = OutputLine(_line_id(), custom_id, None, OutputError(code, message))
     return Outcome(False, msgspec.json.encode(out), Usage())
+
+
+def _json_body(data: bytes) -> msgspec.Raw:
+    """The upstream's body as JSON: a proxy's HTML 502 or a truncated body becomes a JSON string,
+    because a Raw is written into the error file as is and one bad line breaks every reader of it."""
+    try:
+        msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return msgspec.Raw(msgspec.json.encode(data.decode("utf-8", errors="replace")))
+    return msgspec.Raw(data)
 
 
 def _line_id() -> str:

@@ -320,3 +320,108 @@ async def test_a_users_running_items_are_bounded_across_their_batches(
     done = batches.done(a, 0, ok=True, line=b"{}", custom_id="r0", usage=batches.Usage(), ttl=60)
     assert await machine.call(real_redis, done) == 1
     assert await claim(b, 5) == [1]  # one ended: room for one more
+
+
+async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_characters(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+) -> None:
+    # a hand-made multipart body: the SDK and aiohttp's writer would both encode the name for us
+    data = jsonl(line("a", "one"))
+    body = (
+        b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--xx\r\nContent-Disposition: form-data; name="file"; filename="\xff\xfe.jsonl"\r\n'
+        b"Content-Type: application/jsonl\r\n\r\n" + data + b"\r\n--xx--\r\n"
+    )
+    headers = {**bearer(token), "Content-Type": "multipart/form-data; boundary=xx"}
+    async with client.post("/v1/files", data=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
+        uploaded = await response.json()
+    assert uploaded["filename"].endswith(".jsonl")
+    async with client.get(f"/v1/files/{uploaded['id']}", headers=bearer(token)) as response:
+        assert (await response.json())["filename"] == uploaded["filename"]
+
+
+async def test_files_listed_by_purpose_are_filtered_before_the_limit_so_the_sdk_pages_on(
+    sdk: openai.AsyncOpenAI, real_redis: Redis
+) -> None:
+    made = [
+        (await sdk.files.create(file=(f"{n}.jsonl", io.BytesIO(jsonl(line("a", "p")))), purpose="batch")).id
+        for n in range(4)
+    ]
+    for file_id in (made[3], made[2], made[0]):  # the newest two and the oldest look like results
+        await real_redis.hset(keys.file(file_id), "purpose", "batch_output")
+    page = await sdk.files.list(purpose="batch", limit=1)
+    assert [f.id for f in page.data] == [made[1]]
+    assert page.has_more is False
+    assert [f.id async for f in sdk.files.list(purpose="batch_output", limit=1)] == [made[3], made[2], made[0]]
+
+
+async def test_429s_slow_a_batch_but_use_up_no_attempt_so_a_burst_longer_than_the_retries_completes(
+    sdk: openai.AsyncOpenAI, feeder: BatchFeeder, settings: Settings
+) -> None:
+    assert settings.max_attempts == 3
+    limited = "fake?words=3&fail=429&fail_times=3"  # the 4th request answers: past max_attempts
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}", model=limited) for n in range(3))))
+
+    await feeder.run_until_idle()
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "completed"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (3, 0)
+
+
+async def test_a_file_of_big_lines_is_read_in_pages_of_about_the_byte_budget(real_redis: Redis) -> None:
+    from types import SimpleNamespace
+
+    from streambridge.api.files import PAGE_BYTES, pages
+
+    assert PAGE_BYTES == 2 * 1024 * 1024
+    key = f"test:big-lines:{id(real_redis)}"
+    big = [bytes([97 + n]) * 300_000 for n in range(10)]
+    await real_redis.rpush(key, *big)
+    try:
+        ctx = SimpleNamespace(redis=real_redis)
+        read = [page async for page in pages(ctx, key)]  # type: ignore[arg-type]
+        assert b"".join(read) == b"".join(x + b"\n" for x in big)
+        assert [page.count(b"\n") for page in read] == [7, 3]  # the line that crosses 2 MiB ends a page
+        stopped = [page async for page in pages(ctx, key, stop=9, budget=1_000_000)]  # type: ignore[arg-type]
+        assert [page.count(b"\n") for page in stopped] == [4, 4, 1]
+    finally:
+        await real_redis.delete(key)
+
+
+async def test_expiry_walks_a_batch_bigger_than_its_chunk_over_several_ticks_one_line_per_item(
+    sdk: openai.AsyncOpenAI, real_redis: Redis
+) -> None:
+    batch = await submit(sdk, jsonl(*(line(f"r{n}", f"p{n}") for n in range(5))))
+    k = await batches.batch_keys(real_redis, batch.id)
+    assert k is not None
+    finished = batches.done(k, 1, ok=True, line=b'{"custom_id": "r1"}', custom_id="r1", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, finished) == 1
+    await real_redis.hset(keys.batch(batch.id), "expires_ms", 0)  # the window is over
+
+    def tick() -> machine.Call:
+        return batches.tick(k, ttl=60, expire_chunk=2)
+
+    assert await machine.call(real_redis, tick()) == -1  # lines 0-1 walked: more to come
+    midway = await sdk.batches.retrieve(batch.id)
+    assert midway.status == "in_progress"
+    assert midway.request_counts is not None
+    assert (midway.request_counts.completed, midway.request_counts.failed) == (1, 1)
+    late = batches.done(k, 4, ok=True, line=b'{"custom_id": "r4"}', custom_id="r4", usage=batches.Usage(), ttl=60)
+    assert await machine.call(real_redis, late) == 0  # the expiry owns every unfinished line
+    assert await machine.call(real_redis, batches.cancel(k, ttl=60)) == b"in_progress"
+    assert await machine.call(real_redis, batches.renew(k, [3], lease_ms=1000)) == b"expired"
+    assert await machine.call(real_redis, tick()) == -1  # lines 2-3
+    assert await machine.call(real_redis, tick()) == 0  # line 4: the end
+
+    done = await sdk.batches.retrieve(batch.id)
+    assert done.status == "expired"
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed, done.request_counts.total) == (1, 4, 5)
+    errors = await content(sdk, done.error_file_id)
+    assert sorted(errors) == ["r0", "r2", "r3", "r4"]
+    assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}  # type: ignore[index]
+    assert await real_redis.zscore(keys.active_batches(), batch.id) is None
