@@ -166,14 +166,19 @@ class Upload:
         self._raw: list[bytes] = []
         self._parsed: list[bytes] = []
         self._bytes = 0  # of the page held: _raw's and _parsed's
+        self.reserved = 0  # bytes counted against the user's quota so far (``stored_member``)
 
     async def receive(self, part: BodyPartReader) -> None:
         s = self.ctx.settings
+        quota = self.identity.quota.file_bytes
+        await self._reserve()  # a user already at the quota is refused before a byte is read
         tail = b""
         while chunk := await within(self.ctx, part.read_chunk(CHUNK)):
             self.size += len(chunk)
             if self.size > s.max_file_bytes:
                 raise PayloadTooLarge(f"the file is larger than {s.max_file_bytes} bytes")
+            if self.size > quota:  # alone over it: no need to ask Redis
+                raise over_quota(quota)
             *complete, tail = (tail + chunk).split(b"\n")
             if len(tail) > s.max_body_bytes:
                 raise PayloadTooLarge(f"line {self.lines + 1} is longer than {s.max_body_bytes} bytes")
@@ -210,7 +215,19 @@ class Upload:
         """Whether the page held is due to be written: by line count, or by bytes for big lines."""
         return len(self._raw) >= PAGE or self._bytes >= PAGE_BYTES
 
+    async def _reserve(self) -> None:
+        """Counts the bytes read so far against the user's quota before a page of them is written,
+        or refuses the upload: Redis never holds more of a user's files than the quota."""
+        quota = self.identity.quota.file_bytes
+        call = reserve_bytes(self.identity.user, self.id, self.reserved, self.size, quota, self.ctx.settings.file_ttl)
+        accepted, _ = await machine.call(self.ctx.redis, call)
+        if not int(accepted):
+            raise over_quota(quota)
+        self.reserved = self.size
+
     async def _flush(self) -> None:
+        if self.size != self.reserved:
+            await self._reserve()
         ttl = self.ctx.settings.file_ttl
         async with self.ctx.redis.pipeline(transaction=False) as pipe:
             if self._raw:
@@ -247,6 +264,91 @@ class Upload:
 
     async def discard(self) -> None:
         await self.ctx.redis.delete(keys.file_lines(self.id), keys.file_items(self.id))
+        if self.reserved:
+            await machine.call(self.ctx.redis, release_bytes(self.identity.user, self.id, self.reserved))
+
+
+def over_quota(quota: int) -> ApiError:
+    # 400, not 429 or 413: the SDK retries a 429 (waiting frees nothing: files go only when deleted
+    # or expired), and a 413 says the request itself is too big, when the same file fits once the
+    # user deletes others; a storage limit is the state of the account, a plain invalid request.
+    return BadRequest(
+        f"your stored files would pass your quota of {quota} bytes: delete files (DELETE /v1/files/{{id}}) "
+        "or wait for them to expire",
+        code="storage_quota_exceeded",
+        param="file",
+    )
+
+
+def stored_member(file_id: str, size: int) -> str:
+    """A file's member of ``keys.user_file_sizes``: its size rides in the name, so pruning an
+    expired one knows what to subtract without another key per file."""
+    return f"{file_id}:{size}"
+
+
+#: The per-user quota on stored file bytes. A sorted set of the user's files scored by when each
+#: expires (``keys.user_file_sizes``), with a running total beside it (``keys.user_file_bytes``),
+#: pruned of what has expired at each check. A lone counter with the files' TTL, refreshed on each
+#: upload, would be simpler, but a user who uploads at least once a TTL would never see it fall:
+#: each expired file's bytes would be counted forever. Here they drop out when the file does (give
+#: or take the seconds between the last page's check and the record's write). Both keys expire a
+#: TTL after the last upload, when every file in them has expired too.
+#: KEYS: sizes, total. ARGV: old member ('' if none), new member, old size, new size, quota, TTL (ms).
+#: Returns {1, total} if the new size fits (and is counted instead of the old), else {0, total}; a
+#: new size of 0 only asks whether the user has a byte of room left.
+RESERVE_BYTES: Final = machine.define(
+    "reserve_file_bytes",
+    """
+local now = now_ms()
+local total = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- at most 1,000 expired files pruned per call, to bound the script; the rest go on the next ones
+-- (until then the total overstates, refusing too early rather than too late)
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 1000)
+for _, member in ipairs(gone) do
+  total = total - tonumber(string.match(member, ':(%d+)$'))
+  redis.call('ZREM', KEYS[1], member)
+end
+if total < 0 then total = 0 end
+local old, new, quota, ttl = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+if ARGV[1] ~= '' and redis.call('ZSCORE', KEYS[1], ARGV[1]) == false then old = 0 end
+-- nothing read yet (new = 0): only whether there is room for a byte, counting nothing
+local over = (new == 0 and total >= quota) or total - old + new > quota
+if over or new == 0 then
+  if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('SET', KEYS[2], total, 'KEEPTTL') end
+  return {over and 0 or 1, total}
+end
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+total = total - old + new
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('SET', KEYS[2], total, 'PX', ttl)
+redis.call('PEXPIRE', KEYS[1], ttl)
+return {1, total}
+""",
+)
+
+#: A file's bytes off the user's total, if they are still counted (not pruned as expired already).
+#: KEYS: sizes, total. ARGV: member.
+RELEASE_BYTES: Final = machine.define(
+    "release_file_bytes",
+    """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  local left = redis.call('DECRBY', KEYS[2], tonumber(string.match(ARGV[1], ':(%d+)$')))
+  if left <= 0 or redis.call('ZCARD', KEYS[1]) == 0 then redis.call('DEL', KEYS[1], KEYS[2]) end
+end
+return 0
+""",
+)
+
+
+def reserve_bytes(user: str, file_id: str, old: int, new: int, quota: int, ttl: int) -> machine.Call:
+    previous = stored_member(file_id, old) if old else ""
+    args: list[str | bytes] = [previous, stored_member(file_id, new), str(old), str(new), str(quota), str(ttl * 1000)]
+    return machine.Call(RESERVE_BYTES, [keys.user_file_sizes(user), keys.user_file_bytes(user)], args)
+
+
+def release_bytes(user: str, file_id: str, size: int) -> machine.Call:
+    member = stored_member(file_id, size)
+    return machine.Call(RELEASE_BYTES, [keys.user_file_sizes(user), keys.user_file_bytes(user)], [member])
 
 
 def parse_line(raw: bytes, identity: Identity, seen: set[str]) -> Item:
@@ -314,11 +416,13 @@ async def read_file(request: web.Request) -> web.Response:
 @routes.delete("/v1/files/{id}")
 async def delete_file(request: web.Request) -> web.Response:
     """A batch that runs from the file keeps running: its items are the batch's to finish."""
-    ctx, identity, file_id, _ = await owned_file(request)
+    ctx, identity, file_id, record = await owned_file(request)
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.delete(keys.file(file_id), keys.file_lines(file_id))
         pipe.zrem(keys.user_files(identity.user), file_id)
         await pipe.execute()
+    if record[b"purpose"] == b"batch":  # only uploads are counted (batch outputs are not: see README)
+        await machine.call(ctx.redis, release_bytes(identity.user, file_id, int(record[b"bytes"])))
     return json_response(FileDeleted(file_id))
 
 

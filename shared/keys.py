@@ -131,6 +131,17 @@ def user_files(user: str) -> str:
     return f"{PREFIX}files:user:{user}"
 
 
+def user_file_sizes(user: str) -> str:
+    """Sorted set: ``user``'s stored files as ``file_id:bytes``, scored by when (ms) each expires:
+    the file-bytes quota prunes what has expired from it (``api.files``)."""
+    return f"{PREFIX}files:sizes:{user}"
+
+
+def user_file_bytes(user: str) -> str:
+    """Counter: the bytes of ``user``'s files in :func:`user_file_sizes`, summed."""
+    return f"{PREFIX}files:bytes:{user}"
+
+
 def batch(batch_id: str) -> str:
     """Hash: a batch's owner, status, counts, usage, timestamps and files."""
     return f"{PREFIX}batch:{batch_id}"

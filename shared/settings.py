@@ -102,6 +102,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     batch_item_timeout: Seconds = 600.0
     #: how long files, and batches once ended, are kept
     file_ttl: Positive = 30 * 86400
+    #: bytes of uploaded files one user may keep stored at once (an API key may have its own,
+    #: ``--file-bytes``): files live ``file_ttl``, so without it one user could fill Redis
+    file_bytes_per_user: Positive = 1024 * 1024 * 1024
+    #: the same for visitors (anonymous users): tighter by default
+    visitor_file_bytes_per_user: Positive = 50 * 1024 * 1024
     log_level: str = "INFO"
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access

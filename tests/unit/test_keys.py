@@ -31,6 +31,8 @@ def test_batch_key_strings_are_pinned() -> None:
     assert keys.file_lines("file-1") == "sb:file:file-1:lines"
     assert keys.file_items("file-1") == "sb:file:file-1:items"
     assert keys.user_files("visitor_1") == "sb:files:user:visitor_1"
+    assert keys.user_file_sizes("visitor_1") == "sb:files:sizes:visitor_1"
+    assert keys.user_file_bytes("visitor_1") == "sb:files:bytes:visitor_1"
     assert keys.batch("batch_1") == "sb:batch:batch_1"
     assert keys.batch_events("batch_1") == "sb:batch:batch_1:events"
     assert keys.batch_leases("batch_1") == "sb:batch:batch_1:leases"
