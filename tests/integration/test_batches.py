@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from streambridge.api.app import make_app
+from streambridge.api.credentials import Limits, issue
 from streambridge.fake_llm import expected_text
 from streambridge.shared import batches, keys, machine
 from streambridge.shared.settings import Settings
@@ -425,3 +426,71 @@ async def test_expiry_walks_a_batch_bigger_than_its_chunk_over_several_ticks_one
     assert sorted(errors) == ["r0", "r2", "r3", "r4"]
     assert {e["error"]["code"] for e in errors.values()} == {"batch_expired"}  # type: ignore[index]
     assert await real_redis.zscore(keys.active_batches(), batch.id) is None
+
+
+async def test_a_visitor_past_its_file_quota_is_refused_until_it_deletes_a_file(
+    settings: Settings,
+    real_redis: Redis,
+) -> None:
+    data = jsonl(*(line(f"r{n}", "x" * 100) for n in range(20)))
+    quota = len(data) * 2 + 10  # room for two files of `data`, not three
+    async with TestClient(
+        TestServer(make_app(msgspec.structs.replace(settings, visitor_file_bytes_per_user=quota)))
+    ) as c:
+        token = (await (await c.post("/v1/auth/visitor")).json())["token"]
+        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=token, max_retries=0)
+        first = await sdk.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="batch")
+        await sdk.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.files.create(file=("c.jsonl", io.BytesIO(data)), purpose="batch")
+        assert refused.value.code == "storage_quota_exceeded"
+        assert len([f async for f in sdk.files.list()]) == 2, "the refused upload left nothing behind"
+        user = (await real_redis.hget(keys.file(first.id), "owner")).decode()  # type: ignore[misc]
+        assert int(await real_redis.get(keys.user_file_bytes(user))) == 2 * len(data)
+        await sdk.files.delete(first.id)
+        third = await sdk.files.create(file=("c.jsonl", io.BytesIO(data)), purpose="batch")
+        assert third.bytes == len(data)
+        # a file bigger than the whole quota is refused as it is read, before it is all sent
+        with pytest.raises(openai.BadRequestError) as alone:
+            await sdk.files.create(file=("d.jsonl", io.BytesIO(data * 3)), purpose="batch")
+        assert alone.value.code == "storage_quota_exceeded"
+        await sdk.close()
+
+
+async def test_an_expired_files_bytes_are_no_longer_counted(
+    settings: Settings,
+    real_redis: Redis,
+) -> None:
+    data = jsonl(line("a", "one"))
+    limited = msgspec.structs.replace(settings, visitor_file_bytes_per_user=len(data) + 5)
+    async with TestClient(TestServer(make_app(limited))) as c:
+        token = (await (await c.post("/v1/auth/visitor")).json())["token"]
+        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=token, max_retries=0)
+        first = await sdk.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="batch")
+        with pytest.raises(openai.BadRequestError):
+            await sdk.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="batch")
+        # as if FILE_TTL had passed: the file's member is scored by when it expires
+        user = (await real_redis.hget(keys.file(first.id), "owner")).decode()  # type: ignore[misc]
+        await real_redis.zadd(keys.user_file_sizes(user), {f"{first.id}:{len(data)}": 1})
+        await sdk.files.create(file=("b.jsonl", io.BytesIO(data)), purpose="batch")
+        assert int(await real_redis.get(keys.user_file_bytes(user))) == len(data)
+        await sdk.close()
+
+
+async def test_an_api_keys_file_bytes_override_raises_its_quota(
+    settings: Settings,
+    real_redis: Redis,
+) -> None:
+    data = jsonl(*(line(f"r{n}", "x" * 100) for n in range(20)))
+    tight = msgspec.structs.replace(settings, file_bytes_per_user=len(data) + 10)
+    plain, _ = await issue(real_redis, "acme", "key")
+    roomy, _ = await issue(real_redis, "bigco", "key", limits=Limits(file_bytes=len(data) * 3))
+    async with TestClient(TestServer(make_app(tight))) as c:
+        for key, fits in ((plain, 1), (roomy, 3)):
+            sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=key, max_retries=0)
+            for _ in range(fits):
+                await sdk.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="batch")
+            with pytest.raises(openai.BadRequestError) as refused:
+                await sdk.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="batch")
+            assert refused.value.code == "storage_quota_exceeded"
+            await sdk.close()
