@@ -118,6 +118,10 @@ def paths(error: Any, unauthorized: Json, unavailable: Json, bearer: list[Json],
                         {
                             "invalid_request": "not multipart/form-data, no `file` part, or `purpose` is not `batch`",
                             "too_many_lines": "more than `STREAMBRIDGE_BATCH_MAX_LINES` lines",
+                            "storage_quota_exceeded": "the caller's stored files would pass its quota "
+                            "(`STREAMBRIDGE_FILE_BYTES_PER_USER`, `STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER` for "
+                            "visitors, or the key's `--file-bytes`): refused as the upload is read; deleting "
+                            "files frees room, as does their expiry",
                         },
                     ),
                     "408": slow_body,

@@ -104,7 +104,7 @@ ERRORS.update((label, {}) for label in BROWSER)
 BASE = {401: {"unauthorized"}, 503: {"redis_unavailable"}}
 ERRORS["POST /v1/files"] = {
     **BASE,
-    400: {"invalid_request", "too_many_lines"},
+    400: {"invalid_request", "too_many_lines", "storage_quota_exceeded"},
     408: {"request_timeout"},
     413: {"payload_too_large"},
 }

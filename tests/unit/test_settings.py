@@ -31,6 +31,15 @@ def test_llm_api_key_falls_back_to_openai_api_key() -> None:
     assert load_settings({"OPENAI_API_KEY": "sk-x", "STREAMBRIDGE_LLM_API_KEY": "own"}).llm_api_key == "own"
 
 
+def test_file_quotas_are_read_and_visitors_default_to_less() -> None:
+    defaults = load_settings({})
+    assert defaults.visitor_file_bytes_per_user < defaults.file_bytes_per_user
+    settings = load_settings(
+        {"STREAMBRIDGE_FILE_BYTES_PER_USER": "5000000", "STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER": "1000"}
+    )
+    assert (settings.file_bytes_per_user, settings.visitor_file_bytes_per_user) == (5_000_000, 1000)
+
+
 def test_cli_flags_override_the_environment() -> None:
     assert load_settings({"STREAMBRIDGE_WORKER_CONCURRENCY": "7"}, worker_concurrency=3).worker_concurrency == 3
 
@@ -45,6 +54,11 @@ def test_cli_flags_override_the_environment() -> None:
         ({"STREAMBRIDGE_WORKER_CONCURRENCY": "0"}, "STREAMBRIDGE_WORKER_CONCURRENCY: expected `int` >= 1"),
         ({"STREAMBRIDGE_WORKER_CONCURRENCY": "many"}, "STREAMBRIDGE_WORKER_CONCURRENCY: expected `int`"),
         ({"STREAMBRIDGE_HEARTBEAT_INTERVAL": "30"}, "STREAMBRIDGE_HEARTBEAT_INTERVAL: expected `float` <= 15"),
+        ({"STREAMBRIDGE_FILE_BYTES_PER_USER": "0"}, "STREAMBRIDGE_FILE_BYTES_PER_USER: expected `int` >= 1"),
+        (
+            {"STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER": "50MB"},
+            "STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER: expected `int`",
+        ),
         ({"STREAMBRIDGE_LOG_LEVEL": "LOUD"}, "STREAMBRIDGE_LOG_LEVEL: must be one of"),
         ({"STREAMBRIDGE_REDIS_URLL": "redis://x"}, "STREAMBRIDGE_REDIS_URLL: unknown setting"),
     ],
