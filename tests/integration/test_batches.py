@@ -14,8 +14,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from streambridge import keys_cli
 from streambridge.api.app import make_app
-from streambridge.api.credentials import Limits, issue
+from streambridge.api.credentials import Credential, Limits, issue, quota
+from streambridge.cli import build_parser
 from streambridge.fake_llm import expected_text
 from streambridge.shared import batches, keys, machine
 from streambridge.shared.settings import Settings
@@ -494,3 +496,11 @@ async def test_an_api_keys_file_bytes_override_raises_its_quota(
                 await sdk.files.create(file=("a.jsonl", io.BytesIO(data)), purpose="batch")
             assert refused.value.code == "storage_quota_exceeded"
             await sdk.close()
+
+
+def test_keys_create_takes_file_bytes_as_the_keys_override() -> None:
+    args = build_parser().parse_args(["keys", "create", "--user", "acme", "--file-bytes", "12345"])
+    assert args.file_bytes == 12345
+    assert "file_bytes" in keys_cli.LIMIT_FLAGS
+    credential = Credential("0" * 16, "acme", "key", "", "", Limits(file_bytes=args.file_bytes))
+    assert quota(Settings(), credential).file_bytes == 12345
