@@ -222,3 +222,37 @@ def test_a_queued_chat_shows_its_place_in_the_queue_and_moves_up(
     page.click("#history-box summary")
     expect(page.locator("#history")).to_contain_text(f"queued — position {place + 1}")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_file_of_prompts_runs_as_a_batch_with_live_progress_and_its_results_download(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # Plain text, one prompt a line (a blank line skipped, as the CLI does): the page makes the
+    # batch lines, custom_id `line-N` by line number.
+    prompts = [unique(f"batch prompt {n}") for n in range(4)]
+    lines = [prompts[0], prompts[1], "", prompts[2], prompts[3]]
+    text = "\n".join(lines) + "\n"
+    open_page(page, deployment)
+    page.click("#options summary")
+    page.fill("#model", "fake?words=8&delay_ms=5")  # the Options model names the batch's model too
+    page.set_input_files(
+        "#batch-file", files=[{"name": "prompts.txt", "mimeType": "text/plain", "buffer": text.encode()}]
+    )
+    shots(page, "chosen")
+    page.click("#batch-start")
+    section = page.locator("#batches")
+    expect(section).to_have_attribute("data-state", "completed")
+    shots(page, "completed")
+    expect(page.locator("#batch-counts")).to_have_text("4 / 4 done — 4 completed, 0 failed")
+    assert page.locator("#batch-progress").evaluate("p => [p.value, p.max]") == [4, 4]
+    expect(page.locator("#batch-status")).to_have_text(re.compile(r"^batch_\S+: completed$"))
+    expect(page.locator("#batch-errors")).to_be_hidden()  # nothing failed: no error file
+    with page.expect_download() as info:
+        page.click("#batch-results")
+    results = [json.loads(line) for line in info.value.path().read_text().splitlines()]
+    assert len(results) == 4
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in results}
+    wanted = {f"line-{n}": expected_text(lines[n - 1], 8) for n in (1, 2, 4, 5)}
+    assert got == wanted  # one line per prompt, each the simulated LLM's text for it
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert page.evaluate("window.__violations") == []
