@@ -218,7 +218,7 @@ async function authorized(path, init = {}) {
       await client.login();
       continue;
     }
-    if (!response.ok) throw new Error(await problem(response));
+    if (!response.ok) throw Object.assign(new Error(await problem(response)), { status: response.status });
     return response;
   }
 }
@@ -249,6 +249,7 @@ async function runBatch(event) {
   if (!file) return;
   batch?.stop.abort();
   batch = null;
+  delete $("batches").dataset.reconnects;
   for (const id of ["batch-results", "batch-errors"]) $(id).hidden = true;
   $("batch-error").hidden = true;
   say("batch-counts", "");
@@ -268,7 +269,7 @@ async function runBatch(event) {
         body: JSON.stringify({ input_file_id: uploaded.id, endpoint: BATCH_ENDPOINT, completion_window: "24h" }),
       })
     ).json();
-    batch = { id: created.id, stop: new AbortController(), lastEventId: null, total: 0 };
+    batch = { id: created.id, status: created.status, stop: new AbortController(), lastEventId: null, total: 0 };
     $("batches").dataset.batch = created.id;
     say("batch-status", `${created.id}: ${created.status}`);
     batchState("running");
@@ -279,35 +280,58 @@ async function runBatch(event) {
   }
 }
 
-/** The events to the `end`, reconnecting after a drop with Last-Event-ID (nothing seen twice or missed). */
+/** The events to the `end`, reconnecting after a drop with Last-Event-ID (nothing seen twice or missed).
+ * A connection silent past the server's pings (every 15 s at most) is taken for dropped. */
 async function followBatch(current) {
   const { signal } = current.stop;
   for (let failures = 0; !signal.aborted; ) {
+    const connection = new AbortController();
+    const drop = () => connection.abort();
+    signal.addEventListener("abort", drop, { once: true });
+    let timer = null;
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(drop, 45000);
+    };
     try {
       const headers = { Accept: "text/event-stream" };
       if (current.lastEventId) headers["Last-Event-ID"] = current.lastEventId;
-      const response = await authorized(`/v1/batches/${encodeURIComponent(current.id)}/events`, { headers, signal });
-      failures = 0;
+      arm();
+      const path = `/v1/batches/${encodeURIComponent(current.id)}/events`;
+      const response = await authorized(path, { headers, signal: connection.signal });
+      if (failures) say("batch-status", `${current.id}: ${current.status} (reconnected)`);
       const parser = new SSEParser();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        arm();
         for (const message of parser.feed(value)) {
+          failures = 0; // progress: the backoff starts again
           if (message.id) current.lastEventId = message.id;
           if (batchEvent(current, message.event, JSON.parse(message.data))) return;
         }
       }
     } catch (error) {
       if (signal.aborted) return;
-      if (++failures > 20) {
+      // an answer that will not change (the batch is not ours, a bad position): no point retrying
+      if (error.status && error.status < 500 && error.status !== 408 && error.status !== 429) {
         batchFail(`Lost the batch's progress: ${error.message}`);
         batchState("error");
         return;
       }
+    } finally {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", drop);
     }
-    // the stream closed before its `end`, or the network dropped: again, after the last event seen
+    // closed before its `end` (a restart, the network): again after the last event seen, backing off
+    if (++failures > 20) {
+      batchFail("Lost the batch's progress: the events could not be reached");
+      batchState("error");
+      return;
+    }
     say("batch-status", `${current.id}: connection lost, reconnecting…`);
+    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
     await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** failures, 5000)));
   }
 }
@@ -315,7 +339,10 @@ async function followBatch(current) {
 /** One event of the batch's stream; true at its `end`. */
 function batchEvent(current, type, data) {
   if (current !== batch) return true; // a newer batch took the view
-  if (type === "status") say("batch-status", `${current.id}: ${data.status}`);
+  if (type === "status") {
+    current.status = data.status;
+    say("batch-status", `${current.id}: ${data.status}`);
+  }
   if (type === "item" || type === "end") showCounts(data);
   if (type !== "end") return false;
   say("batch-status", `${current.id}: ${data.status}`);
