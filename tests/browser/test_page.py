@@ -256,3 +256,35 @@ def test_a_file_of_prompts_runs_as_a_batch_with_live_progress_and_its_results_do
     assert got == wanted  # one line per prompt, each the simulated LLM's text for it
     assert page.errors == []  # type: ignore[attr-defined]
     assert page.evaluate("window.__violations") == []
+
+
+def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_completes(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The workers frozen (SIGSTOP): the batch waits in_progress while the network is cut, so the
+    # cut surely falls before its end; the page reconnects after its last event (Last-Event-ID).
+    prompts = [unique(f"batch through a cut {n}") for n in range(3)]
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    section = page.locator("#batches")
+    try:
+        open_page(page, deployment)
+        page.click("#options summary")
+        page.fill("#model", "fake?words=5")
+        text = "\n".join(prompts).encode()
+        page.set_input_files("#batch-file", files=[{"name": "cut.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        deployment.proxy.cut()
+        expect(section).to_have_attribute("data-reconnects", re.compile(r"^\d+$"))
+        shots(page, "cut")
+        deployment.proxy.restore()
+    finally:
+        deployment.proxy.restore()
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(section).to_have_attribute("data-state", "completed")
+    shots(page, "completed-after-the-cut")
+    expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    assert page.errors == []  # type: ignore[attr-defined]
