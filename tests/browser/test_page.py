@@ -288,3 +288,26 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
     shots(page, "completed-after-the-cut")
     expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: Deployment, shots: Shots) -> None:
+    # The workers frozen: no item runs before the cancel, so the batch surely ends cancelled.
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        open_page(page, deployment)
+        text = "\n".join(unique(f"never run {n}") for n in range(3)).encode()
+        page.set_input_files("#batch-file", files=[{"name": "stop.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        page.click("#batch-cancel")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": cancell(ing|ed)$"))
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(page.locator("#batches")).to_have_attribute("data-state", "cancelled")
+    shots(page, "cancelled")
+    expect(page.locator("#batch-start")).to_be_enabled()
+    expect(page.locator("#batch-cancel")).to_be_disabled()
+    assert page.errors == []  # type: ignore[attr-defined]
