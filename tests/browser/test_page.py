@@ -222,3 +222,92 @@ def test_a_queued_chat_shows_its_place_in_the_queue_and_moves_up(
     page.click("#history-box summary")
     expect(page.locator("#history")).to_contain_text(f"queued — position {place + 1}")
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_file_of_prompts_runs_as_a_batch_with_live_progress_and_its_results_download(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # Plain text, one prompt a line (a blank line skipped, as the CLI does): the page makes the
+    # batch lines, custom_id `line-N` by line number.
+    prompts = [unique(f"batch prompt {n}") for n in range(4)]
+    lines = [prompts[0], prompts[1], "", prompts[2], prompts[3]]
+    text = "\n".join(lines) + "\n"
+    open_page(page, deployment)
+    page.click("#options summary")
+    page.fill("#model", "fake?words=8&delay_ms=5")  # the Options model names the batch's model too
+    page.set_input_files(
+        "#batch-file", files=[{"name": "prompts.txt", "mimeType": "text/plain", "buffer": text.encode()}]
+    )
+    shots(page, "chosen")
+    page.click("#batch-start")
+    section = page.locator("#batches")
+    expect(section).to_have_attribute("data-state", "completed")
+    shots(page, "completed")
+    expect(page.locator("#batch-counts")).to_have_text("4 / 4 done — 4 completed, 0 failed")
+    assert page.locator("#batch-progress").evaluate("p => [p.value, p.max]") == [4, 4]
+    expect(page.locator("#batch-status")).to_have_text(re.compile(r"^batch_\S+: completed$"))
+    expect(page.locator("#batch-errors")).to_be_hidden()  # nothing failed: no error file
+    with page.expect_download() as info:
+        page.click("#batch-results")
+    results = [json.loads(line) for line in info.value.path().read_text().splitlines()]
+    assert len(results) == 4
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in results}
+    wanted = {f"line-{n}": expected_text(lines[n - 1], 8) for n in (1, 2, 4, 5)}
+    assert got == wanted  # one line per prompt, each the simulated LLM's text for it
+    assert page.errors == []  # type: ignore[attr-defined]
+    assert page.evaluate("window.__violations") == []
+
+
+def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_completes(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The workers frozen (SIGSTOP): the batch waits in_progress while the network is cut, so the
+    # cut surely falls before its end; the page reconnects after its last event (Last-Event-ID).
+    prompts = [unique(f"batch through a cut {n}") for n in range(3)]
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    section = page.locator("#batches")
+    try:
+        open_page(page, deployment)
+        page.click("#options summary")
+        page.fill("#model", "fake?words=5")
+        text = "\n".join(prompts).encode()
+        page.set_input_files("#batch-file", files=[{"name": "cut.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        deployment.proxy.cut()
+        expect(section).to_have_attribute("data-reconnects", re.compile(r"^\d+$"))
+        shots(page, "cut")
+        deployment.proxy.restore()
+    finally:
+        deployment.proxy.restore()
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(section).to_have_attribute("data-state", "completed")
+    shots(page, "completed-after-the-cut")
+    expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: Deployment, shots: Shots) -> None:
+    # The workers frozen: no item runs before the cancel, so the batch surely ends cancelled.
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        open_page(page, deployment)
+        text = "\n".join(unique(f"never run {n}") for n in range(3)).encode()
+        page.set_input_files("#batch-file", files=[{"name": "stop.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        page.click("#batch-cancel")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": cancell(ing|ed)$"))
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(page.locator("#batches")).to_have_attribute("data-state", "cancelled")
+    shots(page, "cancelled")
+    expect(page.locator("#batch-start")).to_be_enabled()
+    expect(page.locator("#batch-cancel")).to_be_disabled()
+    assert page.errors == []  # type: ignore[attr-defined]

@@ -3,7 +3,7 @@
 // Model output is only ever assigned to `textContent`: it is shown as text, whatever it holds.
 // `document.body.dataset.state` tells where the page is (idle, streaming, complete, failed,
 // cancelled, error): the browser tests wait on it.
-import { createClient, StreambridgeError } from "/streambridge.js";
+import { createClient, SSEParser, StreambridgeError } from "/streambridge.js";
 
 const $ = (id) => document.getElementById(id);
 const client = createClient();
@@ -158,11 +158,265 @@ async function cancel() {
   }
 }
 
-// BATCH VIEW (not built yet): upload JSONL, a live progress bar, download the results. It lands with
-// /v1/batches (another branch): fill <section id="batches"> in index.html, following the batch's
-// GET /v1/batches/{id}/events as this file follows a chat.
+// The batch view (<section id="batches">): a file run as a batch, its progress followed over
+// GET /v1/batches/{id}/events as a chat's is, its results downloaded. Everything shown of it (ids,
+// statuses, server messages) goes through textContent, as model output does.
+// `#batches[data-state]` tells where it is (idle, uploading, running, then the batch's last status,
+// or error): the browser tests wait on it.
+
+const BATCH_ENDPOINT = "/v1/chat/completions";
+let batch = null; // { id, stop: AbortController, lastEventId, total }
+const batchUrls = {}; // object URLs of the download links, revoked when replaced
+
+function batchState(state) {
+  $("batches").dataset.state = state;
+  const busy = state === "uploading" || state === "running";
+  $("batch-start").disabled = busy;
+  $("batch-cancel").disabled = state !== "running";
+  $("batch-so-far").hidden = state !== "running"; // once ended, the links below hold the whole files
+}
+
+function batchFail(message) {
+  $("batch-error").hidden = false;
+  say("batch-error", message);
+}
+
+/** Is `line` a batch request line (JSON with custom_id and body)? As the CLI's `batch run` decides. */
+function isRequest(line) {
+  try {
+    const value = JSON.parse(line);
+    return value !== null && typeof value === "object" && "custom_id" in value && "body" in value;
+  } catch {
+    return false;
+  }
+}
+
+/** The file as batch JSONL: sent as given if it is JSONL (a malformed line too: the server names
+ * it and fails the batch, where taking it for plain text would send each JSON line as a prompt),
+ * else one request per non-blank line, `custom_id` `line-N` with N its line number. */
+function toBatchJsonl(text, model) {
+  const lines = text.split(/\r\n|\r|\n/);
+  const filled = lines.filter((line) => line.trim());
+  if (filled.length && (isRequest(filled[0]) || filled.filter(isRequest).length * 2 > filled.length)) return text;
+  const out = [];
+  lines.forEach((prompt, index) => {
+    if (!prompt.trim()) return;
+    const body = { messages: [{ role: "user", content: prompt }] };
+    if (model) body.model = model;
+    out.push(JSON.stringify({ custom_id: `line-${index + 1}`, method: "POST", url: BATCH_ENDPOINT, body }));
+  });
+  return out.join("\n") + "\n";
+}
+
+/** A call with the page's Bearer token: a visitor made if there is none, and once more if it expired. */
+async function authorized(path, init = {}) {
+  if (!client.token) await client.login();
+  for (let fresh = false; ; fresh = true) {
+    const headers = { ...(init.headers ?? {}), Authorization: `Bearer ${client.token}` };
+    const response = await fetch(path, { ...init, headers, cache: "no-store" });
+    if (response.status === 401 && !fresh) {
+      await client.login();
+      continue;
+    }
+    if (!response.ok) throw Object.assign(new Error(await problem(response)), { status: response.status });
+    return response;
+  }
+}
+
+async function problem(response) {
+  const text = await response.text().catch(() => "");
+  try {
+    const { error } = JSON.parse(text);
+    if (error?.message) return `${error.message} (${response.status})`;
+  } catch {
+    // not the API's JSON error: a proxy's page, say
+  }
+  return `${response.status} ${text.trim().slice(0, 200) || response.statusText}`;
+}
+
+function showCounts({ completed, failed, total }) {
+  batch.total = total;
+  const progress = $("batch-progress");
+  progress.hidden = false;
+  progress.max = Math.max(total, 1);
+  progress.value = completed + failed;
+  say("batch-counts", `${completed + failed} / ${total} done — ${completed} completed, ${failed} failed`);
+}
+
+async function runBatch(event) {
+  event.preventDefault();
+  const file = $("batch-file").files[0];
+  if (!file) return;
+  batch?.stop.abort();
+  batch = null;
+  delete $("batches").dataset.reconnects;
+  for (const id of ["batch-results", "batch-errors"]) $(id).hidden = true;
+  $("batch-error").hidden = true;
+  say("batch-counts", "");
+  $("batch-progress").hidden = true;
+  batchState("uploading");
+  say("batch-status", `uploading ${file.name}…`);
+  try {
+    const jsonl = toBatchJsonl(await file.text(), $("model").value.trim());
+    const form = new FormData();
+    form.append("purpose", "batch");
+    form.append("file", new Blob([jsonl], { type: "application/jsonl" }), file.name.replace(/\.[^.]*$/, "") + ".jsonl");
+    const uploaded = await (await authorized("/v1/files", { method: "POST", body: form })).json();
+    const created = await (
+      await authorized("/v1/batches", {
+        method: "POST",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ input_file_id: uploaded.id, endpoint: BATCH_ENDPOINT, completion_window: "24h" }),
+      })
+    ).json();
+    batch = { id: created.id, status: created.status, stop: new AbortController(), lastEventId: null, total: 0 };
+    $("batches").dataset.batch = created.id;
+    say("batch-status", `${created.id}: ${created.status}`);
+    batchState("running");
+    followBatch(batch);
+  } catch (error) {
+    batchFail(`Could not start the batch: ${error.message}`);
+    batchState("error");
+  }
+}
+
+/** The events to the `end`, reconnecting after a drop with Last-Event-ID (nothing seen twice or missed).
+ * A connection silent past the server's pings (every 15 s at most) is taken for dropped. */
+async function followBatch(current) {
+  const { signal } = current.stop;
+  for (let failures = 0; !signal.aborted; ) {
+    const connection = new AbortController();
+    const drop = () => connection.abort();
+    signal.addEventListener("abort", drop, { once: true });
+    let timer = null;
+    const arm = () => {
+      clearTimeout(timer);
+      timer = setTimeout(drop, 45000);
+    };
+    try {
+      const headers = { Accept: "text/event-stream" };
+      if (current.lastEventId) headers["Last-Event-ID"] = current.lastEventId;
+      arm();
+      const path = `/v1/batches/${encodeURIComponent(current.id)}/events`;
+      const response = await authorized(path, { headers, signal: connection.signal });
+      if (failures) say("batch-status", `${current.id}: ${current.status} (reconnected)`);
+      const parser = new SSEParser();
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        arm();
+        for (const message of parser.feed(value)) {
+          failures = 0; // progress: the backoff starts again
+          if (message.id) current.lastEventId = message.id;
+          if (batchEvent(current, message.event, JSON.parse(message.data))) return;
+        }
+      }
+    } catch (error) {
+      if (signal.aborted) return;
+      // an answer that will not change (the batch is not ours, a bad position): no point retrying
+      if (error.status && error.status < 500 && error.status !== 408 && error.status !== 429) {
+        batchFail(`Lost the batch's progress: ${error.message}`);
+        batchState("error");
+        return;
+      }
+    } finally {
+      clearTimeout(timer);
+      signal.removeEventListener("abort", drop);
+    }
+    // closed before its `end` (a restart, the network): again after the last event seen, backing off
+    if (++failures > 20) {
+      batchFail("Lost the batch's progress: the events could not be reached");
+      batchState("error");
+      return;
+    }
+    say("batch-status", `${current.id}: connection lost, reconnecting…`);
+    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
+    await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** failures, 5000)));
+  }
+}
+
+/** One event of the batch's stream; true at its `end`. */
+function batchEvent(current, type, data) {
+  if (current !== batch) return true; // a newer batch took the view
+  if (type === "status") {
+    current.status = data.status;
+    say("batch-status", `${current.id}: ${data.status}`);
+  }
+  if (type === "item" || type === "end") showCounts(data);
+  if (type !== "end") return false;
+  say("batch-status", `${current.id}: ${data.status}`);
+  batchEnded(current, data.status);
+  return true;
+}
+
+async function batchEnded(current, status) {
+  try {
+    const final = await (await authorized(`/v1/batches/${encodeURIComponent(current.id)}`)).json();
+    // bad input lines, as the server names them (a failed batch's reasons)
+    const refused = (final.errors?.data ?? []).map((e) => `${e.line != null ? `line ${e.line}: ` : ""}${e.message ?? e.code}`);
+    if (refused.length) batchFail(refused.join("\n"));
+    await offer("batch-results", final.output_file_id, `${current.id}-results.jsonl`);
+    await offer("batch-errors", final.error_file_id, `${current.id}-errors.jsonl`);
+  } catch (error) {
+    batchFail(`Could not fetch the results: ${error.message}`);
+  }
+  if (current === batch) batchState(status);
+}
+
+/** A download link for a file of the batch's (its bytes fetched with the token, kept as a Blob). */
+async function offer(id, fileId, name) {
+  const link = $(id);
+  link.hidden = true;
+  if (!fileId) return;
+  const blob = await (await authorized(`/v1/files/${encodeURIComponent(fileId)}/content`)).blob();
+  link.href = blobUrl(id, blob);
+  link.download = name;
+  link.hidden = false;
+}
+
+function blobUrl(key, blob) {
+  if (batchUrls[key]) URL.revokeObjectURL(batchUrls[key]);
+  batchUrls[key] = URL.createObjectURL(blob);
+  return batchUrls[key];
+}
+
+/** The results so far (`/results`: output lines, then error lines), saved while the batch runs. */
+async function downloadSoFar() {
+  if (!batch) return;
+  try {
+    const blob = await (await authorized(`/v1/batches/${encodeURIComponent(batch.id)}/results`)).blob();
+    const link = document.createElement("a");
+    link.href = blobUrl("so-far", blob);
+    link.download = `${batch.id}-results-so-far.jsonl`;
+    link.click();
+  } catch (error) {
+    batchFail(`Could not fetch the results so far: ${error.message}`);
+  }
+}
+
+async function cancelBatch() {
+  if (!batch) return;
+  $("batch-cancel").disabled = true;
+  try {
+    await authorized(`/v1/batches/${encodeURIComponent(batch.id)}/cancel`, { method: "POST" });
+    say("batch-status", `${batch.id}: cancelling`); // the stream's `end` says when it is cancelled
+  } catch (error) {
+    $("batch-cancel").disabled = false;
+    batchFail(`Could not cancel the batch: ${error.message}`);
+  }
+}
+
+function startBatchView() {
+  $("batches").hidden = false;
+  $("batch-form").addEventListener("submit", runBatch);
+  $("batch-cancel").addEventListener("click", cancelBatch);
+  $("batch-so-far").addEventListener("click", downloadSoFar);
+  batchState("idle");
+}
 
 function start() {
+  startBatchView();
   $("ask").addEventListener("submit", ask);
   $("cancel").addEventListener("click", cancel);
   const saved = client.savedChat();
