@@ -289,7 +289,7 @@ export class ChatStream {
 
   async _run() {
     const signal = this._stop.signal;
-    let failures = 0;
+    this._failures = 0; // reset by an accepted event, not by an open: a 200 that closes at once must count
     let stale = false;
     for (;;) {
       signal.throwIfAborted();
@@ -299,7 +299,6 @@ export class ChatStream {
         if (stale) await this._refreshUrl();
         if (!this.reconnects) this._connection("connecting", {});
         await this._connect(signal, () => {
-          failures = 0;
           this._connection("open", { reconnects: this.reconnects });
         });
         stale = false;
@@ -317,7 +316,7 @@ export class ChatStream {
         cause = error;
         retryAfter = (error.retryAfter ?? 0) * 1000;
       }
-      failures += 1;
+      const failures = (this._failures += 1);
       if (failures > this.client.maxReconnects) {
         throw new StreambridgeError(null, "stream_lost", `gave up after ${failures} failed connections in a row`, {
           cause,
@@ -405,9 +404,13 @@ export class ChatStream {
   _accept(id, type, data) {
     if (!ENTRY_ID.test(id ?? "")) throw new StreambridgeError(200, "bad_event_id", `an event came with the id ${id}`);
     if (this.lastEventId !== null && !after(id, this.lastEventId)) return false;
+    if (!EVENT_TYPES.includes(type)) {
+      this.lastEventId = id;
+      return false; // a type newer than this client: skip it
+    }
+    const event = { ...JSON.parse(data), eventId: id }; // parsed before the position moves: a bad one is read again
     this.lastEventId = id;
-    if (!EVENT_TYPES.includes(type)) return false; // a type newer than this client: skip it
-    const event = { ...JSON.parse(data), eventId: id };
+    this._failures = 0;
     this._queued.abort(); // the chat has left the queue: its events tell the rest
     this.queuePosition = null;
     const fresh = this._apply(event);
@@ -435,7 +438,7 @@ export class ChatStream {
       const call = this._parts.calls.get(event.index) ?? { id: "", name: "", arguments: "" };
       call.id ||= event.id ?? "";
       call.name ||= event.name ?? "";
-      call.arguments += event.arguments;
+      call.arguments += event.arguments ?? "";
       this._parts.calls.set(event.index, call);
     }
     if (event.type === "started") this.status = "running";

@@ -134,9 +134,12 @@ async function ask(event) {
   if (!prompt.trim()) return;
   show(prompt);
   status("sending…");
+  chat = null; // until the new chat exists, Cancel must not reach the last one
   setState("streaming");
+  $("cancel").disabled = true;
   try {
     chat = await client.createChat({ message: prompt, model: $("model").value.trim(), meta: { prompt }, ...callbacks() });
+    $("cancel").disabled = document.body.dataset.state !== "streaming"; // it may have ended already
     document.body.dataset.chat = chat.id;
     status("queued: waiting for a worker");
   } catch (error) {

@@ -169,3 +169,22 @@ test("polling stops when the chat is no longer queued, and never happens without
   chat.close();
   await chat.done.catch(() => {});
 });
+
+test("streams that open and close without an event count toward maxReconnects", { timeout: 5000 }, async () => {
+  const seen = [];
+  const empties = Array.from({ length: 10 }, () => ""); // a 200 that ends at once, again and again
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted(empties, seen), maxReconnects: 2 });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  await assert.rejects(chat.done, { code: "stream_lost" });
+  assert.equal(seen.length, 3, "one try and two reconnects, not one per open");
+});
+
+test("a malformed event is read again, not skipped", async () => {
+  const seen = [];
+  const broken = content("2-0", "Hel") + "id: 3-0\nevent: content\ndata: {not json\n\n";
+  const rest = content("3-0", "lo") + sse("4-0", "complete", { attempt: 1 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([broken, rest], seen) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  assert.equal((await chat.done).text, "Hello");
+  assert.deepEqual(seen, [null, "2-0"]);
+});
