@@ -18,6 +18,7 @@ from tests.integration.conftest import RunWorker, bearer
 async def create(client: TestClient, token: str, model: str = "fake") -> str:  # type: ignore[type-arg]
     response = await client.post("/v1/chats", json={"message": "hi", "model": model}, headers=bearer(token))
     assert response.status == 202
+    await asyncio.sleep(0.002)  # the queue orders by the millisecond of enqueue: a tie is in no order
     return str((await response.json())["id"])
 
 
