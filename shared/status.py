@@ -11,7 +11,7 @@ deployment, wherever it runs:
 - batches: each active batch's hash (its counts) and its running items (``keys.batch_leases``);
   items waiting are the rest: neither done nor running.
 
-:func:`gather_snapshot` makes a few round trips however large the deployment (``MAX_BATCHES``
+:func:`gather_snapshot` makes at most four round trips however large the deployment (``MAX_BATCHES``
 bounds the batches read).
 """
 

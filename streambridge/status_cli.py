@@ -126,18 +126,21 @@ def _workers(s: Snapshot) -> RenderableType:
             _name(w),
             str(w.pid),
             age(s.at - w.started_at),
-            f"{w.chats}/{w.concurrency}",
-            str(sum(w.batch_items.values())),
-            str(w.chats_last_minute),
+            f"{w.chats:,}/{w.concurrency:,}",
+            f"{sum(w.batch_items.values()):,}",
+            f"{w.chats_last_minute:,}",
             _running(w),
         )
     return table
 
 
 def _running(w: WorkerRecord) -> str:
-    shown = [*(_short(c) for c in w.chat_ids[:SHOWN_CHATS]), *(f"{b}×{n}" for b, n in sorted(w.batch_items.items()))]
-    more = w.chats - min(len(w.chat_ids), SHOWN_CHATS)
-    return ", ".join(shown) + (f" +{more}" if more > 0 else "")
+    """The first few chats it runs, how many more, then its batch items by batch."""
+    shown = [_short(c) for c in w.chat_ids[:SHOWN_CHATS]]
+    more = w.chats - len(shown)
+    if more > 0:
+        shown.append(f"+{more:,} more")
+    return ", ".join([*shown, *(f"{b}×{n:,}" for b, n in sorted(w.batch_items.items()))])
 
 
 def _short(chat_id: str) -> str:
@@ -152,7 +155,7 @@ def _servers(s: Snapshot) -> RenderableType:
     title = f"api and edges ({len(s.servers)}, {streams:,} open streams)"
     table = _table(title, "process", "serves", "port>", "pid>", "up", "open streams>")
     for x in s.servers:
-        streams_here = str(x.open_streams) if "edge" in x.serves else "-"
+        streams_here = f"{x.open_streams:,}" if "edge" in x.serves else "-"
         table.add_row(_name(x), " + ".join(x.serves), str(x.port), str(x.pid), age(s.at - x.started_at), streams_here)
     return table
 
@@ -171,9 +174,9 @@ def _batches(s: Snapshot) -> RenderableType:
             b.status,
             ProgressBar(total=max(b.total, 1), completed=done, width=20),
             f"{done:,}/{b.total:,}",
-            str(b.failed),
-            str(b.running),
-            str(b.waiting),
+            f"{b.failed:,}",
+            f"{b.running:,}",
+            f"{b.waiting:,}",
             age(b.expires_at - s.at),
         )
     return table

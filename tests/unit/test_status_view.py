@@ -84,7 +84,7 @@ def test_each_worker_shows_what_it_runs() -> None:
     assert "5/50" in row
     assert "2m05s" in row  # up for
     assert "42" in row
-    assert "0123456789a…, c2, c3, batch_x×3 +2" in row  # chat ids cut; the rest counted
+    assert "0123456789a…, c2, c3, +2 more, batch_x×3" in row  # chat ids cut; the rest counted
     assert "worker-h1-102-aaaa (stopping)" in text
 
 
