@@ -197,25 +197,31 @@ class Heartbeat:
             await pipe.execute()
 
 
-#: how long a stopping process may spend withdrawing its record, whatever Redis does
-LEAVE_WAIT: Final = 1.0
+#: how long a stopping process may spend withdrawing its records, whatever Redis does
+LEAVE_WAIT: Final = 0.5
 
 
 @contextlib.asynccontextmanager
-async def announced(redis_url: str, describe: Callable[[], Record]) -> AsyncIterator[Heartbeat]:
-    """Announces the process while the block runs, on a connection of its own (a busy pool never
-    delays a beat); withdraws the record as the block ends."""
+async def announced(redis_url: str, *describe: Callable[[], Record]) -> AsyncIterator[list[Heartbeat]]:
+    """Announces each record while the block runs (``up`` has two: its server and its worker), on a
+    connection of their own (a busy pool never delays a beat); withdraws them as the block ends,
+    within ``LEAVE_WAIT`` s: a frozen Redis never holds a stop (the records then lapse by themselves)."""
     redis = connect(redis_url, max_connections=2, client_class=Redis)
-    heartbeat = Heartbeat(redis, describe)
-    task = asyncio.create_task(heartbeat.run(), name="heartbeat")
+    heartbeats = [Heartbeat(redis, d) for d in describe]
+    tasks = [asyncio.create_task(h.run(), name="heartbeat") for h in heartbeats]
     try:
-        yield heartbeat
+        yield heartbeats
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             async with asyncio.timeout(LEAVE_WAIT):
-                await heartbeat.leave()
-        except Exception as exc:  # it lapses by itself within TTL
-            log.warning("heartbeat: cannot withdraw %s (%s); it lapses within %.0f s", heartbeat.id, exc, TTL)
+                await asyncio.gather(*(h.leave() for h in heartbeats))
+        except Exception as exc:
+            log.warning("heartbeat: cannot withdraw (%s); the records lapse within %.0f s", _reason(exc), TTL)
         await redis.aclose(close_connection_pool=True)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

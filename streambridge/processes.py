@@ -48,9 +48,8 @@ async def up(settings: Settings, host: str, port: int) -> int:
         )
         worker = make_worker(settings, llm_url)
         assert settings.redis_url is not None
-        await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(worker)))
-        describe = ServerDescriber(runner.app, bound, api=True, edge=True)
-        await stack.enter_async_context(announced(settings.redis_url, describe))
+        server = ServerDescriber(runner.app, bound, api=True, edge=True)
+        await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))

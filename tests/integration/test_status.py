@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from streambridge.api.presence import ServerDescriber
 from streambridge.shared import batches, keys, machine
-from streambridge.shared.presence import Heartbeat, ServerRecord, WorkerRecord, announced, read_records
+from streambridge.shared.presence import LEAVE_WAIT, Heartbeat, ServerRecord, WorkerRecord, announced, read_records
 from streambridge.shared.status import gather_snapshot
 from tests.integration.conftest import bearer
 
@@ -65,12 +65,24 @@ async def test_announced_beats_until_the_block_ends(redis_url: str, real_redis: 
         beats += 1
         return a_worker("w9", chats=beats)
 
-    async with announced(redis_url, describe) as heartbeat:
-        while not await read_records(real_redis):
+    async with announced(redis_url, describe, lambda: a_worker("w10")) as heartbeats:
+        while len(await read_records(real_redis)) < 2:
             await asyncio.sleep(0.01)
-        assert heartbeat.id == "w9"
+        assert [h.id for h in heartbeats] == ["w9", "w10"]
     assert beats >= 1
     assert await read_records(real_redis) == []
+
+
+async def test_a_stop_is_never_held_by_a_frozen_redis(redis_url: str) -> None:
+    admin = Redis.from_url(redis_url)
+    async with announced(redis_url, lambda: a_worker("w1")):
+        while not await read_records(admin):
+            await asyncio.sleep(0.01)
+        await admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+        started = time.monotonic()
+    assert time.monotonic() - started <= LEAVE_WAIT + 0.3
+    await admin.execute_command("CLIENT", "UNPAUSE")
+    await admin.aclose()
 
 
 async def test_a_snapshot_counts_queued_and_running_chats(client: TestClient, token: str, real_redis: Redis) -> None:  # type: ignore[type-arg]
