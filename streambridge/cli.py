@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "keys":
         return _run_loop(keys_cli.run(args, require_redis(settings, "keys")))
     if args.command == "status":
-        return _run_loop(status_cli.main(args, require_redis(settings, "status")))
+        from streambridge import status_view
+
+        return _run_loop(status_view.main(args, require_redis(settings, "status")))
     _configure_logging(settings)
     from streambridge import processes
 

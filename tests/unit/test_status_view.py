@@ -11,7 +11,7 @@ from rich.console import Console
 
 from streambridge.shared.presence import ServerRecord, WorkerRecord, decode_record, encode_record
 from streambridge.shared.status import BatchProgress, Snapshot
-from streambridge.status_cli import age, render
+from streambridge.status_view import age, render
 from streambridge.workers.presence import LastMinute, WorkerDescriber
 
 NOW = 1_800_000_000.0
