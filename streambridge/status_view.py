@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import Final
+from collections.abc import AsyncIterator
+from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
@@ -63,22 +64,39 @@ async def watch(redis: Redis, every: float, *, as_json: bool, console: Console |
     """Refreshes until SIGINT/SIGTERM (exit 0). Redis unreachable is shown, and tried again."""
     stop = catch_signals()
     if as_json:
-        while not stop.done():
-            try:
-                print(msgspec.json.encode(await look(redis)).decode(), flush=True)
-            except StreambridgeError as exc:
-                print(f"streambridge: {exc}", file=sys.stderr, flush=True)
-            await asyncio.wait([stop], timeout=every)
+        async for snapshot in snapshots(redis, every, stop):
+            if isinstance(snapshot, Snapshot):
+                print(msgspec.json.encode(snapshot).decode(), flush=True)
+            else:
+                print(f"streambridge: {snapshot}", file=sys.stderr, flush=True)
         return 0
     with Live(console=console or Console(), auto_refresh=False, redirect_stdout=False) as live:
-        while not stop.done():
-            try:
-                view = render(await look(redis))
-            except StreambridgeError as exc:
-                view = Text(f"{exc}; trying again", style="bold red")
-            live.update(view, refresh=True)
-            await asyncio.wait([stop], timeout=every)
+        async for snapshot in snapshots(redis, every, stop):
+            if isinstance(snapshot, Snapshot):
+                live.update(render(snapshot), refresh=True)
+            else:
+                live.update(Text(f"{snapshot}; trying again", style="bold red"), refresh=True)
     return 0
+
+
+async def snapshots(
+    redis: Redis, every: float, stop: asyncio.Future[Any]
+) -> AsyncIterator[Snapshot | StreambridgeError]:
+    """A snapshot (or why there is none) every ``every`` s until ``stop``, which also cuts short a look
+    that waits on an unresponsive Redis: Ctrl-C leaves at once."""
+    while not stop.done():
+        look_once = asyncio.ensure_future(look(redis))
+        await asyncio.wait([look_once, stop], return_when=asyncio.FIRST_COMPLETED)
+        if not look_once.done():
+            look_once.cancel()
+            await asyncio.gather(look_once, return_exceptions=True)
+            return
+        try:
+            snapshot: Snapshot | StreambridgeError = look_once.result()
+        except StreambridgeError as exc:
+            snapshot = exc
+        yield snapshot
+        await asyncio.wait([stop], timeout=every)
 
 
 def render(s: Snapshot) -> RenderableType:

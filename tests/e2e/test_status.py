@@ -168,6 +168,30 @@ def test_the_live_view_draws_on_a_terminal_and_ctrl_c_exits_0(system: System) ->
         os.close(main)
 
 
+def test_the_live_view_says_redis_is_unreachable_and_ctrl_c_still_exits_0_at_once() -> None:
+    main, child = pty.openpty()
+    env = clean_env(STREAMBRIDGE_REDIS_URL="redis://127.0.0.1:9/0", COLUMNS="160", TERM="xterm-256color")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streambridge", "status"], env=env, stdin=child, stdout=child, stderr=child
+    )
+    os.close(child)
+    screen = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"trying again" not in screen and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                screen += os.read(main, 65536)
+        assert b"cannot read the deployment from Redis" in screen, screen
+        assert b"Traceback" not in screen
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(5) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main)
+
+
 def test_json_mode_prints_one_snapshot_a_line_until_sigterm(system: System) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "streambridge", "status", "--json", "--interval", "0.2"],
