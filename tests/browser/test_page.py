@@ -315,13 +315,17 @@ def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: 
     assert page.errors == []  # type: ignore[attr-defined]
 
 
+UNAUTHORIZED = json.dumps({"error": {"code": "unauthorized", "message": "expired", "type": None, "param": None}})
+
+
 def batch_line(custom_id: str, prompt: str, model: str) -> str:
     body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
 
 def choose_batch_file(page: Page, name: str, text: str) -> None:
-    page.set_input_files("#batch-file", files=[{"name": name, "mimeType": "application/jsonl", "buffer": text.encode()}])
+    chosen = {"name": name, "mimeType": "application/jsonl", "buffer": text.encode()}
+    page.set_input_files("#batch-file", files=[chosen])
 
 
 def downloaded(page: Page, link: str) -> list[dict[str, Any]]:
@@ -368,8 +372,7 @@ def test_a_401_about_a_running_batch_ends_its_view_without_swapping_the_pages_vi
             route.continue_()
             return
         refused.append(route.request.url)
-        body = {"error": {"code": "invalid_token", "message": "expired", "type": "invalid_request_error", "param": None}}
-        route.fulfill(status=401, content_type="application/json", body=json.dumps(body))
+        route.fulfill(status=401, content_type="application/json", body=UNAUTHORIZED)
 
     page.route(re.compile(r"/v1/batches/[^/]+/events$"), expire_once)
     open_page(page, deployment)
@@ -381,12 +384,10 @@ def test_a_401_about_a_running_batch_ends_its_view_without_swapping_the_pages_vi
     assert refused
     expect(page.locator("#batch-error")).to_contain_text("session has expired")
     token = page.evaluate("sessionStorage.getItem('streambridge:token')")
-    owner = page.evaluate(
-        "(id) => fetch('/v1/batches/' + id, {headers: {Authorization: 'Bearer ' + sessionStorage.getItem('streambridge:token')}})"
-        ".then(r => r.status)",
-        section.get_attribute("data-batch"),
-    )
-    assert token and owner == 200, "the page's visitor is still the batch's owner"
+    assert token
+    asked = deployment.url + "/v1/batches/" + (section.get_attribute("data-batch") or "")
+    owner = page.request.get(asked, headers={"Authorization": f"Bearer {token}"})
+    assert owner.status == 200, "the page's visitor is still the batch's owner"
 
 
 def test_a_401_while_starting_a_batch_makes_one_new_visitor_who_runs_it(
@@ -400,7 +401,7 @@ def test_a_401_while_starting_a_batch_makes_one_new_visitor_who_runs_it(
     def expire_first_upload(route: Any) -> None:
         uploads.append(route.request.headers.get("authorization", ""))
         if len(uploads) == 1:
-            route.fulfill(status=401, content_type="application/json", body='{"error": {"code": "unauthorized", "message": "no"}}')
+            route.fulfill(status=401, content_type="application/json", body=UNAUTHORIZED)
         else:
             route.continue_()
 
@@ -420,7 +421,14 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
     # Batch A ends; its files are still being fetched (held here) when batch B is started. When
     # A's files arrive, they belong to a view that is gone: B's view must not show them.
     held: list[Any] = []
-    page.route(re.compile(r"/v1/files/[^/]+/content$"), lambda route: held.append(route) if not held else route.continue_())
+
+    def hold_the_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(re.compile(r"/v1/files/[^/]+/content$"), hold_the_first)
     open_page(page, deployment)
     page.click("#options summary")
     page.fill("#model", "fake?words=4")
