@@ -104,6 +104,7 @@ export class StreambridgeClient {
    * the server makes it, is still kept: a caller after it needs no other).
    */
   login({ signal } = {}) {
+    if (signal?.aborted) return Promise.reject(signal.reason);
     this._login ??= this._request("POST", "/v1/auth/visitor")
       .then((visitor) => {
         this.token = visitor.token;
@@ -235,6 +236,7 @@ export class ChatStream {
     this.terminal = null;
     this.reconnects = 0;
     this.queuePosition = null; // while queued and onQueued is given: 1 = the next chat to start
+    this._cannotAsk = false; // the API answered 4xx about this chat: EventSource's silences are not checked
     this._parts = restoreParts(saved.parts);
     this._options = options;
     this._persist = options.persist ?? true;
@@ -250,9 +252,16 @@ export class ChatStream {
     this._saveTimer = null;
     this._stop = new AbortController();
     this._queued = new AbortController(); // aborted when the chat's first event arrives, or it ends
+    this._unlisten = () => {};
     if (options.signal) {
-      if (options.signal.aborted) this._stop.abort(options.signal.reason);
-      else options.signal.addEventListener("abort", () => this._stop.abort(options.signal.reason), { once: true });
+      const signal = options.signal;
+      const stop = () => this._stop.abort(signal.reason);
+      if (signal.aborted) stop();
+      else {
+        signal.addEventListener("abort", stop, { once: true });
+        // a signal that outlives the chat (one for the page, say) must not hold it in memory
+        this._unlisten = () => signal.removeEventListener("abort", stop);
+      }
     }
     this._stop.signal.addEventListener("abort", () => this._queued.abort(), { once: true });
     this._save(true); // this chat takes the store's record: an older chat's saves no longer touch it
@@ -343,9 +352,9 @@ export class ChatStream {
         if (stale) await this._refreshUrl();
         if (!this.reconnects) this._connection("connecting", {});
         await this._connect(signal, () => {
+          stale = false; // the fresh URL works: a 401 later on (hours later, say) may ask for one again
           this._connection("open", { reconnects: this.reconnects });
         });
-        stale = false;
         if (this.terminal) return;
         cause = new Error("the stream ended before a terminal event");
       } catch (error) {
@@ -380,7 +389,8 @@ export class ChatStream {
     const silence = this._options.readTimeoutMs ?? this.client.readTimeoutMs;
     // EventSource cannot send headers: it serves a stream_url (its token is in the URL) and no Bearer.
     if (kind === "eventsource" || (kind === "auto" && !headers.Authorization && typeof EventSource === "function")) {
-      const watch = { silence, alive: this.client.token ? (stop) => this._movedOnWithoutUs(stop).then((m) => !m) : null };
+      const alive = this.client.token ? (stop) => this._movedOnWithoutUs(stop).then((moved) => !moved) : null;
+      const watch = { silence, alive };
       return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe), watch);
     }
     return viaFetch(this.client._fetch, url, headers, this.lastEventId, signal, deliver, opened, silence);
@@ -393,7 +403,19 @@ export class ChatStream {
    * while the stream said nothing has lost its connection. A chat still waiting has not.
    */
   async _movedOnWithoutUs(signal) {
-    const info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
+    if (this._cannotAsk) return false;
+    let info;
+    try {
+      info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
+    } catch (error) {
+      // the client's token is not the chat's owner's (a stream_url handed over by a backend): it
+      // never will be, so stop asking; the stream is left to the browser, as without a token
+      if (error instanceof StreambridgeError && [401, 403, 404].includes(error.status)) {
+        this._cannotAsk = true;
+        return false;
+      }
+      throw error;
+    }
     if (TERMINAL.has(info.status)) return true; // ended, and its end never came
     if (info.status !== "queued" && this.status === "queued") return true; // started, and nothing came
     return [...(info.content ?? "")].length > [...this.text].length;
@@ -576,6 +598,7 @@ export class ChatStream {
   }
 
   _end(error) {
+    this._unlisten();
     this._queued.abort();
     this._readers.clear(); // each iterator keeps its own queue to read to its end
     this._ended = true;

@@ -452,3 +452,52 @@ test("reconnect delays are jittered, doubling to a cap", () => {
   assert.ok(backoff(30) <= 2000);
   assert.ok(backoff(30, { startMs: 250, maxMs: 5000 }) >= 2500);
 });
+
+test("a stream token that expires again after a refresh is refreshed again, not fatal", async () => {
+  const seen = [];
+  const partial = content("1-0", "Hel");
+  const rest = content("2-0", "lo") + sse("3-0", "complete", { attempt: 1 });
+  // 401, then a fresh URL that works for a while and drops, then 401 again (hours later, say)
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([401, partial, 401, rest], seen) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  assert.equal((await chat.done).text, "Hello");
+  assert.deepEqual(seen, [null, null, "1-0", "1-0"]);
+});
+
+test("the AbortSignal's listener goes when the chat ends: a long-lived signal does not hold every chat", async (t) => {
+  const controller = new AbortController(); // one for the page's whole life
+  const removed = t.mock.method(controller.signal, "removeEventListener");
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + sse("2-0", "complete", { attempt: 1 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream], []) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch", signal: controller.signal });
+  await chat.done;
+  assert.ok(removed.mock.calls.some((c) => c.arguments[0] === "abort"));
+});
+
+test("over EventSource, a client whose token does not own the chat stops asking after the first 404", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  let asked = 0;
+  const fetchImpl = async (url) => {
+    asked += 1;
+    return json(404, { error: { code: "not_found", message: new URL(url).pathname } });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), token: "someone-else", fetch: fetchImpl });
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource" });
+  await turns();
+  FakeEventSource.made[0].open();
+  for (let n = 0; n < 4; n++) {
+    mock.timers.tick(45_000);
+    await turns();
+  }
+  assert.equal(asked, 1);
+  assert.equal(FakeEventSource.made.length, 1);
+  assert.equal(FakeEventSource.made[0].closed, false);
+  chat.close();
+  await chat.done.catch(() => {});
+});
