@@ -110,7 +110,13 @@ window.followExpired = async (id, token) => {
 window.startOverEventSource = async (prompt, model, readTimeoutMs) => {
   const states = [];
   const client = createClient({ store: memoryStore(), transport: "eventsource", readTimeoutMs });
-  const chat = await client.createChat({ message: prompt, model, onConnection: ({ state }) => states.push(state) });
+  const onConnection = ({ state }) => {
+    states.push(state);
+    log(`connection: ${state}`); // the screenshots show what happened
+  };
+  const onContent = (_piece, _event, text) => (document.getElementById("text").textContent = text);
+  const chat = await client.createChat({ message: prompt, model, onConnection, onContent });
+  log(`chat ${chat.id} over EventSource, read timeout ${readTimeoutMs} ms`);
   window.running = { chat, states };
   return chat.id;
 };
