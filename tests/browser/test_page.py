@@ -462,3 +462,33 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
     shots(page, "b-completed")
     assert page.locator("#batch-results").get_attribute("download") == f"{second}-results.jsonl"
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnecting(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The page follows its chat over EventSource, which never shows the edge's `: ping` comments:
+    # a wait in the queue past the client's 45 s read timeout must not be taken for a dead stream.
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    body = page.locator("body")
+    try:
+        open_page(page, deployment)
+        prompt = unique("a long wait in line")
+        ask(page, prompt, "fake?words=5")
+        expect(body).to_have_attribute("data-queue-position", re.compile(r"^\d+$"))
+        page.wait_for_timeout(48_000)
+        shots(page, "still-queued-after-48s")
+        assert body.get_attribute("data-connection") == "open"
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(body).to_have_attribute("data-state", "complete")
+    shots(page, "complete")
+    assert answer(page) == expected_text(prompt, 5)
+    page.click("#history-box summary")
+    expect(page.locator("#history")).not_to_contain_text("reconnecting")
+    chat_id = body.get_attribute("data-chat")
+    streams = [r for r in deployment.proxy.requests if r.startswith(f"GET /v1/chats/{chat_id}/events")]
+    assert len(streams) == 1, streams
