@@ -3,8 +3,9 @@
 Event streams go to an edge (the first that takes the connection, so a SIGKILLed edge is passed
 over), everything else to the API. ``cut()`` is a network cut: every open connection is dropped
 and new ones are refused until ``restore()``. (Chromium's emulated offline mode leaves open
-connections streaming, so it cannot cut a stream by itself.) It also serves the test page of
-the JavaScript client under ``/_test/``.
+connections streaming, so it cannot cut a stream by itself.) ``requests`` holds the method and
+path (with query) of every request it was sent, in order, for tests that check what a browser
+asked for. It also serves the test page of the JavaScript client under ``/_test/``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Proxy:
         self.edges: list[str] = []
         self.url = ""
         self._cut = False
+        self.requests: list[str] = []
         self._open: set[asyncio.Transport] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -82,6 +84,7 @@ class Proxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         transport = request.transport
+        self.requests.append(f"{request.method} {request.path_qs}")
         if self._cut or transport is None:
             if transport is not None:
                 transport.abort()  # no answer at all, as on a dead network

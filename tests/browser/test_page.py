@@ -242,6 +242,7 @@ def test_a_file_of_prompts_runs_as_a_batch_with_live_progress_and_its_results_do
     page.click("#batch-start")
     section = page.locator("#batches")
     expect(section).to_have_attribute("data-state", "completed")
+    expect(section).to_have_attribute("data-downloads", "ready")
     shots(page, "completed")
     expect(page.locator("#batch-counts")).to_have_text("4 / 4 done — 4 completed, 0 failed")
     assert page.locator("#batch-progress").evaluate("p => [p.value, p.max]") == [4, 4]
@@ -278,6 +279,7 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
         expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
         deployment.proxy.cut()
         expect(section).to_have_attribute("data-reconnects", re.compile(r"^\d+$"))
+        expect(section).to_have_attribute("data-last-delay", re.compile(r"^\d+$"))  # the jittered backoff
         shots(page, "cut")
         deployment.proxy.restore()
     finally:
@@ -311,3 +313,182 @@ def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: 
     expect(page.locator("#batch-start")).to_be_enabled()
     expect(page.locator("#batch-cancel")).to_be_disabled()
     assert page.errors == []  # type: ignore[attr-defined]
+
+
+UNAUTHORIZED = json.dumps({"error": {"code": "unauthorized", "message": "expired", "type": None, "param": None}})
+
+
+def batch_line(custom_id: str, prompt: str, model: str) -> str:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+def choose_batch_file(page: Page, name: str, text: str) -> None:
+    chosen = {"name": name, "mimeType": "application/jsonl", "buffer": text.encode()}
+    page.set_input_files("#batch-file", files=[chosen])
+
+
+def downloaded(page: Page, link: str) -> list[dict[str, Any]]:
+    with page.expect_download() as info:
+        page.click(link)
+    return [json.loads(line) for line in info.value.path().read_text().splitlines()]
+
+
+def test_a_jsonl_batch_with_a_refused_line_offers_its_results_and_its_error_file(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # OpenAI batch JSONL, sent as given; one line the simulated LLM refuses (an unknown option: a 400).
+    good = {f"ok-{n}": unique(f"jsonl prompt {n}") for n in range(2)}
+    lines = [batch_line(cid, prompt, "fake?words=6") for cid, prompt in good.items()]
+    lines.insert(1, batch_line("refused", "x", "fake?no_such_option=1"))
+    open_page(page, deployment)
+    choose_batch_file(page, "requests.jsonl", "\n".join(lines) + "\n")
+    page.click("#batch-start")
+    section = page.locator("#batches")
+    expect(section).to_have_attribute("data-state", "completed")
+    expect(section).to_have_attribute("data-downloads", "ready")
+    shots(page, "completed-with-a-failure")
+    expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 2 completed, 1 failed")
+    expect(page.locator("#batch-errors")).to_be_visible()
+    batch_id = section.get_attribute("data-batch")
+    assert page.locator("#batch-errors").get_attribute("download") == f"{batch_id}-errors.jsonl"
+    results = downloaded(page, "#batch-results")
+    got = {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in results}
+    assert got == {cid: expected_text(prompt, 6) for cid, prompt in good.items()}
+    errors = downloaded(page, "#batch-errors")
+    assert [(e["custom_id"], e["response"]["status_code"]) for e in errors] == [("refused", 400)]
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_401_about_a_running_batch_ends_its_view_without_swapping_the_pages_visitor(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The batch belongs to the visitor that made it: a new visitor could never see it (404), and
+    # making one would lose the page's own chats too. The first events request answers 401 here.
+    refused: list[str] = []
+
+    def expire_once(route: Any) -> None:
+        if refused:
+            route.continue_()
+            return
+        refused.append(route.request.url)
+        route.fulfill(status=401, content_type="application/json", body=UNAUTHORIZED)
+
+    page.route(re.compile(r"/v1/batches/[^/]+/events$"), expire_once)
+    open_page(page, deployment)
+    choose_batch_file(page, "one.txt", unique("expired owner") + "\n")
+    page.click("#batch-start")
+    section = page.locator("#batches")
+    expect(section).to_have_attribute("data-state", "error")
+    shots(page, "session-expired")
+    assert refused
+    expect(page.locator("#batch-error")).to_contain_text("session has expired")
+    token = page.evaluate("sessionStorage.getItem('streambridge:token')")
+    assert token
+    asked = deployment.url + "/v1/batches/" + (section.get_attribute("data-batch") or "")
+    owner = page.request.get(asked, headers={"Authorization": f"Bearer {token}"})
+    assert owner.status == 200, "the page's visitor is still the batch's owner"
+
+
+def test_a_401_while_starting_a_batch_makes_one_new_visitor_who_runs_it(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The page's policy, as for a chat: a kept visitor token that no longer works is replaced once.
+    open_page(page, deployment)
+    page.evaluate("fetch('/v1/auth/visitor', {method: 'POST'})")  # warm the API
+    uploads: list[str] = []
+
+    def expire_first_upload(route: Any) -> None:
+        uploads.append(route.request.headers.get("authorization", ""))
+        if len(uploads) == 1:
+            route.fulfill(status=401, content_type="application/json", body=UNAUTHORIZED)
+        else:
+            route.continue_()
+
+    page.route(re.compile(r"/v1/files$"), expire_first_upload)
+    choose_batch_file(page, "one.txt", unique("new visitor") + "\n")
+    page.click("#batch-start")
+    section = page.locator("#batches")
+    expect(section).to_have_attribute("data-state", "completed")
+    shots(page, "completed-under-a-new-visitor")
+    assert len(uploads) == 2
+    assert uploads[0] != uploads[1]  # the upload went again, as the new visitor
+
+
+def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # Batch A ends; its files are still being fetched (held here) when batch B is started. When
+    # A's files arrive, they belong to a view that is gone: B's view must not show them.
+    held: list[Any] = []
+
+    def hold_the_first(route: Any) -> None:
+        if held:
+            route.continue_()
+        else:
+            held.append(route)
+
+    page.route(re.compile(r"/v1/files/[^/]+/content$"), hold_the_first)
+    open_page(page, deployment)
+    page.click("#options summary")
+    page.fill("#model", "fake?words=4")
+    section = page.locator("#batches")
+    choose_batch_file(page, "a.txt", unique("batch a") + "\n")
+    page.click("#batch-start")
+    expect(section).to_have_attribute("data-downloads", "pending")
+    first = section.get_attribute("data-batch")
+    while not held:
+        page.wait_for_timeout(50)
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:  # B stays running while A's answer arrives
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        choose_batch_file(page, "b.txt", unique("batch b") + "\n")
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        second = section.get_attribute("data-batch")
+        assert second != first
+        held[0].continue_()  # A's results arrive now
+        page.wait_for_timeout(1000)
+        shots(page, "b-running-after-a-answered")
+        expect(page.locator("#batch-results")).to_be_hidden()
+        expect(page.locator("#batch-errors")).to_be_hidden()
+        expect(section).to_have_attribute("data-state", "running")
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(section).to_have_attribute("data-state", "completed")
+    expect(section).to_have_attribute("data-downloads", "ready")
+    shots(page, "b-completed")
+    assert page.locator("#batch-results").get_attribute("download") == f"{second}-results.jsonl"
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnecting(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The page follows its chat over EventSource, which never shows the edge's `: ping` comments:
+    # a wait in the queue past the client's 45 s read timeout must not be taken for a dead stream.
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    body = page.locator("body")
+    try:
+        open_page(page, deployment)
+        prompt = unique("a long wait in line")
+        ask(page, prompt, "fake?words=5")
+        expect(body).to_have_attribute("data-queue-position", re.compile(r"^\d+$"))
+        page.wait_for_timeout(48_000)
+        shots(page, "still-queued-after-48s")
+        assert body.get_attribute("data-connection") == "open"
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(body).to_have_attribute("data-state", "complete")
+    shots(page, "complete")
+    assert answer(page) == expected_text(prompt, 5)
+    page.click("#history-box summary")
+    expect(page.locator("#history")).not_to_contain_text("reconnecting")
+    chat_id = body.get_attribute("data-chat")
+    streams = [r for r in deployment.proxy.requests if r.startswith(f"GET /v1/chats/{chat_id}/events")]
+    assert len(streams) == 1, streams

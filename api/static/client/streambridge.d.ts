@@ -153,6 +153,15 @@ export interface ClientOptions {
   transport?: "auto" | "eventsource" | "fetch";
   /** failed connections in a row before giving up with `stream_lost`; time offline is not counted */
   maxReconnects?: number;
+  /**
+   * ms of silence (default 45000; the edge pings every 15 s at most) after which a fetch stream is
+   * taken for dead and resumed. EventSource never shows the pings: there, this silence only makes
+   * the client ask `GET /v1/chats/{id}` whether the chat went on (ended, started, or has more text
+   * than arrived) and resume if it did; a chat still waiting keeps its quiet stream.
+   */
+  readTimeoutMs?: number;
+  /** where a callback that threw is reported (default: console.error); the stream carries on */
+  onCallbackError?(error: unknown, callback: string): void;
   fetch?: typeof fetch;
 }
 
@@ -163,6 +172,16 @@ export interface StreamOptions {
   persist?: boolean;
   /** anything JSON to keep with the chat (the prompt, say); `savedChat().meta` gives it back */
   meta?: unknown;
+  /**
+   * keep every event for the chat's life, so an iterator started late replays them from the first
+   * (default false: the chat keeps its text, position and end; an iterator gets the events from
+   * when it is made, which before the first `await` after createChat is every one)
+   */
+  keepEvents?: boolean;
+  /** overrides the client's `readTimeoutMs` for this chat */
+  readTimeoutMs?: number;
+  /** overrides the client's `onCallbackError` for this chat */
+  onCallbackError?(error: unknown, callback: string): void;
   onEvent?(event: ChatEvent, chat: ChatStream): void;
   /** `text` is the whole answer so far: render it, and a superseded attempt's text disappears */
   onContent?(piece: string, event: ContentEvent, text: string): void;
@@ -184,7 +203,7 @@ export interface StreamOptions {
   /** a new attempt started: what the last one streamed is superseded */
   onAttempt?(attempt: number, chat: ChatStream): void;
   onConnection?(state: ConnectionState): void;
-  /** the chat ended `complete` or `cancelled` */
+  /** the chat ended `complete` or `cancelled`. Every callback is isolated: one that throws is reported, never breaks the stream */
   onComplete?(result: ChatResult): void;
   /** the chat failed, its history expired, or it could not be followed (not called for close()/abort) */
   onError?(error: StreambridgeError | Error): void;
@@ -198,6 +217,11 @@ export interface ChatOptions extends StreamOptions {
   max_tokens?: number;
   /** more fields of the request body (any OpenAI Chat Completions field) */
   body?: Record<string, unknown>;
+  /**
+   * the POST's Idempotency-Key (default: a random one per call). Give the same key to make two
+   * calls one chat, as React's StrictMode runs an effect twice. `signal` also stops the login.
+   */
+  idempotencyKey?: string;
 }
 
 export interface SavedChat {
@@ -229,7 +253,10 @@ export declare class ChatStream implements AsyncIterable<ChatEvent> {
   cancel(): Promise<{ id: string; status: string }>;
   /** stops following; the chat goes on, and stays in the store to be resumed */
   close(reason?: unknown): void;
-  /** every event once, in order, from the first; ends after the terminal one, throws what `done` rejects with */
+  /**
+   * every event once, in order, from when the iterator is made (from the first with `keepEvents`);
+   * ends after the terminal one, throws what `done` rejects with
+   */
   [Symbol.asyncIterator](): AsyncIterator<ChatEvent>;
 }
 
@@ -237,13 +264,15 @@ export declare class StreambridgeClient {
   constructor(options?: ClientOptions);
   baseUrl: string;
   token: string | null;
-  login(): Promise<string>;
+  /** a new visitor; calls made while one is under way share it; `signal` stops the wait */
+  login(options?: { signal?: AbortSignal }): Promise<string>;
   createChat(options: ChatOptions): Promise<ChatStream>;
   followChat(chat: ChatCreated | string, options?: StreamOptions): ChatStream;
   /** the chat this tab was following before a reload, resumed after its last event; null if none */
   resumeChat(options?: StreamOptions): ChatStream | null;
   savedChat(): SavedChat | null;
-  forgetChat(): void;
+  /** forgets the saved chat; given `id`, only if the saved chat is that one */
+  forgetChat(id?: string): void;
   getChat(id: string): Promise<ChatInfo>;
   cancelChat(id: string): Promise<{ id: string; status: string }>;
 }
@@ -252,6 +281,8 @@ export declare function createClient(options?: ClientOptions): StreambridgeClien
 export declare function createChat(options: ClientOptions & ChatOptions & { client?: StreambridgeClient }): Promise<ChatStream>;
 export declare function sessionStore(): Store;
 export declare function memoryStore(): Store;
+/** the wait before reconnect `failures` (1, 2, …): doubling from startMs (100) to maxMs (2000), a random point in its upper half */
+export declare function backoff(failures: number, options?: { startMs?: number; maxMs?: number }): number;
 
 export interface SSEMessage { id: string | null; event: string; data: string }
 export declare class SSEParser {

@@ -14,7 +14,9 @@ export const VERSION = "0.1.0";
 
 const BACKOFF_START_MS = 100;
 const BACKOFF_MAX_MS = 2000;
-// The edge sends a comment at least every 15 s; a connection silent for longer than this is dead.
+// The edge sends a comment at least every 15 s; a fetch stream silent for longer than this is dead.
+// EventSource hides those comments: there, a silence this long only makes the client ask the API
+// whether the chat moved on without it (see viaEventSource).
 const READ_TIMEOUT_MS = 45000;
 // The persisted record is rewritten at most this often while text streams (and at once at the end).
 const PERSIST_EVERY_MS = 250;
@@ -79,6 +81,8 @@ export class StreambridgeClient {
     storageKey = "streambridge",
     transport = "auto",
     maxReconnects = 20,
+    readTimeoutMs = READ_TIMEOUT_MS,
+    onCallbackError = undefined,
     fetch: fetchImpl = undefined,
   } = {}) {
     this.baseUrl = String(baseUrl).replace(/\/+$/, "");
@@ -86,17 +90,31 @@ export class StreambridgeClient {
     this.storageKey = storageKey;
     this.transport = transport;
     this.maxReconnects = maxReconnects;
+    this.readTimeoutMs = readTimeoutMs;
+    this.onCallbackError = onCallbackError;
     this._fetch = fetchImpl ?? ((...args) => globalThis.fetch(...args));
     this._tokenGiven = token !== null;
     this.token = token ?? (store && store.get(`${storageKey}:token`));
+    this._login = null; // the visitor being made: callers at the same time share it (one user, not two)
   }
 
-  /** A new anonymous user (`POST /v1/auth/visitor`); its token is kept for later calls (and in the store). */
-  async login() {
-    const visitor = await this._request("POST", "/v1/auth/visitor");
-    this.token = visitor.token;
-    this.store?.set(`${this.storageKey}:token`, visitor.token);
-    return visitor.token;
+  /**
+   * A new anonymous user (`POST /v1/auth/visitor`); its token is kept for later calls (and in the store).
+   * Calls made while one is under way share it. `signal` stops the caller's wait (the visitor, if
+   * the server makes it, is still kept: a caller after it needs no other).
+   */
+  login({ signal } = {}) {
+    if (signal?.aborted) return Promise.reject(signal.reason);
+    this._login ??= this._request("POST", "/v1/auth/visitor")
+      .then((visitor) => {
+        this.token = visitor.token;
+        this.store?.set(`${this.storageKey}:token`, visitor.token);
+        return visitor.token;
+      })
+      .finally(() => {
+        this._login = null;
+      });
+    return untilAborted(this._login, signal);
   }
 
   /** Starts a chat and follows its events; see ChatOptions in streambridge.d.ts. */
@@ -109,15 +127,18 @@ export class StreambridgeClient {
     }
     // One key for every try: a POST whose answer was lost is sent again, and the server returns
     // the chat the first one made rather than starting a second.
-    const headers = { "Idempotency-Key": randomKey() };
-    if (!this.token) await this.login();
+    // A caller's key (`idempotencyKey`) makes two calls one chat: React's StrictMode runs an effect twice.
+    const headers = { "Idempotency-Key": options.idempotencyKey ?? randomKey() };
+    const { signal } = options;
+    signal?.throwIfAborted();
+    if (!this.token) await this.login({ signal });
     let created;
     try {
-      created = await this._create(body, headers, options.signal);
+      created = await this._create(body, headers, signal);
     } catch (error) {
       if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven) throw error;
-      await this.login(); // the kept visitor token expired: a new visitor, once
-      created = await this._create(body, headers, options.signal);
+      await this.login({ signal }); // the kept visitor token expired: a new visitor, once
+      created = await this._create(body, headers, signal);
     }
     return this.followChat(created, options);
   }
@@ -149,8 +170,18 @@ export class StreambridgeClient {
     return null;
   }
 
-  forgetChat() {
+  /** Forgets the saved chat; given `id`, only if the saved chat is that one (not a newer chat's record). */
+  forgetChat(id = undefined) {
+    if (id !== undefined && this._savedId() !== id) return;
     this.store?.remove(`${this.storageKey}:chat`);
+  }
+
+  _savedId() {
+    try {
+      return JSON.parse(this.store?.get(`${this.storageKey}:chat`) ?? "null")?.id ?? null;
+    } catch {
+      return null;
+    }
   }
 
   getChat(id) {
@@ -205,22 +236,35 @@ export class ChatStream {
     this.terminal = null;
     this.reconnects = 0;
     this.queuePosition = null; // while queued and onQueued is given: 1 = the next chat to start
+    this._cannotAsk = false; // the API answered 4xx about this chat: EventSource's silences are not checked
     this._parts = restoreParts(saved.parts);
     this._options = options;
     this._persist = options.persist ?? true;
-    this._events = []; // every event received, for iterators that start late
+    // Memory stays bounded by what the chat is: its text, its position, its end. Events are kept
+    // whole only with `keepEvents` (an iterator started late then replays them from the first);
+    // else each running iterator has a queue of what it has not read yet, and nothing more is held.
+    this._keep = options.keepEvents ?? false;
+    this._events = [];
+    this._readers = new Set();
     this._wake = null;
     this._error = null;
     this._ended = false;
     this._saveTimer = null;
     this._stop = new AbortController();
     this._queued = new AbortController(); // aborted when the chat's first event arrives, or it ends
+    this._unlisten = () => {};
     if (options.signal) {
-      if (options.signal.aborted) this._stop.abort(options.signal.reason);
-      else options.signal.addEventListener("abort", () => this._stop.abort(options.signal.reason), { once: true });
+      const signal = options.signal;
+      const stop = () => this._stop.abort(signal.reason);
+      if (signal.aborted) stop();
+      else {
+        signal.addEventListener("abort", stop, { once: true });
+        // a signal that outlives the chat (one for the page, say) must not hold it in memory
+        this._unlisten = () => signal.removeEventListener("abort", stop);
+      }
     }
     this._stop.signal.addEventListener("abort", () => this._queued.abort(), { once: true });
-    this._save();
+    this._save(true); // this chat takes the store's record: an older chat's saves no longer touch it
     // The stream says nothing while the chat waits: only the API knows its place in the queue.
     if (typeof options.onQueued === "function" && this.lastEventId === null) {
       Promise.resolve().then(() => this._pollQueue(options.queuePollMs ?? QUEUE_POLL_MS));
@@ -257,14 +301,21 @@ export class ChatStream {
     this._stop.abort(reason);
   }
 
+  /**
+   * Every event once, in order: from the first with `keepEvents`, else from the moment the
+   * iterator is made (made before the first `await` after createChat, that is every event).
+   */
   [Symbol.asyncIterator]() {
-    let next = 0;
+    const queue = [...this._events];
+    let returned = false;
+    if (!this._ended) this._readers.add(queue);
     return {
       next: async () => {
         for (;;) {
-          if (next === Infinity) return { value: undefined, done: true }; // return() was called
-          if (next < this._events.length) return { value: this._events[next++], done: false };
+          if (returned) return { value: undefined, done: true };
+          if (queue.length) return { value: queue.shift(), done: false };
           if (this._ended) {
+            this._readers.delete(queue);
             if (this._error) throw this._error;
             return { value: undefined, done: true };
           }
@@ -278,7 +329,9 @@ export class ChatStream {
         }
       },
       return: async () => {
-        next = Infinity;
+        returned = true;
+        queue.length = 0;
+        this._readers.delete(queue);
         return { value: undefined, done: true };
       },
       [Symbol.asyncIterator]() {
@@ -299,9 +352,9 @@ export class ChatStream {
         if (stale) await this._refreshUrl();
         if (!this.reconnects) this._connection("connecting", {});
         await this._connect(signal, () => {
+          stale = false; // the fresh URL works: a 401 later on (hours later, say) may ask for one again
           this._connection("open", { reconnects: this.reconnects });
         });
-        stale = false;
         if (this.terminal) return;
         cause = new Error("the stream ended before a terminal event");
       } catch (error) {
@@ -333,11 +386,39 @@ export class ChatStream {
     const { url, headers } = this._route();
     const deliver = (id, type, data) => this._accept(id, type, data);
     const kind = this._options.transport ?? this.client.transport;
+    const silence = this._options.readTimeoutMs ?? this.client.readTimeoutMs;
     // EventSource cannot send headers: it serves a stream_url (its token is in the URL) and no Bearer.
     if (kind === "eventsource" || (kind === "auto" && !headers.Authorization && typeof EventSource === "function")) {
-      return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe));
+      const alive = this.client.token ? (stop) => this._movedOnWithoutUs(stop).then((moved) => !moved) : null;
+      const watch = { silence, alive };
+      return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe), watch);
     }
-    return viaFetch(this.client._fetch, url, headers, this.lastEventId, signal, deliver, opened);
+    return viaFetch(this.client._fetch, url, headers, this.lastEventId, signal, deliver, opened, silence);
+  }
+
+  /**
+   * Whether the chat went on without this stream: its pings are out of EventSource's sight, so a
+   * quiet connection (a long wait in the queue, a slow model) cannot be told from a dead one by
+   * silence alone. The API can: a chat that ended, started, or has more text than arrived here
+   * while the stream said nothing has lost its connection. A chat still waiting has not.
+   */
+  async _movedOnWithoutUs(signal) {
+    if (this._cannotAsk) return false;
+    let info;
+    try {
+      info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
+    } catch (error) {
+      // the client's token is not the chat's owner's (a stream_url handed over by a backend): it
+      // never will be, so stop asking; the stream is left to the browser, as without a token
+      if (error instanceof StreambridgeError && [401, 403, 404].includes(error.status)) {
+        this._cannotAsk = true;
+        return false;
+      }
+      throw error;
+    }
+    if (TERMINAL.has(info.status)) return true; // ended, and its end never came
+    if (info.status !== "queued" && this.status === "queued") return true; // started, and nothing came
+    return [...(info.content ?? "")].length > [...this.text].length;
   }
 
   _route() {
@@ -384,13 +465,7 @@ export class ChatStream {
       if (info !== null) {
         if (info.status !== "queued") return;
         this.queuePosition = Number.isInteger(info.queue_position) ? info.queue_position : null;
-        try {
-          this._options.onQueued(this.queuePosition, info);
-        } catch (error) {
-          queueMicrotask(() => {
-            throw error; // a caller's bug: reported as uncaught, and the polling goes on
-          });
-        }
+        this._callback("onQueued", this.queuePosition, info);
       }
       try {
         await sleep(interval, signal);
@@ -414,7 +489,8 @@ export class ChatStream {
     this._queued.abort(); // the chat has left the queue: its events tell the rest
     this.queuePosition = null;
     const fresh = this._apply(event);
-    this._events.push(event);
+    if (this._keep) this._events.push(event);
+    for (const queue of this._readers) queue.push(event);
     this._wake?.();
     this._wake = null;
     this._dispatch(event, fresh);
@@ -450,29 +526,40 @@ export class ChatStream {
   }
 
   _dispatch(event, fresh) {
-    const o = this._options;
-    const call = (callback, ...args) => {
-      if (typeof callback !== "function") return;
-      try {
-        callback(...args);
-      } catch (error) {
-        queueMicrotask(() => {
-          throw error; // a caller's bug: reported as uncaught, and the stream goes on
-        });
-      }
-    };
-    call(o.onEvent, event, this);
-    if (fresh) call(o.onAttempt, event.attempt, this);
-    if (event.type === "content") call(o.onContent, event.content, event, this.text);
-    else if (event.type === "reasoning") call(o.onReasoning, event.content, event, this.reasoning);
-    else if (event.type === "tool_call") call(o.onToolCall, event, this.toolCalls);
-    else if (event.type === "progress") call(o.onProgress, event);
-    else if (event.type === "status" || event.type === "started") call(o.onStatus, event);
-    else if (event.type === "error") call(o.onAttemptError, event);
+    const call = (name, ...args) => this._callback(name, ...args);
+    call("onEvent", event, this);
+    if (fresh) call("onAttempt", event.attempt, this);
+    if (event.type === "content") call("onContent", event.content, event, this.text);
+    else if (event.type === "reasoning") call("onReasoning", event.content, event, this.reasoning);
+    else if (event.type === "tool_call") call("onToolCall", event, this.toolCalls);
+    else if (event.type === "progress") call("onProgress", event);
+    else if (event.type === "status" || event.type === "started") call("onStatus", event);
+    else if (event.type === "error") call("onAttemptError", event);
   }
 
   _connection(state, detail) {
-    if (typeof this._options.onConnection === "function") this._options.onConnection({ state, ...detail });
+    this._callback("onConnection", { state, ...detail });
+  }
+
+  /**
+   * Calls the caller's callback `name`. One that throws is a bug of the caller's, not of the
+   * stream: it goes to `onCallbackError(error, name)` (the stream's, else the client's), else to
+   * console.error, and the stream carries on as if the callback had returned.
+   */
+  _callback(name, ...args) {
+    const callback = this._options[name];
+    if (typeof callback !== "function") return;
+    try {
+      callback(...args);
+    } catch (error) {
+      const report = this._options.onCallbackError ?? this.client.onCallbackError;
+      try {
+        if (typeof report === "function") return void report(error, name);
+      } catch (reportError) {
+        globalThis.console?.error(`streambridge: onCallbackError threw`, reportError);
+      }
+      globalThis.console?.error(`streambridge: the ${name} callback threw`, error);
+    }
   }
 
   _scheduleSave(now) {
@@ -480,11 +567,13 @@ export class ChatStream {
     this._saveTimer ??= setTimeout(() => this._save(), PERSIST_EVERY_MS);
   }
 
-  _save() {
+  /** Writes this chat's record; `claim` (at the start) takes the record over, later writes only update our own. */
+  _save(claim = false) {
     clearTimeout(this._saveTimer);
     this._saveTimer = null;
     if (!this._persist || !this.client.store) return;
-    if (this.terminal) return this.client.forgetChat(); // ended: nothing to resume
+    if (!claim && this.client._savedId() !== this.id) return; // a newer chat took the record (or it was forgotten)
+    if (this.terminal) return this.client.forgetChat(this.id); // ended: nothing to resume
     const calls = [...this._parts.calls.entries()];
     const parts = { text: this._parts.text, reasoning: this._parts.reasoning, calls };
     const record = { id: this.id, streamUrl: this.streamUrl, lastEventId: this.lastEventId, attempt: this.attempt };
@@ -509,7 +598,9 @@ export class ChatStream {
   }
 
   _end(error) {
+    this._unlisten();
     this._queued.abort();
+    this._readers.clear(); // each iterator keeps its own queue to read to its end
     this._ended = true;
     this._error = error;
     this._wake?.();
@@ -518,37 +609,37 @@ export class ChatStream {
 
   _finish() {
     const result = this._result();
-    const o = this._options;
     this._end(null);
     this._connection("closed", {});
     if (result.status === "failed") {
       const error = new StreambridgeError(null, "chat_failed", this.terminal.message, { result });
-      o.onError?.(error);
+      this._callback("onError", error);
       throw error;
     }
-    o.onComplete?.(result);
+    this._callback("onComplete", result);
     return result;
   }
 
   _fail(error) {
     this._end(error);
     this._connection("closed", { error });
-    if (error?.code === "stream_expired" || error?.status === 404) this.client.forgetChat();
-    else this._save(); // closed, or the stream lost: a reload, or resumeChat, picks it up
-    if (!this._stop.signal.aborted) this._options.onError?.(error);
+    if (error?.code === "stream_expired" || error?.status === 404) {
+      if (this._persist) this.client.forgetChat(this.id);
+    } else this._save(); // closed, or the stream lost: a reload, or resumeChat, picks it up
+    if (!this._stop.signal.aborted) this._callback("onError", error);
     throw error;
   }
 }
 
 /** Follows `url` with fetch: headers (Authorization, Last-Event-ID) and a readable body. */
-async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, opened) {
+async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, opened, silence) {
   const stop = new AbortController();
   const abort = () => stop.abort(signal.reason);
   signal.addEventListener("abort", abort, { once: true });
   let timer = null;
   const arm = () => {
     clearTimeout(timer);
-    timer = setTimeout(() => stop.abort(new StreambridgeError(null, "read_timeout", "the stream went silent")), READ_TIMEOUT_MS);
+    timer = setTimeout(() => stop.abort(new StreambridgeError(null, "read_timeout", "the stream went silent")), silence);
   };
   try {
     const sent = { Accept: "text/event-stream", ...headers };
@@ -587,20 +678,41 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
  * `?last_event_id=`. Its own reconnection is not used (it would retry a 410 forever and knows no
  * backoff): any error closes it, and the caller reconnects. An error before the stream opened may
  * be an HTTP status EventSource does not show: one fetch asks, and is dropped once it has it.
+ *
+ * EventSource never shows the edge's `: ping` comments, so silence says nothing about the
+ * connection: a chat waiting in the queue is silent for as long as it waits. After `watch.silence`
+ * ms without an event, `watch.alive()` asks the API whether the chat went on without us; only then
+ * is the connection taken for dead (`read_timeout`). Without `alive` (no token to ask with) a quiet
+ * stream is left open: the browser reports a connection that breaks.
  */
-function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe) {
+function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, watch) {
   return new Promise((resolve, reject) => {
     const target = new URL(url);
     if (lastEventId) target.searchParams.set("last_event_id", lastEventId);
     const source = new EventSource(target.href);
     let open = false;
     let timer = null;
+    let asking = null; // the AbortController of a liveness question under way
     const arm = () => {
       clearTimeout(timer);
-      timer = setTimeout(() => finish(new StreambridgeError(null, "read_timeout", "the stream went silent")), READ_TIMEOUT_MS);
+      asking?.abort(); // an event came: the question is answered
+      asking = null;
+      if (watch.alive) timer = setTimeout(check, watch.silence);
+    };
+    const check = () => {
+      const mine = (asking = new AbortController());
+      watch.alive(mine.signal).then(
+        (alive) => {
+          if (mine.signal.aborted) return;
+          if (alive) arm();
+          else finish(new StreambridgeError(null, "read_timeout", "the stream went silent while the chat went on"));
+        },
+        () => mine.signal.aborted || arm(), // no answer: the connection may be fine; ask again later
+      );
     };
     const finish = (error) => {
       clearTimeout(timer);
+      asking?.abort();
       source.close();
       signal.removeEventListener("abort", onAbort);
       if (error) reject(error);
@@ -629,6 +741,7 @@ function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe) {
       if (event instanceof MessageEvent) return; // the stream's own `error` event, handled above
       if (open) return finish(new StreambridgeError(null, "connection_lost", "the stream's connection dropped"));
       clearTimeout(timer);
+      asking?.abort();
       source.close();
       probe(fetchProbe, target.href).then(finish, finish);
     });
@@ -710,6 +823,17 @@ function toolCall(call) {
   return { id: call.id, type: "function", function: { name: call.name, arguments: call.arguments } };
 }
 
+/** `promise`, or its rejection with `signal.reason` as soon as `signal` aborts. */
+function untilAborted(promise, signal) {
+  if (!signal) return promise;
+  return new Promise((resolve, reject) => {
+    const stop = () => reject(signal.reason);
+    if (signal.aborted) return stop();
+    signal.addEventListener("abort", stop, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", stop));
+  });
+}
+
 /** Whether stream entry id `a` comes after `b` ("ms-seq", each part a number). */
 function after(a, b) {
   const [am, as] = a.split("-").map(BigInt);
@@ -721,8 +845,9 @@ function baseOf(client) {
   return client.baseUrl || globalThis.location?.origin || "";
 }
 
-function backoff(failures) {
-  const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_START_MS * 2 ** (failures - 1));
+/** The wait before reconnect N (1, 2, …): doubling from 0.1 s to at most 2 s, each a random point in its upper half. */
+export function backoff(failures, { startMs = BACKOFF_START_MS, maxMs = BACKOFF_MAX_MS } = {}) {
+  const delay = Math.min(maxMs, startMs * 2 ** (failures - 1));
   return delay / 2 + (Math.random() * delay) / 2;
 }
 

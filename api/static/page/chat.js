@@ -3,7 +3,7 @@
 // Model output is only ever assigned to `textContent`: it is shown as text, whatever it holds.
 // `document.body.dataset.state` tells where the page is (idle, streaming, complete, failed,
 // cancelled, error): the browser tests wait on it.
-import { createClient, SSEParser, StreambridgeError } from "/streambridge.js";
+import { backoff, createClient, SSEParser, StreambridgeError } from "/streambridge.js";
 
 const $ = (id) => document.getElementById(id);
 const client = createClient();
@@ -165,10 +165,16 @@ async function cancel() {
 // GET /v1/batches/{id}/events as a chat's is, its results downloaded. Everything shown of it (ids,
 // statuses, server messages) goes through textContent, as model output does.
 // `#batches[data-state]` tells where it is (idle, uploading, running, then the batch's last status,
-// or error): the browser tests wait on it.
+// or error), `data-downloads` whether its links are being fetched (pending) or there (ready): the
+// browser tests wait on them.
+//
+// Whose batch: a batch belongs to the visitor that made it, and only that token can see it. So a
+// batch keeps the token it was made with (the chat above may make a new visitor meanwhile), and a
+// 401 about it is the end of that session, not a reason to make a new visitor (who would get 404).
+// A new visitor is made, once, only while starting a batch: upload and create run again under it.
 
 const BATCH_ENDPOINT = "/v1/chat/completions";
-let batch = null; // { id, stop: AbortController, lastEventId, total }
+let batch = null; // { id, token, stop: AbortController, lastEventId, total }
 const batchUrls = {}; // object URLs of the download links, revoked when replaced
 
 function batchState(state) {
@@ -211,18 +217,41 @@ function toBatchJsonl(text, model) {
   return out.join("\n") + "\n";
 }
 
-/** A call with the page's Bearer token: a visitor made if there is none, and once more if it expired. */
-async function authorized(path, init = {}) {
+/** A call as `token`'s owner; an error answer throws, with its `status`. */
+async function authorized(token, path, init = {}) {
+  const headers = { ...(init.headers ?? {}), Authorization: `Bearer ${token}` };
+  const response = await fetch(path, { ...init, headers, cache: "no-store" });
+  if (response.status === 401) {
+    const error = new Error("your session has expired, and the batch belonged to it (401)");
+    throw Object.assign(error, { status: 401 });
+  }
+  if (!response.ok) throw Object.assign(new Error(await problem(response)), { status: response.status });
+  return response;
+}
+
+/** Upload and create, as the page's visitor: one made if there is none, and once more (both steps
+ * again, the file was the old visitor's) if the kept one has expired. The batch with its owner's token. */
+async function startBatch(jsonl, name) {
   if (!client.token) await client.login();
   for (let fresh = false; ; fresh = true) {
-    const headers = { ...(init.headers ?? {}), Authorization: `Bearer ${client.token}` };
-    const response = await fetch(path, { ...init, headers, cache: "no-store" });
-    if (response.status === 401 && !fresh) {
-      await client.login();
-      continue;
+    const token = client.token;
+    try {
+      const form = new FormData();
+      form.append("purpose", "batch");
+      form.append("file", new Blob([jsonl], { type: "application/jsonl" }), name);
+      const uploaded = await (await authorized(token, "/v1/files", { method: "POST", body: form })).json();
+      const created = await (
+        await authorized(token, "/v1/batches", {
+          method: "POST",
+          headers: { "Content-Type": "application/json" },
+          body: JSON.stringify({ input_file_id: uploaded.id, endpoint: BATCH_ENDPOINT, completion_window: "24h" }),
+        })
+      ).json();
+      return { created, token };
+    } catch (error) {
+      if (error.status !== 401 || fresh) throw error;
+      if (client.token === token) await client.login(); // unless the chat made a new visitor already
     }
-    if (!response.ok) throw Object.assign(new Error(await problem(response)), { status: response.status });
-    return response;
   }
 }
 
@@ -253,6 +282,7 @@ async function runBatch(event) {
   batch?.stop.abort();
   batch = null;
   delete $("batches").dataset.reconnects;
+  delete $("batches").dataset.downloads;
   for (const id of ["batch-results", "batch-errors"]) $(id).hidden = true;
   $("batch-error").hidden = true;
   say("batch-counts", "");
@@ -261,18 +291,9 @@ async function runBatch(event) {
   say("batch-status", `uploading ${file.name}…`);
   try {
     const jsonl = toBatchJsonl(await file.text(), $("model").value.trim());
-    const form = new FormData();
-    form.append("purpose", "batch");
-    form.append("file", new Blob([jsonl], { type: "application/jsonl" }), file.name.replace(/\.[^.]*$/, "") + ".jsonl");
-    const uploaded = await (await authorized("/v1/files", { method: "POST", body: form })).json();
-    const created = await (
-      await authorized("/v1/batches", {
-        method: "POST",
-        headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ input_file_id: uploaded.id, endpoint: BATCH_ENDPOINT, completion_window: "24h" }),
-      })
-    ).json();
-    batch = { id: created.id, status: created.status, stop: new AbortController(), lastEventId: null, total: 0 };
+    const { created, token } = await startBatch(jsonl, file.name.replace(/\.[^.]*$/, "") + ".jsonl");
+    const stop = new AbortController();
+    batch = { id: created.id, token, status: created.status, stop, lastEventId: null, total: 0 };
     $("batches").dataset.batch = created.id;
     say("batch-status", `${created.id}: ${created.status}`);
     batchState("running");
@@ -283,7 +304,8 @@ async function runBatch(event) {
   }
 }
 
-/** The events to the `end`, reconnecting after a drop with Last-Event-ID (nothing seen twice or missed).
+/** The events to the `end`, reconnecting after a drop with Last-Event-ID (nothing seen twice or missed),
+ * with the chat's jittered backoff (so many pages cut at once do not come back at once).
  * A connection silent past the server's pings (every 15 s at most) is taken for dropped. */
 async function followBatch(current) {
   const { signal } = current.stop;
@@ -301,7 +323,7 @@ async function followBatch(current) {
       if (current.lastEventId) headers["Last-Event-ID"] = current.lastEventId;
       arm();
       const path = `/v1/batches/${encodeURIComponent(current.id)}/events`;
-      const response = await authorized(path, { headers, signal: connection.signal });
+      const response = await authorized(current.token, path, { headers, signal: connection.signal });
       if (failures) say("batch-status", `${current.id}: ${current.status} (reconnected)`);
       const parser = new SSEParser();
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -335,7 +357,9 @@ async function followBatch(current) {
     }
     say("batch-status", `${current.id}: connection lost, reconnecting…`);
     $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
-    await new Promise((resolve) => setTimeout(resolve, Math.min(250 * 2 ** failures, 5000)));
+    const delay = backoff(failures, { startMs: 250, maxMs: 5000 });
+    $("batches").dataset.lastDelay = String(Math.round(delay)); // for the tests
+    await new Promise((resolve) => setTimeout(resolve, delay));
   }
 }
 
@@ -353,29 +377,43 @@ function batchEvent(current, type, data) {
   return true;
 }
 
+/** The batch ended: a new one may start at once; its links follow when fetched. Whatever answers
+ * after another batch took the view (it was started meanwhile) is dropped, never shown in its place. */
 async function batchEnded(current, status) {
+  const stale = () => current !== batch;
+  batchState(status);
+  $("batches").dataset.downloads = "pending";
   try {
-    const final = await (await authorized(`/v1/batches/${encodeURIComponent(current.id)}`)).json();
+    const final = await (await authorized(current.token, `/v1/batches/${encodeURIComponent(current.id)}`)).json();
+    if (stale()) return;
     // bad input lines, as the server names them (a failed batch's reasons)
     const refused = (final.errors?.data ?? []).map((e) => `${e.line != null ? `line ${e.line}: ` : ""}${e.message ?? e.code}`);
     if (refused.length) batchFail(refused.join("\n"));
-    await offer("batch-results", final.output_file_id, `${current.id}-results.jsonl`);
-    await offer("batch-errors", final.error_file_id, `${current.id}-errors.jsonl`);
+    const results = await fileBlob(current, final.output_file_id);
+    const errors = await fileBlob(current, final.error_file_id);
+    if (stale()) return;
+    offer("batch-results", results, `${current.id}-results.jsonl`);
+    offer("batch-errors", errors, `${current.id}-errors.jsonl`);
   } catch (error) {
+    if (stale()) return;
     batchFail(`Could not fetch the results: ${error.message}`);
   }
-  if (current === batch) batchState(status);
+  $("batches").dataset.downloads = "ready";
 }
 
-/** A download link for a file of the batch's (its bytes fetched with the token, kept as a Blob). */
-async function offer(id, fileId, name) {
+/** The bytes of a file of the batch's, fetched with its owner's token; null if it has none. */
+async function fileBlob(current, fileId) {
+  if (!fileId) return null;
+  return (await authorized(current.token, `/v1/files/${encodeURIComponent(fileId)}/content`)).blob();
+}
+
+/** A download link for a Blob (hidden when there is none). */
+function offer(id, blob, name) {
   const link = $(id);
-  link.hidden = true;
-  if (!fileId) return;
-  const blob = await (await authorized(`/v1/files/${encodeURIComponent(fileId)}/content`)).blob();
+  link.hidden = blob === null;
+  if (blob === null) return;
   link.href = blobUrl(id, blob);
   link.download = name;
-  link.hidden = false;
 }
 
 function blobUrl(key, blob) {
@@ -386,12 +424,14 @@ function blobUrl(key, blob) {
 
 /** The results so far (`/results`: output lines, then error lines), saved while the batch runs. */
 async function downloadSoFar() {
-  if (!batch) return;
+  const current = batch;
+  if (!current) return;
   try {
-    const blob = await (await authorized(`/v1/batches/${encodeURIComponent(batch.id)}/results`)).blob();
+    const blob = await (await authorized(current.token, `/v1/batches/${encodeURIComponent(current.id)}/results`)).blob();
+    if (current !== batch) return; // another batch took the view meanwhile
     const link = document.createElement("a");
     link.href = blobUrl("so-far", blob);
-    link.download = `${batch.id}-results-so-far.jsonl`;
+    link.download = `${current.id}-results-so-far.jsonl`;
     link.click();
   } catch (error) {
     batchFail(`Could not fetch the results so far: ${error.message}`);
@@ -399,12 +439,15 @@ async function downloadSoFar() {
 }
 
 async function cancelBatch() {
-  if (!batch) return;
+  const current = batch;
+  if (!current) return;
   $("batch-cancel").disabled = true;
   try {
-    await authorized(`/v1/batches/${encodeURIComponent(batch.id)}/cancel`, { method: "POST" });
-    say("batch-status", `${batch.id}: cancelling`); // the stream's `end` says when it is cancelled
+    await authorized(current.token, `/v1/batches/${encodeURIComponent(current.id)}/cancel`, { method: "POST" });
+    if (current !== batch) return;
+    say("batch-status", `${current.id}: cancelling`); // the stream's `end` says when it is cancelled
   } catch (error) {
+    if (current !== batch) return;
     $("batch-cancel").disabled = false;
     batchFail(`Could not cancel the batch: ${error.message}`);
   }

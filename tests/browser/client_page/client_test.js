@@ -106,4 +106,28 @@ window.followExpired = async (id, token) => {
   }
 };
 
+/** A chat over EventSource left running: the test cuts the network under it and awaits `finish()`. */
+window.startOverEventSource = async (prompt, model, readTimeoutMs) => {
+  const states = [];
+  const client = createClient({ store: memoryStore(), transport: "eventsource", readTimeoutMs });
+  const onConnection = ({ state }) => {
+    states.push(state);
+    log(`connection: ${state}`); // the screenshots show what happened
+  };
+  const onContent = (_piece, _event, text) => (document.getElementById("text").textContent = text);
+  const chat = await client.createChat({ message: prompt, model, onConnection, onContent });
+  log(`chat ${chat.id} over EventSource, read timeout ${readTimeoutMs} ms`);
+  window.running = { chat, states };
+  return chat.id;
+};
+
+window.runningText = () => window.running.chat.text;
+window.runningStates = () => window.running.states;
+
+window.finishRunning = async () => {
+  const { chat, states } = window.running;
+  const result = await chat.done;
+  return { text: result.text, reconnects: chat.reconnects, states };
+};
+
 document.body.dataset.ready = "true";

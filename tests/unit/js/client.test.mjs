@@ -1,7 +1,7 @@
 // streambridge.js without a browser (node --test): the resume rules against a scripted fetch.
 import assert from "node:assert/strict";
-import { test } from "node:test";
-import { createClient, memoryStore, SSEParser } from "../../../api/static/client/streambridge.js";
+import { mock, test } from "node:test";
+import { backoff, createClient, memoryStore, SSEParser } from "../../../api/static/client/streambridge.js";
 
 const ID = "0123456789abcdef0123456789abcdef";
 const sse = (id, type, data) => `id: ${id}\nevent: ${type}\ndata: ${JSON.stringify({ type, ...data })}\n\n`;
@@ -187,4 +187,317 @@ test("a malformed event is read again, not skipped", async () => {
   const chat = await client.createChat({ message: "hi", transport: "fetch" });
   assert.equal((await chat.done).text, "Hello");
   assert.deepEqual(seen, [null, "2-0"]);
+});
+
+/** A stand-in for the browser's EventSource (node has none): the test opens it and sends events. */
+class FakeEventSource extends EventTarget {
+  static made = [];
+  constructor(url) {
+    super();
+    this.url = new URL(url);
+    this.closed = false;
+    FakeEventSource.made.push(this);
+  }
+  close() {
+    this.closed = true;
+  }
+  open() {
+    this.dispatchEvent(new Event("open"));
+  }
+  send(id, type, data) {
+    this.dispatchEvent(new MessageEvent(type, { data: JSON.stringify({ type, ...data }), lastEventId: id }));
+  }
+}
+
+const turns = async (n = 5) => {
+  for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve));
+};
+
+/** The API's routes, with GET /v1/chats/{id} answered by `info()`; events go over FakeEventSource. */
+function apiOnly(info, asked = []) {
+  return async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") return json(201, { token: "tok", user: "u" });
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    if (path === `/v1/chats/${ID}`) {
+      asked.push(path);
+      return json(200, { id: ID, content: "", ...info() });
+    }
+    throw new Error(`unexpected ${url}`);
+  };
+}
+
+test("a quiet EventSource stream (a long wait in the queue) is not taken for dead", async (t) => {
+  // EventSource never shows the edge's `: ping` comments: silence alone must not end the stream.
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const asked = [];
+  let status = "queued";
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: apiOnly(() => ({ status }), asked) });
+  const states = [];
+  const chat = await client.createChat({ message: "hi", transport: "eventsource", onConnection: (c) => states.push(c.state) });
+  await turns();
+  const [source] = FakeEventSource.made;
+  source.open();
+  for (let minute = 0; minute < 5; minute++) {
+    mock.timers.tick(60_000); // five silent minutes in the queue, each past the 45 s read timeout
+    await turns();
+  }
+  assert.ok(asked.length >= 5, "each silence past the timeout asks the API whether the chat went on");
+  assert.equal(source.closed, false);
+  assert.equal(FakeEventSource.made.length, 1);
+  status = "running";
+  source.send("1-0", "started", { attempt: 1, model: "m" });
+  source.send("2-0", "content", { content: "hi", index: 1, attempt: 1 });
+  source.send("3-0", "complete", { attempt: 1 });
+  assert.equal((await chat.done).text, "hi");
+  assert.equal(chat.reconnects, 0);
+  assert.deepEqual(states, ["connecting", "open", "closed"]);
+});
+
+test("a silent EventSource stream whose chat went on without it reconnects after the last id", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  // the server has more text than arrived: the connection died without a word (a half-open socket)
+  const client = createClient({
+    baseUrl: "http://x",
+    store: memoryStore(),
+    readTimeoutMs: 1000,
+    fetch: apiOnly(() => ({ status: "running", content: "Hello, more" })),
+  });
+  const chat = await client.createChat({ message: "hi", transport: "eventsource" });
+  await turns();
+  const [first] = FakeEventSource.made;
+  first.open();
+  first.send("1-0", "started", { attempt: 1, model: "m" });
+  first.send("2-0", "content", { content: "Hello", index: 1, attempt: 1 });
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true);
+  mock.timers.tick(2000); // the backoff
+  await turns();
+  const second = FakeEventSource.made[1];
+  assert.equal(second.url.searchParams.get("last_event_id"), "2-0");
+  second.open();
+  second.send("2-0", "content", { content: "Hello", index: 1, attempt: 1 }); // at or before the position: skipped
+  second.send("3-0", "content", { content: ", more", index: 2, attempt: 1 });
+  second.send("4-0", "complete", { attempt: 1 });
+  assert.equal((await chat.done).text, "Hello, more");
+  assert.equal(chat.reconnects, 1);
+});
+
+test("a callback that throws is reported and the stream carries on", async (t) => {
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "Hel") + content("3-0", "lo");
+  const rest = sse("4-0", "complete", { attempt: 1 });
+  const boom = (name) => () => {
+    throw new Error(name);
+  };
+  const names = [
+    "onEvent", "onContent", "onStatus", "onConnection", "onComplete", "onError", "onAttempt", "onProgress", "onQueued",
+  ];
+  const callbacks = Object.fromEntries(names.map((name) => [name, boom(name)]));
+  const reported = [];
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream, rest], []) });
+  const chat = await client.createChat({
+    message: "hi",
+    transport: "fetch",
+    ...callbacks,
+    onCallbackError: (error, name) => reported.push(`${name}: ${error.message}`),
+  });
+  const result = await chat.done;
+  assert.equal(result.text, "Hello");
+  assert.equal(chat.reconnects, 1); // the one drop the script has, not one per throw
+  for (const name of ["onEvent", "onContent", "onStatus", "onConnection", "onComplete"]) {
+    assert.ok(reported.includes(`${name}: ${name}`), `${name} was reported: ${reported}`);
+  }
+  // without onCallbackError: console.error, and a failed chat still ends with its error
+  const logged = t.mock.method(console, "error", () => {});
+  const failing = sse("1-0", "failed", { message: "no", attempts: 1 });
+  const other = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([failing], []) });
+  const failed = await other.createChat({ message: "hi", transport: "fetch", ...callbacks });
+  await assert.rejects(failed.done, { code: "chat_failed" });
+  const said = logged.mock.calls.map((c) => c.arguments[0]);
+  assert.ok(said.includes("streambridge: the onError callback threw"), said.join("; "));
+  assert.ok(said.includes("streambridge: the onConnection callback threw"));
+});
+
+test("events are not all kept: an iterator gets them from when it starts, all of them with keepEvents", async () => {
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "Hi") + sse("3-0", "complete", { attempt: 1 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream, stream], []) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  const early = [];
+  const reading = (async () => {
+    for await (const event of chat) early.push(event.type);
+  })();
+  await chat.done;
+  await reading;
+  assert.deepEqual(early, ["started", "content", "complete"]); // made before the first await: every event
+  assert.equal(chat._events.length, 0);
+  assert.equal(chat._readers.size, 0);
+  const late = [];
+  for await (const event of chat) late.push(event.type);
+  assert.deepEqual(late, []); // nothing was held for it
+  const kept = await client.createChat({ message: "hi", transport: "fetch", keepEvents: true });
+  await kept.done;
+  const all = [];
+  for await (const event of kept) all.push(event.type);
+  assert.deepEqual(all, ["started", "content", "complete"]);
+  assert.equal((await kept.done).text, "Hi");
+});
+
+test("createChat's AbortSignal reaches login: no chat is made once it aborts", async () => {
+  let release;
+  const posted = [];
+  const slowLogin = async (url, init = {}) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") {
+      await new Promise((resolve) => void (release = resolve));
+      return json(201, { token: "tok", user: "u" });
+    }
+    posted.push(path);
+    return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: slowLogin });
+  const controller = new AbortController();
+  const creating = client.createChat({ message: "hi", transport: "fetch", signal: controller.signal });
+  await turns();
+  controller.abort();
+  await assert.rejects(creating, { name: "AbortError" }); // at once, not when the login answers
+  release();
+  await turns();
+  assert.deepEqual(posted, []);
+  const already = new AbortController();
+  already.abort();
+  await assert.rejects(client.createChat({ message: "hi", signal: already.signal }), { name: "AbortError" });
+  assert.deepEqual(posted, []);
+});
+
+test("logins at the same time make one visitor, so two chats started together share their owner", async () => {
+  let visitors = 0;
+  const fetchImpl = async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") {
+      visitors += 1;
+      await turns(1);
+      return json(201, { token: `tok${visitors}`, user: "u" });
+    }
+    return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: fetchImpl });
+  const [a, b] = await Promise.all([client.login(), client.login()]);
+  assert.equal(visitors, 1);
+  assert.equal(a, b);
+});
+
+test("the Idempotency-Key can be the caller's, so two calls (a StrictMode double effect) make one chat", async () => {
+  const keys = [];
+  const fetchImpl = async (url, init = {}) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") return json(201, { token: "tok", user: "u" });
+    if (path === "/v1/chats") keys.push(init.headers["Idempotency-Key"]);
+    return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: fetchImpl });
+  const chat = await client.createChat({ message: "hi", idempotencyKey: "k1", transport: "fetch" });
+  chat.close();
+  await chat.done.catch(() => {});
+  assert.deepEqual(keys, ["k1"]);
+});
+
+test("an older chat that ends does not erase a newer chat's saved record", async () => {
+  const store = memoryStore();
+  let push;
+  const held = new ReadableStream({ start: (c) => void (push = (text) => c.enqueue(new TextEncoder().encode(text))) });
+  let streams = 0;
+  const fetchImpl = async (url, init = {}) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/auth/visitor") return json(201, { token: "tok", user: "u" });
+    if (path === "/v1/chats") {
+      const id = `${ID.slice(0, -1)}${++streams}`;
+      return json(202, { id, status: "queued", stream_url: `/v1/chats/${id}/events?token=s` });
+    }
+    if (path.endsWith("1/events")) return new Response(held, { status: 200 });
+    // the newer one: silent until closed (as fetch does, the body errors when its signal aborts)
+    const silent = new ReadableStream({ start: (c) => init.signal.addEventListener("abort", () => c.error(init.signal.reason)) });
+    return new Response(silent, { status: 200 });
+  };
+  const client = createClient({ baseUrl: "http://x", store, fetch: fetchImpl });
+  const older = await client.createChat({ message: "one", transport: "fetch" });
+  await turns();
+  const newer = await client.createChat({ message: "two", transport: "fetch", meta: "two" });
+  assert.equal(client.savedChat().id, newer.id);
+  push(content("1-0", "late text") + sse("2-0", "complete", { attempt: 1 }));
+  await older.done;
+  assert.equal(client.savedChat()?.id, newer.id, "the newer chat is still there to resume");
+  assert.equal(client.savedChat().meta, "two");
+  newer.close();
+  await newer.done.catch(() => {});
+  assert.equal(client.savedChat().id, newer.id);
+});
+
+test("reconnect delays are jittered, doubling to a cap", () => {
+  const delays = Array.from({ length: 50 }, () => backoff(3));
+  assert.ok(delays.every((d) => d >= 200 && d <= 400), String(delays));
+  assert.ok(new Set(delays).size > 40, "jittered, not one fixed delay");
+  assert.ok(backoff(30) <= 2000);
+  assert.ok(backoff(30, { startMs: 250, maxMs: 5000 }) >= 2500);
+});
+
+test("a stream token that expires again after a refresh is refreshed again, not fatal", async () => {
+  const seen = [];
+  const partial = content("1-0", "Hel");
+  const rest = content("2-0", "lo") + sse("3-0", "complete", { attempt: 1 });
+  // 401, then a fresh URL that works for a while and drops, then 401 again (hours later, say)
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([401, partial, 401, rest], seen) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  assert.equal((await chat.done).text, "Hello");
+  assert.deepEqual(seen, [null, null, "1-0", "1-0"]);
+});
+
+test("the AbortSignal's listener goes when the chat ends: a long-lived signal does not hold every chat", async (t) => {
+  const controller = new AbortController(); // one for the page's whole life
+  const removed = t.mock.method(controller.signal, "removeEventListener");
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + sse("2-0", "complete", { attempt: 1 });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream], []) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch", signal: controller.signal });
+  await chat.done;
+  assert.ok(removed.mock.calls.some((c) => c.arguments[0] === "abort"));
+});
+
+test("over EventSource, a client whose token does not own the chat stops asking after the first 404", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  let asked = 0;
+  const fetchImpl = async (url) => {
+    asked += 1;
+    return json(404, { error: { code: "not_found", message: new URL(url).pathname } });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), token: "someone-else", fetch: fetchImpl });
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource" });
+  await turns();
+  FakeEventSource.made[0].open();
+  for (let n = 0; n < 4; n++) {
+    mock.timers.tick(45_000);
+    await turns();
+  }
+  assert.equal(asked, 1);
+  assert.equal(FakeEventSource.made.length, 1);
+  assert.equal(FakeEventSource.made[0].closed, false);
+  chat.close();
+  await chat.done.catch(() => {});
 });
