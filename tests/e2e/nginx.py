@@ -147,8 +147,8 @@ class Stack:
 
 
 @contextlib.contextmanager
-def start_stack() -> Iterator[Stack]:
-    """The stack, for a test module's fixture; the module is skipped without nginx."""
+def start_stack(**settings: str) -> Iterator[Stack]:
+    """The stack, for a test module's fixture, with these extra ``STREAMBRIDGE_*`` settings; skipped without nginx."""
     binary = nginx_binary()
     if binary is None:
         pytest.skip("no nginx (apt-get install nginx, or STREAMBRIDGE_NGINX=/path/to/nginx)")
@@ -164,6 +164,8 @@ def start_stack() -> Iterator[Stack]:
             STREAMBRIDGE_REDIS_URL=redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
             STREAMBRIDGE_PUBLIC_EDGE_URL=f"http://127.0.0.1:{port}",  # stream_url goes through nginx, as in compose
+            STREAMBRIDGE_TRUSTED_PROXIES="127.0.0.1",  # nginx: its X-Forwarded-For names the client, as in compose
+            **settings,
         )
         edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
         started += edges

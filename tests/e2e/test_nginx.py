@@ -32,9 +32,13 @@ CHATS = 9
 UNBUFFERED_MS = 5.0
 
 
+#: visitor logins one client address may make a minute, here (the other tests log in from 127.0.0.1)
+LOGINS = 5
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    with start_stack() as started:
+    with start_stack(STREAMBRIDGE_VISITOR_LOGINS_PER_MINUTE=str(LOGINS)) as started:
         yield started
 
 
@@ -118,3 +122,17 @@ async def test_each_route_reaches_the_process_that_serves_it(stack: Stack) -> No
         assert text.rstrip().endswith("data: [DONE]")
         async with session.get(stack.url + "/metrics") as response:
             assert response.status == 404  # scraped inside the deployment, never public
+
+
+async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+
+        async def login_from(address: str) -> int:
+            # the test's own X-Forwarded-For stands for a proxy in front of nginx; nginx appends 127.0.0.1
+            async with session.post(stack.url + "/v1/auth/visitor", headers={"X-Forwarded-For": address}) as response:
+                return response.status
+
+        many = [await login_from(f"203.0.113.{n}") for n in range(2 * LOGINS)]
+        assert many == [201] * (2 * LOGINS), "clients behind nginx share one address's limit"
+        one = [await login_from("198.51.100.9") for _ in range(LOGINS + 1)]
+        assert one == [201] * LOGINS + [429]

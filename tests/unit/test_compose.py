@@ -215,9 +215,13 @@ def test_nginx_is_the_one_public_door_to_the_api_and_two_edges() -> None:
         assert nginx["depends_on"][name]["condition"] == "service_healthy"
     [listen] = re.findall(r"^\s*listen\s+(\d+)\s*;", nginx_conf(), flags=re.MULTILINE)
     assert nginx["ports"] == [f"8000:{listen}"]
-    # stream_url goes through nginx, and the page's CSP (served by api and edges alike) allows it
     for name in ("api", *EDGES):
-        assert services()[name]["environment"]["STREAMBRIDGE_PUBLIC_EDGE_URL"].endswith(":-http://localhost:8000}")
+        environment = services()[name]["environment"]
+        # stream_url goes through nginx, and the page's CSP (served by api and edges alike) allows it
+        assert environment["STREAMBRIDGE_PUBLIC_EDGE_URL"].endswith(":-http://localhost:8000}")
+        # the per-address limits count the clients nginx names, not nginx
+        assert environment["STREAMBRIDGE_TRUSTED_PROXIES"]
+        settings_class()(trusted_proxies=environment["STREAMBRIDGE_TRUSTED_PROXIES"])  # a valid value
 
 
 def test_nginx_upstreams_are_the_compose_services_on_their_ports() -> None:
