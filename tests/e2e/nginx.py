@@ -97,8 +97,10 @@ class Nginx:
                     raise RuntimeError(f"nginx did not listen on {self.port}:\n{self.error_log.read_text()}") from None
                 time.sleep(0.05)
 
-    def upstreams_of(self, path: str, timeout: float = 5.0) -> list[list[str]]:
-        """For each finished request to ``path``, in order, the upstreams nginx tried (its access log)."""
+    def upstreams_of(self, path: str, count: int = 1, timeout: float = 5.0) -> list[list[str]]:
+        """For each finished request to ``path``, in order, the upstreams nginx tried (its access log).
+
+        Waits for ``count`` of them: nginx writes a request's line after its last byte is sent."""
         deadline = time.monotonic() + timeout
         while True:
             found = [
@@ -106,7 +108,7 @@ class Nginx:
                 for line in self.access_log.read_text().splitlines()
                 if (match := ACCESS.search(line)) and match["path"].split("?")[0] == path
             ]
-            if found or time.monotonic() > deadline:
+            if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.05)
 

@@ -98,7 +98,7 @@ async def test_a_dropped_stream_resumes_through_nginx_on_the_other_edge_exactly_
             )
             check_delivery(first + rest, prompt, words)
             assert not any(m.event == "complete" for m in first), "the chat ended before the drop"
-            tried = stack.nginx.upstreams_of(events_path(chat["id"]))[1]
+            tried = stack.nginx.upstreams_of(events_path(chat["id"]), count=2)[1]
             assert tried[-1] == host_port(stack.edges[1 - dead].url)
         finally:
             stack.restart_edge(dead)
