@@ -9,6 +9,7 @@ route must reach the process that serves it.
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import time
 from collections.abc import Iterator
@@ -122,6 +123,30 @@ async def test_each_route_reaches_the_process_that_serves_it(stack: Stack) -> No
         assert text.rstrip().endswith("data: [DONE]")
         async with session.get(stack.url + "/metrics") as response:
             assert response.status == 404  # scraped inside the deployment, never public
+            assert (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -> None:
+    # a body over client_max_body_size: refused from its Content-Length alone, before any is sent
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.nginx.port)
+    writer.write(b"POST /v1/files HTTP/1.1\r\nHost: nginx\r\nContent-Length: 300000000\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    # no edge answers at all
+    for edge in stack.edges:
+        edge.kill()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(stack.url + "/") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "unavailable"
+    finally:
+        for index in range(len(stack.edges)):
+            stack.restart_edge(index)
 
 
 async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(stack: Stack) -> None:
