@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import aiohttp
+import openai
 import pytest
 
 from streambridge.fake_llm import expected_text
@@ -161,3 +162,33 @@ async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(s
         assert many == [201] * (2 * LOGINS), "clients behind nginx share one address's limit"
         one = [await login_from("198.51.100.9") for _ in range(LOGINS + 1)]
         assert one == [201] * LOGINS + [429]
+
+
+async def test_the_openai_sdk_streams_and_runs_a_batch_through_nginx(stack: Stack) -> None:
+    prompt = f"sdk behind nginx {time.monotonic_ns()}"
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        sdk = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=auth["Authorization"].removeprefix("Bearer "))
+        try:
+            # a streamed completion: an edge's route
+            stream = await sdk.chat.completions.create(
+                model="fake?words=12", messages=[{"role": "user", "content": prompt}], stream=True
+            )
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+            assert text == expected_text(prompt, 12)
+            # a batch: the upload and the progress stream are the API's
+            lines = [
+                {"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": {
+                    "model": "fake?words=5", "messages": [{"role": "user", "content": f"{prompt} {n}"}]}}
+                for n in range(3)
+            ]  # fmt: skip
+            data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+            uploaded = await sdk.files.create(file=("prompts.jsonl", data), purpose="batch")
+            batch = await sdk.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            events = await read_events(session, f"{stack.url}/v1/batches/{batch.id}/events", auth)
+            assert sorted(json.loads(m.data)["custom_id"] for m in events if m.event == "item") == ["r0", "r1", "r2"]
+            assert json.loads(events[-1].data)["status"] == "completed"
+        finally:
+            await sdk.close()
