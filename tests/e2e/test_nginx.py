@@ -164,6 +164,11 @@ async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(s
         assert one == [201] * LOGINS + [429]
 
 
+def batch_line(custom_id: str, prompt: str) -> str:
+    body = {"model": "fake?words=5", "messages": [{"role": "user", "content": prompt}]}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n"
+
+
 async def test_the_openai_sdk_streams_and_runs_a_batch_through_nginx(stack: Stack) -> None:
     prompt = f"sdk behind nginx {time.monotonic_ns()}"
     async with aiohttp.ClientSession() as session:
@@ -177,12 +182,7 @@ async def test_the_openai_sdk_streams_and_runs_a_batch_through_nginx(stack: Stac
             text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
             assert text == expected_text(prompt, 12)
             # a batch: the upload and the progress stream are the API's
-            lines = [
-                {"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": {
-                    "model": "fake?words=5", "messages": [{"role": "user", "content": f"{prompt} {n}"}]}}
-                for n in range(3)
-            ]  # fmt: skip
-            data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+            data = "".join(batch_line(f"r{n}", f"{prompt} {n}") for n in range(3)).encode()
             uploaded = await sdk.files.create(file=("prompts.jsonl", data), purpose="batch")
             batch = await sdk.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
