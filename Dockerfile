@@ -49,5 +49,8 @@ WORKDIR /home/streambridge
 # 8000 api (and `up`), 8001 edge, 8100 fake-llm
 EXPOSE 8000 8001 8100
 
+# No HEALTHCHECK here: each role listens on a port of its own (a worker on none), so compose.yaml
+# checks each service's /healthz instead.
+
 ENTRYPOINT ["streambridge"]
 CMD ["api", "--host", "0.0.0.0", "--port", "8000"]

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
@@ -14,6 +15,7 @@ from streambridge.api import batches, chats, completions, edge, files, models, o
 from streambridge.api.auth import load_secret
 from streambridge.api.context import CONTEXT, SETTINGS, Context
 from streambridge.api.errors import error_middleware
+from streambridge.api.forwarded import forwarded_middleware
 from streambridge.api.headers import add_headers, preflight_middleware
 from streambridge.api.hub import StreamHub
 from streambridge.api.slots import StreamSlots
@@ -37,7 +39,10 @@ async def keep_secret_fresh(ctx: Context) -> None:
 def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
     redis_url = settings.redis_url
-    app = web.Application(middlewares=[error_middleware, preflight_middleware], client_max_size=settings.max_body_bytes)
+    middlewares: list[Middleware] = [error_middleware, preflight_middleware]
+    if settings.trusted_networks:
+        middlewares.insert(0, forwarded_middleware(settings.trusted_networks))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app.on_response_prepare.append(add_headers)
     app[SETTINGS] = settings
     if serve_api:

@@ -7,6 +7,7 @@ the variable; the CLI prints that line and exits 2.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ import msgspec
 from streambridge.shared.errors import SettingsError
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -72,6 +75,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     visitor_logins_per_minute: Positive = 20
     #: SSE streams open at once from one client IP address, across every edge
     max_open_streams_per_ip: Positive = 500
+    #: proxies (addresses or CIDR networks, comma-separated) whose X-Forwarded-For names the client;
+    #: the per-address limits then count the client's address, not the proxy's. Empty: trust none
+    trusted_proxies: str = ""
     #: admission control: while this many chats wait for a worker, new ones get 503 at once
     max_queue_depth: Positive = 10_000
     #: a connection must send a request's headers within this many seconds (also the keep-alive idle limit)
@@ -120,12 +126,26 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             parts = urlsplit(origin)
             if origin == "*" or parts.scheme not in {"http", "https"} or not parts.hostname or parts.path:
                 raise SettingsError(f"{env_name('cors_origins')}: {origin!r} is not an origin like https://app.example")
+        self.trusted_networks  # noqa: B018 - raises SettingsError on a malformed entry
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"{env_name('log_level')}: must be one of DEBUG, INFO, WARNING, ERROR")
 
     @property
     def allowed_origins(self) -> frozenset[str]:
         return frozenset(o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip())
+
+    @property
+    def trusted_networks(self) -> tuple[IPNetwork, ...]:
+        networks = []
+        for entry in (e.strip() for e in self.trusted_proxies.split(",")):
+            if not entry:
+                continue
+            try:
+                networks.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                message = f"{entry!r} is not an address or network like 10.0.0.0/8"
+                raise SettingsError(f"{env_name('trusted_proxies')}: {message}") from None
+        return tuple(networks)
 
 
 def env_name(field: str) -> str:

@@ -18,9 +18,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 
 SUBCOMMANDS = {"up", "api", "edge", "worker", "fake-llm"}
 SERVERS = {"up", "api", "edge", "fake-llm"}
+#: services that run someone else's image; every other one runs streambridge's
+THIRD_PARTY = {"redis", "nginx", "prometheus", "grafana"}
+EDGES = ("edge-a", "edge-b")
 
 
 def load_compose() -> dict[str, Any]:
@@ -35,7 +39,7 @@ def services() -> dict[str, dict[str, Any]]:
 
 
 def project_services() -> dict[str, dict[str, Any]]:
-    return {name: svc for name, svc in services().items() if name != "redis"}
+    return {name: svc for name, svc in services().items() if name not in THIRD_PARTY}
 
 
 def command_of(service: dict[str, Any]) -> list[str]:
@@ -50,13 +54,17 @@ def environment_names(service: dict[str, Any]) -> set[str]:
     return {entry.split("=", 1)[0] for entry in environment}
 
 
-def settings_env_names() -> set[str]:
+def settings_class() -> Any:
     try:
         settings = importlib.import_module("streambridge.shared.settings")
     except ModuleNotFoundError:  # the project is not installed: import it from the checkout
         sys.path.insert(0, str(ROOT))
         settings = importlib.import_module("streambridge.shared.settings")
-    return {"STREAMBRIDGE_" + field.upper() for field in settings.Settings.__struct_fields__}
+    return settings.Settings
+
+
+def settings_env_names() -> set[str]:
+    return {"STREAMBRIDGE_" + field.upper() for field in settings_class().__struct_fields__}
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -99,7 +107,7 @@ def test_compose_file_has_no_obsolete_version_key() -> None:
 
 
 def test_every_project_service_builds_the_project_image() -> None:
-    assert set(project_services()) >= {"api", "edge", "worker", "fake-llm"}
+    assert set(project_services()) >= {"api", *EDGES, "worker", "fake-llm"}
     for name, service in project_services().items():
         build = service.get("build")
         context = build.get("context", ".") if isinstance(build, dict) else build
@@ -160,7 +168,7 @@ def test_every_streambridge_variable_is_a_real_setting() -> None:
 
 
 def test_project_services_reach_redis_inside_the_compose_network() -> None:
-    for name in ("api", "edge", "worker"):
+    for name in ("api", *EDGES, "worker"):
         service = services()[name]
         assert service["environment"]["STREAMBRIDGE_REDIS_URL"] == "redis://redis:6379/0"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -171,12 +179,104 @@ def test_simulated_llm_is_opt_in_through_the_fake_profile() -> None:
     assert "fake-llm:8100" in services()["worker"]["environment"]["STREAMBRIDGE_LLM_BASE_URL"]
 
 
+def nginx_conf() -> str:
+    return NGINX_CONF.read_text(encoding="utf-8")
+
+
+def nginx_upstreams() -> dict[str, list[str]]:
+    """Each ``upstream NAME { server HOST:PORT; … }`` of deploy/nginx.conf: NAME → its servers."""
+    blocks = re.findall(r"upstream\s+(\w+)\s*\{(.*?)\}", nginx_conf(), flags=re.DOTALL)
+    return {name: re.findall(r"^\s*server\s+(\S+?)\s*;", body, flags=re.MULTILINE) for name, body in blocks}
+
+
+def nginx_seconds(directive: str) -> list[float]:
+    units = {"": 1, "s": 1, "m": 60, "h": 3600}
+    found = re.findall(rf"^\s*{directive}\s+(\d+)([smh]?)\s*;", nginx_conf(), flags=re.MULTILINE)
+    return [int(number) * units[unit] for number, unit in found]
+
+
+def port_of(name: str) -> str:
+    command = command_of(services()[name])
+    return command[command.index("--port") + 1]
+
+
+def test_third_party_images_are_pinned() -> None:
+    for name in THIRD_PARTY:
+        image = services()[name]["image"]
+        assert ":" in image, f"{name} runs {image!r}, which moves under you"
+        assert not image.endswith(":latest"), f"{name} runs {image!r}, which moves under you"
+
+
+def test_nginx_is_the_one_public_door_to_the_api_and_two_edges() -> None:
+    nginx = services()["nginx"]
+    assert "./deploy/nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+    for name in ("api", *EDGES):
+        assert not services()[name].get("ports"), f"{name} is published past nginx"
+        assert nginx["depends_on"][name]["condition"] == "service_healthy"
+    [listen] = re.findall(r"^\s*listen\s+(\d+)\s*;", nginx_conf(), flags=re.MULTILINE)
+    assert nginx["ports"] == [f"8000:{listen}"]
+    for name in ("api", *EDGES):
+        environment = services()[name]["environment"]
+        # stream_url goes through nginx, and the page's CSP (served by api and edges alike) allows it
+        assert environment["STREAMBRIDGE_PUBLIC_EDGE_URL"].endswith(":-http://localhost:8000}")
+        # the per-address limits count the clients nginx names, not nginx
+        assert environment["STREAMBRIDGE_TRUSTED_PROXIES"]
+        settings_class()(trusted_proxies=environment["STREAMBRIDGE_TRUSTED_PROXIES"])  # a valid value
+
+
+def test_nginx_upstreams_are_the_compose_services_on_their_ports() -> None:
+    upstreams = nginx_upstreams()
+    assert upstreams["streambridge_api"] == [f"api:{port_of('api')}"]
+    assert upstreams["streambridge_edges"] == [f"{name}:{port_of(name)}" for name in EDGES]
+    assert [command_of(services()[name])[0] for name in EDGES] == ["edge", "edge"]
+
+
+def test_nginx_passes_event_streams_unbuffered_with_their_position_to_the_edges() -> None:
+    conf = nginx_conf()
+    assert re.search(r"^\s*proxy_buffering\s+off;", conf, flags=re.MULTILINE)
+    assert not re.search(r"^\s*proxy_buffering\s+on;", conf, flags=re.MULTILINE)
+    assert "proxy_ignore_headers" not in conf  # X-Accel-Buffering from the edge is honoured
+    assert not re.search(r"^\s*gzip\s+on;", conf, flags=re.MULTILINE)
+    assert re.findall(r"^\s*proxy_http_version\s+(\S+);", conf, flags=re.MULTILINE) == ["1.1"]
+    assert re.search(r"^\s*proxy_set_header\s+Last-Event-ID\s+\$http_last_event_id;", conf, flags=re.MULTILINE)
+    events = re.search(r"location ~ \^/v1/chats/\[\^/\]\+/events\$ \{(.*?)\}", conf, flags=re.DOTALL)
+    assert events is not None
+    assert "proxy_pass http://streambridge_edges;" in events[1]
+
+
+def test_nginx_read_timeouts_outlast_the_edges_heartbeat() -> None:
+    longest_heartbeat = settings_class()().heartbeat_interval  # the default, 15 s, is also its upper bound
+    timeouts = nginx_seconds("proxy_read_timeout")
+    assert timeouts
+    assert min(timeouts) >= 4 * longest_heartbeat, "a stream quiet for a few pings' time would be cut"
+
+
+def test_observability_is_opt_in_through_the_observe_profile() -> None:
+    prometheus, grafana = services()["prometheus"], services()["grafana"]
+    assert prometheus["profiles"] == grafana["profiles"] == ["observe"]
+    assert any(v.startswith("./deploy/prometheus.yml:") for v in prometheus["volumes"])
+    mounted = {v.split(":")[0] for v in grafana["volumes"]}
+    assert {"./deploy/grafana/provisioning", "./deploy/grafana/dashboards"} <= mounted
+
+
+def test_every_long_running_server_has_a_healthcheck() -> None:
+    for name in ("redis", "api", *EDGES, "nginx"):
+        test = services()[name]["healthcheck"]["test"]
+        assert test[0] == "CMD", name
+        assert len(test) > 1, name
+
+
+def test_no_service_runs_as_root_by_override() -> None:
+    for name, service in services().items():
+        assert str(service.get("user", "")).split(":")[0] not in {"root", "0"}, name
+
+
 def test_docker_compose_accepts_the_file() -> None:
     cli = working_compose_cli()
     if cli is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed and working")
     result = subprocess.run(
-        [*cli, "-f", str(COMPOSE), "config", "-q"],
+        [*cli, "-f", str(COMPOSE), "--profile", "fake", "--profile", "observe", "config", "-q"],
         cwd=ROOT,
         capture_output=True,
         text=True,

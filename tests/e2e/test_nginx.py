@@ -1,0 +1,194 @@
+"""The repo's own nginx config (``deploy/nginx.conf``, as compose runs it) in front of two edges and the API.
+
+Debian's nginx runs the very file, with compose's addresses replaced by this machine's ports
+(``tests/e2e/nginx.py``); the processes behind it are started through the CLI. Events must pass
+as the edge writes them, a stream must resume on the other edge through the proxy, and every
+route must reach the process that serves it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Iterator
+
+import aiohttp
+import openai
+import pytest
+
+from streambridge.fake_llm import expected_text
+from streambridge.shared.events import Complete, assemble_text, decode_event
+from streambridge.shared.streams import id_key
+from streambridge.sse import SSEMessage, SSEParser
+from tests.e2e.conftest import create_chat, login, read_events
+from tests.e2e.nginx import Stack, host_port, start_stack
+
+pytestmark = pytest.mark.e2e
+
+#: the first text comes 300 ms after the chat starts: both routes' streams are open by then
+SLOW_START = "fake?ttft_ms=300&words=10&delay_ms=5"
+CHATS = 9
+#: how much later than the edge's own route the first event may arrive through nginx (median)
+UNBUFFERED_MS = 5.0
+
+
+#: visitor logins one client address may make a minute, here (the other tests log in from 127.0.0.1)
+LOGINS = 5
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with start_stack(STREAMBRIDGE_VISITOR_LOGINS_PER_MINUTE=str(LOGINS)) as started:
+        yield started
+
+
+def events_path(chat_id: str) -> str:
+    return f"/v1/chats/{chat_id}/events"
+
+
+async def first_content_at(session: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> float:
+    """``perf_counter()`` when the stream's first ``content`` event has arrived whole."""
+    parser = SSEParser()
+    async with session.get(url, headers=auth) as response:
+        assert response.status == 200, await response.text()
+        async for chunk in response.content.iter_any():
+            if any(message.event == "content" for message in parser.feed(chunk)):
+                return time.perf_counter()
+    raise AssertionError(f"{url} ended without content")
+
+
+async def test_events_pass_through_nginx_as_soon_as_the_edge_writes_them(stack: Stack) -> None:
+    lags = []
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        for n in range(CHATS):
+            chat = await create_chat(session, stack.url, auth, message=f"unbuffered {n}", model=SLOW_START)
+            direct, proxied = await asyncio.gather(
+                first_content_at(session, stack.edges[n % 2].url + events_path(chat["id"]), auth),
+                first_content_at(session, stack.url + events_path(chat["id"]), auth),
+            )
+            lags.append((proxied - direct) * 1000)
+    median = statistics.median(lags)
+    print(f"first event through nginx minus direct, ms: median {median:.2f}, each {[round(x, 2) for x in lags]}")
+    assert median <= UNBUFFERED_MS, f"events wait in nginx: {median:.1f} ms later than direct (median)"
+
+
+def check_delivery(messages: list[SSEMessage], prompt: str, words: int) -> None:
+    ids = [id_key(m.id or "") for m in messages]
+    assert len(ids) == len(set(ids)), "an event arrived twice"
+    assert ids == sorted(ids), "ids must strictly increase"
+    events = [decode_event(m.data) for m in messages]
+    assert isinstance(events[-1], Complete)
+    assert assemble_text(events) == expected_text(prompt, words)
+
+
+async def test_a_dropped_stream_resumes_through_nginx_on_the_other_edge_exactly_once(stack: Stack) -> None:
+    prompt, words = f"resume behind nginx {time.monotonic_ns()}", 60
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        chat = await create_chat(session, stack.url, auth, message=prompt, model=f"fake?words={words}&delay_ms=20")
+        assert chat["stream_url"].startswith(stack.url + events_path(chat["id"]))  # clients follow it through nginx
+        first = await read_events(session, chat["stream_url"], limit=8)  # then the connection drops
+        [[served]] = stack.nginx.upstreams_of(events_path(chat["id"]))
+        dead = [host_port(e.url) for e in stack.edges].index(served)
+        stack.edges[dead].kill()  # the edge that served it is gone: nginx must pass the resume to the other
+        try:
+            rest = await read_events(
+                session, stack.url + events_path(chat["id"]), {**auth, "Last-Event-ID": first[-1].id or ""}
+            )
+            check_delivery(first + rest, prompt, words)
+            assert not any(m.event == "complete" for m in first), "the chat ended before the drop"
+            tried = stack.nginx.upstreams_of(events_path(chat["id"]), count=2)[1]
+            assert tried[-1] == host_port(stack.edges[1 - dead].url)
+        finally:
+            stack.restart_edge(dead)
+
+
+async def test_each_route_reaches_the_process_that_serves_it(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(stack.url + "/") as response:
+            assert response.status == 200
+            assert response.content_type == "text/html"
+        async with session.get(stack.url + "/streambridge.js") as response:
+            assert response.status == 200
+            assert response.content_type == "text/javascript"
+        auth = await login(session, stack.url)
+        # OpenAI's streaming route is an edge's (the API alone answers 404)
+        body = {"model": "fake?words=5", "messages": [{"role": "user", "content": "openai"}], "stream": True}
+        async with session.post(stack.url + "/v1/chat/completions", json=body, headers=auth) as response:
+            assert response.status == 200, await response.text()
+            assert response.content_type == "text/event-stream"
+            text = await response.text()
+        assert text.rstrip().endswith("data: [DONE]")
+        async with session.get(stack.url + "/metrics") as response:
+            assert response.status == 404  # scraped inside the deployment, never public
+            assert (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -> None:
+    # a body over client_max_body_size: refused from its Content-Length alone, before any is sent
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.nginx.port)
+    writer.write(b"POST /v1/files HTTP/1.1\r\nHost: nginx\r\nContent-Length: 300000000\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ")
+    assert b"Content-Type: application/json" in head
+    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    # no edge answers at all
+    for edge in stack.edges:
+        edge.kill()
+    try:
+        async with aiohttp.ClientSession() as session, session.get(stack.url + "/") as response:
+            assert response.status == 503
+            assert response.headers["Retry-After"] == "1"
+            assert (await response.json())["error"]["code"] == "unavailable"
+    finally:
+        for index in range(len(stack.edges)):
+            stack.restart_edge(index)
+
+
+async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+
+        async def login_from(address: str) -> int:
+            # the test's own X-Forwarded-For stands for a proxy in front of nginx; nginx appends 127.0.0.1
+            async with session.post(stack.url + "/v1/auth/visitor", headers={"X-Forwarded-For": address}) as response:
+                return response.status
+
+        many = [await login_from(f"203.0.113.{n}") for n in range(2 * LOGINS)]
+        assert many == [201] * (2 * LOGINS), "clients behind nginx share one address's limit"
+        one = [await login_from("198.51.100.9") for _ in range(LOGINS + 1)]
+        assert one == [201] * LOGINS + [429]
+
+
+def batch_line(custom_id: str, prompt: str) -> str:
+    body = {"model": "fake?words=5", "messages": [{"role": "user", "content": prompt}]}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n"
+
+
+async def test_the_openai_sdk_streams_and_runs_a_batch_through_nginx(stack: Stack) -> None:
+    prompt = f"sdk behind nginx {time.monotonic_ns()}"
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        sdk = openai.AsyncOpenAI(base_url=f"{stack.url}/v1", api_key=auth["Authorization"].removeprefix("Bearer "))
+        try:
+            # a streamed completion: an edge's route
+            stream = await sdk.chat.completions.create(
+                model="fake?words=12", messages=[{"role": "user", "content": prompt}], stream=True
+            )
+            text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+            assert text == expected_text(prompt, 12)
+            # a batch: the upload and the progress stream are the API's
+            data = "".join(batch_line(f"r{n}", f"{prompt} {n}") for n in range(3)).encode()
+            uploaded = await sdk.files.create(file=("prompts.jsonl", data), purpose="batch")
+            batch = await sdk.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            events = await read_events(session, f"{stack.url}/v1/batches/{batch.id}/events", auth)
+            assert sorted(json.loads(m.data)["custom_id"] for m in events if m.event == "item") == ["r0", "r1", "r2"]
+            assert json.loads(events[-1].data)["status"] == "completed"
+        finally:
+            await sdk.close()
