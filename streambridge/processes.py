@@ -42,6 +42,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
             header_timeout=settings.header_timeout,
             body_timeout=settings.body_timeout,
             grace=settings.shutdown_grace,
+            access_log=settings.access_log,
         )
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
@@ -67,6 +68,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         grace=settings.shutdown_grace,
+        access_log=settings.access_log,
     )
     settle_gc()
     name = "streambridge api" if api else "streambridge edge"
