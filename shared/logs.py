@@ -164,7 +164,7 @@ def configure(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet = [(name, logging.WARNING) for name in _NOISY]
-    quiet += [] if content else [(name, logging.INFO) for name in _CONTENT_LOGGERS]
-    for name, floor in quiet:
-        logging.getLogger(name).setLevel(max(floor, root.level))
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    for name in _CONTENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if content else max(logging.INFO, root.level))

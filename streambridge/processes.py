@@ -16,6 +16,7 @@ from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
+from streambridge.shared import logs
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
@@ -90,7 +91,10 @@ async def worker(settings: Settings) -> int:
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
-        print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
+        started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}"
+        print(started, flush=True)  # on stdout, where tools wait for it; a JSON log has it too
+        if logs.structured():
+            log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)
     return 0
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Final
 
 import openai
 from redis.asyncio import Redis
@@ -297,10 +298,14 @@ def log_attempt(event: Started | Error) -> None:
     )
 
 
+#: the event of a chat's last line, by its final status
+END_EVENTS: Final = {"complete": "chat.completed", "failed": "chat.failed", "cancelled": "chat.cancelled"}
+
+
 def log_end(chat_id: str, result: ChatResult, elapsed: float) -> None:
     """The chat's last line: how it ended, in how many attempts and how long this run took."""
-    fields: dict[str, object] = {"event": f"chat.{result.status}", "status": result.status, "attempts": result.attempts}
-    fields["elapsed_ms"] = round(elapsed * 1000)
+    fields: dict[str, object] = {"event": END_EVENTS[result.status], "status": result.status}
+    fields.update(attempts=result.attempts, elapsed_ms=round(elapsed * 1000))
     if result.status == "complete":
         fields["finish_reason"] = result.finish_reason
         fields["content_length"] = len(result.content)
