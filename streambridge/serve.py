@@ -95,6 +95,10 @@ class AccessLogger(AbstractAccessLogger):
     """A request's line: its path without the query (a stream URL's token rides there), the
     status, the time taken; the chat and user, where the handler bound them (``shared.logs``)."""
 
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             "%s %s %d %.3f s",

@@ -210,7 +210,10 @@ class ChatRunner:
 
         def open_stream() -> AsyncGenerator[Delta, None]:
             # each call upstream is a span of the chat's trace: a child of the span that admitted it
-            deltas = stream_deltas(self.llm, request, model, span.child().headers())
+            headers = span.child().headers()
+            extra = {"event": "upstream.request", "traceparent": headers["traceparent"]}
+            log.debug("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
+            deltas = stream_deltas(self.llm, request, model, headers)
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
         if attempts:  # a worker died (or handed it back) while this chat ran
