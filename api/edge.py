@@ -18,7 +18,7 @@ from streambridge.api.credentials import Credential, Identity, check, genuine, i
 from streambridge.api.credentials import credential_id as credential_id_of
 from streambridge.api.slots import SlotRequest
 from streambridge.api.sse import HEADERS, PING, encode_entry
-from streambridge.shared import keys, logs
+from streambridge.shared import keys, logs, trace
 from streambridge.shared.chats import TERMINAL_STATUSES
 from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from streambridge.shared.events import TERMINAL_TYPES
@@ -62,7 +62,8 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
     try:
         state, refused = await chat_state(ctx, chat_id, credential_id, ask)
         credential, identity = authorize(request, ctx, chat_id, state)
-        logs.bind(chat_id=chat_id, user=identity.user)
+        span = trace.decode(state.trace)
+        logs.bind(chat_id=chat_id, user=identity.user, trace_id=span.trace_id if span is not None else None)
         last_event_id = parse_last_event_id(request)
         check_retained(chat_id, state, last_event_id)
         if ask is not None and known is not None and identity == known.identity and isinstance(refused, int):
@@ -88,6 +89,7 @@ class ChatState(NamedTuple):
     owner: bytes | None
     status: bytes | None
     stream: dict[str, Any] | None  # XINFO STREAM, None when the stream does not exist
+    trace: bytes | None = None  # the chat's trace context (``shared.trace``), for the stream's log lines
 
 
 async def chat_state(
@@ -97,11 +99,11 @@ async def chat_state(
     assert ctx.slots is not None
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.credential(credential_id))
-        pipe.hmget(keys.chat(chat_id), ["owner", "status"])
+        pipe.hmget(keys.chat(chat_id), ["owner", "status", "trace"])
         pipe.xinfo_stream(keys.events(chat_id))
         if ask is not None:
             ctx.slots.add_to(pipe, ask)
-        record, (owner, status), info, *refused = await pipe.execute(raise_on_error=False)
+        record, (owner, status, trace_context), info, *refused = await pipe.execute(raise_on_error=False)
     if isinstance(record, Exception):
         raise record
     if isinstance(info, ResponseError) and "no such key" in str(info).lower():
@@ -110,7 +112,7 @@ async def chat_state(
         raise info
     if refused and isinstance(refused[0], Exception) and not isinstance(refused[0], NoScriptError):
         raise refused[0]
-    return ChatState(record, owner, status, info), (refused[0] if refused else None)
+    return ChatState(record, owner, status, info, trace_context), (refused[0] if refused else None)
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:
