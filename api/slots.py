@@ -64,6 +64,11 @@ class StreamSlots:
         self._names = (f"{secrets.token_hex(6)}:{n}" for n in itertools.count())
         self._open = redis.register_script(OPEN)
 
+    @property
+    def held(self) -> int:
+        """Slots this edge holds: one per stream open on it."""
+        return len(self._held)
+
     async def acquire(self, identity: Identity, ip: str) -> str:
         """A slot for one more stream, or 429 when the user or the address has too many open."""
         ask = self.ask(identity, ip)

@@ -82,6 +82,7 @@ class QueueWorker(Worker):
             handle_signals=False,
         )
         self.busy = 0
+        self.chats_started = 0  # chats started since the worker began (its heartbeat reports the rate)
         self.reserved = 0  # slots held for starts in flight (:meth:`reserve`)
         self._began = False
         self._outage_delay = 0.0
@@ -107,6 +108,7 @@ class QueueWorker(Worker):
     def track(self, job_id: str, task: asyncio.Task[None]) -> None:
         """Counts a running chat while its task runs; arq's burst mode and ``close`` wait for it."""
         self.busy += 1
+        self.chats_started += 1
         self.tasks[job_id] = task
         task.add_done_callback(self._untrack)
 

@@ -181,3 +181,14 @@ def user_batch_items(user: str) -> str:
 def active_batches() -> str:
     """Sorted set: batches with items still to run or running, scored by when (ms) each was created."""
     return f"{PREFIX}batches:active"
+
+
+def processes() -> str:
+    """Sorted set: the id of every process that announces itself (api, edge, worker), scored by when
+    (ms) its heartbeat lapses unless renewed (``shared.presence``)."""
+    return f"{PREFIX}processes"
+
+
+def process(process_id: str) -> str:
+    """String: a live process's record (``shared.presence``), as JSON; it expires with its heartbeat."""
+    return f"{PREFIX}process:{process_id}"

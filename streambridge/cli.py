@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from streambridge import batch_cli, keys_cli
+from streambridge import batch_cli, keys_cli, status_cli
 from streambridge.shared import logs
 from streambridge.shared.errors import SettingsError, StreambridgeError
 from streambridge.shared.settings import Settings, load_settings
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--fail", help="500 | 429 | drop:K | stall | stall:K")
     keys_cli.add_parser(commands)
     batch_cli.add_parser(commands)
+    status_cli.add_parser(commands)
     chat = commands.add_parser("chat", help="stream an answer in the terminal, resuming after drops")
     chat.add_argument("prompt")
     chat.add_argument("--url", default="http://127.0.0.1:8000", help="the API's base URL")
@@ -102,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         return _run_loop(batch_cli.main(args))
     if args.command == "keys":
         return _run_loop(keys_cli.run(args, require_redis(settings, "keys")))
+    if args.command == "status":
+        from streambridge import status_view
+
+        return _run_loop(status_view.main(args, require_redis(settings, "status")))
     _configure_logging(settings, args.command)
     from streambridge import processes
 

@@ -12,13 +12,16 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from streambridge.api.app import make_app
+from streambridge.api.presence import ServerDescriber
 from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
 from streambridge.shared import logs
 from streambridge.shared.errors import SettingsError
+from streambridge.shared.presence import announced
 from streambridge.shared.settings import Settings
+from streambridge.workers.presence import WorkerDescriber
 from streambridge.workers.worker import make_worker, stop_worker
 
 log = logging.getLogger("streambridge")
@@ -45,11 +48,14 @@ async def up(settings: Settings, host: str, port: int) -> int:
             grace=settings.shutdown_grace,
             access_log=settings.access_log,
         )
+        worker = make_worker(settings, llm_url)
+        assert settings.redis_url is not None
+        server = ServerDescriber(runner.app, bound, api=True, edge=True)
+        await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
         stack.push_async_callback(_stop_together, stops)
-        worker = make_worker(settings, llm_url)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
         stops.append(("worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace)))
@@ -75,11 +81,13 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
     name = "streambridge api" if api else "streambridge edge"
     if api and not edge and settings.public_edge_url is None:
         log.warning("STREAMBRIDGE_PUBLIC_EDGE_URL is unset: stream_url will point at this API, which has no edge")
-    announce(name, host, bound)
-    try:
-        await stop
-    finally:
-        await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
+    assert settings.redis_url is not None
+    async with announced(settings.redis_url, ServerDescriber(runner.app, bound, api=api, edge=edge)):
+        announce(name, host, bound)
+        try:
+            await stop
+        finally:
+            await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
     return 0
 
 
@@ -88,6 +96,8 @@ async def worker(settings: Settings) -> int:
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
+        assert settings.redis_url is not None
+        await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(arq_worker)))
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))

@@ -41,3 +41,8 @@ def test_batch_key_strings_are_pinned() -> None:
     assert keys.user_batches("visitor_1") == "sb:batches:user:visitor_1"
     assert keys.active_batches() == "sb:batches:active"
     assert keys.user_batch_items("visitor_1") == "sb:batches:running:visitor_1"
+
+
+def test_presence_key_strings_are_pinned() -> None:
+    assert keys.processes() == "sb:processes"
+    assert keys.process("worker-h-1-ab") == "sb:process:worker-h-1-ab"
