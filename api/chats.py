@@ -357,6 +357,8 @@ async def owned_chat(
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
+    span = trace.decode(chat.get(b"trace"))
+    logs.bind(chat_id=chat_id, user=identity.user, trace_id=span.trace_id if span is not None else None)
     return identity, chat_id, chat
 
 
