@@ -11,6 +11,9 @@ import msgspec
 import pytest
 
 from streambridge.shared import logs
+from streambridge.shared.chats import ChatResult
+from streambridge.shared.events import Error
+from streambridge.workers.runner import log_attempt, log_end
 
 
 @pytest.fixture
@@ -101,4 +104,23 @@ def test_the_sdk_logs_no_request_bodies_unless_content_is_allowed(stream: io.Str
     logs.configure(role="worker", level="DEBUG", format="json", stream=stream, content=True)
     assert logging.getLogger("openai").isEnabledFor(logging.DEBUG)
     assert logs.content_logged()
+    logs.configure(role="worker", format="json", stream=stream)
+
+
+def test_an_upstream_error_is_logged_without_its_words_unless_content_is_allowed(stream: io.StringIO) -> None:
+    said = "LLM answered 400: Invalid 'messages[0].content': 'my secret prompt' is too long"
+    failed = ChatResult(status="failed", attempts=1, error=said, upstream_status=400, error_code="bad")
+    logs.configure(role="worker", format="json", stream=stream)
+    log_attempt(Error(message=said, retryable=False, attempt=1))
+    log_end("c1", failed, 0.5)
+    attempt, end = lines(stream)
+    assert "my secret prompt" not in stream.getvalue()
+    assert attempt["event"] == "attempt.failed"
+    assert attempt["error"] == "LLM answered 400"
+    assert end["event"] == "chat.failed"
+    assert (end["error"], end["upstream_status"], end["error_code"]) == ("LLM answered 400", 400, "bad")
+
+    logs.configure(role="worker", format="json", stream=stream, content=True)
+    log_end("c1", ChatResult(status="complete", content="the answer", attempts=1), 0.5)
+    assert lines(stream)[-1]["answer"] == "the answer"
     logs.configure(role="worker", format="json", stream=stream)
