@@ -16,7 +16,7 @@ from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_prompt, count_visitor_login
-from streambridge.shared import keys, machine
+from streambridge.shared import keys, logs, machine, trace
 from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import (
@@ -138,6 +138,8 @@ async def admit(
     chat = bounded(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    span = trace.continue_or_start(request.headers.get("traceparent"), request.headers.get("tracestate"))
+    logs.bind(user=identity.user, trace_id=span.trace_id)
     try:
         admitted = await admit_chat(
             ctx.redis,
@@ -149,11 +151,24 @@ async def admit(
             idempotency_key=idempotency.key,
             idempotency_ttl=idempotency.ttl,
             replay=idempotency.replay,
+            trace=trace.encode(span),
         )
     except Unauthorized:
         ctx.credentials.pop(identity.credential, None)
         raise
+    log_admission(request, ctx, admitted, chat, replayed=admitted != chat_id)
     return admitted, (created_at if admitted == chat_id else None)
+
+
+def log_admission(request: web.Request, ctx: Context, chat_id: str, chat: ChatRequest, *, replayed: bool) -> None:
+    logs.bind(chat_id=chat_id)
+    fields: dict[str, Any] = {"route": request.path, "model": model_of(ctx, chat)}
+    if logs.content_logged():
+        fields["prompt"] = [{"role": m.role, "content": m.text()} for m in chat.messages]
+    if replayed:  # the chat keeps the trace of the request that made it
+        log.info("chat %s: the Idempotency-Key's chat, already admitted", chat_id, extra={"event": "chat.replayed"})
+    else:
+        log.info("chat %s: admitted", chat_id, extra={"event": "chat.admitted", **fields})
 
 
 async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:
@@ -342,6 +357,8 @@ async def owned_chat(
     chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
+    span = trace.decode(chat.get(b"trace"))
+    logs.bind(chat_id=chat_id, user=identity.user, trace_id=span.trace_id if span is not None else None)
     return identity, chat_id, chat
 
 
@@ -390,5 +407,8 @@ async def request_cancel(ctx: Context, chat_id: str, owner: str) -> Status:
     """A queued chat is cancelled at once; a running one is flagged for its worker (``machine.CANCEL``)."""
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
     cancel = machine.cancel(chat_id, owner, result=result, stream_ttl=ctx.settings.stream_ttl)
-    status = await machine.call(ctx.redis, cancel)
-    return cast(Status, bytes(status).decode() if isinstance(status, bytes) else str(status))
+    answer = await machine.call(ctx.redis, cancel)
+    status = cast(Status, bytes(answer).decode() if isinstance(answer, bytes) else str(answer))
+    extra = {"event": "chat.cancel_requested", "chat_id": chat_id, "user": owner, "status": status}
+    log.info("chat %s: cancel requested (status %s)", chat_id, status, extra=extra)
+    return status

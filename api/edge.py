@@ -18,7 +18,7 @@ from streambridge.api.credentials import Credential, Identity, check, genuine, i
 from streambridge.api.credentials import credential_id as credential_id_of
 from streambridge.api.slots import SlotRequest
 from streambridge.api.sse import HEADERS, PING, encode_entry
-from streambridge.shared import keys
+from streambridge.shared import keys, logs, trace
 from streambridge.shared.chats import TERMINAL_STATUSES
 from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from streambridge.shared.events import TERMINAL_TYPES
@@ -62,6 +62,8 @@ async def admit(request: web.Request, ctx: Context, chat_id: str) -> tuple[str |
     try:
         state, refused = await chat_state(ctx, chat_id, credential_id, ask)
         credential, identity = authorize(request, ctx, chat_id, state)
+        span = trace.decode(state.trace)
+        logs.bind(chat_id=chat_id, user=identity.user, trace_id=span.trace_id if span is not None else None)
         last_event_id = parse_last_event_id(request)
         check_retained(chat_id, state, last_event_id)
         if ask is not None and known is not None and identity == known.identity and isinstance(refused, int):
@@ -87,6 +89,7 @@ class ChatState(NamedTuple):
     owner: bytes | None
     status: bytes | None
     stream: dict[str, Any] | None  # XINFO STREAM, None when the stream does not exist
+    trace: bytes | None = None  # the chat's trace context (``shared.trace``), for the stream's log lines
 
 
 async def chat_state(
@@ -96,11 +99,11 @@ async def chat_state(
     assert ctx.slots is not None
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.credential(credential_id))
-        pipe.hmget(keys.chat(chat_id), ["owner", "status"])
+        pipe.hmget(keys.chat(chat_id), ["owner", "status", "trace"])
         pipe.xinfo_stream(keys.events(chat_id))
         if ask is not None:
             ctx.slots.add_to(pipe, ask)
-        record, (owner, status), info, *refused = await pipe.execute(raise_on_error=False)
+        record, (owner, status, trace_context), info, *refused = await pipe.execute(raise_on_error=False)
     if isinstance(record, Exception):
         raise record
     if isinstance(info, ResponseError) and "no such key" in str(info).lower():
@@ -109,7 +112,7 @@ async def chat_state(
         raise info
     if refused and isinstance(refused[0], Exception) and not isinstance(refused[0], NoScriptError):
         raise refused[0]
-    return ChatState(record, owner, status, info), (refused[0] if refused else None)
+    return ChatState(record, owner, status, info, trace_context), (refused[0] if refused else None)
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:
@@ -126,6 +129,12 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
     end_of_life = asyncio.get_running_loop().time() + settings.stream_max_lifetime
     writes = ClientWrites(request, response, settings.stream_write_timeout, chat_id, end_of_life)
     tail = ctx.hub.tail(chat_id, last_event_id, idle=settings.heartbeat_interval, deliver=writes.deliver)
+    opened, why = writes.now(), "client gone"
+    if last_event_id is None:
+        log.info("chat %s: stream opened", chat_id, extra={"event": "stream.opened"})
+    else:
+        extra = {"event": "stream.resumed", "last_event_id": last_event_id}
+        log.info("chat %s: stream resumed after %s", chat_id, last_event_id, extra=extra)
     try:
         async with aclosing(tail):
             try:
@@ -133,6 +142,7 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                     if not batch:
                         writes.quiet += settings.heartbeat_interval
                         if writes.quiet >= settings.stream_idle_timeout:
+                            why = "idle"
                             await writes.write(b": idle; reconnect with Last-Event-ID\n\n")
                             return response
                         await writes.write(PING)
@@ -140,20 +150,26 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                         writes.quiet = 0.0
                         await writes.write(b"".join(map(encode_entry, batch)))
                     if writes.now() >= end_of_life and not (batch and batch[-1].type in TERMINAL_TYPES):
+                        why = "lifetime"
                         await writes.write(b": lifetime; reconnect with Last-Event-ID\n\n")
                         return response
             except StreamExpired as exc:  # the client fell a whole stream's length behind
+                why = "trimmed"
                 log.info("chat %s: %s; ending the stream, its resume gets 410", chat_id, exc)
                 await writes.write(b": trimmed; reconnect with Last-Event-ID\n\n")
                 return response
+        why = "ended"
         await response.write_eof()
     except ConnectionResetError:
         pass  # the client went away
     except RedisError as exc:
+        why = "redis error"
         log.warning("chat %s: ending a stream on a Redis error (%s); the client will resume", chat_id, exc)
         response.force_close()
     finally:
         writes.stop()
+        closed = {"event": "stream.closed", "reason": why, "duration_ms": round((writes.now() - opened) * 1000)}
+        log.info("chat %s: stream closed (%s)", chat_id, why, extra=closed)
     return response
 
 
@@ -228,7 +244,8 @@ class ClientWrites:
 
     def _check(self) -> None:
         if self._since is not None and self._loop.time() - self._since >= self._timeout:
-            log.info("chat %s: a client stopped reading its stream; dropping it (it can resume)", self._chat_id)
+            why = "a client stopped reading its stream; dropping it (it can resume)"
+            log.info("chat %s: %s", self._chat_id, why, extra={"event": "stream.dropped"})
             if self._request.transport is not None:
                 self._request.transport.abort()
             return

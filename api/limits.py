@@ -72,6 +72,7 @@ async def admit_chat(
     idempotency_key: str | None = None,
     idempotency_ttl: int = IDEMPOTENCY_TTL,
     replay: bool = True,
+    trace: str = "",
 ) -> str:
     """Records the new chat (status ``queued``) and enqueues its job if every limit allows it, else
     raises 429 or 503: one round trip, safe to send twice. Returns the chat's id: ``chat_id``, or the
@@ -96,6 +97,7 @@ async def admit_chat(
         idempotency_key=idempotency_key,
         idempotency_ttl=min(idempotency_ttl, settings.result_ttl),
         replay=replay,
+        trace=trace,
     )
     verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in await machine.call(redis, admission)]
     if verdict == "ok":

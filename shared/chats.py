@@ -1,7 +1,8 @@
 """A chat as stored in Redis: the request the API accepted and the result the worker left.
 
 The chat's hash (``keys.chat``) holds ``owner``, ``created_at``, ``status``, ``request``
-(JSON of :class:`ChatRequest`) and, once it ended, ``result`` (JSON of :class:`ChatResult`).
+(JSON of :class:`ChatRequest`), ``trace`` (its W3C trace context, ``shared.trace``) and, once it
+ended, ``result`` (JSON of :class:`ChatResult`).
 """
 
 from __future__ import annotations

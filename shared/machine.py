@@ -110,7 +110,7 @@ end
 # Admission. Refusals come before anything is written, so a refused chat counts for nothing.
 # ARGV: chat id, owner, created_at, request, job record, job expiry (ms), queue depth limit,
 # chats per minute, chats running at once, deadline (ms from now), result TTL (s), request's
-# SHA-256, idempotency record's TTL (s).
+# SHA-256, idempotency record's TTL (s), replay or record, the chat's trace (``shared.trace``; may be empty).
 ADMIT: Final = define(
     "ADMIT",
     """
@@ -144,6 +144,7 @@ redis.call('ZADD', KEYS[4], deadline, ARGV[1])
 redis.call('PEXPIREAT', KEYS[4], deadline)
 redis.call('HSET', KEYS[5], 'owner', ARGV[2], 'created_at', ARGV[3], 'created_ms', now, 'status', 'queued',
   'attempts', 0, 'request', ARGV[4])
+if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', KEYS[5], 'trace', ARGV[15]) end
 redis.call('EXPIRE', KEYS[5], ARGV[11])
 enqueue(KEYS[6], KEYS[2], KEYS[7], ARGV[1], ARGV[5], ARGV[6], now, false)
 if idem then
@@ -334,9 +335,12 @@ def admit(
     idempotency_key: str | None = None,
     idempotency_ttl: int = 86_400,
     replay: bool = True,
+    trace: str = "",
 ) -> Call:
     """``replay``: the key's chat answers a request that repeats it; when false, the key only
-    records this chat (for a later request that says it is a retry)."""
+    records this chat (for a later request that says it is a retry). ``trace``: the chat's W3C
+    trace context (``shared.trace.encode``), kept beside the request (not in it: a retry under the
+    same ``Idempotency-Key`` carries a new one, and must still be the same request)."""
     k = [
         keys.credential(credential_id),
         keys.queue(),
@@ -351,7 +355,7 @@ def admit(
     args: list[str | bytes] = [chat_id, owner, created_at, request, job, str(job_expires_ms)]
     args += [str(limits.max_queue), str(limits.chats_per_minute), str(limits.max_running)]
     args += [str(limits.deadline_ms), str(limits.result_ttl), hashlib.sha256(request).hexdigest()]
-    args += [str(idempotency_ttl), "replay" if replay else "record"]
+    args += [str(idempotency_ttl), "replay" if replay else "record", trace]
     return Call(ADMIT, k, args)
 
 

@@ -114,6 +114,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: the same for visitors (anonymous users): tighter by default
     visitor_file_bytes_per_user: Positive = 50 * 1024 * 1024
     log_level: str = "INFO"
+    #: ``json``: one JSON object per line; ``text``: a line for people; ``auto``: text when stderr is a terminal
+    log_format: str = "auto"
+    #: prompts and answers in the logs (the lines that admit and end a chat); credentials never are
+    log_content: bool = False
+    #: a line per HTTP request (method, path without its query, status, duration) from api and edge
+    access_log: bool = False
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access
     cors_origins: str = ""
@@ -129,6 +135,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
         self.trusted_networks  # noqa: B018 - raises SettingsError on a malformed entry
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise SettingsError(f"{env_name('log_level')}: must be one of DEBUG, INFO, WARNING, ERROR")
+        if self.log_format not in {"auto", "json", "text"}:
+            raise SettingsError(f"{env_name('log_format')}: must be one of auto, json, text")
 
     @property
     def allowed_origins(self) -> frozenset[str]:
@@ -177,6 +185,8 @@ def _explain(exc: msgspec.ValidationError) -> str:
     message, _, path = str(exc).rpartition(" - at `$.")
     if not path:
         return str(exc)
+    if message.startswith("Expected `bool`"):
+        message = "must be true or false"
     return f"{env_name(path.rstrip('`'))}: {message[0].lower()}{message[1:]}"
 
 

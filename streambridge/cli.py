@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from streambridge import batch_cli, keys_cli, status_cli
+from streambridge.shared import logs
 from streambridge.shared.errors import SettingsError, StreambridgeError
 from streambridge.shared.settings import Settings, load_settings
 
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import status_view
 
         return _run_loop(status_view.main(args, require_redis(settings, "status")))
-    _configure_logging(settings)
+    _configure_logging(settings, args.command)
     from streambridge import processes
 
     if args.command == "up":
@@ -141,11 +142,11 @@ def _run_loop(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+def _configure_logging(settings: Settings, command: str) -> None:
+    logs.configure(
+        role=command,
+        level=settings.log_level,
+        format=settings.log_format,
+        content=settings.log_content,
+        secrets=(settings.secret, settings.llm_api_key),
     )
-    for noisy in ("arq", "httpx", "httpx2"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))

@@ -17,6 +17,7 @@ from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
+from streambridge.shared import logs
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.presence import announced
 from streambridge.shared.settings import Settings
@@ -45,6 +46,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
             header_timeout=settings.header_timeout,
             body_timeout=settings.body_timeout,
             grace=settings.shutdown_grace,
+            access_log=settings.access_log,
         )
         worker = make_worker(settings, llm_url)
         assert settings.redis_url is not None
@@ -73,6 +75,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
         header_timeout=settings.header_timeout,
         body_timeout=settings.body_timeout,
         grace=settings.shutdown_grace,
+        access_log=settings.access_log,
     )
     settle_gc()
     name = "streambridge api" if api else "streambridge edge"
@@ -98,7 +101,10 @@ async def worker(settings: Settings) -> int:
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
-        print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
+        started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}"
+        print(started, flush=True)  # on stdout, where tools wait for it; a JSON log has it too
+        if logs.structured():
+            log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)
     return 0
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import signal
 import sys
 from typing import Final
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from streambridge.shared import logs
+
+log = logging.getLogger("streambridge")
 
 BACKLOG: Final = 4096
 
@@ -21,8 +27,10 @@ async def start_site(
     header_timeout: float = 75.0,
     body_timeout: float = 10.0,
     grace: float = 10.0,
+    access_log: bool = False,
 ) -> tuple[web.AppRunner, int]:
-    """Serve ``app``; port 0 picks a free port, which is returned."""
+    """Serve ``app``; port 0 picks a free port, which is returned. ``access_log``: a line per request
+    (:class:`AccessLogger`)."""
     # handler_cancellation: a client that disconnects cancels its handler at once, which
     # frees an SSE stream's subscription instead of waiting for the next heartbeat write.
     # aiohttp arms its keep-alive timer when a connection opens and after each response, and
@@ -32,7 +40,8 @@ async def start_site(
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
-        access_log=None,
+        access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        access_log_class=AccessLogger,
         keepalive_timeout=header_timeout,
         lingering_time=min(2.0, body_timeout),
         # how long a stop waits for requests in flight (aiohttp's default: 60 s)
@@ -82,8 +91,37 @@ async def stop_site(runner: web.AppRunner, grace: float) -> None:
         say(f"stopping took over {grace + CLEANUP_WAIT:.0f} s (Redis unresponsive?); exiting anyway")
 
 
+class AccessLogger(AbstractAccessLogger):
+    """A request's line: its path without the query (a stream URL's token rides there), the
+    status, the time taken; the chat and user, where the handler bound them (``shared.logs``)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %d %.3f s",
+            request.method,
+            request.path,
+            response.status,
+            time,
+            extra={
+                "event": "http.request",
+                "method": request.method,
+                "path": request.path,
+                "status": response.status,
+                "duration_ms": round(time * 1000, 1),
+                "remote": request.remote,
+            },
+        )
+
+
 def announce(what: str, host: str, port: int) -> None:
+    """The line (on stdout) that says where a server listens; tools wait for it. A JSON log has it too."""
     print(f"{what} listening on http://{host}:{port}", flush=True)
+    if logs.structured():
+        log.info("%s listening on http://%s:%d", what, host, port, extra={"event": "process.listening"})
 
 
 def catch_signals() -> asyncio.Future[signal.Signals]:
@@ -101,4 +139,8 @@ def catch_signals() -> asyncio.Future[signal.Signals]:
 
 
 def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A notice for the operator, on stderr: a log record where the log is JSON, so every line parses."""
+    if logs.structured():
+        log.info(message)
+    else:
+        print(message, file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -88,7 +88,9 @@ class _Chunk(msgspec.Struct):
 _chunk_decoder: Final = msgspec.json.Decoder(_Chunk)
 
 
-async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model: str) -> AsyncGenerator[Delta, None]:
+async def stream_deltas(
+    client: openai.AsyncOpenAI, request: ChatRequest, model: str, headers: Mapping[str, str] | None = None
+) -> AsyncGenerator[Delta, None]:
     """The completion as deltas. The SDK makes the request (auth, base URL, status errors mapped
     to its exceptions); the body is split into lines here and each chunk decoded with msgspec.
 
@@ -96,7 +98,8 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
     ``chat.completions.create`` first walks every parameter through its TypedDict transform,
     which half of the SDK's 2 ms of CPU per request went to, for a body that is already plain
     JSON (docs/benchmarks.md). Likewise, the SDK's pydantic model per chunk and httpx's line
-    decoding each cost a large share of a worker's CPU.
+    decoding each cost a large share of a worker's CPU. ``headers`` go with the request (a
+    ``traceparent``: ``shared.trace``).
     """
     body: dict[str, Any] = msgspec.to_builtins(request)
     # a vendor's own fields, at the top level as they came; never in place of a field that was checked
@@ -105,7 +108,8 @@ async def stream_deltas(client: openai.AsyncOpenAI, request: ChatRequest, model:
         message.pop("reasoning_content", None)
         message.pop("reasoning", None)
     body.update(model=model, stream=True, stream_options={"include_usage": True})
-    response = await client.post("/chat/completions", cast_to=_http.Response, body=body, stream=True)
+    options: openai.RequestOptions = {"headers": dict(headers)} if headers else {}
+    response = await client.post("/chat/completions", cast_to=_http.Response, body=body, options=options, stream=True)
     try:
         async for data in sse_data(response.aiter_bytes()):
             if data == b"[DONE]":

@@ -22,7 +22,8 @@ async def reap_forever(redis: Redis, interval: float) -> None:
                 reaped = machine.reap(chat_id, job=job_record(chat_id), job_expires_ms=JOB_EXPIRES_MS)
                 recovery = await machine.call(redis, reaped)
                 if recovery:
-                    log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery)
+                    extra = {"event": "chat.reaped", "chat_id": chat_id, "recovery": recovery}
+                    log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
         except Exception as exc:
             log.warning("reaper: %s", exc)
         await asyncio.sleep(interval)
@@ -36,8 +37,9 @@ async def listen_for_cancels(redis: Redis, runner: ChatRunner) -> None:
             await pubsub.subscribe(keys.cancels())
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and runner.stop(message["data"].decode(), Stop.CANCELLED):
-                    log.info("chat %s: cancelling at its owner's request", message["data"].decode())
+                if message is not None and runner.stop(chat_id := message["data"].decode(), Stop.CANCELLED):
+                    extra = {"event": "chat.cancelling", "chat_id": chat_id}
+                    log.info("chat %s: cancelling at its owner's request", chat_id, extra=extra)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

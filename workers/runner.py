@@ -12,13 +12,16 @@ import contextlib
 import enum
 import logging
 import secrets
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Final
 
 import openai
 from redis.asyncio import Redis
 
+from streambridge.shared import logs, trace
 from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
 from streambridge.shared.events import (
     Cancelled,
@@ -134,8 +137,12 @@ class ChatRunner:
         """Runs the chat whose claim answered ``claimed``: anything but ``claimed`` is why it does not run."""
         chat_id = lease.chat_id
         if claimed != "claimed":
-            log.info("chat %s: not run (%s)", chat_id, claimed)
+            log.info("chat %s: not run (%s)", chat_id, claimed, extra={"event": "chat.not_run", "chat_id": chat_id})
             return claimed
+        span = trace.decode(lease.chat.get(b"trace")) or trace.new_trace()
+        owner = lease.chat.get(b"owner", b"").decode() or None
+        logs.bind(chat_id=chat_id, user=owner, trace_id=span.trace_id, attempt=None)
+        began = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
         active = self.active[chat_id] = Active(task)
@@ -158,7 +165,7 @@ class ChatRunner:
             request, attempts = decode_request(chat[b"request"]), int(chat[b"attempts"])
             try:
                 async with asyncio.timeout_at(self._deadline(lease)):
-                    terminal: Event = await self._stream(chat_id, request, attempts, sink, tracker)
+                    terminal: Event = await self._stream(request, attempts, sink, tracker, span)
             except TimeoutError:
                 terminal = await self._past_deadline(sink, tracker)
             finishing = asyncio.ensure_future(self._finish(sink, tracker, terminal))
@@ -181,7 +188,9 @@ class ChatRunner:
         except LeaseLost:
             return self._lost(chat_id)
         except StreamGap as exc:
-            log.warning("chat %s: %s; handing it back for a new attempt", chat_id, exc)
+            log.warning(
+                "chat %s: %s; handing it back for a new attempt", chat_id, exc, extra={"event": "chat.stream_gap"}
+            )
             await self._hand_back(lease, sink)
             return "handed_back"
         finally:
@@ -189,18 +198,22 @@ class ChatRunner:
             del self.active[chat_id]
             await sink.close()
         assert tracker.result is not None
-        log.info("chat %s: %s after %d attempt(s)", chat_id, tracker.result.status, tracker.result.attempts)
+        log_end(chat_id, tracker.result, time.monotonic() - began)
         return tracker.result.status
 
     async def _stream(
-        self, chat_id: str, request: ChatRequest, attempts: int, sink: StreamSink, tracker: ResultTracker
+        self, request: ChatRequest, attempts: int, sink: StreamSink, tracker: ResultTracker, span: trace.Trace
     ) -> Event:
         """Appends the attempts' events and returns the terminal one, which ``_finish`` writes."""
         s = self.settings
         model = request.model or s.llm_model
 
         def open_stream() -> AsyncGenerator[Delta, None]:
-            deltas = stream_deltas(self.llm, request, model)
+            # each call upstream is a span of the chat's trace: a child of the span that admitted it
+            headers = span.child().headers()
+            extra = {"event": "upstream.request", "traceparent": headers["traceparent"]}
+            log.debug("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
+            deltas = stream_deltas(self.llm, request, model, headers)
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
         if attempts:  # a worker died (or handed it back) while this chat ran
@@ -219,6 +232,8 @@ class ChatRunner:
             async for event in events:
                 if isinstance(event, Complete | Failed):
                     return event
+                if isinstance(event, Started | Error):
+                    log_attempt(event)
                 tracker.observe(event)
                 await sink.append(event)  # a ``started`` event also records its attempt on the chat
         raise AssertionError("chat_events always ends with complete or failed")
@@ -252,10 +267,10 @@ class ChatRunner:
             await sink.drain()
         with contextlib.suppress(Exception):
             await lease.release()
-        log.info("chat %s: handed back", lease.chat_id)
+        log.info("chat %s: handed back", lease.chat_id, extra={"event": "chat.handed_back"})
 
     def _lost(self, chat_id: str) -> str:
-        log.warning("chat %s: lease lost; another attempt owns it", chat_id)
+        log.warning("chat %s: lease lost; another attempt owns it", chat_id, extra={"event": "chat.lease_lost"})
         return "lease_lost"
 
     async def _finish(self, sink: StreamSink, tracker: ResultTracker, terminal: Event) -> None:
@@ -264,3 +279,54 @@ class ChatRunner:
             tracker.result = tracker.cancelled()
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)
+
+
+def log_attempt(event: Started | Error) -> None:
+    if isinstance(event, Started):
+        logs.bind(attempt=event.attempt)
+        log.info(
+            "attempt %d started (%s)",
+            event.attempt,
+            event.model,
+            extra={"event": "attempt.started", "model": event.model},
+        )
+        return
+    reason = error_head(event.message)
+    log.info(
+        "attempt %d failed: %s%s",
+        event.attempt,
+        reason,
+        "; trying again" if event.retryable else "",
+        extra={"event": "attempt.failed", "retryable": event.retryable, "error": reason, **_detail(event.message)},
+    )
+
+
+#: the event of a chat's last line, by its final status
+END_EVENTS: Final = {"complete": "chat.completed", "failed": "chat.failed", "cancelled": "chat.cancelled"}
+
+
+def log_end(chat_id: str, result: ChatResult, elapsed: float) -> None:
+    """The chat's last line: how it ended, in how many attempts and how long this run took."""
+    fields: dict[str, object] = {"event": END_EVENTS[result.status], "status": result.status}
+    fields.update(attempts=result.attempts, elapsed_ms=round(elapsed * 1000))
+    if result.status == "complete":
+        fields["finish_reason"] = result.finish_reason
+        fields["content_length"] = len(result.content)
+        if result.usage is not None:
+            fields["completion_tokens"] = result.usage.completion_tokens
+        if logs.content_logged():
+            fields["answer"] = result.content
+    elif result.status == "failed":
+        fields.update(error=error_head(result.error or ""), upstream_status=result.upstream_status)
+        fields.update(error_code=result.error_code, **_detail(result.error or ""))
+    log.info("chat %s: %s after %d attempt(s)", chat_id, result.status, result.attempts, extra=fields)
+
+
+def error_head(message: str) -> str:
+    """What went wrong, without what the upstream said about it (``LLM answered 400``): an
+    upstream's error message may quote the request, so its words are logged only with the content."""
+    return message.partition(": ")[0][:200]
+
+
+def _detail(message: str) -> dict[str, str]:
+    return {"error_detail": message} if logs.content_logged() else {}

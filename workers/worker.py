@@ -114,7 +114,8 @@ class ChatWorker(QueueWorker):
             if outcome == "claimed":
                 self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
             elif outcome != "taken":  # taken: another worker has it, or it was cancelled
-                log.info("chat %s: not started (%s)", lease.chat_id, outcome)
+                extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
+                log.info("chat %s: not started (%s)", lease.chat_id, outcome, extra=extra)
         return [job_id.decode() for job_id in more] if isinstance(more, list) else []
 
     async def _run(self, lease: Lease) -> None:
@@ -124,7 +125,8 @@ class ChatWorker(QueueWorker):
         except asyncio.CancelledError:
             pass  # handed back: the worker is stopping
         except Exception:
-            log.exception("chat %s: its run failed; handing it back for another attempt", lease.chat_id)
+            extra = {"event": "chat.crashed", "chat_id": lease.chat_id}
+            log.exception("chat %s: its run failed; handing it back for another attempt", lease.chat_id, extra=extra)
             try:
                 await lease.release()  # due for the reaper at once, not when the lease lapses
             except Exception as exc:

@@ -60,6 +60,9 @@ def test_cli_flags_override_the_environment() -> None:
             "STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER: expected `int`",
         ),
         ({"STREAMBRIDGE_LOG_LEVEL": "LOUD"}, "STREAMBRIDGE_LOG_LEVEL: must be one of"),
+        ({"STREAMBRIDGE_LOG_FORMAT": "xml"}, "STREAMBRIDGE_LOG_FORMAT: must be one of auto, json, text"),
+        ({"STREAMBRIDGE_LOG_CONTENT": "maybe"}, "STREAMBRIDGE_LOG_CONTENT: must be true or false"),
+        ({"STREAMBRIDGE_ACCESS_LOG": "on"}, "STREAMBRIDGE_ACCESS_LOG: must be true or false"),
         ({"STREAMBRIDGE_REDIS_URLL": "redis://x"}, "STREAMBRIDGE_REDIS_URLL: unknown setting"),
     ],
 )

@@ -1,0 +1,175 @@
+"""A full run's logs, as an operator collects them: every process JSON, one chat followed across
+api, worker and edge by its id and trace id, and no prompt, answer or credential anywhere unless
+``STREAMBRIDGE_LOG_CONTENT`` says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from streambridge.fake_llm import DEFAULT_CONFIG, expected_text
+from tests.conftest import OwnRedis
+from tests.e2e.conftest import Process, clean_env, read_events
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "zebra-quokka-marmalade-7741 what is the tide doing"
+LLM_KEY = "sk-llm-key-that-must-never-be-logged-3141"
+SECRET = "signing-secret-that-must-never-be-logged-2718"
+TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
+TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+
+
+@dataclass
+class Run:
+    """What one full run left: each process's stderr and stdout, and the secrets it was given."""
+
+    logs: dict[str, list[str]] = field(default_factory=dict)  # role → stderr lines
+    stdout: list[str] = field(default_factory=list)
+    secrets: list[str] = field(default_factory=list)
+    chat_id: str = ""
+
+    def everything(self) -> str:
+        return "\n".join(line for lines in self.logs.values() for line in lines) + "".join(self.stdout)
+
+
+def full_run(logs: Path, **settings: str) -> Run:
+    """redis-server, the simulated LLM, an api, an edge and a worker at DEBUG with access logs, then
+    chats through every door: an API key, a visitor, the stream URL's token, a resume, a cancel."""
+    redis = OwnRedis()
+    llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "5", "--delay-ms", "1"], clean_env(), logs)
+    env = clean_env(
+        STREAMBRIDGE_REDIS_URL=redis.url(0),
+        STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
+        STREAMBRIDGE_LLM_API_KEY=LLM_KEY,
+        STREAMBRIDGE_SECRET=SECRET,
+        STREAMBRIDGE_LOG_LEVEL="DEBUG",
+        STREAMBRIDGE_LOG_FORMAT="json",
+        STREAMBRIDGE_ACCESS_LOG="true",
+        **settings,
+    )
+    processes: dict[str, Process] = {}
+    run = Run(secrets=[LLM_KEY, SECRET])
+    try:
+        processes["edge"] = Process(["edge", "--port", "0"], env, logs)
+        edge_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": processes["edge"].url}
+        processes["api"] = Process(["api", "--port", "0"], edge_env, logs)
+        processes["worker"] = Process(["worker"], env, logs, ready="worker started")
+        created = subprocess.run(
+            [sys.executable, "-m", "streambridge", "keys", "create", "--user", "logs"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        api_key = created.stdout.strip()
+        run.secrets.append(api_key)
+        asyncio.run(chats(run, processes["api"].url, processes["edge"].url, api_key))
+    finally:
+        for role, process in reversed(processes.items()):
+            assert process.stop() == 0, process.log_path.read_text()
+            run.logs[role] = process.log_path.read_text().splitlines()
+            run.stdout += process.stdout
+        llm.stop()
+        redis.stop()
+    return run
+
+
+async def chats(run: Run, api: str, edge: str, api_key: str) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{api}/v1/auth/visitor") as response:
+            visitor = (await response.json())["token"]
+        run.secrets.append(visitor)
+        for token in (api_key, visitor):
+            auth = {"Authorization": f"Bearer {token}"}
+            headers = {**auth, "traceparent": TRACEPARENT, "Idempotency-Key": f"k-{token[:3]}"}
+            async with http.post(f"{api}/v1/chats", json={"message": PROMPT}, headers=headers) as response:
+                assert response.status == 202, await response.text()
+                chat = await response.json()
+            run.chat_id = run.chat_id or chat["id"]
+            stream_url = chat["stream_url"]
+            run.secrets.append(stream_url.partition("token=")[2])
+            events = await read_events(http, stream_url)  # the token in the query
+            assert events[-1].event == "complete"
+            await read_events(http, stream_url.partition("?")[0], auth | {"Last-Event-ID": events[1].id or ""})
+            async with http.get(f"{api}/v1/chats/{chat['id']}", headers=auth) as response:
+                assert (await response.json())["content"] == expected_text(PROMPT, DEFAULT_CONFIG.words)
+            async with http.post(f"{api}/v1/chats/{chat['id']}/cancel", headers=auth) as response:
+                assert response.status == 202
+        auth = {"Authorization": f"Bearer {api_key}"}
+        body = {"model": "m", "messages": [{"role": "user", "content": PROMPT}]}
+        async with http.post(f"{edge}/v1/chat/completions", json=body, headers=auth) as response:  # served by edges
+            assert response.status == 200, await response.text()
+        # requests the API refuses, the prompt in them: their errors are answered, not logged with it
+        async with http.post(f"{api}/v1/chats", json={"message": PROMPT, "bogus": PROMPT}, headers=auth) as response:
+            assert response.status == 422
+        async with http.post(f"{api}/v1/chats", data=f'{{"message": "{PROMPT}"', headers=auth) as response:
+            assert response.status == 400
+        async with http.get(f"{api}/v1/chats/{run.chat_id}", headers={"Authorization": "Bearer sbk_nope"}) as response:
+            assert response.status == 401
+
+
+def records(run: Run) -> dict[str, list[dict[str, Any]]]:
+    parsed: dict[str, list[dict[str, Any]]] = {}
+    for role, lines in run.logs.items():
+        for line in lines:
+            record = json.loads(line)  # every line of every process's log is one JSON object
+            assert isinstance(record, dict), line
+            parsed.setdefault(role, []).append(record)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def quiet_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    return full_run(tmp_path_factory.mktemp("logs"))
+
+
+def test_no_prompt_answer_or_credential_reaches_any_log(quiet_run: Run) -> None:
+    everything = quiet_run.everything()
+    assert quiet_run.chat_id in everything, "the run was logged"
+    assert PROMPT not in everything
+    assert "zebra-quokka" not in everything
+    assert expected_text(PROMPT, DEFAULT_CONFIG.words) not in everything
+    for secret in quiet_run.secrets:
+        assert secret
+        assert secret not in everything, f"{secret[:6]}… was logged"
+
+
+def test_every_line_is_json_and_one_chat_is_followed_across_processes(quiet_run: Run) -> None:
+    by_role = records(quiet_run)
+    assert set(by_role) == {"api", "edge", "worker"}
+    for role, lines in by_role.items():
+        assert all(r["role"] == role and r["ts"].endswith("Z") and r["level"] and r["logger"] for r in lines)
+        assert any(r.get("chat_id") == quiet_run.chat_id for r in lines), f"{role} never names the chat"
+    chat_events = {role: [r for r in lines if r.get("chat_id") == quiet_run.chat_id] for role, lines in by_role.items()}
+    events = {role: {r.get("event") for r in lines} for role, lines in chat_events.items()}
+    assert {"chat.admitted", "http.request", "chat.cancel_requested"} <= events["api"]
+    assert {"attempt.started", "chat.completed"} <= events["worker"]
+    assert {"stream.opened", "stream.resumed", "stream.closed"} <= events["edge"]
+    for role, lines in chat_events.items():
+        assert {r.get("trace_id") for r in lines} == {TRACE_ID}, f"{role}: every line naming the chat has its trace id"
+    admitted = next(r for r in chat_events["api"] if r.get("event") == "chat.admitted")
+    assert admitted["user"] == "logs"
+    assert "prompt" not in admitted
+    started = next(r for r in chat_events["worker"] if r.get("event") == "attempt.started")
+    assert started["attempt"] == 1
+    assert started["user"] == "logs"
+
+
+def test_with_log_content_on_the_prompt_and_answer_are_logged(tmp_path_factory: pytest.TempPathFactory) -> None:
+    run = full_run(tmp_path_factory.mktemp("content"), STREAMBRIDGE_LOG_CONTENT="true")
+    everything = run.everything()
+    assert PROMPT in everything
+    assert expected_text(PROMPT, DEFAULT_CONFIG.words) in everything
+    for secret in run.secrets:
+        assert secret not in everything, f"{secret[:6]}… was logged"
+    records(run)

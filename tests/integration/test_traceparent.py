@@ -1,0 +1,120 @@
+"""A chat's W3C trace context, from the POST to the worker's call upstream."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from streambridge.fake_llm import make_app as make_fake_llm
+from streambridge.shared import trace
+from streambridge.shared.settings import Settings
+from streambridge.workers.worker import make_worker, stop_worker
+from tests.integration.conftest import FAST_LLM, bearer
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+
+
+class Upstream:
+    """The simulated LLM, remembering the trace headers of each call it gets."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, str]] = []
+        self.url = ""
+
+    @web.middleware
+    async def record(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
+        if request.path.endswith("/chat/completions"):
+            self.calls.append({k: v for k, v in request.headers.items() if k.lower() in {"traceparent", "tracestate"}})
+        return await handler(request)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    seen = Upstream()
+    app = make_fake_llm(FAST_LLM)
+    app.middlewares.append(seen.record)
+    server = TestServer(app)
+    await server.start_server()
+    seen.url = str(server.make_url("/v1"))
+    yield seen
+    await server.close()
+
+
+async def run_chat(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+    path: str,
+    body: object,
+    headers: dict[str, str],
+) -> dict[str, str]:
+    worker = make_worker(settings, upstream.url, poll_delay=0.01)
+    running = asyncio.create_task(worker.main())
+    try:
+        response = await client.post(path, json=body, headers={**bearer(token), **headers})
+        assert response.status in (200, 202), await response.text()
+        await response.read()  # the OpenAI routes answer once the chat has ended
+        while not upstream.calls:
+            await asyncio.sleep(0.01)
+    finally:
+        await stop_worker(worker, running, 1.0)
+    (call,) = upstream.calls
+    return call
+
+
+async def test_a_traceparent_reaches_the_upstream_as_a_child_span(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+) -> None:
+    sent = {"traceparent": PARENT, "tracestate": "vendor=opaque"}
+    call = await run_chat(client, token, settings, upstream, "/v1/chats", {"message": "hi"}, sent)
+    received = trace.parse(call["traceparent"], call.get("tracestate"))
+    assert received is not None
+    assert received.trace_id == TRACE_ID
+    assert received.span_id != "00f067aa0ba902b7"
+    assert received.flags == "01"
+    assert call["tracestate"] == "vendor=opaque"
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": "hi"}]}),
+        ("/v1/responses", {"model": "m", "input": "hi"}),
+    ],
+)
+async def test_the_openai_routes_pass_the_trace_on_too(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+    path: str,
+    body: object,
+) -> None:
+    call = await run_chat(client, token, settings, upstream, path, {**body, "stream": False}, {"traceparent": PARENT})
+    received = trace.parse(call["traceparent"])
+    assert received is not None
+    assert received.trace_id == TRACE_ID
+
+
+async def test_an_invalid_traceparent_is_not_passed_on_a_new_trace_is(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+) -> None:
+    invalid = f"00-{TRACE_ID.upper()}-00f067aa0ba902b7-01"
+    sent = {"traceparent": invalid, "tracestate": "vendor=opaque"}
+    call = await run_chat(client, token, settings, upstream, "/v1/chats", {"message": "hi"}, sent)
+    received = trace.parse(call["traceparent"])
+    assert received is not None
+    assert received.trace_id != TRACE_ID.lower()
+    assert "tracestate" not in call
