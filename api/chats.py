@@ -16,7 +16,7 @@ from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_prompt, count_visitor_login
-from streambridge.shared import keys, machine
+from streambridge.shared import keys, machine, metrics
 from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import (
@@ -153,7 +153,10 @@ async def admit(
     except Unauthorized:
         ctx.credentials.pop(identity.credential, None)
         raise
-    return admitted, (created_at if admitted == chat_id else None)
+    if admitted != chat_id:
+        return admitted, None
+    metrics.CHATS_CREATED.inc()
+    return admitted, created_at
 
 
 async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:

@@ -16,16 +16,20 @@ from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
+from streambridge.shared import metrics
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.settings import Settings
+from streambridge.workers.ops import make_worker_app
 from streambridge.workers.worker import make_worker, stop_worker
 
 log = logging.getLogger("streambridge")
 
 
 async def up(settings: Settings, host: str, port: int) -> int:
-    """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured."""
+    """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured.
+    The worker's metrics are on that port's ``/metrics`` too: one process, one registry."""
     stop = catch_signals()
+    configure_metrics(settings)
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
             redis = RedisServer()
@@ -60,6 +64,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
 
 async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bool) -> int:
     stop = catch_signals()
+    configure_metrics(settings)
     runner, bound = await start_site(
         make_app(settings, serve_api=api, serve_edge=edge),
         host,
@@ -82,12 +87,18 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
 
 async def worker(settings: Settings) -> int:
     stop = catch_signals()
+    configure_metrics(settings)
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
+        stack.push_async_callback(_stop_task, task)  # a worker whose metrics port is taken: no orphan task
+        host = settings.worker_metrics_host
+        runner, bound = await start_site(make_worker_app(arq_worker, task), host, settings.worker_metrics_port)
+        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
+        announce("streambridge worker metrics", host, bound)
         print(f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}", flush=True)
         await _until_signal_or(stop, task)
     return 0
@@ -113,6 +124,11 @@ async def fake_llm(args: argparse.Namespace) -> int:
     finally:
         await runner.cleanup()
     return 0
+
+
+def configure_metrics(settings: Settings) -> None:
+    if not settings.metrics:
+        metrics.disable()
 
 
 async def _llm_url(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
@@ -142,6 +158,11 @@ async def _quietly(name: str, cleanup: Callable[[], Awaitable[object]]) -> None:
         await cleanup()
     except Exception as exc:
         log.warning("shutting down %s: %s", name, exc)
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stop_redis(server: RedisServer) -> None:
