@@ -23,7 +23,6 @@ from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     REGISTRY,
     Counter,
     Gauge,
@@ -38,6 +37,9 @@ from streambridge.shared import keys
 
 #: whether this process counts anything (``STREAMBRIDGE_METRICS``)
 enabled = True
+#: Prometheus's text format, which every Prometheus reads (``generate_latest`` writes it; the client's
+#: own ``CONTENT_TYPE_LATEST`` names version 1.0.0 in recent releases, which older servers do not know)
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: how long a scrape waits for Redis (queue depths) before it answers without them
 SCRAPE_REDIS_TIMEOUT: Final = 0.5
 #: batches whose items the batch queue depth counts, at most (the oldest active ones)
@@ -201,7 +203,7 @@ def disable() -> None:
 
 def exposition() -> tuple[bytes, str]:
     """This process's metrics in Prometheus's text format, and its content type."""
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE
 
 
 async def refresh_queue_depth(redis: Redis) -> None:
