@@ -86,6 +86,7 @@ def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterato
             "llm": llm.url,
             "proxy": f"http://127.0.0.1:{proxy_port}",
             "api": api.url,
+            "api_child": api,
             "edge": edge,
             "workers": workers_,
             "env": env,

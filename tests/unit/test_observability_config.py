@@ -27,11 +27,11 @@ PROCESS_METRICS = {"process_cpu_seconds_total", "process_resident_memory_bytes"}
 METRIC_NAME = re.compile(r"\b((?:streambridge|process)_[a-z_]+)\b")
 
 
-def ours() -> dict[str, MetricWrapperBase]:
+def ours() -> dict[str, MetricWrapperBase | metrics.LoopHistogram]:
     """Every metric of ``shared.metrics`` (a parent, not its label children), by family name."""
-    found = {}
+    found: dict[str, MetricWrapperBase | metrics.LoopHistogram] = {}
     for value in vars(metrics).values():
-        if isinstance(value, MetricWrapperBase):
+        if isinstance(value, MetricWrapperBase | metrics.LoopHistogram):
             for family in value.describe():
                 found[family.name] = value
     return found
