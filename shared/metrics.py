@@ -25,6 +25,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import (
     REGISTRY,
+    CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
@@ -107,12 +108,15 @@ class LoopHistogram:
 
     _type = "histogram"
 
-    def __init__(self, name: str, documentation: str, buckets: tuple[float, ...]) -> None:
+    def __init__(
+        self, name: str, documentation: str, buckets: tuple[float, ...], registry: CollectorRegistry | None = REGISTRY
+    ) -> None:
         self.name, self.documentation = name, documentation
         self._bounds = buckets
         self._counts = [0] * (len(buckets) + 1)  # the last: above every bound
         self._sum = 0.0
-        REGISTRY.register(self)
+        if registry is not None:
+            registry.register(self)
 
     def observe(self, amount: float) -> None:
         self._counts[bisect_left(self._bounds, amount)] += 1
