@@ -68,8 +68,7 @@ QUEUE_DEPTH = Gauge(
     "lines of active batches not done yet (batch). NaN when Redis did not answer in time.",
     ["queue"],
 )
-QUEUE_INTERACTIVE = QUEUE_DEPTH.labels("interactive")
-QUEUE_BATCH = QUEUE_DEPTH.labels("batch")
+# (no children bound here: a process that never reads the depths, an edge, exports none)
 REFUSALS = Counter(
     "streambridge_rate_limited_total",
     "Requests refused by a limit (429, and 503 queue_full), by the error code answered",
@@ -255,24 +254,27 @@ async def refresh_queue_depth(redis: Redis) -> None:
     """
     try:
         async with asyncio.timeout(SCRAPE_REDIS_TIMEOUT):
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.zcard(keys.queue())
-                pipe.zrange(keys.active_batches(), 0, DEPTH_BATCHES - 1)
-                interactive, batch_ids = await pipe.execute()
-            batch = 0
-            if batch_ids:
-                async with redis.pipeline(transaction=False) as pipe:
-                    for batch_id in batch_ids:
-                        pipe.hmget(keys.batch(batch_id.decode()), ["total", "completed", "failed"])
-                    for total, completed, failed in await pipe.execute():
-                        batch += max(0, int(total or 0) - int(completed or 0) - int(failed or 0))
+            interactive, batch = await _queue_depths(redis)
     except Exception:
         REDIS_ERRORS_SCRAPE.inc()
-        QUEUE_INTERACTIVE.set(float("nan"))
-        QUEUE_BATCH.set(float("nan"))
-        return
-    QUEUE_INTERACTIVE.set(int(interactive))
-    QUEUE_BATCH.set(batch)
+        interactive = batch = float("nan")
+    QUEUE_DEPTH.labels("interactive").set(interactive)
+    QUEUE_DEPTH.labels("batch").set(batch)
+
+
+async def _queue_depths(redis: Redis) -> tuple[float, float]:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zcard(keys.queue())
+        pipe.zrange(keys.active_batches(), 0, DEPTH_BATCHES - 1)
+        interactive, batch_ids = await pipe.execute()
+    batch = 0
+    if batch_ids:
+        async with redis.pipeline(transaction=False) as pipe:
+            for batch_id in batch_ids:
+                pipe.hmget(keys.batch(batch_id.decode()), ["total", "completed", "failed"])
+            for total, completed, failed in await pipe.execute():
+                batch += max(0, int(total or 0) - int(completed or 0) - int(failed or 0))
+    return float(interactive), float(batch)
 
 
 #: how long a readiness check waits for Redis's PING

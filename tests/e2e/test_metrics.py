@@ -59,6 +59,8 @@ async def test_each_workers_own_port_serves_its_chats_metrics_and_readiness(syst
         assert api["streambridge_chats_created_total", ()] >= 1
         edges = [await scrape(session, edge.url) for edge in system.edges]
         assert all(("streambridge_open_streams", ()) in e for e in edges)
+        assert not any(name == "streambridge_queue_depth" for e in edges for name, _ in e)  # the API's to read
+        assert api["streambridge_queue_depth", (("queue", "interactive"),)] == 0
         for process in (system.api, *system.edges):
             async with session.get(f"{process.url}/readyz") as response:
                 assert response.status == 200
@@ -73,7 +75,14 @@ async def test_a_worker_with_metrics_off_serves_readiness_and_no_metrics(system:
             async with session.get(f"{url}/metrics") as response:
                 assert response.status == 404
                 assert (await response.json())["error"]["code"] == "metrics_disabled"
-            async with session.get(f"{url}/readyz") as response:
-                assert response.status == 200
+            deadline = time.monotonic() + 10
+            while True:  # ready once arq's startup is done, just after the worker says it started
+                async with session.get(f"{url}/readyz") as response:
+                    body = await response.json()
+                if response.status == 200 or time.monotonic() > deadline:
+                    break
+                assert body["checks"]["process"] == "starting", body
+                await asyncio.sleep(0.05)
+            assert response.status == 200, body
     finally:
         assert worker.stop() == 0
