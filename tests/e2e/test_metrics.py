@@ -86,3 +86,29 @@ async def test_a_worker_with_metrics_off_serves_readiness_and_no_metrics(system:
             assert response.status == 200, body
     finally:
         assert worker.stop() == 0
+
+
+async def test_a_killed_workers_chat_is_counted_reaped_and_resumed_by_the_other(system: System) -> None:
+    running = ("streambridge_running_chats", ())
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, system.api.url)
+        chat = await create_chat(
+            session, system.api.url, auth, message="outlive me", model="fake?words=150&delay_ms=20"
+        )
+        await read_events(session, chat["stream_url"], limit=3)  # started, and content flowing
+        busy = [w for w in system.workers if (await scrape(session, metrics_url(w)))[running] >= 1]
+        assert len(busy) == 1
+        (survivor,) = [w for w in system.workers if w is not busy[0]]
+        before = await scrape(session, metrics_url(survivor))
+        busy[0].kill()
+        try:
+            events = await read_events(session, chat["stream_url"])
+            assert events[-1].event == "complete"
+            after = await scrape(session, metrics_url(survivor))
+            for kind in ("reaped", "resumed"):
+                key = ("streambridge_recoveries_total", (("kind", kind),))
+                assert after[key] - before[key] == 1, kind
+        finally:
+            system.workers[system.workers.index(busy[0])] = Process(
+                ["worker"], system.env, system.logs, ready="worker started"
+            )
