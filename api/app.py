@@ -11,7 +11,7 @@ from aiohttp.typedefs import Middleware
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from streambridge.api import batches, chats, completions, edge, files, models, openapi, page, responses
+from streambridge.api import batches, chats, completions, edge, files, models, openapi, ops, page, responses
 from streambridge.api.auth import load_secret
 from streambridge.api.context import CONTEXT, SETTINGS, Context
 from streambridge.api.errors import error_middleware
@@ -59,6 +59,8 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
     app.add_routes(page.routes)  # the chat page and the JavaScript client, on every process that serves HTTP
     app.add_routes(models.routes)
     app[models.MODELS] = models.Models(settings)
+    app.add_routes(ops.routes)
+    readiness = app[ops.READINESS] = ops.Readiness(queue_depths=serve_api)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # A bounded pool per process: an edge's hub takes one socket for its Pub/Sub feed, and
@@ -75,7 +77,9 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
             ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip)
             background.append(asyncio.create_task(ctx.slots.renew_forever()))
         app[CONTEXT] = ctx
+        readiness.serving = True
         yield
+        readiness.serving = False
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -88,6 +92,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
 
     async def close_streams(app: web.Application) -> None:
         # Before aiohttp waits for handlers to finish: open SSE streams end now, not when their chats do.
+        readiness.serving = False  # a load balancer sends no one new here
         hub = app[CONTEXT].hub
         if hub is not None:
             hub.close_all()

@@ -16,7 +16,7 @@ from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_prompt, count_visitor_login
-from streambridge.shared import keys, logs, machine, trace
+from streambridge.shared import keys, logs, machine, metrics, trace
 from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import (
@@ -157,7 +157,10 @@ async def admit(
         ctx.credentials.pop(identity.credential, None)
         raise
     log_admission(request, ctx, admitted, chat, replayed=admitted != chat_id)
-    return admitted, (created_at if admitted == chat_id else None)
+    if admitted != chat_id:
+        return admitted, None
+    metrics.CHATS_CREATED.inc()
+    return admitted, created_at
 
 
 def log_admission(request: web.Request, ctx: Context, chat_id: str, chat: ChatRequest, *, replayed: bool) -> None:

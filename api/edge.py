@@ -18,7 +18,7 @@ from streambridge.api.credentials import Credential, Identity, check, genuine, i
 from streambridge.api.credentials import credential_id as credential_id_of
 from streambridge.api.slots import SlotRequest
 from streambridge.api.sse import HEADERS, PING, encode_entry
-from streambridge.shared import keys, logs, trace
+from streambridge.shared import keys, logs, metrics, trace
 from streambridge.shared.chats import TERMINAL_STATUSES
 from streambridge.shared.errors import BadRequest, NotFound, StreamExpired, Unauthorized
 from streambridge.shared.events import TERMINAL_TYPES
@@ -35,9 +35,11 @@ async def chat_events(request: web.Request) -> web.StreamResponse:
     assert ctx.slots is not None, "the edge's hub and slots start with the app"
     chat_id = chat_id_of(request)
     last_event_id, slot = await admit(request, ctx, chat_id)
+    metrics.OPEN_STREAMS.inc()
     try:
         return await stream(request, ctx, chat_id, last_event_id)
     finally:
+        metrics.OPEN_STREAMS.dec()
         await asyncio.shield(ctx.slots.release(slot))
 
 
@@ -155,6 +157,7 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
                         return response
             except StreamExpired as exc:  # the client fell a whole stream's length behind
                 why = "trimmed"
+                metrics.EXPIRED_IN_STREAM.inc()
                 log.info("chat %s: %s; ending the stream, its resume gets 410", chat_id, exc)
                 await writes.write(b": trimmed; reconnect with Last-Event-ID\n\n")
                 return response
@@ -164,6 +167,7 @@ async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id
         pass  # the client went away
     except RedisError as exc:
         why = "redis error"
+        metrics.REDIS_ERRORS_STREAM.inc()
         log.warning("chat %s: ending a stream on a Redis error (%s); the client will resume", chat_id, exc)
         response.force_close()
     finally:

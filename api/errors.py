@@ -13,7 +13,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streambridge.api.context import SETTINGS
-from streambridge.shared.errors import ApiError, RateLimited
+from streambridge.shared import metrics
+from streambridge.shared.errors import ApiError, RateLimited, StreamExpired
 
 log = logging.getLogger("streambridge.api")
 
@@ -91,8 +92,11 @@ def _answer(request: web.Request, exc: Exception) -> web.Response:
 
 def _error_answer(request: web.Request, exc: Exception) -> web.Response:
     if isinstance(exc, RateLimited):
+        metrics.REFUSALS.labels(exc.code).inc()
         return error_response(exc.status, exc.code, exc.message, {"Retry-After": str(exc.retry_after)})
     if isinstance(exc, ApiError):
+        if isinstance(exc, StreamExpired):
+            metrics.EXPIRED_AT_OPEN.inc()
         status = 400 if exc.status == 422 and request.path.startswith(OPENAI_ROUTES) else exc.status
         return error_response(status, exc.code, exc.message, param=exc.param)
     if isinstance(exc, web.HTTPException):
@@ -100,6 +104,7 @@ def _error_answer(request: web.Request, exc: Exception) -> web.Response:
         message = _http_message(exc, request)
         return error_response(exc.status, CODES.get(exc.status, "http_error"), message, headers)
     if isinstance(exc, RedisConnectionError | RedisTimeoutError | ConnectionRefusedError):
+        metrics.REDIS_ERRORS_REQUEST.inc()
         log.warning("redis unreachable while serving %s %s: %s", request.method, request.path, exc)
         return error_response(503, "redis_unavailable", "the service's Redis is unreachable; retry shortly")
     log.error("unhandled error serving %s %s", request.method, request.path, exc_info=exc)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from bisect import bisect_right
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final, NamedTuple
@@ -24,7 +25,7 @@ from typing import Any, Final, NamedTuple
 from redis.asyncio import Redis
 
 from streambridge.api.feed import Feed
-from streambridge.shared import keys
+from streambridge.shared import keys, metrics
 from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, stream_info, trimmed
@@ -127,6 +128,7 @@ class Subscriber:
             self.items.append(item)
         else:  # too slow for the live feed: drop it, and catch up from the stream instead
             self.items = [RESYNC]
+            metrics.RESYNC_OVERFLOW.inc()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
@@ -372,6 +374,7 @@ class StreamHub:
                 topic.confirmed.set_result(None)
             for sub in topic.subscribers:
                 if sub.reading:
+                    metrics.RESYNC_FEED.inc()
                     sub.push(RESYNC)
 
     def _publish(self, channel: bytes, data: bytes) -> None:
@@ -389,6 +392,8 @@ class StreamHub:
         now = asyncio.get_running_loop().time()
         for sub in topic.subscribers:
             sub.offer(entries, keys_, live, now)
+        if keys_:  # written to every reader that waited; the others' writes follow from their tasks
+            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - keys_[0][0] / 1000))
 
     def _topic_of(self, channel: bytes) -> Topic | None:
         chat_id = _chat_of(channel)

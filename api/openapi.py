@@ -148,6 +148,49 @@ def healthz() -> Json:
     }
 
 
+def readyz() -> Json:
+    return {
+        "get": {
+            "operationId": "readyz",
+            "summary": "Readiness: whether this process serves, and reaches Redis",
+            "description": "Served by every process (api, edge, `up`, and a worker on its metrics port). 503 while "
+            "the process starts or shuts down, or when Redis does not answer a PING within a second; `/healthz` "
+            "is the liveness check.",
+            "tags": ["meta"],
+            "security": PUBLIC,
+            "responses": {
+                "200": {"description": "Ready.", "content": json_content(ref("Readiness"))},
+                "503": error(
+                    "Not ready: the answer also has `status` (`not_ready`) and `checks`, what each check found.",
+                    {"not_ready": "starting, shutting down, or Redis unreachable"},
+                ),
+            },
+        }
+    }
+
+
+def metrics_path() -> Json:
+    return {
+        "get": {
+            "operationId": "metrics_page",
+            "summary": "Prometheus metrics",
+            "description": "Prometheus's text format (`text/plain; version=0.0.4`); the README lists every metric. "
+            "Served by every process (api, edge, `up`, and a worker on its metrics port).",
+            "tags": ["meta"],
+            "security": PUBLIC,
+            "responses": {
+                "200": {
+                    "description": "This process's metrics.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                "404": error(
+                    "Metrics are off.", {"metrics_disabled": "the process runs with `STREAMBRIDGE_METRICS=false`"}
+                ),
+            },
+        }
+    }
+
+
 def visitor() -> Json:
     return {
         "post": {
@@ -546,6 +589,19 @@ def components() -> Json:
         "description": "A Redis stream entry id, `<milliseconds>-<sequence>`.",
         "examples": ["1732400000000-0"],
     }
+    schemas["Readiness"] = {
+        "type": "object",
+        "properties": {
+            "status": {"const": "ready"},
+            "checks": {
+                "type": "object",
+                "description": "What each check found: `ok`, or what is wrong.",
+                "properties": {"process": {"type": "string"}, "redis": {"type": "string"}},
+                "required": ["process", "redis"],
+            },
+        },
+        "required": ["status", "checks"],
+    }
     schemas["Health"] = {
         "type": "object",
         "properties": {"status": {"const": "ok"}},
@@ -924,6 +980,8 @@ def build() -> Json:
         "security": BEARER,
         "paths": {
             "/healthz": healthz(),
+            "/readyz": readyz(),
+            "/metrics": metrics_path(),
             "/openapi.json": openapi_path(),
             "/v1/auth/visitor": visitor(),
             "/v1/chats": chats(),

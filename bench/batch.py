@@ -232,6 +232,7 @@ def cli() -> None:
             "STREAMBRIDGE_WORKER_CONCURRENCY": str(args.concurrency + 5),
             "STREAMBRIDGE_BATCH_RESERVED_SLOTS": "5",
             "STREAMBRIDGE_BATCH_WORKER_CONCURRENCY": str(args.concurrency),
+            "STREAMBRIDGE_WORKER_METRICS_PORT": "0",
         }
         edge = streambridge("edge", "--port", "0", env=env)
         children.append(edge)

@@ -1,6 +1,6 @@
 """The load generator, run in its own process by ``bench/run.py``; prints one JSON result.
 
-python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50 [--steady SECONDS]
+python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50 [--steady SECONDS] [--no-baselines]
 python -m bench.load throughput --api URL --llm URL --chats 20 --words 400
 python -m bench.load fanout --api URL --chats 100 --readers 20 --seconds 10
 python -m bench.load idle --api URL --streams 10000
@@ -127,11 +127,12 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
         auth = await login(session, args.api)
         await asyncio.gather(*(streambridge_chat(session, args.api, auth, model, n) for n in range(5)))  # warm up
         out: dict[str, Any] = {}
-        for name, run in [
+        runs = [
             ("direct", lambda n: direct_chat(session, f"{args.llm}/v1", model, n)),
             ("proxy", lambda n: direct_chat(session, f"{args.proxy}/v1", model, n)),
             ("streambridge", lambda n: streambridge_chat(session, args.api, auth, model, n)),
-        ]:
+        ]
+        for name, run in runs[2:] if args.no_baselines else runs:
             values: list[Any] = []
             cpu, wall = cpu_seconds(), time.perf_counter()
             if args.steady:
@@ -334,6 +335,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=30)
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--delay-ms", type=float, default=10)
+    parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
     try:  # the edge runs on uvloop; its clients here may as well

@@ -70,6 +70,7 @@ def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterato
         proxy = subprocess.Popen([PY, "-m", "bench.proxy", f"{llm.url}/v1", str(proxy_port)], env=env)
         env |= {"STREAMBRIDGE_REDIS_URL": f"redis://127.0.0.1:{port}/0", "STREAMBRIDGE_LLM_BASE_URL": f"{llm.url}/v1"}
         env |= {"STREAMBRIDGE_LOG_LEVEL": "WARNING", "STREAMBRIDGE_WORKER_CONCURRENCY": "2000"}
+        env |= {"STREAMBRIDGE_WORKER_METRICS_PORT": "0"}  # several workers on one machine
         env |= {"STREAMBRIDGE_CHATS_PER_MINUTE": "1000000"}  # the load generator is one visitor
         lifted = ("VISITOR_CHATS_PER_MINUTE", "VISITOR_MAX_RUNNING_CHATS", "VISITOR_MAX_OPEN_STREAMS")
         env |= {f"STREAMBRIDGE_{name}": "1000000" for name in (*lifted, "MAX_OPEN_STREAMS_PER_IP")}
@@ -85,6 +86,7 @@ def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterato
             "llm": llm.url,
             "proxy": f"http://127.0.0.1:{proxy_port}",
             "api": api.url,
+            "api_child": api,
             "edge": edge,
             "workers": workers_,
             "env": env,

@@ -27,7 +27,7 @@ from arq.worker import Worker, func
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streambridge.shared import keys
+from streambridge.shared import keys, metrics
 
 log = logging.getLogger("streambridge.worker")
 
@@ -157,6 +157,7 @@ class QueueWorker(Worker):
 async def back_off(doing: str, exc: BaseException, delay: float) -> float:
     """Waits out a Redis outage, a little longer each time; returns the delay it waited."""
     delay = min(max(delay * 2, 0.1), 2.0)
+    metrics.REDIS_ERRORS_WORKER.inc()
     log.warning("Redis unreachable while %s (%s); trying again in %.1f s", doing, exc, delay)
     await asyncio.sleep(delay)
     return delay

@@ -120,6 +120,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     log_content: bool = False
     #: a line per HTTP request (method, path without its query, status, duration) from api and edge
     access_log: bool = False
+    #: Prometheus metrics (``GET /metrics``); false makes every metric a no-op and the route a 404
+    metrics: bool = True
+    #: where a worker serves ``/metrics`` and ``/readyz`` (``streambridge worker --metrics-port``);
+    #: 0 picks a free port. ``up`` serves its worker's on its own port instead.
+    worker_metrics_host: str = "127.0.0.1"
+    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8002
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access
     cors_origins: str = ""

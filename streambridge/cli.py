@@ -35,6 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     server("edge", "the SSE edge only (tails chat streams)", 8001)
     worker = commands.add_parser("worker", help="an arq worker that runs chats")
     worker.add_argument("--concurrency", type=int, help="chats run at once (default STREAMBRIDGE_WORKER_CONCURRENCY)")
+    worker.add_argument(
+        "--metrics-host", help="interface for /metrics and /readyz (default STREAMBRIDGE_WORKER_METRICS_HOST)"
+    )
+    worker.add_argument(
+        "--metrics-port",
+        type=tcp_port,
+        help="port for /metrics and /readyz (default STREAMBRIDGE_WORKER_METRICS_PORT: 8002; 0 picks a free one)",
+    )
     fake = server("fake-llm", "the simulated OpenAI-compatible LLM", 8100)
     fake.add_argument("--ttft-ms", type=float, help="delay before the first token")
     fake.add_argument("--delay-ms", type=float, help="delay between chunks")
@@ -90,7 +98,12 @@ def _start_errors() -> tuple[type[Exception], ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = load_settings(os.environ, worker_concurrency=getattr(args, "concurrency", None))
+    settings = load_settings(
+        os.environ,
+        worker_concurrency=getattr(args, "concurrency", None),
+        worker_metrics_host=getattr(args, "metrics_host", None),
+        worker_metrics_port=getattr(args, "metrics_port", None),
+    )
     if args.command == "chat":
         from streambridge.chat_cli import chat
 

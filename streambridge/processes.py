@@ -17,10 +17,11 @@ from streambridge.embedded import RedisServer
 from streambridge.fake_llm import FakeLLMConfig, check_config
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
-from streambridge.shared import logs
+from streambridge.shared import logs, metrics
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.presence import announced
 from streambridge.shared.settings import Settings
+from streambridge.workers.ops import make_worker_app
 from streambridge.workers.presence import WorkerDescriber
 from streambridge.workers.worker import make_worker, stop_worker
 
@@ -28,8 +29,10 @@ log = logging.getLogger("streambridge")
 
 
 async def up(settings: Settings, host: str, port: int) -> int:
-    """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured."""
+    """API + edge on one port, one worker, and an embedded Redis and LLM where none is configured.
+    The worker's metrics are on that port's ``/metrics`` too: one process, one registry."""
     stop = catch_signals()
+    configure_metrics(settings)
     async with contextlib.AsyncExitStack() as stack:
         if settings.redis_url is None:
             redis = RedisServer()
@@ -68,6 +71,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
 
 async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bool) -> int:
     stop = catch_signals()
+    configure_metrics(settings)
     runner, bound = await start_site(
         make_app(settings, serve_api=api, serve_edge=edge),
         host,
@@ -93,6 +97,7 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
 
 async def worker(settings: Settings) -> int:
     stop = catch_signals()
+    configure_metrics(settings)
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
         arq_worker = make_worker(settings, llm_url)
@@ -100,7 +105,12 @@ async def worker(settings: Settings) -> int:
         await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(arq_worker)))
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
+        stack.push_async_callback(_stop_task, task)  # a worker whose metrics port is taken: no orphan task
+        host = settings.worker_metrics_host
+        runner, bound = await start_site(make_worker_app(arq_worker, task), host, settings.worker_metrics_port)
+        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
+        announce("streambridge worker metrics", host, bound)
         started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}"
         print(started, flush=True)  # on stdout, where tools wait for it; a JSON log has it too
         if logs.structured():
@@ -131,6 +141,11 @@ async def fake_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def configure_metrics(settings: Settings) -> None:
+    if not settings.metrics:
+        metrics.disable()
+
+
 async def _llm_url(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
     if settings.llm_base_url is not None:
         return settings.llm_base_url
@@ -158,6 +173,11 @@ async def _quietly(name: str, cleanup: Callable[[], Awaitable[object]]) -> None:
         await cleanup()
     except Exception as exc:
         log.warning("shutting down %s: %s", name, exc)
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stop_redis(server: RedisServer) -> None:

@@ -28,7 +28,7 @@ from typing import Any, Final
 import msgspec
 import openai
 
-from streambridge.shared import batches, keys, machine
+from streambridge.shared import batches, keys, machine, metrics
 from streambridge.shared.batches import BatchKeys, OutputError, OutputLine, Response, Usage, decode_item
 from streambridge.shared.jobs import back_off
 from streambridge.shared.settings import Settings
@@ -248,6 +248,7 @@ class BatchFeeder:
         while True:  # the result is in hand: wait out a Redis outage rather than run the item again
             try:
                 await self.appender.call(done.script, done.keys, done.args)
+                (metrics.BATCH_COMPLETED if outcome.ok else metrics.BATCH_FAILED).inc()
                 return
             except Exception as exc:
                 if self.stopping():

@@ -212,6 +212,23 @@ def classify(exc: BaseException) -> Failure:
     return Failure(f"unexpected error: {type(exc).__name__}: {exc}", False)
 
 
+def failure_cause(exc: BaseException) -> str:
+    """Why an attempt failed, as one of ``shared.metrics.CAUSES``: a bounded label, unlike its message."""
+    if isinstance(exc, openai.APIStatusError):
+        if exc.status_code == 429:
+            return "rate_limited"
+        return "server_error" if exc.status_code >= 500 else "client_error"
+    if isinstance(exc, UpstreamTimeout | TimeoutError) or (
+        isinstance(exc, openai.APITimeoutError) and _connector_error(exc) is None
+    ):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection"
+    if isinstance(exc, openai.APIError | IncompleteStream | _http.TransportError | aiohttp.ClientError | OSError):
+        return "broken_stream"
+    return "other"
+
+
 def _connector_error(exc: BaseException) -> BaseException | None:
     """The refused connection or unknown host behind an SDK error, if that is what it was.
 

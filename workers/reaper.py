@@ -7,7 +7,7 @@ import logging
 
 from redis.asyncio import Redis
 
-from streambridge.shared import keys, machine
+from streambridge.shared import keys, machine, metrics
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.workers.runner import ChatRunner, Stop
 
@@ -22,9 +22,11 @@ async def reap_forever(redis: Redis, interval: float) -> None:
                 reaped = machine.reap(chat_id, job=job_record(chat_id), job_expires_ms=JOB_EXPIRES_MS)
                 recovery = await machine.call(redis, reaped)
                 if recovery:
+                    metrics.REAPED.inc()
                     extra = {"event": "chat.reaped", "chat_id": chat_id, "recovery": recovery}
                     log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
         except Exception as exc:
+            metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("reaper: %s", exc)
         await asyncio.sleep(interval)
 

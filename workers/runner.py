@@ -21,7 +21,7 @@ from typing import Final
 import openai
 from redis.asyncio import Redis
 
-from streambridge.shared import logs, trace
+from streambridge.shared import logs, metrics, trace
 from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
 from streambridge.shared.events import (
     Cancelled,
@@ -41,8 +41,8 @@ from streambridge.shared.events import (
 from streambridge.shared.settings import Settings
 from streambridge.workers.appender import Appender
 from streambridge.workers.lease import Lease
-from streambridge.workers.llm import classify, stream_deltas
-from streambridge.workers.pipeline import Delta, chat_events, with_timeouts
+from streambridge.workers.llm import classify, failure_cause, stream_deltas
+from streambridge.workers.pipeline import Delta, Failure, chat_events, with_timeouts
 from streambridge.workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
@@ -114,6 +114,7 @@ class ChatRunner:
         self.active: dict[str, Active] = {}
         # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send
         self.appender = Appender(redis, retry_for=settings.lease_ttl / 2)
+        metrics.RUNNING_CHATS.set_function(lambda: len(self.active))
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
         """Stop the chat if it runs here; the first reason given wins."""
@@ -157,6 +158,8 @@ class ChatRunner:
         )
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
+        terminal: Event | None = None
+        accepted = self._accepted(lease)
         try:
             chat = lease.chat
             if b"cancel" in chat:
@@ -165,7 +168,7 @@ class ChatRunner:
             request, attempts = decode_request(chat[b"request"]), int(chat[b"attempts"])
             try:
                 async with asyncio.timeout_at(self._deadline(lease)):
-                    terminal: Event = await self._stream(request, attempts, sink, tracker, span)
+                    terminal = await self._stream(chat_id, request, attempts, sink, tracker, accepted, span)
             except TimeoutError:
                 terminal = await self._past_deadline(sink, tracker)
             finishing = asyncio.ensure_future(self._finish(sink, tracker, terminal))
@@ -199,14 +202,30 @@ class ChatRunner:
             await sink.close()
         assert tracker.result is not None
         log_end(chat_id, tracker.result, time.monotonic() - began)
+        _measure_end(tracker.result.status, terminal, asyncio.get_running_loop().time() - accepted)
         return tracker.result.status
 
     async def _stream(
-        self, request: ChatRequest, attempts: int, sink: StreamSink, tracker: ResultTracker, span: trace.Trace
+        self,
+        chat_id: str,
+        request: ChatRequest,
+        attempts: int,
+        sink: StreamSink,
+        tracker: ResultTracker,
+        accepted: float,
+        span: trace.Trace,
     ) -> Event:
-        """Appends the attempts' events and returns the terminal one, which ``_finish`` writes."""
+        """Appends the attempts' events and returns the terminal one, which ``_finish`` writes.
+        ``accepted``: when the chat was accepted, in loop time (for its time to first token)."""
         s = self.settings
         model = request.model or s.llm_model
+        cause = "other"  # the last failure's, for the retry it leads to
+
+        def classify_counting(exc: BaseException) -> Failure:
+            nonlocal cause
+            cause = failure_cause(exc)
+            metrics.ATTEMPT_FAILURES.labels(cause).inc()
+            return classify(exc)
 
         def open_stream() -> AsyncGenerator[Delta, None]:
             # each call upstream is a span of the chat's trace: a child of the span that admitted it
@@ -217,23 +236,30 @@ class ChatRunner:
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
         if attempts:  # a worker died (or handed it back) while this chat ran
+            metrics.RESUMED.inc()
             message = f"attempt {attempts} was interrupted (worker lost); resuming with attempt {attempts + 1}"
             await sink.append(Status(message=message, attempt=attempts + 1))
         events = chat_events(
             open_stream,
-            classify,
+            classify_counting,
             model=model,
             first_attempt=attempts + 1,
             max_attempts=max(s.max_attempts, attempts + 1),
             progress_every=s.progress_every,
             retry_base_delay=s.retry_base_delay,
         )
+        first = not attempts  # time to first token: on a chat's first run only
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, Complete | Failed):
                     return event
                 if isinstance(event, Started | Error):
                     log_attempt(event)
+                if first and type(event) is Content:
+                    first = False
+                    metrics.TTFT.observe(asyncio.get_running_loop().time() - accepted)
+                elif type(event) is Error and event.retryable:
+                    metrics.RETRIES.labels(cause).inc()
                 tracker.observe(event)
                 await sink.append(event)  # a ``started`` event also records its attempt on the chat
         raise AssertionError("chat_events always ends with complete or failed")
@@ -248,7 +274,16 @@ class ChatRunner:
                     self.stop(lease.chat_id, Stop.CANCELLED if renewed == 2 else Stop.LEASE_LOST)
                     return
             except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
+                metrics.REDIS_ERRORS_WORKER.inc()
                 log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
+
+    def _accepted(self, lease: Lease) -> float:
+        """When the chat was accepted, in loop time (by Redis's clock, as :meth:`_deadline`); observes
+        its pickup on its first start."""
+        waited = (lease.started_ms - int(lease.chat.get(b"created_ms", lease.started_ms))) / 1000
+        if lease.chat.get(b"attempts", b"0") == b"0":
+            metrics.PICKUP.observe(max(0.0, waited))
+        return asyncio.get_running_loop().time() - waited
 
     def _deadline(self, lease: Lease) -> float:
         """The loop time by which the chat must end, counted from its creation (recoveries included),
@@ -267,6 +302,7 @@ class ChatRunner:
             await sink.drain()
         with contextlib.suppress(Exception):
             await lease.release()
+        metrics.HANDED_BACK.inc()
         log.info("chat %s: handed back", lease.chat_id, extra={"event": "chat.handed_back"})
 
     def _lost(self, chat_id: str) -> str:
@@ -330,3 +366,15 @@ def error_head(message: str) -> str:
 
 def _detail(message: str) -> dict[str, str]:
     return {"error_detail": message} if logs.content_logged() else {}
+
+
+def _measure_end(status: str, terminal: Event | None, duration: float) -> None:
+    """A chat's end: its final status and duration, and a completed chat's tokens and their rate."""
+    metrics.CHATS_FINISHED.labels(status).inc()
+    metrics.CHAT_DURATION.labels(status).observe(duration)
+    if isinstance(terminal, Complete):
+        usage = terminal.usage
+        tokens = usage.completion_tokens if usage is not None and usage.completion_tokens else terminal.total_chunks
+        metrics.COMPLETION_TOKENS.inc(tokens)
+        if terminal.elapsed_ms > 0:
+            metrics.TOKEN_RATE.observe(tokens * 1000 / terminal.elapsed_ms)

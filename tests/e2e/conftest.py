@@ -25,6 +25,8 @@ E2E_ENV = {
     "STREAMBRIDGE_HEARTBEAT_INTERVAL": "1",
     "STREAMBRIDGE_RETRY_BASE_DELAY": "0.05",
     "STREAMBRIDGE_LOG_LEVEL": "INFO",
+    # several workers on this one machine: each serves /metrics on a free port of its own
+    "STREAMBRIDGE_WORKER_METRICS_PORT": "0",
     # these suites run many chats as one visitor from one address; the limits have suites of their own
     "STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE": "100000",
     "STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS": "100000",

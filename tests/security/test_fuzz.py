@@ -55,7 +55,7 @@ CHAT_ID = re.compile(openapi.CHAT_ID_PATTERN)
 FILE_ID = re.compile(openapi_batches.FILE_ID_PATTERN)
 BATCH_ID = re.compile(openapi_batches.BATCH_ID_PATTERN)
 RESPONSE_ID = re.compile(openapi.RESPONSE_ID_PATTERN)
-PUBLIC = frozenset({"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"}) | {
+PUBLIC = frozenset({"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json", "POST /v1/auth/visitor"}) | {
     f"GET {path}"
     for path in ("/", "/page/chat.js", "/page/chat.css", "/page/icon.svg", "/streambridge.js", "/streambridge.d.ts")
 }

@@ -26,6 +26,8 @@ METHODS = frozenset({"get", "put", "post", "delete", "options", "head", "patch",
 # The contract's errors, route by route: status → codes.
 ERRORS: dict[str, dict[int, set[str]]] = {
     "GET /healthz": {503: {"redis_unavailable"}},
+    "GET /readyz": {503: {"not_ready"}},
+    "GET /metrics": {404: {"metrics_disabled"}},
     "GET /openapi.json": {},
     "POST /v1/auth/visitor": {429: {"rate_limited"}, 503: {"redis_unavailable"}},
     "POST /v1/chats": {
@@ -255,8 +257,9 @@ def test_secured_operations_take_the_bearer_token() -> None:
         "query",
         "token",
     )
+    public = {"GET /healthz", "GET /readyz", "GET /metrics", "GET /openapi.json", "POST /v1/auth/visitor"}
     for label, operation in operations(doc):
-        if label in {"GET /healthz", "GET /openapi.json", "POST /v1/auth/visitor"} | BROWSER:
+        if label in public | BROWSER:
             assert operation["security"] == []
         elif label == "GET /v1/chats/{id}/events":
             assert operation["security"] == [{"bearer": []}, {"streamToken": []}]

@@ -1,0 +1,114 @@
+"""Metrics of real processes started through the CLI: each worker's own port, the API's and the edge's."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.conftest import LISTENING, Process, System, create_chat, login, read_events
+
+pytestmark = pytest.mark.e2e
+
+
+def metrics_url(process: Process) -> str:
+    """Where a worker said it serves /metrics (``streambridge worker metrics listening on …``)."""
+    for line in process.stdout:
+        if "worker metrics listening on" in line:
+            match = LISTENING.search(line)
+            assert match is not None
+            return match.group(1)
+    raise AssertionError(f"the worker announced no metrics port: {process.stdout}")
+
+
+async def scrape(session: aiohttp.ClientSession, base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with session.get(f"{base}/metrics") as response:
+        assert response.status == 200, await response.text()
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+async def test_each_workers_own_port_serves_its_chats_metrics_and_readiness(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, system.api.url)
+        chat = await create_chat(session, system.api.url, auth, message="metrics, please")
+        events = await read_events(session, chat["stream_url"])
+        assert events[-1].event == "complete"
+        complete = ("streambridge_chats_finished_total", (("status", "complete"),))
+        deadline = time.monotonic() + 10
+        while True:  # the worker counts the chat just after its last event is written
+            scraped = [await scrape(session, metrics_url(worker)) for worker in system.workers]
+            if sum(s[complete] for s in scraped) >= 1 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert sum(s[complete] for s in scraped) >= 1
+        assert sum(s["streambridge_pickup_seconds_count", ()] for s in scraped) >= 1
+        assert all(("streambridge_queue_depth", (("queue", "interactive"),)) in s for s in scraped)
+        for worker in system.workers:
+            async with session.get(f"{metrics_url(worker)}/readyz") as response:
+                assert response.status == 200
+                assert (await response.json())["checks"] == {"process": "ok", "redis": "ok"}
+        api = await scrape(session, system.api.url)
+        assert api["streambridge_chats_created_total", ()] >= 1
+        edges = [await scrape(session, edge.url) for edge in system.edges]
+        assert all(("streambridge_open_streams", ()) in e for e in edges)
+        assert not any(name == "streambridge_queue_depth" for e in edges for name, _ in e)  # the API's to read
+        assert api["streambridge_queue_depth", (("queue", "interactive"),)] == 0
+        for process in (system.api, *system.edges):
+            async with session.get(f"{process.url}/readyz") as response:
+                assert response.status == 200
+
+
+async def test_a_worker_with_metrics_off_serves_readiness_and_no_metrics(system: System) -> None:
+    env = {**system.env, "STREAMBRIDGE_METRICS": "false"}
+    worker = Process(["worker", "--metrics-port", "0"], env, system.logs, ready="worker started")
+    try:
+        url = metrics_url(worker)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/metrics") as response:
+                assert response.status == 404
+                assert (await response.json())["error"]["code"] == "metrics_disabled"
+            deadline = time.monotonic() + 10
+            while True:  # ready once arq's startup is done, just after the worker says it started
+                async with session.get(f"{url}/readyz") as response:
+                    body = await response.json()
+                if response.status == 200 or time.monotonic() > deadline:
+                    break
+                assert body["checks"]["process"] == "starting", body
+                await asyncio.sleep(0.05)
+            assert response.status == 200, body
+    finally:
+        assert worker.stop() == 0
+
+
+async def test_a_killed_workers_chat_is_counted_reaped_and_resumed_by_the_other(system: System) -> None:
+    running = ("streambridge_running_chats", ())
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, system.api.url)
+        chat = await create_chat(
+            session, system.api.url, auth, message="outlive me", model="fake?words=150&delay_ms=20"
+        )
+        await read_events(session, chat["stream_url"], limit=3)  # started, and content flowing
+        busy = [w for w in system.workers if (await scrape(session, metrics_url(w)))[running] >= 1]
+        assert len(busy) == 1
+        (survivor,) = [w for w in system.workers if w is not busy[0]]
+        before = await scrape(session, metrics_url(survivor))
+        busy[0].kill()
+        try:
+            events = await read_events(session, chat["stream_url"])
+            assert events[-1].event == "complete"
+            after = await scrape(session, metrics_url(survivor))
+            for kind in ("reaped", "resumed"):
+                key = ("streambridge_recoveries_total", (("kind", kind),))
+                assert after[key] - before[key] == 1, kind
+        finally:
+            system.workers[system.workers.index(busy[0])] = Process(
+                ["worker"], system.env, system.logs, ready="worker started"
+            )
