@@ -7,10 +7,12 @@ import asyncio
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
@@ -19,6 +21,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from streambridge.shared.presence import TTL
@@ -121,6 +124,48 @@ async def test_a_sigkilled_worker_is_gone_from_the_status_within_seconds(system:
     assert extra.proc.pid not in {w.pid for w in after.workers}
     assert took <= TTL + 2  # the TTL, and a loaded machine's slowness (the beat, the look)
     assert pids(status_json(system.env)["workers"]) == {w.proc.pid for w in system.workers}
+
+
+def stopping_written(redis_url: str, pid: int, attached: threading.Event, timeout: float = 20) -> bool:
+    """Whether a heartbeat of process ``pid`` says ``stopping``, as Redis's MONITOR sees each beat go by
+    (however briefly the record says so before its process withdraws it)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        with client.monitor() as monitor:
+            attached.set()
+            for command in monitor.listen():
+                text = command["command"]
+                if re.search(rf"pid\W+{pid}\D", text) and "stopping" in text:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+    finally:
+        client.close()
+    return False
+
+
+async def test_an_edge_holding_a_stream_says_stopping_during_its_graceful_stop(system: System) -> None:
+    edge = system.start_edge()
+    try:
+        async with aiohttp.ClientSession() as session:
+            auth = await login(session, system.api.url)
+            chat = await create_chat(session, system.api.url, auth, message="a long one", model=SLOW)
+            async with session.get(f"{edge.url}/v1/chats/{chat['id']}/events", headers=auth) as stream:
+                assert stream.status == 200
+                await stream.content.readline()
+                attached = threading.Event()
+                seen = asyncio.create_task(
+                    asyncio.to_thread(stopping_written, system.redis_url, edge.proc.pid, attached)
+                )
+                assert await asyncio.to_thread(attached.wait, 10)
+                edge.proc.send_signal(signal.SIGTERM)
+                assert await seen
+            assert await asyncio.to_thread(edge.proc.wait, 20) == 0  # and its stop was graceful
+            async with session.post(f"{system.api.url}/v1/chats/{chat['id']}/cancel", headers=auth) as response:
+                assert response.status == 202
+    finally:
+        edge.stop()
 
 
 async def test_a_stopped_up_withdraws_both_its_parts_at_once(system: System, tmp_path: Path) -> None:
@@ -240,13 +285,13 @@ def test_a_reader_that_leaves_early_is_no_error(system: System) -> None:
 def test_sigterm_while_redis_does_not_answer_exits_0_at_once() -> None:
     """``status --once`` waiting on a frozen Redis (SIGSTOPped: it accepts connections, answers nothing)
     leaves at once on SIGTERM, exit 0, rather than being killed by it or waiting out the read timeout."""
-    redis = OwnRedis()
+    own = OwnRedis()
     proc: subprocess.Popen[str] | None = None
     try:
-        os.kill(redis.process.pid, signal.SIGSTOP)
+        os.kill(own.process.pid, signal.SIGSTOP)
         proc = subprocess.Popen(
             [sys.executable, "-m", "streambridge", "status", "--once"],
-            env=clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0)),
+            env=clean_env(STREAMBRIDGE_REDIS_URL=own.url(0)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -262,8 +307,8 @@ def test_sigterm_while_redis_does_not_answer_exits_0_at_once() -> None:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        os.kill(redis.process.pid, signal.SIGCONT)
-        redis.stop()
+        os.kill(own.process.pid, signal.SIGCONT)
+        own.stop()
 
 
 @pytest.mark.parametrize(
