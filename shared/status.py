@@ -15,7 +15,7 @@ deployment, wherever it runs:
   running, including orphaned ones (a lapsed lease: its worker was lost; a live worker's tick
   takes it back).
 
-:func:`gather_snapshot` makes four round trips however large the deployment (``MAX_BATCHES``
+:func:`gather_snapshot` makes at most four round trips however large the deployment (``MAX_BATCHES``
 bounds the batches read).
 """
 
