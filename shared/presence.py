@@ -25,10 +25,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streambridge.shared import keys
 from streambridge.shared.machine import Call, call, define
@@ -43,18 +44,33 @@ TTL: Final = 4.0
 #: a worker's record names at most this many of the chats it runs (it counts them all)
 NAMED_CHATS: Final = 50
 
-State = Literal["running", "stopping"]
+#: when this process started, by its monotonic clock: what ``uptime_s`` counts from
+_STARTED: Final = time.monotonic()
+
+
+def _version() -> str:
+    try:
+        return package_version("streambridge")
+    except PackageNotFoundError:  # pragma: no cover - run from a checkout without installing
+        return ""
+
+
+VERSION: Final = _version()
 
 
 class _Process(msgspec.Struct, kw_only=True):
     id: str
     host: str
     pid: int
-    #: when the process started (Unix seconds, by its host's clock)
+    #: when the process started (Unix seconds, by its host's clock: for information, as hosts' clocks differ)
     started_at: float
     version: str = ""
-    #: ``stopping``: it takes no more work and finishes what it has (a graceful stop)
-    state: State = "running"
+    #: ``running``, or ``stopping``: it takes no more work and finishes what it has (a graceful stop).
+    #: A plain string, not a closed set: a viewer shows a state a newer process adds as it is, rather
+    #: than dropping the record (which would show a live process as gone).
+    state: str = "running"
+    #: seconds since the process started, by its own monotonic clock (no clock of another host involved)
+    uptime_s: float = 0.0
 
 
 class WorkerRecord(_Process, tag="worker", tag_field="kind", kw_only=True):
@@ -107,15 +123,13 @@ def identity(kind: str) -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "started_at": time.time(),
-        "version": _version(),
+        "version": VERSION,
     }
 
 
-def _version() -> str:
-    try:
-        return package_version("streambridge")
-    except PackageNotFoundError:  # pragma: no cover - run from a checkout without installing
-        return ""
+def uptime() -> float:
+    """Seconds since this process started (monotonic), rounded for the record."""
+    return round(time.monotonic() - _STARTED, 1)
 
 
 # The record, renewed, and its id indexed by when it lapses; ids that lapsed leave the index.
@@ -156,7 +170,8 @@ class Heartbeat:
 
     ``describe`` is called at each beat and must be quick (it reads the process's own state). A beat
     that fails (Redis unreachable) is logged once per outage: meanwhile the process shows as gone,
-    which is what it is to the rest of the deployment.
+    which is what it is to the rest of the deployment. :meth:`nudge` beats at once (a state changed);
+    :meth:`finish` lets the beat in flight end and stops the loop (then :meth:`leave`).
     """
 
     def __init__(
@@ -165,6 +180,8 @@ class Heartbeat:
         self.redis, self.describe = redis, describe
         self.interval, self.ttl = interval, ttl
         self.id = ""
+        self._wake = asyncio.Event()
+        self._finishing = False
 
     async def beat(self) -> None:
         record = self.describe()
@@ -173,19 +190,39 @@ class Heartbeat:
 
     async def run(self) -> None:
         failing = False
-        while True:
+        while not self._finishing:
             try:
                 async with asyncio.timeout(self.ttl):
                     await self.beat()
             except Exception as exc:
                 if not failing:
-                    log.warning("heartbeat: cannot announce %s (%s); it shows as gone meanwhile", self.id, exc)
+                    # a bug in describe() deserves its traceback; Redis unreachable, one line
+                    trace = not isinstance(exc, RedisError | OSError | TimeoutError)
+                    log.warning(
+                        "heartbeat: cannot announce %s (%s); it shows as gone meanwhile",
+                        self.id,
+                        _reason(exc),
+                        exc_info=trace,
+                    )
                 failing = True
             else:
                 if failing:
                     log.info("heartbeat: %s announced again", self.id)
                 failing = False
-            await asyncio.sleep(self.interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._wake.wait()
+            self._wake.clear()
+
+    def nudge(self) -> None:
+        """The next beat now, not at the end of the interval (the record changed: a stop began)."""
+        self._wake.set()
+
+    def finish(self) -> None:
+        """No beat after the one in flight: that one ends (it may be on the wire already, and a beat
+        cancelled here could still land in Redis after :meth:`leave`, bringing the record back)."""
+        self._finishing = True
+        self._wake.set()
 
     async def leave(self) -> None:
         """The record goes at once (a clean stop): the view need not wait for it to lapse."""
@@ -197,7 +234,8 @@ class Heartbeat:
             await pipe.execute()
 
 
-#: how long a stopping process may spend withdrawing its records, whatever Redis does
+#: how long a stopping process may spend withdrawing its records (the beat in flight ending, then the
+#: withdrawal), whatever Redis does
 LEAVE_WAIT: Final = 0.5
 
 
@@ -205,22 +243,27 @@ LEAVE_WAIT: Final = 0.5
 async def announced(redis_url: str, *describe: Callable[[], Record]) -> AsyncIterator[list[Heartbeat]]:
     """Announces each record while the block runs (``up`` has two: its server and its worker), on a
     connection of their own (a busy pool never delays a beat); withdraws them as the block ends,
-    within ``LEAVE_WAIT`` s: a frozen Redis never holds a stop (the records then lapse by themselves)."""
+    within ``LEAVE_WAIT`` s: a frozen Redis never holds a stop (the records then lapse by themselves).
+    A beat in flight ends before the withdrawal, so it cannot bring a record back after it."""
     redis = connect(redis_url, max_connections=2, client_class=Redis)
     heartbeats = [Heartbeat(redis, d) for d in describe]
     tasks = [asyncio.create_task(h.run(), name="heartbeat") for h in heartbeats]
     try:
         yield heartbeats
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for heartbeat in heartbeats:
+            heartbeat.finish()
         try:
             async with asyncio.timeout(LEAVE_WAIT):
+                await asyncio.gather(*tasks)
                 await asyncio.gather(*(h.leave() for h in heartbeats))
         except Exception as exc:
             log.warning("heartbeat: cannot withdraw (%s); the records lapse within %.0f s", _reason(exc), TTL)
-        await redis.aclose(close_connection_pool=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await redis.aclose(close_connection_pool=True)
 
 
 def _reason(exc: BaseException) -> str:

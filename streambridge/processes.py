@@ -19,7 +19,7 @@ from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.serve import announce, catch_signals, say, settle_gc, start_site, stop_site
 from streambridge.shared import logs, metrics
 from streambridge.shared.errors import SettingsError
-from streambridge.shared.presence import announced
+from streambridge.shared.presence import Heartbeat, announced
 from streambridge.shared.settings import Settings
 from streambridge.workers.ops import make_worker_app
 from streambridge.workers.presence import WorkerDescriber
@@ -53,8 +53,8 @@ async def up(settings: Settings, host: str, port: int) -> int:
         )
         worker = make_worker(settings, llm_url)
         assert settings.redis_url is not None
-        server = ServerDescriber(runner.app, bound, api=True, edge=True)
-        await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
+        server = ServerDescriber(runner.app, bound, api=True, edge=True, stop=stop)
+        heartbeats = await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
@@ -66,6 +66,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
         await _until_signal_or(stop, worker_task)
+        _nudge(heartbeats)  # "stopping" shows while the stop runs, not a beat later
     return 0
 
 
@@ -86,10 +87,12 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
     if api and not edge and settings.public_edge_url is None:
         log.warning("STREAMBRIDGE_PUBLIC_EDGE_URL is unset: stream_url will point at this API, which has no edge")
     assert settings.redis_url is not None
-    async with announced(settings.redis_url, ServerDescriber(runner.app, bound, api=api, edge=edge)):
+    describer = ServerDescriber(runner.app, bound, api=api, edge=edge, stop=stop)
+    async with announced(settings.redis_url, describer) as heartbeats:
         announce(name, host, bound)
         try:
             await stop
+            _nudge(heartbeats)  # "stopping" shows while the stop runs, not a beat later
         finally:
             await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
     return 0
@@ -161,6 +164,11 @@ async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.T
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if task in done:
         task.result()  # a worker that died on its own is an error, not a clean exit
+
+
+def _nudge(heartbeats: list[Heartbeat]) -> None:
+    for heartbeat in heartbeats:
+        heartbeat.nudge()
 
 
 async def _stop_together(stops: list[tuple[str, Callable[[], Awaitable[object]]]]) -> None:

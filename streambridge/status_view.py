@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Final
 
@@ -19,6 +22,7 @@ from redis.exceptions import RedisError
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
+from rich.styled import Styled
 from rich.table import Table
 from rich.text import Text
 
@@ -38,16 +42,22 @@ SHORT_ID: Final = 12
 
 async def main(args: argparse.Namespace, settings: Settings) -> int:
     assert settings.redis_url is not None, "the CLI requires it"
+    stop = catch_signals()
     redis = connect(settings.redis_url, max_connections=2, client_class=Redis)
     try:
         if args.once:
-            snapshot = await look(redis)
+            snapshot = await look_unless(redis, stop)
+            if snapshot is None:  # SIGINT/SIGTERM while Redis had not answered: a clean exit
+                return 0
             if args.json:
-                print(msgspec.json.encode(snapshot).decode(), flush=True)
+                write_line(msgspec.json.encode(snapshot).decode())
             else:
                 Console().print(render(snapshot))
             return 0
-        return await watch(redis, args.interval, as_json=args.json)
+        return await watch(redis, args.interval, as_json=args.json, stop=stop)
+    except BrokenPipeError:  # the reader left (``| head -1``): nobody to tell, nothing wrong
+        _silence_stdout()
+        return 0
     finally:
         await redis.aclose(close_connection_pool=True)
 
@@ -60,23 +70,68 @@ async def look(redis: Redis) -> Snapshot:
         raise StreambridgeError(f"status: cannot read the deployment from Redis ({_reason(exc)})") from None
 
 
-async def watch(redis: Redis, every: float, *, as_json: bool, console: Console | None = None) -> int:
-    """Refreshes until SIGINT/SIGTERM (exit 0). Redis unreachable is shown, and tried again."""
-    stop = catch_signals()
+async def look_unless(redis: Redis, stop: asyncio.Future[Any]) -> Snapshot | None:
+    """:func:`look`, or ``None`` as soon as ``stop`` comes (a look waiting on a frozen Redis is cut short)."""
+    look_once = asyncio.ensure_future(look(redis))
+    await asyncio.wait([look_once, stop], return_when=asyncio.FIRST_COMPLETED)
+    if look_once.done():
+        return look_once.result()
+    look_once.cancel()
+    await asyncio.gather(look_once, return_exceptions=True)
+    return None
+
+
+def write_line(line: str) -> None:
+    """One line on stdout, flushed (a script reads each as it comes)."""
+    print(line, flush=True)
+
+
+def _silence_stdout() -> None:
+    """Python's flush of stdout at exit would fail again on the closed pipe, and say so on stderr."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+async def watch(
+    redis: Redis,
+    every: float,
+    *,
+    as_json: bool,
+    console: Console | None = None,
+    stop: asyncio.Future[Any] | None = None,
+) -> int:
+    """Refreshes until SIGINT/SIGTERM (exit 0). Redis unreachable is shown, with the last snapshot and
+    its age, and tried again."""
+    stop = stop if stop is not None else catch_signals()
     if as_json:
         async for snapshot in snapshots(redis, every, stop):
             if isinstance(snapshot, Snapshot):
-                print(msgspec.json.encode(snapshot).decode(), flush=True)
+                write_line(msgspec.json.encode(snapshot).decode())
             else:
                 print(f"streambridge: {snapshot}", file=sys.stderr, flush=True)
         return 0
-    with Live(console=console or Console(), auto_refresh=False, redirect_stdout=False) as live:
+    last: tuple[Snapshot, float] | None = None
+    live = Live(console=console or Console(), auto_refresh=False, redirect_stdout=False, vertical_overflow="visible")
+    with live:
         async for snapshot in snapshots(redis, every, stop):
             if isinstance(snapshot, Snapshot):
+                last = (snapshot, time.monotonic())
                 live.update(render(snapshot), refresh=True)
             else:
-                live.update(Text(f"{snapshot}; trying again", style="bold red"), refresh=True)
+                live.update(unreachable(snapshot, last), refresh=True)
     return 0
+
+
+def unreachable(error: StreambridgeError, last: tuple[Snapshot, float] | None) -> RenderableType:
+    """The error, and the last snapshot seen, dimmed, with how old it is."""
+    line = Text(f"{error}; trying again", style="bold red")
+    if last is None:
+        return line
+    snapshot, seen = last
+    older = Text(f"last seen {age(time.monotonic() - seen)} ago:", style="dim")
+    return Group(line, older, Styled(render(snapshot), style="dim"))
 
 
 async def snapshots(
@@ -85,16 +140,12 @@ async def snapshots(
     """A snapshot (or why there is none) every ``every`` s until ``stop``, which also cuts short a look
     that waits on an unresponsive Redis: Ctrl-C leaves at once."""
     while not stop.done():
-        look_once = asyncio.ensure_future(look(redis))
-        await asyncio.wait([look_once, stop], return_when=asyncio.FIRST_COMPLETED)
-        if not look_once.done():
-            look_once.cancel()
-            await asyncio.gather(look_once, return_exceptions=True)
-            return
         try:
-            snapshot: Snapshot | StreambridgeError = look_once.result()
+            snapshot: Snapshot | StreambridgeError | None = await look_unless(redis, stop)
         except StreambridgeError as exc:
             snapshot = exc
+        if snapshot is None:
+            return
         yield snapshot
         await asyncio.wait([stop], timeout=every)
 
@@ -108,9 +159,15 @@ def _summary(s: Snapshot) -> Text:
     text = Text()
     text.append("queue ", style="bold")
     text.append(f"{s.queued:,} waiting · {s.running:,} running")
+    if s.orphaned:
+        text.append(f" · {s.orphaned:,} orphaned (worker lost)", style="yellow")
+    # past MAX_BATCHES the sums cover only the batches read: at least this many
+    at_least = "≥" if s.batches_not_shown else ""
     text.append("   batch items ", style="bold")
-    text.append(f"{s.batch_waiting:,} waiting · {s.batch_running:,} running")
-    text.append("   chats/min ", style="bold")
+    text.append(f"{at_least}{s.batch_waiting:,} waiting · {at_least}{s.batch_running:,} running")
+    if s.batch_orphaned:
+        text.append(f" ({at_least}{s.batch_orphaned:,} of them orphaned)", style="yellow")
+    text.append("   started/min (live workers) ", style="bold")
     text.append(f"{s.chats_per_minute:,}")
     return text
 
@@ -118,13 +175,13 @@ def _summary(s: Snapshot) -> Text:
 def _workers(s: Snapshot) -> RenderableType:
     if not s.workers:
         return Text("no worker alive: queued chats wait", style="bold red")
-    table = _table(f"workers ({len(s.workers)})", "worker", "pid>", "up", "chats>", "batch items>", "started/min>")
+    table = _table(f"workers ({len(s.workers)})", "worker", "pid>", "up>", "chats>", "batch items>", "started/min>")
     table.add_column("running")
     for w in s.workers:
         table.add_row(
             _name(w),
             str(w.pid),
-            age(s.at - w.started_at),
+            age(w.uptime_s),
             f"{w.chats:,}/{w.concurrency:,}",
             f"{sum(w.batch_items.values()):,}",
             f"{w.chats_last_minute:,}",
@@ -152,18 +209,19 @@ def _servers(s: Snapshot) -> RenderableType:
         return Text("no API or edge alive", style="bold red")
     streams = sum(x.open_streams for x in s.servers)
     title = f"api and edges ({len(s.servers)}, {streams:,} open streams)"
-    table = _table(title, "process", "serves", "port>", "pid>", "up", "open streams>")
+    table = _table(title, "process", "serves", "port>", "pid>", "up>", "open streams>")
     for x in s.servers:
         streams_here = f"{x.open_streams:,}" if "edge" in x.serves else "-"
-        table.add_row(_name(x), " + ".join(x.serves), str(x.port), str(x.pid), age(s.at - x.started_at), streams_here)
+        table.add_row(_name(x), " + ".join(x.serves), str(x.port), str(x.pid), age(x.uptime_s), streams_here)
     return table
 
 
 def _batches(s: Snapshot) -> RenderableType:
     if not s.batches:
         return Text("no batch running", style="dim")
-    title = f"batches ({len(s.batches)}" + (f", {s.batches_not_shown} more not shown)" if s.batches_not_shown else ")")
-    table = _table(title, "batch", "owner", "status", "progress", "done>", "failed>", "running>", "waiting>")
+    more = f", {s.batches_not_shown:,} more not shown: the sums above leave them out" if s.batches_not_shown else ""
+    title = f"batches ({len(s.batches)}{more})"
+    table = _table(title, "batch", "owner", "status", "progress", "finished>", "failed>", "running>", "waiting>")
     table.add_column("expires in", justify="right")
     for b in s.batches:
         done = b.completed + b.failed
@@ -175,23 +233,26 @@ def _batches(s: Snapshot) -> RenderableType:
             f"{done:,}/{b.total:,}",
             f"{b.failed:,}",
             f"{b.running:,}",
-            f"{b.waiting:,}",
+            f"{b.waiting:,}" + (f" ({b.orphaned:,} orphaned)" if b.orphaned else ""),
             age(b.expires_at - s.at),
         )
     return table
 
 
 def _table(title: str, *columns: str) -> Table:
-    """A table of ``columns``; a name ending in ``>`` is right-aligned (a number)."""
+    """A table of ``columns``; a name ending in ``>`` is right-aligned (a number). The first column
+    (an id) folds rather than being cut: on a narrow terminal an id stays whole, over lines."""
     table = Table(title=title, title_justify="left")
-    for column in columns:
-        table.add_column(column.rstrip(">"), justify="right" if column.endswith(">") else "left")
+    for n, column in enumerate(columns):
+        fold: dict[str, Any] = {"overflow": "fold", "min_width": SHORT_ID} if n == 0 else {}
+        table.add_column(column.rstrip(">"), justify="right" if column.endswith(">") else "left", **fold)
     return table
 
 
 def _name(record: WorkerRecord | ServerRecord) -> Text:
-    if record.state == "stopping":
-        return Text(f"{record.id} (stopping)", style="yellow")
+    """Its id, and its state unless ``running`` (one a newer version adds shows as it is)."""
+    if record.state != "running":
+        return Text(f"{record.id} ({record.state})", style="yellow")
     return Text(record.id)
 
 

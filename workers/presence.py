@@ -9,7 +9,7 @@ from typing import Final
 
 import msgspec
 
-from streambridge.shared.presence import NAMED_CHATS, WorkerRecord, identity
+from streambridge.shared.presence import NAMED_CHATS, WorkerRecord, identity, uptime
 from streambridge.workers.worker import ChatWorker
 
 #: the window of ``chats_last_minute``
@@ -50,6 +50,7 @@ class WorkerDescriber:
         return msgspec.structs.replace(
             self.template,
             state="running" if worker.allow_pick_jobs else "stopping",
+            uptime_s=uptime(),
             chats=len(chats),
             chat_ids=chats[:NAMED_CHATS],
             batch_items=dict(items),

@@ -7,20 +7,26 @@ import asyncio
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis
 from redis.asyncio import Redis
 
 from streambridge.shared.presence import TTL
 from streambridge.shared.status import Snapshot, gather_snapshot
+from tests.conftest import OwnRedis
 from tests.e2e.conftest import Process, System, clean_env, create_chat, login
 
 pytestmark = pytest.mark.e2e
@@ -116,8 +122,50 @@ async def test_a_sigkilled_worker_is_gone_from_the_status_within_seconds(system:
 
     after, took = await until(system.redis_url, lambda s: extra.proc.pid not in {w.pid for w in s.workers})
     assert extra.proc.pid not in {w.pid for w in after.workers}
-    assert took <= TTL + 1
+    assert took <= TTL + 2  # the TTL, and a loaded machine's slowness (the beat, the look)
     assert pids(status_json(system.env)["workers"]) == {w.proc.pid for w in system.workers}
+
+
+def stopping_written(redis_url: str, pid: int, attached: threading.Event, timeout: float = 20) -> bool:
+    """Whether a heartbeat of process ``pid`` says ``stopping``, as Redis's MONITOR sees each beat go by
+    (however briefly the record says so before its process withdraws it)."""
+    client = redis.Redis.from_url(redis_url, socket_timeout=timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        with client.monitor() as monitor:
+            attached.set()
+            for command in monitor.listen():
+                text = command["command"]
+                if re.search(rf"pid\W+{pid}\D", text) and "stopping" in text:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+    finally:
+        client.close()
+    return False
+
+
+async def test_an_edge_holding_a_stream_says_stopping_during_its_graceful_stop(system: System) -> None:
+    edge = system.start_edge()
+    try:
+        async with aiohttp.ClientSession() as session:
+            auth = await login(session, system.api.url)
+            chat = await create_chat(session, system.api.url, auth, message="a long one", model=SLOW)
+            async with session.get(f"{edge.url}/v1/chats/{chat['id']}/events", headers=auth) as stream:
+                assert stream.status == 200
+                await stream.content.readline()
+                attached = threading.Event()
+                seen = asyncio.create_task(
+                    asyncio.to_thread(stopping_written, system.redis_url, edge.proc.pid, attached)
+                )
+                assert await asyncio.to_thread(attached.wait, 10)
+                edge.proc.send_signal(signal.SIGTERM)
+                assert await seen
+            assert await asyncio.to_thread(edge.proc.wait, 20) == 0  # and its stop was graceful
+            async with session.post(f"{system.api.url}/v1/chats/{chat['id']}/cancel", headers=auth) as response:
+                assert response.status == 202
+    finally:
+        edge.stop()
 
 
 async def test_a_stopped_up_withdraws_both_its_parts_at_once(system: System, tmp_path: Path) -> None:
@@ -157,7 +205,7 @@ def test_the_live_view_draws_on_a_terminal_and_ctrl_c_exits_0(system: System) ->
         assert "workers (2)" in text, text
         assert "api and edges (3" in text, text
         assert "queue" in text
-        assert "chats/min" in text
+        assert "started/min (live workers)" in text
         assert "\x1b[" in text  # drawn for a terminal: the view redraws in place
         proc.send_signal(signal.SIGINT)
         assert proc.wait(10) == 0
@@ -200,12 +248,67 @@ def test_json_mode_prints_one_snapshot_a_line_until_sigterm(system: System) -> N
         stderr=subprocess.PIPE,
         text=True,
     )
-    assert proc.stdout is not None
-    lines = [proc.stdout.readline() for _ in range(3)]
-    proc.send_signal(signal.SIGTERM)
-    _, errors = proc.communicate(timeout=10)
+    try:
+        lines = [read_line(proc) for _ in range(3)]
+        proc.send_signal(signal.SIGTERM)
+        _, errors = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, errors
     assert [len(json.loads(line)["workers"]) for line in lines] == [2, 2, 2]
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float = 20) -> str:
+    """The next line of ``proc``'s stdout, or a failure past ``timeout`` s (never a hang)."""
+    assert proc.stdout is not None
+    with ThreadPoolExecutor(1) as pool:
+        line = pool.submit(proc.stdout.readline)
+        try:
+            return line.result(timeout)
+        except FuturesTimeout:
+            proc.kill()  # the read ends, and so does the pool
+            raise AssertionError(f"no line within {timeout} s") from None
+
+
+def test_a_reader_that_leaves_early_is_no_error(system: System) -> None:
+    """``status --json | head -1``: once head has its line, the pipe closes; status exits 0, silently."""
+    command = f"set -o pipefail; {sys.executable} -m streambridge status --json --interval 0.1 | head -1"
+    result = subprocess.run(
+        ["bash", "-c", command], env=system.env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert len(json.loads(result.stdout)["workers"]) == 2
+
+
+def test_sigterm_while_redis_does_not_answer_exits_0_at_once() -> None:
+    """``status --once`` waiting on a frozen Redis (SIGSTOPped: it accepts connections, answers nothing)
+    leaves at once on SIGTERM, exit 0, rather than being killed by it or waiting out the read timeout."""
+    own = OwnRedis()
+    proc: subprocess.Popen[str] | None = None
+    try:
+        os.kill(own.process.pid, signal.SIGSTOP)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streambridge", "status", "--once"],
+            env=clean_env(STREAMBRIDGE_REDIS_URL=own.url(0)),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(2)  # started, and waiting for Redis's answer (its read timeout is 5 s)
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, errors = proc.communicate(timeout=20)
+        assert proc.returncode == 0, errors
+        assert time.monotonic() - sent < 1.5
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.kill(own.process.pid, signal.SIGCONT)
+        own.stop()
 
 
 @pytest.mark.parametrize(

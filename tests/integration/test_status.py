@@ -6,7 +6,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import openai
 import pytest
@@ -14,12 +14,29 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from streambridge.api.presence import ServerDescriber
-from streambridge.shared import batches, keys, machine
-from streambridge.shared.presence import LEAVE_WAIT, Heartbeat, ServerRecord, WorkerRecord, announced, read_records
+from streambridge.shared import batches, keys, machine, presence
+from streambridge.shared.presence import (
+    LEAVE_WAIT,
+    Heartbeat,
+    Record,
+    ServerRecord,
+    WorkerRecord,
+    announced,
+    read_records,
+)
 from streambridge.shared.status import gather_snapshot
 from tests.integration.conftest import bearer
 
 STARTED = time.time()
+
+
+async def until(redis: Redis, done: Callable[[list[Record]], bool], timeout: float = 10) -> list[Record]:
+    """The live records, read until ``done(records)``; fails past ``timeout`` s (slow is not stuck)."""
+    deadline = time.monotonic() + timeout
+    while not done(records := await read_records(redis)):
+        assert time.monotonic() < deadline, f"not so within {timeout} s: {records}"
+        await asyncio.sleep(0.01)
+    return records
 
 
 def a_worker(name: str, **fields: object) -> WorkerRecord:
@@ -38,13 +55,13 @@ async def test_a_heartbeat_announces_its_process_and_a_clean_stop_withdraws_it(r
 
 
 async def test_a_process_that_stops_beating_is_gone_once_its_ttl_lapses(real_redis: Redis) -> None:
-    dead = Heartbeat(real_redis, lambda: a_worker("dead"), ttl=0.2)
-    alive = Heartbeat(real_redis, lambda: a_worker("alive"), ttl=5)
+    dead = Heartbeat(real_redis, lambda: a_worker("dead"), ttl=1)
+    alive = Heartbeat(real_redis, lambda: a_worker("alive"), ttl=30)
     await dead.beat()
     await alive.beat()
     assert [r.id for r in await read_records(real_redis)] == ["alive", "dead"]
 
-    await asyncio.sleep(0.3)  # the dead one's heartbeat lapses (by Redis's clock)
+    await asyncio.sleep(1.2)  # the dead one's heartbeat lapses (by Redis's clock)
     assert [r.id for r in await read_records(real_redis)] == ["alive"]
     await alive.beat()  # any beat drops lapsed ids from the index
     assert await real_redis.zrange(keys.processes(), 0, -1) == [b"alive"]
@@ -66,8 +83,7 @@ async def test_announced_beats_until_the_block_ends(redis_url: str, real_redis: 
         return a_worker("w9", chats=beats)
 
     async with announced(redis_url, describe, lambda: a_worker("w10")) as heartbeats:
-        while len(await read_records(real_redis)) < 2:
-            await asyncio.sleep(0.01)
+        await until(real_redis, lambda records: len(records) == 2)
         assert [h.id for h in heartbeats] == ["w9", "w10"]
     assert beats >= 1
     assert await read_records(real_redis) == []
@@ -76,8 +92,7 @@ async def test_announced_beats_until_the_block_ends(redis_url: str, real_redis: 
 async def test_a_stop_is_never_held_by_a_frozen_redis(redis_url: str) -> None:
     admin = Redis.from_url(redis_url)
     async with announced(redis_url, lambda: a_worker("w1")):
-        while not await read_records(admin):
-            await asyncio.sleep(0.01)
+        await until(admin, bool)
         await admin.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
         started = time.monotonic()
     assert time.monotonic() - started <= LEAVE_WAIT + 0.3
@@ -106,6 +121,75 @@ async def test_a_snapshot_counts_queued_and_running_chats(client: TestClient, to
     assert snapshot.batches == []
 
 
+async def test_chats_and_batch_items_whose_worker_was_lost_show_as_orphaned_not_running(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    sdk: openai.AsyncOpenAI,
+    real_redis: Redis,
+) -> None:
+    """Lapsed leases stay in ``sb:running`` and a batch's leases until a live worker takes them back:
+    with no worker alive (it was SIGKILLed) they must not count as running."""
+    ids = []
+    for n in range(2):
+        response = await client.post("/v1/chats", json={"message": f"m{n}"}, headers=bearer(token))
+        ids.append((await response.json())["id"])
+    assert (await machine.call(real_redis, machine.start(ids[0], "t0", 200)))[0] == b"claimed"
+    assert (await machine.call(real_redis, machine.start(ids[1], "t1", 60_000)))[0] == b"claimed"
+    k = await a_batch(sdk, real_redis, items=5)
+    assert len(await machine.call(real_redis, batches.claim(k, 2, lease_ms=200, max_running=100))) == 4
+    assert len(await machine.call(real_redis, batches.claim(k, 1, lease_ms=60_000, max_running=100))) == 2
+
+    await asyncio.sleep(0.5)  # the short leases lapse; no worker is alive to take them back
+    snapshot = await gather_snapshot(real_redis)
+
+    assert (snapshot.running, snapshot.orphaned) == (1, 1)
+    b = snapshot.batches[0]
+    assert (b.running, b.orphaned, b.waiting) == (1, 2, 4)  # the orphaned items wait to run again
+    assert (snapshot.batch_running, snapshot.batch_orphaned, snapshot.batch_waiting) == (1, 2, 4)
+
+
+async def test_a_beat_in_flight_as_the_process_stops_cannot_bring_its_record_back(
+    redis_url: str, real_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A beat already on the wire lands in Redis even if its sender stops waiting for the answer:
+    the stop lets it end before withdrawing the record."""
+    real_call = presence.call
+
+    async def on_the_wire(redis: Redis, c: machine.Call) -> object:
+        async def sent() -> object:
+            await asyncio.sleep(0.2)  # Redis has it; the answer is on its way
+            return await real_call(redis, c)
+
+        return await asyncio.shield(asyncio.ensure_future(sent()))
+
+    monkeypatch.setattr(presence, "call", on_the_wire)
+    async with announced(redis_url, lambda: a_worker("w1")):
+        await asyncio.sleep(0.05)  # the first beat is in flight
+    await asyncio.sleep(0.4)
+    assert await read_records(real_redis) == []
+    assert await real_redis.zcard(keys.processes()) == 0
+
+
+async def test_a_nudge_beats_at_once(real_redis: Redis) -> None:
+    beats = 0
+
+    def describe() -> WorkerRecord:
+        nonlocal beats
+        beats += 1
+        return a_worker("w1", chats=beats)
+
+    heartbeat = Heartbeat(real_redis, describe, interval=30)
+    task = asyncio.create_task(heartbeat.run())
+    try:
+        await until(real_redis, lambda records: [r.id for r in records] == ["w1"])
+        heartbeat.nudge()
+        records = await until(real_redis, lambda records: isinstance(r := records[0], WorkerRecord) and r.chats == 2)
+        assert len(records) == 1
+    finally:
+        heartbeat.finish()
+        await asyncio.wait_for(task, 5)
+
+
 async def test_an_edge_describes_its_open_streams(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
     describe = ServerDescriber(client.app, 8001, api=True, edge=True)
     record = describe()
@@ -118,7 +202,9 @@ async def test_an_edge_describes_its_open_streams(client: TestClient, token: str
     async with client.get(f"/v1/chats/{chat_id}/events", headers=bearer(token)) as stream:
         assert stream.status == 200
         assert describe().open_streams == 1
+    deadline = time.monotonic() + 10
     while describe().open_streams:  # the edge notices the close
+        assert time.monotonic() < deadline, "the edge still counts a closed stream"
         await asyncio.sleep(0.01)
 
 
@@ -129,16 +215,23 @@ async def sdk(client: TestClient, token: str) -> AsyncIterator[openai.AsyncOpenA
     await sdk.close()
 
 
-async def test_a_snapshot_shows_a_running_batchs_progress(sdk: openai.AsyncOpenAI, real_redis: Redis) -> None:
+async def a_batch(sdk: openai.AsyncOpenAI, redis: Redis, items: int) -> batches.BatchKeys:
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
-    lines = [{"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": body} for n in range(6)]
+    lines = [
+        {"custom_id": f"r{n}", "method": "POST", "url": "/v1/chat/completions", "body": body} for n in range(items)
+    ]
     data = b"".join(json.dumps(x).encode() + b"\n" for x in lines)
     uploaded = await sdk.files.create(file=("p.jsonl", io.BytesIO(data)), purpose="batch")
     batch = await sdk.batches.create(
         input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
-    k = await batches.batch_keys(real_redis, batch.id)
+    k = await batches.batch_keys(redis, batch.id)
     assert k is not None
+    return k
+
+
+async def test_a_snapshot_shows_a_running_batchs_progress(sdk: openai.AsyncOpenAI, real_redis: Redis) -> None:
+    k = await a_batch(sdk, real_redis, items=6)
     claimed = await machine.call(real_redis, batches.claim(k, 3, lease_ms=60_000, max_running=100))
     index, item = int(claimed[0]), claimed[1]
     assert item
@@ -149,7 +242,7 @@ async def test_a_snapshot_shows_a_running_batchs_progress(sdk: openai.AsyncOpenA
 
     assert len(snapshot.batches) == 1
     b = snapshot.batches[0]
-    assert (b.id, b.status, b.total, b.completed, b.failed) == (batch.id, "in_progress", 6, 1, 0)
+    assert (b.id, b.status, b.total, b.completed, b.failed) == (k.batch_id, "in_progress", 6, 1, 0)
     assert (b.running, b.waiting) == (2, 3)
     assert b.owner.startswith("visitor_")
     assert b.expires_at > snapshot.at

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+import time
 from types import SimpleNamespace
 from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
 from rich.console import Console
 
+from streambridge.api.presence import ServerDescriber
+from streambridge.shared.errors import StreambridgeError
 from streambridge.shared.presence import ServerRecord, WorkerRecord, decode_record, encode_record
 from streambridge.shared.status import BatchProgress, Snapshot
-from streambridge.status_view import age, render
+from streambridge.status_view import age, render, unreachable
 from streambridge.workers.presence import LastMinute, WorkerDescriber
 
 NOW = 1_800_000_000.0
 
 
 def worker(n: int, **fields: Any) -> WorkerRecord:
-    defaults: dict[str, Any] = {"host": "h1", "pid": 100 + n, "started_at": NOW - 125, "concurrency": 50}
+    defaults: dict[str, Any] = {
+        "host": "h1",
+        "pid": 100 + n,
+        "started_at": NOW - 125,
+        "uptime_s": 125.0,
+        "concurrency": 50,
+    }
     return WorkerRecord(id=f"worker-h1-{100 + n}-aaaa", **{**defaults, **fields})
 
 
@@ -28,6 +40,7 @@ def server(name: str, serves: list[str], open_streams: int = 0) -> ServerRecord:
         host="h2",
         pid=7,
         started_at=NOW - 3700,
+        uptime_s=3700.0,
         port=8001,
         serves=serves,
         open_streams=open_streams,
@@ -55,12 +68,76 @@ def drawn(s: Snapshot, width: int = 160) -> str:
     return console.export_text()
 
 
-def test_the_summary_line_shows_both_queues_and_chats_per_minute() -> None:
+def test_the_summary_line_shows_both_queues_and_the_chats_live_workers_started_per_minute() -> None:
     text = drawn(snapshot(queued=1234, running=56, batch_waiting=7890, batch_running=12, chats_per_minute=345))
     first = text.splitlines()[0]
     assert "queue 1,234 waiting · 56 running" in first
+    assert "orphaned" not in first
     assert "batch items 7,890 waiting · 12 running" in first
-    assert "chats/min 345" in first
+    assert "≥" not in first
+    assert "started/min (live workers) 345" in first
+
+
+def test_chats_and_batch_items_whose_worker_was_lost_show_as_orphaned() -> None:
+    text = drawn(snapshot(running=2, orphaned=3, batch_waiting=10, batch_orphaned=4))
+    first = text.splitlines()[0]
+    assert "queue 0 waiting · 2 running · 3 orphaned (worker lost)" in first
+    assert "batch items 10 waiting · 0 running (4 of them orphaned)" in first
+
+
+def test_batch_sums_past_the_batches_read_are_marked_as_at_least() -> None:
+    text = drawn(snapshot(batch_waiting=7890, batch_running=12, batches_not_shown=3))
+    assert "batch items ≥7,890 waiting · ≥12 running" in text.splitlines()[0]
+
+
+def test_up_is_the_process_own_uptime_whatever_its_hosts_clock_says() -> None:
+    ahead = worker(1, started_at=NOW + 3600, uptime_s=125.0)  # its host's clock is an hour ahead
+    behind = server("edge", ["edge"])
+    behind.started_at, behind.uptime_s = NOW - 7200, 65.0  # an hour behind
+    text = drawn(snapshot(workers=[ahead], servers=[behind]))
+    assert "2m05s" in next(line for line in text.splitlines() if "worker-h1-101-aaaa" in line)
+    assert "1m05s" in next(line for line in text.splitlines() if "edge-h2-7-bbbb" in line)
+
+
+def test_a_describer_counts_uptime_by_the_monotonic_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # the host's clock jumps an hour
+    fake: Any = SimpleNamespace(max_jobs=8, allow_pick_jobs=True, chats_started=0, ctx={})
+    record = WorkerDescriber(fake)()
+    assert record.started_at > real() + 3000  # kept for information, by the host's clock
+    assert 0 <= record.uptime_s < 600  # this test process's age, not an hour more or less
+    text = drawn(snapshot(at=real(), workers=[record]))
+    assert "1h" not in next(line for line in text.splitlines() if record.id[:10] in line)
+
+
+def test_a_state_this_version_does_not_know_is_shown_as_it_is() -> None:
+    wire = b'{"kind":"worker","id":"w","host":"h","pid":1,"started_at":0,"state":"draining"}'
+    record = decode_record(wire)
+    assert isinstance(record, WorkerRecord)
+    assert record.state == "draining"
+    assert "w (draining)" in drawn(snapshot(workers=[record]))
+
+
+def test_a_server_shows_stopping_once_its_stop_signal_came() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        stop: asyncio.Future[Any] = loop.create_future()
+        describe = ServerDescriber(web.Application(), 8001, api=False, edge=True, stop=stop)
+        assert describe().state == "running"
+        stop.set_result(signal.SIGTERM)
+        assert describe().state == "stopping"
+    finally:
+        loop.close()
+
+
+def test_the_unreachable_view_keeps_the_last_snapshot_and_its_age() -> None:
+    seen = snapshot(workers=[worker(1)])
+    console = Console(record=True, width=160, force_terminal=False, color_system=None)
+    console.print(unreachable(StreambridgeError("status: cannot read"), (seen, time.monotonic() - 75)))
+    text = console.export_text()
+    assert "status: cannot read; trying again" in text
+    assert "last seen 1m15s ago:" in text
+    assert "worker-h1-101-aaaa" in text
 
 
 def test_an_empty_deployment_says_nothing_is_alive_rather_than_drawing_empty_tables() -> None:
@@ -113,7 +190,8 @@ def test_a_running_batch_shows_its_progress() -> None:
         expires_at=int(NOW) + 7200,
     )
     text = drawn(snapshot(batches=[batch], batches_not_shown=4))
-    assert "batches (1, 4 more not shown)" in text
+    assert "batches (1, 4 more not shown" in text
+    assert "finished" in text
     row = next(line for line in text.splitlines() if "batch_abc" in line)
     for cell in ("acme", "in_progress", "500/1,000", "100", "50", "450", "2h00m"):
         assert cell in row
