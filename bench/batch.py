@@ -3,8 +3,9 @@
 Starts its own redis-server, the simulated LLM, ``streambridge api``, ``streambridge edge`` and
 one ``streambridge worker`` (each a process of its own), then, in one run:
 
-1. **interactive, idle**: chats one at a time (``POST /v1/chats`` + SSE): pickup (queued →
-   started, as the chat records it) and time to the first content token;
+1. **interactive, idle**: chats one at a time (``POST /v1/chats`` + SSE): pickup (admitted →
+   started, in µs of Redis's clock, as the chat records it: ``pickup_us``) and time to the first
+   content token;
 2. **plain loop (baseline)**: the openai SDK calling the simulated LLM straight, N requests at
    the batch's concurrency, each result written to a file as a line;
 3. **batch**: the same N requests as a batch (``files.create`` + ``batches.create``, polled until
@@ -36,6 +37,7 @@ import redis
 
 from bench.run import Child, streambridge
 from streambridge.embedded import free_port, redis_server_binary
+from streambridge.shared import keys
 from streambridge.sse import SSEParser
 
 
@@ -127,7 +129,7 @@ async def interactive(
                     first = time.perf_counter() - started
                     break  # the rest of the answer is not what is measured
         ttfts.append(first * 1000)
-        pickups.append(float(r.hget(f"sb:chat:{created['id']}", "pickup_ms") or 0))
+        pickups.append(int(r.hget(keys.chat(created["id"]), "pickup_us") or 0) / 1000)
     return pickups, ttfts
 
 
@@ -173,6 +175,7 @@ async def measure(
     print(
         f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}\n"
     )
+    print(f"{args.chats} interactive chats each: idle, then beside the batch\n")
     print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
     row(
         "CPU per item (ms): plain loop vs api+worker+redis",
@@ -181,6 +184,7 @@ async def measure(
     )
     row("throughput (items/s)", args.items / plain_wall, args.items / batch_wall)
     row("interactive pickup p50 (ms): idle vs batch", statistics.median(idle_pickup), statistics.median(busy_pickup))
+    row("interactive pickup p95 (ms): idle vs batch", quantile(idle_pickup, 0.95), quantile(busy_pickup, 0.95))
     row("interactive TTFT p50 (ms): idle vs batch", statistics.median(idle_ttft), statistics.median(busy_ttft))
     row("interactive TTFT p95 (ms): idle vs batch", quantile(idle_ttft, 0.95), quantile(busy_ttft, 0.95))
     print(f"\n(the second batch was {still} while the interactive chats ran)")
@@ -206,7 +210,7 @@ def quantile(values: list[float], q: float) -> float:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000)
-    parser.add_argument("--chats", type=int, default=40)
+    parser.add_argument("--chats", type=int, default=60)
     parser.add_argument("--words", type=int, default=20)
     parser.add_argument("--ttft-ms", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=50)
