@@ -185,6 +185,7 @@ async def create_batch(request: web.Request) -> web.Response:
             window_ms=int(s.batch_completion_window * 1000),
             ttl=s.file_ttl,
             user_limit=identity.quota.batch_running_items,
+            batch_limit=identity.quota.batch_max_running_items,
         ),
     )
     if await created == b"no_file":

@@ -219,7 +219,9 @@ def _define(name: str, lua: str) -> Any:
 # at once if any line was bad (``errors`` names each), else ``in_progress``. Answers ``ok``,
 # ``failed`` or ``no_file`` (not the caller's, not a batch input, deleted).
 # ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), the
-# input, output and error files' ids, and the owner's limit of running items (across batches).
+# input, output and error files' ids, the owner's limit of running items (across batches), and
+# this batch's. Both limits are the creator's (the settings, or their API key's overrides), kept
+# with the batch: whichever worker claims its items applies them.
 CREATE: Final = _define(
     "BATCH_CREATE",
     """
@@ -232,7 +234,7 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'created_ms', now, 'created_at', math.floor(now / 1000), 'expires_ms', expires,
   'expires_at', math.floor(expires / 1000), 'total', f[3], 'next', 0, 'completed', 0, 'failed', 0,
   'output_bytes', 0, 'error_bytes', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'total_tokens', 0,
-  'status', 'validating', 'user_limit', ARGV[11])
+  'status', 'validating', 'user_limit', ARGV[11], 'batch_limit', ARGV[12])
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -253,9 +255,10 @@ return 'ok'
 """,
 )
 
-# Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of ARGV[3]
-# running at once and its owner's (``user_limit``, across their batches): lines handed back first,
-# then new ones. Answers ``{index, item, ...}``.
+# Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of running at
+# once (``batch_limit``; ARGV[3], the worker's setting, for a batch created before it was kept)
+# and its owner's (``user_limit``, across their batches): lines handed back first, then new ones.
+# Answers ``{index, item, ...}``.
 CLAIM: Final = _define(
     "BATCH_CLAIM",
     """
@@ -263,8 +266,10 @@ local b = redis.call('HMGET', B, 'status', 'expires_ms', 'next', 'total')
 local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
 redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
-local user_room = tonumber(redis.call('HGET', B, 'user_limit') or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
-local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[3]) - redis.call('ZCARD', LEASES), user_room)
+local limits = redis.call('HMGET', B, 'user_limit', 'batch_limit')
+local user_room = tonumber(limits[1] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
+local batch_room = tonumber(limits[2] or ARGV[3]) - redis.call('ZCARD', LEASES)
+local n = math.min(tonumber(ARGV[1]), batch_room, user_room)
 local nxt, total = tonumber(b[3]), tonumber(b[4])
 local out = {}
 while #out < 2 * n do
@@ -438,10 +443,19 @@ return #lapsed
 
 
 def create(
-    k: BatchKeys, *, endpoint: str, window: str, metadata: bytes, window_ms: int, ttl: int, user_limit: int
+    k: BatchKeys,
+    *,
+    endpoint: str,
+    window: str,
+    metadata: bytes,
+    window_ms: int,
+    ttl: int,
+    user_limit: int,
+    batch_limit: int,
 ) -> Call:
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
-    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, str(user_limit)])
+    limits = [str(user_limit), str(batch_limit)]
+    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits])
 
 
 def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int) -> Call:

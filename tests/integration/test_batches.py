@@ -325,6 +325,35 @@ async def test_a_users_running_items_are_bounded_across_their_batches(
     assert await claim(b, 5) == [1]  # one ended: room for one more
 
 
+async def test_an_api_keys_per_batch_limit_bounds_its_batches_running_items_and_others_keep_the_setting(
+    settings: Settings, real_redis: Redis
+) -> None:
+    tight = msgspec.structs.replace(settings, batch_max_running_items=4)
+    plain, _ = await issue(real_redis, "acme", "key")
+    small, _ = await issue(real_redis, "smallco", "key", limits=Limits(batch_max_running_items=2))
+    roomy, _ = await issue(real_redis, "bigco", "key", limits=Limits(batch_max_running_items=7))
+    data = jsonl(*(line(f"r{n}", f"p{n}") for n in range(10)))
+    running = {}
+    async with TestClient(TestServer(make_app(tight))) as c:
+        for name, key in (("plain", plain), ("small", small), ("roomy", roomy)):
+            sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=key, max_retries=0)
+            batch = await submit(sdk, data)
+            await sdk.close()
+            k = await batches.batch_keys(real_redis, batch.id)
+            assert k is not None
+            # a worker asks for 10 with its own setting as the fallback: the batch's own limit decides
+            answer = await machine.call(real_redis, batches.claim(k, 10, lease_ms=60_000, max_running=100))
+            running[name] = len(answer) // 2
+    assert running == {"plain": 4, "small": 2, "roomy": 7}
+
+
+def test_keys_create_takes_batch_max_running_items_as_the_keys_per_batch_override() -> None:
+    args = build_parser().parse_args(["keys", "create", "--user", "acme", "--batch-max-running-items", "3"])
+    credential = Credential("0" * 16, "acme", "key", "", "", Limits(batch_max_running_items=args.batch_max_running_items))
+    assert quota(Settings(), credential).batch_max_running_items == 3
+    assert quota(Settings(), Credential("0" * 16, "acme", "key", "", "")).batch_max_running_items == 200
+
+
 async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_characters(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
