@@ -79,7 +79,8 @@ async def test_a_batch_finishes_each_item_exactly_once_across_a_restart_of_redis
         done = await until_ended(sdk, batch.id, within=90)
         assert done.status == "completed"
         assert done.request_counts is not None
-        assert (done.request_counts.completed, done.request_counts.failed, done.request_counts.total) == (total, 0, total)
+        counts = done.request_counts
+        assert (counts.completed, counts.failed, counts.total) == (total, 0, total)
         output = await lines_of(sdk, done.output_file_id)
         assert sorted(x["custom_id"] for x in output) == sorted(f"r{n}" for n in range(total))  # once each
         assert done.error_file_id is None

@@ -349,7 +349,8 @@ async def test_an_api_keys_per_batch_limit_bounds_its_batches_running_items_and_
 
 def test_keys_create_takes_batch_max_running_items_as_the_keys_per_batch_override() -> None:
     args = build_parser().parse_args(["keys", "create", "--user", "acme", "--batch-max-running-items", "3"])
-    credential = Credential("0" * 16, "acme", "key", "", "", Limits(batch_max_running_items=args.batch_max_running_items))
+    limits = Limits(batch_max_running_items=args.batch_max_running_items)
+    credential = Credential("0" * 16, "acme", "key", "", "", limits)
     assert quota(Settings(), credential).batch_max_running_items == 3
     assert quota(Settings(), Credential("0" * 16, "acme", "key", "", "")).batch_max_running_items == 200
 
