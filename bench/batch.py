@@ -67,6 +67,19 @@ class PeakRSS:
                 self.peaks[name] = max(self.peaks[name], proc.memory_info().rss / 2**20)
 
 
+def batch_lane(worker: psutil.Process) -> psutil.Process:
+    """The worker's batch lane (``workers/lane.py``): the child it spawned."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in worker.children():
+            if "multiprocessing.spawn" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(
+                child.cmdline()
+            ):
+                return child
+        time.sleep(0.05)
+    raise RuntimeError("the worker started no batch lane")
+
+
 def items(n: int, model: str, tag: str) -> bytes:
     lines = []
     for i in range(n):
@@ -153,7 +166,7 @@ async def measure(
 
         data = items(args.items, model, "batch")
         memory_before = r.info("memory")["used_memory"]
-        ours = [procs["api"], procs["worker"], procs["redis"]]
+        ours = [procs["api"], procs["worker"], procs["lane"], procs["redis"]]
         with PeakRSS(procs) as rss:
             before = cpu(*ours)
             started = time.perf_counter()
@@ -178,7 +191,7 @@ async def measure(
     print(f"{args.chats} interactive chats each: idle, then beside the batch\n")
     print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
     row(
-        "CPU per item (ms): plain loop vs api+worker+redis",
+        "CPU per item (ms): plain loop vs api+worker+lane+redis",
         plain_cpu / args.items * 1000,
         batch_cpu / args.items * 1000,
     )
@@ -247,6 +260,7 @@ def cli() -> None:
             "api": psutil.Process(api.proc.pid),
             "edge": psutil.Process(edge.proc.pid),
             "worker": psutil.Process(worker.proc.pid),
+            "lane": batch_lane(psutil.Process(worker.proc.pid)),
             "redis": psutil.Process(redis_proc.pid),
             "llm": psutil.Process(llm.proc.pid),
         }

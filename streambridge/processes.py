@@ -47,7 +47,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
         stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
         stack.push_async_callback(_stop_together, stops)
-        worker = make_worker(settings, llm_url)
+        worker = make_worker(settings, llm_url, lane=True)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
         stops.append(("worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace)))
@@ -84,7 +84,7 @@ async def worker(settings: Settings) -> int:
     stop = catch_signals()
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
-        arq_worker = make_worker(settings, llm_url)
+        arq_worker = make_worker(settings, llm_url, lane=True)
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
