@@ -159,6 +159,8 @@ class BatchKeys(NamedTuple):
             keys.file(self.input_file),
             keys.user_batches(self.owner),
             keys.user_batch_items(self.owner),
+            keys.user_file_sizes(self.owner),
+            keys.user_file_bytes(self.owner),
         ]
 
 
@@ -166,7 +168,7 @@ class BatchKeys(NamedTuple):
 _BATCH_PRELUDE: Final = """
 local B, EV, LEASES, AGAIN, DONE, ACTIVE, UFILES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local OUTF, OUTL, ERRF, ERRL, ITEMS = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local USER_ITEMS = KEYS[15]
+local USER_ITEMS, FSIZES, FTOTAL = KEYS[15], KEYS[16], KEYS[17]
 local function member(index) return redis.call('HGET', B, 'id') .. ':' .. index end
 local TERMINAL = {failed = true, completed = true, expired = true, cancelled = true}
 local function event(kind, fields)
@@ -189,6 +191,13 @@ local function result_file(fkey, lkey, field, bytes_field, suffix, now, ttl)
   redis.call('EXPIRE', lkey, ttl)
   redis.call('ZADD', UFILES, now, b[2])
   redis.call('HSET', B, field .. '_id', b[2])
+  -- the owner's stored bytes (api/files.py's quota) count it from now: never refused, since its
+  -- items have run, but a user it takes past the quota starts no upload or batch until they delete
+  -- files; deleting it, or its expiry, frees its bytes as any file's
+  redis.call('ZADD', FSIZES, now + ttl * 1000, b[2] .. ':' .. b[3])
+  redis.call('INCRBY', FTOTAL, b[3])
+  redis.call('PEXPIRE', FSIZES, ttl * 1000)
+  redis.call('PEXPIRE', FTOTAL, ttl * 1000)
 end
 local function finish(status, ttl)
   local now = now_ms()
