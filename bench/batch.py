@@ -3,9 +3,9 @@
 Starts its own redis-server, the simulated LLM, ``streambridge api``, ``streambridge edge`` and
 one ``streambridge worker`` (each a process of its own), then, in one run:
 
-1. **interactive, idle**: chats one at a time (``POST /v1/chats`` + SSE): pickup (admitted →
-   started, in µs of Redis's clock, as the chat records it: ``pickup_us``) and time to the first
-   content token;
+1. **interactive, idle** (half of them; the other half at the end, after 4): chats one at a time
+   (``POST /v1/chats`` + SSE): pickup (admitted → started, in µs of Redis's clock, as the chat
+   records it: ``pickup_us``) and time to the first content token;
 2. **plain loop (baseline)**: the openai SDK calling the simulated LLM straight, N requests at
    the batch's concurrency, each result written to a file as a line;
 3. **batch**: the same N requests as a batch (``files.create`` + ``batches.create``, polled until
@@ -155,8 +155,10 @@ async def measure(
             token = (await response.json())["token"]
         auth = {"Authorization": f"Bearer {token}"}
         sdk = openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0)
-        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats)
-        phase("interactive, idle")
+        # idle: half the chats now, half once the last batch has ended, so a host whose other load
+        # drifts during the run weighs on both sides alike
+        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats // 2)
+        phase("interactive, idle (first half)")
 
         me = psutil.Process()
         before = cpu(me)
@@ -182,13 +184,17 @@ async def measure(
         busy_pickup, busy_ttft = await interactive(session, api.url, auth, r, args.chats)
         still = (await sdk.batches.retrieve(busy_id)).status
         await sdk.batches.cancel(busy_id)
+        await until_done(sdk, busy_id)
         phase("interactive, beside a batch")
+        more_pickup, more_ttft = await interactive(session, api.url, auth, r, args.chats - args.chats // 2)
+        idle_pickup, idle_ttft = idle_pickup + more_pickup, idle_ttft + more_ttft
+        phase("interactive, idle (second half)")
         await sdk.close()
 
     print(
         f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}\n"
     )
-    print(f"{args.chats} interactive chats each: idle, then beside the batch\n")
+    print(f"{args.chats} interactive chats each: idle (half before the batches, half after), and beside a batch\n")
     print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
     row(
         "CPU per item (ms): plain loop vs api+worker+lane+redis",
