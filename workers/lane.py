@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Callable
 from multiprocessing.sharedctypes import Synchronized
 from typing import TYPE_CHECKING, Final
 
@@ -69,6 +70,10 @@ class BatchLane:
     def pid(self) -> int | None:
         return self._process.pid
 
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
     def busy(self, chats: int) -> None:
         """The worker's chats running or starting now: the lane leaves their slots alone."""
         self._busy.value = chats
@@ -89,6 +94,7 @@ class BatchLane:
 def run_lane(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
     """The lane process: a ``BatchFeeder`` until SIGTERM, or until its worker is gone."""
     os.nice(NICE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -97,10 +103,11 @@ def run_lane(settings: Settings, llm_base_url: str, busy: Synchronized[int], par
     try:
         import uvloop
 
-        uvloop.install()
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-        pass
-    asyncio.run(_feed_until_stopped(settings, llm_base_url, busy, parent))
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_feed_until_stopped(settings, llm_base_url, busy, parent))
 
 
 async def _feed_until_stopped(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
@@ -110,7 +117,6 @@ async def _feed_until_stopped(settings: Settings, llm_base_url: str, busy: Synch
     assert settings.redis_url is not None
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
     redis: Redis = connect(settings.redis_url, max_connections=CONNECTIONS)
     llm = make_client(llm_base_url, settings.llm_api_key)
     feeder = BatchFeeder(redis, llm, settings, busy=lambda: busy.value, stopping=stop.is_set)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import psutil
 import pytest
 
 from streambridge.fake_llm import expected_text
@@ -114,7 +115,10 @@ async def test_a_worker_sigkilled_mid_batch_loses_no_item_and_doubles_none(
         total = 300
         batch = await submit(sdk, b"".join(line(f"r{n}", f"kill {n}", model=slow) for n in range(total)))
         await items_done(session, system, sdk, batch.id, 20)
+        children = psutil.Process(system.workers[0].proc.pid).children()
+        (lane,) = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]  # its batch lane
         system.workers[0].kill()  # its running items' leases lapse; the other worker runs them again
+        lane.wait(5)  # and its lane goes with it (else it would finish them, unseen)
         system.workers[0] = Process(["worker"], system.env, system.logs, ready="worker started")
         replacements.append(system.workers[0])
         done = await until_ended(sdk, batch.id)

@@ -58,4 +58,4 @@ async def test_the_lane_runs_items_niced_only_in_slots_its_workers_chats_leave_a
             await asyncio.sleep(0.05)
     finally:
         await lane.stop()
-    assert lane._process.exitcode == 0  # a clean stop: it handed back what it ran (nothing, by now)
+    assert lane.exitcode == 0  # a clean stop: it handed back what it ran (nothing, by now)
