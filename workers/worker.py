@@ -214,9 +214,10 @@ def make_worker(
 async def stop_worker(worker: ChatWorker, main: asyncio.Task[None], grace: float) -> None:
     """Stop taking chats, let running ones finish for ``grace`` seconds, hand the rest back, close.
 
-    Returns within ``grace + HANDBACK_WAIT + 2 * CLOSE_WAIT`` seconds whatever Redis does: a
-    frozen Redis may keep a chat from being handed back (its lease then lapses, and another
-    worker's reaper re-queues it), never the process from exiting.
+    Returns within ``grace + HANDBACK_WAIT + 2 * CLOSE_WAIT`` seconds whatever Redis does, plus,
+    with a batch lane, the lane's own stop first (at most ``lane.STOP_WAIT`` + 2 s; it is killed
+    past that): a frozen Redis may keep a chat or an item from being handed back (its lease then
+    lapses, and another worker runs it again), never the process from exiting.
     """
     await worker.stop_waking()  # before the running chats are counted: it starts none after
     runner: ChatRunner | None = worker.ctx.get("runner")
