@@ -23,7 +23,7 @@ from streambridge.api.chats import json_object, json_response, read_body
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.edge import parse_last_event_id
-from streambridge.api.files import CONTENT_TYPE, FILE_ID_PREFIX, ids_after, page_query, pages
+from streambridge.api.files import CONTENT_TYPE, FILE_ID_PREFIX, ids_after, over_quota, page_query, pages, reserve_bytes
 from streambridge.api.sse import HEADERS, PING
 from streambridge.shared import batches, keys, machine
 from streambridge.shared.batches import (
@@ -175,6 +175,12 @@ async def create_batch(request: web.Request) -> web.Response:
         FILE_ID_PREFIX + uuid.uuid4().hex[:24],
     )
     s = ctx.settings
+    # a user whose stored files (their batches' results among them) fill the quota starts no batch:
+    # its results could not be refused once its items had run
+    quota = identity.quota.file_bytes
+    room, _ = await machine.call(ctx.redis, reserve_bytes(identity.user, "", 0, 0, quota, s.file_ttl))
+    if not int(room):
+        raise over_quota(quota, "input_file_id")
     created = machine.call(
         ctx.redis,
         batches.create(
@@ -185,6 +191,7 @@ async def create_batch(request: web.Request) -> web.Response:
             window_ms=int(s.batch_completion_window * 1000),
             ttl=s.file_ttl,
             user_limit=identity.quota.batch_running_items,
+            batch_limit=identity.quota.batch_max_running_items,
         ),
     )
     if await created == b"no_file":

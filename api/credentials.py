@@ -41,6 +41,7 @@ class Limits(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fie
     max_prompt_chars: Positive | None = None
     max_tokens: Positive | None = None
     batch_running_items: Positive | None = None
+    batch_max_running_items: Positive | None = None
     file_bytes: Positive | None = None
 
 
@@ -67,6 +68,8 @@ class Quota:
     default_max_tokens: int | None = None
     #: items of the user's batches running at once
     batch_running_items: int = 400
+    #: items of one of the user's batches running at once
+    batch_max_running_items: int = 200
     #: bytes of uploaded files the user may keep stored at once
     file_bytes: int = 1024 * 1024 * 1024
 
@@ -121,6 +124,7 @@ def quota(settings: Settings, credential: Credential) -> Quota:
         max_tokens=o.max_tokens or settings.max_tokens_cap,
         default_max_tokens=o.max_tokens,
         batch_running_items=o.batch_running_items or settings.batch_user_max_running_items,
+        batch_max_running_items=o.batch_max_running_items or settings.batch_max_running_items,
         file_bytes=o.file_bytes or (settings.visitor_file_bytes_per_user if visitor else settings.file_bytes_per_user),
     )
 

@@ -268,7 +268,7 @@ class Upload:
             await machine.call(self.ctx.redis, release_bytes(self.identity.user, self.id, self.reserved))
 
 
-def over_quota(quota: int) -> ApiError:
+def over_quota(quota: int, param: str = "file") -> ApiError:
     # 400, not 429 or 413: the SDK retries a 429 (waiting frees nothing: files go only when deleted
     # or expired), and a 413 says the request itself is too big, when the same file fits once the
     # user deletes others; a storage limit is the state of the account, a plain invalid request.
@@ -276,7 +276,7 @@ def over_quota(quota: int) -> ApiError:
         f"your stored files would pass your quota of {quota} bytes: delete files (DELETE /v1/files/{{id}}) "
         "or wait for them to expire",
         code="storage_quota_exceeded",
-        param="file",
+        param=param,
     )
 
 
@@ -421,8 +421,9 @@ async def delete_file(request: web.Request) -> web.Response:
         pipe.delete(keys.file(file_id), keys.file_lines(file_id))
         pipe.zrem(keys.user_files(identity.user), file_id)
         await pipe.execute()
-    if record[b"purpose"] == b"batch":  # only uploads are counted (batch outputs are not: see README)
-        await machine.call(ctx.redis, release_bytes(identity.user, file_id, int(record[b"bytes"])))
+    # uploads and batch results alike (a result file of a batch that ended before results were
+    # counted is in no total: nothing to release)
+    await machine.call(ctx.redis, release_bytes(identity.user, file_id, int(record[b"bytes"])))
     return json_response(FileDeleted(file_id))
 
 

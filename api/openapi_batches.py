@@ -186,6 +186,9 @@ def paths(error: Any, unauthorized: Json, unavailable: Json, bearer: list[Json],
                             "invalid_request": "a field of the wrong type, or a `completion_window` other than 24h",
                             "unsupported_endpoint": "an `endpoint` other than /v1/chat/completions",
                             "invalid_input_file": "no batch input file of the caller's has that id",
+                            "storage_quota_exceeded": "the caller's stored files, its batches' output and "
+                            "error files among them, fill its file quota: it starts no batch until it "
+                            "deletes files (or they expire)",
                         },
                     ),
                     "408": slow_body,

@@ -3,8 +3,9 @@
 Starts its own redis-server, the simulated LLM, ``streambridge api``, ``streambridge edge`` and
 one ``streambridge worker`` (each a process of its own), then, in one run:
 
-1. **interactive, idle**: chats one at a time (``POST /v1/chats`` + SSE): pickup (queued →
-   started, as the chat records it) and time to the first content token;
+1. **interactive, idle** (half of them; the other half at the end, after 4): chats one at a time
+   (``POST /v1/chats`` + SSE): pickup (admitted → started, in µs of Redis's clock, as the chat
+   records it: ``pickup_us``) and time to the first content token;
 2. **plain loop (baseline)**: the openai SDK calling the simulated LLM straight, N requests at
    the batch's concurrency, each result written to a file as a line;
 3. **batch**: the same N requests as a batch (``files.create`` + ``batches.create``, polled until
@@ -36,6 +37,7 @@ import redis
 
 from bench.run import Child, streambridge
 from streambridge.embedded import free_port, redis_server_binary
+from streambridge.shared import keys
 from streambridge.sse import SSEParser
 
 
@@ -63,6 +65,19 @@ class PeakRSS:
         while not self._stop.wait(0.05):
             for name, proc in self.procs.items():
                 self.peaks[name] = max(self.peaks[name], proc.memory_info().rss / 2**20)
+
+
+def batch_lane(worker: psutil.Process) -> psutil.Process:
+    """The worker's batch lane (``workers/lane.py``): the child it spawned."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for child in worker.children():
+            if "multiprocessing.spawn" in " ".join(child.cmdline()) and "resource_tracker" not in " ".join(
+                child.cmdline()
+            ):
+                return child
+        time.sleep(0.05)
+    raise RuntimeError("the worker started no batch lane")
 
 
 def items(n: int, model: str, tag: str) -> bytes:
@@ -127,7 +142,7 @@ async def interactive(
                     first = time.perf_counter() - started
                     break  # the rest of the answer is not what is measured
         ttfts.append(first * 1000)
-        pickups.append(float(r.hget(f"sb:chat:{created['id']}", "pickup_ms") or 0))
+        pickups.append(int(r.hget(keys.chat(created["id"]), "pickup_us") or 0) / 1000)
     return pickups, ttfts
 
 
@@ -140,8 +155,10 @@ async def measure(
             token = (await response.json())["token"]
         auth = {"Authorization": f"Bearer {token}"}
         sdk = openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0)
-        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats)
-        phase("interactive, idle")
+        # idle: half the chats now, half once the last batch has ended, so a host whose other load
+        # drifts during the run weighs on both sides alike
+        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats // 2)
+        phase("interactive, idle (first half)")
 
         me = psutil.Process()
         before = cpu(me)
@@ -151,7 +168,7 @@ async def measure(
 
         data = items(args.items, model, "batch")
         memory_before = r.info("memory")["used_memory"]
-        ours = [procs["api"], procs["worker"], procs["redis"]]
+        ours = [procs["api"], procs["worker"], procs["lane"], procs["redis"]]
         with PeakRSS(procs) as rss:
             before = cpu(*ours)
             started = time.perf_counter()
@@ -167,20 +184,26 @@ async def measure(
         busy_pickup, busy_ttft = await interactive(session, api.url, auth, r, args.chats)
         still = (await sdk.batches.retrieve(busy_id)).status
         await sdk.batches.cancel(busy_id)
+        await until_done(sdk, busy_id)
         phase("interactive, beside a batch")
+        more_pickup, more_ttft = await interactive(session, api.url, auth, r, args.chats - args.chats // 2)
+        idle_pickup, idle_ttft = idle_pickup + more_pickup, idle_ttft + more_ttft
+        phase("interactive, idle (second half)")
         await sdk.close()
 
     print(
         f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}\n"
     )
+    print(f"{args.chats} interactive chats each: idle (half before the batches, half after), and beside a batch\n")
     print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
     row(
-        "CPU per item (ms): plain loop vs api+worker+redis",
+        "CPU per item (ms): plain loop vs api+worker+lane+redis",
         plain_cpu / args.items * 1000,
         batch_cpu / args.items * 1000,
     )
     row("throughput (items/s)", args.items / plain_wall, args.items / batch_wall)
     row("interactive pickup p50 (ms): idle vs batch", statistics.median(idle_pickup), statistics.median(busy_pickup))
+    row("interactive pickup p95 (ms): idle vs batch", quantile(idle_pickup, 0.95), quantile(busy_pickup, 0.95))
     row("interactive TTFT p50 (ms): idle vs batch", statistics.median(idle_ttft), statistics.median(busy_ttft))
     row("interactive TTFT p95 (ms): idle vs batch", quantile(idle_ttft, 0.95), quantile(busy_ttft, 0.95))
     print(f"\n(the second batch was {still} while the interactive chats ran)")
@@ -206,7 +229,7 @@ def quantile(values: list[float], q: float) -> float:
 def cli() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--items", type=int, default=10_000)
-    parser.add_argument("--chats", type=int, default=40)
+    parser.add_argument("--chats", type=int, default=60)
     parser.add_argument("--words", type=int, default=20)
     parser.add_argument("--ttft-ms", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=50)
@@ -244,6 +267,7 @@ def cli() -> None:
             "api": psutil.Process(api.proc.pid),
             "edge": psutil.Process(edge.proc.pid),
             "worker": psutil.Process(worker.proc.pid),
+            "lane": batch_lane(psutil.Process(worker.proc.pid)),
             "redis": psutil.Process(redis_proc.pid),
             "llm": psutil.Process(llm.proc.pid),
         }

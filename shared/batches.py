@@ -159,6 +159,8 @@ class BatchKeys(NamedTuple):
             keys.file(self.input_file),
             keys.user_batches(self.owner),
             keys.user_batch_items(self.owner),
+            keys.user_file_sizes(self.owner),
+            keys.user_file_bytes(self.owner),
         ]
 
 
@@ -166,7 +168,7 @@ class BatchKeys(NamedTuple):
 _BATCH_PRELUDE: Final = """
 local B, EV, LEASES, AGAIN, DONE, ACTIVE, UFILES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local OUTF, OUTL, ERRF, ERRL, ITEMS = KEYS[8], KEYS[9], KEYS[10], KEYS[11], KEYS[12]
-local USER_ITEMS = KEYS[15]
+local USER_ITEMS, FSIZES, FTOTAL = KEYS[15], KEYS[16], KEYS[17]
 local function member(index) return redis.call('HGET', B, 'id') .. ':' .. index end
 local TERMINAL = {failed = true, completed = true, expired = true, cancelled = true}
 local function event(kind, fields)
@@ -189,6 +191,13 @@ local function result_file(fkey, lkey, field, bytes_field, suffix, now, ttl)
   redis.call('EXPIRE', lkey, ttl)
   redis.call('ZADD', UFILES, now, b[2])
   redis.call('HSET', B, field .. '_id', b[2])
+  -- the owner's stored bytes (api/files.py's quota) count it from now: never refused, since its
+  -- items have run, but a user it takes past the quota starts no upload or batch until they delete
+  -- files; deleting it, or its expiry, frees its bytes as any file's
+  redis.call('ZADD', FSIZES, now + ttl * 1000, b[2] .. ':' .. b[3])
+  redis.call('INCRBY', FTOTAL, b[3])
+  redis.call('PEXPIRE', FSIZES, ttl * 1000)
+  redis.call('PEXPIRE', FTOTAL, ttl * 1000)
 end
 local function finish(status, ttl)
   local now = now_ms()
@@ -219,7 +228,9 @@ def _define(name: str, lua: str) -> Any:
 # at once if any line was bad (``errors`` names each), else ``in_progress``. Answers ``ok``,
 # ``failed`` or ``no_file`` (not the caller's, not a batch input, deleted).
 # ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), the
-# input, output and error files' ids, and the owner's limit of running items (across batches).
+# input, output and error files' ids, the owner's limit of running items (across batches), and
+# this batch's. Both limits are the creator's (the settings, or their API key's overrides), kept
+# with the batch: whichever worker claims its items applies them.
 CREATE: Final = _define(
     "BATCH_CREATE",
     """
@@ -232,7 +243,7 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'created_ms', now, 'created_at', math.floor(now / 1000), 'expires_ms', expires,
   'expires_at', math.floor(expires / 1000), 'total', f[3], 'next', 0, 'completed', 0, 'failed', 0,
   'output_bytes', 0, 'error_bytes', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'total_tokens', 0,
-  'status', 'validating', 'user_limit', ARGV[11])
+  'status', 'validating', 'user_limit', ARGV[11], 'batch_limit', ARGV[12])
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -253,9 +264,10 @@ return 'ok'
 """,
 )
 
-# Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of ARGV[3]
-# running at once and its owner's (``user_limit``, across their batches): lines handed back first,
-# then new ones. Answers ``{index, item, ...}``.
+# Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of running at
+# once (``batch_limit``; ARGV[3], the worker's setting, for a batch created before it was kept)
+# and its owner's (``user_limit``, across their batches): lines handed back first, then new ones.
+# Answers ``{index, item, ...}``.
 CLAIM: Final = _define(
     "BATCH_CLAIM",
     """
@@ -263,8 +275,10 @@ local b = redis.call('HMGET', B, 'status', 'expires_ms', 'next', 'total')
 local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
 redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
-local user_room = tonumber(redis.call('HGET', B, 'user_limit') or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
-local n = math.min(tonumber(ARGV[1]), tonumber(ARGV[3]) - redis.call('ZCARD', LEASES), user_room)
+local limits = redis.call('HMGET', B, 'user_limit', 'batch_limit')
+local user_room = tonumber(limits[1] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
+local batch_room = tonumber(limits[2] or ARGV[3]) - redis.call('ZCARD', LEASES)
+local n = math.min(tonumber(ARGV[1]), batch_room, user_room)
 local nxt, total = tonumber(b[3]), tonumber(b[4])
 local out = {}
 while #out < 2 * n do
@@ -438,10 +452,19 @@ return #lapsed
 
 
 def create(
-    k: BatchKeys, *, endpoint: str, window: str, metadata: bytes, window_ms: int, ttl: int, user_limit: int
+    k: BatchKeys,
+    *,
+    endpoint: str,
+    window: str,
+    metadata: bytes,
+    window_ms: int,
+    ttl: int,
+    user_limit: int,
+    batch_limit: int,
 ) -> Call:
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
-    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, str(user_limit)])
+    limits = [str(user_limit), str(batch_limit)]
+    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits])
 
 
 def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int) -> Call:

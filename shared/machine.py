@@ -91,6 +91,12 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- microseconds (exact in a double until the year 2255): pickups are about a millisecond, which
+-- whole milliseconds only round
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 -- arq's job record and queue entry, and a token on the wake list (at its front: a recovered chat's)
 local function enqueue(job_key, queue, wake, job_id, job, expires_ms, score, front)
   redis.call('SET', job_key, job, 'PX', expires_ms)
@@ -143,7 +149,7 @@ local deadline = now + tonumber(ARGV[10])
 redis.call('ZADD', KEYS[4], deadline, ARGV[1])
 redis.call('PEXPIREAT', KEYS[4], deadline)
 redis.call('HSET', KEYS[5], 'owner', ARGV[2], 'created_at', ARGV[3], 'created_ms', now, 'status', 'queued',
-  'attempts', 0, 'request', ARGV[4])
+  'attempts', 0, 'request', ARGV[4], 'queued_us', string.format('%d', now_us()))
 if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', KEYS[5], 'trace', ARGV[15]) end
 redis.call('EXPIRE', KEYS[5], ARGV[11])
 enqueue(KEYS[6], KEYS[2], KEYS[7], ARGV[1], ARGV[5], ARGV[6], now, false)
@@ -183,7 +189,8 @@ return status
 
 # A worker takes a queued chat: taking its job off the queue decides which worker (a duplicate
 # wake token, or arq's scan, finds it gone: ``taken``); then the lease's claim. Answers
-# ``{'claimed', now (ms), the chat's fields...}`` or ``{why not}``. ``pickup_ms``: queued → started.
+# ``{'claimed', now (ms), the chat's fields...}`` or ``{why not}``. ``pickup_ms``: queued → started,
+# from the queue's score (whole ms); ``pickup_us``: admitted → started, in µs, from ``queued_us``.
 # ARGV: chat id (the job's id), the attempt's token, lease TTL (ms).
 START: Final = define(
     "START",
@@ -208,6 +215,10 @@ if status ~= 'queued' and status ~= 'running' then return {status} end
 redis.call('HSET', KEYS[4], 'token', ARGV[2], 'seq', 0)
 redis.call('PEXPIRE', KEYS[4], ARGV[3])
 redis.call('HSET', KEYS[3], 'status', 'running', 'pickup_ms', math.max(0, now - tonumber(enqueued)))
+local queued_us = redis.call('HGET', KEYS[3], 'queued_us')
+if queued_us then
+  redis.call('HSET', KEYS[3], 'pickup_us', string.format('%d', math.max(0, now_us() - tonumber(queued_us))))
+end
 redis.call('ZADD', KEYS[5], now + tonumber(ARGV[3]), ARGV[1])
 return claimed(now)
 """,

@@ -26,6 +26,7 @@ LIMIT_FLAGS = {
     "max_prompt_chars": "characters in one chat's prompt",
     "max_tokens": "the largest max_tokens a chat may ask for",
     "batch_running_items": "items of the user's batches running at once",
+    "batch_max_running_items": "items of one of the user's batches running at once",
     "file_bytes": "bytes of uploaded files the user may keep stored at once",
 }
 

@@ -51,7 +51,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
             grace=settings.shutdown_grace,
             access_log=settings.access_log,
         )
-        worker = make_worker(settings, llm_url)
+        worker = make_worker(settings, llm_url, lane=True)
         assert settings.redis_url is not None
         server = ServerDescriber(runner.app, bound, api=True, edge=True, stop=stop)
         heartbeats = await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
@@ -103,7 +103,7 @@ async def worker(settings: Settings) -> int:
     configure_metrics(settings)
     async with contextlib.AsyncExitStack() as stack:
         llm_url = await _llm_url(settings, stack)
-        arq_worker = make_worker(settings, llm_url)
+        arq_worker = make_worker(settings, llm_url, lane=True)
         assert settings.redis_url is not None
         await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(arq_worker)))
         settle_gc()

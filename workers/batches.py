@@ -1,12 +1,13 @@
 """Runs batch items in a worker's spare capacity: interactive chats always come first.
 
-Every worker runs a ``BatchFeeder`` beside its chats. It claims items (``shared.batches.CLAIM``)
-only into slots that interactive chats leave free, minus ``batch_reserved_slots`` that stay free
-for a chat arriving: as chats come, the feeder claims nothing more and its running items drain, and
-a chat never waits behind a batch for a slot. An upstream's 429 halves the feeder's own limit
-(growing back by one per success, AIMD), so the batch backs off and the interactive chats' share
-of the upstream does not. One batch cannot take every slot of the deployment either:
-``batch_max_running_items`` bounds its running items across workers.
+Every worker runs a ``BatchFeeder`` beside its chats, in its batch lane (``workers/lane.py``: a
+child process at a lower CPU priority, so items never hold up the chats' event loop). It claims
+items (``shared.batches.CLAIM``) only into slots that interactive chats leave free, minus
+``batch_reserved_slots`` that stay free for a chat arriving: as chats come, the feeder claims
+nothing more and its running items drain, and a chat never waits behind a batch for a slot. An
+upstream's 429 halves the feeder's own limit (growing back by one per success, AIMD), so the batch
+backs off and the interactive chats' share of the upstream does not. One batch cannot take every
+slot of the deployment either: ``batch_max_running_items`` bounds its running items across workers.
 
 An item needs no token stream: it is one non-streamed request through the openai SDK, and the
 upstream's answer, as it came, is the ``body`` of its output line (OpenAI's ``BatchRequestOutput``).

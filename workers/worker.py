@@ -14,6 +14,7 @@ from streambridge.shared.jobs import QueueWorker, back_off
 from streambridge.shared.redis import connect
 from streambridge.shared.settings import Settings
 from streambridge.workers.batches import BatchFeeder
+from streambridge.workers.lane import NICE, BatchLane
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import make_client
 from streambridge.workers.reaper import listen_for_cancels, reap_forever
@@ -46,6 +47,18 @@ class ChatWorker(QueueWorker):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._waker: asyncio.Task[None] | None = None
+        #: the worker's batch lane (``workers/lane.py``), told how many chats run here
+        self.lane: BatchLane | None = None
+
+    def track(self, job_id: str, task: asyncio.Task[None]) -> None:
+        super().track(job_id, task)
+        if self.lane is not None:
+            self.lane.busy(self.busy)
+
+    def _untrack(self, task: asyncio.Task[None]) -> None:
+        super()._untrack(task)
+        if self.lane is not None:
+            self.lane.busy(self.busy)
 
     async def began(self) -> None:
         if not self.burst:
@@ -60,6 +73,8 @@ class ChatWorker(QueueWorker):
         if self._waker is not None:
             self._waker.cancel()
             await asyncio.gather(self._waker, return_exceptions=True)
+        if self.lane is not None:  # its items go back, for other workers
+            await self.lane.stop()
 
     async def _wake_forever(self) -> None:
         delay = 0.0
@@ -134,9 +149,18 @@ class ChatWorker(QueueWorker):
 
 
 def make_worker(
-    settings: Settings, llm_base_url: str, *, burst: bool = False, poll_delay: float | None = None
+    settings: Settings,
+    llm_base_url: str,
+    *,
+    burst: bool = False,
+    poll_delay: float | None = None,
+    lane: bool = False,
 ) -> ChatWorker:
     """A worker for ``settings``; run ``await worker.main()``, then ``stop_worker``.
+
+    Batch items run in the slots its chats leave free: with ``lane`` (the CLI's processes), in a
+    child process at a lower CPU priority (``workers/lane.py``); without (tests), on the worker's own
+    event loop. A burst worker runs none.
 
     Its Redis client is built as the API's is (``shared.redis.connect``): commands time out,
     broken connections are retried, idle sockets are kept alive. ``poll_delay`` spaces arq's scans
@@ -153,7 +177,13 @@ def make_worker(
             asyncio.create_task(reap_forever(ctx["redis"], settings.lease_ttl / 6), name="reaper"),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
-        if not burst:  # batch items fill the slots chats leave free (workers/batches.py)
+        if burst:
+            return
+        if lane:
+            worker.lane = BatchLane(settings, llm_base_url)
+            worker.lane.start()
+            log.info("batch lane: pid %s, nice +%d", worker.lane.pid, NICE)
+        else:  # batch items fill the slots chats leave free (workers/batches.py)
             feeder = ctx["batches"] = BatchFeeder(
                 ctx["redis"], llm, settings, busy=lambda: worker.busy, stopping=lambda: not worker.allow_pick_jobs
             )
@@ -165,6 +195,8 @@ def make_worker(
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
         if "batches" in ctx:
             await ctx["batches"].close()
+        if worker.lane is not None:
+            await worker.lane.stop()
         if "runner" in ctx:
             await ctx["runner"].appender.close()
         if "llm" in ctx:
@@ -184,9 +216,10 @@ def make_worker(
 async def stop_worker(worker: ChatWorker, main: asyncio.Task[None], grace: float) -> None:
     """Stop taking chats, let running ones finish for ``grace`` seconds, hand the rest back, close.
 
-    Returns within ``grace + HANDBACK_WAIT + 2 * CLOSE_WAIT`` seconds whatever Redis does: a
-    frozen Redis may keep a chat from being handed back (its lease then lapses, and another
-    worker's reaper re-queues it), never the process from exiting.
+    Returns within ``grace + HANDBACK_WAIT + 2 * CLOSE_WAIT`` seconds whatever Redis does, plus,
+    with a batch lane, the lane's own stop first (at most ``lane.STOP_WAIT`` + 2 s; it is killed
+    past that): a frozen Redis may keep a chat or an item from being handed back (its lease then
+    lapses, and another worker runs it again), never the process from exiting.
     """
     await worker.stop_waking()  # before the running chats are counted: it starts none after
     runner: ChatRunner | None = worker.ctx.get("runner")

@@ -167,6 +167,17 @@ async def test_a_start_takes_the_job_off_the_queue_and_claims_the_lease(store: R
     assert before + TTL_MS <= lapses <= await redis_ms(store) + TTL_MS
 
 
+async def test_a_start_records_its_pickup_in_microseconds_from_admission(store: Redis) -> None:
+    await run(store, admission())
+    await asyncio.sleep(0.0025)
+    await run(store, machine.start(CHAT, "t1", TTL_MS))
+    chat = await store.hgetall(keys.chat(CHAT))  # type: ignore[misc]
+    pickup_us = int(chat[b"pickup_us"])
+    # at least the wait; and finer than the millisecond figure, which rounds it
+    assert 2500 <= pickup_us < 1_000_000
+    assert int(chat[b"queued_us"]) // 1000 in range(int(chat[b"created_ms"]) - 1, int(chat[b"created_ms"]) + 2)
+
+
 async def test_a_queued_chat_whose_old_lease_holds_waits_on_the_queue_until_it_goes(store: Redis) -> None:
     # a state only a crash leaves (an AOF recovery): queued, and an earlier attempt's lease alive
     await run(store, admission())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import psutil
 import pytest
 
 from streambridge.fake_llm import expected_text
@@ -114,7 +115,10 @@ async def test_a_worker_sigkilled_mid_batch_loses_no_item_and_doubles_none(
         total = 300
         batch = await submit(sdk, b"".join(line(f"r{n}", f"kill {n}", model=slow) for n in range(total)))
         await items_done(session, system, sdk, batch.id, 20)
+        children = psutil.Process(system.workers[0].proc.pid).children()
+        (lane,) = [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]  # its batch lane
         system.workers[0].kill()  # its running items' leases lapse; the other worker runs them again
+        lane.wait(5)  # and its lane goes with it (else it would finish them, unseen)
         system.workers[0] = Process(["worker"], system.env, system.logs, ready="worker started")
         replacements.append(system.workers[0])
         done = await until_ended(sdk, batch.id)
@@ -230,4 +234,45 @@ async def test_a_batch_survives_a_restart_of_the_api(system: System, replacement
         assert done.status == "completed"
         assert done.request_counts is not None
         assert done.request_counts.completed == 100
+        await sdk.close()
+
+
+async def worker_logs_say(system: System, text: str, within: float = 20) -> None:
+    deadline = time.monotonic() + within
+    while not any(text in p.read_text() for p in system.logs.glob("worker-*.log")):
+        assert time.monotonic() < deadline, f"no worker said {text!r} within {within} s"
+        await asyncio.sleep(0.05)
+
+
+async def test_upstream_429s_slow_the_batch_which_completes_once_per_item_while_chats_run_first_time(
+    system: System,
+) -> None:
+    async with aiohttp.ClientSession() as session:
+        sdk = await sdk_for(session, system)
+        # every item is refused twice with a 429 (each asking for 0.3 s) before it is answered
+        limited = "fake?words=5&fail=429&fail_times=2&retry_after=0.3"
+        total = 120
+        before = await llm_requests(session, system)
+        batch = await submit(sdk, b"".join(line(f"r{n}", f"limited {n}", model=limited) for n in range(total)))
+        await worker_logs_say(system, "the upstream is rate limiting")  # the batch is backing off now
+        auth = await login(session, system.api.url)
+        chats = await asyncio.gather(
+            *(create_chat(session, system.api.url, auth, message=f"first {n}") for n in range(10))
+        )
+        for chat in chats:
+            events = await read_events(session, chat["stream_url"])
+            assert events[-1].event == "complete"
+            assert not [m for m in events if m.event in {"error", "status"}], "no chat retried or waited"
+            assert json.loads(events[-1].data)["attempt"] == 1
+        # every chat ended while the batch was still waiting out its 429s
+        assert (await sdk.batches.retrieve(batch.id)).status == "in_progress"
+
+        done = await until_ended(sdk, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (total, 0)
+        output = await lines_of(sdk, done.output_file_id)
+        assert sorted(x["custom_id"] for x in output) == sorted(f"r{n}" for n in range(total))  # once each
+        # beside one request a chat: each item twice refused, then answered once (a 429 is not an attempt)
+        assert await llm_requests(session, system) - before - len(chats) == 3 * total
         await sdk.close()

@@ -325,6 +325,36 @@ async def test_a_users_running_items_are_bounded_across_their_batches(
     assert await claim(b, 5) == [1]  # one ended: room for one more
 
 
+async def test_an_api_keys_per_batch_limit_bounds_its_batches_running_items_and_others_keep_the_setting(
+    settings: Settings, real_redis: Redis
+) -> None:
+    tight = msgspec.structs.replace(settings, batch_max_running_items=4)
+    plain, _ = await issue(real_redis, "acme", "key")
+    small, _ = await issue(real_redis, "smallco", "key", limits=Limits(batch_max_running_items=2))
+    roomy, _ = await issue(real_redis, "bigco", "key", limits=Limits(batch_max_running_items=7))
+    data = jsonl(*(line(f"r{n}", f"p{n}") for n in range(10)))
+    running = {}
+    async with TestClient(TestServer(make_app(tight))) as c:
+        for name, key in (("plain", plain), ("small", small), ("roomy", roomy)):
+            sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=key, max_retries=0)
+            batch = await submit(sdk, data)
+            await sdk.close()
+            k = await batches.batch_keys(real_redis, batch.id)
+            assert k is not None
+            # a worker asks for 10 with its own setting as the fallback: the batch's own limit decides
+            answer = await machine.call(real_redis, batches.claim(k, 10, lease_ms=60_000, max_running=100))
+            running[name] = len(answer) // 2
+    assert running == {"plain": 4, "small": 2, "roomy": 7}
+
+
+def test_keys_create_takes_batch_max_running_items_as_the_keys_per_batch_override() -> None:
+    args = build_parser().parse_args(["keys", "create", "--user", "acme", "--batch-max-running-items", "3"])
+    limits = Limits(batch_max_running_items=args.batch_max_running_items)
+    credential = Credential("0" * 16, "acme", "key", "", "", limits)
+    assert quota(Settings(), credential).batch_max_running_items == 3
+    assert quota(Settings(), Credential("0" * 16, "acme", "key", "", "")).batch_max_running_items == 200
+
+
 async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_characters(
     client: TestClient,  # type: ignore[type-arg]
     token: str,
@@ -504,3 +534,45 @@ def test_keys_create_takes_file_bytes_as_the_keys_override() -> None:
     assert "file_bytes" in keys_cli.LIMIT_FLAGS
     credential = Credential("0" * 16, "acme", "key", "", "", Limits(file_bytes=args.file_bytes))
     assert quota(Settings(), credential).file_bytes == 12345
+
+
+async def test_batch_results_past_the_file_quota_are_kept_but_count_so_no_new_upload_or_batch_starts(
+    settings: Settings, real_redis: Redis, llm_url: str
+) -> None:
+    data = jsonl(*(line(f"r{n}", f"quota {n}") for n in range(4)))
+    # room for the input, not for the input and its results (each output line is a few hundred bytes)
+    limited = msgspec.structs.replace(settings, visitor_file_bytes_per_user=len(data) + 200)
+    async with TestClient(TestServer(make_app(limited))) as c:
+        token = (await (await c.post("/v1/auth/visitor")).json())["token"]
+        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=token, max_retries=0)
+        batch = await submit(sdk, data)
+        llm = make_client(llm_url, None)
+        feeder = BatchFeeder(real_redis, llm, limited)
+        await feeder.run_until_idle()
+        await feeder.close()
+        await llm.close()
+        done = await sdk.batches.retrieve(batch.id)
+        assert done.status == "completed", "results are never refused"
+        assert done.request_counts is not None
+        assert done.request_counts.completed == 4
+        output = await sdk.files.retrieve(done.output_file_id or "")
+        user = (await real_redis.hget(keys.batch(batch.id), "owner")).decode()  # type: ignore[misc]
+        assert int(await real_redis.get(keys.user_file_bytes(user))) == len(data) + output.bytes
+
+        with pytest.raises(openai.BadRequestError) as upload:
+            await sdk.files.create(file=("b.jsonl", io.BytesIO(b"\n")), purpose="batch")
+        assert upload.value.code == "storage_quota_exceeded"
+        with pytest.raises(openai.BadRequestError) as again:
+            await sdk.batches.create(
+                input_file_id=batch.input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+        assert again.value.code == "storage_quota_exceeded"
+        assert again.value.param == "input_file_id"
+
+        await sdk.files.delete(output.id)  # frees the results' bytes: the same input runs again
+        rerun = await sdk.batches.create(
+            input_file_id=batch.input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        assert rerun.status == "in_progress"
+        assert int(await real_redis.get(keys.user_file_bytes(user))) == len(data)
+        await sdk.close()

@@ -115,7 +115,7 @@ for route in ("GET /v1/files/{id}", "DELETE /v1/files/{id}", "GET /v1/files/{id}
     ERRORS[route] = {**BASE, 404: {"file_not_found"}}
 ERRORS["POST /v1/batches"] = {
     **BASE,
-    400: {"malformed_json", "invalid_request", "unsupported_endpoint", "invalid_input_file"},
+    400: {"malformed_json", "invalid_request", "unsupported_endpoint", "invalid_input_file", "storage_quota_exceeded"},
     408: {"request_timeout"},
     413: {"payload_too_large"},
 }

@@ -1,0 +1,135 @@
+"""The batch lane: a worker's batch items run in a child process of their own, at a lower CPU priority.
+
+Measured beside a 10,000-item batch (``bench/batch.py``), a worker that ran its batch items on the
+same event loop as its chats kept that loop busy all the time: two thirds of its samples were the
+items' requests, its timers ran 10-100 ms late, and a new chat's wake-up waited in line behind them
+(pickup 1 ms idle, 14-50 ms beside the batch). Slots alone cannot keep interactive chats first: an
+item in a free slot still takes its turn on the loop, and its CPU from the chats'.
+
+So the items get a process of their own (``multiprocessing``, spawned: no forked event loop), niced
+by ``NICE``: the chats' loop has nothing else to do, and when the cores are busy the kernel runs the
+chats' processes (worker, API, edge, Redis) first. The lane's ``BatchFeeder`` claims into the slots
+the chats leave free as before, reading the parent's running chats from a shared counter that the
+parent keeps up to date.
+
+The lane ends with its worker: on a stop it hands its running items back (``BatchFeeder.close``);
+if the worker dies (SIGKILL), the lane sees it within ``ORPHAN_CHECK`` s and exits at once, as if
+killed with it, so its items' leases lapse and another worker runs them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+from collections.abc import Callable
+from multiprocessing.sharedctypes import Synchronized
+from typing import TYPE_CHECKING, Final
+
+from streambridge.shared.redis import connect
+from streambridge.shared.settings import Settings
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+    from redis.asyncio import Redis
+
+log = logging.getLogger("streambridge.worker")
+
+#: the lane's niceness, added to its worker's: the kernel's weight for it is about a tenth of a chat process's
+NICE: Final = 10
+#: how often the lane looks whether its worker is still there
+ORPHAN_CHECK: Final = 0.2
+#: how long a stopping lane may take to hand its items back before it is killed
+STOP_WAIT: Final = 5.0
+#: Redis sockets the lane uses (its results share one pipeline)
+CONNECTIONS: Final = 8
+
+
+class BatchLane:
+    """The worker's side: starts the lane, tells it how many chats run here, stops it."""
+
+    def __init__(self, settings: Settings, llm_base_url: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._busy: Synchronized[int] = context.Value("i", 0, lock=False)
+        self._process: BaseProcess = context.Process(
+            target=run_lane,
+            args=(settings, llm_base_url, self._busy, os.getpid()),
+            name="streambridge-batch-lane",
+            daemon=True,
+        )
+
+    def start(self) -> None:
+        self._process.start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+    def busy(self, chats: int) -> None:
+        """The worker's chats running or starting now: the lane leaves their slots alone."""
+        self._busy.value = chats
+
+    async def stop(self) -> None:
+        """The lane stops claiming, hands its running items back, and exits (killed past ``STOP_WAIT``)."""
+        if self._process.pid is None or self._process.exitcode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, signal.SIGTERM)
+        await asyncio.to_thread(self._process.join, STOP_WAIT)
+        if self._process.exitcode is None:
+            log.warning("batch lane: no exit %g s after SIGTERM; killing it (its items' leases lapse)", STOP_WAIT)
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 2)
+
+
+def run_lane(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
+    """The lane process: a ``BatchFeeder`` until SIGTERM, or until its worker is gone."""
+    os.nice(NICE)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(_feed_until_stopped(settings, llm_base_url, busy, parent))
+
+
+async def _feed_until_stopped(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
+    from streambridge.workers.batches import BatchFeeder  # the SDK and the feeder load in the lane only
+    from streambridge.workers.llm import make_client
+
+    assert settings.redis_url is not None
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    redis: Redis = connect(settings.redis_url, max_connections=CONNECTIONS)
+    llm = make_client(llm_base_url, settings.llm_api_key)
+    feeder = BatchFeeder(redis, llm, settings, busy=lambda: busy.value, stopping=stop.is_set)
+    feeder.start()
+    while not stop.is_set():
+        if os.getppid() != parent:  # the worker died: so does its lane, handing nothing back
+            log.warning("batch lane: its worker is gone; exiting (its items run again elsewhere)")
+            os._exit(1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ORPHAN_CHECK):
+                await stop.wait()
+    try:
+        await feeder.close()
+    finally:
+        await llm.close()
+        await redis.aclose()
