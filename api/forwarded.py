@@ -95,10 +95,9 @@ def forwarded_middleware(networks: Sequence[IPNetwork]) -> Middleware:
         if peer is not None and trusted(peer, networks):
             client = client_address(peer, request.headers.getall("X-Forwarded-For", ()), networks)
             scheme = forwarded_proto(request.headers.getall("X-Forwarded-Proto", ()))
-            if client != peer:
-                request = request.clone(remote=client)
-            if scheme is not None and scheme != request.scheme:
-                request = request.clone(scheme=scheme)
+            scheme = scheme or request.scheme
+            if client != peer or scheme != request.scheme:
+                request = request.clone(remote=client, scheme=scheme)  # one clone: a clone keeps neither
         return await handler(request)
 
     return middleware
