@@ -391,3 +391,15 @@ def test_docker_compose_accepts_the_file() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_no_test_knob_is_named_like_a_setting() -> None:
+    # every streambridge command refuses an unknown STREAMBRIDGE_* variable: a test's knob exported in
+    # a shell under that prefix would stop them all
+    known = settings_env_names()
+    read = {
+        name
+        for path in (ROOT / "tests").rglob("*.py")
+        for name in re.findall(r"environ\.get\(\s*\"(STREAMBRIDGE_\w+)\"", path.read_text(encoding="utf-8"))
+    }
+    assert not read - known, f"tests read {sorted(read - known)}: name them SB_TEST_…"
