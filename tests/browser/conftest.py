@@ -2,9 +2,9 @@
 
 The deployment: redis-server, the simulated LLM, the API, two edges and a worker, each its own
 process, behind a reverse proxy (``proxy.py``) that gives the page one origin, as a deployment's
-proxy does, and can cut the network. Chromium is found by its path (``STREAMBRIDGE_CHROMIUM``,
+proxy does, and can cut the network. Chromium is found by its path (``SB_TEST_CHROMIUM``,
 default ``/usr/bin/chromium``); nothing is downloaded. Screenshots of each step are kept under
-the directory printed at the start (``STREAMBRIDGE_BROWSER_ARTIFACTS`` to choose it).
+the directory printed at the start (``SB_TEST_BROWSER_ARTIFACTS`` to choose it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tests.e2e.conftest import Process, clean_env
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
-CHROMIUM = os.environ.get("STREAMBRIDGE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM = os.environ.get("SB_TEST_CHROMIUM", "/usr/bin/chromium")
 if shutil.which(CHROMIUM) is None:
     pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
 
@@ -67,7 +67,7 @@ _artifacts: list[Path] = []
 
 @pytest.fixture(scope="session")
 def artifacts(request: pytest.FixtureRequest) -> Path:
-    chosen = os.environ.get("STREAMBRIDGE_BROWSER_ARTIFACTS")
+    chosen = os.environ.get("SB_TEST_BROWSER_ARTIFACTS")
     path = Path(chosen) if chosen else Path(tempfile.mkdtemp(prefix="sb-browser-"))
     path.mkdir(parents=True, exist_ok=True)
     _artifacts.append(path)

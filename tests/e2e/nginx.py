@@ -30,14 +30,20 @@ ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 # compose's addresses in deploy/nginx.conf, each on a line of its own
 LISTEN = "listen 8080;"
-UPSTREAMS = {"api": "server api:8000;", "edge-a": "server edge-a:8001;", "edge-b": "server edge-b:8001;"}
+UPSTREAMS = {
+    "api": "server api:8000 resolve;",
+    "edge-a": "server edge-a:8001 resolve;",
+    "edge-b": "server edge-b:8001 resolve;",
+}
 #: a line of the config's access log: the request's path and the upstreams nginx tried, comma-separated
 ACCESS = re.compile(r'"[A-Z]+ (?P<path>\S+) HTTP/[\d.]+" .* upstream=(?P<upstream>.*?) upstream_status=')
 
 
 def nginx_binary() -> str | None:
-    """``STREAMBRIDGE_NGINX``, else ``nginx`` on PATH, else Debian's /usr/sbin/nginx (not on a user's PATH)."""
-    chosen = os.environ.get("STREAMBRIDGE_NGINX")
+    """``SB_TEST_NGINX``, else ``nginx`` on PATH, else Debian's /usr/sbin/nginx (not on a user's PATH).
+
+    (Not ``STREAMBRIDGE_…``: every streambridge command refuses an unknown setting of that prefix.)"""
+    chosen = os.environ.get("SB_TEST_NGINX")
     if chosen:
         return shutil.which(chosen)
     return shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
@@ -122,6 +128,7 @@ class Nginx:
                 self.proc.wait()
         self._out.close()
         self._err.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass
@@ -153,7 +160,7 @@ def start_stack(**settings: str) -> Iterator[Stack]:
     """The stack, for a test module's fixture, with these extra ``STREAMBRIDGE_*`` settings; skipped without nginx."""
     binary = nginx_binary()
     if binary is None:
-        pytest.skip("no nginx (apt-get install nginx, or STREAMBRIDGE_NGINX=/path/to/nginx)")
+        pytest.skip("no nginx (apt-get install nginx, or SB_TEST_NGINX=/path/to/nginx)")
     redis = OwnRedis()
     logs = Path(tempfile.mkdtemp(prefix="sb-nginx-logs-"))
     port = free_port()
@@ -165,8 +172,11 @@ def start_stack(**settings: str) -> Iterator[Stack]:
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
-            STREAMBRIDGE_PUBLIC_EDGE_URL=f"http://127.0.0.1:{port}",  # stream_url goes through nginx, as in compose
-            STREAMBRIDGE_TRUSTED_PROXIES="127.0.0.1",  # nginx: its X-Forwarded-For names the client, as in compose
+            # STREAMBRIDGE_PUBLIC_EDGE_URL unset, as in compose: stream_url is built from the Host nginx
+            # passes, so it goes through nginx whatever name or port the client used.
+            # Trusted: nginx, and, wider than compose's one address on purpose, every client address
+            # the tests use (127.0.0.N): nginx alone must keep a client from choosing its address.
+            STREAMBRIDGE_TRUSTED_PROXIES="127.0.0.0/8",
             **settings,
         )
         edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
@@ -182,3 +192,4 @@ def start_stack(**settings: str) -> Iterator[Stack]:
         for process in reversed(started):
             process.stop()
         redis.stop()
+        shutil.rmtree(logs, ignore_errors=True)

@@ -27,15 +27,16 @@ from tests.e2e.nginx import Stack, host_port, start_stack
 
 pytestmark = pytest.mark.e2e
 
-#: the first text comes 300 ms after the chat starts: both routes' streams are open by then
-SLOW_START = "fake?ttft_ms=300&words=10&delay_ms=5"
+#: the first text comes 300 ms after the chat starts (all three streams are open by then), the rest
+#: over 400 ms more: a proxy that holds events back until its buffer fills or the answer ends shows
+SLOW_START = "fake?ttft_ms=300&words=40&delay_ms=10"
 CHATS = 9
 #: how much later than the edge's own route the first event may arrive through nginx (median)
 UNBUFFERED_MS = 5.0
 
 
 #: visitor logins one client address may make a minute, here (the other tests log in from 127.0.0.1)
-LOGINS = 5
+LOGINS = 8
 
 
 @pytest.fixture(scope="module")
@@ -61,15 +62,19 @@ async def first_content_at(session: aiohttp.ClientSession, url: str, auth: dict[
 
 async def test_events_pass_through_nginx_as_soon_as_the_edge_writes_them(stack: Stack) -> None:
     lags = []
+    edges = [host_port(edge.url) for edge in stack.edges]
     async with aiohttp.ClientSession() as session:
         auth = await login(session, stack.url)
         for n in range(CHATS):
             chat = await create_chat(session, stack.url, auth, message=f"unbuffered {n}", model=SLOW_START)
-            direct, proxied = await asyncio.gather(
-                first_content_at(session, stack.edges[n % 2].url + events_path(chat["id"]), auth),
-                first_content_at(session, stack.url + events_path(chat["id"]), auth),
+            path = events_path(chat["id"])
+            # both edges directly, and nginx: compared with the edge nginx passed the stream to
+            *direct, proxied = await asyncio.gather(
+                *(first_content_at(session, edge.url + path, auth) for edge in stack.edges),
+                first_content_at(session, stack.url + path, auth),
             )
-            lags.append((proxied - direct) * 1000)
+            [[served]] = stack.nginx.upstreams_of(path)
+            lags.append((proxied - direct[edges.index(served)]) * 1000)
     median = statistics.median(lags)
     print(f"first event through nginx minus direct, ms: median {median:.2f}, each {[round(x, 2) for x in lags]}")
     assert median <= UNBUFFERED_MS, f"events wait in nginx: {median:.1f} ms later than direct (median)"
@@ -107,36 +112,110 @@ async def test_a_dropped_stream_resumes_through_nginx_on_the_other_edge_exactly_
 
 
 async def test_each_route_reaches_the_process_that_serves_it(stack: Stack) -> None:
+    edges = {host_port(edge.url) for edge in stack.edges}
+    api = host_port(stack.api.url)
+
+    def served_by(path: str, count: int = 1) -> str:
+        """The process that answered the latest request to ``path`` through nginx (its access log)."""
+        found = stack.nginx.upstreams_of(path, count)
+        assert len(found) >= count, f"nginx logged no request to {path}"
+        return found[-1][-1]
+
     async with aiohttp.ClientSession() as session:
         async with session.get(stack.url + "/") as response:
             assert response.status == 200
             assert response.content_type == "text/html"
+        assert served_by("/") in edges
         async with session.get(stack.url + "/streambridge.js") as response:
             assert response.status == 200
             assert response.content_type == "text/javascript"
+        assert served_by("/streambridge.js") in edges
         auth = await login(session, stack.url)
-        # OpenAI's streaming route is an edge's (the API alone answers 404)
+        assert served_by("/v1/auth/visitor") == api
+        # OpenAI's streaming routes are an edge's (the API alone answers 404)
         body = {"model": "fake?words=5", "messages": [{"role": "user", "content": "openai"}], "stream": True}
         async with session.post(stack.url + "/v1/chat/completions", json=body, headers=auth) as response:
             assert response.status == 200, await response.text()
             assert response.content_type == "text/event-stream"
             text = await response.text()
         assert text.rstrip().endswith("data: [DONE]")
+        assert served_by("/v1/chat/completions") in edges
+        request = {"model": "fake?words=5", "input": "responses behind nginx"}
+        async with session.post(stack.url + "/v1/responses", json=request, headers=auth) as response:
+            assert response.status == 200, await response.text()
+            created = await response.json()
+        assert created["object"] == "response"
+        assert served_by("/v1/responses") in edges
+        async with session.get(f"{stack.url}/v1/responses/{created['id']}", headers=auth) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["id"] == created["id"]
+        assert served_by(f"/v1/responses/{created['id']}") in edges
         async with session.get(stack.url + "/metrics") as response:
             assert response.status == 404  # scraped inside the deployment, never public
             assert (await response.json())["error"]["code"] == "not_found"
 
 
-async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -> None:
-    # a body over client_max_body_size: refused from its Content-Length alone, before any is sent
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.nginx.port)
-    writer.write(b"POST /v1/files HTTP/1.1\r\nHost: nginx\r\nContent-Length: 300000000\r\n\r\n")
-    answer = await asyncio.wait_for(reader.read(), 10)
-    writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413 ")
+async def test_stream_url_is_the_address_the_client_used_and_its_scheme_is_nginxs(stack: Stack) -> None:
+    # STREAMBRIDGE_PUBLIC_EDGE_URL is unset (as in compose): any name and port reach the streams through
+    # nginx; a client's own X-Forwarded-Proto is replaced by nginx's (TLS ends in nginx, or not at all)
+    host = f"localhost:{stack.nginx.port}"
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        headers = {**auth, "Host": host, "X-Forwarded-Proto": "https"}
+        async with session.post(
+            stack.url + "/v1/chats", json={"message": "host", "model": "fake?words=5"}, headers=headers
+        ) as response:
+            assert response.status == 202, await response.text()
+            chat = await response.json()
+        assert chat["stream_url"].startswith(f"http://{host}/v1/chats/{chat['id']}/events?token=")
+        events = await read_events(session, chat["stream_url"])
+        assert events[-1].event == "complete"
+
+
+async def answer_before_the_body(port: int, head: str) -> tuple[int, bytes, dict[str, object]]:
+    """Send a request's head alone (its Content-Length promises a body never sent); the answer's
+    status, head and JSON body, which must come within 5 s, before any of the body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n")
+        answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(
+            next(line.split(b":")[1] for line in answer.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+        )
+        body = await asyncio.wait_for(reader.readexactly(length), 5)
+    finally:
+        writer.close()
+    return int(answer.split()[1]), answer, json.loads(body)
+
+
+async def test_a_large_body_is_refused_before_it_is_sent(stack: Stack) -> None:
+    # an upload nginx may take (200 MiB) goes on to the API as it comes: without a token, its 401
+    # comes at once, and nginx has spooled nothing to disk
+    status, _, body = await answer_before_the_body(
+        stack.nginx.port,
+        "POST /v1/files HTTP/1.1\nHost: nginx\nContent-Type: multipart/form-data; boundary=x\n"
+        f"Content-Length: {200 * 1024 * 1024}\n",
+    )
+    assert status == 401
+    assert body["error"]["code"] == "unauthorized"  # type: ignore[index]
+    # anywhere else, a body above 2 MiB is nginx's 413 from its Content-Length alone
+    status, head, body = await answer_before_the_body(
+        stack.nginx.port,
+        f"POST /v1/chats HTTP/1.1\nHost: nginx\nContent-Type: application/json\nContent-Length: {3 * 1024 * 1024}\n",
+    )
+    assert status == 413
     assert b"Content-Type: application/json" in head
-    assert json.loads(body)["error"]["code"] == "payload_too_large"
+    assert body["error"]["code"] == "payload_too_large"  # type: ignore[index]
+
+
+async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -> None:
+    # a body over /v1/files's client_max_body_size: refused from its Content-Length alone, before any is sent
+    status, head, body = await answer_before_the_body(
+        stack.nginx.port, "POST /v1/files HTTP/1.1\nHost: nginx\nContent-Length: 300000000\n"
+    )
+    assert status == 413
+    assert b"Content-Type: application/json" in head
+    assert body["error"]["code"] == "payload_too_large"  # type: ignore[index]
     # no edge answers at all
     for edge in stack.edges:
         edge.kill()
@@ -150,18 +229,27 @@ async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -
             stack.restart_edge(index)
 
 
+async def login_from(stack: Stack, address: str, forged: str | None = None) -> int:
+    """A visitor login's status, from a client at ``address`` (127.0.0.N: every one reaches nginx),
+    sending ``forged`` as its own X-Forwarded-For."""
+    headers = {"X-Forwarded-For": forged} if forged else {}
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(stack.url + "/v1/auth/visitor", headers=headers) as response,
+    ):
+        return response.status
+
+
 async def test_the_per_address_limits_count_each_client_behind_nginx_not_nginx(stack: Stack) -> None:
-    async with aiohttp.ClientSession() as session:
+    many = [await login_from(stack, f"127.0.0.{10 + n}") for n in range(2 * LOGINS)]
+    assert many == [201] * (2 * LOGINS), "clients behind nginx share one address's limit"
 
-        async def login_from(address: str) -> int:
-            # the test's own X-Forwarded-For stands for a proxy in front of nginx; nginx appends 127.0.0.1
-            async with session.post(stack.url + "/v1/auth/visitor", headers={"X-Forwarded-For": address}) as response:
-                return response.status
 
-        many = [await login_from(f"203.0.113.{n}") for n in range(2 * LOGINS)]
-        assert many == [201] * (2 * LOGINS), "clients behind nginx share one address's limit"
-        one = [await login_from("198.51.100.9") for _ in range(LOGINS + 1)]
-        assert one == [201] * LOGINS + [429]
+async def test_a_client_cannot_choose_its_address_with_x_forwarded_for(stack: Stack) -> None:
+    # the processes trust all of 127.0.0.0/8 here, the client's address too: nginx alone must drop it
+    forged = [await login_from(stack, "127.0.0.2", forged=f"127.0.0.{100 + n}") for n in range(LOGINS + 1)]
+    assert forged == [201] * LOGINS + [429], "a forged X-Forwarded-For escaped the per-address limit"
 
 
 def batch_line(custom_id: str, prompt: str) -> str:

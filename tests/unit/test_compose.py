@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import re
 import shlex
@@ -186,7 +187,11 @@ def nginx_conf() -> str:
 def nginx_upstreams() -> dict[str, list[str]]:
     """Each ``upstream NAME { server HOST:PORT; … }`` of deploy/nginx.conf: NAME → its servers."""
     blocks = re.findall(r"upstream\s+(\w+)\s*\{(.*?)\}", nginx_conf(), flags=re.DOTALL)
-    return {name: re.findall(r"^\s*server\s+(\S+?)\s*;", body, flags=re.MULTILINE) for name, body in blocks}
+    return {name: re.findall(r"^\s*server\s+(\S+?)(?:\s+[^;]*)?;", body, flags=re.MULTILINE) for name, body in blocks}
+
+
+def nginx_upstream_bodies() -> dict[str, str]:
+    return dict(re.findall(r"upstream\s+(\w+)\s*\{(.*?)\}", nginx_conf(), flags=re.DOTALL))
 
 
 def nginx_seconds(directive: str) -> list[float]:
@@ -217,11 +222,113 @@ def test_nginx_is_the_one_public_door_to_the_api_and_two_edges() -> None:
     assert nginx["ports"] == [f"8000:{listen}"]
     for name in ("api", *EDGES):
         environment = services()[name]["environment"]
-        # stream_url goes through nginx, and the page's CSP (served by api and edges alike) allows it
-        assert environment["STREAMBRIDGE_PUBLIC_EDGE_URL"].endswith(":-http://localhost:8000}")
-        # the per-address limits count the clients nginx names, not nginx
-        assert environment["STREAMBRIDGE_TRUSTED_PROXIES"]
-        settings_class()(trusted_proxies=environment["STREAMBRIDGE_TRUSTED_PROXIES"])  # a valid value
+        # passed through, with no default: unset, stream_url is built from the Host nginx passes (the
+        # address the client used, whatever it is) and the page's CSP allows its own origin
+        assert "STREAMBRIDGE_PUBLIC_EDGE_URL" in environment
+        assert environment["STREAMBRIDGE_PUBLIC_EDGE_URL"] is None
+    assert re.search(r"^\s*proxy_set_header\s+Host\s+\$http_host;", nginx_conf(), flags=re.MULTILINE)
+
+
+def test_api_and_edges_trust_nginx_alone_to_name_the_client() -> None:
+    # a fixed address on a fixed subnet, so that no other container on the network is a "proxy"
+    [subnet] = [entry["subnet"] for entry in load_compose()["networks"]["default"]["ipam"]["config"]]
+    nginx_address = services()["nginx"]["networks"]["default"]["ipv4_address"]
+    assert ipaddress.ip_address(nginx_address) in ipaddress.ip_network(subnet)
+    for name in ("api", *EDGES):
+        trusted = services()[name]["environment"]["STREAMBRIDGE_TRUSTED_PROXIES"]
+        networks = settings_class()(trusted_proxies=trusted).trusted_networks
+        assert [str(network) for network in networks] == [f"{nginx_address}/32"], name
+
+
+def test_nginx_is_the_outermost_hop_and_names_the_client_itself() -> None:
+    # $proxy_add_x_forwarded_for would keep what the client sent, and the client would choose its address
+    headers = dict(re.findall(r"^\s*proxy_set_header\s+(\S+)\s+(.+?);", nginx_conf(), flags=re.MULTILINE))
+    assert headers["X-Forwarded-For"] == "$remote_addr"
+    assert headers["X-Forwarded-Proto"] == "$scheme"
+    assert "$proxy_add_x_forwarded_for" not in re.sub(r"#.*", "", nginx_conf())
+
+
+def test_nginx_closes_idle_upstream_connections_before_streambridge_does() -> None:
+    # aiohttp closes a connection idle for header_timeout; nginx must drop it first, or a POST sent on it fails
+    header_timeout = settings_class()().header_timeout
+    for name, body in nginx_upstream_bodies().items():
+        [timeout] = re.findall(r"^\s*keepalive_timeout\s+(\d+)s\s*;", body, flags=re.MULTILINE) or [None]
+        assert timeout is not None, f"upstream {name} keeps idle connections 60 s (nginx's default)"
+        assert int(timeout) < header_timeout, f"upstream {name}: {timeout} s is not below {header_timeout} s"
+        assert re.search(r"^\s*keepalive\s+\d+\s*;", body, flags=re.MULTILINE), name
+
+
+def test_nginx_finds_recreated_containers_by_their_names_again() -> None:
+    assert re.search(r"^\s*resolver\s+127\.0\.0\.11\s+valid=\d+s\b", nginx_conf(), flags=re.MULTILINE)
+    for name, body in nginx_upstream_bodies().items():
+        assert re.search(r"^\s*zone\s+\w+\s+\d+k\s*;", body, flags=re.MULTILINE), name
+        servers = re.findall(r"^\s*server\s+[^;]*;", body, flags=re.MULTILINE)
+        assert servers, name
+        assert all(server.split()[-1] == "resolve;" for server in servers), name
+    # `resolve` in an upstream is in open-source nginx from 1.27.3 on
+    version = re.fullmatch(r"nginx:(\d+)\.(\d+)\.(\d+)-alpine", services()["nginx"]["image"])
+    assert version is not None
+    assert tuple(int(part) for part in version.groups()) >= (1, 27, 3)
+
+
+def test_readme_names_the_nginx_image_compose_runs() -> None:
+    assert f"`{services()['nginx']['image']}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def nginx_body_limits() -> tuple[list[str], dict[str, str]]:
+    """client_max_body_size at server level, and in each location that sets its own: location → value."""
+    conf = re.sub(r"#.*", "", nginx_conf())
+    locations = {
+        match[1].strip(): match[2] for match in re.finditer(r"location\s+([^{]+)\{([^}]*)\}", conf, flags=re.DOTALL)
+    }
+    outside = re.sub(r"location\s+[^{]+\{[^}]*\}", "", conf, flags=re.DOTALL)
+    limit = r"^\s*client_max_body_size\s+(\S+)\s*;"
+    per_location = {
+        where: found[0] for where, body in locations.items() if (found := re.findall(limit, body, flags=re.MULTILINE))
+    }
+    return re.findall(limit, outside, flags=re.MULTILINE), per_location
+
+
+def test_nginx_takes_large_bodies_on_uploads_only_and_streams_them() -> None:
+    server_level, per_location = nginx_body_limits()
+    sizes = {"k": 1024, "m": 1024 * 1024}
+    [general] = server_level
+    general_bytes = int(general[:-1]) * sizes[general[-1]]
+    max_body = settings_class()().max_body_bytes
+    assert max_body < general_bytes <= 4 * max_body, f"client_max_body_size {general} for JSON of {max_body} bytes"
+    assert per_location == {"= /v1/files": "256m"}
+    files = re.search(r"location = /v1/files \{(.*?)\}", nginx_conf(), flags=re.DOTALL)
+    assert files is not None
+    assert re.search(r"^\s*proxy_request_buffering\s+off;", files[1], flags=re.MULTILINE)
+    assert "proxy_pass http://streambridge_api;" in files[1]
+
+
+def test_a_503_from_streambridge_does_not_count_as_a_failed_edge() -> None:
+    # it is streambridge's own answer (Redis unreachable); counting it takes a healthy edge out for 10 s
+    for line in re.findall(r"^\s*proxy_next_upstream\s+([^;]*);", nginx_conf(), flags=re.MULTILINE):
+        assert "http_503" not in line.split()
+
+
+def test_every_bind_mount_source_exists() -> None:
+    for name, service in services().items():
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":", 1)[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repo"
+
+
+def test_the_workers_metrics_are_reachable_on_the_compose_network() -> None:
+    assert services()["worker"]["environment"]["STREAMBRIDGE_WORKER_METRICS_HOST"] == "0.0.0.0"
+
+
+def test_every_process_that_admits_chats_knows_the_same_default_model() -> None:
+    # the edges admit OpenAI's chats: without the setting they would pick another model than the api
+    models = {
+        name: services()[name]["environment"].get("STREAMBRIDGE_LLM_MODEL", "absent")
+        for name in ("api", *EDGES, "worker")
+    }
+    assert len(set(models.values())) == 1, models
+    assert models["api"] != "absent"
 
 
 def test_nginx_upstreams_are_the_compose_services_on_their_ports() -> None:
@@ -284,3 +391,15 @@ def test_docker_compose_accepts_the_file() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_no_test_knob_is_named_like_a_setting() -> None:
+    # every streambridge command refuses an unknown STREAMBRIDGE_* variable: a test's knob exported in
+    # a shell under that prefix would stop them all
+    known = settings_env_names()
+    read = {
+        name
+        for path in (ROOT / "tests").rglob("*.py")
+        for name in re.findall(r"environ\.get\(\s*\"(STREAMBRIDGE_\w+)\"", path.read_text(encoding="utf-8"))
+    }
+    assert not read - known, f"tests read {sorted(read - known)}: name them SB_TEST_…"
