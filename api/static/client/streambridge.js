@@ -184,8 +184,8 @@ export class StreambridgeClient {
     }
   }
 
-  getChat(id) {
-    return this._request("GET", `/v1/chats/${encodeURIComponent(id)}`);
+  getChat(id, { signal } = {}) {
+    return this._request("GET", `/v1/chats/${encodeURIComponent(id)}`, undefined, {}, signal);
   }
 
   cancelChat(id) {
@@ -349,7 +349,8 @@ export class ChatStream {
       let retryAfter = 0;
       let cause;
       try {
-        if (stale) await this._refreshUrl();
+        if (stale) await this._refreshUrl(signal);
+        signal.throwIfAborted(); // closed while the URL was refreshed: no new connection
         if (!this.reconnects) this._connection("connecting", {});
         await this._connect(signal, () => {
           stale = false; // the fresh URL works: a 401 later on (hours later, say) may ask for one again
@@ -364,7 +365,7 @@ export class ChatStream {
           stale = true; // the stream token expired (or the bearer route needs one): ask the API again
           continue;
         }
-        if (status === 410) throw await this._expired(error);
+        if (status === 410) throw await this._expired(error, signal);
         if (status !== null && status !== 429 && status < 500) throw error;
         cause = error;
         retryAfter = (error.retryAfter ?? 0) * 1000;
@@ -379,6 +380,7 @@ export class ChatStream {
       const delay = Math.max(backoff(failures), retryAfter);
       this._connection("reconnecting", { attempt: failures, delay, error: cause });
       await waitForNetwork(delay, signal);
+      signal.throwIfAborted();
     }
   }
 
@@ -427,21 +429,22 @@ export class ChatStream {
     return { url, headers: this.client.token ? { Authorization: `Bearer ${this.client.token}` } : {} };
   }
 
-  async _refreshUrl() {
-    const info = await this.client.getChat(this.id);
+  async _refreshUrl(signal) {
+    const info = await this.client.getChat(this.id, { signal });
     this.streamUrl = info.stream_url ?? null;
   }
 
   /** 410: the history is gone. The final result (or the text so far) is fetched and kept on the error. */
-  async _expired(error) {
+  async _expired(error, signal) {
     let result = null;
     if (this.client.token) {
       try {
-        result = await this.client.getChat(this.id);
+        result = await this.client.getChat(this.id, { signal });
       } catch {
         // the error below says what happened; the result is a courtesy
       }
     }
+    signal.throwIfAborted(); // closed meanwhile: the caller's AbortError, not the expiry
     const message = "this chat's history has expired; its final result is on the error (GET /v1/chats/{id})";
     return new StreambridgeError(410, "stream_expired", message, { result, cause: error });
   }
@@ -633,6 +636,7 @@ export class ChatStream {
 
 /** Follows `url` with fetch: headers (Authorization, Last-Event-ID) and a readable body. */
 async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, opened, silence) {
+  signal.throwIfAborted(); // an "abort" listener added now would never fire
   const stop = new AbortController();
   const abort = () => stop.abort(signal.reason);
   signal.addEventListener("abort", abort, { once: true });
@@ -687,6 +691,7 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
  */
 function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, watch) {
   return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason); // an "abort" listener added now would never fire
     const target = new URL(url);
     if (lastEventId) target.searchParams.set("last_event_id", lastEventId);
     const source = new EventSource(target.href);

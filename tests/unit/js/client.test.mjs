@@ -501,3 +501,56 @@ test("over EventSource, a client whose token does not own the chat stops asking 
   chat.close();
   await chat.done.catch(() => {});
 });
+
+test("close() while the stream token is refreshed: no new connection, no callbacks, done rejects", async () => {
+  let releaseGet;
+  let getSignal;
+  let streams = 0;
+  const fetchImpl = async (url, init = {}) => {
+    const where = new URL(url);
+    if (where.pathname === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=old` });
+    if (where.pathname === `/v1/chats/${ID}`) {
+      getSignal = init.signal;
+      await new Promise((resolve) => (releaseGet = resolve)); // a slow answer, that ignores the abort
+      return json(200, { id: ID, status: "running", content: "", stream_url: `/v1/chats/${ID}/events?token=new` });
+    }
+    streams += 1;
+    if (where.searchParams.get("token") === "old") return json(401, { error: { code: "unauthorized", message: "expired" } });
+    return new Response(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "after close!") + sse("3-0", "complete", { attempt: 1 }));
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+  const calls = [];
+  const chat = await client.createChat({
+    message: "hi",
+    transport: "fetch",
+    onContent: (piece) => calls.push(`content ${piece}`),
+    onComplete: () => calls.push("complete"),
+    onError: () => calls.push("error"),
+  });
+  while (!releaseGet) await new Promise((resolve) => setTimeout(resolve, 1));
+  chat.close();
+  assert.equal(getSignal?.aborted, true, "the refresh's GET is aborted with the stream");
+  releaseGet();
+  await assert.rejects(chat.done, { name: "AbortError" });
+  assert.equal(streams, 1, "no second events request after close()");
+  assert.deepEqual(calls, []);
+});
+
+test("a stream given an already aborted signal rejects at once, over fetch and over EventSource", async (t) => {
+  t.after(() => delete globalThis.EventSource);
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  let streams = 0;
+  const fetchImpl = async () => {
+    streams += 1;
+    return new Response("");
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+  for (const transport of ["fetch", "eventsource"]) {
+    const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport });
+    chat.close();
+    await assert.rejects(chat.done, { name: "AbortError" });
+  }
+  assert.equal(streams, 0);
+  assert.equal(FakeEventSource.made.length, 0);
+});
