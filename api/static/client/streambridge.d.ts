@@ -138,6 +138,8 @@ export type ConnectionState =
   | { state: "connecting" }
   | { state: "open"; reconnects: number }
   | { state: "reconnecting"; attempt: number; delay: number; error: unknown }
+  /** the browser says it is offline: the next try is when it is back, or in `retryIn` ms at most */
+  | { state: "offline"; retryIn: number }
   | { state: "closed"; error?: unknown };
 
 export interface ClientOptions {
@@ -151,7 +153,12 @@ export interface ClientOptions {
   storageKey?: string;
   /** "auto": EventSource for a stream_url (no headers needed), fetch streaming when a header must be sent */
   transport?: "auto" | "eventsource" | "fetch";
-  /** failed connections in a row before giving up with `stream_lost`; time offline is not counted */
+  /**
+   * how long failed connections in a row (no event between them) go on before the client gives up
+   * with `stream_lost`, in ms (default 300000: five minutes); time the browser is offline is not counted
+   */
+  retryForMs?: number;
+  /** failed connections in a row before giving up with `stream_lost` (default: no limit but retryForMs) */
   maxReconnects?: number;
   /**
    * ms of silence (default 45000; the edge pings every 15 s at most) after which a fetch stream is
@@ -178,6 +185,8 @@ export interface StreamOptions {
    * when it is made, which before the first `await` after createChat is every one)
    */
   keepEvents?: boolean;
+  /** overrides the client's `retryForMs` for this chat */
+  retryForMs?: number;
   /** overrides the client's `readTimeoutMs` for this chat */
   readTimeoutMs?: number;
   /** overrides the client's `onCallbackError` for this chat */

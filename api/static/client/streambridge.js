@@ -13,7 +13,15 @@
 export const VERSION = "0.1.0";
 
 const BACKOFF_START_MS = 100;
-const BACKOFF_MAX_MS = 2000;
+// Doubling to 15 s: an edge being redeployed, a VPN that reconnects, a train in a tunnel — minutes
+// of failures are normal, and many pages cut at once must not all come back every 2 s.
+const BACKOFF_MAX_MS = 15000;
+// Failures in a row (no event accepted) for this long end the chat's following with `stream_lost`.
+// Time the browser says it is offline is not counted.
+const RETRY_FOR_MS = 5 * 60_000;
+// While the browser says it is offline, the stream still tries this often: `navigator.onLine` is a
+// hint (it can stay false on a network that works), not the truth.
+const OFFLINE_RETRY_MS = 10_000;
 // The edge sends a comment at least every 15 s; a fetch stream silent for longer than this is dead.
 // EventSource hides those comments: there, a silence this long only makes the client ask the API
 // whether the chat moved on without it (see viaEventSource).
@@ -80,7 +88,8 @@ export class StreambridgeClient {
     store = sessionStore(),
     storageKey = "streambridge",
     transport = "auto",
-    maxReconnects = 20,
+    maxReconnects = Infinity,
+    retryForMs = RETRY_FOR_MS,
     readTimeoutMs = READ_TIMEOUT_MS,
     onCallbackError = undefined,
     fetch: fetchImpl = undefined,
@@ -90,6 +99,7 @@ export class StreambridgeClient {
     this.storageKey = storageKey;
     this.transport = transport;
     this.maxReconnects = maxReconnects;
+    this.retryForMs = retryForMs;
     this.readTimeoutMs = readTimeoutMs;
     this.onCallbackError = onCallbackError;
     this._fetch = fetchImpl ?? ((...args) => globalThis.fetch(...args));
@@ -343,6 +353,7 @@ export class ChatStream {
   async _run() {
     const signal = this._stop.signal;
     this._failures = 0; // reset by an accepted event, not by an open: a 200 that closes at once must count
+    this._failingSince = null; // when the failures in a row began (less the time offline); reset with them
     let stale = false;
     for (;;) {
       signal.throwIfAborted();
@@ -371,15 +382,19 @@ export class ChatStream {
         retryAfter = (error.retryAfter ?? 0) * 1000;
       }
       const failures = (this._failures += 1);
-      if (failures > this.client.maxReconnects) {
-        throw new StreambridgeError(null, "stream_lost", `gave up after ${failures} failed connections in a row`, {
-          cause,
-        });
+      if (failures === 1 || this._failingSince === null) this._failingSince = Date.now();
+      const failingFor = Date.now() - this._failingSince;
+      const retryFor = this._options.retryForMs ?? this.client.retryForMs;
+      if (failures > this.client.maxReconnects || (failures > 1 && failingFor >= retryFor)) {
+        const seconds = Math.round(failingFor / 1000);
+        const message = `gave up after ${failures} failed connections in a row over ${seconds} s`;
+        throw new StreambridgeError(null, "stream_lost", message, { cause });
       }
       this.reconnects += 1;
       const delay = Math.max(backoff(failures), retryAfter);
       this._connection("reconnecting", { attempt: failures, delay, error: cause });
-      await waitForNetwork(delay, signal);
+      const offlineMs = await this._waitForNetwork(delay, signal);
+      this._failingSince += offlineMs; // time offline is not a failure of the stream's
       signal.throwIfAborted();
     }
   }
@@ -489,6 +504,7 @@ export class ChatStream {
     const event = { ...JSON.parse(data), eventId: id }; // parsed before the position moves: a bad one is read again
     this.lastEventId = id;
     this._failures = 0;
+    this._failingSince = null;
     this._queued.abort(); // the chat has left the queue: its events tell the rest
     this.queuePosition = null;
     const fresh = this._apply(event);
@@ -538,6 +554,20 @@ export class ChatStream {
     else if (event.type === "progress") call("onProgress", event);
     else if (event.type === "status" || event.type === "started") call("onStatus", event);
     else if (event.type === "error") call("onAttemptError", event);
+  }
+
+  /**
+   * The backoff; or, while the browser says it is offline, `{state: "offline"}` and a wait until it
+   * is back or OFFLINE_RETRY_MS pass (one more try: `onLine` can be wrong). The ms spent offline.
+   */
+  async _waitForNetwork(ms, signal) {
+    const offline = () => globalThis.navigator?.onLine === false;
+    if (!offline()) await sleep(ms, signal); // offline already: the wait below is the backoff
+    if (!offline()) return 0;
+    const since = Date.now();
+    this._connection("offline", { retryIn: OFFLINE_RETRY_MS });
+    await untilOnline(OFFLINE_RETRY_MS, signal);
+    return Date.now() - since;
   }
 
   _connection(state, detail) {
@@ -850,7 +880,7 @@ function baseOf(client) {
   return client.baseUrl || globalThis.location?.origin || "";
 }
 
-/** The wait before reconnect N (1, 2, …): doubling from 0.1 s to at most 2 s, each a random point in its upper half. */
+/** The wait before reconnect N (1, 2, …): doubling from 0.1 s to at most 15 s, each a random point in its upper half. */
 export function backoff(failures, { startMs = BACKOFF_START_MS, maxMs = BACKOFF_MAX_MS } = {}) {
   const delay = Math.min(maxMs, startMs * 2 ** (failures - 1));
   return delay / 2 + (Math.random() * delay) / 2;
@@ -877,20 +907,24 @@ function sleep(ms, signal) {
   });
 }
 
-/** The backoff, or — while the browser says it is offline — until it is back: time offline is not a failure. */
-async function waitForNetwork(ms, signal) {
-  await sleep(ms, signal);
-  if (globalThis.navigator?.onLine !== false || typeof globalThis.addEventListener !== "function") return;
-  await new Promise((resolve, reject) => {
+/** Until the browser's `online` event, or `ms` at most; rejects when `signal` aborts. */
+function untilOnline(ms, signal) {
+  return new Promise((resolve, reject) => {
+    signal.throwIfAborted();
+    const listen = typeof globalThis.addEventListener === "function";
+    const timer = setTimeout(() => back(), ms);
     const back = () => {
+      clearTimeout(timer);
+      if (listen) globalThis.removeEventListener("online", back);
       signal.removeEventListener("abort", stop);
       resolve();
     };
     const stop = () => {
-      globalThis.removeEventListener("online", back);
+      clearTimeout(timer);
+      if (listen) globalThis.removeEventListener("online", back);
       reject(signal.reason);
     };
-    globalThis.addEventListener("online", back, { once: true });
+    if (listen) globalThis.addEventListener("online", back, { once: true });
     signal.addEventListener("abort", stop, { once: true });
   });
 }

@@ -449,7 +449,8 @@ test("reconnect delays are jittered, doubling to a cap", () => {
   const delays = Array.from({ length: 50 }, () => backoff(3));
   assert.ok(delays.every((d) => d >= 200 && d <= 400), String(delays));
   assert.ok(new Set(delays).size > 40, "jittered, not one fixed delay");
-  assert.ok(backoff(30) <= 2000);
+  assert.ok(backoff(30) <= 15000);
+  assert.ok(backoff(30) >= 7500, "the cap grows past a few seconds: many pages cut at once come back spread out");
   assert.ok(backoff(30, { startMs: 250, maxMs: 5000 }) >= 2500);
 });
 
@@ -553,4 +554,81 @@ test("a stream given an already aborted signal rejects at once, over fetch and o
   }
   assert.equal(streams, 0);
   assert.equal(FakeEventSource.made.length, 0);
+});
+
+/** A fetch for the stream whose events requests fail (no answer) while `down()`; then one whole answer. */
+function downThenUp(down, tries) {
+  return async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    tries.push(Date.now());
+    if (down()) throw new TypeError("Failed to fetch");
+    return new Response(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "back") + sse("3-0", "complete", { attempt: 1 }));
+  };
+}
+
+async function runUntil(promise, stepMs, maxMs) {
+  let settled = false;
+  promise.then(() => (settled = true), () => (settled = true));
+  for (let t = 0; t < maxMs && !settled; t += stepMs) {
+    mock.timers.tick(stepMs);
+    await turns(10);
+  }
+  return promise;
+}
+
+test("a minute of failed connections (an edge redeploy, a dead zone) is waited out, not the end", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const start = Date.now();
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => Date.now() - start < 60_000, tries) });
+  const states = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onConnection: (c) => states.push(c.state) });
+  const result = await runUntil(chat.done, 500, 200_000);
+  assert.equal(result.text, "back");
+  assert.ok(tries.length < 40, `backed off to seconds between tries, not ${tries.length} tries in a minute`);
+  assert.equal(states.at(-1), "closed");
+});
+
+test("failures go on for retryForMs (default 5 minutes) before stream_lost", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => true, tries) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  const start = Date.now();
+  const error = await runUntil(chat.done, 1000, 600_000).then(() => null, (e) => e);
+  assert.equal(error?.code, "stream_lost");
+  const lasted = Date.now() - start;
+  assert.ok(lasted >= 300_000 && lasted < 330_000, `gave up after ${lasted} ms`);
+  const gaps = tries.slice(1).map((at, i) => at - tries[i]);
+  assert.ok(Math.max(...gaps) <= 15_000 && Math.max(...gaps) >= 7_500, String(gaps));
+});
+
+test("offline is reported, and the stream still tries every ~10 s; time offline is not counted", async (t) => {
+  const had = Object.getOwnPropertyDescriptor(globalThis, "navigator");
+  let onLine = false;
+  Object.defineProperty(globalThis, "navigator", { configurable: true, get: () => ({ onLine }) });
+  t.after(() => {
+    mock.timers.reset();
+    if (had) Object.defineProperty(globalThis, "navigator", had);
+    else delete globalThis.navigator;
+  });
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const start = Date.now();
+  // offline (no answer) for 10 minutes, longer than retryForMs: it does not count
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => Date.now() - start < 600_000, tries) });
+  const states = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onConnection: (c) => states.push(c.state) });
+  for (let s = 0; s < 600; s++) {
+    mock.timers.tick(1000);
+    await turns(10);
+  }
+  assert.ok(states.includes("offline"), String(states));
+  assert.ok(tries.length >= 50, `tried ${tries.length} times in 10 minutes offline: every ~10 s, the hint is not trusted forever`);
+  onLine = true;
+  const result = await runUntil(chat.done, 1000, 60_000);
+  assert.equal(result.text, "back");
 });
