@@ -81,8 +81,9 @@ def test_a_network_cut_mid_answer_resumes_and_ends_exact(page: Page, deployment:
     wait_for_some_text(page)
     deployment.proxy.cut()  # every connection dropped, new ones refused …
     page.context.set_offline(True)  # … and the browser knows it is offline
-    expect(page.locator("body")).to_have_attribute("data-connection", "reconnecting")
-    expect(page.locator("#connection")).to_contain_text("reconnecting")
+    # reconnecting, and at once offline: the browser says so (the client still tries every 10 s)
+    expect(page.locator("body")).to_have_attribute("data-connection", "offline")
+    expect(page.locator("#connection")).to_contain_text("offline")
     shots(page, "cut")
     assert expected_text(prompt, 60).startswith(answer(page))
     page.context.set_offline(False)
@@ -492,3 +493,38 @@ def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnect
     chat_id = body.get_attribute("data-chat")
     streams = [r for r in deployment.proxy.requests if r.startswith(f"GET /v1/chats/{chat_id}/events")]
     assert len(streams) == 1, streams
+
+
+def sse(entry: str, kind: str, **data: Any) -> str:
+    return f"id: {entry}\nevent: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+def test_a_superseded_attempts_text_leaves_the_page_when_the_next_has_none(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # Attempt 1 streams text and its worker is lost; attempt 2 answers with a tool call only. The
+    # page must not go on showing attempt 1's half answer (the chat's answer is attempt 2's: empty).
+    chat_id = "0123456789abcdef0123456789abcdef"
+    events = (
+        sse("1-0", "started", attempt=1, model="m")
+        + sse("2-0", "content", content="half an answ", index=1, attempt=1)
+        + sse("3-0", "status", message="worker lost; attempt 2 of 3", attempt=2)
+        + sse("4-0", "started", attempt=2, model="m")
+        + sse("5-0", "tool_call", index=0, id="call_1", name="lookup", arguments="{}", attempt=2)
+        + sse("6-0", "complete", attempt=2, total_chunks=1, content_length=0, elapsed_ms=5, finish_reason="tool_calls")
+    )
+    created = {"id": chat_id, "status": "queued", "stream_url": f"/v1/chats/{chat_id}/events?token=s", "created_at": 1}
+    page.route(
+        re.compile(r"/v1/chats$"),
+        lambda route: route.fulfill(status=202, content_type="application/json", body=json.dumps(created)),
+    )
+    page.route(
+        re.compile(rf"/v1/chats/{chat_id}/events"),
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=events),
+    )
+    open_page(page, deployment)
+    ask(page, unique("superseded"), "fake?words=5")
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "attempt-2-tool-call-only")
+    assert answer(page) == ""
+    expect(page.locator("#tool-calls")).to_have_text("tool call lookup({})")

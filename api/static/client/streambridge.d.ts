@@ -192,7 +192,11 @@ export interface StreamOptions {
   /** overrides the client's `onCallbackError` for this chat */
   onCallbackError?(error: unknown, callback: string): void;
   onEvent?(event: ChatEvent, chat: ChatStream): void;
-  /** `text` is the whole answer so far: render it, and a superseded attempt's text disappears */
+  /**
+   * `text` is the whole answer so far: render it. When a later attempt supersedes the text, clear
+   * what you drew in `onAttempt`: the new attempt may stream no text (a tool call only), and then
+   * this is not called again. `onComplete`'s `result.text` is the final answer.
+   */
   onContent?(piece: string, event: ContentEvent, text: string): void;
   onReasoning?(piece: string, event: ReasoningEvent, reasoning: string): void;
   onToolCall?(event: ToolCallEvent, calls: ToolCall[]): void;

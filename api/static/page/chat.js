@@ -28,8 +28,33 @@ function status(text) {
   $("history").append(item);
 }
 
+/** The answer as one text node: a piece is appended to it (not the whole text redrawn per event). */
+function setAnswer(text) {
+  const node = document.createTextNode(text);
+  $("answer").replaceChildren(node);
+  return node;
+}
+
+let answerNode = null;
+
+function appendAnswer(piece) {
+  if (answerNode === null || answerNode.parentNode !== $("answer")) answerNode = setAnswer("");
+  answerNode.appendData(piece);
+}
+
+/** What the chat holds now (a superseded attempt's text gone, the final text at the end), drawn whole. */
+function drawParts({ text, reasoning, toolCalls }) {
+  answerNode = setAnswer(text);
+  $("reasoning-box").hidden = !reasoning;
+  say("reasoning", reasoning);
+  $("tool-calls").hidden = !toolCalls.length;
+  say("tool-calls", toolCalls.map((c) => `tool call ${c.function.name}(${c.function.arguments})`).join("\n"));
+}
+
 function show(prompt) {
   leftQueue();
+  $("resume").hidden = true;
+  delete document.body.dataset.resumable;
   $("chat").hidden = false;
   say("question", prompt);
   for (const id of ["answer", "reasoning", "tool-calls", "progress-text", "error", "history"]) say(id, "");
@@ -44,15 +69,17 @@ function fail(message) {
   say("error", message);
 }
 
-function connection({ state, delay }) {
+function connection({ state, delay, retryIn }) {
   const was = document.body.dataset.connection;
-  if (state === "reconnecting" && was !== "reconnecting") status("connection lost: reconnecting");
-  if (state === "open" && was === "reconnecting") status("reconnected: resuming after the last event received");
+  const lost = (s) => s === "reconnecting" || s === "offline";
+  if (state === "reconnecting" && !lost(was)) status("connection lost: reconnecting");
+  if (state === "offline" && was !== "offline") status("offline: waiting for the network");
+  if (state === "open" && lost(was)) status("reconnected: resuming after the last event received");
   const pill = $("connection");
   pill.hidden = state === "open" || state === "closed" || state === "connecting";
-  if (state === "reconnecting") {
-    const offline = navigator.onLine === false ? " (offline: waiting for the network)" : "";
-    say("connection", `reconnecting in ${(delay / 1000).toFixed(1)} s${offline}`);
+  if (state === "reconnecting") say("connection", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
+  if (state === "offline") {
+    say("connection", `offline: waiting for the network (trying again every ${Math.round(retryIn / 1000)} s)`);
   }
   document.body.dataset.connection = state;
 }
@@ -73,8 +100,12 @@ function leftQueue() {
 
 function callbacks() {
   return {
-    onContent: (_piece, _event, text) => say("answer", text),
-    onAttempt: (attempt) => status(`attempt ${attempt}: the earlier attempt's text is replaced`),
+    onContent: (piece) => appendAnswer(piece),
+    onAttempt: (attempt) => {
+      // the earlier attempt's text, reasoning and tool calls go; this event's own callback draws it next
+      drawParts({ text: "", reasoning: "", toolCalls: [] });
+      status(`attempt ${attempt}: the earlier attempt's text is replaced`);
+    },
     onReasoning: (_piece, _event, reasoning) => {
       $("reasoning-box").hidden = false;
       say("reasoning", reasoning);
@@ -95,6 +126,7 @@ function callbacks() {
     onComplete: (result) => {
       leftQueue();
       $("progress").hidden = true;
+      drawParts(result); // the answer is the attempt that ended, whatever was drawn on the way
       if (result.status === "cancelled") {
         status("cancelled");
         setState("cancelled");
@@ -124,6 +156,8 @@ function callbacks() {
       }
       fail(`Error: ${error.message}`);
       setState("error");
+      // lost (the network, for minutes): the chat goes on on the server and its record is kept
+      if (chat && client.savedChat()?.id === chat.id) offerResume();
     },
   };
 }
@@ -147,6 +181,26 @@ async function ask(event) {
     fail(`Could not start the chat: ${error.message}`);
     setState("error");
   }
+}
+
+/** After a give-up: a Resume button, and a resume by itself when the network or the tab comes back. */
+function offerResume() {
+  $("resume").hidden = false;
+  document.body.dataset.resumable = "true";
+}
+
+function resume() {
+  if (document.body.dataset.resumable !== "true" || document.body.dataset.state === "streaming") return;
+  const saved = client.savedChat();
+  if (!saved) return;
+  delete document.body.dataset.resumable;
+  $("resume").hidden = true;
+  $("error").hidden = true;
+  $("progress").hidden = false;
+  setState("streaming");
+  chat = client.resumeChat(callbacks());
+  drawParts(chat);
+  status("resuming…");
 }
 
 async function cancel() {
@@ -465,6 +519,9 @@ function start() {
   startBatchView();
   $("ask").addEventListener("submit", ask);
   $("cancel").addEventListener("click", cancel);
+  $("resume").addEventListener("click", resume);
+  window.addEventListener("online", resume);
+  document.addEventListener("visibilitychange", () => document.visibilityState === "visible" && resume());
   const saved = client.savedChat();
   if (saved) {
     // A reload mid-answer: the text so far comes from the store, the rest from after its last event.
@@ -473,7 +530,7 @@ function start() {
     setState("streaming");
     chat = client.resumeChat(callbacks());
     document.body.dataset.chat = chat.id;
-    say("answer", chat.text);
+    drawParts(chat);
     status("resuming after a reload…");
     document.body.dataset.resumed = "true";
   } else {

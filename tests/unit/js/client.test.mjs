@@ -632,3 +632,32 @@ test("offline is reported, and the stream still tries every ~10 s; time offline 
   const result = await runUntil(chat.done, 1000, 60_000);
   assert.equal(result.text, "back");
 });
+
+test("a renderer that clears in onAttempt shows the answer, when the new attempt has no text", async () => {
+  // attempt 1 streams text, its worker is lost, attempt 2 answers with a tool call only
+  const stream =
+    sse("1-0", "started", { attempt: 1, model: "m" }) +
+    content("2-0", "half an answ") +
+    sse("3-0", "status", { message: "worker lost; attempt 2 of 3", attempt: 2 }) +
+    sse("4-0", "started", { attempt: 2, model: "m" }) +
+    sse("5-0", "tool_call", { index: 0, id: "call_1", name: "lookup", arguments: "{}", attempt: 2 }) +
+    sse("6-0", "complete", { attempt: 2, finish_reason: "tool_calls" });
+  const client = createClient({ baseUrl: "http://x", token: "t", store: memoryStore(), fetch: scripted([stream], []) });
+  let shown = "";
+  const log = [];
+  const chat = await client.createChat({
+    message: "hi",
+    transport: "fetch",
+    onContent: (_piece, _event, text) => (shown = text),
+    onAttempt: (n, current) => {
+      log.push(`attempt ${n} text=${JSON.stringify(current.text)}`);
+      shown = ""; // the README's pattern
+    },
+    onComplete: (result) => (shown = result.text),
+  });
+  const result = await chat.done;
+  assert.equal(result.text, "");
+  assert.equal(shown, "");
+  assert.deepEqual(log, ['attempt 2 text=""']);
+  assert.equal(result.toolCalls[0].function.name, "lookup");
+});
