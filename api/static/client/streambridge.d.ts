@@ -151,7 +151,10 @@ export interface ClientOptions {
   store?: Store | null;
   /** prefix of the store's keys: `${storageKey}:token`, `${storageKey}:chat` */
   storageKey?: string;
-  /** "auto": EventSource for a stream_url (no headers needed), fetch streaming when a header must be sent */
+  /**
+   * "auto": EventSource for a stream_url when the client has a token to ask the API whether a quiet
+   * stream died; fetch streaming otherwise (it sees the edge's pings), and when a header must be sent
+   */
   transport?: "auto" | "eventsource" | "fetch";
   /**
    * how long failed connections in a row (no event between them) go on before the client gives up

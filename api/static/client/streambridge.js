@@ -371,6 +371,10 @@ export class ChatStream {
         cause = new Error("the stream ended before a terminal event");
       } catch (error) {
         if (signal.aborted) throw signal.reason;
+        if (error?.code === "stream_silent") {
+          this.reconnects += 1; // a quiet EventSource with no one to ask whether it died: opened again
+          continue;
+        }
         const status = error instanceof StreambridgeError ? error.status : null;
         if (status === 401 && !stale && this.client.token) {
           stale = true; // the stream token expired (or the bearer route needs one): ask the API again
@@ -405,8 +409,14 @@ export class ChatStream {
     const kind = this._options.transport ?? this.client.transport;
     const silence = this._options.readTimeoutMs ?? this.client.readTimeoutMs;
     // EventSource cannot send headers: it serves a stream_url (its token is in the URL) and no Bearer.
-    if (kind === "eventsource" || (kind === "auto" && !headers.Authorization && typeof EventSource === "function")) {
-      const alive = this.client.token ? (stop) => this._movedOnWithoutUs(stop).then((moved) => !moved) : null;
+    // It never shows the edge's pings, so a dead connection is told from a quiet one only by asking
+    // the API (GET /v1/chats/{id}): "auto" uses it only where the client can ask, else fetch, which
+    // sees the pings (a stream_url needs no header: a backend's, handed to a browser with no token).
+    const canAsk = Boolean(this.client.token) && !this._cannotAsk;
+    const native = typeof EventSource === "function" && !headers.Authorization && canAsk;
+    if (kind === "eventsource" || (kind === "auto" && native)) {
+      // true: the chat has not moved on; null: the API will not say (not this token's chat)
+      const alive = canAsk ? (stop) => this._movedOnWithoutUs(stop).then((moved) => (moved === null ? null : !moved)) : null;
       const watch = { silence, alive };
       return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe), watch);
     }
@@ -420,7 +430,7 @@ export class ChatStream {
    * while the stream said nothing has lost its connection. A chat still waiting has not.
    */
   async _movedOnWithoutUs(signal) {
-    if (this._cannotAsk) return false;
+    if (this._cannotAsk) return null;
     let info;
     try {
       info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
@@ -429,7 +439,7 @@ export class ChatStream {
       // never will be, so stop asking; the stream is left to the browser, as without a token
       if (error instanceof StreambridgeError && [401, 403, 404].includes(error.status)) {
         this._cannotAsk = true;
-        return false;
+        return null;
       }
       throw error;
     }
@@ -684,9 +694,13 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
     opened();
     const parser = new SSEParser();
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    // a fetch whose body does not end with its signal (a polyfill, a test's) still ends with a read timeout
+    const cut = () => reader.cancel(stop.signal.reason).catch(() => {});
+    stop.signal.addEventListener("abort", cut, { once: true });
     try {
       for (;;) {
         const { value, done } = await reader.read();
+        stop.signal.throwIfAborted();
         if (done) return;
         arm();
         for (const message of parser.feed(value)) {
@@ -694,6 +708,7 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
         }
       }
     } finally {
+      stop.signal.removeEventListener("abort", cut);
       reader.cancel().catch(() => {});
     }
   } catch (error) {
@@ -716,8 +731,10 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
  * EventSource never shows the edge's `: ping` comments, so silence says nothing about the
  * connection: a chat waiting in the queue is silent for as long as it waits. After `watch.silence`
  * ms without an event, `watch.alive()` asks the API whether the chat went on without us; only then
- * is the connection taken for dead (`read_timeout`). Without `alive` (no token to ask with) a quiet
- * stream is left open: the browser reports a connection that breaks.
+ * is the connection taken for dead (`read_timeout`). Without `alive` (no token to ask with, or a
+ * token that does not own the chat) a silence of `watch.silence` closes it and the caller opens it
+ * again after the last event (`stream_silent`, not counted as a failure): a half-open connection
+ * is never kept for good. "auto" does not come here then: it uses fetch, which sees the pings.
  */
 function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, watch) {
   return new Promise((resolve, reject) => {
@@ -732,14 +749,19 @@ function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, w
       clearTimeout(timer);
       asking?.abort(); // an event came: the question is answered
       asking = null;
-      if (watch.alive) timer = setTimeout(check, watch.silence);
+      timer = setTimeout(check, watch.silence);
     };
     const check = () => {
+      // no one to ask: after a silence, open again after the last event (exact, cheap, not a failure)
+      if (!watch.alive) return finish(new StreambridgeError(null, "stream_silent", "the stream was silent: opened again"));
       const mine = (asking = new AbortController());
       watch.alive(mine.signal).then(
         (alive) => {
           if (mine.signal.aborted) return;
-          if (alive) arm();
+          if (alive === null) {
+            watch.alive = null; // no one to ask from now on: silences open the stream again
+            arm();
+          } else if (alive) arm();
           else finish(new StreambridgeError(null, "read_timeout", "the stream went silent while the chat went on"));
         },
         () => mine.signal.aborted || arm(), // no answer: the connection may be fine; ask again later

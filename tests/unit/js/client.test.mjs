@@ -497,8 +497,8 @@ test("over EventSource, a client whose token does not own the chat stops asking 
     await turns();
   }
   assert.equal(asked, 1);
-  assert.equal(FakeEventSource.made.length, 1);
-  assert.equal(FakeEventSource.made[0].closed, false);
+  // with no one to ask, a silence is answered by opening it again: a half-open one is not kept
+  assert.ok(FakeEventSource.made.length >= 2);
   chat.close();
   await chat.done.catch(() => {});
 });
@@ -660,4 +660,60 @@ test("a renderer that clears in onAttempt shows the answer, when the new attempt
   assert.equal(shown, "");
   assert.deepEqual(log, ['attempt 2 text=""']);
   assert.equal(result.toolCalls[0].function.name, "lookup");
+});
+
+test("auto, with no token to ask the API with (a stream_url from a backend), follows over fetch and resumes a half-open stream", async (t) => {
+  t.after(() => delete globalThis.EventSource);
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  const encoder = new TextEncoder();
+  const seen = [];
+  const fetchImpl = async (url, init = {}) => {
+    const where = new URL(url);
+    assert.equal(where.pathname, `/v1/chats/${ID}/events`);
+    assert.equal(where.searchParams.get("token"), "s");
+    assert.equal(init.headers.Authorization, undefined);
+    seen.push(init.headers["Last-Event-ID"] ?? null);
+    if (seen.length === 1) {
+      // the first connection goes silent mid-answer and stays open (a half-open socket)
+      const body = new ReadableStream({
+        start: (c) => c.enqueue(encoder.encode(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "Hel"))),
+      });
+      return new Response(body, { status: 200 });
+    }
+    return new Response(content("3-0", "lo") + sse("4-0", "complete", { attempt: 1 }), { status: 200 });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), readTimeoutMs: 50, fetch: fetchImpl });
+  const chat = client.followChat({ id: ID, stream_url: `http://x/v1/chats/${ID}/events?token=s` });
+  assert.equal((await chat.done).text, "Hello");
+  assert.equal(FakeEventSource.made.length, 0, "not EventSource: it would hide the pings");
+  assert.deepEqual(seen, [null, "2-0"]);
+});
+
+test("over EventSource with no token, a silent stream is opened again after the last event, not left for good", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), readTimeoutMs: 1000, fetch: async () => assert.fail("no fetch") });
+  const states = [];
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource", onConnection: (c) => states.push(c.state) });
+  await turns();
+  const [first] = FakeEventSource.made;
+  first.open();
+  first.send("1-0", "started", { attempt: 1, model: "m" });
+  first.send("2-0", "content", { content: "Hel", index: 1, attempt: 1 });
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true);
+  const second = FakeEventSource.made[1];
+  assert.equal(second?.url.searchParams.get("last_event_id"), "2-0");
+  second.open();
+  second.send("3-0", "content", { content: "lo", index: 2, attempt: 1 });
+  second.send("4-0", "complete", { attempt: 1 });
+  assert.equal((await chat.done).text, "Hello");
+  assert.ok(!states.includes("reconnecting"), String(states));
 });
