@@ -444,6 +444,7 @@ export class ChatStream {
       throw error;
     }
     if (TERMINAL.has(info.status)) return true; // ended, and its end never came
+    if ((info.attempts ?? 0) > this.attempt) return true; // a later attempt, and its start never came
     if (info.status !== "queued" && this.status === "queued") return true; // started, and nothing came
     return [...(info.content ?? "")].length > [...this.text].length;
   }
@@ -652,10 +653,12 @@ export class ChatStream {
 
   _finish() {
     const result = this._result();
-    this._end(null);
+    // a failed chat: `for await` yields its `failed` event, then throws what `done` rejects with
+    const error =
+      result.status === "failed" ? new StreambridgeError(null, "chat_failed", this.terminal.message, { result }) : null;
+    this._end(error);
     this._connection("closed", {});
-    if (result.status === "failed") {
-      const error = new StreambridgeError(null, "chat_failed", this.terminal.message, { result });
+    if (error) {
       this._callback("onError", error);
       throw error;
     }

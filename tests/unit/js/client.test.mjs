@@ -717,3 +717,45 @@ test("over EventSource with no token, a silent stream is opened again after the 
   assert.equal((await chat.done).text, "Hello");
   assert.ok(!states.includes("reconnecting"), String(states));
 });
+
+test("for await over a failed chat yields its events, the failed one too, then throws chat_failed", async () => {
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "partial") + sse("3-0", "failed", { message: "upstream said no", attempts: 3 });
+  const client = createClient({ baseUrl: "http://x", token: "t", store: memoryStore(), fetch: scripted([stream], []) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  const types = [];
+  const thrown = await (async () => {
+    for await (const event of chat) types.push(event.type);
+  })().then(() => null, (e) => e);
+  assert.deepEqual(types, ["started", "content", "failed"]);
+  assert.equal(thrown?.code, "chat_failed");
+  assert.equal(thrown.message, "upstream said no");
+  await assert.rejects(chat.done, (e) => e === thrown);
+});
+
+test("over EventSource, a silence while the server moved to a later attempt (with less text) reconnects", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({
+    baseUrl: "http://x",
+    token: "t",
+    store: memoryStore(),
+    readTimeoutMs: 1000,
+    fetch: apiOnly(() => ({ status: "running", attempts: 2, content: "short" })),
+  });
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource" });
+  await turns();
+  const [first] = FakeEventSource.made;
+  first.open();
+  first.send("1-0", "started", { attempt: 1, model: "m" });
+  first.send("2-0", "content", { content: "a longer first attempt", index: 1, attempt: 1 });
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true, "attempt 2 began on the server and its start never came: the stream is dead");
+  chat.close();
+  await chat.done.catch(() => {});
+});
