@@ -113,6 +113,12 @@ export interface ChatCreated {
 }
 
 export declare class StreambridgeError extends Error {
+  constructor(
+    status: number | null,
+    code: string,
+    message: string,
+    options?: { retryAfter?: number | null; result?: ChatInfo | ChatResult | null; cause?: unknown },
+  );
   name: "StreambridgeError";
   /** the HTTP status; null when there was no answer */
   status: number | null;
@@ -225,9 +231,39 @@ export interface StreamOptions {
   onError?(error: StreambridgeError | Error): void;
 }
 
+/** A part of a message's content, as OpenAI's Chat Completions takes it. */
+export type ContentPart =
+  | { type: "text"; text: string }
+  | { type: "image_url"; image_url: { url: string; detail?: "auto" | "low" | "high" } }
+  | { type: "input_audio"; input_audio: { data: string; format: "wav" | "mp3" } }
+  | { type: "file"; file: { file_data?: string; file_id?: string; filename?: string } }
+  | { type: "refusal"; refusal: string };
+
+/** A tool call an assistant made, in a message sent back with its results. */
+export interface MessageToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/** A message of the conversation, as OpenAI's Chat Completions types them. */
+export type ChatMessage =
+  | { role: "system"; content: string | ContentPart[]; name?: string }
+  | { role: "developer"; content: string | ContentPart[]; name?: string }
+  | { role: "user"; content: string | ContentPart[]; name?: string }
+  | {
+      role: "assistant";
+      /** null (or absent) when the assistant only called tools */
+      content?: string | ContentPart[] | null;
+      name?: string;
+      tool_calls?: MessageToolCall[];
+      refusal?: string | null;
+    }
+  | { role: "tool"; content: string | ContentPart[]; tool_call_id: string };
+
 export interface ChatOptions extends StreamOptions {
   message?: string;
-  messages?: { role: "system" | "user" | "assistant"; content: string }[];
+  messages?: ChatMessage[];
   model?: string;
   temperature?: number;
   max_tokens?: number;
@@ -245,10 +281,18 @@ export interface SavedChat {
   streamUrl: string | null;
   lastEventId: string | null;
   attempt: number;
+  /** what had arrived: the text, reasoning and tool calls (by index) of the attempt under way */
+  parts?: { text: string; reasoning: string; calls: [number, { id: string; name: string; arguments: string }][] };
   meta: unknown;
 }
 
 export declare class ChatStream implements AsyncIterable<ChatEvent> {
+  /** made by `createChat`, `followChat` and `resumeChat`, not by hand */
+  constructor(
+    client: StreambridgeClient,
+    saved: { id: string; streamUrl?: string | null } | SavedChat,
+    options: StreamOptions,
+  );
   readonly id: string;
   readonly streamUrl: string | null;
   /** the id of the last event received: where a resume starts */
@@ -289,7 +333,7 @@ export declare class StreambridgeClient {
   savedChat(): SavedChat | null;
   /** forgets the saved chat; given `id`, only if the saved chat is that one */
   forgetChat(id?: string): void;
-  getChat(id: string): Promise<ChatInfo>;
+  getChat(id: string, options?: { signal?: AbortSignal }): Promise<ChatInfo>;
   cancelChat(id: string): Promise<{ id: string; status: string }>;
 }
 
@@ -297,7 +341,7 @@ export declare function createClient(options?: ClientOptions): StreambridgeClien
 export declare function createChat(options: ClientOptions & ChatOptions & { client?: StreambridgeClient }): Promise<ChatStream>;
 export declare function sessionStore(): Store;
 export declare function memoryStore(): Store;
-/** the wait before reconnect `failures` (1, 2, …): doubling from startMs (100) to maxMs (2000), a random point in its upper half */
+/** the wait before reconnect `failures` (1, 2, …): doubling from startMs (100) to maxMs (15000), a random point in its upper half */
 export declare function backoff(failures: number, options?: { startMs?: number; maxMs?: number }): number;
 
 export interface SSEMessage { id: string | null; event: string; data: string }
