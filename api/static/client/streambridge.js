@@ -142,15 +142,34 @@ export class StreambridgeClient {
     const { signal } = options;
     signal?.throwIfAborted();
     if (!this.token) await this.login({ signal });
+    // The POST itself is not aborted with `signal`: once sent, it may have made the chat, and an
+    // aborted fetch would never say. After an abort it finishes in the background and the chat it
+    // made is cancelled, so no chat runs that no one can reach — unless the caller gave the
+    // Idempotency-Key: then a call with the same key (StrictMode's second run) gets that chat back.
+    const creating = this._createOrLogin(body, headers, signal);
     let created;
     try {
-      created = await this._create(body, headers, signal);
+      created = await untilAborted(creating, signal);
     } catch (error) {
-      if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven) throw error;
-      await this.login({ signal }); // the kept visitor token expired: a new visitor, once
-      created = await this._create(body, headers, signal);
+      if (signal?.aborted) {
+        const cancel = options.idempotencyKey === undefined;
+        creating.then((made) => cancel && this.cancelChat(made.id)).catch(() => {});
+      }
+      throw error;
     }
     return this.followChat(created, options);
+  }
+
+  async _createOrLogin(body, headers, signal) {
+    try {
+      return await this._create(body, headers, signal);
+    } catch (error) {
+      if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven || signal?.aborted) {
+        throw error;
+      }
+      await this.login({ signal }); // the kept visitor token expired: a new visitor, once
+      return this._create(body, headers, signal);
+    }
   }
 
   /** Follows a chat already created: `{ id, stream_url }` (as POST /v1/chats answers) or its id. */
@@ -202,10 +221,11 @@ export class StreambridgeClient {
     return this._request("POST", `/v1/chats/${encodeURIComponent(id)}/cancel`);
   }
 
+  /** POST /v1/chats, sent again (up to 3 tries) when no answer came; `signal` stops the tries, not a POST under way. */
   async _create(body, headers, signal) {
     for (let tries = 1; ; tries++) {
       try {
-        return await this._request("POST", "/v1/chats", body, headers, signal);
+        return await this._request("POST", "/v1/chats", body, headers);
       } catch (error) {
         // no answer (the network): the same key makes sending it again safe
         if (error instanceof StreambridgeError || signal?.aborted || tries >= 3) throw error;

@@ -759,3 +759,37 @@ test("over EventSource, a silence while the server moved to a later attempt (wit
   chat.close();
   await chat.done.catch(() => {});
 });
+
+test("aborted while its POST is out: the chat it made is cancelled, not left running unreachable", async () => {
+  for (const idempotencyKey of [undefined, "caller-key"]) {
+    let release;
+    let postSignal = "unset";
+    const cancelled = [];
+    const fetchImpl = async (url, init = {}) => {
+      const path = new URL(url).pathname;
+      if (path === "/v1/chats") {
+        postSignal = init.signal;
+        await new Promise((resolve) => (release = resolve)); // the server made it; its answer is slow
+        return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+      }
+      if (path === `/v1/chats/${ID}/cancel` && init.method === "POST") {
+        cancelled.push(ID);
+        return json(202, { id: ID, status: "cancelled" });
+      }
+      throw new Error(`unexpected ${init.method} ${url}`);
+    };
+    const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+    const controller = new AbortController();
+    const creating = client.createChat({ message: "hi", transport: "fetch", signal: controller.signal, idempotencyKey });
+    while (!release) await turns(1);
+    controller.abort();
+    await assert.rejects(creating, { name: "AbortError" }); // at once, not when the POST answers
+    assert.ok(!postSignal?.aborted, "the POST under way is not cut: its answer says which chat it made");
+    release();
+    await turns(10);
+    // without a caller's key, no one can reach that chat: cancelled. With one, the next call with
+    // that key (StrictMode's second run) follows it: left alone.
+    assert.deepEqual(cancelled, idempotencyKey === undefined ? [ID] : []);
+    assert.equal(client.savedChat(), null);
+  }
+});
