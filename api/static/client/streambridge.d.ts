@@ -214,11 +214,15 @@ export interface StreamOptions {
   onStatus?(event: StartedEvent | StatusEvent): void;
   /**
    * While the chat waits for a worker (before its first event), its place in the queue, asked of
-   * GET /v1/chats/{id} every `queuePollMs`: 1 = the next chat to start; null if the API gave none.
+   * GET /v1/chats/{id} every `queuePollMs` and then less often: 1 = the next chat to start; null if the API gave none.
    * Not called once the chat has started. Given this, the client polls; without it, it never does.
    */
   onQueued?(position: number | null, info: ChatInfo): void;
-  /** how often onQueued's position is asked for, in ms (default 1000) */
+  /**
+   * the first wait before onQueued's position is asked again, in ms (default 1000); each next wait
+   * is 1.5 times longer (jittered), to 8000 at most. A 429 slows it to that at once, and its
+   * Retry-After is honoured.
+   */
   queuePollMs?: number;
   /** one attempt failed (another may follow: `retryable`) */
   onAttemptError?(event: AttemptErrorEvent): void;

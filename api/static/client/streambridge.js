@@ -28,8 +28,11 @@ const OFFLINE_RETRY_MS = 10_000;
 const READ_TIMEOUT_MS = 45000;
 // The persisted record is rewritten at most this often while text streams (and at once at the end).
 const PERSIST_EVERY_MS = 250;
-// While a chat waits in the queue, its place is asked for this often (one cheap GET each time).
+// While a chat waits in the queue, its place is asked for after this long at first (one cheap GET
+// each time), then less and less often (×1.5 a time, jittered) to at most QUEUE_POLL_MAX_MS: a
+// long queue is a busy server, and a thousand waiting pages must not each ask every second.
 const QUEUE_POLL_MS = 1000;
+const QUEUE_POLL_MAX_MS = 8000;
 const ENTRY_ID = /^\d{1,20}-\d{1,20}$/;
 const EVENT_TYPES = [
   "started", "content", "reasoning", "tool_call", "progress", "status", "error", "complete", "failed", "cancelled",
@@ -496,19 +499,24 @@ export class ChatStream {
   }
 
   /**
-   * Asks GET /v1/chats/{id} for the chat's place every `interval` ms and hands it to onQueued, until
+   * Asks GET /v1/chats/{id} for the chat's place, after `interval` ms at first and then less often
+   * (to QUEUE_POLL_MAX_MS, jittered; a 429 jumps there, and its Retry-After is waited), and hands it to onQueued, until
    * its first event arrives (it started, or ended), it is no longer queued, or the stream stops.
    * A failed ask is tried again next time (the stream, not this, decides whether the chat is lost),
    * except an answer that will not change: the chat is not ours (404), or no token (401).
    */
   async _pollQueue(interval) {
     const signal = this._queued.signal;
-    while (!signal.aborted) {
+    const most = Math.max(QUEUE_POLL_MAX_MS, interval);
+    for (let every = interval; !signal.aborted; every = Math.min(most, every * 1.5)) {
       let info = null;
+      let wait = every * (0.75 + Math.random() / 2); // jittered: pages that came together spread out
       try {
         info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
       } catch (error) {
         if (signal.aborted || (error instanceof StreambridgeError && [401, 403, 404].includes(error.status))) return;
+        if (error instanceof StreambridgeError && error.retryAfter !== null) wait = Math.max(wait, error.retryAfter * 1000);
+        if (error instanceof StreambridgeError && error.status === 429) every = most; // over a limit: slow down for good
       }
       if (signal.aborted) return; // an event arrived while the GET was out: the stream knows better
       if (info !== null) {
@@ -517,7 +525,7 @@ export class ChatStream {
         this._callback("onQueued", this.queuePosition, info);
       }
       try {
-        await sleep(interval, signal);
+        await sleep(wait, signal);
       } catch {
         return;
       }

@@ -793,3 +793,49 @@ test("aborted while its POST is out: the chat it made is cancelled, not left run
     assert.equal(client.savedChat(), null);
   }
 });
+
+test("the queue's place is asked less and less often, and a 429's Retry-After is honoured", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const asks = [];
+  let limited = false;
+  const fetchImpl = async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    if (path === `/v1/chats/${ID}`) {
+      asks.push(Date.now());
+      if (limited) {
+        limited = false;
+        return new Response(JSON.stringify({ error: { code: "rate_limited", message: "slow down" } }), {
+          status: 429,
+          headers: { "Retry-After": "30" },
+        });
+      }
+      return json(200, { id: ID, status: "queued", content: "", queue_position: 5 });
+    }
+    return new Response(new ReadableStream({ start() {} }), { status: 200 }); // the stream: quiet while queued
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), readTimeoutMs: 10 ** 9, fetch: fetchImpl });
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onQueued: () => {} });
+  for (let s = 0; s < 60; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  assert.ok(asks.length <= 15, `asked ${asks.length} times in a minute, not once a second`);
+  const gaps = asks.slice(1).map((at, i) => at - asks[i]);
+  assert.ok(gaps.at(-1) >= 5000, String(gaps));
+  limited = true;
+  const before = asks.length;
+  for (let s = 0; s < 40 && asks.length === before; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  const limitedAt = asks.at(-1);
+  for (let s = 0; s < 60 && asks.at(-1) === limitedAt; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  assert.ok(asks.at(-1) - limitedAt >= 30_000, `asked again ${asks.at(-1) - limitedAt} ms after a 429 with Retry-After: 30`);
+  chat.close();
+  await chat.done.catch(() => {});
+});
