@@ -47,6 +47,12 @@ def answer(page: Page) -> str:
     return page.locator("#answer").text_content() or ""
 
 
+def entry(event_id: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as numbers, to compare positions."""
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
 def saved_chat(page: Page) -> dict[str, Any]:
     """The page's stored chat, once it holds a position (it is written at most every 250 ms)."""
     deadline = time.monotonic() + WAIT_MS / 1000
@@ -290,6 +296,46 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
     expect(section).to_have_attribute("data-state", "completed")
     shots(page, "completed-after-the-cut")
     expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_batch_followed_through_a_reload_is_followed_again_after_its_last_event(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The workers frozen: the batch is surely in_progress at the reload, with events seen before it.
+    prompts = [unique(f"batch through a reload {n}") for n in range(3)]
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    section = page.locator("#batches")
+    try:
+        open_page(page, deployment)
+        page.click("#options summary")
+        page.fill("#model", "fake?words=5")
+        text = "\n".join(prompts).encode()
+        page.set_input_files("#batch-file", files=[{"name": "reload.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        batch_id = section.get_attribute("data-batch")
+        saved = page.evaluate("JSON.parse(sessionStorage.getItem('streambridge:batch'))")
+        assert saved["id"] == batch_id
+        assert saved["lastEventId"], saved
+        page.reload()
+        expect(section).to_have_attribute("data-resumed", "true")
+        expect(section).to_have_attribute("data-batch", batch_id or "")
+        expect(section).to_have_attribute("data-state", "running")
+        shots(page, "batch-followed-again-after-reload")
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(section).to_have_attribute("data-state", "completed")
+    expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    shots(page, "batch-completed-after-reload")
+    streams = [(r, h) for r, h in deployment.proxy.last_event_ids if r.startswith(f"GET /v1/batches/{batch_id}/events")]
+    assert streams[0][1] is None
+    assert streams[-1][1] is not None, streams
+    assert entry(streams[-1][1]) >= entry(saved["lastEventId"]), streams  # after the last event seen
+    assert page.evaluate("sessionStorage.getItem('streambridge:batch')") is None  # ended: nothing left
     assert page.errors == []  # type: ignore[attr-defined]
 
 

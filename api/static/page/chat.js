@@ -228,6 +228,12 @@ async function cancel() {
 // A new visitor is made, once, only while starting a batch: upload and create run again under it.
 
 const BATCH_ENDPOINT = "/v1/chat/completions";
+// Followed as a chat is: failures in a row (no event between) for this long end the view; time the
+// browser is offline is not counted, and while offline it still tries every BATCH_OFFLINE_RETRY_MS.
+const BATCH_RETRY_FOR_MS = 5 * 60_000;
+const BATCH_OFFLINE_RETRY_MS = 10_000;
+// The batch being followed, kept for the tab's life (sessionStorage) so a reload follows it again.
+const BATCH_KEY = "streambridge:batch";
 let batch = null; // { id, token, stop: AbortController, lastEventId, total }
 const batchUrls = {}; // object URLs of the download links, revoked when replaced
 
@@ -237,6 +243,48 @@ function batchState(state) {
   $("batch-start").disabled = busy;
   $("batch-cancel").disabled = state !== "running";
   $("batch-so-far").hidden = state !== "running"; // once ended, the links below hold the whole files
+}
+
+function saveBatch(current) {
+  try {
+    const { id, token, lastEventId, status } = current;
+    sessionStorage.setItem(BATCH_KEY, JSON.stringify({ id, token, lastEventId, status }));
+  } catch {
+    // storage refused (full, or disabled): a reload cannot follow it again, the view goes on
+  }
+}
+
+function forgetBatch(current) {
+  try {
+    if (JSON.parse(sessionStorage.getItem(BATCH_KEY) ?? "null")?.id === current.id) sessionStorage.removeItem(BATCH_KEY);
+  } catch {
+    // nothing kept
+  }
+}
+
+function savedBatch() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(BATCH_KEY) ?? "null");
+    if (saved && typeof saved.id === "string" && typeof saved.token === "string") return saved;
+  } catch {
+    // a record this page cannot read
+  }
+  return null;
+}
+
+/** Until the browser's `online` event, `ms` at most, or `signal`'s abort. */
+function untilOnline(ms, signal) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      window.removeEventListener("online", done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    window.addEventListener("online", done, { once: true });
+    signal.addEventListener("abort", done, { once: true });
+  });
 }
 
 function batchFail(message) {
@@ -348,6 +396,7 @@ async function runBatch(event) {
     const { created, token } = await startBatch(jsonl, file.name.replace(/\.[^.]*$/, "") + ".jsonl");
     const stop = new AbortController();
     batch = { id: created.id, token, status: created.status, stop, lastEventId: null, total: 0 };
+    saveBatch(batch);
     $("batches").dataset.batch = created.id;
     say("batch-status", `${created.id}: ${created.status}`);
     batchState("running");
@@ -363,6 +412,7 @@ async function runBatch(event) {
  * A connection silent past the server's pings (every 15 s at most) is taken for dropped. */
 async function followBatch(current) {
   const { signal } = current.stop;
+  let failingSince = null; // when the failures in a row began, less the time offline
   for (let failures = 0; !signal.aborted; ) {
     const connection = new AbortController();
     const drop = () => connection.abort();
@@ -387,8 +437,10 @@ async function followBatch(current) {
         arm();
         for (const message of parser.feed(value)) {
           failures = 0; // progress: the backoff starts again
-          if (message.id) current.lastEventId = message.id;
+          failingSince = null;
           if (batchEvent(current, message.event, JSON.parse(message.data))) return;
+          if (message.id) current.lastEventId = message.id; // after it is shown: a reload shows it again, never skips it
+          if (current === batch) saveBatch(current);
         }
       }
     } catch (error) {
@@ -397,6 +449,7 @@ async function followBatch(current) {
       if (error.status && error.status < 500 && error.status !== 408 && error.status !== 429) {
         batchFail(`Lost the batch's progress: ${error.message}`);
         batchState("error");
+        forgetBatch(current);
         return;
       }
     } finally {
@@ -404,14 +457,24 @@ async function followBatch(current) {
       signal.removeEventListener("abort", drop);
     }
     // closed before its `end` (a restart, the network): again after the last event seen, backing off
-    if (++failures > 20) {
-      batchFail("Lost the batch's progress: the events could not be reached");
+    if (current !== batch) return; // a newer batch took the view
+    failures += 1;
+    failingSince ??= Date.now();
+    if (failures > 1 && Date.now() - failingSince >= BATCH_RETRY_FOR_MS) {
+      batchFail("Lost the batch's progress: the events could not be reached (reload the page to try again)");
       batchState("error");
-      return;
+      return; // kept in the store: a reload follows it again
+    }
+    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
+    if (navigator.onLine === false) {
+      say("batch-status", `${current.id}: offline, waiting for the network…`);
+      const since = Date.now();
+      await untilOnline(BATCH_OFFLINE_RETRY_MS, signal);
+      failingSince += Date.now() - since; // time offline is not a failure
+      continue;
     }
     say("batch-status", `${current.id}: connection lost, reconnecting…`);
-    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
-    const delay = backoff(failures, { startMs: 250, maxMs: 5000 });
+    const delay = backoff(failures, { startMs: 250, maxMs: 15000 });
     $("batches").dataset.lastDelay = String(Math.round(delay)); // for the tests
     await new Promise((resolve) => setTimeout(resolve, delay));
   }
@@ -435,6 +498,7 @@ function batchEvent(current, type, data) {
  * after another batch took the view (it was started meanwhile) is dropped, never shown in its place. */
 async function batchEnded(current, status) {
   const stale = () => current !== batch;
+  forgetBatch(current);
   batchState(status);
   $("batches").dataset.downloads = "pending";
   try {
@@ -513,6 +577,28 @@ function startBatchView() {
   $("batch-cancel").addEventListener("click", cancelBatch);
   $("batch-so-far").addEventListener("click", downloadSoFar);
   batchState("idle");
+  const saved = savedBatch();
+  if (saved) {
+    // a reload while a batch ran: follow it again after the last event shown (it replays its counts)
+    batch = { ...saved, status: saved.status ?? "in_progress", stop: new AbortController(), total: 0 };
+    $("batches").dataset.batch = batch.id;
+    $("batches").dataset.resumed = "true";
+    say("batch-status", `${batch.id}: ${batch.status} (following again after a reload)`);
+    batchState("running");
+    showSavedCounts(batch);
+    followBatch(batch);
+  }
+}
+
+/** The counts as the batch object has them, until its next event brings them (best effort). */
+async function showSavedCounts(current) {
+  try {
+    const info = await (await authorized(current.token, `/v1/batches/${encodeURIComponent(current.id)}`)).json();
+    const counts = info.request_counts;
+    if (current === batch && counts && !$("batch-counts").textContent) showCounts(counts);
+  } catch {
+    // the events say it soon enough
+  }
 }
 
 function start() {
