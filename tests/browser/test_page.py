@@ -8,6 +8,7 @@ import re
 import signal
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -144,10 +145,11 @@ def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
 ) -> None:
     prompt = unique("reload me")
     open_page(page, deployment)
-    ask(page, prompt, SLOW)
+    ask(page, prompt, "fake?words=60&delay_ms=80")  # ~10 s: surely still streaming at the reload
     wait_for_some_text(page)
     saved = saved_chat(page)
     shots(page, "before-reload")
+    before = len(deployment.proxy.last_event_ids)
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-resumed", "true")
     shots(page, "resumed")
@@ -157,6 +159,14 @@ def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
     shots(page, "complete")
     assert answer(page) == expected_text(prompt, 60)
     assert page.evaluate("sessionStorage.getItem('streambridge:chat')") is None  # ended: nothing left to resume
+    # the page asked for the events after the position it had saved, not from the start
+    path = f"GET /v1/chats/{saved['id']}/events"
+    after = [(r, h) for r, h in deployment.proxy.last_event_ids[before:] if r.startswith(path)]
+    assert after, deployment.proxy.requests[before:]
+    request, header = after[0]
+    position = header or parse_qs(urlsplit(request.split(" ", 1)[1]).query).get("last_event_id", [None])[0]
+    assert position is not None, after
+    assert entry(position) >= entry(saved["lastEventId"]), (position, saved["lastEventId"])
 
 
 def test_cancel_stops_the_chat(page: Page, deployment: Deployment, shots: Shots) -> None:
@@ -495,8 +505,9 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
         expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
         second = section.get_attribute("data-batch")
         assert second != first
-        held[0].continue_()  # A's results arrive now
-        page.wait_for_timeout(1000)
+        with page.expect_response(held[0].request.url):
+            held[0].continue_()  # A's results arrive now …
+        expect(section).to_have_attribute("data-dropped", first or "")  # … and the page dropped them
         shots(page, "b-running-after-a-answered")
         expect(page.locator("#batch-results")).to_be_hidden()
         expect(page.locator("#batch-errors")).to_be_hidden()

@@ -497,7 +497,11 @@ function batchEvent(current, type, data) {
 /** The batch ended: a new one may start at once; its links follow when fetched. Whatever answers
  * after another batch took the view (it was started meanwhile) is dropped, never shown in its place. */
 async function batchEnded(current, status) {
-  const stale = () => current !== batch;
+  const stale = () => {
+    if (current === batch) return false;
+    $("batches").dataset.dropped = current.id; // for the tests: its late answer was dropped, not shown
+    return true;
+  };
   forgetBatch(current);
   batchState(status);
   $("batches").dataset.downloads = "pending";

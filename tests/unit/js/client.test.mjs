@@ -467,12 +467,16 @@ test("a stream token that expires again after a refresh is refreshed again, not 
 
 test("the AbortSignal's listener goes when the chat ends: a long-lived signal does not hold every chat", async (t) => {
   const controller = new AbortController(); // one for the page's whole life
+  const added = t.mock.method(controller.signal, "addEventListener");
   const removed = t.mock.method(controller.signal, "removeEventListener");
   const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + sse("2-0", "complete", { attempt: 1 });
-  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream], []) });
+  // a token given: no login, whose own listener would be added and removed and hide a leak
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: scripted([stream], []) });
   const chat = await client.createChat({ message: "hi", transport: "fetch", signal: controller.signal });
   await chat.done;
-  assert.ok(removed.mock.calls.some((c) => c.arguments[0] === "abort"));
+  const fns = (mocked) => mocked.mock.calls.filter((c) => c.arguments[0] === "abort").map((c) => c.arguments[1]);
+  assert.ok(fns(added).length >= 1, "the chat listens to the signal");
+  for (const listener of fns(added)) assert.ok(fns(removed).includes(listener), "each listener added is removed");
 });
 
 test("over EventSource, a client whose token does not own the chat stops asking after the first 404", async (t) => {
