@@ -635,6 +635,7 @@ export class ChatStream {
   }
 
   _scheduleSave(now) {
+    if (!this._persist || !this.client.store) return;
     if (now) return this._save();
     this._saveTimer ??= setTimeout(() => this._save(), PERSIST_EVERY_MS);
   }
@@ -670,6 +671,8 @@ export class ChatStream {
   }
 
   _end(error) {
+    clearTimeout(this._saveTimer); // a save still pending: what is saved at the end is decided now
+    this._saveTimer = null;
     this._unlisten();
     this._queued.abort();
     this._readers.clear(); // each iterator keeps its own queue to read to its end
@@ -697,7 +700,8 @@ export class ChatStream {
   _fail(error) {
     this._end(error);
     this._connection("closed", { error });
-    if (error?.code === "stream_expired" || error?.status === 404) {
+    // an answer that a reload would get again (gone, not ours, not allowed): nothing to resume
+    if (error?.code === "stream_expired" || [401, 403, 404].includes(error?.status)) {
       if (this._persist) this.client.forgetChat(this.id);
     } else this._save(); // closed, or the stream lost: a reload, or resumeChat, picks it up
     if (!this._stop.signal.aborted) this._callback("onError", error);

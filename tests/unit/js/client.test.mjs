@@ -843,3 +843,24 @@ test("the queue's place is asked less and less often, and a 429's Retry-After is
   chat.close();
   await chat.done.catch(() => {});
 });
+
+test("a 403 or 401 that ends the stream forgets the saved record, and no save is left pending", { timeout: 10_000 }, async (t) => {
+  for (const status of [401, 403]) {
+    const store = memoryStore();
+    const partial = content("1-0", "Hel");
+    // a 401 asks for a fresh stream URL once; a second 401 is the end
+    const client = createClient({ baseUrl: "http://x", store, token: "tok", fetch: scripted([partial, status, status], []) });
+    const chat = client.followChat({ id: ID }, { transport: "fetch" });
+    const error = await chat.done.then(() => null, (e) => e);
+    assert.equal(error?.status, status);
+    assert.equal(client.savedChat(), null, `a reload would get ${status} again: nothing to resume`);
+    assert.equal(chat._saveTimer, null);
+  }
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), token: "tok", fetch: scripted([content("1-0", "a") + sse("2-0", "complete", { attempt: 1 })], []) });
+  const chat = client.followChat({ id: ID }, { transport: "fetch", persist: false });
+  await turns(20);
+  assert.equal(chat._saveTimer, null, "persist: false: no save timer");
+  t.mock.timers.reset();
+  await chat.done;
+});
