@@ -585,3 +585,36 @@ def test_a_superseded_attempts_text_leaves_the_page_when_the_next_has_none(
     shots(page, "attempt-2-tool-call-only")
     assert answer(page) == ""
     expect(page.locator("#tool-calls")).to_have_text("tool call lookup({})")
+
+
+def test_a_chat_given_up_on_after_minutes_offers_resume_and_resumes_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The network gone for longer than the client's budget (5 minutes of failures in a row, on the
+    # page's clock): the page says so and offers Resume, which picks the chat up where it stopped.
+    page.clock.install()
+    prompt = unique("given up, then resumed")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    body = page.locator("body")
+    deployment.proxy.cut()
+    try:
+        expect(body).to_have_attribute("data-connection", "reconnecting")
+        page.clock.fast_forward("06:00")
+        for _ in range(40):  # each fast-forward fires the backoff's timer: one more failed try
+            if body.get_attribute("data-resumable") == "true":
+                break
+            page.clock.fast_forward(20_000)
+            page.wait_for_timeout(100)
+        expect(body).to_have_attribute("data-resumable", "true")
+        expect(page.locator("#resume")).to_be_visible()
+        expect(page.locator("#error")).to_contain_text("gave up")
+        shots(page, "given-up-resume-offered")
+    finally:
+        deployment.proxy.restore()
+    page.click("#resume")
+    expect(body).to_have_attribute("data-state", "complete")
+    shots(page, "resumed-complete")
+    assert answer(page) == expected_text(prompt, 60)
+    expect(page.locator("#resume")).to_be_hidden()

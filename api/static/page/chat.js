@@ -185,6 +185,7 @@ async function ask(event) {
 
 /** After a give-up: a Resume button, and a resume by itself when the network or the tab comes back. */
 function offerResume() {
+  status("gave up reconnecting: Resume (or the network coming back) picks the chat up where it stopped");
   $("resume").hidden = false;
   document.body.dataset.resumable = "true";
 }
