@@ -23,6 +23,8 @@ SECURITY: Final = {
 NO_CONTENT_POLICY: Final = "default-src 'none'; frame-ancestors 'none'"
 ALLOW_METHODS: Final = "GET, POST, OPTIONS"
 ALLOW_HEADERS: Final = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
+#: answer headers a page on another origin may read: a 429's wait (the browser client honours it)
+EXPOSE_HEADERS: Final = "Retry-After"
 
 
 def allowed_origin(request: web.Request) -> str | None:
@@ -52,4 +54,5 @@ async def add_headers(request: web.Request, response: web.StreamResponse) -> Non
     origin = allowed_origin(request)
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
         response.headers["Vary"] = "Origin"

@@ -5,7 +5,8 @@ over), everything else to the API. ``cut()`` is a network cut: every open connec
 and new ones are refused until ``restore()``. (Chromium's emulated offline mode leaves open
 connections streaming, so it cannot cut a stream by itself.) ``requests`` holds the method and
 path (with query) of every request it was sent, in order, for tests that check what a browser
-asked for. It also serves the test page of the JavaScript client under ``/_test/``.
+asked for (``last_event_ids``: each with its ``Last-Event-ID`` header). It also serves the test
+page of the JavaScript client under ``/_test/``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Proxy:
         self.url = ""
         self._cut = False
         self.requests: list[str] = []
+        #: the same requests, each with the Last-Event-ID header it carried (None without one)
+        self.last_event_ids: list[tuple[str, str | None]] = []
         self._open: set[asyncio.Transport] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -85,6 +88,7 @@ class Proxy:
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         transport = request.transport
         self.requests.append(f"{request.method} {request.path_qs}")
+        self.last_event_ids.append((f"{request.method} {request.path_qs}", request.headers.get("Last-Event-ID")))
         if self._cut or transport is None:
             if transport is not None:
                 transport.abort()  # no answer at all, as on a dead network

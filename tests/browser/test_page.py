@@ -8,6 +8,7 @@ import re
 import signal
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -47,6 +48,12 @@ def answer(page: Page) -> str:
     return page.locator("#answer").text_content() or ""
 
 
+def entry(event_id: str) -> tuple[int, int]:
+    """A stream entry id ("ms-seq") as numbers, to compare positions."""
+    ms, seq = event_id.split("-")
+    return int(ms), int(seq)
+
+
 def saved_chat(page: Page) -> dict[str, Any]:
     """The page's stored chat, once it holds a position (it is written at most every 250 ms)."""
     deadline = time.monotonic() + WAIT_MS / 1000
@@ -81,8 +88,9 @@ def test_a_network_cut_mid_answer_resumes_and_ends_exact(page: Page, deployment:
     wait_for_some_text(page)
     deployment.proxy.cut()  # every connection dropped, new ones refused …
     page.context.set_offline(True)  # … and the browser knows it is offline
-    expect(page.locator("body")).to_have_attribute("data-connection", "reconnecting")
-    expect(page.locator("#connection")).to_contain_text("reconnecting")
+    # reconnecting, and at once offline: the browser says so (the client still tries every 10 s)
+    expect(page.locator("body")).to_have_attribute("data-connection", "offline")
+    expect(page.locator("#connection")).to_contain_text("offline")
     shots(page, "cut")
     assert expected_text(prompt, 60).startswith(answer(page))
     page.context.set_offline(False)
@@ -137,10 +145,11 @@ def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
 ) -> None:
     prompt = unique("reload me")
     open_page(page, deployment)
-    ask(page, prompt, SLOW)
+    ask(page, prompt, "fake?words=60&delay_ms=80")  # ~10 s: surely still streaming at the reload
     wait_for_some_text(page)
     saved = saved_chat(page)
     shots(page, "before-reload")
+    before = len(deployment.proxy.last_event_ids)
     page.reload()
     expect(page.locator("body")).to_have_attribute("data-resumed", "true")
     shots(page, "resumed")
@@ -150,6 +159,14 @@ def test_a_reload_mid_answer_resumes_the_same_chat_and_ends_exact(
     shots(page, "complete")
     assert answer(page) == expected_text(prompt, 60)
     assert page.evaluate("sessionStorage.getItem('streambridge:chat')") is None  # ended: nothing left to resume
+    # the page asked for the events after the position it had saved, not from the start
+    path = f"GET /v1/chats/{saved['id']}/events"
+    after = [(r, h) for r, h in deployment.proxy.last_event_ids[before:] if r.startswith(path)]
+    assert after, deployment.proxy.requests[before:]
+    request, header = after[0]
+    position = header or parse_qs(urlsplit(request.split(" ", 1)[1]).query).get("last_event_id", [None])[0]
+    assert position is not None, after
+    assert entry(position) >= entry(saved["lastEventId"]), (position, saved["lastEventId"])
 
 
 def test_cancel_stops_the_chat(page: Page, deployment: Deployment, shots: Shots) -> None:
@@ -289,6 +306,46 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
     expect(section).to_have_attribute("data-state", "completed")
     shots(page, "completed-after-the-cut")
     expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    assert page.errors == []  # type: ignore[attr-defined]
+
+
+def test_a_batch_followed_through_a_reload_is_followed_again_after_its_last_event(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The workers frozen: the batch is surely in_progress at the reload, with events seen before it.
+    prompts = [unique(f"batch through a reload {n}") for n in range(3)]
+    live = [w for w in deployment.workers if w.proc.poll() is None]
+    for worker in live:
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+    section = page.locator("#batches")
+    try:
+        open_page(page, deployment)
+        page.click("#options summary")
+        page.fill("#model", "fake?words=5")
+        text = "\n".join(prompts).encode()
+        page.set_input_files("#batch-file", files=[{"name": "reload.txt", "mimeType": "text/plain", "buffer": text}])
+        page.click("#batch-start")
+        expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
+        batch_id = section.get_attribute("data-batch")
+        saved = page.evaluate("JSON.parse(sessionStorage.getItem('streambridge:batch'))")
+        assert saved["id"] == batch_id
+        assert saved["lastEventId"], saved
+        page.reload()
+        expect(section).to_have_attribute("data-resumed", "true")
+        expect(section).to_have_attribute("data-batch", batch_id or "")
+        expect(section).to_have_attribute("data-state", "running")
+        shots(page, "batch-followed-again-after-reload")
+    finally:
+        for worker in live:
+            os.kill(worker.proc.pid, signal.SIGCONT)
+    expect(section).to_have_attribute("data-state", "completed")
+    expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
+    shots(page, "batch-completed-after-reload")
+    streams = [(r, h) for r, h in deployment.proxy.last_event_ids if r.startswith(f"GET /v1/batches/{batch_id}/events")]
+    assert streams[0][1] is None
+    assert streams[-1][1] is not None, streams
+    assert entry(streams[-1][1]) >= entry(saved["lastEventId"]), streams  # after the last event seen
+    assert page.evaluate("sessionStorage.getItem('streambridge:batch')") is None  # ended: nothing left
     assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -448,8 +505,9 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
         expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
         second = section.get_attribute("data-batch")
         assert second != first
-        held[0].continue_()  # A's results arrive now
-        page.wait_for_timeout(1000)
+        with page.expect_response(held[0].request.url):
+            held[0].continue_()  # A's results arrive now …
+        expect(section).to_have_attribute("data-dropped", first or "")  # … and the page dropped them
         shots(page, "b-running-after-a-answered")
         expect(page.locator("#batch-results")).to_be_hidden()
         expect(page.locator("#batch-errors")).to_be_hidden()
@@ -492,3 +550,71 @@ def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnect
     chat_id = body.get_attribute("data-chat")
     streams = [r for r in deployment.proxy.requests if r.startswith(f"GET /v1/chats/{chat_id}/events")]
     assert len(streams) == 1, streams
+
+
+def sse(entry: str, kind: str, **data: Any) -> str:
+    return f"id: {entry}\nevent: {kind}\ndata: {json.dumps({'type': kind, **data})}\n\n"
+
+
+def test_a_superseded_attempts_text_leaves_the_page_when_the_next_has_none(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # Attempt 1 streams text and its worker is lost; attempt 2 answers with a tool call only. The
+    # page must not go on showing attempt 1's half answer (the chat's answer is attempt 2's: empty).
+    chat_id = "0123456789abcdef0123456789abcdef"
+    events = (
+        sse("1-0", "started", attempt=1, model="m")
+        + sse("2-0", "content", content="half an answ", index=1, attempt=1)
+        + sse("3-0", "status", message="worker lost; attempt 2 of 3", attempt=2)
+        + sse("4-0", "started", attempt=2, model="m")
+        + sse("5-0", "tool_call", index=0, id="call_1", name="lookup", arguments="{}", attempt=2)
+        + sse("6-0", "complete", attempt=2, total_chunks=1, content_length=0, elapsed_ms=5, finish_reason="tool_calls")
+    )
+    created = {"id": chat_id, "status": "queued", "stream_url": f"/v1/chats/{chat_id}/events?token=s", "created_at": 1}
+    page.route(
+        re.compile(r"/v1/chats$"),
+        lambda route: route.fulfill(status=202, content_type="application/json", body=json.dumps(created)),
+    )
+    page.route(
+        re.compile(rf"/v1/chats/{chat_id}/events"),
+        lambda route: route.fulfill(status=200, content_type="text/event-stream", body=events),
+    )
+    open_page(page, deployment)
+    ask(page, unique("superseded"), "fake?words=5")
+    expect(page.locator("body")).to_have_attribute("data-state", "complete")
+    shots(page, "attempt-2-tool-call-only")
+    assert answer(page) == ""
+    expect(page.locator("#tool-calls")).to_have_text("tool call lookup({})")
+
+
+def test_a_chat_given_up_on_after_minutes_offers_resume_and_resumes_exact(
+    page: Page, deployment: Deployment, shots: Shots
+) -> None:
+    # The network gone for longer than the client's budget (5 minutes of failures in a row, on the
+    # page's clock): the page says so and offers Resume, which picks the chat up where it stopped.
+    page.clock.install()
+    prompt = unique("given up, then resumed")
+    open_page(page, deployment)
+    ask(page, prompt, SLOW)
+    wait_for_some_text(page)
+    body = page.locator("body")
+    deployment.proxy.cut()
+    try:
+        expect(body).to_have_attribute("data-connection", "reconnecting")
+        page.clock.fast_forward("06:00")
+        for _ in range(40):  # each fast-forward fires the backoff's timer: one more failed try
+            if body.get_attribute("data-resumable") == "true":
+                break
+            page.clock.fast_forward(20_000)
+            page.wait_for_timeout(100)
+        expect(body).to_have_attribute("data-resumable", "true")
+        expect(page.locator("#resume")).to_be_visible()
+        expect(page.locator("#error")).to_contain_text("gave up")
+        shots(page, "given-up-resume-offered")
+    finally:
+        deployment.proxy.restore()
+    page.click("#resume")
+    expect(body).to_have_attribute("data-state", "complete")
+    shots(page, "resumed-complete")
+    assert answer(page) == expected_text(prompt, 60)
+    expect(page.locator("#resume")).to_be_hidden()

@@ -51,6 +51,7 @@ async def test_an_allowed_origin_can_read_answers_errors_and_the_event_stream(br
     error = await browser_client.get("/v1/chats/" + "0" * 32, headers={**bearer(token), "Origin": APP})
     assert error.status == 404
     assert error.headers["Access-Control-Allow-Origin"] == APP
+    assert error.headers["Access-Control-Expose-Headers"] == "Retry-After"  # a 429's wait is readable cross-origin
     stream = await browser_client.get("/" + chat["stream_url"].split("/", 3)[3], headers={"Origin": APP})
     assert stream.status == 200
     assert stream.headers["Access-Control-Allow-Origin"] == APP  # an EventSource on another origin works

@@ -113,6 +113,12 @@ export interface ChatCreated {
 }
 
 export declare class StreambridgeError extends Error {
+  constructor(
+    status: number | null,
+    code: string,
+    message: string,
+    options?: { retryAfter?: number | null; result?: ChatInfo | ChatResult | null; cause?: unknown },
+  );
   name: "StreambridgeError";
   /** the HTTP status; null when there was no answer */
   status: number | null;
@@ -138,6 +144,8 @@ export type ConnectionState =
   | { state: "connecting" }
   | { state: "open"; reconnects: number }
   | { state: "reconnecting"; attempt: number; delay: number; error: unknown }
+  /** the browser says it is offline: the next try is when it is back, or in `retryIn` ms at most */
+  | { state: "offline"; retryIn: number }
   | { state: "closed"; error?: unknown };
 
 export interface ClientOptions {
@@ -149,9 +157,17 @@ export interface ClientOptions {
   store?: Store | null;
   /** prefix of the store's keys: `${storageKey}:token`, `${storageKey}:chat` */
   storageKey?: string;
-  /** "auto": EventSource for a stream_url (no headers needed), fetch streaming when a header must be sent */
+  /**
+   * "auto": EventSource for a stream_url when the client has a token to ask the API whether a quiet
+   * stream died; fetch streaming otherwise (it sees the edge's pings), and when a header must be sent
+   */
   transport?: "auto" | "eventsource" | "fetch";
-  /** failed connections in a row before giving up with `stream_lost`; time offline is not counted */
+  /**
+   * how long failed connections in a row (no event between them) go on before the client gives up
+   * with `stream_lost`, in ms (default 300000: five minutes); time the browser is offline is not counted
+   */
+  retryForMs?: number;
+  /** failed connections in a row before giving up with `stream_lost` (default: no limit but retryForMs) */
   maxReconnects?: number;
   /**
    * ms of silence (default 45000; the edge pings every 15 s at most) after which a fetch stream is
@@ -178,12 +194,18 @@ export interface StreamOptions {
    * when it is made, which before the first `await` after createChat is every one)
    */
   keepEvents?: boolean;
+  /** overrides the client's `retryForMs` for this chat */
+  retryForMs?: number;
   /** overrides the client's `readTimeoutMs` for this chat */
   readTimeoutMs?: number;
   /** overrides the client's `onCallbackError` for this chat */
   onCallbackError?(error: unknown, callback: string): void;
   onEvent?(event: ChatEvent, chat: ChatStream): void;
-  /** `text` is the whole answer so far: render it, and a superseded attempt's text disappears */
+  /**
+   * `text` is the whole answer so far: render it. When a later attempt supersedes the text, clear
+   * what you drew in `onAttempt`: the new attempt may stream no text (a tool call only), and then
+   * this is not called again. `onComplete`'s `result.text` is the final answer.
+   */
   onContent?(piece: string, event: ContentEvent, text: string): void;
   onReasoning?(piece: string, event: ReasoningEvent, reasoning: string): void;
   onToolCall?(event: ToolCallEvent, calls: ToolCall[]): void;
@@ -192,11 +214,15 @@ export interface StreamOptions {
   onStatus?(event: StartedEvent | StatusEvent): void;
   /**
    * While the chat waits for a worker (before its first event), its place in the queue, asked of
-   * GET /v1/chats/{id} every `queuePollMs`: 1 = the next chat to start; null if the API gave none.
+   * GET /v1/chats/{id} every `queuePollMs` and then less often: 1 = the next chat to start; null if the API gave none.
    * Not called once the chat has started. Given this, the client polls; without it, it never does.
    */
   onQueued?(position: number | null, info: ChatInfo): void;
-  /** how often onQueued's position is asked for, in ms (default 1000) */
+  /**
+   * the first wait before onQueued's position is asked again, in ms (default 1000); each next wait
+   * is 1.5 times longer (jittered), to 8000 at most. A 429 slows it to that at once, and its
+   * Retry-After is honoured.
+   */
   queuePollMs?: number;
   /** one attempt failed (another may follow: `retryable`) */
   onAttemptError?(event: AttemptErrorEvent): void;
@@ -209,9 +235,39 @@ export interface StreamOptions {
   onError?(error: StreambridgeError | Error): void;
 }
 
+/** A part of a message's content, as OpenAI's Chat Completions takes it. */
+export type ContentPart =
+  | { type: "text"; text: string }
+  | { type: "image_url"; image_url: { url: string; detail?: "auto" | "low" | "high" } }
+  | { type: "input_audio"; input_audio: { data: string; format: "wav" | "mp3" } }
+  | { type: "file"; file: { file_data?: string; file_id?: string; filename?: string } }
+  | { type: "refusal"; refusal: string };
+
+/** A tool call an assistant made, in a message sent back with its results. */
+export interface MessageToolCall {
+  id: string;
+  type: "function";
+  function: { name: string; arguments: string };
+}
+
+/** A message of the conversation, as OpenAI's Chat Completions types them. */
+export type ChatMessage =
+  | { role: "system"; content: string | ContentPart[]; name?: string }
+  | { role: "developer"; content: string | ContentPart[]; name?: string }
+  | { role: "user"; content: string | ContentPart[]; name?: string }
+  | {
+      role: "assistant";
+      /** null (or absent) when the assistant only called tools */
+      content?: string | ContentPart[] | null;
+      name?: string;
+      tool_calls?: MessageToolCall[];
+      refusal?: string | null;
+    }
+  | { role: "tool"; content: string | ContentPart[]; tool_call_id: string };
+
 export interface ChatOptions extends StreamOptions {
   message?: string;
-  messages?: { role: "system" | "user" | "assistant"; content: string }[];
+  messages?: ChatMessage[];
   model?: string;
   temperature?: number;
   max_tokens?: number;
@@ -229,10 +285,18 @@ export interface SavedChat {
   streamUrl: string | null;
   lastEventId: string | null;
   attempt: number;
+  /** what had arrived: the text, reasoning and tool calls (by index) of the attempt under way */
+  parts?: { text: string; reasoning: string; calls: [number, { id: string; name: string; arguments: string }][] };
   meta: unknown;
 }
 
 export declare class ChatStream implements AsyncIterable<ChatEvent> {
+  /** made by `createChat`, `followChat` and `resumeChat`, not by hand */
+  constructor(
+    client: StreambridgeClient,
+    saved: { id: string; streamUrl?: string | null } | SavedChat,
+    options: StreamOptions,
+  );
   readonly id: string;
   readonly streamUrl: string | null;
   /** the id of the last event received: where a resume starts */
@@ -273,7 +337,7 @@ export declare class StreambridgeClient {
   savedChat(): SavedChat | null;
   /** forgets the saved chat; given `id`, only if the saved chat is that one */
   forgetChat(id?: string): void;
-  getChat(id: string): Promise<ChatInfo>;
+  getChat(id: string, options?: { signal?: AbortSignal }): Promise<ChatInfo>;
   cancelChat(id: string): Promise<{ id: string; status: string }>;
 }
 
@@ -281,7 +345,7 @@ export declare function createClient(options?: ClientOptions): StreambridgeClien
 export declare function createChat(options: ClientOptions & ChatOptions & { client?: StreambridgeClient }): Promise<ChatStream>;
 export declare function sessionStore(): Store;
 export declare function memoryStore(): Store;
-/** the wait before reconnect `failures` (1, 2, …): doubling from startMs (100) to maxMs (2000), a random point in its upper half */
+/** the wait before reconnect `failures` (1, 2, …): doubling from startMs (100) to maxMs (15000), a random point in its upper half */
 export declare function backoff(failures: number, options?: { startMs?: number; maxMs?: number }): number;
 
 export interface SSEMessage { id: string | null; event: string; data: string }

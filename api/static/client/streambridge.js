@@ -13,15 +13,26 @@
 export const VERSION = "0.1.0";
 
 const BACKOFF_START_MS = 100;
-const BACKOFF_MAX_MS = 2000;
+// Doubling to 15 s: an edge being redeployed, a VPN that reconnects, a train in a tunnel — minutes
+// of failures are normal, and many pages cut at once must not all come back every 2 s.
+const BACKOFF_MAX_MS = 15000;
+// Failures in a row (no event accepted) for this long end the chat's following with `stream_lost`.
+// Time the browser says it is offline is not counted.
+const RETRY_FOR_MS = 5 * 60_000;
+// While the browser says it is offline, the stream still tries this often: `navigator.onLine` is a
+// hint (it can stay false on a network that works), not the truth.
+const OFFLINE_RETRY_MS = 10_000;
 // The edge sends a comment at least every 15 s; a fetch stream silent for longer than this is dead.
 // EventSource hides those comments: there, a silence this long only makes the client ask the API
 // whether the chat moved on without it (see viaEventSource).
 const READ_TIMEOUT_MS = 45000;
 // The persisted record is rewritten at most this often while text streams (and at once at the end).
 const PERSIST_EVERY_MS = 250;
-// While a chat waits in the queue, its place is asked for this often (one cheap GET each time).
+// While a chat waits in the queue, its place is asked for after this long at first (one cheap GET
+// each time), then less and less often (×1.5 a time, jittered) to at most QUEUE_POLL_MAX_MS: a
+// long queue is a busy server, and a thousand waiting pages must not each ask every second.
 const QUEUE_POLL_MS = 1000;
+const QUEUE_POLL_MAX_MS = 8000;
 const ENTRY_ID = /^\d{1,20}-\d{1,20}$/;
 const EVENT_TYPES = [
   "started", "content", "reasoning", "tool_call", "progress", "status", "error", "complete", "failed", "cancelled",
@@ -80,7 +91,8 @@ export class StreambridgeClient {
     store = sessionStore(),
     storageKey = "streambridge",
     transport = "auto",
-    maxReconnects = 20,
+    maxReconnects = Infinity,
+    retryForMs = RETRY_FOR_MS,
     readTimeoutMs = READ_TIMEOUT_MS,
     onCallbackError = undefined,
     fetch: fetchImpl = undefined,
@@ -90,6 +102,7 @@ export class StreambridgeClient {
     this.storageKey = storageKey;
     this.transport = transport;
     this.maxReconnects = maxReconnects;
+    this.retryForMs = retryForMs;
     this.readTimeoutMs = readTimeoutMs;
     this.onCallbackError = onCallbackError;
     this._fetch = fetchImpl ?? ((...args) => globalThis.fetch(...args));
@@ -132,15 +145,34 @@ export class StreambridgeClient {
     const { signal } = options;
     signal?.throwIfAborted();
     if (!this.token) await this.login({ signal });
+    // The POST itself is not aborted with `signal`: once sent, it may have made the chat, and an
+    // aborted fetch would never say. After an abort it finishes in the background and the chat it
+    // made is cancelled, so no chat runs that no one can reach — unless the caller gave the
+    // Idempotency-Key: then a call with the same key (StrictMode's second run) gets that chat back.
+    const creating = this._createOrLogin(body, headers, signal);
     let created;
     try {
-      created = await this._create(body, headers, signal);
+      created = await untilAborted(creating, signal);
     } catch (error) {
-      if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven) throw error;
-      await this.login({ signal }); // the kept visitor token expired: a new visitor, once
-      created = await this._create(body, headers, signal);
+      if (signal?.aborted) {
+        const cancel = options.idempotencyKey === undefined;
+        creating.then((made) => cancel && this.cancelChat(made.id)).catch(() => {});
+      }
+      throw error;
     }
     return this.followChat(created, options);
+  }
+
+  async _createOrLogin(body, headers, signal) {
+    try {
+      return await this._create(body, headers, signal);
+    } catch (error) {
+      if (!(error instanceof StreambridgeError && error.status === 401) || this._tokenGiven || signal?.aborted) {
+        throw error;
+      }
+      await this.login({ signal }); // the kept visitor token expired: a new visitor, once
+      return this._create(body, headers, signal);
+    }
   }
 
   /** Follows a chat already created: `{ id, stream_url }` (as POST /v1/chats answers) or its id. */
@@ -184,18 +216,19 @@ export class StreambridgeClient {
     }
   }
 
-  getChat(id) {
-    return this._request("GET", `/v1/chats/${encodeURIComponent(id)}`);
+  getChat(id, { signal } = {}) {
+    return this._request("GET", `/v1/chats/${encodeURIComponent(id)}`, undefined, {}, signal);
   }
 
   cancelChat(id) {
     return this._request("POST", `/v1/chats/${encodeURIComponent(id)}/cancel`);
   }
 
+  /** POST /v1/chats, sent again (up to 3 tries) when no answer came; `signal` stops the tries, not a POST under way. */
   async _create(body, headers, signal) {
     for (let tries = 1; ; tries++) {
       try {
-        return await this._request("POST", "/v1/chats", body, headers, signal);
+        return await this._request("POST", "/v1/chats", body, headers);
       } catch (error) {
         // no answer (the network): the same key makes sending it again safe
         if (error instanceof StreambridgeError || signal?.aborted || tries >= 3) throw error;
@@ -343,13 +376,15 @@ export class ChatStream {
   async _run() {
     const signal = this._stop.signal;
     this._failures = 0; // reset by an accepted event, not by an open: a 200 that closes at once must count
+    this._failingSince = null; // when the failures in a row began (less the time offline); reset with them
     let stale = false;
     for (;;) {
       signal.throwIfAborted();
       let retryAfter = 0;
       let cause;
       try {
-        if (stale) await this._refreshUrl();
+        if (stale) await this._refreshUrl(signal);
+        signal.throwIfAborted(); // closed while the URL was refreshed: no new connection
         if (!this.reconnects) this._connection("connecting", {});
         await this._connect(signal, () => {
           stale = false; // the fresh URL works: a 401 later on (hours later, say) may ask for one again
@@ -359,26 +394,35 @@ export class ChatStream {
         cause = new Error("the stream ended before a terminal event");
       } catch (error) {
         if (signal.aborted) throw signal.reason;
+        if (error?.code === "stream_silent") {
+          this.reconnects += 1; // a quiet EventSource with no one to ask whether it died: opened again
+          continue;
+        }
         const status = error instanceof StreambridgeError ? error.status : null;
         if (status === 401 && !stale && this.client.token) {
           stale = true; // the stream token expired (or the bearer route needs one): ask the API again
           continue;
         }
-        if (status === 410) throw await this._expired(error);
+        if (status === 410) throw await this._expired(error, signal);
         if (status !== null && status !== 429 && status < 500) throw error;
         cause = error;
         retryAfter = (error.retryAfter ?? 0) * 1000;
       }
       const failures = (this._failures += 1);
-      if (failures > this.client.maxReconnects) {
-        throw new StreambridgeError(null, "stream_lost", `gave up after ${failures} failed connections in a row`, {
-          cause,
-        });
+      if (failures === 1 || this._failingSince === null) this._failingSince = Date.now();
+      const failingFor = Date.now() - this._failingSince;
+      const retryFor = this._options.retryForMs ?? this.client.retryForMs;
+      if (failures > this.client.maxReconnects || (failures > 1 && failingFor >= retryFor)) {
+        const seconds = Math.round(failingFor / 1000);
+        const message = `gave up after ${failures} failed connections in a row over ${seconds} s`;
+        throw new StreambridgeError(null, "stream_lost", message, { cause });
       }
       this.reconnects += 1;
       const delay = Math.max(backoff(failures), retryAfter);
       this._connection("reconnecting", { attempt: failures, delay, error: cause });
-      await waitForNetwork(delay, signal);
+      const offlineMs = await this._waitForNetwork(delay, signal);
+      this._failingSince += offlineMs; // time offline is not a failure of the stream's
+      signal.throwIfAborted();
     }
   }
 
@@ -388,8 +432,14 @@ export class ChatStream {
     const kind = this._options.transport ?? this.client.transport;
     const silence = this._options.readTimeoutMs ?? this.client.readTimeoutMs;
     // EventSource cannot send headers: it serves a stream_url (its token is in the URL) and no Bearer.
-    if (kind === "eventsource" || (kind === "auto" && !headers.Authorization && typeof EventSource === "function")) {
-      const alive = this.client.token ? (stop) => this._movedOnWithoutUs(stop).then((moved) => !moved) : null;
+    // It never shows the edge's pings, so a dead connection is told from a quiet one only by asking
+    // the API (GET /v1/chats/{id}): "auto" uses it only where the client can ask, else fetch, which
+    // sees the pings (a stream_url needs no header: a backend's, handed to a browser with no token).
+    const canAsk = Boolean(this.client.token) && !this._cannotAsk;
+    const native = typeof EventSource === "function" && !headers.Authorization && canAsk;
+    if (kind === "eventsource" || (kind === "auto" && native)) {
+      // true: the chat has not moved on; null: the API will not say (not this token's chat)
+      const alive = canAsk ? (stop) => this._movedOnWithoutUs(stop).then((moved) => (moved === null ? null : !moved)) : null;
       const watch = { silence, alive };
       return viaEventSource(url, this.lastEventId, signal, deliver, opened, (probe) => this.client._fetch(probe), watch);
     }
@@ -403,7 +453,7 @@ export class ChatStream {
    * while the stream said nothing has lost its connection. A chat still waiting has not.
    */
   async _movedOnWithoutUs(signal) {
-    if (this._cannotAsk) return false;
+    if (this._cannotAsk) return null;
     let info;
     try {
       info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
@@ -412,11 +462,12 @@ export class ChatStream {
       // never will be, so stop asking; the stream is left to the browser, as without a token
       if (error instanceof StreambridgeError && [401, 403, 404].includes(error.status)) {
         this._cannotAsk = true;
-        return false;
+        return null;
       }
       throw error;
     }
     if (TERMINAL.has(info.status)) return true; // ended, and its end never came
+    if ((info.attempts ?? 0) > this.attempt) return true; // a later attempt, and its start never came
     if (info.status !== "queued" && this.status === "queued") return true; // started, and nothing came
     return [...(info.content ?? "")].length > [...this.text].length;
   }
@@ -427,39 +478,45 @@ export class ChatStream {
     return { url, headers: this.client.token ? { Authorization: `Bearer ${this.client.token}` } : {} };
   }
 
-  async _refreshUrl() {
-    const info = await this.client.getChat(this.id);
+  async _refreshUrl(signal) {
+    const info = await this.client.getChat(this.id, { signal });
     this.streamUrl = info.stream_url ?? null;
   }
 
   /** 410: the history is gone. The final result (or the text so far) is fetched and kept on the error. */
-  async _expired(error) {
+  async _expired(error, signal) {
     let result = null;
     if (this.client.token) {
       try {
-        result = await this.client.getChat(this.id);
+        result = await this.client.getChat(this.id, { signal });
       } catch {
         // the error below says what happened; the result is a courtesy
       }
     }
+    signal.throwIfAborted(); // closed meanwhile: the caller's AbortError, not the expiry
     const message = "this chat's history has expired; its final result is on the error (GET /v1/chats/{id})";
     return new StreambridgeError(410, "stream_expired", message, { result, cause: error });
   }
 
   /**
-   * Asks GET /v1/chats/{id} for the chat's place every `interval` ms and hands it to onQueued, until
+   * Asks GET /v1/chats/{id} for the chat's place, after `interval` ms at first and then less often
+   * (to QUEUE_POLL_MAX_MS, jittered; a 429 jumps there, and its Retry-After is waited), and hands it to onQueued, until
    * its first event arrives (it started, or ended), it is no longer queued, or the stream stops.
    * A failed ask is tried again next time (the stream, not this, decides whether the chat is lost),
    * except an answer that will not change: the chat is not ours (404), or no token (401).
    */
   async _pollQueue(interval) {
     const signal = this._queued.signal;
-    while (!signal.aborted) {
+    const most = Math.max(QUEUE_POLL_MAX_MS, interval);
+    for (let every = interval; !signal.aborted; every = Math.min(most, every * 1.5)) {
       let info = null;
+      let wait = every * (0.75 + Math.random() / 2); // jittered: pages that came together spread out
       try {
         info = await this.client._request("GET", `/v1/chats/${encodeURIComponent(this.id)}`, undefined, {}, signal);
       } catch (error) {
         if (signal.aborted || (error instanceof StreambridgeError && [401, 403, 404].includes(error.status))) return;
+        if (error instanceof StreambridgeError && error.retryAfter !== null) wait = Math.max(wait, error.retryAfter * 1000);
+        if (error instanceof StreambridgeError && error.status === 429) every = most; // over a limit: slow down for good
       }
       if (signal.aborted) return; // an event arrived while the GET was out: the stream knows better
       if (info !== null) {
@@ -468,7 +525,7 @@ export class ChatStream {
         this._callback("onQueued", this.queuePosition, info);
       }
       try {
-        await sleep(interval, signal);
+        await sleep(wait, signal);
       } catch {
         return;
       }
@@ -486,6 +543,7 @@ export class ChatStream {
     const event = { ...JSON.parse(data), eventId: id }; // parsed before the position moves: a bad one is read again
     this.lastEventId = id;
     this._failures = 0;
+    this._failingSince = null;
     this._queued.abort(); // the chat has left the queue: its events tell the rest
     this.queuePosition = null;
     const fresh = this._apply(event);
@@ -537,6 +595,20 @@ export class ChatStream {
     else if (event.type === "error") call("onAttemptError", event);
   }
 
+  /**
+   * The backoff; or, while the browser says it is offline, `{state: "offline"}` and a wait until it
+   * is back or OFFLINE_RETRY_MS pass (one more try: `onLine` can be wrong). The ms spent offline.
+   */
+  async _waitForNetwork(ms, signal) {
+    const offline = () => globalThis.navigator?.onLine === false;
+    if (!offline()) await sleep(ms, signal); // offline already: the wait below is the backoff
+    if (!offline()) return 0;
+    const since = Date.now();
+    this._connection("offline", { retryIn: OFFLINE_RETRY_MS });
+    await untilOnline(OFFLINE_RETRY_MS, signal);
+    return Date.now() - since;
+  }
+
   _connection(state, detail) {
     this._callback("onConnection", { state, ...detail });
   }
@@ -563,6 +635,7 @@ export class ChatStream {
   }
 
   _scheduleSave(now) {
+    if (!this._persist || !this.client.store) return;
     if (now) return this._save();
     this._saveTimer ??= setTimeout(() => this._save(), PERSIST_EVERY_MS);
   }
@@ -598,6 +671,8 @@ export class ChatStream {
   }
 
   _end(error) {
+    clearTimeout(this._saveTimer); // a save still pending: what is saved at the end is decided now
+    this._saveTimer = null;
     this._unlisten();
     this._queued.abort();
     this._readers.clear(); // each iterator keeps its own queue to read to its end
@@ -609,10 +684,12 @@ export class ChatStream {
 
   _finish() {
     const result = this._result();
-    this._end(null);
+    // a failed chat: `for await` yields its `failed` event, then throws what `done` rejects with
+    const error =
+      result.status === "failed" ? new StreambridgeError(null, "chat_failed", this.terminal.message, { result }) : null;
+    this._end(error);
     this._connection("closed", {});
-    if (result.status === "failed") {
-      const error = new StreambridgeError(null, "chat_failed", this.terminal.message, { result });
+    if (error) {
       this._callback("onError", error);
       throw error;
     }
@@ -623,7 +700,8 @@ export class ChatStream {
   _fail(error) {
     this._end(error);
     this._connection("closed", { error });
-    if (error?.code === "stream_expired" || error?.status === 404) {
+    // an answer that a reload would get again (gone, not ours, not allowed): nothing to resume
+    if (error?.code === "stream_expired" || [401, 403, 404].includes(error?.status)) {
       if (this._persist) this.client.forgetChat(this.id);
     } else this._save(); // closed, or the stream lost: a reload, or resumeChat, picks it up
     if (!this._stop.signal.aborted) this._callback("onError", error);
@@ -633,6 +711,7 @@ export class ChatStream {
 
 /** Follows `url` with fetch: headers (Authorization, Last-Event-ID) and a readable body. */
 async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, opened, silence) {
+  signal.throwIfAborted(); // an "abort" listener added now would never fire
   const stop = new AbortController();
   const abort = () => stop.abort(signal.reason);
   signal.addEventListener("abort", abort, { once: true });
@@ -650,9 +729,13 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
     opened();
     const parser = new SSEParser();
     const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    // a fetch whose body does not end with its signal (a polyfill, a test's) still ends with a read timeout
+    const cut = () => reader.cancel(stop.signal.reason).catch(() => {});
+    stop.signal.addEventListener("abort", cut, { once: true });
     try {
       for (;;) {
         const { value, done } = await reader.read();
+        stop.signal.throwIfAborted();
         if (done) return;
         arm();
         for (const message of parser.feed(value)) {
@@ -660,6 +743,7 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
         }
       }
     } finally {
+      stop.signal.removeEventListener("abort", cut);
       reader.cancel().catch(() => {});
     }
   } catch (error) {
@@ -682,11 +766,14 @@ async function viaFetch(fetchImpl, url, headers, lastEventId, signal, deliver, o
  * EventSource never shows the edge's `: ping` comments, so silence says nothing about the
  * connection: a chat waiting in the queue is silent for as long as it waits. After `watch.silence`
  * ms without an event, `watch.alive()` asks the API whether the chat went on without us; only then
- * is the connection taken for dead (`read_timeout`). Without `alive` (no token to ask with) a quiet
- * stream is left open: the browser reports a connection that breaks.
+ * is the connection taken for dead (`read_timeout`). Without `alive` (no token to ask with, or a
+ * token that does not own the chat) a silence of `watch.silence` closes it and the caller opens it
+ * again after the last event (`stream_silent`, not counted as a failure): a half-open connection
+ * is never kept for good. "auto" does not come here then: it uses fetch, which sees the pings.
  */
 function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, watch) {
   return new Promise((resolve, reject) => {
+    if (signal.aborted) return reject(signal.reason); // an "abort" listener added now would never fire
     const target = new URL(url);
     if (lastEventId) target.searchParams.set("last_event_id", lastEventId);
     const source = new EventSource(target.href);
@@ -697,14 +784,19 @@ function viaEventSource(url, lastEventId, signal, deliver, opened, fetchProbe, w
       clearTimeout(timer);
       asking?.abort(); // an event came: the question is answered
       asking = null;
-      if (watch.alive) timer = setTimeout(check, watch.silence);
+      timer = setTimeout(check, watch.silence);
     };
     const check = () => {
+      // no one to ask: after a silence, open again after the last event (exact, cheap, not a failure)
+      if (!watch.alive) return finish(new StreambridgeError(null, "stream_silent", "the stream was silent: opened again"));
       const mine = (asking = new AbortController());
       watch.alive(mine.signal).then(
         (alive) => {
           if (mine.signal.aborted) return;
-          if (alive) arm();
+          if (alive === null) {
+            watch.alive = null; // no one to ask from now on: silences open the stream again
+            arm();
+          } else if (alive) arm();
           else finish(new StreambridgeError(null, "read_timeout", "the stream went silent while the chat went on"));
         },
         () => mine.signal.aborted || arm(), // no answer: the connection may be fine; ask again later
@@ -845,7 +937,7 @@ function baseOf(client) {
   return client.baseUrl || globalThis.location?.origin || "";
 }
 
-/** The wait before reconnect N (1, 2, …): doubling from 0.1 s to at most 2 s, each a random point in its upper half. */
+/** The wait before reconnect N (1, 2, …): doubling from 0.1 s to at most 15 s, each a random point in its upper half. */
 export function backoff(failures, { startMs = BACKOFF_START_MS, maxMs = BACKOFF_MAX_MS } = {}) {
   const delay = Math.min(maxMs, startMs * 2 ** (failures - 1));
   return delay / 2 + (Math.random() * delay) / 2;
@@ -872,20 +964,24 @@ function sleep(ms, signal) {
   });
 }
 
-/** The backoff, or — while the browser says it is offline — until it is back: time offline is not a failure. */
-async function waitForNetwork(ms, signal) {
-  await sleep(ms, signal);
-  if (globalThis.navigator?.onLine !== false || typeof globalThis.addEventListener !== "function") return;
-  await new Promise((resolve, reject) => {
+/** Until the browser's `online` event, or `ms` at most; rejects when `signal` aborts. */
+function untilOnline(ms, signal) {
+  return new Promise((resolve, reject) => {
+    signal.throwIfAborted();
+    const listen = typeof globalThis.addEventListener === "function";
+    const timer = setTimeout(() => back(), ms);
     const back = () => {
+      clearTimeout(timer);
+      if (listen) globalThis.removeEventListener("online", back);
       signal.removeEventListener("abort", stop);
       resolve();
     };
     const stop = () => {
-      globalThis.removeEventListener("online", back);
+      clearTimeout(timer);
+      if (listen) globalThis.removeEventListener("online", back);
       reject(signal.reason);
     };
-    globalThis.addEventListener("online", back, { once: true });
+    if (listen) globalThis.addEventListener("online", back, { once: true });
     signal.addEventListener("abort", stop, { once: true });
   });
 }

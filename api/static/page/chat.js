@@ -28,8 +28,33 @@ function status(text) {
   $("history").append(item);
 }
 
+/** The answer as one text node: a piece is appended to it (not the whole text redrawn per event). */
+function setAnswer(text) {
+  const node = document.createTextNode(text);
+  $("answer").replaceChildren(node);
+  return node;
+}
+
+let answerNode = null;
+
+function appendAnswer(piece) {
+  if (answerNode === null || answerNode.parentNode !== $("answer")) answerNode = setAnswer("");
+  answerNode.appendData(piece);
+}
+
+/** What the chat holds now (a superseded attempt's text gone, the final text at the end), drawn whole. */
+function drawParts({ text, reasoning, toolCalls }) {
+  answerNode = setAnswer(text);
+  $("reasoning-box").hidden = !reasoning;
+  say("reasoning", reasoning);
+  $("tool-calls").hidden = !toolCalls.length;
+  say("tool-calls", toolCalls.map((c) => `tool call ${c.function.name}(${c.function.arguments})`).join("\n"));
+}
+
 function show(prompt) {
   leftQueue();
+  $("resume").hidden = true;
+  delete document.body.dataset.resumable;
   $("chat").hidden = false;
   say("question", prompt);
   for (const id of ["answer", "reasoning", "tool-calls", "progress-text", "error", "history"]) say(id, "");
@@ -44,15 +69,17 @@ function fail(message) {
   say("error", message);
 }
 
-function connection({ state, delay }) {
+function connection({ state, delay, retryIn }) {
   const was = document.body.dataset.connection;
-  if (state === "reconnecting" && was !== "reconnecting") status("connection lost: reconnecting");
-  if (state === "open" && was === "reconnecting") status("reconnected: resuming after the last event received");
+  const lost = (s) => s === "reconnecting" || s === "offline";
+  if (state === "reconnecting" && !lost(was)) status("connection lost: reconnecting");
+  if (state === "offline" && was !== "offline") status("offline: waiting for the network");
+  if (state === "open" && lost(was)) status("reconnected: resuming after the last event received");
   const pill = $("connection");
   pill.hidden = state === "open" || state === "closed" || state === "connecting";
-  if (state === "reconnecting") {
-    const offline = navigator.onLine === false ? " (offline: waiting for the network)" : "";
-    say("connection", `reconnecting in ${(delay / 1000).toFixed(1)} s${offline}`);
+  if (state === "reconnecting") say("connection", `reconnecting in ${(delay / 1000).toFixed(1)} s`);
+  if (state === "offline") {
+    say("connection", `offline: waiting for the network (trying again every ${Math.round(retryIn / 1000)} s)`);
   }
   document.body.dataset.connection = state;
 }
@@ -73,8 +100,12 @@ function leftQueue() {
 
 function callbacks() {
   return {
-    onContent: (_piece, _event, text) => say("answer", text),
-    onAttempt: (attempt) => status(`attempt ${attempt}: the earlier attempt's text is replaced`),
+    onContent: (piece) => appendAnswer(piece),
+    onAttempt: (attempt) => {
+      // the earlier attempt's text, reasoning and tool calls go; this event's own callback draws it next
+      drawParts({ text: "", reasoning: "", toolCalls: [] });
+      status(`attempt ${attempt}: the earlier attempt's text is replaced`);
+    },
     onReasoning: (_piece, _event, reasoning) => {
       $("reasoning-box").hidden = false;
       say("reasoning", reasoning);
@@ -95,6 +126,7 @@ function callbacks() {
     onComplete: (result) => {
       leftQueue();
       $("progress").hidden = true;
+      drawParts(result); // the answer is the attempt that ended, whatever was drawn on the way
       if (result.status === "cancelled") {
         status("cancelled");
         setState("cancelled");
@@ -124,6 +156,8 @@ function callbacks() {
       }
       fail(`Error: ${error.message}`);
       setState("error");
+      // lost (the network, for minutes): the chat goes on on the server and its record is kept
+      if (chat && client.savedChat()?.id === chat.id) offerResume();
     },
   };
 }
@@ -147,6 +181,27 @@ async function ask(event) {
     fail(`Could not start the chat: ${error.message}`);
     setState("error");
   }
+}
+
+/** After a give-up: a Resume button, and a resume by itself when the network or the tab comes back. */
+function offerResume() {
+  status("gave up reconnecting: Resume (or the network coming back) picks the chat up where it stopped");
+  $("resume").hidden = false;
+  document.body.dataset.resumable = "true";
+}
+
+function resume() {
+  if (document.body.dataset.resumable !== "true" || document.body.dataset.state === "streaming") return;
+  const saved = client.savedChat();
+  if (!saved) return;
+  delete document.body.dataset.resumable;
+  $("resume").hidden = true;
+  $("error").hidden = true;
+  $("progress").hidden = false;
+  setState("streaming");
+  chat = client.resumeChat(callbacks());
+  drawParts(chat);
+  status("resuming…");
 }
 
 async function cancel() {
@@ -174,6 +229,12 @@ async function cancel() {
 // A new visitor is made, once, only while starting a batch: upload and create run again under it.
 
 const BATCH_ENDPOINT = "/v1/chat/completions";
+// Followed as a chat is: failures in a row (no event between) for this long end the view; time the
+// browser is offline is not counted, and while offline it still tries every BATCH_OFFLINE_RETRY_MS.
+const BATCH_RETRY_FOR_MS = 5 * 60_000;
+const BATCH_OFFLINE_RETRY_MS = 10_000;
+// The batch being followed, kept for the tab's life (sessionStorage) so a reload follows it again.
+const BATCH_KEY = "streambridge:batch";
 let batch = null; // { id, token, stop: AbortController, lastEventId, total }
 const batchUrls = {}; // object URLs of the download links, revoked when replaced
 
@@ -183,6 +244,48 @@ function batchState(state) {
   $("batch-start").disabled = busy;
   $("batch-cancel").disabled = state !== "running";
   $("batch-so-far").hidden = state !== "running"; // once ended, the links below hold the whole files
+}
+
+function saveBatch(current) {
+  try {
+    const { id, token, lastEventId, status } = current;
+    sessionStorage.setItem(BATCH_KEY, JSON.stringify({ id, token, lastEventId, status }));
+  } catch {
+    // storage refused (full, or disabled): a reload cannot follow it again, the view goes on
+  }
+}
+
+function forgetBatch(current) {
+  try {
+    if (JSON.parse(sessionStorage.getItem(BATCH_KEY) ?? "null")?.id === current.id) sessionStorage.removeItem(BATCH_KEY);
+  } catch {
+    // nothing kept
+  }
+}
+
+function savedBatch() {
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(BATCH_KEY) ?? "null");
+    if (saved && typeof saved.id === "string" && typeof saved.token === "string") return saved;
+  } catch {
+    // a record this page cannot read
+  }
+  return null;
+}
+
+/** Until the browser's `online` event, `ms` at most, or `signal`'s abort. */
+function untilOnline(ms, signal) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      window.removeEventListener("online", done);
+      signal.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    window.addEventListener("online", done, { once: true });
+    signal.addEventListener("abort", done, { once: true });
+  });
 }
 
 function batchFail(message) {
@@ -294,6 +397,7 @@ async function runBatch(event) {
     const { created, token } = await startBatch(jsonl, file.name.replace(/\.[^.]*$/, "") + ".jsonl");
     const stop = new AbortController();
     batch = { id: created.id, token, status: created.status, stop, lastEventId: null, total: 0 };
+    saveBatch(batch);
     $("batches").dataset.batch = created.id;
     say("batch-status", `${created.id}: ${created.status}`);
     batchState("running");
@@ -309,6 +413,7 @@ async function runBatch(event) {
  * A connection silent past the server's pings (every 15 s at most) is taken for dropped. */
 async function followBatch(current) {
   const { signal } = current.stop;
+  let failingSince = null; // when the failures in a row began, less the time offline
   for (let failures = 0; !signal.aborted; ) {
     const connection = new AbortController();
     const drop = () => connection.abort();
@@ -333,8 +438,10 @@ async function followBatch(current) {
         arm();
         for (const message of parser.feed(value)) {
           failures = 0; // progress: the backoff starts again
-          if (message.id) current.lastEventId = message.id;
+          failingSince = null;
           if (batchEvent(current, message.event, JSON.parse(message.data))) return;
+          if (message.id) current.lastEventId = message.id; // after it is shown: a reload shows it again, never skips it
+          if (current === batch) saveBatch(current);
         }
       }
     } catch (error) {
@@ -343,6 +450,7 @@ async function followBatch(current) {
       if (error.status && error.status < 500 && error.status !== 408 && error.status !== 429) {
         batchFail(`Lost the batch's progress: ${error.message}`);
         batchState("error");
+        forgetBatch(current);
         return;
       }
     } finally {
@@ -350,14 +458,24 @@ async function followBatch(current) {
       signal.removeEventListener("abort", drop);
     }
     // closed before its `end` (a restart, the network): again after the last event seen, backing off
-    if (++failures > 20) {
-      batchFail("Lost the batch's progress: the events could not be reached");
+    if (current !== batch) return; // a newer batch took the view
+    failures += 1;
+    failingSince ??= Date.now();
+    if (failures > 1 && Date.now() - failingSince >= BATCH_RETRY_FOR_MS) {
+      batchFail("Lost the batch's progress: the events could not be reached (reload the page to try again)");
       batchState("error");
-      return;
+      return; // kept in the store: a reload follows it again
+    }
+    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
+    if (navigator.onLine === false) {
+      say("batch-status", `${current.id}: offline, waiting for the network…`);
+      const since = Date.now();
+      await untilOnline(BATCH_OFFLINE_RETRY_MS, signal);
+      failingSince += Date.now() - since; // time offline is not a failure
+      continue;
     }
     say("batch-status", `${current.id}: connection lost, reconnecting…`);
-    $("batches").dataset.reconnects = String(Number($("batches").dataset.reconnects ?? 0) + 1); // for the tests
-    const delay = backoff(failures, { startMs: 250, maxMs: 5000 });
+    const delay = backoff(failures, { startMs: 250, maxMs: 15000 });
     $("batches").dataset.lastDelay = String(Math.round(delay)); // for the tests
     await new Promise((resolve) => setTimeout(resolve, delay));
   }
@@ -380,7 +498,12 @@ function batchEvent(current, type, data) {
 /** The batch ended: a new one may start at once; its links follow when fetched. Whatever answers
  * after another batch took the view (it was started meanwhile) is dropped, never shown in its place. */
 async function batchEnded(current, status) {
-  const stale = () => current !== batch;
+  const stale = () => {
+    if (current === batch) return false;
+    $("batches").dataset.dropped = current.id; // for the tests: its late answer was dropped, not shown
+    return true;
+  };
+  forgetBatch(current);
   batchState(status);
   $("batches").dataset.downloads = "pending";
   try {
@@ -459,12 +582,37 @@ function startBatchView() {
   $("batch-cancel").addEventListener("click", cancelBatch);
   $("batch-so-far").addEventListener("click", downloadSoFar);
   batchState("idle");
+  const saved = savedBatch();
+  if (saved) {
+    // a reload while a batch ran: follow it again after the last event shown (it replays its counts)
+    batch = { ...saved, status: saved.status ?? "in_progress", stop: new AbortController(), total: 0 };
+    $("batches").dataset.batch = batch.id;
+    $("batches").dataset.resumed = "true";
+    say("batch-status", `${batch.id}: ${batch.status} (following again after a reload)`);
+    batchState("running");
+    showSavedCounts(batch);
+    followBatch(batch);
+  }
+}
+
+/** The counts as the batch object has them, until its next event brings them (best effort). */
+async function showSavedCounts(current) {
+  try {
+    const info = await (await authorized(current.token, `/v1/batches/${encodeURIComponent(current.id)}`)).json();
+    const counts = info.request_counts;
+    if (current === batch && counts && !$("batch-counts").textContent) showCounts(counts);
+  } catch {
+    // the events say it soon enough
+  }
 }
 
 function start() {
   startBatchView();
   $("ask").addEventListener("submit", ask);
   $("cancel").addEventListener("click", cancel);
+  $("resume").addEventListener("click", resume);
+  window.addEventListener("online", resume);
+  document.addEventListener("visibilitychange", () => document.visibilityState === "visible" && resume());
   const saved = client.savedChat();
   if (saved) {
     // A reload mid-answer: the text so far comes from the store, the rest from after its last event.
@@ -473,7 +621,7 @@ function start() {
     setState("streaming");
     chat = client.resumeChat(callbacks());
     document.body.dataset.chat = chat.id;
-    say("answer", chat.text);
+    drawParts(chat);
     status("resuming after a reload…");
     document.body.dataset.resumed = "true";
   } else {

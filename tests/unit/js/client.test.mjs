@@ -449,7 +449,8 @@ test("reconnect delays are jittered, doubling to a cap", () => {
   const delays = Array.from({ length: 50 }, () => backoff(3));
   assert.ok(delays.every((d) => d >= 200 && d <= 400), String(delays));
   assert.ok(new Set(delays).size > 40, "jittered, not one fixed delay");
-  assert.ok(backoff(30) <= 2000);
+  assert.ok(backoff(30) <= 15000);
+  assert.ok(backoff(30) >= 7500, "the cap grows past a few seconds: many pages cut at once come back spread out");
   assert.ok(backoff(30, { startMs: 250, maxMs: 5000 }) >= 2500);
 });
 
@@ -466,12 +467,16 @@ test("a stream token that expires again after a refresh is refreshed again, not 
 
 test("the AbortSignal's listener goes when the chat ends: a long-lived signal does not hold every chat", async (t) => {
   const controller = new AbortController(); // one for the page's whole life
+  const added = t.mock.method(controller.signal, "addEventListener");
   const removed = t.mock.method(controller.signal, "removeEventListener");
   const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + sse("2-0", "complete", { attempt: 1 });
-  const client = createClient({ baseUrl: "http://x", store: memoryStore(), fetch: scripted([stream], []) });
+  // a token given: no login, whose own listener would be added and removed and hide a leak
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: scripted([stream], []) });
   const chat = await client.createChat({ message: "hi", transport: "fetch", signal: controller.signal });
   await chat.done;
-  assert.ok(removed.mock.calls.some((c) => c.arguments[0] === "abort"));
+  const fns = (mocked) => mocked.mock.calls.filter((c) => c.arguments[0] === "abort").map((c) => c.arguments[1]);
+  assert.ok(fns(added).length >= 1, "the chat listens to the signal");
+  for (const listener of fns(added)) assert.ok(fns(removed).includes(listener), "each listener added is removed");
 });
 
 test("over EventSource, a client whose token does not own the chat stops asking after the first 404", async (t) => {
@@ -496,8 +501,366 @@ test("over EventSource, a client whose token does not own the chat stops asking 
     await turns();
   }
   assert.equal(asked, 1);
-  assert.equal(FakeEventSource.made.length, 1);
-  assert.equal(FakeEventSource.made[0].closed, false);
+  // with no one to ask, a silence is answered by opening it again: a half-open one is not kept
+  assert.ok(FakeEventSource.made.length >= 2);
   chat.close();
   await chat.done.catch(() => {});
+});
+
+test("close() while the stream token is refreshed: no new connection, no callbacks, done rejects", async () => {
+  let releaseGet;
+  let getSignal;
+  let streams = 0;
+  const fetchImpl = async (url, init = {}) => {
+    const where = new URL(url);
+    if (where.pathname === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=old` });
+    if (where.pathname === `/v1/chats/${ID}`) {
+      getSignal = init.signal;
+      await new Promise((resolve) => (releaseGet = resolve)); // a slow answer, that ignores the abort
+      return json(200, { id: ID, status: "running", content: "", stream_url: `/v1/chats/${ID}/events?token=new` });
+    }
+    streams += 1;
+    if (where.searchParams.get("token") === "old") return json(401, { error: { code: "unauthorized", message: "expired" } });
+    return new Response(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "after close!") + sse("3-0", "complete", { attempt: 1 }));
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+  const calls = [];
+  const chat = await client.createChat({
+    message: "hi",
+    transport: "fetch",
+    onContent: (piece) => calls.push(`content ${piece}`),
+    onComplete: () => calls.push("complete"),
+    onError: () => calls.push("error"),
+  });
+  while (!releaseGet) await new Promise((resolve) => setTimeout(resolve, 1));
+  chat.close();
+  assert.equal(getSignal?.aborted, true, "the refresh's GET is aborted with the stream");
+  releaseGet();
+  await assert.rejects(chat.done, { name: "AbortError" });
+  assert.equal(streams, 1, "no second events request after close()");
+  assert.deepEqual(calls, []);
+});
+
+test("a stream given an already aborted signal rejects at once, over fetch and over EventSource", async (t) => {
+  t.after(() => delete globalThis.EventSource);
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  let streams = 0;
+  const fetchImpl = async () => {
+    streams += 1;
+    return new Response("");
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+  for (const transport of ["fetch", "eventsource"]) {
+    const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport });
+    chat.close();
+    await assert.rejects(chat.done, { name: "AbortError" });
+  }
+  assert.equal(streams, 0);
+  assert.equal(FakeEventSource.made.length, 0);
+});
+
+/** A fetch for the stream whose events requests fail (no answer) while `down()`; then one whole answer. */
+function downThenUp(down, tries) {
+  return async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    tries.push(Date.now());
+    if (down()) throw new TypeError("Failed to fetch");
+    return new Response(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "back") + sse("3-0", "complete", { attempt: 1 }));
+  };
+}
+
+async function runUntil(promise, stepMs, maxMs) {
+  let settled = false;
+  promise.then(() => (settled = true), () => (settled = true));
+  for (let t = 0; t < maxMs && !settled; t += stepMs) {
+    mock.timers.tick(stepMs);
+    await turns(10);
+  }
+  return promise;
+}
+
+test("a minute of failed connections (an edge redeploy, a dead zone) is waited out, not the end", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const start = Date.now();
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => Date.now() - start < 60_000, tries) });
+  const states = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onConnection: (c) => states.push(c.state) });
+  const result = await runUntil(chat.done, 500, 200_000);
+  assert.equal(result.text, "back");
+  assert.ok(tries.length < 40, `backed off to seconds between tries, not ${tries.length} tries in a minute`);
+  assert.equal(states.at(-1), "closed");
+});
+
+test("failures go on for retryForMs (default 5 minutes) before stream_lost", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => true, tries) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  const start = Date.now();
+  const error = await runUntil(chat.done, 1000, 600_000).then(() => null, (e) => e);
+  assert.equal(error?.code, "stream_lost");
+  const lasted = Date.now() - start;
+  assert.ok(lasted >= 300_000 && lasted < 330_000, `gave up after ${lasted} ms`);
+  const gaps = tries.slice(1).map((at, i) => at - tries[i]);
+  assert.ok(Math.max(...gaps) <= 15_000 && Math.max(...gaps) >= 7_500, String(gaps));
+});
+
+test("offline is reported, and the stream still tries every ~10 s; time offline is not counted", async (t) => {
+  const had = Object.getOwnPropertyDescriptor(globalThis, "navigator");
+  let onLine = false;
+  Object.defineProperty(globalThis, "navigator", { configurable: true, get: () => ({ onLine }) });
+  t.after(() => {
+    mock.timers.reset();
+    if (had) Object.defineProperty(globalThis, "navigator", had);
+    else delete globalThis.navigator;
+  });
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const tries = [];
+  const start = Date.now();
+  // offline (no answer) for 10 minutes, longer than retryForMs: it does not count
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: downThenUp(() => Date.now() - start < 600_000, tries) });
+  const states = [];
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onConnection: (c) => states.push(c.state) });
+  for (let s = 0; s < 600; s++) {
+    mock.timers.tick(1000);
+    await turns(10);
+  }
+  assert.ok(states.includes("offline"), String(states));
+  assert.ok(tries.length >= 50, `tried ${tries.length} times in 10 minutes offline: every ~10 s, the hint is not trusted forever`);
+  onLine = true;
+  const result = await runUntil(chat.done, 1000, 60_000);
+  assert.equal(result.text, "back");
+});
+
+test("a renderer that clears in onAttempt shows the answer, when the new attempt has no text", async () => {
+  // attempt 1 streams text, its worker is lost, attempt 2 answers with a tool call only
+  const stream =
+    sse("1-0", "started", { attempt: 1, model: "m" }) +
+    content("2-0", "half an answ") +
+    sse("3-0", "status", { message: "worker lost; attempt 2 of 3", attempt: 2 }) +
+    sse("4-0", "started", { attempt: 2, model: "m" }) +
+    sse("5-0", "tool_call", { index: 0, id: "call_1", name: "lookup", arguments: "{}", attempt: 2 }) +
+    sse("6-0", "complete", { attempt: 2, finish_reason: "tool_calls" });
+  const client = createClient({ baseUrl: "http://x", token: "t", store: memoryStore(), fetch: scripted([stream], []) });
+  let shown = "";
+  const log = [];
+  const chat = await client.createChat({
+    message: "hi",
+    transport: "fetch",
+    onContent: (_piece, _event, text) => (shown = text),
+    onAttempt: (n, current) => {
+      log.push(`attempt ${n} text=${JSON.stringify(current.text)}`);
+      shown = ""; // the README's pattern
+    },
+    onComplete: (result) => (shown = result.text),
+  });
+  const result = await chat.done;
+  assert.equal(result.text, "");
+  assert.equal(shown, "");
+  assert.deepEqual(log, ['attempt 2 text=""']);
+  assert.equal(result.toolCalls[0].function.name, "lookup");
+});
+
+test("auto, with no token to ask the API with (a stream_url from a backend), follows over fetch and resumes a half-open stream", async (t) => {
+  t.after(() => delete globalThis.EventSource);
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  const encoder = new TextEncoder();
+  const seen = [];
+  const fetchImpl = async (url, init = {}) => {
+    const where = new URL(url);
+    assert.equal(where.pathname, `/v1/chats/${ID}/events`);
+    assert.equal(where.searchParams.get("token"), "s");
+    assert.equal(init.headers.Authorization, undefined);
+    seen.push(init.headers["Last-Event-ID"] ?? null);
+    if (seen.length === 1) {
+      // the first connection goes silent mid-answer and stays open (a half-open socket)
+      const body = new ReadableStream({
+        start: (c) => c.enqueue(encoder.encode(sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "Hel"))),
+      });
+      return new Response(body, { status: 200 });
+    }
+    return new Response(content("3-0", "lo") + sse("4-0", "complete", { attempt: 1 }), { status: 200 });
+  };
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), readTimeoutMs: 50, fetch: fetchImpl });
+  const chat = client.followChat({ id: ID, stream_url: `http://x/v1/chats/${ID}/events?token=s` });
+  assert.equal((await chat.done).text, "Hello");
+  assert.equal(FakeEventSource.made.length, 0, "not EventSource: it would hide the pings");
+  assert.deepEqual(seen, [null, "2-0"]);
+});
+
+test("over EventSource with no token, a silent stream is opened again after the last event, not left for good", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), readTimeoutMs: 1000, fetch: async () => assert.fail("no fetch") });
+  const states = [];
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource", onConnection: (c) => states.push(c.state) });
+  await turns();
+  const [first] = FakeEventSource.made;
+  first.open();
+  first.send("1-0", "started", { attempt: 1, model: "m" });
+  first.send("2-0", "content", { content: "Hel", index: 1, attempt: 1 });
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true);
+  const second = FakeEventSource.made[1];
+  assert.equal(second?.url.searchParams.get("last_event_id"), "2-0");
+  second.open();
+  second.send("3-0", "content", { content: "lo", index: 2, attempt: 1 });
+  second.send("4-0", "complete", { attempt: 1 });
+  assert.equal((await chat.done).text, "Hello");
+  assert.ok(!states.includes("reconnecting"), String(states));
+});
+
+test("for await over a failed chat yields its events, the failed one too, then throws chat_failed", async () => {
+  const stream = sse("1-0", "started", { attempt: 1, model: "m" }) + content("2-0", "partial") + sse("3-0", "failed", { message: "upstream said no", attempts: 3 });
+  const client = createClient({ baseUrl: "http://x", token: "t", store: memoryStore(), fetch: scripted([stream], []) });
+  const chat = await client.createChat({ message: "hi", transport: "fetch" });
+  const types = [];
+  const thrown = await (async () => {
+    for await (const event of chat) types.push(event.type);
+  })().then(() => null, (e) => e);
+  assert.deepEqual(types, ["started", "content", "failed"]);
+  assert.equal(thrown?.code, "chat_failed");
+  assert.equal(thrown.message, "upstream said no");
+  await assert.rejects(chat.done, (e) => e === thrown);
+});
+
+test("over EventSource, a silence while the server moved to a later attempt (with less text) reconnects", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({
+    baseUrl: "http://x",
+    token: "t",
+    store: memoryStore(),
+    readTimeoutMs: 1000,
+    fetch: apiOnly(() => ({ status: "running", attempts: 2, content: "short" })),
+  });
+  const chat = client.followChat({ id: ID, stream_url: `/v1/chats/${ID}/events?token=s` }, { transport: "eventsource" });
+  await turns();
+  const [first] = FakeEventSource.made;
+  first.open();
+  first.send("1-0", "started", { attempt: 1, model: "m" });
+  first.send("2-0", "content", { content: "a longer first attempt", index: 1, attempt: 1 });
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true, "attempt 2 began on the server and its start never came: the stream is dead");
+  chat.close();
+  await chat.done.catch(() => {});
+});
+
+test("aborted while its POST is out: the chat it made is cancelled, not left running unreachable", async () => {
+  for (const idempotencyKey of [undefined, "caller-key"]) {
+    let release;
+    let postSignal = "unset";
+    const cancelled = [];
+    const fetchImpl = async (url, init = {}) => {
+      const path = new URL(url).pathname;
+      if (path === "/v1/chats") {
+        postSignal = init.signal;
+        await new Promise((resolve) => (release = resolve)); // the server made it; its answer is slow
+        return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+      }
+      if (path === `/v1/chats/${ID}/cancel` && init.method === "POST") {
+        cancelled.push(ID);
+        return json(202, { id: ID, status: "cancelled" });
+      }
+      throw new Error(`unexpected ${init.method} ${url}`);
+    };
+    const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), fetch: fetchImpl });
+    const controller = new AbortController();
+    const creating = client.createChat({ message: "hi", transport: "fetch", signal: controller.signal, idempotencyKey });
+    while (!release) await turns(1);
+    controller.abort();
+    await assert.rejects(creating, { name: "AbortError" }); // at once, not when the POST answers
+    assert.ok(!postSignal?.aborted, "the POST under way is not cut: its answer says which chat it made");
+    release();
+    await turns(10);
+    // without a caller's key, no one can reach that chat: cancelled. With one, the next call with
+    // that key (StrictMode's second run) follows it: left alone.
+    assert.deepEqual(cancelled, idempotencyKey === undefined ? [ID] : []);
+    assert.equal(client.savedChat(), null);
+  }
+});
+
+test("the queue's place is asked less and less often, and a 429's Retry-After is honoured", async (t) => {
+  t.after(() => mock.timers.reset());
+  mock.timers.enable({ apis: ["setTimeout", "Date"], now: 1_000_000 });
+  const asks = [];
+  let limited = false;
+  const fetchImpl = async (url) => {
+    const path = new URL(url).pathname;
+    if (path === "/v1/chats") return json(202, { id: ID, status: "queued", stream_url: `/v1/chats/${ID}/events?token=s` });
+    if (path === `/v1/chats/${ID}`) {
+      asks.push(Date.now());
+      if (limited) {
+        limited = false;
+        return new Response(JSON.stringify({ error: { code: "rate_limited", message: "slow down" } }), {
+          status: 429,
+          headers: { "Retry-After": "30" },
+        });
+      }
+      return json(200, { id: ID, status: "queued", content: "", queue_position: 5 });
+    }
+    return new Response(new ReadableStream({ start() {} }), { status: 200 }); // the stream: quiet while queued
+  };
+  const client = createClient({ baseUrl: "http://x", token: "tok", store: memoryStore(), readTimeoutMs: 10 ** 9, fetch: fetchImpl });
+  const chat = await client.createChat({ message: "hi", transport: "fetch", onQueued: () => {} });
+  for (let s = 0; s < 60; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  assert.ok(asks.length <= 15, `asked ${asks.length} times in a minute, not once a second`);
+  const gaps = asks.slice(1).map((at, i) => at - asks[i]);
+  assert.ok(gaps.at(-1) >= 5000, String(gaps));
+  limited = true;
+  const before = asks.length;
+  for (let s = 0; s < 40 && asks.length === before; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  const limitedAt = asks.at(-1);
+  for (let s = 0; s < 60 && asks.at(-1) === limitedAt; s++) {
+    mock.timers.tick(1000);
+    await turns(5);
+  }
+  assert.ok(asks.at(-1) - limitedAt >= 30_000, `asked again ${asks.at(-1) - limitedAt} ms after a 429 with Retry-After: 30`);
+  chat.close();
+  await chat.done.catch(() => {});
+});
+
+test("a 403 or 401 that ends the stream forgets the saved record, and no save is left pending", { timeout: 10_000 }, async (t) => {
+  for (const status of [401, 403]) {
+    const store = memoryStore();
+    const partial = content("1-0", "Hel");
+    // a 401 asks for a fresh stream URL once; a second 401 is the end
+    const client = createClient({ baseUrl: "http://x", store, token: "tok", fetch: scripted([partial, status, status], []) });
+    const chat = client.followChat({ id: ID }, { transport: "fetch" });
+    const error = await chat.done.then(() => null, (e) => e);
+    assert.equal(error?.status, status);
+    assert.equal(client.savedChat(), null, `a reload would get ${status} again: nothing to resume`);
+    assert.equal(chat._saveTimer, null);
+  }
+  t.mock.timers.enable({ apis: ["setTimeout"] });
+  const client = createClient({ baseUrl: "http://x", store: memoryStore(), token: "tok", fetch: scripted([content("1-0", "a") + sse("2-0", "complete", { attempt: 1 })], []) });
+  const chat = client.followChat({ id: ID }, { transport: "fetch", persist: false });
+  await turns(20);
+  assert.equal(chat._saveTimer, null, "persist: false: no save timer");
+  t.mock.timers.reset();
+  await chat.done;
 });
