@@ -68,7 +68,10 @@ def structured() -> bool:
 class Redactor:
     """Scrubs credentials from a formatted line (see the module's docstring)."""
 
-    _QUERY: Final = r"token|access_token|api_key|apikey|key|secret|sig|signature"
+    _QUERY: Final = (
+        r"token|access_token|access-token|api_key|api-key|apikey|x-api-key|key|secret|sig|signature"
+        r"|password|passwd|pwd|auth"
+    )
     _PATTERNS: Final = (
         # a credential in a URL's query: a stream URL's token, an api_key, a signature
         (re.compile(rf"([?&;](?:{_QUERY})=)[^&\s\"'\\#;]+", re.I), r"\1[redacted]"),
@@ -88,6 +91,26 @@ class Redactor:
         if self._secrets is not None:
             line = self._secrets.sub("[redacted]", line)
         return line
+
+
+def display_url(url: str) -> str:
+    """``url`` as a notice or an error may show it: without its userinfo (a password) and its query
+    (an ``api-key=``), even when it is malformed."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    rest = rest.rpartition("@")[2]  # a password may hold any character but the last '@'
+    rest = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return f"{scheme}{sep}{rest}"
+
+
+#: the configured process's scrubber (:func:`configure`), for what is printed rather than logged
+_redactor: Redactor | None = None
+
+
+def scrub(text: str) -> str:
+    """``text`` with credentials scrubbed as every log line is: for a notice printed, not logged."""
+    return (_redactor or Redactor())(text)
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -151,12 +174,12 @@ def configure(
 ) -> None:
     """Sends every record at ``level`` and above to ``stream`` (stderr), as JSON or text; ``auto``
     is text on a terminal and JSON otherwise (a file, a pipe, a container's log)."""
-    global _role, _content
+    global _role, _content, _redactor
     _role, _content = role, content
     stream = stream or sys.stderr
     if format == "auto":
         format = "text" if stream.isatty() else "json"
-    redact = Redactor(secrets)
+    redact = _redactor = Redactor(secrets)
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter(redact) if format == "json" else TextFormatter(redact))
     root = logging.getLogger()

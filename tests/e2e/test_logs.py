@@ -173,3 +173,18 @@ def test_with_log_content_on_the_prompt_and_answer_are_logged(tmp_path_factory: 
     for secret in run.secrets:
         assert secret not in everything, f"{secret[:6]}… was logged"
     records(run)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_up_prints_no_credential_of_the_llm_url(tmp_path: Path, log_format: str) -> None:
+    """What ``up`` and a worker print about themselves (stdout's start line, stderr's notices) is
+    scrubbed as the log is: the LLM's URL without its userinfo and query."""
+    llm_url = "https://user:llmpass99@llm.invalid/v1?api-key=AZKEY1234"
+    env = clean_env(STREAMBRIDGE_LLM_BASE_URL=llm_url, STREAMBRIDGE_LOG_FORMAT=log_format)
+    up = Process(["up", "--port", "0"], env, tmp_path)
+    code = up.stop()
+    said = up.log_path.read_text() + "".join(up.stdout)
+    assert code == 0, said
+    assert "https://llm.invalid/v1" in said, said
+    for secret in ("llmpass99", "AZKEY1234", "user:"):
+        assert secret not in said, said

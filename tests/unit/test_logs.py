@@ -85,6 +85,10 @@ def test_auto_is_json_when_stderr_is_not_a_terminal(stream: io.StringIO) -> None
     [
         ("GET /v1/chats/c/events?token=1700000000.cid.sig", "GET /v1/chats/c/events?token=[redacted]"),
         ("/x?a=1&api_key=sk-123456789", "/x?a=1&api_key=[redacted]"),
+        ("https://llm/v1?api-key=AZKEY1234", "https://llm/v1?api-key=[redacted]"),
+        ("/cb?access-token=at-987654321&x=1", "/cb?access-token=[redacted]&x=1"),
+        ("/login?user=a&password=pw-1234567", "/login?user=a&password=[redacted]"),
+        ("/x?auth=au-1234567", "/x?auth=[redacted]"),
         ("Authorization: Bearer sbv_0123456789abcdef_s3cr3t-t0ken", "Authorization: Bearer [redacted]"),
         ("key sbk_0123456789abcdef_Zm9vYmFyYmF6cXV4", "key sbk_0123456789abcdef_[redacted]"),
         ("redis://user:hunter22@redis:6379/0", "redis://user:[redacted]@redis:6379/0"),
