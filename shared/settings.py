@@ -214,7 +214,8 @@ def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} ({_scrubbed(exc, value)})") from None
+        why = _scrubbed(exc, value)
+        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} ({why})") from None
     if parts.scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in sorted(schemes))
         raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} (expected {allowed})")
@@ -235,7 +236,9 @@ def _check_redis_url(value: str) -> None:
         pool = ConnectionPool.from_url(value)
         pool.connection_class(**pool.connection_kwargs)  # not connected: checks option names and types
     except (ValueError, TypeError) as exc:
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {display_url(value)!r} ({_scrubbed(exc, value)})") from None
+        why = _scrubbed(exc, value)
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {display_url(value)!r} ({why})") from None
     path = urlsplit(value).path.strip("/")
     if urlsplit(value).scheme != "unix" and path and not (path.isascii() and path.isdigit()):
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {display_url(value)!r} (the database must be a number)")
+        shown = display_url(value)
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {shown!r} (the database must be a number)")

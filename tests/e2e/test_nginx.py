@@ -111,7 +111,8 @@ async def test_nginx_logs_no_stream_token(stack: Stack) -> None:
         auth = await login(session, stack.url)
         chat = await create_chat(session, stack.url, auth, message="token in the query", model="fake?words=3")
         url, _, token = chat["stream_url"].partition("?token=")
-        assert url.startswith(stack.url) and token
+        assert url.startswith(stack.url)
+        assert token
         events = await read_events(session, chat["stream_url"])  # the token in the query, as a browser sends it
         assert events[-1].event == "complete"
     assert stack.nginx.upstreams_of(events_path(chat["id"])), "nginx logged the stream's request"
