@@ -138,7 +138,8 @@ async def admit(
     chat = bounded(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    span = trace.continue_or_start(request.headers.get("traceparent"), request.headers.get("tracestate"))
+    tracestate = trace.tracestate_of(request.headers.getall("tracestate", []))
+    span = trace.continue_or_start(request.headers.get("traceparent"), tracestate)
     logs.bind(user=identity.user, trace_id=span.trace_id)
     try:
         admitted = await admit_chat(
