@@ -228,10 +228,18 @@ class ChatRunner:
             return classify(exc)
 
         def open_stream() -> AsyncGenerator[Delta, None]:
-            # each call upstream is a span of the chat's trace: a child of the span that admitted it
-            headers = span.child().headers()
-            extra = {"event": "upstream.request", "traceparent": headers["traceparent"]}
-            log.debug("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
+            # each call upstream is a span of the chat's trace: a child of the span that admitted it.
+            # streambridge exports no spans: the line says which span is whose parent, so the LLM
+            # gateway's span (a child of span_id) joins the caller's through chat.admitted's.
+            call = span.child()
+            headers = call.headers()
+            extra = {
+                "event": "upstream.request",
+                "traceparent": headers["traceparent"],
+                "span_id": call.span_id,
+                "parent_span_id": span.span_id,
+            }
+            log.info("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
             deltas = stream_deltas(self.llm, request, model, headers)
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
