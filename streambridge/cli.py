@@ -69,24 +69,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(args)
     except SettingsError as exc:
-        print(f"streambridge: {exc}", file=sys.stderr)
+        fail(str(exc))
         code = 2
     except StreambridgeError as exc:
-        print(f"streambridge: {exc}", file=sys.stderr)
+        fail(str(exc))
         code = 1
     except ModuleNotFoundError as exc:  # a client-only install asked to run a server
-        print(
-            f"streambridge: {args.command} needs the server parts ({exc.name} is missing): "
-            "pip install 'streambridge[server]'",
-            file=sys.stderr,
+        fail(
+            f"{args.command} needs the server parts ({exc.name} is missing): pip install 'streambridge[server]'",
         )
         code = 1
     except _start_errors() as exc:  # e.g. Redis unreachable at start: one line, not a traceback
-        print(f"streambridge: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        fail(f"cannot start: {type(exc).__name__}: {exc}")
         code = 1
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def fail(message: str) -> None:
+    """Why the command stops: a JSON record where the log is JSON (every line on stderr parses),
+    else the one plain line ``streambridge: …``; scrubbed either way."""
+    if logs.structured():
+        log.error("%s", message, extra={"event": "process.failed"})
+        logs.flush()
+    else:
+        print(f"streambridge: {logs.scrub(message)}", file=sys.stderr)
 
 
 def _start_errors() -> tuple[type[Exception], ...]:

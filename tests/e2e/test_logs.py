@@ -188,3 +188,19 @@ def test_up_prints_no_credential_of_the_llm_url(tmp_path: Path, log_format: str)
     assert "https://llm.invalid/v1" in said, said
     for secret in ("llmpass99", "AZKEY1234", "user:"):
         assert secret not in said, said
+
+
+def test_a_worker_that_cannot_reach_redis_says_so_in_json(tmp_path: Path) -> None:
+    env = clean_env(STREAMBRIDGE_REDIS_URL="redis://:hunter2pw@127.0.0.1:1/0", STREAMBRIDGE_LOG_FORMAT="json")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambridge", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line on stderr is one JSON object
+    failed = records[-1]
+    assert failed["event"] == "process.failed"
+    assert failed["level"] == "ERROR"
+    assert failed["message"].startswith("cannot start: ")
+    assert "hunter2pw" not in done.stderr
