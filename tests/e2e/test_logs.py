@@ -24,8 +24,12 @@ pytestmark = pytest.mark.e2e
 PROMPT = "zebra-quokka-marmalade-7741 what is the tide doing"
 LLM_KEY = "sk-llm-key-that-must-never-be-logged-3141"
 SECRET = "signing-secret-that-must-never-be-logged-2718"
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+#: each chat's own trace: the lines naming a chat must carry its trace id, not another's
+TRACE_IDS = ("0af7651916cd43dd8448eb211c80319c", "4bf92f3577b34da6a3ce929d0e0e4736")
+
+
+def traceparent(trace_id: str) -> str:
+    return f"00-{trace_id}-b7ad6b7169203331-01"
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Run:
     stdout: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
     chat_id: str = ""
+    traces: dict[str, str] = field(default_factory=dict)  # chat id → the trace id its POST sent
 
     def everything(self) -> str:
         return "\n".join(line for lines in self.logs.values() for line in lines) + "".join(self.stdout)
@@ -75,12 +80,14 @@ def full_run(logs: Path, **settings: str) -> Run:
         run.secrets.append(api_key)
         asyncio.run(chats(run, processes["api"].url, processes["edge"].url, api_key))
     finally:
-        for role, process in reversed(processes.items()):
-            assert process.stop() == 0, process.log_path.read_text()
+        codes = {}
+        for role, process in reversed(processes.items()):  # every one stopped, then checked
+            codes[role] = process.stop()
             run.logs[role] = process.log_path.read_text().splitlines()
             run.stdout += process.stdout
         llm.stop()
         redis.stop()
+    assert all(code == 0 for code in codes.values()), (codes, run.logs)
     return run
 
 
@@ -89,13 +96,14 @@ async def chats(run: Run, api: str, edge: str, api_key: str) -> None:
         async with http.post(f"{api}/v1/auth/visitor") as response:
             visitor = (await response.json())["token"]
         run.secrets.append(visitor)
-        for token in (api_key, visitor):
+        for token, trace_id in zip((api_key, visitor), TRACE_IDS, strict=True):
             auth = {"Authorization": f"Bearer {token}"}
-            headers = {**auth, "traceparent": TRACEPARENT, "Idempotency-Key": f"k-{token[:3]}"}
+            headers = {**auth, "traceparent": traceparent(trace_id), "Idempotency-Key": f"k-{token[:3]}"}
             async with http.post(f"{api}/v1/chats", json={"message": PROMPT}, headers=headers) as response:
                 assert response.status == 202, await response.text()
                 chat = await response.json()
             run.chat_id = run.chat_id or chat["id"]
+            run.traces[chat["id"]] = trace_id
             stream_url = chat["stream_url"]
             run.secrets.append(stream_url.partition("token=")[2])
             events = await read_events(http, stream_url)  # the token in the query
@@ -155,8 +163,14 @@ def test_every_line_is_json_and_one_chat_is_followed_across_processes(quiet_run:
     assert {"chat.admitted", "http.request", "chat.cancel_requested"} <= events["api"]
     assert {"attempt.started", "chat.completed"} <= events["worker"]
     assert {"stream.opened", "stream.resumed", "stream.closed"} <= events["edge"]
-    for role, lines in chat_events.items():
-        assert {r.get("trace_id") for r in lines} == {TRACE_ID}, f"{role}: every line naming the chat has its trace id"
+    assert len(set(quiet_run.traces)) == len(TRACE_IDS)
+    for chat_id, trace_id in quiet_run.traces.items():
+        for role, lines in by_role.items():
+            naming = [r for r in lines if r.get("chat_id") == chat_id]
+            assert naming, f"{role} never names chat {chat_id}"
+            assert {r.get("trace_id") for r in naming} == {trace_id}, (
+                f"{role}: a line naming {chat_id} has another trace"
+            )
     admitted = next(r for r in chat_events["api"] if r.get("event") == "chat.admitted")
     assert admitted["user"] == "logs"
     assert "prompt" not in admitted
