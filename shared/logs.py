@@ -46,7 +46,8 @@ _context: ContextVar[Mapping[str, Any]] = ContextVar("streambridge_log_context",
 #: what every ``LogRecord`` has: anything else on a record came from ``extra=``
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
-#: libraries that log request bodies below INFO (the openai SDK: every request's options)
+#: libraries whose records below INFO may describe a request (the openai SDK: its method and
+#: retries; 1.x also logged its options, body included; httpcore: its URL)
 _CONTENT_LOGGERS: Final = ("openai", "httpcore")
 #: libraries too chatty below WARNING for a service's log (httpx: a line per request)
 _NOISY: Final = ("arq", "httpx", "httpx2")

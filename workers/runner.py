@@ -261,7 +261,7 @@ class ChatRunner:
             async for event in events:
                 if isinstance(event, Complete | Failed):
                     return event
-                if isinstance(event, Started | Error):
+                if isinstance(event, _ATTEMPT_EVENTS):
                     log_attempt(event)
                 if first and type(event) is Content:
                     first = False
@@ -323,6 +323,10 @@ class ChatRunner:
             tracker.result = tracker.cancelled()
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)
+
+
+#: the events that start or fail an attempt: each is logged (a tuple: ``isinstance`` with a union per event costs more)
+_ATTEMPT_EVENTS: Final = (Started, Error)
 
 
 def log_attempt(event: Started | Error) -> None:

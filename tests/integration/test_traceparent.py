@@ -12,10 +12,12 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
 
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.shared import logs, trace
 from streambridge.shared.settings import Settings
+from streambridge.workers.reaper import whose
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM, bearer
 
@@ -189,3 +191,24 @@ async def test_an_idempotent_replay_is_logged_under_the_chats_trace(
     assert replayed["chat_id"] == ids[0]
     assert replayed["trace_id"] == TRACE_ID  # the chat's trace, which its worker and edge lines carry
     assert replayed["request_trace_id"] == second_trace
+
+
+async def test_lines_logged_outside_a_chats_task_name_its_user_and_trace(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    redis_url: str,
+) -> None:
+    """``chat.reaped`` and ``chat.cancelling`` are logged by a worker's reaper and cancel listener,
+    which run no chat: they read its owner and trace."""
+    headers = {**bearer(token), "traceparent": PARENT}
+    response = await client.post("/v1/chats", json={"message": "hi"}, headers=headers)
+    chat_id = (await response.json())["id"]
+    redis = Redis.from_url(redis_url)
+    try:
+        fields = await whose(redis, chat_id)
+        assert fields["chat_id"] == chat_id
+        assert fields["trace_id"] == TRACE_ID
+        assert fields["user"].startswith("visitor_")
+        assert await whose(redis, "no-such-chat") == {"chat_id": "no-such-chat"}
+    finally:
+        await redis.aclose()
