@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from streambridge.fake_llm import make_app as make_fake_llm
@@ -35,7 +36,8 @@ class Upstream:
     @web.middleware
     async def record(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
         if request.path.endswith("/chat/completions"):
-            self.calls.append({k: v for k, v in request.headers.items() if k.lower() in {"traceparent", "tracestate"}})
+            names = {"traceparent", "tracestate"}
+            self.calls.append({k: ",".join(request.headers.getall(k)) for k in request.headers if k.lower() in names})
         return await handler(request)
 
 
@@ -58,12 +60,14 @@ async def run_chat(
     upstream: Upstream,
     path: str,
     body: object,
-    headers: dict[str, str],
+    headers: dict[str, str] | list[tuple[str, str]],
 ) -> dict[str, str]:
     worker = make_worker(settings, upstream.url, poll_delay=0.01)
     running = asyncio.create_task(worker.main())
     try:
-        response = await client.post(path, json=body, headers={**bearer(token), **headers})
+        sent = CIMultiDict(bearer(token))
+        sent.extend(headers)  # a header may come more than once
+        response = await client.post(path, json=body, headers=sent)
         assert response.status in (200, 202), await response.text()
         await response.read()  # the OpenAI routes answer once the chat has ended
         async with asyncio.timeout(10):
@@ -212,3 +216,14 @@ async def test_lines_logged_outside_a_chats_task_name_its_user_and_trace(
         assert await whose(redis, "no-such-chat") == {"chat_id": "no-such-chat"}
     finally:
         await redis.aclose()
+
+
+async def test_several_tracestate_headers_reach_the_upstream_as_one_list(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+) -> None:
+    sent = [("traceparent", PARENT), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa0ba902b7")]
+    call = await run_chat(client, token, settings, upstream, "/v1/chats", {"message": "hi"}, sent)
+    assert call["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
