@@ -128,17 +128,19 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import status_view
 
         return _run_loop(status_view.main(args, require_redis(settings, "status")))
+    if args.command != "up":  # a bad setting is the one plain line, before the log is configured
+        settings = require_redis(settings, args.command)
     _configure_logging(settings, args.command)
     from streambridge import processes
 
     if args.command == "up":
         return _run_loop(processes.up(settings, args.host, args.port))
     if args.command == "api":
-        return _run_loop(processes.serve(require_redis(settings, "api"), args.host, args.port, api=True, edge=False))
+        return _run_loop(processes.serve(settings, args.host, args.port, api=True, edge=False))
     if args.command == "edge":
-        return _run_loop(processes.serve(require_redis(settings, "edge"), args.host, args.port, api=False, edge=True))
+        return _run_loop(processes.serve(settings, args.host, args.port, api=False, edge=True))
     if args.command == "worker":
-        return _run_loop(processes.worker(require_redis(settings, "worker")))
+        return _run_loop(processes.worker(settings))
     raise AssertionError(args.command)
 
 
