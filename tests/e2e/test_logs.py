@@ -218,3 +218,19 @@ def test_a_worker_that_cannot_reach_redis_says_so_in_json(tmp_path: Path) -> Non
     assert failed["level"] == "ERROR"
     assert failed["message"].startswith("cannot start: ")
     assert "hunter2pw" not in done.stderr
+
+
+def test_a_workers_start_line_prints_no_credential_of_the_llm_url(tmp_path: Path) -> None:
+    redis = OwnRedis()
+    try:
+        llm_url = "https://user:llmpass99@llm.invalid/v1?api-key=AZKEY1234"
+        env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url)
+        worker = Process(["worker"], env, tmp_path, ready="worker started")
+        code = worker.stop()
+    finally:
+        redis.stop()
+    said = worker.log_path.read_text() + "".join(worker.stdout)
+    assert code == 0, said
+    assert "LLM at https://llm.invalid/v1" in "".join(worker.stdout)
+    for secret in ("llmpass99", "AZKEY1234"):
+        assert secret not in said, said
