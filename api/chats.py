@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import uuid
@@ -11,6 +12,7 @@ from typing import Annotated, Any, Final, NamedTuple, cast
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from streambridge.api.auth import authenticate, bearer_token, sign_stream_token
 from streambridge.api.context import Context, context
@@ -138,7 +140,9 @@ async def admit(
     chat = bounded(chat, identity)
     chat_id = uuid.uuid4().hex  # 122 random bits: unguessable, and also the arq job id
     created_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    span = trace.continue_or_start(request.headers.get("traceparent"), request.headers.get("tracestate"))
+    tracestate = trace.tracestate_of(request.headers.getall("tracestate", []))
+    caller = trace.parse(request.headers.get("traceparent"), tracestate)
+    span = caller.child() if caller is not None else trace.new_trace()
     logs.bind(user=identity.user, trace_id=span.trace_id)
     try:
         admitted = await admit_chat(
@@ -156,22 +160,38 @@ async def admit(
     except Unauthorized:
         ctx.credentials.pop(identity.credential, None)
         raise
-    log_admission(request, ctx, admitted, chat, replayed=admitted != chat_id)
     if admitted != chat_id:
+        await log_replay(request, ctx, admitted, span)
         return admitted, None
+    log_admission(request, ctx, admitted, chat, span, caller)
     metrics.CHATS_CREATED.inc()
     return admitted, created_at
 
 
-def log_admission(request: web.Request, ctx: Context, chat_id: str, chat: ChatRequest, *, replayed: bool) -> None:
+def log_admission(
+    request: web.Request, ctx: Context, chat_id: str, chat: ChatRequest, span: trace.Trace, caller: trace.Trace | None
+) -> None:
+    """``chat.admitted``, with the chat's span (``span_id``) and the caller's (``parent_span_id``):
+    streambridge exports no spans, so these let a tracing system's user join the LLM's span (whose
+    parent is ``span_id``, see ``upstream.request``) to the caller's."""
     logs.bind(chat_id=chat_id)
-    fields: dict[str, Any] = {"route": request.path, "model": model_of(ctx, chat)}
+    fields: dict[str, Any] = {"route": request.path, "model": model_of(ctx, chat), "span_id": span.span_id}
+    if caller is not None:
+        fields["parent_span_id"] = caller.span_id
     if logs.content_logged():
         fields["prompt"] = [{"role": m.role, "content": m.text()} for m in chat.messages]
-    if replayed:  # the chat keeps the trace of the request that made it
-        log.info("chat %s: the Idempotency-Key's chat, already admitted", chat_id, extra={"event": "chat.replayed"})
-    else:
-        log.info("chat %s: admitted", chat_id, extra={"event": "chat.admitted", **fields})
+    log.info("chat %s: admitted", chat_id, extra={"event": "chat.admitted", **fields})
+
+
+async def log_replay(request: web.Request, ctx: Context, chat_id: str, span: trace.Trace) -> None:
+    """``chat.replayed``: under the trace of the request that made the chat (which it keeps), the
+    repeat's own as ``request_trace_id``."""
+    stored = None
+    with contextlib.suppress(RedisError, OSError):  # the line loses its trace id, the caller not its answer
+        stored = trace.decode(await ctx.redis.hget(keys.chat(chat_id), "trace"))  # type: ignore[misc]
+    logs.bind(chat_id=chat_id, trace_id=stored.trace_id if stored is not None else None)
+    extra = {"event": "chat.replayed", "request_trace_id": span.trace_id}
+    log.info("chat %s: the Idempotency-Key's chat, already admitted", chat_id, extra=extra)
 
 
 async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:

@@ -8,6 +8,7 @@ the variable; the CLI prints that line and exits 2.
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Mapping
 from typing import Annotated, Any, Final
 from urllib.parse import urlsplit
@@ -15,6 +16,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from streambridge.shared.errors import SettingsError
+from streambridge.shared.logs import display_url
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
 
@@ -196,6 +198,15 @@ def _explain(exc: msgspec.ValidationError) -> str:
     return f"{env_name(path.rstrip('`'))}: {message[0].lower()}{message[1:]}"
 
 
+def _scrubbed(exc: Exception, url: str) -> str:
+    """``exc``'s words without any part of ``url``'s userinfo (a parser may quote a password as a port)."""
+    text = str(exc)
+    userinfo = url.partition("://")[2].rpartition("@")[0]
+    for part in sorted({p for p in re.split(r"[:/]", userinfo) if p}, key=len, reverse=True):
+        text = text.replace(part, "[redacted]")
+    return text
+
+
 def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
     if value is None:
         return
@@ -203,12 +214,13 @@ def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
         parts = urlsplit(value)
         parts.port  # noqa: B018 - raises ValueError on a malformed port
     except ValueError as exc:
-        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} ({exc})") from None
+        why = _scrubbed(exc, value)
+        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} ({why})") from None
     if parts.scheme not in schemes:
         allowed = ", ".join(f"{s}://" for s in sorted(schemes))
-        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (expected {allowed})")
+        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} (expected {allowed})")
     if parts.scheme != "unix" and not parts.hostname:
-        raise SettingsError(f"{env_name(field)}: malformed URL {value!r} (no host)")
+        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} (no host)")
     if field == "redis_url":
         _check_redis_url(value)
 
@@ -224,7 +236,9 @@ def _check_redis_url(value: str) -> None:
         pool = ConnectionPool.from_url(value)
         pool.connection_class(**pool.connection_kwargs)  # not connected: checks option names and types
     except (ValueError, TypeError) as exc:
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {value!r} ({exc})") from None
+        why = _scrubbed(exc, value)
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {display_url(value)!r} ({why})") from None
     path = urlsplit(value).path.strip("/")
     if urlsplit(value).scheme != "unix" and path and not (path.isascii() and path.isdigit()):
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {value!r} (the database must be a number)")
+        shown = display_url(value)
+        raise SettingsError(f"{env_name('redis_url')}: malformed URL {shown!r} (the database must be a number)")

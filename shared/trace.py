@@ -5,7 +5,8 @@ The API reads the caller's ``traceparent`` (and ``tracestate``); a missing or ma
 replaced by a new trace, so every chat has a trace id to find it by. The chat records a child of
 the caller's span (the API's), and each upstream call sends a child of that: the same trace id,
 a new span id. A malformed ``traceparent`` is never passed on, and a ``tracestate`` only with the
-valid ``traceparent`` it came with.
+valid ``traceparent`` it came with. Only the sampled flag is kept of the trace flags; several
+``tracestate`` headers are one list; a ``tracestate`` with a malformed member is dropped whole.
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import secrets
 from typing import Final, NamedTuple
 
 _TRACEPARENT: Final = re.compile(r"\A([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-[^\s]*)?\Z")
-_TRACESTATE: Final = re.compile(r"\A[\x20-\x7e]{0,512}\Z")
+#: a ``tracestate`` list member: ``key=value`` (a simple key, or a multi-tenant ``tenant@system``)
+_MEMBER: Final = re.compile(
+    r"\A(?:[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]\Z"
+)
+#: at most this many list members (W3C); and a value this long at most, as streambridge passes it on
+_MEMBERS: Final = 32
+_TRACESTATE_CHARS: Final = 512
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
 #: the flags of a trace streambridge starts: sampled, so a tracing upstream records its side
@@ -62,10 +70,25 @@ def parse(traceparent: str | None, tracestate: str | None = None) -> Trace | Non
     version, trace_id, span_id, flags, rest = match.groups()
     if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    state = tracestate.strip() if tracestate is not None else None
-    if not state or _TRACESTATE.match(state) is None:
-        state = None
-    return Trace(trace_id, span_id, flags, state)
+    # only the sampled flag is defined (and passed on): a bit not defined is never propagated
+    flags = f"{int(flags, 16) & 0x01:02x}"
+    return Trace(trace_id, span_id, flags, parse_tracestate(tracestate))
+
+
+def parse_tracestate(tracestate: str | None) -> str | None:
+    """A ``tracestate`` (its headers joined with ``,``) as it is passed on: its list members, or
+    None when there are none, or when any is malformed, a key repeats, or there are more than 32
+    (W3C: a malformed ``tracestate`` is dropped whole) or it is longer than 512 characters."""
+    if tracestate is None:
+        return None
+    members = [m.strip(" \t") for m in tracestate.split(",")]
+    members = [m for m in members if m]  # empty members are allowed, and mean nothing
+    if not members or len(members) > _MEMBERS or any(_MEMBER.match(m) is None for m in members):
+        return None
+    if len({m.partition("=")[0] for m in members}) != len(members):
+        return None
+    state = ",".join(members)
+    return state if len(state) <= _TRACESTATE_CHARS else None
 
 
 def continue_or_start(traceparent: str | None, tracestate: str | None = None) -> Trace:
@@ -73,6 +96,11 @@ def continue_or_start(traceparent: str | None, tracestate: str | None = None) ->
     root of a new trace when the caller sent none (or a malformed one)."""
     parent = parse(traceparent, tracestate)
     return parent.child() if parent is not None else new_trace()
+
+
+def tracestate_of(values: list[str]) -> str | None:
+    """The ``tracestate`` of a request that may carry several such headers: one list, in order."""
+    return ",".join(values) if values else None
 
 
 def decode(stored: bytes | str | None) -> Trace | None:

@@ -69,24 +69,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         code = run(args)
     except SettingsError as exc:
-        print(f"streambridge: {exc}", file=sys.stderr)
+        fail(str(exc))
         code = 2
     except StreambridgeError as exc:
-        print(f"streambridge: {exc}", file=sys.stderr)
+        fail(str(exc))
         code = 1
     except ModuleNotFoundError as exc:  # a client-only install asked to run a server
-        print(
-            f"streambridge: {args.command} needs the server parts ({exc.name} is missing): "
-            "pip install 'streambridge[server]'",
-            file=sys.stderr,
+        fail(
+            f"{args.command} needs the server parts ({exc.name} is missing): pip install 'streambridge[server]'",
         )
         code = 1
     except _start_errors() as exc:  # e.g. Redis unreachable at start: one line, not a traceback
-        print(f"streambridge: cannot start: {type(exc).__name__}: {exc}", file=sys.stderr)
+        fail(f"cannot start: {type(exc).__name__}: {exc}")
         code = 1
     except KeyboardInterrupt:
         code = 0
     sys.exit(code)
+
+
+def fail(message: str) -> None:
+    """Why the command stops: a JSON record where the log is JSON (every line on stderr parses),
+    else the one plain line ``streambridge: …``; scrubbed either way."""
+    if logs.structured():
+        log.error("%s", message, extra={"event": "process.failed"})
+        logs.flush()
+    else:
+        print(f"streambridge: {logs.scrub(message)}", file=sys.stderr)
 
 
 def _start_errors() -> tuple[type[Exception], ...]:
@@ -120,17 +128,19 @@ def run(args: argparse.Namespace) -> int:
         from streambridge import status_view
 
         return _run_loop(status_view.main(args, require_redis(settings, "status")))
+    if args.command != "up":  # a bad setting is the one plain line, before the log is configured
+        settings = require_redis(settings, args.command)
     _configure_logging(settings, args.command)
     from streambridge import processes
 
     if args.command == "up":
         return _run_loop(processes.up(settings, args.host, args.port))
     if args.command == "api":
-        return _run_loop(processes.serve(require_redis(settings, "api"), args.host, args.port, api=True, edge=False))
+        return _run_loop(processes.serve(settings, args.host, args.port, api=True, edge=False))
     if args.command == "edge":
-        return _run_loop(processes.serve(require_redis(settings, "edge"), args.host, args.port, api=False, edge=True))
+        return _run_loop(processes.serve(settings, args.host, args.port, api=False, edge=True))
     if args.command == "worker":
-        return _run_loop(processes.worker(require_redis(settings, "worker")))
+        return _run_loop(processes.worker(settings))
     raise AssertionError(args.command)
 
 

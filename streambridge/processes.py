@@ -62,7 +62,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
         stops.append(("worker", lambda: stop_worker(worker, worker_task, settings.shutdown_grace)))
-        say(f"worker: concurrency {settings.worker_concurrency}, LLM at {llm_url}")
+        say(f"worker: concurrency {settings.worker_concurrency}, LLM at {logs.display_url(llm_url)}")
         announce("streambridge (api + edge)", host, bound)
         say(f'try:  streambridge chat "hello" --url http://{host}:{bound}')
         await _until_signal_or(stop, worker_task)
@@ -114,8 +114,9 @@ async def worker(settings: Settings) -> int:
         stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         announce("streambridge worker metrics", host, bound)
-        started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}"
-        print(started, flush=True)  # on stdout, where tools wait for it; a JSON log has it too
+        shown = logs.display_url(llm_url)
+        started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {shown}"
+        print(logs.scrub(started), flush=True)  # on stdout, where tools wait for it; a JSON log has it too
         if logs.structured():
             log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)

@@ -143,4 +143,4 @@ def say(message: str) -> None:
     if logs.structured():
         log.info(message)
     else:
-        print(message, file=sys.stderr, flush=True)
+        print(logs.scrub(message), file=sys.stderr, flush=True)

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 
-from streambridge.shared import keys, machine, metrics
+from streambridge.shared import keys, machine, metrics, trace
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
+
+
+async def whose(redis: Redis, chat_id: str) -> dict[str, Any]:
+    """The fields that follow a chat across processes (``shared.logs``), for a line logged outside
+    its task: its id, its owner and its trace id, as far as Redis answers."""
+    fields: dict[str, Any] = {"chat_id": chat_id}
+    try:
+        owner, stored = await redis.hmget(keys.chat(chat_id), ["owner", "trace"])  # type: ignore[misc]
+    except Exception:  # the line is written without them
+        return fields
+    span = trace.decode(stored)
+    if owner:
+        fields["user"] = owner.decode()
+    if span is not None:
+        fields["trace_id"] = span.trace_id
+    return fields
 
 
 async def reap_forever(redis: Redis, interval: float) -> None:
@@ -23,7 +40,7 @@ async def reap_forever(redis: Redis, interval: float) -> None:
                 recovery = await machine.call(redis, reaped)
                 if recovery:
                     metrics.REAPED.inc()
-                    extra = {"event": "chat.reaped", "chat_id": chat_id, "recovery": recovery}
+                    extra = {"event": "chat.reaped", "recovery": recovery, **await whose(redis, chat_id)}
                     log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
         except Exception as exc:
             metrics.REDIS_ERRORS_WORKER.inc()
@@ -40,7 +57,7 @@ async def listen_for_cancels(redis: Redis, runner: ChatRunner) -> None:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and runner.stop(chat_id := message["data"].decode(), Stop.CANCELLED):
-                    extra = {"event": "chat.cancelling", "chat_id": chat_id}
+                    extra = {"event": "chat.cancelling", **await whose(redis, chat_id)}
                     log.info("chat %s: cancelling at its owner's request", chat_id, extra=extra)
         except asyncio.CancelledError:
             raise

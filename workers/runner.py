@@ -228,10 +228,18 @@ class ChatRunner:
             return classify(exc)
 
         def open_stream() -> AsyncGenerator[Delta, None]:
-            # each call upstream is a span of the chat's trace: a child of the span that admitted it
-            headers = span.child().headers()
-            extra = {"event": "upstream.request", "traceparent": headers["traceparent"]}
-            log.debug("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
+            # each call upstream is a span of the chat's trace: a child of the span that admitted it.
+            # streambridge exports no spans: the line says which span is whose parent, so the LLM
+            # gateway's span (a child of span_id) joins the caller's through chat.admitted's.
+            call = span.child()
+            headers = call.headers()
+            extra = {
+                "event": "upstream.request",
+                "traceparent": headers["traceparent"],
+                "span_id": call.span_id,
+                "parent_span_id": span.span_id,
+            }
+            log.info("calling the LLM (%s), traceparent %s", model, headers["traceparent"], extra=extra)
             deltas = stream_deltas(self.llm, request, model, headers)
             return with_timeouts(deltas, first=s.first_token_timeout, idle=s.idle_timeout)
 
@@ -253,7 +261,7 @@ class ChatRunner:
             async for event in events:
                 if isinstance(event, Complete | Failed):
                     return event
-                if isinstance(event, Started | Error):
+                if isinstance(event, _ATTEMPT_EVENTS):
                     log_attempt(event)
                 if first and type(event) is Content:
                     first = False
@@ -315,6 +323,10 @@ class ChatRunner:
             tracker.result = tracker.cancelled()
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)
+
+
+#: the events that start or fail an attempt: each is logged (a tuple: ``isinstance`` with a union per event costs more)
+_ATTEMPT_EVENTS: Final = (Started, Error)
 
 
 def log_attempt(event: Started | Error) -> None:

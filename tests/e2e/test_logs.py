@@ -24,8 +24,12 @@ pytestmark = pytest.mark.e2e
 PROMPT = "zebra-quokka-marmalade-7741 what is the tide doing"
 LLM_KEY = "sk-llm-key-that-must-never-be-logged-3141"
 SECRET = "signing-secret-that-must-never-be-logged-2718"
-TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
-TRACEPARENT = f"00-{TRACE_ID}-b7ad6b7169203331-01"
+#: each chat's own trace: the lines naming a chat must carry its trace id, not another's
+TRACE_IDS = ("0af7651916cd43dd8448eb211c80319c", "4bf92f3577b34da6a3ce929d0e0e4736")
+
+
+def traceparent(trace_id: str) -> str:
+    return f"00-{trace_id}-b7ad6b7169203331-01"
 
 
 @dataclass
@@ -36,6 +40,7 @@ class Run:
     stdout: list[str] = field(default_factory=list)
     secrets: list[str] = field(default_factory=list)
     chat_id: str = ""
+    traces: dict[str, str] = field(default_factory=dict)  # chat id → the trace id its POST sent
 
     def everything(self) -> str:
         return "\n".join(line for lines in self.logs.values() for line in lines) + "".join(self.stdout)
@@ -75,12 +80,14 @@ def full_run(logs: Path, **settings: str) -> Run:
         run.secrets.append(api_key)
         asyncio.run(chats(run, processes["api"].url, processes["edge"].url, api_key))
     finally:
-        for role, process in reversed(processes.items()):
-            assert process.stop() == 0, process.log_path.read_text()
+        codes = {}
+        for role, process in reversed(processes.items()):  # every one stopped, then checked
+            codes[role] = process.stop()
             run.logs[role] = process.log_path.read_text().splitlines()
             run.stdout += process.stdout
         llm.stop()
         redis.stop()
+    assert all(code == 0 for code in codes.values()), (codes, run.logs)
     return run
 
 
@@ -89,13 +96,14 @@ async def chats(run: Run, api: str, edge: str, api_key: str) -> None:
         async with http.post(f"{api}/v1/auth/visitor") as response:
             visitor = (await response.json())["token"]
         run.secrets.append(visitor)
-        for token in (api_key, visitor):
+        for token, trace_id in zip((api_key, visitor), TRACE_IDS, strict=True):
             auth = {"Authorization": f"Bearer {token}"}
-            headers = {**auth, "traceparent": TRACEPARENT, "Idempotency-Key": f"k-{token[:3]}"}
+            headers = {**auth, "traceparent": traceparent(trace_id), "Idempotency-Key": f"k-{token[:3]}"}
             async with http.post(f"{api}/v1/chats", json={"message": PROMPT}, headers=headers) as response:
                 assert response.status == 202, await response.text()
                 chat = await response.json()
             run.chat_id = run.chat_id or chat["id"]
+            run.traces[chat["id"]] = trace_id
             stream_url = chat["stream_url"]
             run.secrets.append(stream_url.partition("token=")[2])
             events = await read_events(http, stream_url)  # the token in the query
@@ -155,8 +163,14 @@ def test_every_line_is_json_and_one_chat_is_followed_across_processes(quiet_run:
     assert {"chat.admitted", "http.request", "chat.cancel_requested"} <= events["api"]
     assert {"attempt.started", "chat.completed"} <= events["worker"]
     assert {"stream.opened", "stream.resumed", "stream.closed"} <= events["edge"]
-    for role, lines in chat_events.items():
-        assert {r.get("trace_id") for r in lines} == {TRACE_ID}, f"{role}: every line naming the chat has its trace id"
+    assert len(set(quiet_run.traces)) == len(TRACE_IDS)
+    for chat_id, trace_id in quiet_run.traces.items():
+        for role, lines in by_role.items():
+            naming = [r for r in lines if r.get("chat_id") == chat_id]
+            assert naming, f"{role} never names chat {chat_id}"
+            assert {r.get("trace_id") for r in naming} == {trace_id}, (
+                f"{role}: a line naming {chat_id} has another trace"
+            )
     admitted = next(r for r in chat_events["api"] if r.get("event") == "chat.admitted")
     assert admitted["user"] == "logs"
     assert "prompt" not in admitted
@@ -173,3 +187,50 @@ def test_with_log_content_on_the_prompt_and_answer_are_logged(tmp_path_factory: 
     for secret in run.secrets:
         assert secret not in everything, f"{secret[:6]}… was logged"
     records(run)
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_up_prints_no_credential_of_the_llm_url(tmp_path: Path, log_format: str) -> None:
+    """What ``up`` and a worker print about themselves (stdout's start line, stderr's notices) is
+    scrubbed as the log is: the LLM's URL without its userinfo and query."""
+    llm_url = "https://user:llmpass99@llm.invalid/v1?api-key=AZKEY1234"
+    env = clean_env(STREAMBRIDGE_LLM_BASE_URL=llm_url, STREAMBRIDGE_LOG_FORMAT=log_format)
+    up = Process(["up", "--port", "0"], env, tmp_path)
+    code = up.stop()
+    said = up.log_path.read_text() + "".join(up.stdout)
+    assert code == 0, said
+    assert "https://llm.invalid/v1" in said, said
+    for secret in ("llmpass99", "AZKEY1234", "user:"):
+        assert secret not in said, said
+
+
+def test_a_worker_that_cannot_reach_redis_says_so_in_json(tmp_path: Path) -> None:
+    env = clean_env(STREAMBRIDGE_REDIS_URL="redis://:hunter2pw@127.0.0.1:1/0", STREAMBRIDGE_LOG_FORMAT="json")
+    done = subprocess.run(
+        [sys.executable, "-m", "streambridge", "worker"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]  # every line on stderr is one JSON object
+    failed = records[-1]
+    assert failed["event"] == "process.failed"
+    assert failed["level"] == "ERROR"
+    assert failed["message"].startswith("cannot start: ")
+    assert "hunter2pw" not in done.stderr
+
+
+def test_a_workers_start_line_prints_no_credential_of_the_llm_url(tmp_path: Path) -> None:
+    redis = OwnRedis()
+    try:
+        llm_url = "https://user:llmpass99@llm.invalid/v1?api-key=AZKEY1234"
+        env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url)
+        worker = Process(["worker"], env, tmp_path, ready="worker started")
+        code = worker.stop()
+    finally:
+        redis.stop()
+    said = worker.log_path.read_text() + "".join(worker.stdout)
+    assert code == 0, said
+    assert "LLM at https://llm.invalid/v1" in "".join(worker.stdout)
+    for secret in ("llmpass99", "AZKEY1234"):
+        assert secret not in said, said

@@ -111,6 +111,21 @@ async def test_a_dropped_stream_resumes_through_nginx_on_the_other_edge_exactly_
             stack.restart_edge(dead)
 
 
+async def test_nginx_logs_no_stream_token(stack: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, stack.url)
+        chat = await create_chat(session, stack.url, auth, message="token in the query", model="fake?words=3")
+        url, _, token = chat["stream_url"].partition("?token=")
+        assert url.startswith(stack.url)
+        assert token
+        events = await read_events(session, chat["stream_url"])  # the token in the query, as a browser sends it
+        assert events[-1].event == "complete"
+    assert stack.nginx.upstreams_of(events_path(chat["id"])), "nginx logged the stream's request"
+    logged = stack.nginx.access_log.read_text() + stack.nginx.error_log.read_text()  # its stdout and stderr
+    assert token not in logged
+    assert token.rpartition(".")[2] not in logged  # nor the token's signature alone
+
+
 async def test_each_route_reaches_the_process_that_serves_it(stack: Stack) -> None:
     edges = {host_port(edge.url) for edge in stack.edges}
     api = host_port(stack.api.url)

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import io
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import msgspec
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
+from redis.asyncio import Redis
 
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.shared import trace
+from streambridge.shared import logs, trace
 from streambridge.shared.settings import Settings
+from streambridge.workers.reaper import whose
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM, bearer
 
@@ -29,7 +36,8 @@ class Upstream:
     @web.middleware
     async def record(self, request: web.Request, handler: web.RequestHandler) -> web.StreamResponse:
         if request.path.endswith("/chat/completions"):
-            self.calls.append({k: v for k, v in request.headers.items() if k.lower() in {"traceparent", "tracestate"}})
+            names = {"traceparent", "tracestate"}
+            self.calls.append({k: ",".join(request.headers.getall(k)) for k in request.headers if k.lower() in names})
         return await handler(request)
 
 
@@ -52,16 +60,19 @@ async def run_chat(
     upstream: Upstream,
     path: str,
     body: object,
-    headers: dict[str, str],
+    headers: dict[str, str] | list[tuple[str, str]],
 ) -> dict[str, str]:
     worker = make_worker(settings, upstream.url, poll_delay=0.01)
     running = asyncio.create_task(worker.main())
     try:
-        response = await client.post(path, json=body, headers={**bearer(token), **headers})
+        sent = CIMultiDict(bearer(token))
+        sent.extend(headers)  # a header may come more than once
+        response = await client.post(path, json=body, headers=sent)
         assert response.status in (200, 202), await response.text()
         await response.read()  # the OpenAI routes answer once the chat has ended
-        while not upstream.calls:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not upstream.calls:
+                await asyncio.sleep(0.01)
     finally:
         await stop_worker(worker, running, 1.0)
     (call,) = upstream.calls
@@ -118,3 +129,101 @@ async def test_an_invalid_traceparent_is_not_passed_on_a_new_trace_is(
     assert received is not None
     assert received.trace_id != TRACE_ID.lower()
     assert "tracestate" not in call
+
+
+class Captured:
+    """The JSON log lines written meanwhile (``shared.logs``, as a process configures it)."""
+
+    def __init__(self) -> None:
+        self.out = io.StringIO()
+
+    def records(self, event: str) -> list[dict[str, Any]]:
+        logs.flush()
+        found = [msgspec.json.decode(line) for line in self.out.getvalue().splitlines()]
+        return [r for r in found if r.get("event") == event]
+
+
+@pytest.fixture
+def captured() -> Iterator[Captured]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    seen = Captured()
+    logs.configure(role="up", format="json", stream=seen.out)
+    yield seen
+    logs.flush()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+async def test_the_logs_name_each_span_and_its_parent(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+    captured: Captured,
+) -> None:
+    """streambridge exports no spans: chat.admitted and upstream.request say which is whose parent,
+    from the caller's span to the one the LLM receives."""
+    call = await run_chat(client, token, settings, upstream, "/v1/chats", {"message": "hi"}, {"traceparent": PARENT})
+    received = trace.parse(call["traceparent"])
+    assert received is not None
+    (admitted,) = captured.records("chat.admitted")
+    (request,) = captured.records("upstream.request")
+    assert admitted["trace_id"] == request["trace_id"] == TRACE_ID
+    assert admitted["parent_span_id"] == "00f067aa0ba902b7"  # the caller's
+    assert request["parent_span_id"] == admitted["span_id"]  # the chat's
+    assert request["span_id"] == received.span_id  # the span the LLM was sent
+    assert request["level"] == "INFO"
+
+
+async def test_an_idempotent_replay_is_logged_under_the_chats_trace(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    captured: Captured,
+) -> None:
+    second_trace = "0af7651916cd43dd8448eb211c80319c"
+    ids = []
+    for traceparent in (PARENT, f"00-{second_trace}-b7ad6b7169203331-01"):
+        headers = {**bearer(token), "traceparent": traceparent, "Idempotency-Key": "replay-trace"}
+        response = await client.post("/v1/chats", json={"message": "hi"}, headers=headers)
+        assert response.status == 202, await response.text()
+        ids.append((await response.json())["id"])
+    assert ids[0] == ids[1]
+    (admitted,) = captured.records("chat.admitted")
+    (replayed,) = captured.records("chat.replayed")
+    assert admitted["trace_id"] == TRACE_ID
+    assert replayed["chat_id"] == ids[0]
+    assert replayed["trace_id"] == TRACE_ID  # the chat's trace, which its worker and edge lines carry
+    assert replayed["request_trace_id"] == second_trace
+
+
+async def test_lines_logged_outside_a_chats_task_name_its_user_and_trace(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    redis_url: str,
+) -> None:
+    """``chat.reaped`` and ``chat.cancelling`` are logged by a worker's reaper and cancel listener,
+    which run no chat: they read its owner and trace."""
+    headers = {**bearer(token), "traceparent": PARENT}
+    response = await client.post("/v1/chats", json={"message": "hi"}, headers=headers)
+    chat_id = (await response.json())["id"]
+    redis = Redis.from_url(redis_url)
+    try:
+        fields = await whose(redis, chat_id)
+        assert fields["chat_id"] == chat_id
+        assert fields["trace_id"] == TRACE_ID
+        assert fields["user"].startswith("visitor_")
+        assert await whose(redis, "no-such-chat") == {"chat_id": "no-such-chat"}
+    finally:
+        await redis.aclose()
+
+
+async def test_several_tracestate_headers_reach_the_upstream_as_one_list(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    upstream: Upstream,
+) -> None:
+    sent = [("traceparent", PARENT), ("tracestate", "congo=t61rcWkgMzE"), ("tracestate", "rojo=00f067aa0ba902b7")]
+    call = await run_chat(client, token, settings, upstream, "/v1/chats", {"message": "hi"}, sent)
+    assert call["tracestate"] == "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"

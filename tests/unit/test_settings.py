@@ -74,6 +74,26 @@ def test_a_bad_setting_is_one_line_naming_the_variable(environ: dict[str, str], 
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("name", "url"),
+    [
+        ("STREAMBRIDGE_REDIS_URL", "redis://:hunter2pw@redis:6379/zero"),  # redis-py's own check
+        ("STREAMBRIDGE_REDIS_URL", "redis://admin:hunter2pw@redis:port/0"),  # a port that is no number
+        ("STREAMBRIDGE_REDIS_URL", "redis://:hunter2pw@/0"),  # no host
+        ("STREAMBRIDGE_REDIS_URL", "redis://:hun/ter2pw@redis:6379/0"),  # a '/' in the password
+        ("STREAMBRIDGE_REDIS_URL", "http://:hunter2pw@redis?password=hunter2pw"),  # the wrong scheme
+        ("STREAMBRIDGE_LLM_BASE_URL", "ftp://user:hunter2pw@llm/v1?api-key=AZKEY"),
+    ],
+)
+def test_a_malformed_url_is_named_without_its_password(name: str, url: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({name: url})
+    text = str(caught.value)
+    assert text.startswith(f"{name}: malformed URL")
+    for secret in ("hunter2pw", "hun", "ter2pw", "AZKEY"):
+        assert secret not in text, text
+
+
 def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         Settings().worker_concurrency = 2  # type: ignore[misc]

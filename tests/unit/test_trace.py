@@ -55,3 +55,44 @@ def test_a_span_survives_the_chat_record() -> None:
     assert trace.decode(trace.encode(span).encode()) == span
     assert trace.decode(None) is None
     assert trace.decode(b"not a trace") is None
+
+
+@pytest.mark.parametrize(
+    ("traceparent", "flags"),
+    [
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff", "01"),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-fe", "00"),
+        ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00", "00"),
+        ("cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-x", "01"),  # a later version, flags unknown to 00
+    ],
+)
+def test_only_the_sampled_flag_is_passed_on(traceparent: str, flags: str) -> None:
+    parsed = trace.parse(traceparent)
+    assert parsed is not None
+    assert parsed.flags == flags
+    assert parsed.traceparent.endswith(f"-{flags}")
+    assert trace.continue_or_start(traceparent).traceparent.endswith(f"-{flags}")
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        (["vendor=abc"], "vendor=abc"),
+        (["a=1", "b=2"], "a=1,b=2"),  # several headers are one list, in order
+        (["a=1 , ,b=2\t"], "a=1,b=2"),  # blanks around members, empty members
+        (["tenant@system=x", "k_-*/9=v w"], "tenant@system=x,k_-*/9=v w"),
+        ([], None),
+        ([""], None),
+        (["garbage"], None),  # no '='
+        (["a=1", "Upper=2"], None),  # one bad member: the whole value goes
+        (["a=1,a=2"], None),  # a key twice
+        (["a=x,y"], None),
+        (["a=bad=value"], None),
+        ([",".join(f"k{n}=v" for n in range(33))], None),  # over 32 members
+        ([",".join(f"k{n}=v" for n in range(32))], ",".join(f"k{n}=v" for n in range(32))),
+        (["a=" + "x" * 257], None),  # a value over 256 characters
+    ],
+)
+def test_tracestate_is_a_list_of_valid_members_or_nothing(headers: list[str], kept: str | None) -> None:
+    span = trace.continue_or_start(PARENT, trace.tracestate_of(headers))
+    assert span.state == kept
