@@ -242,6 +242,17 @@ async def test_the_proxys_own_errors_are_json_like_streambridges(stack: Stack) -
     finally:
         for index in range(len(stack.edges)):
             stack.restart_edge(index)
+        await until_nginx_passes_to_the_edges_again(stack)
+
+
+async def until_nginx_passes_to_the_edges_again(stack: Stack) -> None:
+    """nginx keeps a failed edge out for its fail_timeout (10 s): the next test needs them back in."""
+    async with asyncio.timeout(20), aiohttp.ClientSession() as session:
+        while True:
+            async with session.get(stack.url + "/") as response:
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.2)
 
 
 async def login_from(stack: Stack, address: str, forged: str | None = None) -> int:
