@@ -170,3 +170,19 @@ async def test_a_workers_own_port_serves_metrics_and_readyz(
             assert (await response.json())["checks"]["redis"].startswith("unreachable")
     finally:
         await stop_worker(worker, main, grace=0)
+
+
+async def test_a_completions_stream_counts_as_open_while_it_is_open(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    before = await scrape(client)
+    body = {"model": "fake", "messages": [{"role": "user", "content": "count my stream"}], "stream": True}
+    response = await client.post("/v1/chat/completions", json=body, headers=bearer(token))
+    assert response.status == 200, await response.text()
+    assert (await response.content.readline()).startswith(b":")  # a ping: the stream is open, nothing yet
+    assert moved(before, await scrape(client), "streambridge_open_streams") == 1
+    await run_worker()
+    assert b"data: [DONE]" in await response.read()
+    assert moved(before, await scrape(client), "streambridge_open_streams") == 0
