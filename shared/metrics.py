@@ -204,6 +204,9 @@ CAUSES: Final = ("timeout", "connection", "rate_limited", "server_error", "clien
 for _status in FINAL_STATUSES:
     CHATS_FINISHED.labels(_status)
     CHAT_DURATION.labels(_status)
+# a chat cancelled while queued ends in the API (no worker runs it), which counts it with these
+CHATS_FINISHED_CANCELLED = CHATS_FINISHED.labels("cancelled")
+CHAT_DURATION_CANCELLED = CHAT_DURATION.labels("cancelled")
 for _cause in CAUSES:
     ATTEMPT_FAILURES.labels(_cause)
     RETRIES.labels(_cause)

@@ -186,3 +186,21 @@ async def test_a_completions_stream_counts_as_open_while_it_is_open(
     await run_worker()
     assert b"data: [DONE]" in await response.read()
     assert moved(before, await scrape(client), "streambridge_open_streams") == 0
+
+
+async def test_a_chat_cancelled_while_queued_counts_as_finished_cancelled(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+) -> None:
+    before = await scrape(client)
+    chat = await create(client, token, message="cancel me before any worker")
+    for _ in range(2):  # the second cancel finds it cancelled: counted once
+        response = await client.post(f"/v1/chats/{chat['id']}/cancel", headers=bearer(token))
+        assert response.status == 202
+        assert (await response.json())["status"] == "cancelled"
+    await run_worker()  # its claim finds it cancelled: not counted again
+    after = await scrape(client)
+    assert moved(before, after, "streambridge_chats_finished_total", status="cancelled") == 1
+    assert moved(before, after, "streambridge_chat_duration_seconds_count", status="cancelled") == 1
+    assert 0 <= moved(before, after, "streambridge_chat_duration_seconds_sum", status="cancelled") < 5
