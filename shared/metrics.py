@@ -136,9 +136,20 @@ class LoopHistogram:
 
 DELIVERY_LAG = LoopHistogram(
     "streambridge_delivery_lag_seconds",
-    "Append → write: from a live entry's append (its stream id's time, Redis's clock) to its write "
-    "to the edge's waiting readers, observed once per notification (a batch of entries)",
+    "Append → write: from a live entry's append (its stream id's time, Redis's clock) to the edge's "
+    "handling of its notification, when it is written at once to the native stream's waiting readers "
+    "(readers behind, and the OpenAI routes' streams, are written later, by their own tasks). "
+    "Measured by this host's clock corrected by its offset to Redis's; once per notification",
     LAG_BUCKETS,
+)
+DELIVERY_LAG_NEGATIVE = Counter(
+    "streambridge_delivery_lag_negative_total",
+    "Notifications whose lag came out negative (this host's clock moved against Redis's since the "
+    "offset was last read): counted here, not observed",
+)
+REDIS_CLOCK_OFFSET = Gauge(
+    "streambridge_redis_clock_offset_seconds",
+    "Redis's clock minus this edge's, read with TIME every 30 s (midpoint of the round trip)",
 )
 RESYNCS = Counter(
     "streambridge_resyncs_total",
