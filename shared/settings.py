@@ -41,6 +41,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lease_ttl: Annotated[float, msgspec.Meta(ge=0.3, le=60)] = 1.5
     #: on SIGTERM, how long a worker lets running chats finish before handing them back
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    #: on SIGTERM, how long an api or edge answers /readyz 503 while still serving, so a load
+    #: balancer stops sending it requests before its port closes; taken out of the grace, not added
+    shutdown_drain: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     #: every chat ends (``failed`` at worst) this many seconds after it was accepted
     chat_deadline: Seconds = 900.0
     first_token_timeout: Seconds = 60.0

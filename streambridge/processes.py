@@ -10,7 +10,9 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from aiohttp import web
 
+from streambridge.api import ops
 from streambridge.api.app import make_app
 from streambridge.api.presence import ServerDescriber
 from streambridge.embedded import RedisServer
@@ -57,7 +59,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         heartbeats = await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
-        stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
+        stops.append(("api + edge", lambda: _drain_then_stop(runner, settings)))
         stack.push_async_callback(_stop_together, stops)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
@@ -94,8 +96,22 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
             await stop
             _nudge(heartbeats)  # "stopping" shows while the stop runs, not a beat later
         finally:
-            await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
+            await _quietly(name, lambda: _drain_then_stop(runner, settings))
     return 0
+
+
+async def _drain_then_stop(runner: web.AppRunner, settings: Settings) -> None:
+    """Says not ready (``/readyz`` 503) while still serving for ``shutdown_drain`` s, so a load
+    balancer takes the process out before its port closes, then stops the site. The drain is taken
+    out of the grace: the process stops within the same bound as without it.
+
+    aiohttp's own shutdown closes the listening socket before the app hears of it, so without this
+    no probe ever sees the 503: only a refused connection."""
+    runner.app[ops.READINESS].serving = False
+    drain = min(settings.shutdown_drain, settings.shutdown_grace)
+    if drain > 0:
+        await asyncio.sleep(drain)
+    await stop_site(runner, settings.shutdown_grace - drain)
 
 
 async def worker(settings: Settings) -> int:
