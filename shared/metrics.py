@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -204,6 +205,9 @@ REAPED = RECOVERIES.labels("reaped")
 RESUMED = RECOVERIES.labels("resumed")
 HANDED_BACK = RECOVERIES.labels("handed_back")
 RUNNING_CHATS = Gauge("streambridge_running_chats", "Chats running on this worker")
+RUNNING_BATCH_ITEMS = Gauge(
+    "streambridge_running_batch_items", "Batch items running on this worker (in its batch lane, as of 0.2 s ago)"
+)
 BATCH_ITEMS = Counter("streambridge_batch_items_total", "Batch items finished, by outcome", ["outcome"])
 BATCH_COMPLETED = BATCH_ITEMS.labels("completed")
 BATCH_FAILED = BATCH_ITEMS.labels("failed")
@@ -295,11 +299,17 @@ async def _queue_depths(redis: Redis) -> tuple[float, float]:
 READY_PING_TIMEOUT: Final = 1.0
 
 
+#: called before each scrape: what a child process counted is added here (``workers/lane.py``)
+BEFORE_SCRAPE: list[Callable[[], None]] = []
+
+
 async def metrics_response(redis: Redis | None) -> web.Response:
     """``GET /metrics``: with ``redis``, the queue depths are read first (see :func:`refresh_queue_depth`)."""
     if not enabled:
         body = _error("metrics_disabled", "metrics are off in this process (STREAMBRIDGE_METRICS=false)")
         return web.Response(status=404, body=body, content_type="application/json")
+    for sync in BEFORE_SCRAPE:
+        sync()
     if redis is not None:
         await refresh_queue_depth(redis)
     body, content_type = exposition()

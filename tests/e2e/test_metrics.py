@@ -140,3 +140,34 @@ async def test_a_stopping_edge_answers_readyz_503_before_its_port_closes(system:
     assert 503 in seen, f"no probe saw the 503 before the port closed: {seen}"
     assert seen.index(503) < len(seen) - 1 and 200 not in seen[seen.index(503) :], seen
 
+
+async def test_batch_items_run_in_the_lane_are_counted_on_their_workers_port(system: System) -> None:
+    from tests.e2e.test_batches import line, sdk_for, submit, until_ended
+
+    completed = ("streambridge_batch_items_total", (("outcome", "completed"),))
+    running = ("streambridge_running_batch_items", ())
+    async with aiohttp.ClientSession() as session:
+        before = [await scrape(session, metrics_url(w)) for w in system.workers]
+        sdk = await sdk_for(session, system)
+        slow = "fake?words=60&delay_ms=40"  # ~2.5 s: long enough to be seen running
+        data = line("a", "one") + line("b", "two") + line("c", "three", model=slow)
+        batch = await submit(sdk, data)
+        most = 0.0
+        deadline = time.monotonic() + 60
+        while (await sdk.batches.retrieve(batch.id)).status not in {"completed", "failed", "cancelled"}:
+            assert time.monotonic() < deadline
+            now = [await scrape(session, metrics_url(w)) for w in system.workers]
+            most = max(most, sum(s[running] for s in now))
+            await asyncio.sleep(0.1)
+        ended = await until_ended(sdk, batch.id)
+        assert ended.status == "completed"
+        await sdk.close()
+        deadline = time.monotonic() + 5
+        while True:  # the lane says what runs every 0.2 s
+            after = [await scrape(session, metrics_url(w)) for w in system.workers]
+            if all(a[running] == 0 for a in after) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert sum(a[completed] - b.get(completed, 0) for a, b in zip(after, before, strict=True)) == 3
+    assert most >= 1, "the lane's running item was never seen on its worker's port"
+    assert all(a[running] == 0 for a in after)
