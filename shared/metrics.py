@@ -170,7 +170,8 @@ PICKUP = Histogram(
 )
 TTFT = Histogram(
     "streambridge_time_to_first_token_seconds",
-    "Accepted → first content appended, for chats whose first attempt here produced content",
+    "Accepted → first content appended, on a chat's first run (its retried attempts included); a chat "
+    "resumed after its worker was lost is not observed again",
     buckets=TTFT_BUCKETS,
 )
 CHAT_DURATION = Histogram(
@@ -185,7 +186,9 @@ COMPLETION_TOKENS = Counter(
 )
 TOKEN_RATE = Histogram(
     "streambridge_tokens_per_second",
-    "A completed chat's answer tokens per second of its completing attempt",
+    "A completed chat's streaming rate: its answer tokens after the first, per second from its completing "
+    "attempt's first content to its end (time to first token left out); completions without content "
+    "(tool calls only) or of one token are not observed",
     buckets=TOKEN_RATE_BUCKETS,
 )
 ATTEMPT_FAILURES = Counter(

@@ -204,3 +204,62 @@ async def test_a_chat_cancelled_while_queued_counts_as_finished_cancelled(
     assert moved(before, after, "streambridge_chats_finished_total", status="cancelled") == 1
     assert moved(before, after, "streambridge_chat_duration_seconds_count", status="cancelled") == 1
     assert 0 <= moved(before, after, "streambridge_chat_duration_seconds_sum", status="cancelled") < 5
+
+
+async def test_a_failure_measuring_a_chats_start_still_lets_the_run_clean_up(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    settings: Settings,
+    llm_url: str,
+    real_redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from streambridge.workers.llm import make_client
+    from streambridge.workers.runner import ChatRunner
+
+    chat = await create(client, token, message="measure me")
+    llm = make_client(llm_url, None)
+    runner = ChatRunner(real_redis, llm, settings)
+
+    def broken(self: ChatRunner, lease: object) -> float:
+        raise RuntimeError("measuring failed")
+
+    monkeypatch.setattr(ChatRunner, "_accepted", broken)
+    lease = runner.lease(chat["id"])
+    try:
+        with pytest.raises(RuntimeError, match="measuring failed"):
+            await runner.run_claimed(lease, await lease.claim())
+        assert chat["id"] not in runner.active, "the run's finally ran: it is not left running here"
+        keepers = [t for t in asyncio.all_tasks() if "_keep" in repr(t.get_coro()) and not t.cancelling()]
+        assert not keepers, "its lease keeper was stopped"
+    finally:
+        await runner.appender.close()
+        await llm.close()
+
+
+async def test_the_token_rate_leaves_out_the_time_to_first_token_and_tool_call_only_answers(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    run_worker: RunWorker,
+    real_redis: Redis,
+) -> None:
+    before = await scrape(client)
+    await create(client, token, message="slow to start, quick to stream", model="fake?ttft_ms=1000&delay_ms=2&words=20")
+    await run_worker()
+    after = await scrape(client)
+    assert moved(before, after, "streambridge_tokens_per_second_count") == 1
+    rate = moved(before, after, "streambridge_tokens_per_second_sum")
+    assert rate > 100, f"{rate:.1f} tokens/s: the second's wait for the first token was counted"
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    body = {"model": "fake?tool=lookup", "messages": [{"role": "user", "content": "call it"}], "tools": tools}
+    posting = asyncio.create_task(client.post("/v1/chat/completions", json=body, headers=bearer(token)))
+    deadline = time.monotonic() + 5
+    while not await real_redis.zcard(keys.queue()):  # queued: the burst worker finds it
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    await run_worker()
+    response = await posting
+    assert response.status == 200, await response.text()
+    last = await scrape(client)
+    assert moved(after, last, "streambridge_chats_finished_total", status="complete") == 1
+    assert moved(after, last, "streambridge_tokens_per_second_count") == 0, "no content: no rate"
