@@ -17,6 +17,8 @@ import msgspec
 from streambridge.shared.errors import SettingsError
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
+#: a worker's metrics port when none is set
+WORKER_METRICS_PORT: Final = 8002
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -126,9 +128,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: Prometheus metrics (``GET /metrics``); false makes every metric a no-op and the route a 404
     metrics: bool = True
     #: where a worker serves ``/metrics`` and ``/readyz`` (``streambridge worker --metrics-port``);
-    #: 0 picks a free port. ``up`` serves its worker's on its own port instead.
+    #: 0 picks a free port. Unset: :data:`WORKER_METRICS_PORT`, or a free port (announced, with a
+    #: warning) when another worker on the host has it. ``up`` serves its worker's on its own port.
     worker_metrics_host: str = "127.0.0.1"
-    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8002
+    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access
     cors_origins: str = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -22,8 +23,9 @@ from streambridge.serve import announce, catch_signals, say, settle_gc, start_si
 from streambridge.shared import logs, metrics
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.presence import Heartbeat, announced
-from streambridge.shared.settings import Settings
-from streambridge.workers.ops import make_worker_app
+from streambridge.shared.settings import WORKER_METRICS_PORT, Settings
+from streambridge.workers import ops as worker_ops
+from streambridge.workers.ops import WORKER, make_worker_app
 from streambridge.workers.presence import WorkerDescriber
 from streambridge.workers.worker import make_worker, stop_worker
 
@@ -122,12 +124,15 @@ async def worker(settings: Settings) -> int:
         arq_worker = make_worker(settings, llm_url, lane=True)
         assert settings.redis_url is not None
         await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(arq_worker)))
+        # The port first: a port that cannot be bound stops the process before it takes any chat.
+        host = settings.worker_metrics_host
+        app = make_worker_app(arq_worker)
+        runner, bound = await _worker_metrics_site(app, host, settings.worker_metrics_port)
+        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
-        stack.push_async_callback(_stop_task, task)  # a worker whose metrics port is taken: no orphan task
-        host = settings.worker_metrics_host
-        runner, bound = await start_site(make_worker_app(arq_worker, task), host, settings.worker_metrics_port)
-        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
+        worker_ops.started(app, task)
+        stack.push_async_callback(_stop_task, task)
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         announce("streambridge worker metrics", host, bound)
         started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {llm_url}"
@@ -136,6 +141,23 @@ async def worker(settings: Settings) -> int:
             log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)
     return 0
+
+
+async def _worker_metrics_site(app: web.Application, host: str, port: int | None) -> tuple[web.AppRunner, int]:
+    """The worker's metrics site on ``port``; unset, on :data:`WORKER_METRICS_PORT`, or on a free port
+    when another process (a second worker on this host) has that one: a warning says so, and the
+    announced line where it is. A port set explicitly that is taken stops the worker."""
+    try:
+        return await start_site(app, host, WORKER_METRICS_PORT if port is None else port)
+    except OSError as exc:
+        if port is not None or exc.errno != errno.EADDRINUSE:
+            raise
+    log.warning(
+        "worker metrics: port %d is taken (another worker on this host?); using a free one instead "
+        "(set STREAMBRIDGE_WORKER_METRICS_PORT or --metrics-port to choose)",
+        WORKER_METRICS_PORT,
+    )
+    return await start_site(make_worker_app(app[WORKER]), host, 0)
 
 
 async def fake_llm(args: argparse.Namespace) -> int:

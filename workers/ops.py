@@ -14,7 +14,16 @@ from streambridge.shared import metrics
 from streambridge.workers.worker import ChatWorker
 
 WORKER = web.AppKey("worker", ChatWorker)
-MAIN = web.AppKey("main", asyncio.Task[None])
+
+
+class Main:
+    """The task that runs ``worker.main()``: none yet while the port is bound before it starts."""
+
+    def __init__(self, task: asyncio.Task[None] | None) -> None:
+        self.task = task
+
+
+MAIN = web.AppKey("main", Main)
 
 routes = web.RouteTableDef()
 
@@ -26,10 +35,10 @@ async def metrics_page(request: web.Request) -> web.Response:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    worker, main = request.app[WORKER], request.app[MAIN]
-    if main.done():
+    worker, main = request.app[WORKER], request.app[MAIN].task
+    if main is not None and main.done():
         problem: str | None = "the worker's loop has ended"
-    elif "runner" not in worker.ctx:
+    elif main is None or "runner" not in worker.ctx:
         problem = "starting"
     elif not worker.allow_pick_jobs:
         problem = "stopping: it takes no more chats"
@@ -38,9 +47,15 @@ async def readyz(request: web.Request) -> web.Response:
     return await metrics.readiness_response(worker.pool, problem)
 
 
-def make_worker_app(worker: ChatWorker, main: asyncio.Task[None]) -> web.Application:
-    """The worker's metrics app, for ``main``, the task that runs ``worker.main()``."""
+def make_worker_app(worker: ChatWorker, main: asyncio.Task[None] | None = None) -> web.Application:
+    """The worker's metrics app, for ``main``, the task that runs ``worker.main()`` (or, if not
+    started yet, given later with :func:`started`)."""
     app = web.Application()
-    app[WORKER], app[MAIN] = worker, main
+    app[WORKER], app[MAIN] = worker, Main(main)
     app.add_routes(routes)
     return app
+
+
+def started(app: web.Application, main: asyncio.Task[None]) -> None:
+    """The worker's task has started: its ``/readyz`` follows it from now."""
+    app[MAIN].task = main

@@ -171,3 +171,22 @@ async def test_batch_items_run_in_the_lane_are_counted_on_their_workers_port(sys
     assert sum(a[completed] - b.get(completed, 0) for a, b in zip(after, before, strict=True)) == 3
     assert most >= 1, "the lane's running item was never seen on its worker's port"
     assert all(a[running] == 0 for a in after)
+
+
+async def test_two_workers_with_default_settings_start_on_one_host(system: System) -> None:
+    env = {k: v for k, v in system.env.items() if k != "STREAMBRIDGE_WORKER_METRICS_PORT"}
+    first = Process(["worker"], env, system.logs, ready="worker started")
+    try:
+        second = Process(["worker"], env, system.logs, ready="worker started")
+        try:
+            urls = {metrics_url(first), metrics_url(second)}
+            assert len(urls) == 2, urls
+            assert "taken" in second.log_path.read_text() + "".join(second.stdout), "the fallback is said"
+            async with aiohttp.ClientSession() as session:
+                for url in urls:
+                    async with session.get(f"{url}/metrics") as response:
+                        assert response.status == 200
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0
