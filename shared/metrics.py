@@ -1,8 +1,9 @@
 """Every Prometheus metric of streambridge, in one place, as ``keys`` holds every Redis key.
 
-A process serves the ones it moves on ``GET /metrics``: the API and edge on their own port
-(``up``: API, edge and worker on one), a worker on a port of its own
-(``STREAMBRIDGE_WORKER_METRICS_PORT``). Names follow Prometheus's conventions: the ``streambridge_``
+Every process serves all of them on ``GET /metrics`` (one registry, defined at import), at 0
+where it does not move them: the API and edge on their own port (``up``: API, edge and worker on
+one), a worker on a port of its own (``STREAMBRIDGE_WORKER_METRICS_PORT``). Per-instance queries
+filter by job (the dashboard does). Names follow Prometheus's conventions: the ``streambridge_``
 prefix, base units (seconds), ``_total`` on counters.
 
 Kept cheap where it runs often: a metric with a fixed set of labels is bound here, once, to each
