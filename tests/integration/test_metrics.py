@@ -263,3 +263,23 @@ async def test_the_token_rate_leaves_out_the_time_to_first_token_and_tool_call_o
     last = await scrape(client)
     assert moved(after, last, "streambridge_chats_finished_total", status="complete") == 1
     assert moved(after, last, "streambridge_tokens_per_second_count") == 0, "no content: no rate"
+
+
+async def test_readyz_and_the_queue_depths_do_not_wait_behind_a_busy_pool(
+    client: TestClient,  # type: ignore[type-arg]
+) -> None:
+    redis = client.app[CONTEXT].redis
+    busy = [
+        asyncio.create_task(redis.blpop([f"sb:test:never:{n}"], timeout=3))
+        for n in range(redis.connection_pool.max_connections)  # type: ignore[attr-defined]
+    ]
+    await asyncio.sleep(0.2)  # every connection of the pool is blocked in BLPOP
+    try:
+        response = await client.get("/readyz")
+        assert response.status == 200, await response.text()
+        samples = await scrape(client)
+        assert not math.isnan(samples["streambridge_queue_depth", (("queue", "interactive"),)])
+    finally:
+        for task in busy:
+            task.cancel()
+        await asyncio.gather(*busy, return_exceptions=True)
