@@ -232,6 +232,10 @@ class StreamHub:
         if metrics.enabled:
             self._clock = asyncio.create_task(self.clock.keep())
 
+    def feed_connected(self) -> bool:
+        """Whether the Pub/Sub feed is up: without it, live entries reach no reader here."""
+        return self._channels.connected()
+
     def close_all(self) -> None:
         """End every tail now (the edge is shutting down); their clients resume on another edge."""
         for topic in self.topics.values():

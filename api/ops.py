@@ -51,7 +51,11 @@ async def metrics_page(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     ctx, readiness = request.app.get(CONTEXT), request.app[READINESS]
+    more = None
+    if ctx is not None and ctx.hub is not None:  # an edge: live entries come over its Pub/Sub feed
+        more = {"feed": "ok" if ctx.hub.feed_connected() else "Pub/Sub feed disconnected (reconnecting)"}
     return await metrics.readiness_response(
         readiness.checks_for(ctx.redis) if ctx is not None else None,
         None if readiness.serving else "not serving (starting or shutting down)",
+        more,
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, Final
@@ -39,6 +40,8 @@ from prometheus_client.metrics import MetricWrapperBase
 from redis.asyncio import Redis
 
 from streambridge.shared import keys
+
+log = logging.getLogger("streambridge")
 
 #: whether this process counts anything (``STREAMBRIDGE_METRICS``)
 enabled = True
@@ -320,20 +323,27 @@ async def metrics_response(redis: Redis | None) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def readiness_response(redis: Redis | None, not_ready: str | None) -> web.Response:
-    """``GET /readyz``: 200 when the process serves (``not_ready`` is None) and Redis answers a PING
-    within :data:`READY_PING_TIMEOUT`; else 503 with the error body and what each check found."""
-    checks = {"process": not_ready or "ok", "redis": "not checked"}
+async def readiness_response(
+    redis: Redis | None, not_ready: str | None, more: dict[str, str] | None = None
+) -> web.Response:
+    """``GET /readyz``: 200 when the process serves (``not_ready`` is None), Redis answers a PING
+    within :data:`READY_PING_TIMEOUT` and every check of ``more`` says ``ok``; else 503 with the error
+    body and what each check found."""
+    checks = {"process": not_ready or "ok", "redis": "not checked", **(more or {})}
     if redis is not None:
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT):
                 await redis.ping()
             checks["redis"] = "ok"
         except Exception as exc:
-            checks["redis"] = f"unreachable: {type(exc).__name__}: {exc}".strip().removesuffix(":")
+            # the exception's type, not its text: that names Redis's host and port, which a probe's
+            # answer need not tell whoever can reach /readyz (the log has it)
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+            log.warning("readiness: Redis unreachable: %s: %s", type(exc).__name__, exc)
     if all(v == "ok" for v in checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
-    problem = not_ready or f"Redis is {checks['redis']}"
+    failed = [f"Redis is {found}" if name == "redis" else found for name, found in checks.items() if found != "ok"]
+    problem = not_ready or "; ".join(failed)
     body = {"error": {"code": "not_ready", "message": problem, "type": "server_error", "param": None}}
     return web.json_response({**body, "status": "not_ready", "checks": checks}, status=503)
 

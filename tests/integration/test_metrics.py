@@ -133,7 +133,8 @@ async def test_readyz_is_200_while_redis_answers_and_503_with_a_json_body_when_i
     async with TestClient(TestServer(make_app(mine))) as client:
         response = await client.get("/readyz")
         assert response.status == 200
-        assert await response.json() == {"status": "ready", "checks": {"process": "ok", "redis": "ok"}}
+        checks = {"process": "ok", "redis": "ok", "feed": "ok"}  # an edge too: its Pub/Sub feed
+        assert await response.json() == {"status": "ready", "checks": checks}
         own_server.kill()
         response = await client.get("/readyz")
         assert response.status == 503
@@ -141,6 +142,12 @@ async def test_readyz_is_200_while_redis_answers_and_503_with_a_json_body_when_i
         assert body["error"]["code"] == "not_ready"
         assert body["status"] == "not_ready"
         assert body["checks"]["redis"].startswith("unreachable")
+        assert own_server.url(0).split("//")[1].split("/")[0] not in await response.text(), "no host:port"
+        deadline = time.monotonic() + 5
+        while body["checks"]["feed"] == "ok":  # the feed's socket closed with Redis: it says so
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+            body = await (await client.get("/readyz")).json()
         assert (await client.get("/healthz")).status == 503  # liveness keeps its contract
         after = await scrape(client)  # metrics still answer, without the queue depths
         assert math.isnan(after["streambridge_queue_depth", (("queue", "interactive"),)])
