@@ -38,6 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streambridge.shared import keys
 
@@ -76,7 +77,7 @@ QUEUE_DEPTH = Gauge(
 # (no children bound here: a process that never reads the depths, an edge, exports none)
 REFUSALS = Counter(
     "streambridge_rate_limited_total",
-    "Requests refused by a limit (429, and 503 queue_full), by the error code answered",
+    "Requests refused by a limit (429, and 503 overloaded), by the error code answered",
     ["code"],
 )
 STREAMS_EXPIRED = Counter(
@@ -280,7 +281,7 @@ async def refresh_queue_depth(redis: Redis) -> None:
     try:
         async with asyncio.timeout(SCRAPE_REDIS_TIMEOUT):
             interactive, batch = await _queue_depths(redis)
-    except Exception:
+    except (RedisError, OSError, TimeoutError):  # not a bug of ours: that raises, and is logged as one
         REDIS_ERRORS_SCRAPE.inc()
         interactive = batch = float("nan")
     QUEUE_DEPTH.labels("interactive").set(interactive)

@@ -13,6 +13,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from streambridge.api.app import make_app
 from streambridge.api.context import CONTEXT
@@ -113,9 +114,19 @@ async def test_refusals_410s_and_redis_errors_are_counted(
         refused = await strict.post("/v1/auth/visitor")
         assert refused.status == 429
         code = (await refused.json())["error"]["code"]
+    redis = client.app[CONTEXT].redis
+
+    async def unreachable(*args: object, **kwargs: object) -> object:
+        raise RedisConnectionError("Redis went away")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(redis, "execute_command", unreachable)
+        response = await client.get(f"/v1/chats/{chat['id']}", headers=bearer(token))
+        assert response.status == 503, await response.text()
     after = await scrape(client)
     assert moved(before, after, "streambridge_streams_expired_total", at="open") == 1
     assert moved(before, after, "streambridge_rate_limited_total", code=code) == 1
+    assert moved(before, after, "streambridge_redis_errors_total", where="request") == 1
 
 
 @pytest.fixture
