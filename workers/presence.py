@@ -48,8 +48,8 @@ class WorkerDescriber:
         feeder = worker.ctx.get("batches")
         if feeder is not None:
             items = Counter(batch_id for batch_id, _ in feeder.running)
-        elif worker.lane is not None:  # its items run in its lane, which says which (``workers/lane.py``)
-            items = Counter(worker.lane.running_by_batch())
+        elif (lane := getattr(worker, "lane", None)) is not None:  # its items run in its lane, which says which
+            items = Counter(lane.running_by_batch())
         else:
             items = Counter[str]()
         return msgspec.structs.replace(
