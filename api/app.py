@@ -61,6 +61,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
     app[models.MODELS] = models.Models(settings)
     app.add_routes(ops.routes)
     readiness = app[ops.READINESS] = ops.Readiness(queue_depths=serve_api)
+    app.on_cleanup.append(ops.close_checks)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # A bounded pool per process: an edge's hub takes one socket for its Pub/Sub feed, and

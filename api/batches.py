@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Final, Literal, cast
@@ -25,7 +26,7 @@ from streambridge.api.credentials import Identity
 from streambridge.api.edge import parse_last_event_id
 from streambridge.api.files import CONTENT_TYPE, FILE_ID_PREFIX, ids_after, over_quota, page_query, pages, reserve_bytes
 from streambridge.api.sse import HEADERS, PING
-from streambridge.shared import batches, keys, machine
+from streambridge.shared import batches, keys, machine, metrics
 from streambridge.shared.batches import (
     COMPLETION_WINDOW,
     ENDPOINT,
@@ -36,6 +37,8 @@ from streambridge.shared.batches import (
 )
 from streambridge.shared.errors import BadRequest, NotFound
 from streambridge.shared.streams import id_key
+
+log = logging.getLogger("streambridge.api")
 
 routes = web.RouteTableDef()
 
@@ -289,12 +292,19 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
         if not last or id_key(after) > id_key(last[0][0].decode()):
             raise BadRequest(f"Last-Event-ID {after} is not an event of this batch", code="bad_last_event_id")
     response = web.StreamResponse(headers=HEADERS)
-    await response.prepare(request)
-    with contextlib.suppress(ConnectionResetError, RedisError):
-        async for frame in event_frames(ctx, key, after):
-            await response.write(frame)
-    with contextlib.suppress(ConnectionResetError):
-        await response.write_eof()
+    metrics.OPEN_STREAMS.inc()
+    try:
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError):
+            async for frame in event_frames(ctx, key, after):
+                await response.write(frame)
+            await response.write_eof()
+    except RedisError as exc:
+        metrics.REDIS_ERRORS_STREAM.inc()
+        log.warning("batch %s: ending an events stream on a Redis error (%s); the client will resume", batch_id, exc)
+        response.force_close()
+    finally:
+        metrics.OPEN_STREAMS.dec()
     return response
 
 

@@ -431,6 +431,10 @@ async def request_cancel(ctx: Context, chat_id: str, owner: str) -> Status:
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
     cancel = machine.cancel(chat_id, owner, result=result, stream_ttl=ctx.settings.stream_ttl)
     answer = await machine.call(ctx.redis, cancel)
+    if isinstance(answer, list):  # it was queued, and this cancelled it: no worker will count its end
+        answer, age_ms = answer
+        metrics.CHATS_FINISHED_CANCELLED.inc()
+        metrics.CHAT_DURATION_CANCELLED.observe(int(age_ms) / 1000)
     status = cast(Status, bytes(answer).decode() if isinstance(answer, bytes) else str(answer))
     extra = {"event": "chat.cancel_requested", "chat_id": chat_id, "user": owner, "status": status}
     log.info("chat %s: cancel requested (status %s)", chat_id, status, extra=extra)

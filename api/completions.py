@@ -43,7 +43,7 @@ from streambridge.api.edge import ClientWrites
 from streambridge.api.errors import error_body
 from streambridge.api.retold import from_result
 from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
-from streambridge.shared import keys
+from streambridge.shared import keys, metrics
 from streambridge.shared.chats import REQUEST_FIELDS, decode_request, decode_result
 from streambridge.shared.errors import BadRequest, StreamExpired
 from streambridge.shared.events import (
@@ -184,6 +184,7 @@ async def stream_chunks(
     response = web.StreamResponse(headers=HEADERS)
     chunks = Chunks(chat_id, include_usage)
     writes = stalls_dropped(request, ctx, response, chat_id)
+    metrics.OPEN_STREAMS.inc()
     try:
         await response.prepare(request)
         skip = id_key(after) if after is not None else None
@@ -214,12 +215,14 @@ async def stream_chunks(
     except (RedisError, StreamExpired) as exc:
         # a stream trimmed past its start cannot be told again (the chunks are a function of all of it)
         expired = isinstance(exc, StreamExpired)
+        (metrics.EXPIRED_IN_STREAM if expired else metrics.REDIS_ERRORS_STREAM).inc()
         log.warning("chat %s: ending a chunk stream (%s)", chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
             await writes.write(chunks.expired() if expired else chunks.interrupted())
         response.force_close()
     finally:
         writes.stop()
+        metrics.OPEN_STREAMS.dec()
         await asyncio.shield(ctx.slots.release(slot))
     return response
 

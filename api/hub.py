@@ -23,6 +23,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final, NamedTuple
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streambridge.api.feed import Feed
 from streambridge.shared import keys, metrics
@@ -41,6 +42,34 @@ PAGE: Final = 500
 SUBSCRIBE_WAIT: Final = 0.5
 
 RESYNC: Final = None  # queue marker: re-read the stream from your last id
+#: seconds between two readings of Redis's clock (:class:`RedisClock`)
+CLOCK_EVERY: Final = 30.0
+
+
+class RedisClock:
+    """How far Redis's clock is ahead of this host's (``offset``, seconds), read with TIME every
+    :data:`CLOCK_EVERY` s: Redis's answer against the midpoint of the round trip. A stream entry's
+    id is Redis's time of its append; the delivery lag compares it with this host's clock plus the
+    offset, so a skewed host clock does not skew the lag (within half a round trip)."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self.offset = 0.0
+
+    async def read(self) -> None:
+        sent = time.time()
+        seconds, micros = await self._redis.time()
+        received = time.time()
+        self.offset = seconds + micros / 1_000_000 - (sent + received) / 2
+        metrics.REDIS_CLOCK_OFFSET.set(self.offset)
+
+    async def keep(self) -> None:
+        while True:
+            try:
+                await self.read()
+            except (RedisError, OSError) as exc:  # the last offset stands until Redis answers again
+                log.debug("edge hub: Redis's clock not read (%s)", exc)
+            await asyncio.sleep(CLOCK_EVERY)
 
 
 #: ``deliver(entries, now)`` writes live entries to the client at once, or returns False when it
@@ -194,10 +223,18 @@ class StreamHub:
         self.topics: dict[str, Topic] = {}
         self._channels = Feed(self._feed, self._publish, self._resync)
         self._reading: set[asyncio.Task[None]] = set()
+        self.clock = RedisClock(redis)
+        self._clock: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._channels.start()
         self._channels.subscribe(keys.edges())
+        if metrics.enabled:
+            self._clock = asyncio.create_task(self.clock.keep())
+
+    def feed_connected(self) -> bool:
+        """Whether the Pub/Sub feed is up: without it, live entries reach no reader here."""
+        return self._channels.connected()
 
     def close_all(self) -> None:
         """End every tail now (the edge is shutting down); their clients resume on another edge."""
@@ -211,9 +248,10 @@ class StreamHub:
             if topic.next_read is not None:
                 topic.next_read.page.set_result(None)
                 topic.next_read = None
-        for task in self._reading:
+        clock = [self._clock] if self._clock is not None else []
+        for task in (*self._reading, *clock):
             task.cancel()
-        await asyncio.gather(*self._reading, return_exceptions=True)
+        await asyncio.gather(*self._reading, *clock, return_exceptions=True)
         await self._channels.close()
 
     async def tail(
@@ -393,7 +431,11 @@ class StreamHub:
         for sub in topic.subscribers:
             sub.offer(entries, keys_, live, now)
         if keys_:  # written to every reader that waited; the others' writes follow from their tasks
-            metrics.DELIVERY_LAG.observe(max(0.0, time.time() - keys_[0][0] / 1000))
+            lag = time.time() + self.clock.offset - keys_[0][0] / 1000
+            if lag >= 0:
+                metrics.DELIVERY_LAG.observe(lag)
+            else:  # the offset is off by more than the lag (a clock stepped since it was read)
+                metrics.DELIVERY_LAG_NEGATIVE.inc()
 
     def _topic_of(self, channel: bytes) -> Topic | None:
         chat_id = _chat_of(channel)

@@ -6,9 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aiohttp import web
+from redis.asyncio import Redis
 
 from streambridge.api.context import CONTEXT
 from streambridge.shared import metrics
+from streambridge.shared.redis import one_connection_like
 
 routes = web.RouteTableDef()
 
@@ -20,6 +22,20 @@ class Readiness:
     serving: bool = False
     #: whether its ``/metrics`` reads the queue depths (the API's does; an edge's has no use for them)
     queue_depths: bool = True
+    #: the checks' own Redis connection (``/readyz``, the queue depths): never behind the pool's queue
+    checks: Redis | None = None
+
+    def checks_for(self, redis: Redis) -> Redis:
+        if self.checks is None:
+            self.checks = one_connection_like(redis)
+        return self.checks
+
+
+async def close_checks(app: web.Application) -> None:
+    checks = app[READINESS].checks
+    if checks is not None:
+        app[READINESS].checks = None
+        await checks.aclose(close_connection_pool=True)
 
 
 READINESS = web.AppKey("readiness", Readiness)
@@ -27,15 +43,19 @@ READINESS = web.AppKey("readiness", Readiness)
 
 @routes.get("/metrics")
 async def metrics_page(request: web.Request) -> web.Response:
-    ctx = request.app.get(CONTEXT)
-    redis = ctx.redis if ctx is not None and request.app[READINESS].queue_depths else None
+    ctx, readiness = request.app.get(CONTEXT), request.app[READINESS]
+    redis = readiness.checks_for(ctx.redis) if ctx is not None and readiness.queue_depths else None
     return await metrics.metrics_response(redis)
 
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    ctx = request.app.get(CONTEXT)
-    serving = request.app[READINESS].serving
+    ctx, readiness = request.app.get(CONTEXT), request.app[READINESS]
+    more = None
+    if ctx is not None and ctx.hub is not None:  # an edge: live entries come over its Pub/Sub feed
+        more = {"feed": "ok" if ctx.hub.feed_connected() else "Pub/Sub feed disconnected (reconnecting)"}
     return await metrics.readiness_response(
-        ctx.redis if ctx is not None else None, None if serving else "not serving (starting or shutting down)"
+        readiness.checks_for(ctx.redis) if ctx is not None else None,
+        None if readiness.serving else "not serving (starting or shutting down)",
+        more,
     )

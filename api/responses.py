@@ -43,7 +43,7 @@ from streambridge.api.credentials import Identity
 from streambridge.api.response_stream import Echo, ResponseStream
 from streambridge.api.responses_request import parse_responses
 from streambridge.api.retold import from_result, so_far
-from streambridge.shared import keys
+from streambridge.shared import keys, metrics
 from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, decode_request, decode_result
 from streambridge.shared.errors import ApiError, BadRequest, NotFound, StreamExpired, Unavailable
 from streambridge.shared.events import (
@@ -274,6 +274,7 @@ async def stream_events(
     skip = -1 if after is None else after
     response = web.StreamResponse(headers=HEADERS)
     writes = stalls_dropped(request, ctx, response, story.chat_id)
+    metrics.OPEN_STREAMS.inc()
     try:
         await response.prepare(request)
         out = b"".join(sse(e) for e in story.begin() if e["sequence_number"] > skip)
@@ -301,11 +302,13 @@ async def stream_events(
     except (RedisError, StreamExpired) as exc:
         # a stream trimmed past its start cannot be told again (the events are a function of all of it)
         expired = isinstance(exc, StreamExpired)
+        (metrics.EXPIRED_IN_STREAM if expired else metrics.REDIS_ERRORS_STREAM).inc()
         log.warning("chat %s: ending a response stream (%s)", story.chat_id, exc)
         with contextlib.suppress(ConnectionResetError):
             await writes.write(sse(story.expired() if expired else story.interrupted()))
         response.force_close()
     finally:
         writes.stop()
+        metrics.OPEN_STREAMS.dec()
         await asyncio.shield(ctx.slots.release(slot))
     return response

@@ -7,13 +7,16 @@ the host's speed over the run weighs on both alike); each round runs the steady 
 ``bench/load.py`` (``ttft --steady``: 50 clients, each a chat at a time) on one deployment, then on
 the other, while the idle one waits. CPU per chat: the api, edge and worker processes' CPU time and
 Redis's (``INFO cpu``) over the load, divided by the chats it created (warm-up chats included: the
-CPU they took is counted too).
+CPU they took is counted too). The deployment with metrics on is scraped as Prometheus would, every
+``SCRAPE_EVERY`` s (api, edge and the worker's port), during its load: the scrapes' cost is counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
+import threading
 import timeit
 import urllib.request
 from typing import Any
@@ -33,20 +36,56 @@ def cpu_seconds(d: dict[str, Any]) -> float:
     return ours + float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
 
 
+#: seconds between two scrapes of the deployment with metrics on (Prometheus's default is 60; 1 is dear)
+SCRAPE_EVERY = 1.0
+_CHAT_PREFIX = keys.chat("").encode()
+
+
 def chats(client: redis.Redis) -> int:
-    return sum(1 for _ in client.scan_iter(match=keys.chat("*"), count=1000))
+    """The chats' records: ``sb:chat:{id}``, not their ``:events`` and ``:lease`` keys beside them."""
+    found = client.scan_iter(match=keys.chat("*"), count=1000)
+    return sum(1 for key in found if b":" not in key[len(_CHAT_PREFIX) :])
 
 
-def one_load(d: dict[str, Any], clients: int, seconds: float) -> dict[str, float]:
+def metrics_urls(d: dict[str, Any]) -> list[str]:
+    workers = [
+        match.group(1)
+        for w in d["workers"]
+        for line in w.said
+        if "worker metrics listening on" in line and (match := re.search(r"(http://\S+)", line))
+    ]
+    assert len(workers) == len(d["workers"]), "a worker announced no metrics port"
+    return [f"{url}/metrics" for url in (str(d["api"]), d["edge"].url, *workers)]
+
+
+def scrape_every(urls: list[str], stop: threading.Event, scraped: list[int]) -> None:
+    while not stop.wait(SCRAPE_EVERY):
+        for url in urls:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                response.read()
+            scraped[0] += 1
+
+
+def one_load(d: dict[str, Any], clients: int, seconds: float, scrape: bool) -> dict[str, float]:
+    stop, scraped = threading.Event(), [0]
+    scraper = threading.Thread(target=scrape_every, args=(metrics_urls(d), stop, scraped), daemon=True)
     before_cpu, before_chats = cpu_seconds(d), chats(d["redis"])
+    if scrape:
+        scraper.start()
     urls = ("--api", str(d["api"]), "--llm", str(d["llm"]), "--proxy", str(d["proxy"]))
-    result = load("ttft", *urls, "--chats", str(clients), "--steady", str(seconds), "--no-baselines")
+    try:
+        result = load("ttft", *urls, "--chats", str(clients), "--steady", str(seconds), "--no-baselines")
+    finally:
+        stop.set()
+        if scrape:
+            scraper.join()
     used, n = cpu_seconds(d) - before_cpu, chats(d["redis"]) - before_chats
     return {
         "chats": n,
         "chats_per_s": float(result["chats_per_s"]),  # type: ignore[arg-type]
         "cpu_ms_per_chat": used / max(n, 1) * 1000,
         "ttft_p50": float(result["streambridge_ttft"]["p50"]),  # type: ignore[index]
+        "scrapes": scraped[0],
     }
 
 
@@ -94,7 +133,7 @@ def main() -> None:
         systems = {"on": on, "off": off}
         for n in range(args.rounds):
             for mode in ("on", "off") if n % 2 == 0 else ("off", "on"):
-                r = one_load(systems[mode], args.clients, args.steady)  # type: ignore[arg-type]
+                r = one_load(systems[mode], args.clients, args.steady, scrape=mode == "on")  # type: ignore[arg-type]
                 results[mode].append(r)
                 rows.append((str(n + 1), mode, r))
                 print(f"round {n + 1} metrics {mode}: {r}", flush=True)
@@ -113,6 +152,10 @@ def main() -> None:
         f"\nmedian CPU per chat: on {median['on']:.2f} ms, off {median['off']:.2f} ms: "
         f"{change:+.1f} % with metrics on (goal: within 3 %)"
     )
+    for m in results:
+        each = sorted(r["cpu_ms_per_chat"] for r in results[m])
+        print(f"  {m}: {', '.join(f'{x:.2f}' for x in each)} ms (spread {each[-1] - each[0]:.2f} ms)")
+    print(f"  scrapes of the 'on' deployment: {sum(r['scrapes'] for r in results['on']):.0f}")
     # The direct estimate: what the calls themselves cost, free of the host's noise between runs.
     lag_us, other_us = call_costs_us()
     added = (lags * lag_us + FIXED_CALLS_PER_CHAT * other_us) / 1000

@@ -31,8 +31,10 @@ class Child:
     def __init__(self, args: list[str], env: dict[str, str], ready: str = "listening on") -> None:
         self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         self.url = ""
+        self.said: list[str] = []  # what it printed up to its ready line
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            self.said.append(line)
             if ready in line:
                 match = re.search(r"(http://\S+)", line)
                 self.url = match.group(1) if match else ""

@@ -164,6 +164,8 @@ return {'ok'}
 # A queued chat is cancelled here, with its job, so no worker starts it; a running one is
 # flagged and its worker told at once (Pub/Sub), and ends it ``cancelled`` (RENEW reads the flag
 # too: a backstop for a message the worker missed). ARGV: the result, stream TTL (s), chat id.
+# Answers the status it found; a queued chat it cancelled, ``{'cancelled', its age (ms)}``: no
+# worker ends that one, so its caller counts its end (by Redis's clock, as a worker would).
 CANCEL: Final = define(
     "CANCEL",
     """
@@ -177,7 +179,8 @@ if status == 'queued' then
   redis.call('ZREM', KEYS[5], ARGV[3])
   redis.call('DEL', KEYS[6])
   redis.call('ZREM', KEYS[7], ARGV[3])
-  return 'cancelled'
+  local created = tonumber(redis.call('HGET', KEYS[1], 'created_ms') or '')
+  return {'cancelled', created and math.max(0, now_ms() - created) or 0}
 end
 if status == 'running' then
   redis.call('HSET', KEYS[1], 'cancel', '1')

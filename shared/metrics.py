@@ -1,8 +1,9 @@
 """Every Prometheus metric of streambridge, in one place, as ``keys`` holds every Redis key.
 
-A process serves the ones it moves on ``GET /metrics``: the API and edge on their own port
-(``up``: API, edge and worker on one), a worker on a port of its own
-(``STREAMBRIDGE_WORKER_METRICS_PORT``). Names follow Prometheus's conventions: the ``streambridge_``
+Every process serves all of them on ``GET /metrics`` (one registry, defined at import), at 0
+where it does not move them: the API and edge on their own port (``up``: API, edge and worker on
+one), a worker on a port of its own (``STREAMBRIDGE_WORKER_METRICS_PORT``). Per-instance queries
+filter by job (the dashboard does). Names follow Prometheus's conventions: the ``streambridge_``
 prefix, base units (seconds), ``_total`` on counters.
 
 Kept cheap where it runs often: a metric with a fixed set of labels is bound here, once, to each
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from bisect import bisect_left
+from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
@@ -35,8 +38,11 @@ from prometheus_client import (
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.metrics import MetricWrapperBase
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from streambridge.shared import keys
+
+log = logging.getLogger("streambridge")
 
 #: whether this process counts anything (``STREAMBRIDGE_METRICS``)
 enabled = True
@@ -71,7 +77,7 @@ QUEUE_DEPTH = Gauge(
 # (no children bound here: a process that never reads the depths, an edge, exports none)
 REFUSALS = Counter(
     "streambridge_rate_limited_total",
-    "Requests refused by a limit (429, and 503 queue_full), by the error code answered",
+    "Requests refused by a limit (429, and 503 overloaded), by the error code answered",
     ["code"],
 )
 STREAMS_EXPIRED = Counter(
@@ -136,9 +142,20 @@ class LoopHistogram:
 
 DELIVERY_LAG = LoopHistogram(
     "streambridge_delivery_lag_seconds",
-    "Append → write: from a live entry's append (its stream id's time, Redis's clock) to its write "
-    "to the edge's waiting readers, observed once per notification (a batch of entries)",
+    "Append → write: from a live entry's append (its stream id's time, Redis's clock) to the edge's "
+    "handling of its notification, when it is written at once to the native stream's waiting readers "
+    "(readers behind, and the OpenAI routes' streams, are written later, by their own tasks). "
+    "Measured by this host's clock corrected by its offset to Redis's; once per notification",
     LAG_BUCKETS,
+)
+DELIVERY_LAG_NEGATIVE = Counter(
+    "streambridge_delivery_lag_negative_total",
+    "Notifications whose lag came out negative (this host's clock moved against Redis's since the "
+    "offset was last read): counted here, not observed",
+)
+REDIS_CLOCK_OFFSET = Gauge(
+    "streambridge_redis_clock_offset_seconds",
+    "Redis's clock minus this edge's, read with TIME every 30 s (midpoint of the round trip)",
 )
 RESYNCS = Counter(
     "streambridge_resyncs_total",
@@ -158,7 +175,8 @@ PICKUP = Histogram(
 )
 TTFT = Histogram(
     "streambridge_time_to_first_token_seconds",
-    "Accepted → first content appended, for chats whose first attempt here produced content",
+    "Accepted → first content appended, on a chat's first run (its retried attempts included); a chat "
+    "resumed after its worker was lost is not observed again",
     buckets=TTFT_BUCKETS,
 )
 CHAT_DURATION = Histogram(
@@ -173,7 +191,9 @@ COMPLETION_TOKENS = Counter(
 )
 TOKEN_RATE = Histogram(
     "streambridge_tokens_per_second",
-    "A completed chat's answer tokens per second of its completing attempt",
+    "A completed chat's streaming rate: its answer tokens after the first, per second from its completing "
+    "attempt's first content to its end (time to first token left out); completions without content "
+    "(tool calls only) or of one token are not observed",
     buckets=TOKEN_RATE_BUCKETS,
 )
 ATTEMPT_FAILURES = Counter(
@@ -193,6 +213,9 @@ REAPED = RECOVERIES.labels("reaped")
 RESUMED = RECOVERIES.labels("resumed")
 HANDED_BACK = RECOVERIES.labels("handed_back")
 RUNNING_CHATS = Gauge("streambridge_running_chats", "Chats running on this worker")
+RUNNING_BATCH_ITEMS = Gauge(
+    "streambridge_running_batch_items", "Batch items running on this worker (in its batch lane, as of 0.2 s ago)"
+)
 BATCH_ITEMS = Counter("streambridge_batch_items_total", "Batch items finished, by outcome", ["outcome"])
 BATCH_COMPLETED = BATCH_ITEMS.labels("completed")
 BATCH_FAILED = BATCH_ITEMS.labels("failed")
@@ -204,6 +227,9 @@ CAUSES: Final = ("timeout", "connection", "rate_limited", "server_error", "clien
 for _status in FINAL_STATUSES:
     CHATS_FINISHED.labels(_status)
     CHAT_DURATION.labels(_status)
+# a chat cancelled while queued ends in the API (no worker runs it), which counts it with these
+CHATS_FINISHED_CANCELLED = CHATS_FINISHED.labels("cancelled")
+CHAT_DURATION_CANCELLED = CHAT_DURATION.labels("cancelled")
 for _cause in CAUSES:
     ATTEMPT_FAILURES.labels(_cause)
     RETRIES.labels(_cause)
@@ -255,7 +281,7 @@ async def refresh_queue_depth(redis: Redis) -> None:
     try:
         async with asyncio.timeout(SCRAPE_REDIS_TIMEOUT):
             interactive, batch = await _queue_depths(redis)
-    except Exception:
+    except (RedisError, OSError, TimeoutError):  # not a bug of ours: that raises, and is logged as one
         REDIS_ERRORS_SCRAPE.inc()
         interactive = batch = float("nan")
     QUEUE_DEPTH.labels("interactive").set(interactive)
@@ -281,31 +307,44 @@ async def _queue_depths(redis: Redis) -> tuple[float, float]:
 READY_PING_TIMEOUT: Final = 1.0
 
 
+#: called before each scrape: what a child process counted is added here (``workers/lane.py``)
+BEFORE_SCRAPE: list[Callable[[], None]] = []
+
+
 async def metrics_response(redis: Redis | None) -> web.Response:
     """``GET /metrics``: with ``redis``, the queue depths are read first (see :func:`refresh_queue_depth`)."""
     if not enabled:
         body = _error("metrics_disabled", "metrics are off in this process (STREAMBRIDGE_METRICS=false)")
         return web.Response(status=404, body=body, content_type="application/json")
+    for sync in BEFORE_SCRAPE:
+        sync()
     if redis is not None:
         await refresh_queue_depth(redis)
     body, content_type = exposition()
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def readiness_response(redis: Redis | None, not_ready: str | None) -> web.Response:
-    """``GET /readyz``: 200 when the process serves (``not_ready`` is None) and Redis answers a PING
-    within :data:`READY_PING_TIMEOUT`; else 503 with the error body and what each check found."""
-    checks = {"process": not_ready or "ok", "redis": "not checked"}
+async def readiness_response(
+    redis: Redis | None, not_ready: str | None, more: dict[str, str] | None = None
+) -> web.Response:
+    """``GET /readyz``: 200 when the process serves (``not_ready`` is None), Redis answers a PING
+    within :data:`READY_PING_TIMEOUT` and every check of ``more`` says ``ok``; else 503 with the error
+    body and what each check found."""
+    checks = {"process": not_ready or "ok", "redis": "not checked", **(more or {})}
     if redis is not None:
         try:
             async with asyncio.timeout(READY_PING_TIMEOUT):
                 await redis.ping()
             checks["redis"] = "ok"
         except Exception as exc:
-            checks["redis"] = f"unreachable: {type(exc).__name__}: {exc}".strip().removesuffix(":")
+            # the exception's type, not its text: that names Redis's host and port, which a probe's
+            # answer need not tell whoever can reach /readyz (the log has it)
+            checks["redis"] = f"unreachable: {type(exc).__name__}"
+            log.warning("readiness: Redis unreachable: %s: %s", type(exc).__name__, exc)
     if all(v == "ok" for v in checks.values()):
         return web.json_response({"status": "ready", "checks": checks})
-    problem = not_ready or f"Redis is {checks['redis']}"
+    failed = [f"Redis is {found}" if name == "redis" else found for name, found in checks.items() if found != "ok"]
+    problem = not_ready or "; ".join(failed)
     body = {"error": {"code": "not_ready", "message": problem, "type": "server_error", "param": None}}
     return web.json_response({**body, "status": "not_ready", "checks": checks}, status=503)
 

@@ -128,3 +128,14 @@ def connect_feed(url: str) -> Redis:
         **_keepalive(url),
     )
     return Redis(connection_pool=pool)
+
+
+def one_connection_like(client: Redis) -> Redis:
+    """A client of one connection of its own, set up as ``client``'s pool's are: for checks
+    (``/readyz``, a scrape's queue depths) that must not wait behind a busy pool's commands, so
+    that a process under load is not reported unready for it."""
+    pool = client.connection_pool
+    single = BlockingConnectionPool(
+        connection_class=pool.connection_class, max_connections=1, timeout=1, **pool.connection_kwargs
+    )
+    return Redis(connection_pool=single)

@@ -19,6 +19,8 @@ from streambridge.shared.errors import SettingsError
 from streambridge.shared.logs import display_url
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
+#: a worker's metrics port when none is set
+WORKER_METRICS_PORT: Final = 8002
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -43,6 +45,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     lease_ttl: Annotated[float, msgspec.Meta(ge=0.3, le=60)] = 1.5
     #: on SIGTERM, how long a worker lets running chats finish before handing them back
     shutdown_grace: Annotated[float, msgspec.Meta(ge=0)] = 10.0
+    #: on SIGTERM, how long an api or edge answers /readyz 503 while still serving, so a load
+    #: balancer stops sending it requests before its port closes; taken out of the grace, not added
+    shutdown_drain: Annotated[float, msgspec.Meta(ge=0)] = 2.0
     #: every chat ends (``failed`` at worst) this many seconds after it was accepted
     chat_deadline: Seconds = 900.0
     first_token_timeout: Seconds = 60.0
@@ -125,9 +130,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     #: Prometheus metrics (``GET /metrics``); false makes every metric a no-op and the route a 404
     metrics: bool = True
     #: where a worker serves ``/metrics`` and ``/readyz`` (``streambridge worker --metrics-port``);
-    #: 0 picks a free port. ``up`` serves its worker's on its own port instead.
+    #: 0 picks a free port. Unset: :data:`WORKER_METRICS_PORT`, or a free port (announced, with a
+    #: warning) when another worker on the host has it. ``up`` serves its worker's on its own port.
     worker_metrics_host: str = "127.0.0.1"
-    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8002
+    worker_metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
     #: browser origins allowed to call the API and edge, comma-separated (e.g. https://app.example);
     #: empty: no cross-origin access
     cors_origins: str = ""

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
 from collections.abc import Awaitable, Callable
 
 import msgspec
+from aiohttp import web
 
+from streambridge.api import ops
 from streambridge.api.app import make_app
 from streambridge.api.presence import ServerDescriber
 from streambridge.embedded import RedisServer
@@ -20,8 +23,9 @@ from streambridge.serve import announce, catch_signals, say, settle_gc, start_si
 from streambridge.shared import logs, metrics
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.presence import Heartbeat, announced
-from streambridge.shared.settings import Settings
-from streambridge.workers.ops import make_worker_app
+from streambridge.shared.settings import WORKER_METRICS_PORT, Settings
+from streambridge.workers import ops as worker_ops
+from streambridge.workers.ops import WORKER, make_worker_app
 from streambridge.workers.presence import WorkerDescriber
 from streambridge.workers.worker import make_worker, stop_worker
 
@@ -57,7 +61,7 @@ async def up(settings: Settings, host: str, port: int) -> int:
         heartbeats = await stack.enter_async_context(announced(settings.redis_url, server, WorkerDescriber(worker)))
         # stopped together, so the process exits within one grace, not the sum of two
         stops: list[tuple[str, Callable[[], Awaitable[object]]]] = []
-        stops.append(("api + edge", lambda: stop_site(runner, settings.shutdown_grace)))
+        stops.append(("api + edge", lambda: _drain_then_stop(runner, settings)))
         stack.push_async_callback(_stop_together, stops)
         settle_gc()
         worker_task = asyncio.create_task(worker.main(), name="worker")
@@ -94,8 +98,22 @@ async def serve(settings: Settings, host: str, port: int, *, api: bool, edge: bo
             await stop
             _nudge(heartbeats)  # "stopping" shows while the stop runs, not a beat later
         finally:
-            await _quietly(name, lambda: stop_site(runner, settings.shutdown_grace))
+            await _quietly(name, lambda: _drain_then_stop(runner, settings))
     return 0
+
+
+async def _drain_then_stop(runner: web.AppRunner, settings: Settings) -> None:
+    """Says not ready (``/readyz`` 503) while still serving for ``shutdown_drain`` s, so a load
+    balancer takes the process out before its port closes, then stops the site. The drain is taken
+    out of the grace: the process stops within the same bound as without it.
+
+    aiohttp's own shutdown closes the listening socket before the app hears of it, so without this
+    no probe ever sees the 503: only a refused connection."""
+    runner.app[ops.READINESS].serving = False
+    drain = min(settings.shutdown_drain, settings.shutdown_grace)
+    if drain > 0:
+        await asyncio.sleep(drain)
+    await stop_site(runner, settings.shutdown_grace - drain)
 
 
 async def worker(settings: Settings) -> int:
@@ -106,12 +124,15 @@ async def worker(settings: Settings) -> int:
         arq_worker = make_worker(settings, llm_url, lane=True)
         assert settings.redis_url is not None
         await stack.enter_async_context(announced(settings.redis_url, WorkerDescriber(arq_worker)))
+        # The port first: a port that cannot be bound stops the process before it takes any chat.
+        host = settings.worker_metrics_host
+        app = make_worker_app(arq_worker)
+        runner, bound = await _worker_metrics_site(app, host, settings.worker_metrics_port)
+        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
         settle_gc()
         task = asyncio.create_task(arq_worker.main(), name="worker")
-        stack.push_async_callback(_stop_task, task)  # a worker whose metrics port is taken: no orphan task
-        host = settings.worker_metrics_host
-        runner, bound = await start_site(make_worker_app(arq_worker, task), host, settings.worker_metrics_port)
-        stack.push_async_callback(runner.cleanup)  # closed after the worker stopped: /readyz says so meanwhile
+        worker_ops.started(app, task)
+        stack.push_async_callback(_stop_task, task)
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         announce("streambridge worker metrics", host, bound)
         shown = logs.display_url(llm_url)
@@ -121,6 +142,23 @@ async def worker(settings: Settings) -> int:
             log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)
     return 0
+
+
+async def _worker_metrics_site(app: web.Application, host: str, port: int | None) -> tuple[web.AppRunner, int]:
+    """The worker's metrics site on ``port``; unset, on :data:`WORKER_METRICS_PORT`, or on a free port
+    when another process (a second worker on this host) has that one: a warning says so, and the
+    announced line where it is. A port set explicitly that is taken stops the worker."""
+    try:
+        return await start_site(app, host, WORKER_METRICS_PORT if port is None else port)
+    except OSError as exc:
+        if port is not None or exc.errno != errno.EADDRINUSE:
+            raise
+    log.warning(
+        "worker metrics: port %d is taken (another worker on this host?); using a free one instead "
+        "(set STREAMBRIDGE_WORKER_METRICS_PORT or --metrics-port to choose)",
+        WORKER_METRICS_PORT,
+    )
+    return await start_site(make_worker_app(app[WORKER]), host, 0)
 
 
 async def fake_llm(args: argparse.Namespace) -> int:

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import os
 import signal
 import sys
-from collections.abc import Callable
-from multiprocessing.sharedctypes import Synchronized
+from collections import Counter
+from collections.abc import Callable, Mapping
+from multiprocessing.sharedctypes import Synchronized, SynchronizedArray, SynchronizedString
 from typing import TYPE_CHECKING, Final
 
+from streambridge.shared import metrics
 from streambridge.shared.redis import connect
 from streambridge.shared.settings import Settings
 
@@ -48,6 +51,21 @@ ORPHAN_CHECK: Final = 0.2
 STOP_WAIT: Final = 5.0
 #: Redis sockets the lane uses (its results share one pipeline)
 CONNECTIONS: Final = 8
+#: the lane's counts, in a shared array its worker reads at each scrape and heartbeat (the lane's own
+#: metrics registry is served by nobody): items completed, failed, Redis errors, items running now
+COMPLETED, FAILED, REDIS_ERRORS, RUNNING = range(4)
+#: the lane's running items by batch, as JSON, for its worker's heartbeat record (bytes, at most)
+RUNNING_BY_BATCH: Final = 2048
+
+
+class _Shared:
+    """A counter of the lane's, in its worker's shared array: what ``metrics``' counter was."""
+
+    def __init__(self, counts: SynchronizedArray[int], index: int) -> None:
+        self._counts, self._index = counts, index
+
+    def inc(self, amount: float = 1) -> None:
+        self._counts[self._index] += int(amount)  # one writer, the lane's loop: no lock needed
 
 
 class BatchLane:
@@ -56,9 +74,12 @@ class BatchLane:
     def __init__(self, settings: Settings, llm_base_url: str) -> None:
         context = multiprocessing.get_context("spawn")
         self._busy: Synchronized[int] = context.Value("i", 0, lock=False)
+        self._counts: SynchronizedArray[int] = context.Array("q", 4, lock=False)
+        self._by_batch: SynchronizedString = context.Array("c", RUNNING_BY_BATCH)  # type: ignore[assignment]  # locked
+        self._seen = [0, 0, 0]  # the lane's counts already added to this process's metrics
         self._process: BaseProcess = context.Process(
             target=run_lane,
-            args=(settings, llm_base_url, self._busy, os.getpid()),
+            args=(settings, llm_base_url, self._busy, os.getpid(), self._counts, self._by_batch),
             name="streambridge-batch-lane",
             daemon=True,
         )
@@ -78,6 +99,29 @@ class BatchLane:
         """The worker's chats running or starting now: the lane leaves their slots alone."""
         self._busy.value = chats
 
+    def sync_metrics(self) -> None:
+        """Adds what the lane counted since the last call to this process's metrics (before a scrape)."""
+        counters = (metrics.BATCH_COMPLETED, metrics.BATCH_FAILED, metrics.REDIS_ERRORS_WORKER)
+        for index, counter in enumerate(counters):
+            now = self._counts[index]
+            if now > self._seen[index]:
+                counter.inc(now - self._seen[index])
+                self._seen[index] = now
+
+    @property
+    def running(self) -> int:
+        """Batch items running in the lane now (as of its last look, at most ``ORPHAN_CHECK`` s ago)."""
+        return int(self._counts[RUNNING])
+
+    def running_by_batch(self) -> dict[str, int]:
+        """The lane's running items, by batch (the batches beyond what the record holds are left out)."""
+        with self._by_batch.get_lock():
+            raw = self._by_batch.value
+        try:
+            return dict(json.loads(raw)) if raw else {}
+        except ValueError:
+            return {}
+
     async def stop(self) -> None:
         """The lane stops claiming, hands its running items back, and exits (killed past ``STOP_WAIT``)."""
         if self._process.pid is None or self._process.exitcode is not None:
@@ -91,9 +135,20 @@ class BatchLane:
             await asyncio.to_thread(self._process.join, 2)
 
 
-def run_lane(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
+def run_lane(
+    settings: Settings,
+    llm_base_url: str,
+    busy: Synchronized[int],
+    parent: int,
+    counts: SynchronizedArray[int],
+    by_batch: SynchronizedString,
+) -> None:
     """The lane process: a ``BatchFeeder`` until SIGTERM, or until its worker is gone."""
     os.nice(NICE)
+    # what the lane counts goes to its worker, whose metrics port serves it
+    metrics.BATCH_COMPLETED = _Shared(counts, COMPLETED)  # type: ignore[assignment]
+    metrics.BATCH_FAILED = _Shared(counts, FAILED)  # type: ignore[assignment]
+    metrics.REDIS_ERRORS_WORKER = _Shared(counts, REDIS_ERRORS)  # type: ignore[assignment]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
     logging.basicConfig(
         level=settings.log_level.upper(),
@@ -107,10 +162,17 @@ def run_lane(settings: Settings, llm_base_url: str, busy: Synchronized[int], par
     except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(_feed_until_stopped(settings, llm_base_url, busy, parent))
+        runner.run(_feed_until_stopped(settings, llm_base_url, busy, parent, counts, by_batch))
 
 
-async def _feed_until_stopped(settings: Settings, llm_base_url: str, busy: Synchronized[int], parent: int) -> None:
+async def _feed_until_stopped(
+    settings: Settings,
+    llm_base_url: str,
+    busy: Synchronized[int],
+    parent: int,
+    counts: SynchronizedArray[int],
+    by_batch: SynchronizedString,
+) -> None:
     from streambridge.workers.batches import BatchFeeder  # the SDK and the feeder load in the lane only
     from streambridge.workers.llm import make_client
 
@@ -121,15 +183,33 @@ async def _feed_until_stopped(settings: Settings, llm_base_url: str, busy: Synch
     llm = make_client(llm_base_url, settings.llm_api_key)
     feeder = BatchFeeder(redis, llm, settings, busy=lambda: busy.value, stopping=stop.is_set)
     feeder.start()
+    told = b""
     while not stop.is_set():
         if os.getppid() != parent:  # the worker died: so does its lane, handing nothing back
             log.warning("batch lane: its worker is gone; exiting (its items run again elsewhere)")
             os._exit(1)
+        counts[RUNNING] = len(feeder.running)
+        told = _tell_running(feeder.running, by_batch, told)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ORPHAN_CHECK):
                 await stop.wait()
     try:
         await feeder.close()
     finally:
+        counts[RUNNING] = 0
+        _tell_running({}, by_batch, told)
         await llm.close()
         await redis.aclose()
+
+
+def _tell_running(running: Mapping[tuple[str, int], object], by_batch: SynchronizedString, told: bytes) -> bytes:
+    """Writes the running items by batch where the worker reads them, if they changed; what it wrote."""
+    items = Counter(batch_id for batch_id, _ in running)
+    raw = json.dumps(dict(items.most_common()), separators=(",", ":")).encode()
+    while len(raw) >= RUNNING_BY_BATCH:  # the busiest batches, as many as fit
+        items = Counter(dict(items.most_common(max(0, len(items) - 1))))
+        raw = json.dumps(dict(items.most_common()), separators=(",", ":")).encode()
+    if raw != told:
+        with by_batch.get_lock():
+            by_batch.value = raw
+    return raw

@@ -46,7 +46,12 @@ class WorkerDescriber:
         runner = worker.ctx.get("runner")  # set by the worker's startup
         chats = list(runner.active) if runner is not None else []
         feeder = worker.ctx.get("batches")
-        items = Counter(batch_id for batch_id, _ in feeder.running) if feeder is not None else Counter[str]()
+        if feeder is not None:
+            items = Counter(batch_id for batch_id, _ in feeder.running)
+        elif (lane := getattr(worker, "lane", None)) is not None:  # its items run in its lane, which says which
+            items = Counter(lane.running_by_batch())
+        else:
+            items = Counter[str]()
         return msgspec.structs.replace(
             self.template,
             state="running" if worker.allow_pick_jobs else "stopping",

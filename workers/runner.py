@@ -67,6 +67,8 @@ class ResultTracker:
         self.parts: list[Event] = []  # the current attempt's answer: content, reasoning and tool call events
         self.attempt = 0
         self.result: ChatResult | None = None
+        #: the completing attempt's first content to its end, in s (None: it streamed no content)
+        self.streamed: float | None = None
 
     def observe(self, event: Event) -> None:
         if isinstance(event, Started):
@@ -159,8 +161,8 @@ class ChatRunner:
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
         terminal: Event | None = None
-        accepted = self._accepted(lease)
         try:
+            accepted = self._accepted(lease)
             chat = lease.chat
             if b"cancel" in chat:
                 self.stop(chat_id, Stop.CANCELLED)
@@ -202,7 +204,7 @@ class ChatRunner:
             await sink.close()
         assert tracker.result is not None
         log_end(chat_id, tracker.result, time.monotonic() - began)
-        _measure_end(tracker.result.status, terminal, asyncio.get_running_loop().time() - accepted)
+        _measure_end(tracker.result.status, terminal, asyncio.get_running_loop().time() - accepted, tracker.streamed)
         return tracker.result.status
 
     async def _stream(
@@ -257,15 +259,23 @@ class ChatRunner:
             retry_base_delay=s.retry_base_delay,
         )
         first = not attempts  # time to first token: on a chat's first run only
+        content_at: float | None = None  # the attempt's first content, for its token rate
+        loop = asyncio.get_running_loop()
         async with aclosing(events):
             async for event in events:
                 if isinstance(event, Complete | Failed):
+                    tracker.streamed = None if content_at is None else loop.time() - content_at
                     return event
                 if isinstance(event, _ATTEMPT_EVENTS):
                     log_attempt(event)
-                if first and type(event) is Content:
-                    first = False
-                    metrics.TTFT.observe(asyncio.get_running_loop().time() - accepted)
+                if type(event) is Content:
+                    if content_at is None:
+                        content_at = loop.time()
+                        if first:
+                            first = False
+                            metrics.TTFT.observe(content_at - accepted)
+                elif type(event) is Started:
+                    content_at = None
                 elif type(event) is Error and event.retryable:
                     metrics.RETRIES.labels(cause).inc()
                 tracker.observe(event)
@@ -380,13 +390,15 @@ def _detail(message: str) -> dict[str, str]:
     return {"error_detail": message} if logs.content_logged() else {}
 
 
-def _measure_end(status: str, terminal: Event | None, duration: float) -> None:
-    """A chat's end: its final status and duration, and a completed chat's tokens and their rate."""
+def _measure_end(status: str, terminal: Event | None, duration: float, streamed: float | None = None) -> None:
+    """A chat's end: its final status and duration, and a completed chat's tokens and their rate:
+    the tokens after the first over ``streamed``, its completing attempt's first content to its end
+    (the time to first token left out; a completion without content, tool calls only, not observed)."""
     metrics.CHATS_FINISHED.labels(status).inc()
     metrics.CHAT_DURATION.labels(status).observe(duration)
     if isinstance(terminal, Complete):
         usage = terminal.usage
         tokens = usage.completion_tokens if usage is not None and usage.completion_tokens else terminal.total_chunks
         metrics.COMPLETION_TOKENS.inc(tokens)
-        if terminal.elapsed_ms > 0:
-            metrics.TOKEN_RATE.observe(tokens * 1000 / terminal.elapsed_ms)
+        if tokens > 1 and streamed is not None and streamed > 0:
+            metrics.TOKEN_RATE.observe((tokens - 1) / streamed)

@@ -9,7 +9,7 @@ from typing import Any, Final
 
 from arq.connections import ArqRedis
 
-from streambridge.shared import keys
+from streambridge.shared import keys, metrics
 from streambridge.shared.jobs import QueueWorker, back_off
 from streambridge.shared.redis import connect
 from streambridge.shared.settings import Settings
@@ -180,13 +180,16 @@ def make_worker(
         if burst:
             return
         if lane:
-            worker.lane = BatchLane(settings, llm_base_url)
-            worker.lane.start()
-            log.info("batch lane: pid %s, nice +%d", worker.lane.pid, NICE)
+            worker.lane = the_lane = BatchLane(settings, llm_base_url)
+            the_lane.start()
+            metrics.BEFORE_SCRAPE.append(the_lane.sync_metrics)  # its counts are served here
+            metrics.RUNNING_BATCH_ITEMS.set_function(lambda: the_lane.running)
+            log.info("batch lane: pid %s, nice +%d", the_lane.pid, NICE)
         else:  # batch items fill the slots chats leave free (workers/batches.py)
             feeder = ctx["batches"] = BatchFeeder(
                 ctx["redis"], llm, settings, busy=lambda: worker.busy, stopping=lambda: not worker.allow_pick_jobs
             )
+            metrics.RUNNING_BATCH_ITEMS.set_function(lambda: len(feeder.running))
             feeder.start()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
@@ -197,6 +200,7 @@ def make_worker(
             await ctx["batches"].close()
         if worker.lane is not None:
             await worker.lane.stop()
+            worker.lane.sync_metrics()  # what it counted while stopping
         if "runner" in ctx:
             await ctx["runner"].appender.close()
         if "llm" in ctx:

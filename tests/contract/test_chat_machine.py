@@ -211,7 +211,9 @@ async def test_a_duplicate_wake_starts_the_chat_once(store: Redis) -> None:
 
 async def test_a_cancel_before_the_start_wins_and_the_chat_never_runs(store: Redis) -> None:
     await run(store, admission())
-    assert await run(store, cancelling()) == "cancelled"
+    cancelled, age_ms = await run(store, cancelling())
+    assert cancelled == "cancelled"
+    assert 0 <= age_ms < 5_000, "a queued chat's cancel says its age"
     assert await run(store, machine.start(CHAT, "t1", TTL_MS)) == ["taken"]
     assert await status(store) == "cancelled"
     assert await store.zcard(keys.queue()) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import aiohttp
@@ -81,7 +82,8 @@ async def test_a_worker_with_metrics_off_serves_readiness_and_no_metrics(system:
                     body = await response.json()
                 if response.status == 200 or time.monotonic() > deadline:
                     break
-                assert body["checks"]["process"] == "starting", body
+                # starting, or started with a PING slower than the check waits (a busy machine)
+                assert body["checks"]["process"] == "starting" or body["checks"]["redis"] != "ok", body
                 await asyncio.sleep(0.05)
             assert response.status == 200, body
     finally:
@@ -112,3 +114,79 @@ async def test_a_killed_workers_chat_is_counted_reaped_and_resumed_by_the_other(
             system.workers[system.workers.index(busy[0])] = Process(
                 ["worker"], system.env, system.logs, ready="worker started"
             )
+
+
+async def test_a_stopping_edge_answers_readyz_503_before_its_port_closes(system: System) -> None:
+    edge = system.start_edge()
+    seen: list[int | str] = []
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{edge.url}/readyz") as response:
+                assert response.status == 200
+            started = time.monotonic()
+            edge.proc.send_signal(signal.SIGTERM)
+            while time.monotonic() - started < 15:
+                try:
+                    async with session.get(f"{edge.url}/readyz", headers={"Connection": "close"}) as response:
+                        seen.append(response.status)
+                except aiohttp.ClientConnectionError:
+                    seen.append("refused")
+                    break
+                await asyncio.sleep(0.05)
+        assert edge.proc.wait(15) == 0
+    finally:
+        edge.stop()
+    assert seen[-1] == "refused", seen
+    assert 503 in seen, f"no probe saw the 503 before the port closed: {seen}"
+    assert 200 not in seen[seen.index(503) :], seen
+
+
+async def test_batch_items_run_in_the_lane_are_counted_on_their_workers_port(system: System) -> None:
+    from tests.e2e.test_batches import line, sdk_for, submit, until_ended
+
+    completed = ("streambridge_batch_items_total", (("outcome", "completed"),))
+    running = ("streambridge_running_batch_items", ())
+    async with aiohttp.ClientSession() as session:
+        before = [await scrape(session, metrics_url(w)) for w in system.workers]
+        sdk = await sdk_for(session, system)
+        slow = "fake?words=60&delay_ms=40"  # ~2.5 s: long enough to be seen running
+        data = line("a", "one") + line("b", "two") + line("c", "three", model=slow)
+        batch = await submit(sdk, data)
+        most = 0.0
+        deadline = time.monotonic() + 60
+        while (await sdk.batches.retrieve(batch.id)).status not in {"completed", "failed", "cancelled"}:
+            assert time.monotonic() < deadline
+            now = [await scrape(session, metrics_url(w)) for w in system.workers]
+            most = max(most, sum(s[running] for s in now))
+            await asyncio.sleep(0.1)
+        ended = await until_ended(sdk, batch.id)
+        assert ended.status == "completed"
+        await sdk.close()
+        deadline = time.monotonic() + 5
+        while True:  # the lane says what runs every 0.2 s
+            after = [await scrape(session, metrics_url(w)) for w in system.workers]
+            if all(a[running] == 0 for a in after) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    assert sum(a[completed] - b.get(completed, 0) for a, b in zip(after, before, strict=True)) == 3
+    assert most >= 1, "the lane's running item was never seen on its worker's port"
+    assert all(a[running] == 0 for a in after)
+
+
+async def test_two_workers_with_default_settings_start_on_one_host(system: System) -> None:
+    env = {k: v for k, v in system.env.items() if k != "STREAMBRIDGE_WORKER_METRICS_PORT"}
+    first = Process(["worker"], env, system.logs, ready="worker started")
+    try:
+        second = Process(["worker"], env, system.logs, ready="worker started")
+        try:
+            urls = {metrics_url(first), metrics_url(second)}
+            assert len(urls) == 2, urls
+            assert "taken" in second.log_path.read_text() + "".join(second.stdout), "the fallback is said"
+            async with aiohttp.ClientSession() as session:
+                for url in urls:
+                    async with session.get(f"{url}/metrics") as response:
+                        assert response.status == 200
+        finally:
+            assert second.stop() == 0
+    finally:
+        assert first.stop() == 0

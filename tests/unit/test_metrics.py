@@ -69,3 +69,46 @@ def status_error(status: int) -> openai.APIStatusError:
 def test_an_attempts_failure_has_one_of_a_few_causes(exc: BaseException, cause: str) -> None:
     assert failure_cause(exc) == cause
     assert cause in metrics.CAUSES
+
+
+class _RedisClockAt:
+    """A Redis whose TIME says the real time, whatever this host's (patched) clock says."""
+
+    def __init__(self, real_time: object) -> None:
+        self._real = real_time
+
+    async def time(self) -> tuple[int, int]:
+        now = self._real()  # type: ignore[operator]
+        return int(now), int(now % 1 * 1_000_000)
+
+
+async def test_delivery_lag_is_corrected_by_the_offset_to_redis_clock_and_negatives_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import time
+
+    from streambridge.api.hub import StreamHub, Topic
+    from streambridge.shared import keys
+
+    real = time.time
+    import fakeredis
+
+    hub = StreamHub(_RedisClockAt(real), fakeredis.FakeAsyncRedis())  # type: ignore[arg-type]  # never started
+    hub.topics["c1"] = Topic()
+    lag, negative = metrics.DELIVERY_LAG, metrics.DELIVERY_LAG_NEGATIVE
+
+    def publish(appended_ms: int) -> None:
+        hub._publish(keys.notify("c1").encode(), b"%d-0\ndelta\n{}" % appended_ms)
+
+    monkeypatch.setattr(time, "time", lambda: real() + 100.0)  # this host's clock: 100 s fast
+    await hub.clock.read()
+    assert hub.clock.offset == pytest.approx(-100.0, abs=0.05)
+    assert metrics.REDIS_CLOCK_OFFSET._value.get() == pytest.approx(-100.0, abs=0.05)  # type: ignore[attr-defined]
+    count, total = sum(lag._counts), lag._sum
+    publish(int(real() * 1000) - 20)  # appended 20 ms ago, by Redis's clock
+    assert sum(lag._counts) == count + 1
+    assert 0.015 <= lag._sum - total < 0.5, "the lag is by Redis's clock, not 100 s"
+    before = negative._value.get()
+    publish(int(real() * 1000) + 60_000)  # "appended" a minute from now: the host's clock stepped back
+    assert negative._value.get() == before + 1
+    assert sum(lag._counts) == count + 1, "a negative lag is counted, not observed as 0"

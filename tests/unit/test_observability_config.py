@@ -13,7 +13,7 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
 from streambridge.shared import metrics
-from streambridge.shared.settings import Settings
+from streambridge.shared.settings import WORKER_METRICS_PORT
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "streambridge.json"
@@ -94,7 +94,7 @@ def test_prometheus_scrapes_the_api_both_edges_and_every_worker_replica_on_its_m
     (dns,) = jobs["streambridge-worker"]["dns_sd_configs"]
     assert dns["names"] == ["worker"]
     assert dns["type"] == "A"
-    assert dns["port"] == Settings().worker_metrics_port
+    assert dns["port"] == WORKER_METRICS_PORT
     for job in jobs.values():
         assert job.get("metrics_path", "/metrics") == "/metrics"
 
