@@ -104,8 +104,8 @@ class BatchFeeder:
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._forever("claiming batch items", self.feed), name="batch-feed"),
-            asyncio.create_task(self._every(self.settings.lease_ttl / 3, self.renew), name="batch-renew"),
-            asyncio.create_task(self._every(self.settings.lease_ttl / 2, self.tick), name="batch-tick"),
+            asyncio.create_task(self.every(self.settings.lease_ttl / 3, self.renew), name="batch-renew"),
+            asyncio.create_task(self.every(self.settings.lease_ttl / 2, self.tick), name="batch-tick"),
         ]
 
     async def close(self) -> None:
@@ -149,7 +149,13 @@ class BatchFeeder:
         if k is None:
             return 0
         s = self.settings
-        claim = batches.claim(k, room, lease_ms=self.lease_ms, max_running=s.batch_max_running_items)
+        claim = batches.claim(
+            k,
+            room,
+            lease_ms=self.lease_ms,
+            max_running=s.batch_max_running_items,
+            user_max_running=s.batch_user_max_running_items,
+        )
         answer = await machine.call(self.redis, claim)
         for index, item in zip(answer[::2], answer[1::2], strict=True):
             task = asyncio.create_task(self._run(k, int(index), item))
@@ -318,7 +324,7 @@ class BatchFeeder:
             except Exception as exc:
                 delay = await back_off(doing, exc, delay)
 
-    async def _every(self, interval: float, step: Callable[[], Any]) -> None:
+    async def every(self, interval: float, step: Callable[[], Any]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:

@@ -183,6 +183,13 @@ def make_worker(
             worker.lane = BatchLane(settings, llm_base_url)
             worker.lane.start()
             log.info("batch lane: pid %s, nice +%d", worker.lane.pid, NICE)
+            # The batches' upkeep (expiry, a cancel's end, lapsed items back in line) runs here too,
+            # never waiting for a lane: TICK is one atomic script, safe from any number of processes.
+            upkeep = BatchFeeder(ctx["redis"], llm, settings)
+            ctx["background"] += [
+                asyncio.create_task(worker.lane.watch(), name="batch-lane-watch"),
+                asyncio.create_task(upkeep.every(settings.lease_ttl / 2, upkeep.tick), name="batch-tick"),
+            ]
         else:  # batch items fill the slots chats leave free (workers/batches.py)
             feeder = ctx["batches"] = BatchFeeder(
                 ctx["redis"], llm, settings, busy=lambda: worker.busy, stopping=lambda: not worker.allow_pick_jobs
