@@ -229,8 +229,9 @@ def _define(name: str, lua: str) -> Any:
 # ``failed`` or ``no_file`` (not the caller's, not a batch input, deleted).
 # ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), the
 # input, output and error files' ids, the owner's limit of running items (across batches), and
-# this batch's. Both limits are the creator's (the settings, or their API key's overrides), kept
-# with the batch: whichever worker claims its items applies them.
+# this batch's, each '' unless the creator's API key overrides it. An override is kept with the
+# batch (whichever worker claims its items applies it); without one, CLAIM applies the claiming
+# worker's live settings, so lowering them takes effect on batches already running.
 CREATE: Final = _define(
     "BATCH_CREATE",
     """
@@ -243,7 +244,9 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'created_ms', now, 'created_at', math.floor(now / 1000), 'expires_ms', expires,
   'expires_at', math.floor(expires / 1000), 'total', f[3], 'next', 0, 'completed', 0, 'failed', 0,
   'output_bytes', 0, 'error_bytes', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'total_tokens', 0,
-  'status', 'validating', 'user_limit', ARGV[11], 'batch_limit', ARGV[12])
+  'status', 'validating')
+if ARGV[11] ~= '' then redis.call('HSET', B, 'user_limit', ARGV[11]) end
+if ARGV[12] ~= '' then redis.call('HSET', B, 'batch_limit', ARGV[12]) end
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -265,8 +268,9 @@ return 'ok'
 )
 
 # Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of running at
-# once (``batch_limit``; ARGV[3], the worker's setting, for a batch created before it was kept)
-# and its owner's (``user_limit``, across their batches): lines handed back first, then new ones.
+# once (``batch_limit``, its key's override; else ARGV[3], the worker's setting) and its owner's
+# (``user_limit``, across their batches; else ARGV[4], or ARGV[3] from a worker that sends none):
+# lines handed back first, then new ones.
 # Answers ``{index, item, ...}``.
 CLAIM: Final = _define(
     "BATCH_CLAIM",
@@ -276,7 +280,7 @@ local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
 redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
 local limits = redis.call('HMGET', B, 'user_limit', 'batch_limit')
-local user_room = tonumber(limits[1] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
+local user_room = tonumber(limits[1] or ARGV[4] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
 local batch_room = tonumber(limits[2] or ARGV[3]) - redis.call('ZCARD', LEASES)
 local n = math.min(tonumber(ARGV[1]), batch_room, user_room)
 local nxt, total = tonumber(b[3]), tonumber(b[4])
@@ -459,16 +463,18 @@ def create(
     metadata: bytes,
     window_ms: int,
     ttl: int,
-    user_limit: int,
-    batch_limit: int,
+    user_limit: int | None,
+    batch_limit: int | None,
 ) -> Call:
+    """``user_limit``, ``batch_limit``: the API key's overrides, None without one (see CREATE)."""
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
-    limits = [str(user_limit), str(batch_limit)]
+    limits = ["" if user_limit is None else str(user_limit), "" if batch_limit is None else str(batch_limit)]
     return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits])
 
 
-def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int) -> Call:
-    return Call(CLAIM, k.keys(), [str(n), str(lease_ms), str(max_running)])
+def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int, user_max_running: int | None = None) -> Call:
+    args = [str(n), str(lease_ms), str(max_running)]
+    return Call(CLAIM, k.keys(), args if user_max_running is None else [*args, str(user_max_running)])
 
 
 def renew(k: BatchKeys, indexes: list[int], *, lease_ms: int) -> Call:

@@ -142,4 +142,5 @@ async def test_the_lane_logs_as_its_worker_does_json_with_credentials_redacted_a
     lines = [json.loads(x) for x in err.splitlines() if x.strip()]  # every line JSON
     assert any("batch lane: running" in x["message"] for x in lines), repr(err)
     assert all(x.get("role") == "worker" for x in lines), err
-    assert "hunter2" not in err and "HTTP Request" not in err
+    assert "hunter2" not in err
+    assert "HTTP Request" not in err
