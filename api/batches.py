@@ -192,6 +192,7 @@ async def create_batch(request: web.Request) -> web.Response:
             ttl=s.file_ttl,
             user_limit=identity.quota.batch_running_items_override,
             batch_limit=identity.quota.batch_max_running_items_override,
+            file_quota=quota,
         ),
     )
     if await created == b"no_file":

@@ -176,6 +176,28 @@ local function event(kind, fields)
   local data = cjson.encode(fields)
   redis.call('XADD', EV, '*', 'type', kind, 'data', data)
 end
+-- A running batch's results count into its owner's stored bytes (api/files.py's quota) as each line
+-- is written, under one provisional member of the sizes (``<id>:results:<bytes>``), kept until the
+-- batch's window ends plus the TTL; finish swaps it for the result files' own members.
+local function results_member(bytes) return redis.call('HGET', B, 'id') .. ':results:' .. bytes end
+local function uncount_results()
+  local v = redis.call('HMGET', B, 'output_bytes', 'error_bytes')
+  local bytes = tonumber(v[1] or '0') + tonumber(v[2] or '0')
+  if bytes > 0 and redis.call('ZREM', FSIZES, results_member(bytes)) == 1 then
+    redis.call('DECRBY', FTOTAL, bytes)
+  end
+  return bytes
+end
+local function count_results(add, ttl)
+  local bytes = uncount_results() + add
+  local keep = tonumber(redis.call('HGET', B, 'expires_ms')) - now_ms() + ttl * 1000
+  redis.call('ZADD', FSIZES, now_ms() + keep, results_member(bytes))
+  redis.call('INCRBY', FTOTAL, bytes)
+  for _, key in ipairs({FSIZES, FTOTAL}) do
+    local pttl = redis.call('PTTL', key)
+    if pttl >= 0 and pttl < keep then redis.call('PEXPIRE', key, keep) end
+  end
+end
 local function counts()
   local v = redis.call('HMGET', B, 'completed', 'failed', 'total')
   return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
@@ -202,6 +224,7 @@ end
 local function finish(status, ttl)
   local now = now_ms()
   local id = redis.call('HGET', B, 'id')
+  uncount_results()  -- counted again just below, as the result files
   if status == 'completed' then
     redis.call('HSET', B, 'status', 'finalizing', 'finalizing_at', math.floor(now / 1000))
     event('status', {status = 'finalizing'})
@@ -247,6 +270,7 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'status', 'validating')
 if ARGV[11] ~= '' then redis.call('HSET', B, 'user_limit', ARGV[11]) end
 if ARGV[12] ~= '' then redis.call('HSET', B, 'batch_limit', ARGV[12]) end
+if ARGV[13] then redis.call('HSET', B, 'file_quota', ARGV[13]) end
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -278,6 +302,10 @@ CLAIM: Final = _define(
 local b = redis.call('HMGET', B, 'status', 'expires_ms', 'next', 'total')
 local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
+-- an owner whose stored bytes (their running batches' results among them) fill the quota starts no
+-- item: the batch waits, and goes on once they delete files (or expires at the end of its window)
+local quota = redis.call('HGET', B, 'file_quota')
+if quota and tonumber(redis.call('GET', FTOTAL) or '0') >= tonumber(quota) then return {} end
 redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
 local limits = redis.call('HMGET', B, 'user_limit', 'batch_limit')
 local user_room = tonumber(limits[1] or ARGV[4] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
@@ -360,6 +388,7 @@ redis.call('SETBIT', DONE, index, 1)
 redis.call('ZREM', LEASES, index)
 redis.call('ZREM', USER_ITEMS, member(index))
 local outcome
+count_results(#ARGV[3] + 1, tonumber(ARGV[8]))
 if ARGV[2] == '1' then
   redis.call('RPUSH', OUTL, ARGV[3])
   redis.call('HINCRBY', B, 'output_bytes', #ARGV[3] + 1)
@@ -436,6 +465,7 @@ if b[1] == 'in_progress' and now >= tonumber(b[2]) then
       failed, bytes = failed + 1, bytes + #line + 1
     end
   end
+  if bytes > 0 then count_results(bytes, tonumber(ARGV[2])) end
   redis.call('HINCRBY', B, 'failed', failed)
   redis.call('HINCRBY', B, 'error_bytes', bytes)
   redis.call('HSET', B, 'expire_cursor', to)
@@ -465,11 +495,13 @@ def create(
     ttl: int,
     user_limit: int | None,
     batch_limit: int | None,
+    file_quota: int | None = None,
 ) -> Call:
     """``user_limit``, ``batch_limit``: the API key's overrides, None without one (see CREATE)."""
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
     limits = ["" if user_limit is None else str(user_limit), "" if batch_limit is None else str(batch_limit)]
-    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits])
+    quota = [] if file_quota is None else [str(file_quota)]
+    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits, *quota])
 
 
 def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int, user_max_running: int | None = None) -> Call:

@@ -590,3 +590,42 @@ async def test_batch_results_past_the_file_quota_are_kept_but_count_so_no_new_up
         assert rerun.status == "in_progress"
         assert int(await real_redis.get(keys.user_file_bytes(user))) == len(data)
         await sdk.close()
+
+
+async def test_batches_created_at_once_store_no_more_than_the_quota_and_one_batchs_results(
+    settings: Settings, real_redis: Redis, llm_url: str
+) -> None:
+    data = jsonl(*(line(f"r{n}", f"many {n}") for n in range(2)))
+    # the quota leaves room for the input and about two result lines; the user runs 2 items at once
+    limited = msgspec.structs.replace(settings, visitor_file_bytes_per_user=832, batch_user_max_running_items=2)
+    async with TestClient(TestServer(make_app(limited))) as c:
+        token = (await (await c.post("/v1/auth/visitor")).json())["token"]
+        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=token, max_retries=0)
+        first = await submit(sdk, data)
+        made = [first.id] + [
+            (
+                await sdk.batches.create(
+                    input_file_id=first.input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+            ).id
+            for _ in range(9)
+        ]  # all accepted: nothing is stored yet but the input
+        llm = make_client(llm_url, None)
+        feeder = BatchFeeder(real_redis, llm, limited)
+        feeder.start()
+        await asyncio.sleep(3)  # long enough for all ten to run, unbounded
+        await feeder.close()
+        await llm.close()
+        user = (await real_redis.hget(keys.batch(first.id), "owner")).decode()  # type: ignore[misc]
+        stored = int(await real_redis.get(keys.user_file_bytes(user)))
+        sizes = [
+            int(x or 0)
+            for b in made
+            for x in await real_redis.hmget(keys.batch(b), "output_bytes", "error_bytes")  # type: ignore[misc]
+        ]
+        ran = [(await sdk.batches.retrieve(b)).status for b in made]
+        assert ran.count("completed") >= 1
+        assert "in_progress" in ran, "the rest wait while the owner is over the quota"
+        assert stored == len(data) + sum(sizes), "every result line written is counted as it is written"
+        assert stored <= 832 + max(sizes), ran
+        await sdk.close()
