@@ -38,20 +38,25 @@ async def completed(sdk: openai.AsyncOpenAI, batch_id: str) -> int:
     return counts.completed
 
 
-async def test_the_lane_runs_items_niced_only_in_slots_its_workers_chats_leave_and_hands_back_on_stop(
+async def test_the_lane_runs_items_niced_only_in_slots_its_workers_chats_leave(
     sdk: openai.AsyncOpenAI, settings: Settings, llm_url: str, real_redis: Redis
 ) -> None:
     lane = BatchLane(msgspec.structs.replace(settings, worker_concurrency=10, batch_reserved_slots=2), llm_url)
-    lane.busy(8)  # the worker's chats and the reserve fill its 10 slots: no room for an item
     lane.start()
     try:
         assert lane.pid is not None
+        # first proven running and claiming: with no chats, a batch completes
+        warm = await submit(sdk, jsonl(*(line(f"w{n}", f"warm {n}") for n in range(3))))
         deadline = time.monotonic() + 20
-        while psutil.Process(lane.pid).nice() != os.nice(0) + NICE:  # once the spawned child has started
-            assert time.monotonic() < deadline, "the lane is not niced"
+        while await completed(sdk, warm.id) < 3:
+            assert time.monotonic() < deadline, "the lane ran no items"
             await asyncio.sleep(0.05)
+        assert psutil.Process(lane.pid).nice() == os.nice(0) + NICE
+
+        lane.busy(8)  # the worker's chats and the reserve fill its 10 slots: no room for an item
+        await asyncio.sleep(0.3)  # the lane reads the counter each time it looks for room (every 0.1 s)
         batch = await submit(sdk, jsonl(*(line(f"r{n}", f"lane {n}") for n in range(6))))
-        await asyncio.sleep(1.0)  # the lane looks for room every 0.1 s
+        await asyncio.sleep(1.0)  # ten looks
         assert await completed(sdk, batch.id) == 0
         assert await real_redis.zcard(keys.batch_leases(batch.id)) == 0, "no item claimed"
 
@@ -62,7 +67,27 @@ async def test_the_lane_runs_items_niced_only_in_slots_its_workers_chats_leave_a
             await asyncio.sleep(0.05)
     finally:
         await lane.stop()
-    assert lane.exitcode == 0  # a clean stop: it handed back what it ran (nothing, by now)
+    assert lane.exitcode == 0
+
+
+async def test_a_lane_stopped_with_items_running_hands_every_one_back(
+    sdk: openai.AsyncOpenAI, settings: Settings, llm_url: str, real_redis: Redis
+) -> None:
+    lane = BatchLane(settings, llm_url)
+    lane.start()
+    n = 5
+    slow = "fake?words=100&delay_ms=100"  # 10 s an item: all still running at the stop
+    batch = await submit(sdk, jsonl(*(line(f"r{i}", f"slow {i}", model=slow) for i in range(n))))
+    try:
+        deadline = time.monotonic() + 20
+        while await real_redis.zcard(keys.batch_leases(batch.id)) < n:
+            assert time.monotonic() < deadline, "the lane claimed too few"
+            await asyncio.sleep(0.05)
+    finally:
+        await lane.stop()
+    assert lane.exitcode == 0  # a clean stop, not a kill
+    assert await real_redis.zcard(keys.batch_leases(batch.id)) == 0
+    assert sorted(int(i) for i in await real_redis.lrange(keys.batch_again(batch.id), 0, -1)) == list(range(n))  # type: ignore[misc]
 
 
 async def until_status(sdk: openai.AsyncOpenAI, batch_id: str, statuses: set[str], within: float = 20) -> str:
