@@ -287,6 +287,8 @@ def cli() -> None:
             "STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE": "1000000",
             "STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS": "1000000",
             "STREAMBRIDGE_VISITOR_MAX_OPEN_STREAMS": "1000000",
+            # every round's inputs and results stay stored: past the quota, no item would start
+            "STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER": str(2**40),
             "STREAMBRIDGE_LOG_LEVEL": "WARNING",
             # the batch's concurrency is the baseline's; 5 more slots stay for interactive chats
             "STREAMBRIDGE_WORKER_CONCURRENCY": str(args.concurrency + 5),
