@@ -50,15 +50,26 @@ class ChatWorker(QueueWorker):
         #: the worker's batch lane (``workers/lane.py``), told how many chats run here
         self.lane: BatchLane | None = None
 
+    def _tell_lane(self) -> None:
+        if self.lane is not None:  # chats running, and starting (their slots reserved) now
+            self.lane.busy(self.busy + self.reserved)
+
+    def reserve(self, want: int) -> int:
+        n = super().reserve(want)
+        self._tell_lane()
+        return n
+
+    def unreserve(self, n: int) -> None:
+        super().unreserve(n)
+        self._tell_lane()
+
     def track(self, job_id: str, task: asyncio.Task[None]) -> None:
         super().track(job_id, task)
-        if self.lane is not None:
-            self.lane.busy(self.busy)
+        self._tell_lane()
 
     def _untrack(self, task: asyncio.Task[None]) -> None:
         super()._untrack(task)
-        if self.lane is not None:
-            self.lane.busy(self.busy)
+        self._tell_lane()
 
     async def began(self) -> None:
         if not self.burst:

@@ -169,3 +169,22 @@ async def test_the_lane_logs_as_its_worker_does_json_with_credentials_redacted_a
     assert all(x.get("role") == "worker" for x in lines), err
     assert "hunter2" not in err
     assert "HTTP Request" not in err
+
+
+async def test_chats_starting_count_as_busy_for_the_lane_as_well_as_chats_running(
+    settings: Settings, llm_url: str
+) -> None:
+    worker = make_worker(settings, llm_url)
+    told: list[int] = []
+
+    class Told:
+        def busy(self, chats: int) -> None:
+            told.append(chats)
+
+    worker.lane = Told()  # type: ignore[assignment]
+    held = worker.reserve(3)  # slots held for starts in flight: not the lane's to claim
+    assert told[-1] == 3
+    worker.unreserve(held)
+    assert told[-1] == 0
+    worker.lane = None
+    await worker.close()
