@@ -505,7 +505,7 @@ def create(
 
 
 def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int, user_max_running: int | None = None) -> Call:
-    args = [str(n), str(lease_ms), str(max_running)]
+    args: list[str | bytes] = [str(n), str(lease_ms), str(max_running)]
     return Call(CLAIM, k.keys(), args if user_max_running is None else [*args, str(user_max_running)])
 
 

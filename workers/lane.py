@@ -88,6 +88,10 @@ class BatchLane:
         finally:
             signal.signal(signal.SIGINT, previous)
 
+    def stopping(self) -> bool:
+        """Whether ``stop`` was called (a lane that dies then is not started again)."""
+        return self._stopping
+
     @property
     def alive(self) -> bool:
         """Whether the lane process runs now (false while a dead one waits to start again)."""
@@ -101,7 +105,7 @@ class BatchLane:
         while True:
             await asyncio.sleep(WATCH_EVERY)
             code = self._process.exitcode  # polls (waitpid WNOHANG): a dead lane is reaped here
-            if code is None or self._stopping:
+            if code is None or self.stopping():
                 continue
             failures = 0 if loop.time() - started >= STABLE else failures + 1
             delay = RESTART_DELAYS[min(max(failures - 1, 0), len(RESTART_DELAYS) - 1)]
@@ -114,7 +118,7 @@ class BatchLane:
                 extra={"event": "batch_lane.died"},
             )
             await asyncio.sleep(delay)
-            if self._stopping:
+            if self.stopping():  # stopped meanwhile: no new lane
                 return
             self._process = self._new_process()
             self.start()
