@@ -14,13 +14,14 @@ import msgspec
 import openai
 import psutil
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from streambridge.shared import keys
 from streambridge.shared.settings import Settings
 from streambridge.workers import lane as lane_module
 from streambridge.workers.lane import NICE, BatchLane
+from streambridge.workers.ops import make_worker_app
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.test_batches import jsonl, line, submit
 
@@ -144,6 +145,9 @@ async def test_a_batch_cancelled_while_the_lane_is_dead_still_ends_cancelled(
         os.kill(worker.lane.pid, signal.SIGKILL)  # its items' leases stay, until they lapse
         while worker.lane.alive:
             await asyncio.sleep(0.05)
+        async with TestClient(TestServer(make_worker_app(worker, main))) as ops:
+            ready = await ops.get("/readyz")
+            assert ready.status == 503, "a worker whose lane is down is not ready"
         assert (await sdk.batches.cancel(batch.id)).status == "cancelling"
         assert await until_status(sdk, batch.id, {"cancelled"}, within=10) == "cancelled"
     finally:
