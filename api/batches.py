@@ -193,8 +193,9 @@ async def create_batch(request: web.Request) -> web.Response:
             metadata=msgspec.json.encode(body.metadata),
             window_ms=int(s.batch_completion_window * 1000),
             ttl=s.file_ttl,
-            user_limit=identity.quota.batch_running_items,
-            batch_limit=identity.quota.batch_max_running_items,
+            user_limit=identity.quota.batch_running_items_override,
+            batch_limit=identity.quota.batch_max_running_items_override,
+            file_quota=quota,
         ),
     )
     if await created == b"no_file":

@@ -72,6 +72,9 @@ class Quota:
     batch_max_running_items: int = 200
     #: bytes of uploaded files the user may keep stored at once
     file_bytes: int = 1024 * 1024 * 1024
+    #: the key's own batch limits, kept with each of its batches; None: the workers' live settings apply
+    batch_running_items_override: int | None = None
+    batch_max_running_items_override: int | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ def quota(settings: Settings, credential: Credential) -> Quota:
         batch_running_items=o.batch_running_items or settings.batch_user_max_running_items,
         batch_max_running_items=o.batch_max_running_items or settings.batch_max_running_items,
         file_bytes=o.file_bytes or (settings.visitor_file_bytes_per_user if visitor else settings.file_bytes_per_user),
+        batch_running_items_override=o.batch_running_items,
+        batch_max_running_items_override=o.batch_max_running_items,
     )
 
 

@@ -13,7 +13,9 @@ one ``streambridge worker`` (each a process of its own), then, in one run:
    Redis's memory per 1,000 items;
 4. **interactive, beside a batch**: the chats of 1 again while another N-item batch runs.
 
-Prints a table of each figure beside its baseline from the same run.
+Runs ``--rounds`` such rounds one after another (idle and busy interleaved, so a drift in the
+host's other load weighs on both), and prints every round's figures and ratio, then each one's
+median and spread (min-max): one run on a shared host proves little either way.
 """
 
 from __future__ import annotations
@@ -146,69 +148,107 @@ async def interactive(
     return pickups, ttfts
 
 
+async def one_round(
+    args: argparse.Namespace,
+    session: aiohttp.ClientSession,
+    sdk: openai.AsyncOpenAI,
+    api: Child,
+    llm: Child,
+    auth: dict[str, str],
+    procs: dict[str, psutil.Process],
+    r: redis.Redis,
+    n: int,
+) -> dict[str, tuple[float, float]]:
+    """One round: idle chats, the plain loop, the batch, chats beside a batch, idle chats again.
+    Each figure as (baseline, ours)."""
+    model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms=0"
+    # idle: half the chats now, half once the last batch has ended, so a host whose other load
+    # drifts during the round weighs on both sides alike
+    idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats // 2)
+    phase(f"round {n}: interactive, idle (first half)")
+
+    me = psutil.Process()
+    before = cpu(me)
+    plain_wall = await plain_loop(llm.url, args.items, args.concurrency, model)
+    plain_cpu = cpu(me) - before
+    phase(f"round {n}: plain loop")
+
+    data = items(args.items, model, f"batch{n}")
+    ours = [procs["api"], procs["worker"], procs["lane"], procs["redis"]]
+    before = cpu(*ours)
+    started = time.perf_counter()
+    batch_id = await submit(sdk, data)
+    await until_done(sdk, batch_id)
+    batch_wall = time.perf_counter() - started
+    batch_cpu = cpu(*ours) - before
+    phase(f"round {n}: batch")
+
+    busy_id = await submit(sdk, items(3 * args.items, model, f"busy{n}"))  # runs on past the chats below
+    await asyncio.sleep(0.5)  # the batch fills the spare slots
+    busy_pickup, busy_ttft = await interactive(session, api.url, auth, r, args.chats)
+    still = (await sdk.batches.retrieve(busy_id)).status
+    await sdk.batches.cancel(busy_id)
+    await until_done(sdk, busy_id)
+    if still != "in_progress":
+        print(f"round {n}: the second batch was {still} while the chats ran", file=sys.stderr)
+    phase(f"round {n}: interactive, beside a batch")
+    more_pickup, more_ttft = await interactive(session, api.url, auth, r, args.chats - args.chats // 2)
+    idle_pickup, idle_ttft = idle_pickup + more_pickup, idle_ttft + more_ttft
+    phase(f"round {n}: interactive, idle (second half)")
+    return {
+        "interactive pickup p50 (ms): idle vs batch": (statistics.median(idle_pickup), statistics.median(busy_pickup)),
+        "interactive pickup p95 (ms): idle vs batch": (quantile(idle_pickup, 0.95), quantile(busy_pickup, 0.95)),
+        "interactive TTFT p50 (ms): idle vs batch": (statistics.median(idle_ttft), statistics.median(busy_ttft)),
+        "interactive TTFT p95 (ms): idle vs batch": (quantile(idle_ttft, 0.95), quantile(busy_ttft, 0.95)),
+        "throughput (items/s): plain loop vs batch": (args.items / plain_wall, args.items / batch_wall),
+        "CPU per item (ms): plain loop vs api+worker+lane+redis": (
+            plain_cpu / args.items * 1000,
+            batch_cpu / args.items * 1000,
+        ),
+    }
+
+
 async def measure(
     args: argparse.Namespace, api: Child, edge: Child, llm: Child, procs: dict[str, psutil.Process], r: redis.Redis
 ) -> None:
-    model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms=0"
     async with aiohttp.ClientSession() as session:
         async with session.post(f"{api.url}/v1/auth/visitor") as response:
             token = (await response.json())["token"]
         auth = {"Authorization": f"Bearer {token}"}
         sdk = openai.AsyncOpenAI(base_url=f"{api.url}/v1", api_key=token, max_retries=0)
-        # idle: half the chats now, half once the last batch has ended, so a host whose other load
-        # drifts during the run weighs on both sides alike
-        idle_pickup, idle_ttft = await interactive(session, api.url, auth, r, args.chats // 2)
-        phase("interactive, idle (first half)")
-
-        me = psutil.Process()
-        before = cpu(me)
-        plain_wall = await plain_loop(llm.url, args.items, args.concurrency, model)
-        plain_cpu = cpu(me) - before
-        phase("plain loop")
-
-        data = items(args.items, model, "batch")
+        rounds = []
         memory_before = r.info("memory")["used_memory"]
-        ours = [procs["api"], procs["worker"], procs["lane"], procs["redis"]]
         with PeakRSS(procs) as rss:
-            before = cpu(*ours)
-            started = time.perf_counter()
-            batch_id = await submit(sdk, data)
-            await until_done(sdk, batch_id)
-            batch_wall = time.perf_counter() - started
-            batch_cpu = cpu(*ours) - before
-        memory_per_1000 = (r.info("memory")["used_memory"] - memory_before) / args.items * 1000 / 2**20
-        phase("batch")
-
-        busy_id = await submit(sdk, items(3 * args.items, model, "busy"))  # runs on past the chats below
-        await asyncio.sleep(0.5)  # the batch fills the spare slots
-        busy_pickup, busy_ttft = await interactive(session, api.url, auth, r, args.chats)
-        still = (await sdk.batches.retrieve(busy_id)).status
-        await sdk.batches.cancel(busy_id)
-        await until_done(sdk, busy_id)
-        phase("interactive, beside a batch")
-        more_pickup, more_ttft = await interactive(session, api.url, auth, r, args.chats - args.chats // 2)
-        idle_pickup, idle_ttft = idle_pickup + more_pickup, idle_ttft + more_ttft
-        phase("interactive, idle (second half)")
+            for n in range(1, args.rounds + 1):
+                rounds.append(await one_round(args, session, sdk, api, llm, auth, procs, r, n))
+        memory_per_1000 = (r.info("memory")["used_memory"] - memory_before) / (4 * args.items * args.rounds) * 1000
         await sdk.close()
 
     print(
-        f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}\n"
+        f"{args.items} items of {args.words} words, upstream {args.ttft_ms:g} ms each, concurrency {args.concurrency}; "
+        f"{args.rounds} rounds, each: {args.chats} chats idle (half before its batches, half after) "
+        "and beside a batch\n"
     )
-    print(f"{args.chats} interactive chats each: idle (half before the batches, half after), and beside a batch\n")
-    print(f"{'figure':<52}{'baseline':>10}{'ours':>10}{'ratio':>9}")
-    row(
-        "CPU per item (ms): plain loop vs api+worker+lane+redis",
-        plain_cpu / args.items * 1000,
-        batch_cpu / args.items * 1000,
+    print("every round's ratio (ours / baseline), then the median and the spread (min-max):\n")
+    for name in rounds[0]:
+        ratios = [ours / base if base else float("nan") for base, ours in (x[name] for x in rounds)]
+        bases = [x[name][0] for x in rounds]
+        ourses = [x[name][1] for x in rounds]
+        print(f"{name}")
+        print(
+            "  rounds: "
+            + "  ".join(f"{b:.2f}->{o:.2f} ({q:.2f}x)" for b, o, q in zip(bases, ourses, ratios, strict=True))
+        )
+        print(
+            f"  median: baseline {statistics.median(bases):.2f} ({min(bases):.2f}-{max(bases):.2f}), "
+            f"ours {statistics.median(ourses):.2f} ({min(ourses):.2f}-{max(ourses):.2f}), "
+            f"ratio {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+        )
+    print("peak RSS: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss.peaks.items()))
+    print(
+        "Redis memory per 1,000 items kept (input, parsed items, output, events; approximate): "
+        f"{memory_per_1000 / 2**20:.2f} MiB"
     )
-    row("throughput (items/s)", args.items / plain_wall, args.items / batch_wall)
-    row("interactive pickup p50 (ms): idle vs batch", statistics.median(idle_pickup), statistics.median(busy_pickup))
-    row("interactive pickup p95 (ms): idle vs batch", quantile(idle_pickup, 0.95), quantile(busy_pickup, 0.95))
-    row("interactive TTFT p50 (ms): idle vs batch", statistics.median(idle_ttft), statistics.median(busy_ttft))
-    row("interactive TTFT p95 (ms): idle vs batch", quantile(idle_ttft, 0.95), quantile(busy_ttft, 0.95))
-    print(f"\n(the second batch was {still} while the interactive chats ran)")
-    print("peak RSS during the batch: " + ", ".join(f"{name} {mib:.0f} MiB" for name, mib in rss.peaks.items()))
-    print(f"Redis memory per 1,000 items (input, parsed items, output, events): {memory_per_1000:.2f} MiB")
 
 
 BEGAN = time.perf_counter()
@@ -216,10 +256,6 @@ BEGAN = time.perf_counter()
 
 def phase(name: str) -> None:
     print(f"[{time.perf_counter() - BEGAN:6.1f} s] {name} done", file=sys.stderr, flush=True)
-
-
-def row(name: str, base: float, ours: float) -> None:
-    print(f"{name:<52}{base:>10.2f}{ours:>10.2f}{ours / base if base else float('nan'):>8.2f}×")
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -233,6 +269,7 @@ def cli() -> None:
     parser.add_argument("--words", type=int, default=20)
     parser.add_argument("--ttft-ms", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved idle/busy rounds (medians and spread)")
     args = parser.parse_args()
     port = free_port()
     redis_proc = subprocess.Popen(
@@ -250,6 +287,8 @@ def cli() -> None:
             "STREAMBRIDGE_VISITOR_CHATS_PER_MINUTE": "1000000",
             "STREAMBRIDGE_VISITOR_MAX_RUNNING_CHATS": "1000000",
             "STREAMBRIDGE_VISITOR_MAX_OPEN_STREAMS": "1000000",
+            # every round's inputs and results stay stored: past the quota, no item would start
+            "STREAMBRIDGE_VISITOR_FILE_BYTES_PER_USER": str(2**40),
             "STREAMBRIDGE_LOG_LEVEL": "WARNING",
             # the batch's concurrency is the baseline's; 5 more slots stay for interactive chats
             "STREAMBRIDGE_WORKER_CONCURRENCY": str(args.concurrency + 5),

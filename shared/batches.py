@@ -176,6 +176,28 @@ local function event(kind, fields)
   local data = cjson.encode(fields)
   redis.call('XADD', EV, '*', 'type', kind, 'data', data)
 end
+-- A running batch's results count into its owner's stored bytes (api/files.py's quota) as each line
+-- is written, under one provisional member of the sizes (``<id>:results:<bytes>``), kept until the
+-- batch's window ends plus the TTL; finish swaps it for the result files' own members.
+local function results_member(bytes) return redis.call('HGET', B, 'id') .. ':results:' .. bytes end
+local function uncount_results()
+  local v = redis.call('HMGET', B, 'output_bytes', 'error_bytes')
+  local bytes = tonumber(v[1] or '0') + tonumber(v[2] or '0')
+  if bytes > 0 and redis.call('ZREM', FSIZES, results_member(bytes)) == 1 then
+    redis.call('DECRBY', FTOTAL, bytes)
+  end
+  return bytes
+end
+local function count_results(add, ttl)
+  local bytes = uncount_results() + add
+  local keep = tonumber(redis.call('HGET', B, 'expires_ms')) - now_ms() + ttl * 1000
+  redis.call('ZADD', FSIZES, now_ms() + keep, results_member(bytes))
+  redis.call('INCRBY', FTOTAL, bytes)
+  for _, key in ipairs({FSIZES, FTOTAL}) do
+    local pttl = redis.call('PTTL', key)
+    if pttl >= 0 and pttl < keep then redis.call('PEXPIRE', key, keep) end
+  end
+end
 local function counts()
   local v = redis.call('HMGET', B, 'completed', 'failed', 'total')
   return tonumber(v[1]), tonumber(v[2]), tonumber(v[3])
@@ -202,6 +224,7 @@ end
 local function finish(status, ttl)
   local now = now_ms()
   local id = redis.call('HGET', B, 'id')
+  uncount_results()  -- counted again just below, as the result files
   if status == 'completed' then
     redis.call('HSET', B, 'status', 'finalizing', 'finalizing_at', math.floor(now / 1000))
     event('status', {status = 'finalizing'})
@@ -229,8 +252,9 @@ def _define(name: str, lua: str) -> Any:
 # ``failed`` or ``no_file`` (not the caller's, not a batch input, deleted).
 # ARGV: batch id, owner, endpoint, completion window, metadata (JSON), window (ms), TTL (s), the
 # input, output and error files' ids, the owner's limit of running items (across batches), and
-# this batch's. Both limits are the creator's (the settings, or their API key's overrides), kept
-# with the batch: whichever worker claims its items applies them.
+# this batch's, each '' unless the creator's API key overrides it. An override is kept with the
+# batch (whichever worker claims its items applies it); without one, CLAIM applies the claiming
+# worker's live settings, so lowering them takes effect on batches already running.
 CREATE: Final = _define(
     "BATCH_CREATE",
     """
@@ -243,7 +267,10 @@ redis.call('HSET', B, 'id', ARGV[1], 'owner', ARGV[2], 'endpoint', ARGV[3], 'com
   'created_ms', now, 'created_at', math.floor(now / 1000), 'expires_ms', expires,
   'expires_at', math.floor(expires / 1000), 'total', f[3], 'next', 0, 'completed', 0, 'failed', 0,
   'output_bytes', 0, 'error_bytes', 0, 'prompt_tokens', 0, 'completion_tokens', 0, 'total_tokens', 0,
-  'status', 'validating', 'user_limit', ARGV[11], 'batch_limit', ARGV[12])
+  'status', 'validating')
+if ARGV[11] ~= '' then redis.call('HSET', B, 'user_limit', ARGV[11]) end
+if ARGV[12] ~= '' then redis.call('HSET', B, 'batch_limit', ARGV[12]) end
+if ARGV[13] then redis.call('HSET', B, 'file_quota', ARGV[13]) end
 redis.call('ZADD', KEYS[14], now, ARGV[1])
 redis.call('EXPIRE', KEYS[14], ARGV[7])
 event('status', {status = 'validating'})
@@ -265,8 +292,9 @@ return 'ok'
 )
 
 # Up to ARGV[1] items to run, each leased for ARGV[2] ms, within the batch's limit of running at
-# once (``batch_limit``; ARGV[3], the worker's setting, for a batch created before it was kept)
-# and its owner's (``user_limit``, across their batches): lines handed back first, then new ones.
+# once (``batch_limit``, its key's override; else ARGV[3], the worker's setting) and its owner's
+# (``user_limit``, across their batches; else ARGV[4], or ARGV[3] from a worker that sends none):
+# lines handed back first, then new ones.
 # Answers ``{index, item, ...}``.
 CLAIM: Final = _define(
     "BATCH_CLAIM",
@@ -274,9 +302,13 @@ CLAIM: Final = _define(
 local b = redis.call('HMGET', B, 'status', 'expires_ms', 'next', 'total')
 local now = now_ms()
 if b[1] ~= 'in_progress' or now >= tonumber(b[2]) then return {} end
+-- an owner whose stored bytes (their running batches' results among them) fill the quota starts no
+-- item: the batch waits, and goes on once they delete files (or expires at the end of its window)
+local quota = redis.call('HGET', B, 'file_quota')
+if quota and tonumber(redis.call('GET', FTOTAL) or '0') >= tonumber(quota) then return {} end
 redis.call('ZREMRANGEBYSCORE', USER_ITEMS, '-inf', now)
 local limits = redis.call('HMGET', B, 'user_limit', 'batch_limit')
-local user_room = tonumber(limits[1] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
+local user_room = tonumber(limits[1] or ARGV[4] or ARGV[3]) - redis.call('ZCARD', USER_ITEMS)
 local batch_room = tonumber(limits[2] or ARGV[3]) - redis.call('ZCARD', LEASES)
 local n = math.min(tonumber(ARGV[1]), batch_room, user_room)
 local nxt, total = tonumber(b[3]), tonumber(b[4])
@@ -356,6 +388,7 @@ redis.call('SETBIT', DONE, index, 1)
 redis.call('ZREM', LEASES, index)
 redis.call('ZREM', USER_ITEMS, member(index))
 local outcome
+count_results(#ARGV[3] + 1, tonumber(ARGV[8]))
 if ARGV[2] == '1' then
   redis.call('RPUSH', OUTL, ARGV[3])
   redis.call('HINCRBY', B, 'output_bytes', #ARGV[3] + 1)
@@ -432,6 +465,7 @@ if b[1] == 'in_progress' and now >= tonumber(b[2]) then
       failed, bytes = failed + 1, bytes + #line + 1
     end
   end
+  if bytes > 0 then count_results(bytes, tonumber(ARGV[2])) end
   redis.call('HINCRBY', B, 'failed', failed)
   redis.call('HINCRBY', B, 'error_bytes', bytes)
   redis.call('HSET', B, 'expire_cursor', to)
@@ -459,16 +493,20 @@ def create(
     metadata: bytes,
     window_ms: int,
     ttl: int,
-    user_limit: int,
-    batch_limit: int,
+    user_limit: int | None,
+    batch_limit: int | None,
+    file_quota: int | None = None,
 ) -> Call:
+    """``user_limit``, ``batch_limit``: the API key's overrides, None without one (see CREATE)."""
     args: list[str | bytes] = [k.batch_id, k.owner, endpoint, window, metadata, str(window_ms), str(ttl)]
-    limits = [str(user_limit), str(batch_limit)]
-    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits])
+    limits = ["" if user_limit is None else str(user_limit), "" if batch_limit is None else str(batch_limit)]
+    quota = [] if file_quota is None else [str(file_quota)]
+    return Call(CREATE, k.keys(), [*args, k.input_file, k.output_file, k.error_file, *limits, *quota])
 
 
-def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int) -> Call:
-    return Call(CLAIM, k.keys(), [str(n), str(lease_ms), str(max_running)])
+def claim(k: BatchKeys, n: int, *, lease_ms: int, max_running: int, user_max_running: int | None = None) -> Call:
+    args: list[str | bytes] = [str(n), str(lease_ms), str(max_running)]
+    return Call(CLAIM, k.keys(), args if user_max_running is None else [*args, str(user_max_running)])
 
 
 def renew(k: BatchKeys, indexes: list[int], *, lease_ms: int) -> Call:

@@ -56,6 +56,18 @@ def positive(value: str) -> int:
     return int(value)
 
 
+def limits_warning(limits: Limits, settings: Settings) -> str | None:
+    """A per-batch override above the user's limit across batches cannot take effect: say so."""
+    per_batch, per_user = limits.batch_max_running_items, limits.batch_running_items
+    user_limit = per_user if per_user is not None else settings.batch_user_max_running_items
+    if per_batch is None or per_batch <= user_limit:
+        return None
+    return (
+        f"--batch-max-running-items {per_batch} is above the user's limit across their batches "
+        f"({user_limit}): at most {user_limit} of their items run at once"
+    )
+
+
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     assert settings.redis_url is not None
     from streambridge.shared.redis import connect  # the server extra: not needed to build the CLI
@@ -64,6 +76,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         if args.keys_command == "create":
             limits = Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS if getattr(args, name) is not None})
+            if (warning := limits_warning(limits, settings)) is not None:
+                print(f"streambridge keys: warning: {warning}", file=sys.stderr)
             key, credential = await issue(redis, args.user, "key", limits=limits)
             print(key, flush=True)
             print(f"key {credential.id} for {credential.user}: shown once, store it now", file=sys.stderr)

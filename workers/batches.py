@@ -50,6 +50,8 @@ IDLE_WAIT: Final = 0.1
 NO_BATCH_WAIT: Final = 0.5
 #: an upstream's 429s halve the feeder's limit at most this often (one overload, one cut)
 CUT_EVERY: Final = 1.0
+#: on a stop, how long results already in hand may take to be stored before their items are handed back
+FINISH_WAIT: Final = 2.0
 
 
 class _Usage(msgspec.Struct):
@@ -93,6 +95,8 @@ class BatchFeeder:
         self._cut_at = 0.0
         self._turn = 0
         self._tasks: list[asyncio.Task[None]] = []
+        #: items whose result is in hand and being stored: a stop lets them finish (``FINISH_WAIT``)
+        self._finishing: set[tuple[str, int]] = set()
         # the items' results, every item's in one pipeline per round trip (DONE is safe to re-send);
         # apart from the chats' appends, which never wait behind a batch's
         self.appender = Appender(redis, retry_for=settings.lease_ttl / 2)
@@ -104,8 +108,8 @@ class BatchFeeder:
     def start(self) -> None:
         self._tasks = [
             asyncio.create_task(self._forever("claiming batch items", self.feed), name="batch-feed"),
-            asyncio.create_task(self._every(self.settings.lease_ttl / 3, self.renew), name="batch-renew"),
-            asyncio.create_task(self._every(self.settings.lease_ttl / 2, self.tick), name="batch-tick"),
+            asyncio.create_task(self.every(self.settings.lease_ttl / 3, self.renew), name="batch-renew"),
+            asyncio.create_task(self.every(self.settings.lease_ttl / 2, self.tick), name="batch-tick"),
         ]
 
     async def close(self) -> None:
@@ -113,6 +117,10 @@ class BatchFeeder:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # an answer already in hand is stored, not thrown away and asked for again elsewhere
+        storing = [task for key, task in self.running.items() if key in self._finishing]
+        if storing:
+            await asyncio.wait(storing, timeout=FINISH_WAIT)
         await self._stop_items(list(self.running))
         await self.appender.close()
 
@@ -149,7 +157,13 @@ class BatchFeeder:
         if k is None:
             return 0
         s = self.settings
-        claim = batches.claim(k, room, lease_ms=self.lease_ms, max_running=s.batch_max_running_items)
+        claim = batches.claim(
+            k,
+            room,
+            lease_ms=self.lease_ms,
+            max_running=s.batch_max_running_items,
+            user_max_running=s.batch_user_max_running_items,
+        )
         answer = await machine.call(self.redis, claim)
         for index, item in zip(answer[::2], answer[1::2], strict=True):
             task = asyncio.create_task(self._run(k, int(index), item))
@@ -171,12 +185,14 @@ class BatchFeeder:
             outcome = (
                 await self._attempts(k, item) if item is not None else _failed("", "input_missing", "no such line")
             )
+            self._finishing.add((k.batch_id, index))
             await self._finish(k, index, custom_id, outcome)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("batch %s: item %d failed to run; its lease will lapse and it runs again", k.batch_id, index)
         finally:
+            self._finishing.discard((k.batch_id, index))
             self.running.pop((k.batch_id, index), None)
             self._freed.set()
 
@@ -318,7 +334,7 @@ class BatchFeeder:
             except Exception as exc:
                 delay = await back_off(doing, exc, delay)
 
-    async def _every(self, interval: float, step: Callable[[], Any]) -> None:
+    async def every(self, interval: float, step: Callable[[], Any]) -> None:
         while True:
             await asyncio.sleep(interval)
             try:

@@ -15,6 +15,11 @@ parent keeps up to date.
 The lane ends with its worker: on a stop it hands its running items back (``BatchFeeder.close``);
 if the worker dies (SIGKILL), the lane sees it within ``ORPHAN_CHECK`` s and exits at once, as if
 killed with it, so its items' leases lapse and another worker runs them again.
+
+The other way round, the worker watches its lane (``BatchLane.watch``): a lane that dies (killed,
+OOM) is logged with its exit code, reaped, and started again after a backoff (``RESTART_DELAYS``),
+its items' leases lapsing meanwhile. The batches' upkeep (expiry, a cancel's end, lapsed items
+back in line: ``BatchFeeder.tick``) runs in the worker itself too, so it never waits for a lane.
 """
 
 from __future__ import annotations
@@ -26,13 +31,12 @@ import logging
 import multiprocessing
 import os
 import signal
-import sys
 from collections import Counter
 from collections.abc import Callable, Mapping
 from multiprocessing.sharedctypes import Synchronized, SynchronizedArray, SynchronizedString
 from typing import TYPE_CHECKING, Final
 
-from streambridge.shared import metrics
+from streambridge.shared import logs, metrics
 from streambridge.shared.redis import connect
 from streambridge.shared.settings import Settings
 
@@ -51,6 +55,11 @@ ORPHAN_CHECK: Final = 0.2
 STOP_WAIT: Final = 5.0
 #: Redis sockets the lane uses (its results share one pipeline)
 CONNECTIONS: Final = 8
+#: how often the worker looks whether its lane is still there
+WATCH_EVERY: Final = 0.5
+#: seconds before a dead lane is started again, one more each time it dies within ``STABLE`` s
+RESTART_DELAYS: Final = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE: Final = 60.0
 #: the lane's counts, in a shared array its worker reads at each scrape and heartbeat (the lane's own
 #: metrics registry is served by nobody): items completed, failed, Redis errors, items running now
 COMPLETED, FAILED, REDIS_ERRORS, RUNNING = range(4)
@@ -72,32 +81,71 @@ class BatchLane:
     """The worker's side: starts the lane, tells it how many chats run here, stops it."""
 
     def __init__(self, settings: Settings, llm_base_url: str) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._busy: Synchronized[int] = context.Value("i", 0, lock=False)
-        self._counts: SynchronizedArray[int] = context.Array("q", 4, lock=False)
-        self._by_batch: SynchronizedString = context.Array("c", RUNNING_BY_BATCH)  # type: ignore[assignment]  # locked
+        self._context = multiprocessing.get_context("spawn")
+        self._args = (settings, llm_base_url)
+        self._busy: Synchronized[int] = self._context.Value("i", 0, lock=False)
+        # shared with every lane this worker starts: a restarted lane's counts go on from the last one's
+        self._counts: SynchronizedArray[int] = self._context.Array("q", 4, lock=False)
+        self._by_batch: SynchronizedString = self._context.Array("c", RUNNING_BY_BATCH)  # type: ignore[assignment]  # locked
         self._seen = [0, 0, 0]  # the lane's counts already added to this process's metrics
-        self._process: BaseProcess = context.Process(
+        self._process: BaseProcess = self._new_process()
+        self._stopping = False
+        #: how many times the lane died and was started again
+        self.restarts = 0
+
+    def _new_process(self) -> BaseProcess:
+        return self._context.Process(
             target=run_lane,
-            args=(settings, llm_base_url, self._busy, os.getpid(), self._counts, self._by_batch),
+            args=(*self._args, self._busy, os.getpid(), self._counts, self._by_batch),
             name="streambridge-batch-lane",
             daemon=True,
         )
 
     def start(self) -> None:
-        self._process.start()
+        # A terminal's Ctrl-C during the spawn would reach the child before it ignores SIGINT.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            self._process.start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def stopping(self) -> bool:
+        """Whether ``stop`` was called (a lane that dies then is not started again)."""
+        return self._stopping
 
     @property
-    def pid(self) -> int | None:
-        return self._process.pid
+    def alive(self) -> bool:
+        """Whether the lane process runs now (false while a dead one waits to start again)."""
+        return self._process.pid is not None and self._process.exitcode is None
 
-    @property
-    def exitcode(self) -> int | None:
-        return self._process.exitcode
-
-    def busy(self, chats: int) -> None:
-        """The worker's chats running or starting now: the lane leaves their slots alone."""
-        self._busy.value = chats
+    async def watch(self) -> None:
+        """Runs until cancelled: a lane that died is logged, reaped and started again, with backoff."""
+        loop = asyncio.get_running_loop()
+        failures = 0
+        started = loop.time()
+        while True:
+            await asyncio.sleep(WATCH_EVERY)
+            code = self._process.exitcode  # polls (waitpid WNOHANG): a dead lane is reaped here
+            if code is None or self.stopping():
+                continue
+            failures = 0 if loop.time() - started >= STABLE else failures + 1
+            delay = RESTART_DELAYS[min(max(failures - 1, 0), len(RESTART_DELAYS) - 1)]
+            log.error(
+                "batch lane: pid %s exited with code %s; its items' leases lapse and they run again; "
+                "starting a new lane in %g s",
+                self._process.pid,
+                code,
+                delay,
+                extra={"event": "batch_lane.died"},
+            )
+            await asyncio.sleep(delay)
+            if self.stopping():  # stopped meanwhile: no new lane
+                return
+            self._process = self._new_process()
+            self.start()
+            self.restarts += 1
+            started = loop.time()
+            log.info("batch lane: started again, pid %s", self._process.pid)
 
     def sync_metrics(self) -> None:
         """Adds what the lane counted since the last call to this process's metrics (before a scrape)."""
@@ -111,10 +159,12 @@ class BatchLane:
     @property
     def running(self) -> int:
         """Batch items running in the lane now (as of its last look, at most ``ORPHAN_CHECK`` s ago)."""
-        return int(self._counts[RUNNING])
+        return int(self._counts[RUNNING]) if self.alive else 0
 
     def running_by_batch(self) -> dict[str, int]:
         """The lane's running items, by batch (the batches beyond what the record holds are left out)."""
+        if not self.alive:
+            return {}
         with self._by_batch.get_lock():
             raw = self._by_batch.value
         try:
@@ -122,9 +172,25 @@ class BatchLane:
         except ValueError:
             return {}
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._process.exitcode
+
+    def busy(self, chats: int) -> None:
+        """The worker's chats running or starting now: the lane leaves their slots alone."""
+        self._busy.value = chats
+
     async def stop(self) -> None:
         """The lane stops claiming, hands its running items back, and exits (killed past ``STOP_WAIT``)."""
-        if self._process.pid is None or self._process.exitcode is not None:
+        self._stopping = True
+        if self._process.pid is None:
+            return
+        if self._process.exitcode is not None:
+            log.warning("batch lane: already gone at the stop (exit code %s)", self._process.exitcode)
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._process.pid, signal.SIGTERM)
@@ -150,10 +216,13 @@ def run_lane(
     metrics.BATCH_FAILED = _Shared(counts, FAILED)  # type: ignore[assignment]
     metrics.REDIS_ERRORS_WORKER = _Shared(counts, REDIS_ERRORS)  # type: ignore[assignment]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    # as the CLI configures its worker: JSON or text, its role, secrets redacted, noisy loggers quiet
+    logs.configure(
+        role="worker",
+        level=settings.log_level,
+        format=settings.log_format,
+        content=settings.log_content,
+        secrets=(settings.secret, settings.llm_api_key),
     )
     try:
         import uvloop
@@ -183,6 +252,9 @@ async def _feed_until_stopped(
     llm = make_client(llm_base_url, settings.llm_api_key)
     feeder = BatchFeeder(redis, llm, settings, busy=lambda: busy.value, stopping=stop.is_set)
     feeder.start()
+    log.info(
+        "batch lane: running batch items, pid %d, nice +%d", os.getpid(), NICE, extra={"event": "batch_lane.started"}
+    )
     told = b""
     while not stop.is_set():
         if os.getppid() != parent:  # the worker died: so does its lane, handing nothing back

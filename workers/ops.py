@@ -1,7 +1,8 @@
 """A worker's own HTTP port: ``GET /metrics`` (Prometheus) and ``GET /readyz``.
 
 Ready once arq's startup is done (the chat runner exists) and while the worker takes chats and
-its loop runs, with Redis answering a PING; 503 otherwise (starting, stopping, Redis gone).
+its loop runs and its batch lane (if any) is up, with Redis answering a PING; 503 otherwise
+(starting, stopping, Redis gone, the lane dead and not yet started again).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ async def readyz(request: web.Request) -> web.Response:
         problem = "starting"
     elif not worker.allow_pick_jobs:
         problem = "stopping: it takes no more chats"
+    elif worker.lane is not None and not worker.lane.alive:
+        problem = "its batch lane is down (starting again)"
     else:
         problem = None
     return await metrics.readiness_response(request.app[CHECKS].of(worker), problem)

@@ -50,15 +50,26 @@ class ChatWorker(QueueWorker):
         #: the worker's batch lane (``workers/lane.py``), told how many chats run here
         self.lane: BatchLane | None = None
 
+    def _tell_lane(self) -> None:
+        if self.lane is not None:  # chats running, and starting (their slots reserved) now
+            self.lane.busy(self.busy + self.reserved)
+
+    def reserve(self, want: int) -> int:
+        n = super().reserve(want)
+        self._tell_lane()
+        return n
+
+    def unreserve(self, n: int) -> None:
+        super().unreserve(n)
+        self._tell_lane()
+
     def track(self, job_id: str, task: asyncio.Task[None]) -> None:
         super().track(job_id, task)
-        if self.lane is not None:
-            self.lane.busy(self.busy)
+        self._tell_lane()
 
     def _untrack(self, task: asyncio.Task[None]) -> None:
         super()._untrack(task)
-        if self.lane is not None:
-            self.lane.busy(self.busy)
+        self._tell_lane()
 
     async def began(self) -> None:
         if not self.burst:
@@ -185,6 +196,13 @@ def make_worker(
             metrics.BEFORE_SCRAPE.append(the_lane.sync_metrics)  # its counts are served here
             metrics.RUNNING_BATCH_ITEMS.set_function(lambda: the_lane.running)
             log.info("batch lane: pid %s, nice +%d", the_lane.pid, NICE)
+            # The batches' upkeep (expiry, a cancel's end, lapsed items back in line) runs here too,
+            # never waiting for a lane: TICK is one atomic script, safe from any number of processes.
+            upkeep = BatchFeeder(ctx["redis"], llm, settings)
+            ctx["background"] += [
+                asyncio.create_task(the_lane.watch(), name="batch-lane-watch"),
+                asyncio.create_task(upkeep.every(settings.lease_ttl / 2, upkeep.tick), name="batch-tick"),
+            ]
         else:  # batch items fill the slots chats leave free (workers/batches.py)
             feeder = ctx["batches"] = BatchFeeder(
                 ctx["redis"], llm, settings, busy=lambda: worker.busy, stopping=lambda: not worker.allow_pick_jobs

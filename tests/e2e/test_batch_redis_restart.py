@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import psutil
 import pytest
 
 from tests.conftest import OwnRedis
@@ -21,6 +22,10 @@ from tests.e2e.conftest import Process, clean_env, login
 from tests.e2e.test_batches import line, lines_of, submit, until_ended
 
 pytestmark = pytest.mark.e2e
+
+#: the items' lease (STREAMBRIDGE_LEASE_TTL), and how long Redis stays down: longer, so leases lapse
+LEASE_TTL = 1.0
+OUTAGE = 2 * LEASE_TTL
 
 
 @pytest.fixture
@@ -36,6 +41,7 @@ def persistent() -> Iterator[tuple[OwnRedis, Process, list[Process]]]:
             STREAMBRIDGE_REDIS_URL=redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
             STREAMBRIDGE_BATCH_WORKER_CONCURRENCY="10",  # a slow batch: mid-way for a while
+            STREAMBRIDGE_LEASE_TTL=str(LEASE_TTL),  # explicit: the outage below outlasts it
         )
         api = Process(["api", "--port", "0"], env, logs)
         started.append(api)
@@ -73,7 +79,7 @@ async def test_a_batch_finishes_each_item_exactly_once_across_a_restart_of_redis
         else:
             redis.process.send_signal(signal.SIGTERM)  # a graceful shutdown
             redis.process.wait(10)
-        await asyncio.sleep(1.0)  # longer than a lease: running items' leases lapse meanwhile
+        await asyncio.sleep(OUTAGE)  # longer than a lease: running items' leases lapse meanwhile
         redis.start()
 
         done = await until_ended(sdk, batch.id, within=90)
@@ -95,3 +101,10 @@ async def test_a_batch_finishes_each_item_exactly_once_across_a_restart_of_redis
         await sdk.close()
     for process in processes:
         assert process.proc.poll() is None, f"{process.args[0]} exited during the outage"
+    for worker in (p for p in processes if p.args[0] == "worker"):
+        lanes = [
+            c
+            for c in psutil.Process(worker.proc.pid).children()
+            if "resource_tracker" not in " ".join(c.cmdline()) and c.status() != psutil.STATUS_ZOMBIE
+        ]
+        assert len(lanes) == 1, f"worker {worker.proc.pid}'s batch lane is gone after the outage"

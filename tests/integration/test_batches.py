@@ -328,21 +328,26 @@ async def test_a_users_running_items_are_bounded_across_their_batches(
 async def test_an_api_keys_per_batch_limit_bounds_its_batches_running_items_and_others_keep_the_setting(
     settings: Settings, real_redis: Redis
 ) -> None:
-    tight = msgspec.structs.replace(settings, batch_max_running_items=4)
+    # the API runs with the default setting (200); the claiming worker's live setting is 4: a batch
+    # without a key override follows the worker's setting, not the one in force at its creation
     plain, _ = await issue(real_redis, "acme", "key")
     small, _ = await issue(real_redis, "smallco", "key", limits=Limits(batch_max_running_items=2))
     roomy, _ = await issue(real_redis, "bigco", "key", limits=Limits(batch_max_running_items=7))
     data = jsonl(*(line(f"r{n}", f"p{n}") for n in range(10)))
     running = {}
-    async with TestClient(TestServer(make_app(tight))) as c:
+    async with TestClient(TestServer(make_app(settings))) as c:
         for name, key in (("plain", plain), ("small", small), ("roomy", roomy)):
             sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=key, max_retries=0)
             batch = await submit(sdk, data)
             await sdk.close()
             k = await batches.batch_keys(real_redis, batch.id)
             assert k is not None
-            # a worker asks for 10 with its own setting as the fallback: the batch's own limit decides
-            answer = await machine.call(real_redis, batches.claim(k, 10, lease_ms=60_000, max_running=100))
+            kept = await real_redis.hget(keys.batch(batch.id), "batch_limit")
+            assert kept == {"plain": None, "small": b"2", "roomy": b"7"}[name]  # only an override is kept
+            # a worker asks for 10 with its own setting, 4: a key's override decides, else the setting
+            answer = await machine.call(
+                real_redis, batches.claim(k, 10, lease_ms=60_000, max_running=4, user_max_running=400)
+            )
             running[name] = len(answer) // 2
     assert running == {"plain": 4, "small": 2, "roomy": 7}
 
@@ -353,6 +358,15 @@ def test_keys_create_takes_batch_max_running_items_as_the_keys_per_batch_overrid
     credential = Credential("0" * 16, "acme", "key", "", "", limits)
     assert quota(Settings(), credential).batch_max_running_items == 3
     assert quota(Settings(), Credential("0" * 16, "acme", "key", "", "")).batch_max_running_items == 200
+
+
+def test_keys_create_warns_when_the_per_batch_override_is_above_the_users_limit() -> None:
+    warning = keys_cli.limits_warning(Limits(batch_max_running_items=500, batch_running_items=300), Settings())
+    assert warning is not None
+    assert "above the user's limit across their batches (300)" in warning
+    assert keys_cli.limits_warning(Limits(batch_max_running_items=500), Settings()) is not None  # default 400
+    assert keys_cli.limits_warning(Limits(batch_max_running_items=300), Settings()) is None
+    assert keys_cli.limits_warning(Limits(), Settings()) is None
 
 
 async def test_an_upload_whose_filename_is_not_utf8_is_kept_with_replacement_characters(
@@ -575,4 +589,43 @@ async def test_batch_results_past_the_file_quota_are_kept_but_count_so_no_new_up
         )
         assert rerun.status == "in_progress"
         assert int(await real_redis.get(keys.user_file_bytes(user))) == len(data)
+        await sdk.close()
+
+
+async def test_batches_created_at_once_store_no_more_than_the_quota_and_one_batchs_results(
+    settings: Settings, real_redis: Redis, llm_url: str
+) -> None:
+    data = jsonl(*(line(f"r{n}", f"many {n}") for n in range(2)))
+    # the quota leaves room for the input and about two result lines; the user runs 2 items at once
+    limited = msgspec.structs.replace(settings, visitor_file_bytes_per_user=832, batch_user_max_running_items=2)
+    async with TestClient(TestServer(make_app(limited))) as c:
+        token = (await (await c.post("/v1/auth/visitor")).json())["token"]
+        sdk = openai.AsyncOpenAI(base_url=str(c.make_url("/v1")), api_key=token, max_retries=0)
+        first = await submit(sdk, data)
+        made = [first.id] + [
+            (
+                await sdk.batches.create(
+                    input_file_id=first.input_file_id, endpoint="/v1/chat/completions", completion_window="24h"
+                )
+            ).id
+            for _ in range(9)
+        ]  # all accepted: nothing is stored yet but the input
+        llm = make_client(llm_url, None)
+        feeder = BatchFeeder(real_redis, llm, limited)
+        feeder.start()
+        await asyncio.sleep(3)  # long enough for all ten to run, unbounded
+        await feeder.close()
+        await llm.close()
+        user = (await real_redis.hget(keys.batch(first.id), "owner")).decode()  # type: ignore[misc]
+        stored = int(await real_redis.get(keys.user_file_bytes(user)))
+        sizes = [
+            int(x or 0)
+            for b in made
+            for x in await real_redis.hmget(keys.batch(b), "output_bytes", "error_bytes")  # type: ignore[misc]
+        ]
+        ran = [(await sdk.batches.retrieve(b)).status for b in made]
+        assert ran.count("completed") >= 1
+        assert "in_progress" in ran, "the rest wait while the owner is over the quota"
+        assert stored == len(data) + sum(sizes), "every result line written is counted as it is written"
+        assert stored <= 832 + max(sizes), ran
         await sdk.close()
