@@ -315,3 +315,7 @@ def configure(
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     for name in _CONTENT_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if content else max(logging.INFO, root.level))
+    # the configuration itself, for whoever turned DEBUG on to see what a process does
+    logging.getLogger("streambridge").debug(
+        "logging: %s at %s, content %s", format, level.upper(), "on" if content else "off"
+    )

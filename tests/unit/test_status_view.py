@@ -259,9 +259,12 @@ def test_a_workers_record_names_the_batches_its_lane_runs() -> None:
 
     lane = BatchLane.__new__(BatchLane)  # its shared memory only: no process
     lane._by_batch = multiprocessing.get_context("spawn").Array("c", RUNNING_BY_BATCH)  # type: ignore[assignment]
+    lane._process = SimpleNamespace(pid=1, exitcode=None)  # type: ignore[assignment]  # a lane that runs
     _tell_running({("b1", 0): 1, ("b1", 1): 1, ("b2", 4): 1}, lane._by_batch, b"")  # as the lane does
     fake: Any = SimpleNamespace(max_jobs=8, allow_pick_jobs=True, chats_started=0, ctx={}, lane=lane)
     assert WorkerDescriber(fake)().batch_items == {"b1": 2, "b2": 1}
     many = {(f"batch_{n:04d}_{'x' * 40}", 0): 1 for n in range(200)}  # more than the memory holds
     _tell_running(many, lane._by_batch, b"")
     assert 0 < len(WorkerDescriber(fake)().batch_items) < 200
+    lane._process = SimpleNamespace(pid=1, exitcode=-9)  # type: ignore[assignment]  # killed: what it told is stale
+    assert WorkerDescriber(fake)().batch_items == {}
