@@ -286,6 +286,9 @@ async def batch_events(request: web.Request) -> web.StreamResponse:
     """The batch's progress as SSE (``id`` the stream entry's id): from the start, or after
     ``Last-Event-ID``; it ends after the ``end`` event."""
     ctx, _, batch_id, _ = await owned_batch(request)
+    unknown = sorted(set(request.query) - {"last_event_id"})
+    if unknown:  # a typo'd resume parameter would silently replay from the start
+        raise BadRequest(f"unknown query parameter `{unknown[0]}`", code="invalid_request", param=unknown[0])
     after = parse_last_event_id(request)
     key = keys.batch_events(batch_id)
     if after is not None:

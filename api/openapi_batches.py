@@ -243,8 +243,11 @@ def paths(error: Any, unauthorized: Json, unavailable: Json, bearer: list[Json],
                         "content": {"text/event-stream": {"schema": ref("BatchSSEEvent")}},
                     },
                     "400": error(
-                        "A resume position this batch's stream does not have.",
-                        {"bad_last_event_id": "malformed, or not an event of this batch"},
+                        "A resume position this batch's stream does not have, or an unknown query parameter.",
+                        {
+                            "bad_last_event_id": "malformed, or not an event of this batch",
+                            "invalid_request": "an unknown query parameter",
+                        },
                     ),
                     "404": batch_missing,
                 },

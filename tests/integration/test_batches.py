@@ -257,6 +257,10 @@ async def test_progress_events_resume_after_last_event_id_exactly(
     async with client.get(f"/v1/batches/{batch.id}/events", headers=headers) as response:
         rest = await read_sse(response)
     assert [m.id for m in rest] == [m.id for m in everything[4:]]
+    # a misspelt resume parameter is refused, not taken for "from the start"
+    async with client.get(f"/v1/batches/{batch.id}/events?last_event=1-0", headers=bearer(token)) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["param"] == "last_event"
 
 
 async def test_results_stream_what_has_finished(
