@@ -153,6 +153,8 @@ def delta_from_chunk(data: str | bytes, request: Any = None) -> Delta:
         chunk = msgspec.convert(json.loads(text), _Chunk)
     if chunk.error is not None:
         # An error the server sent inside the stream (OpenAI, vLLM, LiteLLM do): the stream broke.
+        # openai >= 3.60 reads the error's request (its headers): one is needed even where none was sent
+        request = request if request is not None else _http.Request("POST", "http://llm/v1/chat/completions")
         raise openai.APIError(str(chunk.error.get("message", chunk.error)), request, body=chunk.error)
     text, reasoning, finish_reason = "", "", None
     tool_calls: tuple[ToolCallDelta, ...] = ()

@@ -25,6 +25,8 @@ E2E_ENV = {
     "STREAMBRIDGE_HEARTBEAT_INTERVAL": "1",
     "STREAMBRIDGE_RETRY_BASE_DELAY": "0.05",
     "STREAMBRIDGE_LOG_LEVEL": "INFO",
+    # a stop says "not ready" for no time: no load balancer here; the drain has a test of its own
+    "STREAMBRIDGE_SHUTDOWN_DRAIN": "0",
     # several workers on this one machine: each serves /metrics on a free port of its own
     "STREAMBRIDGE_WORKER_METRICS_PORT": "0",
     # these suites run many chats as one visitor from one address; the limits have suites of their own
@@ -105,8 +107,8 @@ class System:
     env: dict[str, str]
     logs: Path
 
-    def start_edge(self) -> Process:
-        return Process(["edge", "--port", "0"], self.env, self.logs)
+    def start_edge(self, **settings: str) -> Process:
+        return Process(["edge", "--port", "0"], {**self.env, **settings}, self.logs)
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ async def test_a_killed_workers_chat_is_counted_reaped_and_resumed_by_the_other(
 
 
 async def test_a_stopping_edge_answers_readyz_503_before_its_port_closes(system: System) -> None:
-    edge = system.start_edge()
+    edge = system.start_edge(STREAMBRIDGE_SHUTDOWN_DRAIN="2")
     seen: list[int | str] = []
     try:
         async with aiohttp.ClientSession() as session:

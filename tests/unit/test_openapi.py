@@ -122,7 +122,11 @@ ERRORS["POST /v1/batches"] = {
 ERRORS["GET /v1/batches"] = {**BASE, 400: {"invalid_request"}}
 for route in ("GET /v1/batches/{id}", "POST /v1/batches/{id}/cancel", "GET /v1/batches/{id}/results"):
     ERRORS[route] = {**BASE, 404: {"batch_not_found"}}
-ERRORS["GET /v1/batches/{id}/events"] = {**BASE, 400: {"bad_last_event_id", "invalid_request"}, 404: {"batch_not_found"}}
+ERRORS["GET /v1/batches/{id}/events"] = {
+    **BASE,
+    400: {"bad_last_event_id", "invalid_request"},
+    404: {"batch_not_found"},
+}
 
 
 def document() -> dict[str, Any]:
