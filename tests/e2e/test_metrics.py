@@ -181,7 +181,12 @@ async def test_two_workers_with_default_settings_start_on_one_host(system: Syste
         try:
             urls = {metrics_url(first), metrics_url(second)}
             assert len(urls) == 2, urls
-            assert "taken" in second.log_path.read_text() + "".join(second.stdout), "the fallback is said"
+            # the warning goes through the log's writer thread: it may land just after "worker started"
+            said = lambda: "taken" in second.log_path.read_text() + "".join(second.stdout)  # noqa: E731
+            deadline = time.monotonic() + 10
+            while not said() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert said(), "the fallback is said"
             async with aiohttp.ClientSession() as session:
                 for url in urls:
                     async with session.get(f"{url}/metrics") as response:
