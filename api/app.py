@@ -20,7 +20,7 @@ from streambridge.api.headers import add_headers, preflight_middleware
 from streambridge.api.hub import StreamHub
 from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
-from streambridge.shared.redis import connect, connect_feed
+from streambridge.shared.redis import connect, connect_feed, connect_streams, is_cluster_url
 from streambridge.shared.settings import Settings
 
 SECRET_REFRESH = 10.0
@@ -69,11 +69,13 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         pool_size = settings.redis_max_connections - (1 if serve_edge else 0)
         redis = connect(redis_url, max_connections=pool_size, client_class=ArqRedis)
         redis.default_queue_name = keys.QUEUE_NAME
-        ctx = Context(settings=settings, redis=redis, secret=await load_secret(redis, settings.secret))
+        streams_url = settings.streams_redis_url
+        streams = connect_streams(streams_url, max_connections=pool_size) if streams_url else redis
+        ctx = Context(settings=settings, redis=redis, streams=streams, secret=await load_secret(redis, settings.secret))
         background = [asyncio.create_task(keep_secret_fresh(ctx))]
-        feed = connect_feed(redis_url) if serve_edge else None
+        feed = connect_feed(streams_url or redis_url) if serve_edge and not is_cluster_url(streams_url) else None
         if serve_edge:
-            ctx.hub = StreamHub(redis, feed)
+            ctx.hub = StreamHub(streams, feed)
             await ctx.hub.start()
             ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip)
             background.append(asyncio.create_task(ctx.slots.renew_forever()))
@@ -88,6 +90,8 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
             await ctx.hub.stop()
         # The pools were handed to the clients, so closing a client leaves its pool's sockets open.
         await redis.aclose(close_connection_pool=True)
+        if streams is not redis:
+            await streams.aclose()
         if feed is not None:
             await feed.aclose(close_connection_pool=True)
 

@@ -147,6 +147,7 @@ async def admit(
     try:
         admitted = await admit_chat(
             ctx.redis,
+            ctx.streams,
             ctx.settings,
             identity,
             chat_id,
@@ -188,14 +189,14 @@ async def log_replay(request: web.Request, ctx: Context, chat_id: str, span: tra
     repeat's own as ``request_trace_id``."""
     stored = None
     with contextlib.suppress(RedisError, OSError):  # the line loses its trace id, the caller not its answer
-        stored = trace.decode(await ctx.redis.hget(keys.chat(chat_id), "trace"))  # type: ignore[misc]
+        stored = trace.decode(await ctx.streams.hget(keys.chat(chat_id), "trace"))  # type: ignore[misc]
     logs.bind(chat_id=chat_id, trace_id=stored.trace_id if stored is not None else None)
     extra = {"event": "chat.replayed", "request_trace_id": span.trace_id}
     log.info("chat %s: the Idempotency-Key's chat, already admitted", chat_id, extra=extra)
 
 
 async def status_of(ctx: Context, chat_id: str) -> tuple[Status, str]:
-    status, created_at = await ctx.redis.hmget(keys.chat(chat_id), ["status", "created_at"])  # type: ignore[misc]
+    status, created_at = await ctx.streams.hmget(keys.chat(chat_id), ["status", "created_at"])  # type: ignore[misc]
     return cast(Status, (status or b"queued").decode()), (created_at or b"").decode()
 
 
@@ -377,7 +378,7 @@ async def owned_chat(
     if it did not exist."""
     identity = await authenticate(request, ctx.redis, ctx.settings)
     chat_id = chat_id or chat_id_of(request)
-    chat: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+    chat: dict[bytes, bytes] = await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     if not chat or chat.get(b"owner", b"").decode() != identity.user:
         raise NotFound(f"no chat {chat_id!r}")
     span = trace.decode(chat.get(b"trace"))
@@ -407,7 +408,7 @@ async def stream_gone(ctx: Context, chat_id: str) -> bool:
     itself) and the stream expired, or entries were trimmed from it (an OpenAI-shaped stream is a
     function of all of it). Trimming is judged only where Redis counts appends (7+); elsewhere
     the hub finds it as it reads."""
-    info = await stream_info(ctx.redis, keys.events(chat_id))
+    info = await stream_info(ctx.streams, keys.events(chat_id))
     if info is None:
         return await ended_and_expired(ctx, chat_id)
     return info.get("entries-added") is not None and trimmed(info, "0-0")
@@ -416,25 +417,36 @@ async def stream_gone(ctx: Context, chat_id: str) -> bool:
 async def ended_and_expired(ctx: Context, chat_id: str) -> bool:
     """Whether the chat has no stream because it ended long ago: its stream expired, or its
     whole record did (an ``Idempotency-Key`` may outlive it)."""
-    if await ctx.redis.exists(keys.events(chat_id)):
+    if await ctx.streams.exists(keys.events(chat_id)):
         return False
-    status = await ctx.redis.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
+    status = await ctx.streams.hget(keys.chat(chat_id), "status")  # type: ignore[misc]
     return status is None or status.decode() in TERMINAL_STATUSES
 
 
 async def read_stream(ctx: Context, chat_id: str) -> list[Entry]:
-    return [entry_from_fields(i, f) for i, f in await ctx.redis.xrange(keys.events(chat_id))]
+    return [entry_from_fields(i, f) for i, f in await ctx.streams.xrange(keys.events(chat_id))]
 
 
 async def request_cancel(ctx: Context, chat_id: str, owner: str) -> Status:
-    """A queued chat is cancelled at once; a running one is flagged for its worker (``machine.CANCEL``)."""
+    """A queued chat is cancelled at once; a running one is flagged for its worker (``machine.CANCEL``),
+    which is told at once. A queued chat's job goes after its status changed: a worker that finds
+    the job meanwhile finds the chat ended, and drops the job itself."""
     result = msgspec.json.encode({"status": "cancelled", "content": "", "attempts": 0})
-    cancel = machine.cancel(chat_id, owner, result=result, stream_ttl=ctx.settings.stream_ttl)
-    answer = await machine.call(ctx.redis, cancel)
+    publish = machine.publish_command(ctx.streams)
+    answer = await machine.call(
+        ctx.streams, machine.cancel(chat_id, result=result, stream_ttl=ctx.settings.stream_ttl, publish=publish)
+    )
     if isinstance(answer, list):  # it was queued, and this cancelled it: no worker will count its end
         answer, age_ms = answer
+        async with ctx.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.queue(), chat_id)
+            pipe.delete(keys.job(chat_id))
+            pipe.zrem(keys.active(owner), chat_id)
+            await pipe.execute()
         metrics.CHATS_FINISHED_CANCELLED.inc()
         metrics.CHAT_DURATION_CANCELLED.observe(int(age_ms) / 1000)
+    elif answer == b"running":
+        await ctx.redis.publish(keys.cancels(), chat_id)
     status = cast(Status, bytes(answer).decode() if isinstance(answer, bytes) else str(answer))
     extra = {"event": "chat.cancel_requested", "chat_id": chat_id, "user": owner, "status": status}
     log.info("chat %s: cancel requested (status %s)", chat_id, status, extra=extra)

@@ -119,7 +119,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     try:
         chat_id, created_at = await admit(request, ctx, identity, chat, idempotency(request, ctx, body))
         gone = created_at is None and await ended_and_expired(ctx, chat_id)  # a retry, long after
-        if gone and (control.stream or not await ctx.redis.exists(keys.chat(chat_id))):
+        if gone and (control.stream or not await ctx.streams.exists(keys.chat(chat_id))):
             raise StreamExpired(f"chat {chat_id} ended and its stream expired; GET /v1/chats/{chat_id} has its result")
         if not control.stream:
             return await completion(ctx, chat_id, gone)
@@ -237,7 +237,7 @@ async def completion(ctx: Context, chat_id: str, gone: bool = False) -> web.Resp
     """The ``chat.completion`` once the chat ends: from its stream, or from its result if the stream is ``gone``."""
     assert ctx.hub is not None, "served by edges, which have a hub"
     if gone:
-        chat = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+        chat = await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[misc]
         asked = decode_request(chat[b"request"]) if b"request" in chat else None
         events = from_result(model_of(ctx, asked), decode_result(chat[b"result"]))
         first = unix(chat.get(b"created_at", b"").decode())

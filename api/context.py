@@ -10,13 +10,17 @@ from arq.connections import ArqRedis
 from streambridge.api.credentials import Known
 from streambridge.api.hub import StreamHub
 from streambridge.api.slots import StreamSlots
+from streambridge.shared.machine import Store
 from streambridge.shared.settings import Settings
 
 
 @dataclass
 class Context:
     settings: Settings
+    #: the control Redis: queue, credentials, limits
     redis: ArqRedis
+    #: the chats' own keys (``shared.keys``): ``redis`` itself, unless ``STREAMBRIDGE_STREAMS_REDIS_URL`` is set
+    streams: Store
     secret: bytes
     hub: StreamHub | None = None
     slots: StreamSlots | None = None

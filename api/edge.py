@@ -101,11 +101,18 @@ async def chat_state(
     assert ctx.slots is not None
     async with ctx.redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.credential(credential_id))
-        pipe.hmget(keys.chat(chat_id), ["owner", "status", "trace"])
-        pipe.xinfo_stream(keys.events(chat_id))
         if ask is not None:
             ctx.slots.add_to(pipe, ask)
-        record, (owner, status, trace_context), info, *refused = await pipe.execute(raise_on_error=False)
+        if ctx.streams is ctx.redis:  # one Redis: one round trip
+            _read_chat(pipe, chat_id)
+            record, *refused, (owner, status, trace_context), info = await pipe.execute(raise_on_error=False)
+        else:  # the chat's own keys are on the streams Redis: both round trips at once
+            async with ctx.streams.pipeline(transaction=False) as chat:
+                _read_chat(chat, chat_id)
+                (record, *refused), chat_answers = await asyncio.gather(
+                    pipe.execute(raise_on_error=False), chat.execute(raise_on_error=False)
+                )
+            (owner, status, trace_context), info = chat_answers
     if isinstance(record, Exception):
         raise record
     if isinstance(info, ResponseError) and "no such key" in str(info).lower():
@@ -115,6 +122,11 @@ async def chat_state(
     if refused and isinstance(refused[0], Exception) and not isinstance(refused[0], NoScriptError):
         raise refused[0]
     return ChatState(record, owner, status, info, trace_context), (refused[0] if refused else None)
+
+
+def _read_chat(pipe: Any, chat_id: str) -> None:
+    pipe.hmget(keys.chat(chat_id), ["owner", "status", "trace"])
+    pipe.xinfo_stream(keys.events(chat_id))
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:

@@ -29,6 +29,7 @@ from streambridge.api.feed import Feed
 from streambridge.shared import keys, metrics
 from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
+from streambridge.shared.machine import Store
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, stream_info, trimmed
 
 log = logging.getLogger("streambridge.edge")
@@ -52,7 +53,7 @@ class RedisClock:
     id is Redis's time of its append; the delivery lag compares it with this host's clock plus the
     offset, so a skewed host clock does not skew the lag (within half a round trip)."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Store) -> None:
         self._redis = redis
         self.offset = 0.0
 
@@ -217,9 +218,10 @@ class StreamHub:
     """``redis`` for reads; ``feed`` (default: ``redis``) for the Pub/Sub connection's settings,
     best made with :func:`shared.redis.connect_feed`. The feed needs a real socket: not fakeredis."""
 
-    def __init__(self, redis: Redis, feed: Redis | None = None) -> None:
+    def __init__(self, redis: Store, feed: Redis | None = None) -> None:
         self.redis = redis
-        self._feed = feed or redis
+        self._feed = feed if feed is not None else redis
+        assert isinstance(self._feed, Redis), "a cluster's feed is sharded"  # TODO(cluster): ShardedFeed
         self.topics: dict[str, Topic] = {}
         self._channels = Feed(self._feed, self._publish, self._resync)
         self._reading: set[asyncio.Task[None]] = set()

@@ -11,6 +11,7 @@ counts for nothing. The call is safe to send twice: a re-send after a lost reply
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Final
 
@@ -63,6 +64,7 @@ def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:
 
 async def admit_chat(
     redis: Redis,
+    streams: machine.Store,
     settings: Settings,
     identity: Identity,
     chat_id: str,
@@ -74,9 +76,13 @@ async def admit_chat(
     replay: bool = True,
     trace: str = "",
 ) -> str:
-    """Records the new chat (status ``queued``) and enqueues its job if every limit allows it, else
-    raises 429 or 503: one round trip, safe to send twice. Returns the chat's id: ``chat_id``, or the
-    chat an earlier request with the same ``idempotency_key`` created (its request must be the same)."""
+    """Records the new chat (status ``queued``, on the streams Redis) and enqueues its job if every
+    limit allows it (on the control Redis), else takes the record back and raises 429 or 503: two
+    round trips, each safe to send twice. Returns the chat's id: ``chat_id``, or the chat an earlier
+    request with the same ``idempotency_key`` created (its request must be the same).
+
+    A crash between the two leaves a record no job points to, whose id was never answered: it
+    expires with the result TTL, and no worker ever finds it."""
     q = identity.quota
     limits = machine.Admission(
         max_queue=settings.max_queue_depth,
@@ -85,11 +91,14 @@ async def admit_chat(
         deadline_ms=int(settings.chat_deadline * 1000) + RUNNING_SLACK_MS,
         result_ttl=settings.result_ttl,
     )
+    created = machine.create(
+        chat_id, identity.user, created_at=created_at, request=request, result_ttl=settings.result_ttl, trace=trace
+    )
+    await machine.call(streams, created)
     admission = machine.admit(
         chat_id,
         identity.user,
         identity.credential,
-        created_at=created_at,
         request=request,
         job=job_record(chat_id),
         job_expires_ms=JOB_EXPIRES_MS,
@@ -97,11 +106,17 @@ async def admit_chat(
         idempotency_key=idempotency_key,
         idempotency_ttl=min(idempotency_ttl, settings.result_ttl),
         replay=replay,
-        trace=trace,
     )
-    verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in await machine.call(redis, admission)]
+    try:
+        answer = await machine.call(redis, admission)
+    except BaseException:
+        with contextlib.suppress(Exception):  # else it expires, unseen
+            await streams.delete(keys.chat(chat_id))
+        raise
+    verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in answer]
     if verdict == "ok":
         return chat_id
+    await streams.delete(keys.chat(chat_id))  # refused, or another chat answers: this one never was
     if verdict == "replay":
         return str(detail[0])
     if verdict == "reused":

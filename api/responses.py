@@ -81,12 +81,12 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     try:
         chat_id, created_at = await admit_response(request, ctx, identity, chat, idempotency(request, ctx, body))
         if created_at is not None:  # a first request, not the SDK's retry of one
-            await ctx.redis.hset(keys.chat(chat_id), mapping={ECHO_FIELD: msgspec.json.encode(echo)})  # type: ignore[misc]
+            await ctx.streams.hset(keys.chat(chat_id), mapping={ECHO_FIELD: msgspec.json.encode(echo)})  # type: ignore[misc]
         else:
             echo = await read_echo(ctx, chat_id) or echo
         story = ResponseStream(chat_id, echo, unix(created_at or await created_of(ctx, chat_id)), model_of(ctx, chat))
         gone = created_at is None and await ended_and_expired(ctx, chat_id)  # a retry, long after
-        if gone and (asked.stream or not await ctx.redis.exists(keys.chat(chat_id))):
+        if gone and (asked.stream or not await ctx.streams.exists(keys.chat(chat_id))):
             message = f"the response ended and its events expired; GET /v1/responses/resp_{chat_id} has it"
             raise StreamExpired(message)
         if gone or (created_at is None and asked.background and not asked.stream):
@@ -158,8 +158,8 @@ async def cancel_response(request: web.Request) -> web.Response:
             async with asyncio.timeout(CANCEL_WAIT):
                 while status not in TERMINAL_STATUSES:  # the worker stops it at its next event
                     await asyncio.sleep(0.05)
-                    status = (await ctx.redis.hget(keys.chat(chat_id), "status") or b"").decode()  # type: ignore[misc]
-    fresh: dict[bytes, bytes] = await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[misc]
+                    status = (await ctx.streams.hget(keys.chat(chat_id), "status") or b"").decode()  # type: ignore[misc]
+    fresh: dict[bytes, bytes] = await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     return json(await object_of(ctx, story_of(ctx, chat_id, fresh or chat), fresh or chat))
 
 
@@ -203,12 +203,12 @@ def story_of(ctx: Context, chat_id: str, chat: dict[bytes, bytes]) -> ResponseSt
 
 
 async def read_echo(ctx: Context, chat_id: str) -> Echo | None:
-    data = await ctx.redis.hget(keys.chat(chat_id), ECHO_FIELD)  # type: ignore[misc]
+    data = await ctx.streams.hget(keys.chat(chat_id), ECHO_FIELD)  # type: ignore[misc]
     return _echo_decoder.decode(data) if data else None
 
 
 async def created_of(ctx: Context, chat_id: str) -> str:
-    return (await ctx.redis.hget(keys.chat(chat_id), "created_at") or b"").decode()  # type: ignore[misc]
+    return (await ctx.streams.hget(keys.chat(chat_id), "created_at") or b"").decode()  # type: ignore[misc]
 
 
 def json(value: dict[str, Any]) -> web.Response:
@@ -241,7 +241,7 @@ async def answered(ctx: Context, story: ResponseStream, chat: dict[bytes, bytes]
 
 
 async def chat_of(ctx: Context, chat_id: str) -> dict[bytes, bytes]:
-    return await ctx.redis.hgetall(keys.chat(chat_id))  # type: ignore[no-any-return,misc]
+    return await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[no-any-return,misc]
 
 
 async def told_whole(ctx: Context, story: ResponseStream) -> web.Response:

@@ -2,6 +2,11 @@
 
 The literal strings are a wire contract between api, edge and worker processes of
 different versions: ``tests/unit/test_keys.py`` pins them.
+
+A chat's own keys (:func:`chat`, :func:`events`, :func:`lease`, :func:`notify`) live on the
+streams Redis (``STREAMBRIDGE_STREAMS_REDIS_URL``, which may be a Redis Cluster) and carry the
+chat's id as a hash tag, ``{id}``: on a cluster they share one slot, so every script over them
+runs on one node. Every other key is the control Redis's (``STREAMBRIDGE_REDIS_URL``).
 """
 
 from __future__ import annotations
@@ -27,22 +32,25 @@ def job(job_id: str) -> str:
 
 def chat(chat_id: str) -> str:
     """Hash: the chat's owner, request, status and final result."""
-    return f"{PREFIX}chat:{chat_id}"
+    return f"{PREFIX}chat:{{{chat_id}}}"
 
 
 def events(chat_id: str) -> str:
     """Stream: the chat's events, one entry per event, fields ``type`` and ``data``."""
-    return f"{PREFIX}chat:{chat_id}:events"
+    return f"{PREFIX}chat:{{{chat_id}}}:events"
 
 
 def notify(chat_id: str) -> str:
-    """Pub/Sub channel: each appended entry, published atomically with its XADD."""
-    return f"{PREFIX}chat:{chat_id}:notify"
+    """Pub/Sub channel: each appended entry, published atomically with its XADD (on a cluster, sharded
+    Pub/Sub: SPUBLISH, to the chat's slot)."""
+    return f"{PREFIX}chat:{{{chat_id}}}:notify"
 
 
 def lease(chat_id: str) -> str:
-    """String: the fencing token of the attempt allowed to append to the chat's stream."""
-    return f"{PREFIX}chat:{chat_id}:lease"
+    """Hash: the fencing token of the attempt allowed to append to the chat's stream (``token``), and
+    the sequence number of its last batch (``seq``). It has no TTL: the attempt lives as long as its
+    worker's heartbeat (:func:`workers`), and a reaper ends it (``shared.machine.REQUEUE``)."""
+    return f"{PREFIX}chat:{{{chat_id}}}:lease"
 
 
 def credential(credential_id: str) -> str:
@@ -85,9 +93,16 @@ def cancels() -> str:
     return f"{PREFIX}cancels"
 
 
-def running() -> str:
-    """Sorted set: running chats, scored by the time (ms) their lease lapses unless renewed."""
-    return f"{PREFIX}running"
+def workers() -> str:
+    """Sorted set: the id of every worker that runs chats, scored by when (ms, Redis's clock) its
+    heartbeat lapses unless renewed: one write per worker per beat, however many chats it runs."""
+    return f"{PREFIX}workers"
+
+
+def worker_chats(worker_id: str) -> str:
+    """Hash: the chats a worker started or is starting, each with its attempt's lease token: when
+    the worker's heartbeat lapses, a reaper puts each back on the queue."""
+    return f"{PREFIX}worker:{worker_id}:chats"
 
 
 def wake() -> str:

@@ -2,45 +2,63 @@
 
 ::
 
-                 ADMIT                 START                     FINISH
+            CREATE+ADMIT              CLAIM (+TAKE)               FINISH
       (none) ──────────▶ queued ────────────────▶ running ─────────────────▶ complete | failed
                           │  ▲                     │   │                      | cancelled
-                  CANCEL  │  │ REAP (lease lapsed: │   │ CANCEL: flags it; its worker FINISHes `cancelled`
-                          ▼  │ worker dead, or     │   │ RENEW keeps the lease; RELEASE (hand-back)
-                   cancelled └─ handed back) ◀─────┘   │ drops it, due for REAP at once
-                                                       └ APPEND (fenced by the lease) adds events
+                  CANCEL  │  │ REQUEUE (its worker │   │ CANCEL: flags it; its worker FINISHes `cancelled`
+                          ▼  │ died, or handed it  │   │
+                   cancelled └─ back) ◀────────────┘   └ APPEND (fenced by the lease) adds events
+
+Two Redis hold the state. A chat's own keys (hash, events, lease, notification channel) are on
+the **streams** Redis, under one hash tag (``shared.keys``), so on a Redis Cluster each script
+over them runs on one node. The cross-chat keys (arq's queue and job records, the wake list,
+credentials, limits, the workers' heartbeats and their chats) are on the **control** Redis. No
+script touches both: a transition that changes both is two calls, ordered so that the chat's hash
+(the truth: its status and its lease) changes first where a crash between the two must not lose
+the chat, and every half left behind by a crash is finished by whoever next looks (a worker's
+start, or a reaper), never a stuck or twice-run chat:
+
+- Admission creates the hash (CREATE), then the job (ADMIT); a refused or crashed admission leaves
+  a hash no job points to, whose id was never answered, and which expires.
+- A start registers the chat with its worker (control), claims its lease (CLAIM, streams), then
+  takes its job off the queue (control). A crash after the registration leaves the chat in a dead
+  worker's list: its reaper puts it back.
+- A worker's liveness is its heartbeat (``keys.workers``: one write per worker per beat, not one per
+  chat), not a TTL on each lease: a lease holds until a reaper ends it (REQUEUE), so a streams
+  Redis failover of a few seconds lapses no chat. A dead worker's chats go back to the queue first
+  (ENQUEUE, control), then their status and lease (REQUEUE, streams), then off its list.
+- A finish ends the chat (FINISH, streams), then drops it from its worker's list and its owner's
+  active set (control). A queued chat's cancel ends it (CANCEL, streams), then drops its job
+  (control): a worker that finds the job meanwhile finds the chat ended, and drops it too.
 
 Invariants the scripts keep, each in one atomic call:
 
-- ``queued`` ⇔ the chat's job is in arq's queue (so the queue's length is the number of chats
-  waiting: admission reads it); a wake token may be on the wake list too, or a stale one.
-- ``running`` ⇔ the chat is in ``running``, scored by when its lease lapses; while an attempt
-  lives, the lease exists and only that attempt's token may append.
-- A terminal status ⇔ the stream holds exactly one terminal event, and the chat is in neither
-  set. Nothing leaves a terminal status.
+- while an attempt lives, the chat's lease holds its token and only that attempt may append; its
+  worker lists the chat beside that token.
+- A terminal status ⇔ the stream holds exactly one terminal event. Nothing leaves a terminal status.
 - ``attempts`` only grows (an attempt's ``started`` event records it, in APPEND).
 
 Every script is safe to run twice (a client that lost the reply sends it again): a replay finds
-its own work done and answers as the first run did (ADMIT: ``ok``; START: the same claim;
-APPEND: 0, the batch is in; FINISH: 0; REAP: 0, the chat is queued already; the rest are
-idempotent). Every key a script touches comes in ``KEYS``; none is built inside Lua. Time comes
-from Redis (``TIME``), never a host's clock, so hosts whose clocks disagree still agree on
-leases, deadlines and windows.
+its own work done and answers as the first run did. Every key a script touches comes in ``KEYS``;
+none is built inside Lua. Time comes from Redis (``TIME``), never a host's clock, so hosts whose
+clocks disagree still agree on heartbeats, deadlines and windows. The scripts that announce
+entries take the publish command as an argument: ``PUBLISH`` on one Redis, ``SPUBLISH`` (sharded
+Pub/Sub, to the chat's slot's node alone) on a cluster.
 
-Each script, its keys (``KEYS[n]``) and who runs it:
+Each script, its keys (``KEYS[n]``), the Redis it runs on and who runs it:
 
-=========  ===============================================================  ======
-ADMIT      credential, queue, rate, active(owner), chat, job, wake,          api
-           [idempotency]
-CANCEL     chat, events, notify, cancels, queue, job, active(owner)          api
-START      queue, job, chat, lease, running                                  worker
-RENEW      lease, running, chat                                              worker
-RELEASE    lease, running                                                    worker
-LAPSED     running                                                           worker (reaper)
-REAP       chat, lease, running, queue, job, wake                            worker (reaper)
-APPEND     events, lease, notify, chat                                       worker (sink)
-FINISH     events, lease, notify, chat, running, active(owner)               worker (sink)
-=========  ===============================================================  ======
+=========  =========================================================  ========  ======
+CREATE     chat                                                       streams   api
+ADMIT      credential, queue, rate, active(owner), job, wake, [idem]  control   api
+CANCEL     chat, events, notify                                       streams   api
+CLAIM      chat, lease                                                streams   worker
+HEARTBEAT  workers                                                    control   worker
+DEAD       workers, [worker's chats]                                  control   worker (reaper)
+ENQUEUE    job, queue, wake                                           control   worker (reaper)
+REQUEUE    chat, lease                                                streams   worker (reaper)
+APPEND     events, lease, notify, chat                                streams   worker (sink)
+FINISH     events, lease, notify, chat                                streams   worker (sink)
+=========  =========================================================  ========  ======
 """
 
 from __future__ import annotations
@@ -49,9 +67,13 @@ import hashlib
 from typing import Any, Final, NamedTuple
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
 from streambridge.shared import keys
+
+#: a client of either Redis: the control one is always a plain Redis; the streams one may be a cluster
+Store = Redis | RedisCluster
 
 
 class Script(NamedTuple):
@@ -74,7 +96,7 @@ def define(name: str, lua: str) -> Script:
     return Script(name, lua, hashlib.sha1(lua.encode()).hexdigest())
 
 
-async def call(redis: Redis, c: Call) -> Any:
+async def call(redis: Store, c: Call) -> Any:
     """Runs the call by its script's hash, sending the script itself only when Redis lacks it."""
     try:
         return await redis.evalsha(c.script.sha, len(c.keys), *c.keys, *c.args)  # type: ignore[arg-type,misc]
@@ -113,59 +135,71 @@ end
 """
 )
 
+
+# A chat's hash, before its job exists (ADMIT): a worker that finds the job finds the chat. 0 if
+# it exists already (a re-send). ARGV: owner, created_at, request, result TTL (s), the chat's trace
+# (``shared.trace``; may be empty).
+CREATE: Final = define(
+    "CREATE",
+    """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2], 'created_ms', now_ms(), 'status', 'queued',
+  'attempts', 0, 'request', ARGV[3], 'queued_us', string.format('%d', now_us()))
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'trace', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+""",
+)
+
 # Admission. Refusals come before anything is written, so a refused chat counts for nothing.
-# ARGV: chat id, owner, created_at, request, job record, job expiry (ms), queue depth limit,
-# chats per minute, chats running at once, deadline (ms from now), result TTL (s), request's
-# SHA-256, idempotency record's TTL (s), replay or record, the chat's trace (``shared.trace``; may be empty).
+# ARGV: chat id, job record, job expiry (ms), queue depth limit, chats per minute, chats running
+# at once, deadline (ms from now), request's SHA-256, idempotency record's TTL (s), replay or record.
 ADMIT: Final = define(
     "ADMIT",
     """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'revoked'} end
-local idem = KEYS[8]
-if idem and ARGV[14] == 'replay' then
+local idem = KEYS[7]
+if idem and ARGV[10] == 'replay' then
   local first = redis.call('HMGET', idem, 'chat', 'request')
   if first[1] then
-    if first[2] ~= ARGV[12] then return {'reused'} end
+    if first[2] ~= ARGV[8] then return {'reused'} end
     return {'replay', first[1]}
   end
 end
-if redis.call('EXISTS', KEYS[5]) == 1 then return {'ok'} end
+-- a re-send: the chat counts among its owner's until it ends
+if redis.call('ZSCORE', KEYS[4], ARGV[1]) then return {'ok'} end
 -- a refused request's retry must not find an earlier request's chat under a recording key
 local function refuse(answer)
-  if idem and ARGV[14] == 'record' then redis.call('DEL', idem) end
+  if idem and ARGV[10] == 'record' then redis.call('DEL', idem) end
   return answer
 end
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[7]) then return refuse({'queue'}) end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return refuse({'queue'}) end
 local now = now_ms()
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
-if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[9]) then return refuse({'running'}) end
-if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[8]) then
+if redis.call('ZCARD', KEYS[4]) >= tonumber(ARGV[6]) then return refuse({'running'}) end
+if tonumber(redis.call('GET', KEYS[3]) or '0') >= tonumber(ARGV[5]) then
   return refuse({'rate', redis.call('PTTL', KEYS[3])})
 end
 if redis.call('INCR', KEYS[3]) == 1 or redis.call('PTTL', KEYS[3]) < 0 then
   redis.call('PEXPIRE', KEYS[3], 60000)
 end
-local deadline = now + tonumber(ARGV[10])
+local deadline = now + tonumber(ARGV[7])
 redis.call('ZADD', KEYS[4], deadline, ARGV[1])
 redis.call('PEXPIREAT', KEYS[4], deadline)
-redis.call('HSET', KEYS[5], 'owner', ARGV[2], 'created_at', ARGV[3], 'created_ms', now, 'status', 'queued',
-  'attempts', 0, 'request', ARGV[4], 'queued_us', string.format('%d', now_us()))
-if ARGV[15] and ARGV[15] ~= '' then redis.call('HSET', KEYS[5], 'trace', ARGV[15]) end
-redis.call('EXPIRE', KEYS[5], ARGV[11])
-enqueue(KEYS[6], KEYS[2], KEYS[7], ARGV[1], ARGV[5], ARGV[6], now, false)
+enqueue(KEYS[5], KEYS[2], KEYS[6], ARGV[1], ARGV[2], ARGV[3], now, false)
 if idem then
-  redis.call('HSET', idem, 'chat', ARGV[1], 'request', ARGV[12])
-  redis.call('EXPIRE', idem, ARGV[13])
+  redis.call('HSET', idem, 'chat', ARGV[1], 'request', ARGV[8])
+  redis.call('EXPIRE', idem, ARGV[9])
 end
 return {'ok'}
 """,
 )
 
-# A queued chat is cancelled here, with its job, so no worker starts it; a running one is
-# flagged and its worker told at once (Pub/Sub), and ends it ``cancelled`` (RENEW reads the flag
-# too: a backstop for a message the worker missed). ARGV: the result, stream TTL (s), chat id.
-# Answers the status it found; a queued chat it cancelled, ``{'cancelled', its age (ms)}``: no
-# worker ends that one, so its caller counts its end (by Redis's clock, as a worker would).
+# A queued chat is cancelled here (its caller then drops its job, on the control Redis); a running
+# one is flagged (its caller tells its worker, through Pub/Sub), and its worker ends it
+# ``cancelled``. ARGV: the result, stream TTL (s), publish command. Answers the status it found; a
+# queued chat it cancelled, ``{'cancelled', its age (ms)}``: no worker ends that one, so its caller
+# counts its end (by Redis's clock, as a worker would).
 CANCEL: Final = define(
     "CANCEL",
     """
@@ -173,105 +207,103 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'queued' then
   local data = '{"type":"cancelled"}'
   local id = redis.call('XADD', KEYS[2], '*', 'type', 'cancelled', 'data', data)
-  redis.call('PUBLISH', KEYS[3], id .. '\\n' .. 'cancelled' .. '\\n' .. data)
+  redis.call(ARGV[3], KEYS[3], id .. '\\n' .. 'cancelled' .. '\\n' .. data)
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'result', ARGV[1])
   redis.call('EXPIRE', KEYS[2], ARGV[2])
-  redis.call('ZREM', KEYS[5], ARGV[3])
-  redis.call('DEL', KEYS[6])
-  redis.call('ZREM', KEYS[7], ARGV[3])
   local created = tonumber(redis.call('HGET', KEYS[1], 'created_ms') or '')
   return {'cancelled', created and math.max(0, now_ms() - created) or 0}
 end
-if status == 'running' then
-  redis.call('HSET', KEYS[1], 'cancel', '1')
-  redis.call('PUBLISH', KEYS[4], ARGV[3])
-end
+if status == 'running' then redis.call('HSET', KEYS[1], 'cancel', '1') end
 return status
 """,
 )
 
-# A worker takes a queued chat: taking its job off the queue decides which worker (a duplicate
-# wake token, or arq's scan, finds it gone: ``taken``); then the lease's claim. Answers
-# ``{'claimed', now (ms), the chat's fields...}`` or ``{why not}``. ``pickup_ms``: queued → started,
-# from the queue's score (whole ms); ``pickup_us``: admitted → started, in µs, from ``queued_us``.
-# ARGV: chat id (the job's id), the attempt's token, lease TTL (ms).
-START: Final = define(
-    "START",
+# A worker claims a queued chat's lease (it registered the chat with its worker first, and takes
+# the job off the queue after). Answers ``{'claimed', now (ms), the chat's fields...}``, or why
+# not: ``busy`` (another attempt holds the lease), ``missing``, or a terminal status. A chat
+# ``running`` without a lease (Redis lost it) is claimed again. ``pickup_ms``: admitted → started
+# (whole ms); ``pickup_us``: the same in µs. ARGV: the attempt's token.
+CLAIM: Final = define(
+    "CLAIM",
     """
 local function claimed(now)
-  local chat = redis.call('HGETALL', KEYS[3])
+  local chat = redis.call('HGETALL', KEYS[1])
   table.insert(chat, 1, now)
   table.insert(chat, 1, 'claimed')
   return chat
 end
 local now = now_ms()
-if redis.call('HGET', KEYS[4], 'token') == ARGV[2] then return claimed(now) end
-local enqueued = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not enqueued then return {'taken'} end
--- another attempt holds the chat: the job stays queued, and starts once that lease is gone
-if redis.call('EXISTS', KEYS[4]) == 1 then return {'busy'} end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('DEL', KEYS[2])
-local status = redis.call('HGET', KEYS[3], 'status')
+local held = redis.call('HGET', KEYS[2], 'token')
+if held == ARGV[1] then return claimed(now) end
+local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing'} end
 if status ~= 'queued' and status ~= 'running' then return {status} end
-redis.call('HSET', KEYS[4], 'token', ARGV[2], 'seq', 0)
-redis.call('PEXPIRE', KEYS[4], ARGV[3])
-redis.call('HSET', KEYS[3], 'status', 'running', 'pickup_ms', math.max(0, now - tonumber(enqueued)))
-local queued_us = redis.call('HGET', KEYS[3], 'queued_us')
+if held then return {'busy'} end
+redis.call('HSET', KEYS[2], 'token', ARGV[1], 'seq', 0)
+local created = tonumber(redis.call('HGET', KEYS[1], 'created_ms') or now)
+redis.call('HSET', KEYS[1], 'status', 'running', 'pickup_ms', math.max(0, now - created))
+local queued_us = redis.call('HGET', KEYS[1], 'queued_us')
 if queued_us then
-  redis.call('HSET', KEYS[3], 'pickup_us', string.format('%d', math.max(0, now_us() - tonumber(queued_us))))
+  redis.call('HSET', KEYS[1], 'pickup_us', string.format('%d', math.max(0, now_us() - tonumber(queued_us))))
 end
-redis.call('ZADD', KEYS[5], now + tonumber(ARGV[3]), ARGV[1])
 return claimed(now)
 """,
 )
 
-# 0: lost to another attempt; 1: renewed; 2: renewed, and the owner asked to cancel.
-# ARGV: token, lease TTL (ms), chat id.
-RENEW: Final = define(
-    "RENEW",
+# A worker's heartbeat: its chats are its own until this lapses. Answers 1 if it had lapsed (or a
+# reaper had forgotten the worker): its chats may be running elsewhere now. ARGV: worker id, TTL (ms).
+HEARTBEAT: Final = define(
+    "HEARTBEAT",
     """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], now_ms() + tonumber(ARGV[2]), ARGV[3])
-if redis.call('HEXISTS', KEYS[3], 'cancel') == 1 then return 2 end
+local now = now_ms()
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if ARGV[3] == 'first' then return 0 end
+if not due or tonumber(due) < now then return 1 end
+return 0
+""",
+)
+
+# Workers whose heartbeat lapsed, by Redis's clock. ARGV: at most this many.
+DEAD: Final = define("DEAD", "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])")
+
+# A dead worker whose chats were all put back is forgotten, unless it came back meanwhile.
+# ARGV: worker id.
+FORGET: Final = define(
+    "FORGET",
+    """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) > now_ms() or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
 return 1
 """,
 )
 
-# Hand a chat back at once (its worker is stopping): the lease goes, and the chat is due for REAP.
-# ARGV: token, chat id.
-RELEASE: Final = define(
-    "RELEASE",
+# A chat back on the queue, at its front (it was accepted before every chat waiting behind it,
+# and its reader is mid-answer): the first half of a recovery, before REQUEUE. Sent twice, it
+# leaves one job. ARGV: chat id, job record, job expiry (ms), the chat's created_ms (its score).
+ENQUEUE: Final = define(
+    "ENQUEUE",
     """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
-redis.call('ZADD', KEYS[2], 0, ARGV[2])
+if redis.call('ZSCORE', KEYS[2], ARGV[1]) then return 0 end
+enqueue(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), true)
 return 1
 """,
 )
 
-# Running chats whose lease lapsed by Redis's clock. ARGV: at most this many.
-LAPSED: Final = define("LAPSED", "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])")
-
-# A lapsed chat goes back to the queue, at its front (it was accepted before every chat waiting
-# behind it, and its reader is mid-answer), in the same call that takes it off ``running``: a
-# failure between the two can leave no chat running with nothing looking for it. One reaper wins.
-# Answers the recovery's number, or 0. ARGV: chat id, job record, job expiry (ms).
-REAP: Final = define(
-    "REAP",
+# The second half: the attempt holding ``token`` lets go, and the chat is queued again. Answers
+# the recovery's number; 0 if another attempt holds the lease (the chat is running there); or
+# the status it found, if not running (a re-send finds ``queued``). ARGV: the attempt's token.
+REQUEUE: Final = define(
+    "REQUEUE",
     """
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-local due = redis.call('ZSCORE', KEYS[3], ARGV[1])
-if not due or tonumber(due) > now_ms() then return 0 end
-redis.call('ZREM', KEYS[3], ARGV[1])
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-local recovery = redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
+local held = redis.call('HGET', KEYS[2], 'token')
+if held and held ~= ARGV[1] then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return status or 'missing' end
+redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[1], 'status', 'queued')
-local first = tonumber(redis.call('HGET', KEYS[1], 'created_ms') or '0')
-enqueue(KEYS[5], KEYS[4], KEYS[6], ARGV[1], ARGV[2], ARGV[3], first, true)
-return recovery
+return redis.call('HINCRBY', KEYS[1], 'recoveries', 1)
 """,
 )
 
@@ -279,7 +311,8 @@ return recovery
 # already (a re-send); -2 an earlier batch is missing (Redis lost it: the attempt must restart);
 # 1 appended, and announced in one notification ``id\\ntype\\ndata`` per entry. With an
 # attempt's ``started`` event, the attempt's number is recorded on the chat.
-# ARGV: token, the batch's sequence number, MAXLEN, attempt ('' if none starts), then type, data, ...
+# ARGV: token, the batch's sequence number, MAXLEN, attempt ('' if none starts), publish command,
+# then type, data, ...
 APPEND: Final = define(
     "APPEND",
     """
@@ -290,11 +323,11 @@ if seq >= mine then return 0 end
 if seq < mine - 1 then return -2 end
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[4], 'attempts', ARGV[4]) end
 local notice = {}
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   notice[#notice + 1] = id .. '\\n' .. ARGV[i] .. '\\n' .. ARGV[i + 1]
 end
-if #notice > 0 then redis.call('PUBLISH', KEYS[3], table.concat(notice, '\\n')) end
+if #notice > 0 then redis.call(ARGV[5], KEYS[3], table.concat(notice, '\\n')) end
 redis.call('HSET', KEYS[2], 'seq', ARGV[2])
 return 1
 """,
@@ -302,7 +335,7 @@ return 1
 
 # The terminal event and the chat's final state in one step: the stream never holds a terminal
 # event while the chat still looks runnable. Answers as APPEND, or 0 once the chat has ended.
-# ARGV: token, seq, MAXLEN, type, data, status, result, result TTL (s), stream TTL (s), chat id.
+# ARGV: token, seq, MAXLEN, type, data, status, result, result TTL (s), stream TTL (s), publish command.
 FINISH: Final = define(
     "FINISH",
     """
@@ -312,18 +345,24 @@ local lease = redis.call('HMGET', KEYS[2], 'token', 'seq')
 if lease[1] ~= ARGV[1] then return -1 end
 if tonumber(lease[2] or '0') < tonumber(ARGV[2]) - 1 then return -2 end
 local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'type', ARGV[4], 'data', ARGV[5])
-redis.call('PUBLISH', KEYS[3], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
+redis.call(ARGV[10], KEYS[3], id .. '\\n' .. ARGV[4] .. '\\n' .. ARGV[5])
 redis.call('HSET', KEYS[4], 'status', ARGV[6], 'result', ARGV[7])
 redis.call('EXPIRE', KEYS[4], ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[9])
 redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[5], ARGV[10])
-redis.call('ZREM', KEYS[6], ARGV[10])
 return 1
 """,
 )
 
-SCRIPTS: Final = (ADMIT, CANCEL, START, RENEW, RELEASE, LAPSED, REAP, APPEND, FINISH)
+SCRIPTS: Final = (CREATE, ADMIT, CANCEL, CLAIM, HEARTBEAT, DEAD, FORGET, ENQUEUE, REQUEUE, APPEND, FINISH)
+
+#: the publish command of the scripts that announce entries, by whether the streams Redis is a cluster
+PUBLISH: Final = "PUBLISH"
+SPUBLISH: Final = "SPUBLISH"
+
+
+def publish_command(streams: Store) -> str:
+    return SPUBLISH if isinstance(streams, RedisCluster) else PUBLISH
 
 
 class Admission(NamedTuple):
@@ -336,12 +375,18 @@ class Admission(NamedTuple):
     result_ttl: int
 
 
+def create(chat_id: str, owner: str, *, created_at: str, request: bytes, result_ttl: int, trace: str = "") -> Call:
+    """``trace``: the chat's W3C trace context (``shared.trace.encode``), kept beside the request
+    (not in it: a retry under the same ``Idempotency-Key`` carries a new one, and must still be the
+    same request)."""
+    return Call(CREATE, [keys.chat(chat_id)], [owner, created_at, request, str(result_ttl), trace])
+
+
 def admit(
     chat_id: str,
     owner: str,
     credential_id: str,
     *,
-    created_at: str,
     request: bytes,
     job: bytes,
     job_expires_ms: int,
@@ -349,61 +394,49 @@ def admit(
     idempotency_key: str | None = None,
     idempotency_ttl: int = 86_400,
     replay: bool = True,
-    trace: str = "",
 ) -> Call:
     """``replay``: the key's chat answers a request that repeats it; when false, the key only
-    records this chat (for a later request that says it is a retry). ``trace``: the chat's W3C
-    trace context (``shared.trace.encode``), kept beside the request (not in it: a retry under the
-    same ``Idempotency-Key`` carries a new one, and must still be the same request)."""
-    k = [
-        keys.credential(credential_id),
-        keys.queue(),
-        keys.rate(owner),
-        keys.active(owner),
-        keys.chat(chat_id),
-        keys.job(chat_id),
-        keys.wake(),
-    ]
+    records this chat (for a later request that says it is a retry)."""
+    k = [keys.credential(credential_id), keys.queue(), keys.rate(owner), keys.active(owner)]
+    k += [keys.job(chat_id), keys.wake()]
     if idempotency_key is not None:
         k.append(keys.idempotency(owner, idempotency_key))
-    args: list[str | bytes] = [chat_id, owner, created_at, request, job, str(job_expires_ms)]
+    args: list[str | bytes] = [chat_id, job, str(job_expires_ms)]
     args += [str(limits.max_queue), str(limits.chats_per_minute), str(limits.max_running)]
-    args += [str(limits.deadline_ms), str(limits.result_ttl), hashlib.sha256(request).hexdigest()]
-    args += [str(idempotency_ttl), "replay" if replay else "record", trace]
+    args += [str(limits.deadline_ms), hashlib.sha256(request).hexdigest()]
+    args += [str(idempotency_ttl), "replay" if replay else "record"]
     return Call(ADMIT, k, args)
 
 
-def cancel(chat_id: str, owner: str, *, result: bytes, stream_ttl: int) -> Call:
-    k = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id), keys.cancels()]
-    k += [keys.queue(), keys.job(chat_id), keys.active(owner)]
-    return Call(CANCEL, k, [result, str(stream_ttl), chat_id])
+def cancel(chat_id: str, *, result: bytes, stream_ttl: int, publish: str = PUBLISH) -> Call:
+    k = [keys.chat(chat_id), keys.events(chat_id), keys.notify(chat_id)]
+    return Call(CANCEL, k, [result, str(stream_ttl), publish])
 
 
-def start(chat_id: str, token: str, ttl_ms: int) -> Call:
-    k = [keys.queue(), keys.job(chat_id), keys.chat(chat_id), keys.lease(chat_id), keys.running()]
-    return Call(START, k, [chat_id, token, str(ttl_ms)])
+def claim(chat_id: str, token: str) -> Call:
+    return Call(CLAIM, [keys.chat(chat_id), keys.lease(chat_id)], [token])
 
 
-def renew(chat_id: str, token: str, ttl_ms: int) -> Call:
-    return Call(RENEW, [keys.lease(chat_id), keys.running(), keys.chat(chat_id)], [token, str(ttl_ms), chat_id])
+def heartbeat(worker_id: str, ttl_ms: int, *, first: bool = False) -> Call:
+    return Call(HEARTBEAT, [keys.workers()], [worker_id, str(ttl_ms), "first" if first else ""])
 
 
-def release(chat_id: str, token: str) -> Call:
-    return Call(RELEASE, [keys.lease(chat_id), keys.running()], [token, chat_id])
+def dead(limit: int = 100) -> Call:
+    return Call(DEAD, [keys.workers()], [str(limit)])
 
 
-def lapsed(limit: int = 100) -> Call:
-    return Call(LAPSED, [keys.running()], [str(limit)])
+def forget(worker_id: str) -> Call:
+    return Call(FORGET, [keys.workers(), keys.worker_chats(worker_id)], [worker_id])
 
 
-def reap(chat_id: str, *, job: bytes, job_expires_ms: int) -> Call:
-    k = [keys.chat(chat_id), keys.lease(chat_id), keys.running(), keys.queue(), keys.job(chat_id), keys.wake()]
-    return Call(REAP, k, [chat_id, job, str(job_expires_ms)])
+def enqueue(chat_id: str, *, job: bytes, job_expires_ms: int, created_ms: int) -> Call:
+    k = [keys.job(chat_id), keys.queue(), keys.wake()]
+    return Call(ENQUEUE, k, [chat_id, job, str(job_expires_ms), str(created_ms)])
+
+
+def requeue(chat_id: str, token: str) -> Call:
+    return Call(REQUEUE, [keys.chat(chat_id), keys.lease(chat_id)], [token])
 
 
 def append_keys(chat_id: str) -> list[str]:
     return [keys.events(chat_id), keys.lease(chat_id), keys.notify(chat_id), keys.chat(chat_id)]
-
-
-def finish_keys(chat_id: str, owner: str) -> list[str]:
-    return [*append_keys(chat_id), keys.running(), keys.active(owner)]

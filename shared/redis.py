@@ -9,6 +9,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -139,3 +140,23 @@ def one_connection_like(client: Redis) -> Redis:
         connection_class=pool.connection_class, max_connections=1, timeout=1, **pool.connection_kwargs
     )
     return Redis(connection_pool=single)
+
+
+def is_cluster_url(url: str | None) -> bool:
+    return url is not None and url.startswith("redis-cluster://")
+
+
+def connect_streams(url: str, *, max_connections: int) -> Redis | RedisCluster:
+    """The streams Redis: a Redis Cluster for ``redis-cluster://host:port[,host:port…]`` (its seed
+    nodes), else a plain client as :func:`connect` makes."""
+    if not url.startswith("redis-cluster://"):
+        return connect(url, max_connections=max_connections)
+    seeds = [seed.rpartition(":") for seed in url.removeprefix("redis-cluster://").rstrip("/").split(",")]
+    cluster: RedisCluster = RedisCluster(
+        startup_nodes=[ClusterNode(host, int(port)) for host, _, port in seeds],
+        max_connections=max_connections,
+        socket_connect_timeout=2,
+        socket_timeout=5,
+        cluster_error_retry_attempts=10,
+    )
+    return cluster

@@ -19,6 +19,8 @@ from streambridge.shared.errors import SettingsError
 from streambridge.shared.logs import display_url
 
 ENV_PREFIX: Final = "STREAMBRIDGE_"
+#: the scheme of a Redis Cluster's seed nodes in ``STREAMBRIDGE_STREAMS_REDIS_URL``
+CLUSTER_SCHEME: Final = "redis-cluster"
 #: a worker's metrics port when none is set
 WORKER_METRICS_PORT: Final = 8002
 
@@ -30,6 +32,9 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     redis_url: str | None = None
+    #: where a chat's own keys live (``redis-cluster://host:port[,host:port…]`` or a plain URL);
+    #: unset: on ``redis_url``'s Redis
+    streams_redis_url: str | None = None
     llm_base_url: str | None = None
     llm_api_key: str | None = None
     llm_model: str = "gpt-4o-mini"
@@ -140,6 +145,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
 
     def __post_init__(self) -> None:
         _check_url("redis_url", self.redis_url, {"redis", "rediss", "unix"})
+        _check_streams_url(self.streams_redis_url)
         _check_url("llm_base_url", self.llm_base_url, {"http", "https"})
         _check_url("public_edge_url", self.public_edge_url, {"http", "https"})
         for origin in self.allowed_origins:
@@ -227,11 +233,27 @@ def _check_url(field: str, value: str | None, schemes: set[str]) -> None:
         raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} (expected {allowed})")
     if parts.scheme != "unix" and not parts.hostname:
         raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} (no host)")
-    if field == "redis_url":
-        _check_redis_url(value)
+    if field in ("redis_url", "streams_redis_url"):
+        _check_redis_url(value, field)
 
 
-def _check_redis_url(value: str) -> None:
+def _check_streams_url(value: str | None) -> None:
+    """A plain Redis URL, as ``redis_url``; or a cluster's seed nodes, ``redis-cluster://h:p[,h:p…]``."""
+    if value is None or not value.startswith(CLUSTER_SCHEME + "://"):
+        _check_url("streams_redis_url", value, {"redis", "rediss", "unix"})
+        return
+    seeds = value.removeprefix(CLUSTER_SCHEME + "://").rstrip("/")
+    for seed in seeds.split(","):
+        host, sep, port = seed.strip().rpartition(":")
+        if not sep or not host or "@" in host or "/" in host or not (port.isascii() and port.isdigit()):
+            why = f"{seed.strip()!r} is not host:port"
+            raise SettingsError(f"{env_name('streams_redis_url')}: malformed URL {display_url(value)!r} ({why})")
+        if not 0 < int(port) < 65536:
+            why = f"port {port} is out of range"
+            raise SettingsError(f"{env_name('streams_redis_url')}: malformed URL {display_url(value)!r} ({why})")
+
+
+def _check_redis_url(value: str, field: str = "redis_url") -> None:
     """What redis-py would reject only when connecting: a database that is not a number, bad options."""
     try:
         from redis.asyncio import ConnectionPool
@@ -243,8 +265,8 @@ def _check_redis_url(value: str) -> None:
         pool.connection_class(**pool.connection_kwargs)  # not connected: checks option names and types
     except (ValueError, TypeError) as exc:
         why = _scrubbed(exc, value)
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {display_url(value)!r} ({why})") from None
+        raise SettingsError(f"{env_name(field)}: malformed URL {display_url(value)!r} ({why})") from None
     path = urlsplit(value).path.strip("/")
     if urlsplit(value).scheme != "unix" and path and not (path.isascii() and path.isdigit()):
         shown = display_url(value)
-        raise SettingsError(f"{env_name('redis_url')}: malformed URL {shown!r} (the database must be a number)")
+        raise SettingsError(f"{env_name(field)}: malformed URL {shown!r} (the database must be a number)")

@@ -112,13 +112,19 @@ def _count_leases(pipe: Pipeline, key: str, now_ms: int) -> None:
 
 
 async def _read_leases(redis: Redis, now_ms: int, batch_ids: list[str]) -> tuple[tuple[int, int], list[BatchProgress]]:
-    """Chats running and orphaned, and each batch's progress: one round trip."""
+    """Chats running (listed by a live worker) and orphaned (by a dead one, not yet reaped), and
+    each batch's progress: two round trips."""
+    chat_workers: list[tuple[bytes, float]] = await redis.zrange(keys.workers(), 0, -1, withscores=True)
     async with redis.pipeline(transaction=False) as pipe:
-        _count_leases(pipe, keys.running(), now_ms)
+        for worker_id, _ in chat_workers:
+            pipe.hlen(keys.worker_chats(worker_id.decode()))
         for batch_id in batch_ids:
             pipe.hmget(keys.batch(batch_id), list(_BATCH_FIELDS))
             _count_leases(pipe, keys.batch_leases(batch_id), now_ms)
-        running, orphaned, *answers = await pipe.execute()
+        answers = await pipe.execute()
+    listed, answers = answers[: len(chat_workers)], answers[len(chat_workers) :]
+    running = sum(n for n, (_, due) in zip(listed, chat_workers, strict=True) if due > now_ms)
+    orphaned = sum(n for n, (_, due) in zip(listed, chat_workers, strict=True) if due <= now_ms)
     batches = []
     for fields, leased, lapsed in zip(answers[::3], answers[1::3], answers[2::3], strict=True):
         if fields[0] is None:  # gone (expired) since the index was read

@@ -17,6 +17,7 @@ from streambridge.shared.events import Started, decode_event
 
 if TYPE_CHECKING:  # the client imports this module, and the client installs without redis
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 ENTRY_ID: Final = re.compile(r"\A[0-9]{1,20}-[0-9]{1,20}\Z")
 U64: Final = 2**64
@@ -85,7 +86,7 @@ async def trimmed_after(redis: Redis, key: str, last_id: str) -> bool:
     return trimmed(await stream_info(redis, key), last_id)
 
 
-async def stream_info(redis: Redis, key: str) -> dict[str, Any] | None:
+async def stream_info(redis: Redis | RedisCluster, key: str) -> dict[str, Any] | None:
     """XINFO STREAM, or None when the stream does not exist."""
     from redis.exceptions import ResponseError  # the server extra: see the import above
 

@@ -12,6 +12,10 @@ already applied harmless if a reconnect sends it again. So a round trip whose co
 (a failover, a proxy's reset, ``CLIENT KILL``) is sent again, the same calls with the same
 sequence numbers, for up to ``retry_for`` seconds (half a lease: the chats' leases still hold):
 a dropped socket costs a retry, not an attempt.
+
+On a Redis Cluster the round trip is one pipeline per node (redis-py's cluster pipeline groups the
+calls by their keys' slot and follows MOVED); a promoted replica, which has no scripts yet, gets
+the NOSCRIPT calls again as EVAL.
 """
 
 from __future__ import annotations
@@ -19,18 +23,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from streambridge.shared.machine import Script
+from streambridge.shared.machine import Script, Store
+
+#: what a dropped connection, or a cluster between a primary's death and its replica's promotion,
+#: raises: the round trip is sent again
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
 
 Waiting = tuple[Script, list[str], list[str | bytes], asyncio.Future[Any]]
 
 
 class Appender:
-    def __init__(self, redis: Redis, *, retry_for: float = 0.75) -> None:
+    def __init__(self, redis: Store, *, retry_for: float = 0.75) -> None:
         self._redis = redis
         self._retry_for = retry_for
         self._queue: list[Waiting] = []
@@ -82,22 +89,25 @@ class Appender:
                     return await self._execute(batch)
             except TimeoutError:
                 raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from None
-            except (RedisConnectionError, RedisTimeoutError, OSError):
+            except TRANSIENT:
                 if loop.time() + delay > give_up:
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def _execute(self, batch: list[Waiting], *, reload: bool = True) -> list[Any]:
+    async def _execute(self, batch: list[Waiting], *, command: str = "EVALSHA") -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+                # execute_command: a cluster pipeline refuses ``evalsha()``, not the command itself
+                body = script.sha if command == "EVALSHA" else script.lua
+                pipe.execute_command(command, body, len(keys), *keys, *args)
             answers: list[Any] = await pipe.execute(raise_on_error=False)
         unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
-        if unknown and reload:  # a restarted (or another) Redis: load the scripts, send those once more
-            for script in {batch[n][0] for n in unknown}:
-                await self._redis.script_load(script.lua)
-            again = await self._execute([batch[n] for n in unknown], reload=False)
+        if unknown and command == "EVALSHA":  # a restarted Redis, or a promoted replica: send the scripts
+            again = await self._execute([batch[n] for n in unknown], command="EVAL")
             for n, answer in zip(unknown, again, strict=True):
                 answers[n] = answer
+        transient = next((a for a in answers if isinstance(a, TRANSIENT)), None)
+        if transient is not None:  # a node of the cluster dropped: the whole round trip again (each call is fenced)
+            raise transient
         return answers

@@ -1,4 +1,4 @@
-"""In every worker: re-queue chats whose lease lapsed (their worker died), and stop cancelled chats."""
+"""In every worker: its heartbeat, the re-queue of dead workers' chats, and the stop of cancelled chats."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ from typing import Any
 from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine, metrics, trace
-from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
+from streambridge.workers.lease import recover
 from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
 
 
-async def whose(redis: Redis, chat_id: str) -> dict[str, Any]:
+async def whose(redis: machine.Store, chat_id: str) -> dict[str, Any]:
     """The fields that follow a chat across processes (``shared.logs``), for a line logged outside
     its task: its id, its owner and its trace id, as far as Redis answers."""
     fields: dict[str, Any] = {"chat_id": chat_id}
@@ -31,33 +31,69 @@ async def whose(redis: Redis, chat_id: str) -> dict[str, Any]:
     return fields
 
 
-async def reap_forever(redis: Redis, interval: float) -> None:
+async def beat_forever(control: Redis, worker_id: str, ttl: float) -> None:
+    """The worker's heartbeat (its first was written before it took a chat: :func:`first_beat`)."""
+    while True:
+        await asyncio.sleep(ttl / 3)
+        try:
+            if await machine.call(control, machine.heartbeat(worker_id, int(ttl * 1000))):
+                log.warning(
+                    "worker: its heartbeat had lapsed (Redis unreachable, or the process stalled); "
+                    "its chats may have been re-queued, and those that were stop at their next append",
+                    extra={"event": "worker.heartbeat_lapsed"},
+                )
+        except Exception as exc:  # the chats stay this worker's until the heartbeat lapses
+            metrics.REDIS_ERRORS_WORKER.inc()
+            log.warning("worker heartbeat: %s", exc)
+
+
+async def first_beat(control: Redis, worker_id: str, ttl: float) -> None:
+    await machine.call(control, machine.heartbeat(worker_id, int(ttl * 1000), first=True))
+
+
+async def retire(control: Redis, worker_id: str) -> None:
+    """The worker stops: whatever it still lists (a hand-back that failed) is any reaper's at once."""
+    await control.zadd(keys.workers(), {worker_id: 0})
+
+
+async def reap_forever(control: Redis, streams: machine.Store, interval: float) -> None:
     while True:
         try:
-            for chat_id in await machine.call(redis, machine.lapsed()):
-                chat_id = chat_id.decode()
-                reaped = machine.reap(chat_id, job=job_record(chat_id), job_expires_ms=JOB_EXPIRES_MS)
-                recovery = await machine.call(redis, reaped)
-                if recovery:
-                    metrics.REAPED.inc()
-                    extra = {"event": "chat.reaped", "recovery": recovery, **await whose(redis, chat_id)}
-                    log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
+            await reap(control, streams)
         except Exception as exc:
             metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("reaper: %s", exc)
         await asyncio.sleep(interval)
 
 
+async def reap(control: Redis, streams: machine.Store) -> None:
+    """Every chat of every worker whose heartbeat lapsed goes back on the queue; then the worker is forgotten."""
+    for worker_id in await machine.call(control, machine.dead()):
+        worker_id = worker_id.decode()
+        listed: dict[bytes, bytes] = await control.hgetall(keys.worker_chats(worker_id))  # type: ignore[misc]
+        for chat, token in listed.items():
+            chat_id = chat.decode()
+            recovery = await recover(control, streams, worker_id, chat_id, token.decode())
+            if recovery:
+                metrics.REAPED.inc()
+                extra = {"event": "chat.reaped", "recovery": recovery, **await whose(streams, chat_id)}
+                log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
+        await machine.call(control, machine.forget(worker_id))
+
+
 async def listen_for_cancels(redis: Redis, runner: ChatRunner) -> None:
-    """Owners' cancel requests reach the worker running the chat at once, wherever it runs."""
+    """Owners' cancel requests reach the worker running the chat at once, wherever it runs. After
+    each (re)subscription the worker's chats' flags are read too: a request sent while this
+    listener was reconnecting is not missed."""
     while True:
         pubsub = redis.pubsub()
         try:
             await pubsub.subscribe(keys.cancels())
+            await runner.stop_flagged()
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and runner.stop(chat_id := message["data"].decode(), Stop.CANCELLED):
-                    extra = {"event": "chat.cancelling", **await whose(redis, chat_id)}
+                    extra = {"event": "chat.cancelling", **await whose(runner.streams, chat_id)}
                     log.info("chat %s: cancelling at its owner's request", chat_id, extra=extra)
         except asyncio.CancelledError:
             raise

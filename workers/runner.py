@@ -13,6 +13,7 @@ import enum
 import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from typing import Final
 import openai
 from redis.asyncio import Redis
 
-from streambridge.shared import logs, metrics, trace
+from streambridge.shared import logs, machine, metrics, trace
 from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
 from streambridge.shared.events import (
     Cancelled,
@@ -47,6 +48,10 @@ from streambridge.workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
 
+#: how long appends are sent again over a dropped connection: a streams Redis primary's failover
+#: (its replica took over in 3.7–4.3 s here) costs a retry, not an attempt
+APPEND_RETRY_FOR: Final = 15.0
+
 
 class Stop(enum.Enum):
     CANCELLED = "cancelled by its owner"
@@ -57,6 +62,7 @@ class Stop(enum.Enum):
 @dataclass
 class Active:
     task: asyncio.Task[object]
+    lease: Lease
     stop: Stop | None = None
 
 
@@ -109,13 +115,23 @@ class ResultTracker:
 
 
 class ChatRunner:
-    def __init__(self, redis: Redis, llm: openai.AsyncOpenAI, settings: Settings) -> None:
+    """Runs chats for one worker: ``control`` is the control Redis, ``streams`` the chats' own (the
+    same client when one Redis holds both)."""
+
+    def __init__(
+        self, redis: Redis, llm: openai.AsyncOpenAI, settings: Settings, streams: machine.Store | None = None
+    ) -> None:
         self.redis = redis
+        self.streams: machine.Store = streams if streams is not None else redis
+        self.publish = machine.publish_command(self.streams)
         self.llm = llm
         self.settings = settings
+        #: this worker's id among the workers' heartbeats (``shared.keys.workers``)
+        self.worker_id = uuid.uuid4().hex
         self.active: dict[str, Active] = {}
-        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send
-        self.appender = Appender(redis, retry_for=settings.lease_ttl / 2)
+        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send,
+        # for as long as a streams Redis failover takes (the leases hold meanwhile: they have no TTL)
+        self.appender = Appender(self.streams, retry_for=APPEND_RETRY_FOR)
         metrics.RUNNING_CHATS.set_function(lambda: len(self.active))
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
@@ -129,7 +145,13 @@ class ChatRunner:
 
     def lease(self, chat_id: str) -> Lease:
         """A new attempt's lease on the chat, not yet claimed."""
-        return Lease(self.redis, chat_id, secrets.token_hex(16), self.settings.lease_ttl)
+        return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16))
+
+    async def stop_flagged(self) -> None:
+        """Stops every chat here whose owner asked to cancel it (read from each chat's flag)."""
+        for chat_id, active in list(self.active.items()):
+            if await active.lease.cancel_flagged():
+                self.stop(chat_id, Stop.CANCELLED)
 
     async def run(self, chat_id: str) -> str:
         """Starts the chat and runs it; the outcome (a final status, or why it did not run)."""
@@ -148,15 +170,14 @@ class ChatRunner:
         began = time.monotonic()
         task = asyncio.current_task()
         assert task is not None
-        active = self.active[chat_id] = Active(task)
-        keeper = asyncio.create_task(self._keep(lease))
+        active = self.active[chat_id] = Active(task, lease)
         sink = StreamSink(
-            self.redis,
+            self.streams,
             chat_id,
             lease.token,
             maxlen=self.settings.stream_maxlen,
             appender=self.appender,
-            owner=lease.owner,
+            publish=self.publish,
         )
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
@@ -173,7 +194,7 @@ class ChatRunner:
                     terminal = await self._stream(chat_id, request, attempts, sink, tracker, accepted, span)
             except TimeoutError:
                 terminal = await self._past_deadline(sink, tracker)
-            finishing = asyncio.ensure_future(self._finish(sink, tracker, terminal))
+            finishing = asyncio.ensure_future(self._finish(lease, sink, tracker, terminal))
             await asyncio.shield(finishing)
         except asyncio.CancelledError:
             if finishing is not None:  # the chat's end was being written: let it land, it stands
@@ -185,13 +206,13 @@ class ChatRunner:
             else:
                 task.uncancel()
                 if active.stop is Stop.LEASE_LOST:
-                    return self._lost(chat_id)
+                    return await self._lost(lease)
                 try:
-                    await asyncio.shield(self._finish(sink, tracker, Cancelled()))
+                    await asyncio.shield(self._finish(lease, sink, tracker, Cancelled()))
                 except LeaseLost:  # raised in this handler, so the sibling clause below cannot catch it
-                    return self._lost(chat_id)
+                    return await self._lost(lease)
         except LeaseLost:
-            return self._lost(chat_id)
+            return await self._lost(lease)
         except StreamGap as exc:
             log.warning(
                 "chat %s: %s; handing it back for a new attempt", chat_id, exc, extra={"event": "chat.stream_gap"}
@@ -199,7 +220,6 @@ class ChatRunner:
             await self._hand_back(lease, sink)
             return "handed_back"
         finally:
-            keeper.cancel()
             del self.active[chat_id]
             await sink.close()
         assert tracker.result is not None
@@ -282,19 +302,6 @@ class ChatRunner:
                 await sink.append(event)  # a ``started`` event also records its attempt on the chat
         raise AssertionError("chat_events always ends with complete or failed")
 
-    async def _keep(self, lease: Lease) -> None:
-        """Renews the lease; if another attempt took it, stops this one."""
-        while True:
-            await asyncio.sleep(self.settings.lease_ttl / 3)
-            try:
-                renewed = await lease.renew()
-                if renewed != 1:
-                    self.stop(lease.chat_id, Stop.CANCELLED if renewed == 2 else Stop.LEASE_LOST)
-                    return
-            except Exception as exc:  # Redis trouble: keep trying while the lease may still hold
-                metrics.REDIS_ERRORS_WORKER.inc()
-                log.warning("chat %s: cannot renew lease: %s", lease.chat_id, exc)
-
     def _accepted(self, lease: Lease) -> float:
         """When the chat was accepted, in loop time (by Redis's clock, as :meth:`_deadline`); observes
         its pickup on its first start."""
@@ -323,16 +330,27 @@ class ChatRunner:
         metrics.HANDED_BACK.inc()
         log.info("chat %s: handed back", lease.chat_id, extra={"event": "chat.handed_back"})
 
-    def _lost(self, chat_id: str) -> str:
-        log.warning("chat %s: lease lost; another attempt owns it", chat_id, extra={"event": "chat.lease_lost"})
+    async def _lost(self, lease: Lease) -> str:
+        """Another attempt holds the chat (a reaper took this worker for dead), or Redis lost the
+        lease: the chat leaves this worker's list, queued again in the second case."""
+        log.warning("chat %s: lease lost", lease.chat_id, extra={"event": "chat.lease_lost"})
+        try:
+            await lease.release()
+        except Exception as exc:  # it stays listed: a reaper finishes this when the worker stops
+            log.warning("chat %s: cannot let go of it (%s)", lease.chat_id, exc)
         return "lease_lost"
 
-    async def _finish(self, sink: StreamSink, tracker: ResultTracker, terminal: Event) -> None:
+    async def _finish(self, lease: Lease, sink: StreamSink, tracker: ResultTracker, terminal: Event) -> None:
         tracker.observe(terminal)
         if tracker.result is None:  # cancelled
             tracker.result = tracker.cancelled()
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)
+        try:
+            await lease.finished()
+        except Exception as exc:  # it ended; it stays listed, and its owner's slot lapses at its deadline
+            metrics.REDIS_ERRORS_WORKER.inc()
+            log.warning("chat %s: ended, but not taken off its worker's list (%s)", lease.chat_id, exc)
 
 
 #: the events that start or fail an attempt: each is logged (a tuple: ``isinstance`` with a union per event costs more)

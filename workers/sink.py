@@ -23,7 +23,6 @@ import asyncio
 from typing import Final, get_args
 
 import msgspec
-from redis.asyncio import Redis
 
 from streambridge.shared import machine
 from streambridge.shared.chats import ChatResult
@@ -49,18 +48,18 @@ class StreamGap(StreambridgeError):
 class StreamSink:
     def __init__(
         self,
-        redis: Redis,
+        redis: machine.Store,
         chat_id: str,
         token: str,
         *,
         maxlen: int,
         appender: Appender | None = None,
-        owner: str = "",
+        publish: str = machine.PUBLISH,
     ) -> None:
         self._redis = redis
         self._appender = appender or Appender(redis)
         self._chat_id = chat_id
-        self._owner = owner  # whose running chats it counts among, until it finishes
+        self._publish = publish  # the command that announces entries: SPUBLISH on a cluster
         self._keys = machine.append_keys(chat_id)
         self._token = token
         self._maxlen = str(maxlen)
@@ -92,11 +91,10 @@ class StreamSink:
         """Append the terminal event and store the result, atomically; then the lease is gone."""
         await self.drain()
         self._seq += 1
-        k = machine.finish_keys(self._chat_id, self._owner)
         args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
         args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
-        args += [str(stream_ttl), self._chat_id]
-        self._check(await self._appender.call(machine.FINISH, k, args))
+        args += [str(stream_ttl), self._publish]
+        self._check(await self._appender.call(machine.FINISH, self._keys, args))
 
     async def close(self) -> None:
         if self._flusher is not None and not self._flusher.done():
@@ -108,7 +106,7 @@ class StreamSink:
             batch, self._pending = self._pending, []
             started, self._started = self._started, ""
             self._seq += 1
-            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started]
+            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started, self._publish]
             for event in batch:
                 args.append(_TYPES[type(event)])
                 args.append(encode_event(event))

@@ -4,6 +4,7 @@ and a graceful stop that no frozen Redis can hold up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any, Final
 
@@ -11,13 +12,13 @@ from arq.connections import ArqRedis
 
 from streambridge.shared import keys, metrics
 from streambridge.shared.jobs import QueueWorker, back_off
-from streambridge.shared.redis import connect
+from streambridge.shared.redis import connect, connect_streams
 from streambridge.shared.settings import Settings
 from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lane import NICE, BatchLane
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import make_client
-from streambridge.workers.reaper import listen_for_cancels, reap_forever
+from streambridge.workers.reaper import beat_forever, first_beat, listen_for_cancels, reap_forever, retire
 from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
@@ -47,6 +48,7 @@ class ChatWorker(QueueWorker):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._waker: asyncio.Task[None] | None = None
+        self._handing_back: set[asyncio.Task[None]] = set()
         #: the worker's batch lane (``workers/lane.py``), told how many chats run here
         self.lane: BatchLane | None = None
 
@@ -120,29 +122,71 @@ class ChatWorker(QueueWorker):
             self.unreserve(free)
 
     async def _start(self, job_ids: list[str], pop: int = 0) -> list[str]:
-        """Starts the jobs, in one round trip however many. With ``pop``, the same round trip takes
-        up to that many more woken ids off the wake list and returns them: a chat that woke alone
-        (the usual case) starts without a round trip spent looking for others."""
+        """Starts the jobs, in three round trips however many (``workers/lease.py``): the chats
+        listed as this worker's, their leases claimed, their jobs taken off the queue. With ``pop``,
+        the first round trip takes up to that many more woken ids off the wake list and returns
+        them: a chat that woke alone (the usual case) starts without a round trip spent looking
+        for others."""
         runner: ChatRunner = self.ctx["runner"]
         leases = [runner.lease(job_id) for job_id in job_ids]
         async with self.pool.pipeline(transaction=False) as pipe:
             if pop > 0:
                 pipe.lpop(keys.wake(), pop)
             for lease in leases:
-                lease.start(pipe)
-            answers = await pipe.execute(raise_on_error=False)
-        more = answers.pop(0) if pop > 0 else None
-        for lease, answer in zip(leases, answers, strict=True):
-            if isinstance(answer, Exception):  # not applied: it stays queued, for a later wake-up or scan
+                lease.register(pipe)
+            registered = await pipe.execute(raise_on_error=False)
+        more = registered.pop(0) if pop > 0 else None
+        listed = []
+        for lease, answer in zip(leases, registered, strict=True):
+            if isinstance(answer, Exception):  # not listed: it stays queued, for a later wake-up or scan
                 log.warning("chat %s: Redis refused its start (%s)", lease.chat_id, answer)
-                continue
-            outcome = lease.took(answer)
-            if outcome == "claimed":
-                self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
-            elif outcome != "taken":  # taken: another worker has it, or it was cancelled
-                extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
-                log.info("chat %s: not started (%s)", lease.chat_id, outcome, extra=extra)
+            else:
+                listed.append(lease)
+        # the claims join the appends' next round trip to the streams Redis (one pipeline per node)
+        calls = [lease.claim_call() for lease in listed]
+        answers = await asyncio.gather(
+            *(runner.appender.call(c.script, c.keys, c.args) for c in calls), return_exceptions=True
+        )
+        claimed: list[Lease] = []
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for lease, answer in zip(listed, answers, strict=True):
+                if isinstance(answer, BaseException):  # perhaps applied, its answer lost: let go of it
+                    log.warning("chat %s: its claim failed (%s); handing it back", lease.chat_id, answer)
+                    self._hand_back_later(lease)
+                    continue
+                outcome = lease.took(answer)
+                lease.take(pipe, outcome)
+                if outcome == "claimed":
+                    claimed.append(lease)
+                else:
+                    extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
+                    log.log(
+                        logging.DEBUG if outcome == "busy" else logging.INFO,
+                        "chat %s: not started (%s)",
+                        lease.chat_id,
+                        outcome,
+                        extra=extra,
+                    )
+            # a job left on the queue (this round trip failed) is dropped by whoever finds it next:
+            # its claim answers ``busy`` while this attempt runs, and its end after
+            taken = await pipe.execute(raise_on_error=False)
+        failed = [a for a in taken if isinstance(a, Exception)]
+        if failed:
+            log.warning("started chats' jobs not all taken off the queue (%s)", failed[0])
+        for lease in claimed:
+            self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
         return [job_id.decode() for job_id in more] if isinstance(more, list) else []
+
+    def _hand_back_later(self, lease: Lease) -> None:
+        async def hand_back() -> None:
+            try:
+                await lease.release()
+            except Exception as exc:  # it stays listed: a reaper finishes this if the worker stops
+                log.warning("chat %s: cannot hand it back (%s)", lease.chat_id, exc)
+
+        task = asyncio.create_task(hand_back())
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
 
     async def _run(self, lease: Lease) -> None:
         runner: ChatRunner = self.ctx["runner"]
@@ -154,7 +198,7 @@ class ChatWorker(QueueWorker):
             extra = {"event": "chat.crashed", "chat_id": lease.chat_id}
             log.exception("chat %s: its run failed; handing it back for another attempt", lease.chat_id, extra=extra)
             try:
-                await lease.release()  # due for the reaper at once, not when the lease lapses
+                await lease.release()  # back on the queue at once
             except Exception as exc:
                 log.warning("chat %s: cannot hand it back (%s); its lease will lapse", lease.chat_id, exc)
 
@@ -179,13 +223,18 @@ def make_worker(
     regardless), none for a burst worker (it exits once the queue is empty).
     """
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
+    url = settings.streams_redis_url
+    streams = connect_streams(url, max_connections=CONNECTIONS) if url else None
 
     async def startup(ctx: dict[str, Any]) -> None:
         llm = make_client(llm_base_url, settings.llm_api_key)
-        runner = ChatRunner(ctx["redis"], llm, settings)
+        runner = ChatRunner(ctx["redis"], llm, settings, streams)
         ctx["llm"], ctx["runner"] = llm, runner
+        # before the first chat is taken: a chat of a worker without a heartbeat would be reaped at once
+        await first_beat(ctx["redis"], runner.worker_id, settings.lease_ttl)
         ctx["background"] = [
-            asyncio.create_task(reap_forever(ctx["redis"], settings.lease_ttl / 6), name="reaper"),
+            asyncio.create_task(beat_forever(ctx["redis"], runner.worker_id, settings.lease_ttl), name="heartbeat"),
+            asyncio.create_task(reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6), name="reaper"),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
         if burst:
@@ -214,6 +263,10 @@ def make_worker(
         for task in ctx.get("background", []):
             task.cancel()
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
+        if "runner" in ctx:  # the heartbeat has stopped: whatever the worker still lists is any reaper's
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await retire(ctx["redis"], ctx["runner"].worker_id)
         if "batches" in ctx:
             await ctx["batches"].close()
         if worker.lane is not None:
@@ -223,6 +276,8 @@ def make_worker(
             await ctx["runner"].appender.close()
         if "llm" in ctx:
             await ctx["llm"].close()
+        if streams is not None:
+            await streams.aclose()
 
     worker = ChatWorker(
         pool=connect(settings.redis_url, max_connections=CONNECTIONS, client_class=ArqRedis),
@@ -240,8 +295,9 @@ async def stop_worker(worker: ChatWorker, main: asyncio.Task[None], grace: float
 
     Returns within ``grace + HANDBACK_WAIT + 2 * CLOSE_WAIT`` seconds whatever Redis does, plus,
     with a batch lane, the lane's own stop first (at most ``lane.STOP_WAIT`` + 2 s; it is killed
-    past that): a frozen Redis may keep a chat or an item from being handed back (its lease then
-    lapses, and another worker runs it again), never the process from exiting.
+    past that): a frozen Redis may keep a chat or an item from being handed back (a reaper then
+    finds it on the list of a worker whose heartbeat stopped, and another worker runs it again),
+    never the process from exiting.
     """
     await worker.stop_waking()  # before the running chats are counted: it starts none after
     runner: ChatRunner | None = worker.ctx.get("runner")

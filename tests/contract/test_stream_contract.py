@@ -97,7 +97,7 @@ async def test_a_worker_that_lost_its_lease_appends_nothing(store: Redis) -> Non
 
 async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
     script = store.register_script(APPEND.lua)
-    batch = [TOKEN, "1", "10000", "", b"content", b'{"type":"content","content":"x","index":1,"attempt":1}']
+    batch = [TOKEN, "1", "10000", "", "PUBLISH", b"content", b'{"type":"content","content":"x","index":1,"attempt":1}']
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     assert await script(keys=k, args=batch) == 1
     assert await script(keys=k, args=batch) == 0
@@ -199,9 +199,9 @@ async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> No
     script = store.register_script(APPEND.lua)
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     event = b'{"type":"content","content":"x","index":1,"attempt":1}'
-    assert await script(keys=k, args=[TOKEN, "1", "10000", "", "content", event]) == 1
+    assert await script(keys=k, args=[TOKEN, "1", "10000", "", "PUBLISH", "content", event]) == 1
     # batch 2 was lost in a Redis crash; batch 3 must not paper over the hole
-    assert await script(keys=k, args=[TOKEN, "3", "10000", "", "content", event]) == -2
+    assert await script(keys=k, args=[TOKEN, "3", "10000", "", "PUBLISH", "content", event]) == -2
     assert await store.xlen(keys.events(CHAT)) == 1
 
 
@@ -220,7 +220,7 @@ async def test_the_terminal_event_and_the_final_status_land_together_and_only_on
     await sink.append(content(2))  # nothing after the end, from this attempt or a stale one
     with pytest.raises(LeaseLost):
         await sink.drain()
-    assert await Lease(store, CHAT, "a-second-run", ttl=1).claim() != "claimed"  # and no second run
+    assert await Lease(store, store, "worker", CHAT, "a-second-run").claim() != "claimed"  # and no second run
     await sink.close()
 
 

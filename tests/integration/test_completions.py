@@ -161,7 +161,7 @@ async def test_a_chat_cancelled_while_its_completion_waits_is_the_sdks_conflict_
         sdk.chat.completions.create(model="fake?words=300&delay_ms=20", messages=ask("cancel me"))  # type: ignore[arg-type]
     )
     async with Redis.from_url(str(settings.redis_url)) as redis, asyncio.timeout(10):
-        while not (running := await redis.zrange(keys.running(), 0, 0)):
+        while not (running := [c for k in await redis.keys(keys.worker_chats("*")) for c in await redis.hkeys(k)]):  # type: ignore[misc]
             await asyncio.sleep(0.02)
     chat_id = running[0].decode()
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:

@@ -25,6 +25,7 @@ from streambridge.shared.presence import (
     read_records,
 )
 from streambridge.shared.status import gather_snapshot
+from streambridge.workers.lease import Lease
 from tests.integration.conftest import bearer
 
 STARTED = time.time()
@@ -106,8 +107,8 @@ async def test_a_snapshot_counts_queued_and_running_chats(client: TestClient, to
         response = await client.post("/v1/chats", json={"message": f"m{n}"}, headers=bearer(token))
         assert response.status == 202
         ids.append((await response.json())["id"])
-    started = await machine.call(real_redis, machine.start(ids[0], "token", 60_000))
-    assert started[0] == b"claimed"
+    await machine.call(real_redis, machine.heartbeat("a-worker", 60_000, first=True))
+    assert await Lease(real_redis, real_redis, "a-worker", ids[0], "token").claim() == "claimed"
     await Heartbeat(real_redis, lambda: a_worker("w1", chats=1, chat_ids=[ids[0]], chats_last_minute=4)).beat()
     await Heartbeat(real_redis, lambda: a_worker("w2", chats_last_minute=3)).beat()
 
@@ -127,14 +128,16 @@ async def test_chats_and_batch_items_whose_worker_was_lost_show_as_orphaned_not_
     sdk: openai.AsyncOpenAI,
     real_redis: Redis,
 ) -> None:
-    """Lapsed leases stay in ``sb:running`` and a batch's leases until a live worker takes them back:
-    with no worker alive (it was SIGKILLed) they must not count as running."""
+    """A dead worker's chats stay on its list, and a batch's lapsed leases in the batch, until a live
+    worker takes them back: with no worker alive (it was SIGKILLed) they must not count as running."""
     ids = []
     for n in range(2):
         response = await client.post("/v1/chats", json={"message": f"m{n}"}, headers=bearer(token))
         ids.append((await response.json())["id"])
-    assert (await machine.call(real_redis, machine.start(ids[0], "t0", 200)))[0] == b"claimed"
-    assert (await machine.call(real_redis, machine.start(ids[1], "t1", 60_000)))[0] == b"claimed"
+    await machine.call(real_redis, machine.heartbeat("dies", 200, first=True))
+    await machine.call(real_redis, machine.heartbeat("lives", 60_000, first=True))
+    assert await Lease(real_redis, real_redis, "dies", ids[0], "t0").claim() == "claimed"
+    assert await Lease(real_redis, real_redis, "lives", ids[1], "t1").claim() == "claimed"
     k = await a_batch(sdk, real_redis, items=5)
     assert len(await machine.call(real_redis, batches.claim(k, 2, lease_ms=200, max_running=100))) == 4
     assert len(await machine.call(real_redis, batches.claim(k, 1, lease_ms=60_000, max_running=100))) == 2

@@ -22,6 +22,7 @@ from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 from streambridge.shared.streams import id_key
 from streambridge.workers.llm import make_client
+from streambridge.workers.lease import Lease
 from streambridge.workers.runner import ChatRunner
 from streambridge.workers.worker import ChatWorker, make_worker, stop_worker
 from tests.integration.conftest import bearer, events_of, read_sse
@@ -119,13 +120,15 @@ async def test_a_wake_up_for_a_chat_started_elsewhere_or_cancelled_starts_nothin
     idle_worker: ChatWorker,
 ) -> None:
     started, cancelled = await create(client, token, 0), await create(client, token, 1)
-    await idle_worker.pool.zrem(keys.queue(), started)  # what another worker's START does
+    elsewhere = Lease(idle_worker.pool, idle_worker.pool, "another-worker", started, "its-token")
+    assert await elsewhere.claim() == "claimed"
     response = await client.post(f"/v1/chats/{cancelled}/cancel", headers=bearer(token))
     assert (await response.json())["status"] == "cancelled"
     assert await idle_worker._start([started, cancelled]) == []
     assert idle_worker.busy == 0
     statuses = [await idle_worker.pool.hget(keys.chat(c), "status") for c in (started, cancelled)]  # type: ignore[misc]
-    assert statuses == [b"queued", b"cancelled"]  # neither claimed here
+    assert statuses == [b"running", b"cancelled"]  # neither claimed here
+    assert await idle_worker.pool.hget(keys.lease(started), "token") == b"its-token"  # type: ignore[misc]
 
 
 async def test_a_chat_woken_twice_starts_once(
@@ -278,11 +281,11 @@ async def test_a_worker_never_runs_more_chats_than_its_concurrency(settings: Set
         chat_ids = [uuid.uuid4().hex for _ in range(400)]
         for n, chat_id in enumerate(chat_ids):  # as fast as Redis takes them
             request = msgspec.json.encode({"messages": [{"role": "user", "content": f"chat {n}"}]})
+            await machine.call(real_redis, machine.create(chat_id, "u", created_at="", request=request, result_ttl=60))
             admit = machine.admit(
                 chat_id,
                 "u",
                 "c",
-                created_at="",
                 request=request,
                 job=job_record(chat_id),
                 job_expires_ms=JOB_EXPIRES_MS,

@@ -4,10 +4,10 @@ from streambridge.shared import keys
 def test_redis_key_strings_are_pinned() -> None:
     """These strings are a wire contract between processes of different versions: change them knowingly."""
     assert keys.QUEUE_NAME == "sb:queue"
-    assert keys.chat("c1") == "sb:chat:c1"
-    assert keys.events("c1") == "sb:chat:c1:events"
-    assert keys.notify("c1") == "sb:chat:c1:notify"
-    assert keys.lease("c1") == "sb:chat:c1:lease"
+    assert keys.chat("c1") == "sb:chat:{c1}"
+    assert keys.events("c1") == "sb:chat:{c1}:events"
+    assert keys.notify("c1") == "sb:chat:{c1}:notify"
+    assert keys.lease("c1") == "sb:chat:{c1}:lease"
     assert keys.credential("0123456789abcdef") == "sb:cred:0123456789abcdef"
     assert keys.api_keys() == "sb:keys"
     assert keys.active("visitor_1") == "sb:active:visitor_1"
@@ -16,7 +16,8 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.secret() == "sb:secret"
     assert keys.edges() == "sb:edges"
     assert keys.cancels() == "sb:cancels"
-    assert keys.running() == "sb:running"
+    assert keys.workers() == "sb:workers"
+    assert keys.worker_chats("w1") == "sb:worker:w1:chats"
     assert keys.wake() == "sb:wake"
     assert keys.rate("visitor_1") == "sb:rate:visitor_1"
     assert keys.visitor_logins("127.0.0.1") == "sb:logins:127.0.0.1"
@@ -46,3 +47,12 @@ def test_batch_key_strings_are_pinned() -> None:
 def test_presence_key_strings_are_pinned() -> None:
     assert keys.processes() == "sb:processes"
     assert keys.process("worker-h-1-ab") == "sb:process:worker-h-1-ab"
+
+
+def test_a_chats_own_keys_share_one_cluster_slot() -> None:
+    """Every script over a chat's keys runs on one node of a Redis Cluster: one hash tag, the chat's id."""
+    from redis.crc import key_slot
+
+    slots = {key_slot(k(c).encode()) for k in (keys.chat, keys.events, keys.notify, keys.lease) for c in ["c1"]}
+    assert len(slots) == 1
+    assert key_slot(keys.chat("c2").encode()) != key_slot(keys.chat("c1").encode())
