@@ -21,8 +21,8 @@ from streambridge.shared import keys, machine
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 from streambridge.shared.streams import id_key
-from streambridge.workers.llm import make_client
 from streambridge.workers.lease import Lease
+from streambridge.workers.llm import make_client
 from streambridge.workers.runner import ChatRunner
 from streambridge.workers.worker import ChatWorker, make_worker, stop_worker
 from tests.integration.conftest import bearer, events_of, read_sse
