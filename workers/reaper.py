@@ -31,20 +31,38 @@ async def whose(redis: machine.Store, chat_id: str) -> dict[str, Any]:
     return fields
 
 
-async def beat_forever(control: Redis, worker_id: str, ttl: float) -> None:
-    """The worker's heartbeat (its first was written before it took a chat: :func:`first_beat`)."""
+async def beat_forever(runner: ChatRunner, ttl: float) -> None:
+    """The worker's heartbeat (its first was written before it took a chat: :func:`first_beat`),
+    and an audit of its list with each: a chat listed here that runs here no more (a FINISH or a
+    hand-back whose second half Redis lost in a restart) would otherwise wait for this worker's death."""
+    control = runner.redis
     while True:
         await asyncio.sleep(ttl / 3)
         try:
-            if await machine.call(control, machine.heartbeat(worker_id, int(ttl * 1000))):
+            if await machine.call(control, machine.heartbeat(runner.worker_id, int(ttl * 1000))):
                 log.warning(
                     "worker: its heartbeat had lapsed (Redis unreachable, or the process stalled); "
                     "its chats may have been re-queued, and those that were stop at their next append",
                     extra={"event": "worker.heartbeat_lapsed"},
                 )
+            await audit(runner)
         except Exception as exc:  # the chats stay this worker's until the heartbeat lapses
             metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("worker heartbeat: %s", exc)
+
+
+async def audit(runner: ChatRunner) -> None:
+    listed: list[bytes] = await runner.redis.hkeys(keys.worker_chats(runner.worker_id))  # type: ignore[misc]
+    for raw in listed:
+        chat_id = raw.decode()
+        if chat_id in runner.active or chat_id in runner.starting:
+            continue
+        token = await runner.redis.hget(keys.worker_chats(runner.worker_id), chat_id)  # type: ignore[misc]
+        if token is None or chat_id in runner.active or chat_id in runner.starting:
+            continue  # let go of meanwhile, or started again
+        if await recover(runner.redis, runner.streams, runner.worker_id, chat_id, token.decode()):
+            extra = {"event": "chat.reaped", **await whose(runner.streams, chat_id)}
+            log.warning("chat %s: listed here but not running here; re-queued", chat_id, extra=extra)
 
 
 async def first_beat(control: Redis, worker_id: str, ttl: float) -> None:

@@ -129,6 +129,8 @@ class ChatRunner:
         #: this worker's id among the workers' heartbeats (``shared.keys.workers``)
         self.worker_id = uuid.uuid4().hex
         self.active: dict[str, Active] = {}
+        #: chats being started here (listed as this worker's, not yet running or let go)
+        self.starting: set[str] = set()
         # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send,
         # for as long as a streams Redis failover takes (the leases hold meanwhile: they have no TTL)
         self.appender = Appender(self.streams, retry_for=APPEND_RETRY_FOR)

@@ -129,6 +129,13 @@ class ChatWorker(QueueWorker):
         for others."""
         runner: ChatRunner = self.ctx["runner"]
         leases = [runner.lease(job_id) for job_id in job_ids]
+        runner.starting.update(job_ids)
+        try:
+            return await self._start_leases(runner, leases, pop)
+        finally:
+            runner.starting.difference_update(job_ids)
+
+    async def _start_leases(self, runner: ChatRunner, leases: list[Lease], pop: int) -> list[str]:
         async with self.pool.pipeline(transaction=False) as pipe:
             if pop > 0:
                 pipe.lpop(keys.wake(), pop)
@@ -233,7 +240,7 @@ def make_worker(
         # before the first chat is taken: a chat of a worker without a heartbeat would be reaped at once
         await first_beat(ctx["redis"], runner.worker_id, settings.lease_ttl)
         ctx["background"] = [
-            asyncio.create_task(beat_forever(ctx["redis"], runner.worker_id, settings.lease_ttl), name="heartbeat"),
+            asyncio.create_task(beat_forever(runner, settings.lease_ttl), name="heartbeat"),
             asyncio.create_task(reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6), name="reaper"),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
