@@ -173,6 +173,7 @@ class ChatRunner:
         task = asyncio.current_task()
         assert task is not None
         active = self.active[chat_id] = Active(task, lease)
+        self.starting.discard(chat_id)
         sink = StreamSink(
             self.streams,
             chat_id,

@@ -128,14 +128,18 @@ class ChatWorker(QueueWorker):
         them: a chat that woke alone (the usual case) starts without a round trip spent looking
         for others."""
         runner: ChatRunner = self.ctx["runner"]
+        # a chat this worker runs or is starting already (its job is still queued between its claim
+        # and its take, where the scan may see it): listing it again would replace its token
+        job_ids = [j for j in job_ids if j not in runner.active and j not in runner.starting]
         leases = [runner.lease(job_id) for job_id in job_ids]
         runner.starting.update(job_ids)
+        claimed: list[Lease] = []
         try:
-            return await self._start_leases(runner, leases, pop)
-        finally:
-            runner.starting.difference_update(job_ids)
+            return await self._start_leases(runner, leases, pop, claimed)
+        finally:  # a claimed chat stays "starting" until its run counts it as running
+            runner.starting.difference_update(set(job_ids) - {lease.chat_id for lease in claimed})
 
-    async def _start_leases(self, runner: ChatRunner, leases: list[Lease], pop: int) -> list[str]:
+    async def _start_leases(self, runner: ChatRunner, leases: list[Lease], pop: int, claimed: list[Lease]) -> list[str]:
         async with self.pool.pipeline(transaction=False) as pipe:
             if pop > 0:
                 pipe.lpop(keys.wake(), pop)
@@ -154,7 +158,6 @@ class ChatWorker(QueueWorker):
         answers = await asyncio.gather(
             *(runner.appender.call(c.script, c.keys, c.args) for c in calls), return_exceptions=True
         )
-        claimed: list[Lease] = []
         async with self.pool.pipeline(transaction=False) as pipe:
             for lease, answer in zip(listed, answers, strict=True):
                 if isinstance(answer, BaseException):  # perhaps applied, its answer lost: let go of it
@@ -207,7 +210,9 @@ class ChatWorker(QueueWorker):
             try:
                 await lease.release()  # back on the queue at once
             except Exception as exc:
-                log.warning("chat %s: cannot hand it back (%s); its lease will lapse", lease.chat_id, exc)
+                log.warning("chat %s: cannot hand it back (%s); a reaper will", lease.chat_id, exc)
+        finally:  # cancelled before it ran: it stays listed, for the audit (or a reaper) to hand back
+            runner.starting.discard(lease.chat_id)
 
 
 def make_worker(

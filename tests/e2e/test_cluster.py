@@ -1,0 +1,161 @@
+"""The chats' own keys on a real 6-node Redis Cluster (``STREAMBRIDGE_STREAMS_REDIS_URL``), the queue
+on a redis-server of its own, and every process started through the CLI: chats stream and resume
+across edges; a primary SIGKILLed or a slot moved mid-stream costs no chat an attempt, and no
+reader an event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from redis.crc import key_slot
+
+from streambridge.fake_llm import expected_text
+from streambridge.shared import keys
+from streambridge.shared.events import Complete, Event, Started, assemble_text, decode_event
+from streambridge.sse import SSEParser
+from tests.cluster import RedisCluster
+from tests.conftest import OwnRedis
+from tests.e2e.conftest import Process, clean_env, create_chat, login
+
+pytestmark = pytest.mark.e2e
+
+
+class ClusterStack:
+    """api, two edges and two workers; the control Redis apart from the cluster."""
+
+    def __init__(self, logs: Path, cluster: RedisCluster) -> None:
+        self.cluster = cluster
+        self.control = OwnRedis()
+        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "10"], clean_env(), logs)
+        env = clean_env(
+            STREAMBRIDGE_REDIS_URL=self.control.url(0),
+            STREAMBRIDGE_STREAMS_REDIS_URL=cluster.url,
+            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+        )
+        self.edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
+        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edges[0].url}, logs)
+        self.workers = [Process(["worker"], env, logs, ready="worker started") for _ in range(2)]
+
+    def stop(self) -> None:
+        for process in (*self.workers, self.api, *self.edges, self.llm):
+            process.stop()
+        self.control.stop()
+
+
+@pytest.fixture
+def shared_stack(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[ClusterStack]:
+    stack = ClusterStack(tmp_path, redis_cluster)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path, fresh_redis_cluster: RedisCluster) -> Iterator[ClusterStack]:
+    stack = ClusterStack(tmp_path, fresh_redis_cluster)
+    yield stack
+    stack.stop()
+
+
+async def read(
+    session: aiohttp.ClientSession, url: str, last: str = "", *, stop_after: int | None = None
+) -> tuple[list[tuple[str, Event]], str]:
+    """The chat's events after ``last``, with their ids, resuming with Last-Event-ID whenever the
+    stream drops, to the end (or ``stop_after`` events: then the connection is dropped)."""
+    got: list[tuple[str, Event]] = []
+    while not got or not isinstance(got[-1][1], Complete):
+        parser = SSEParser()
+        try:
+            async with session.get(url, headers={"Last-Event-ID": last} if last else {}) as response:
+                if response.status == 503:  # Redis unavailable for a moment (a failover): as a client does
+                    await asyncio.sleep(0.2)
+                    continue
+                assert response.status == 200, await response.text()
+                async for chunk in response.content.iter_any():
+                    for message in parser.feed(chunk):
+                        got.append((message.id or "", decode_event(message.data)))
+                        last = message.id or last
+                        if stop_after is not None and len(got) >= stop_after:
+                            return got, last
+        except aiohttp.ClientError:
+            await asyncio.sleep(0.1)
+    return got, last
+
+
+def check_exact(got: list[tuple[str, Event]], prompt: str, words: int) -> None:
+    ids = [entry_id for entry_id, _ in got]
+    assert len(ids) == len(set(ids)), "an event came twice"
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-")))), "out of order"
+    events = [event for _, event in got]
+    assert [e.attempt for e in events if isinstance(e, Started)] == [1], "no chat needed a second attempt"
+    assert assemble_text(events) == expected_text(prompt, words)
+
+
+async def upstream_calls(session: aiohttp.ClientSession, stack: ClusterStack) -> dict[str, int]:
+    async with session.get(f"{stack.llm.url}/_stats") as response:
+        return dict((await response.json())["paths"])
+
+
+async def test_chats_spread_over_the_primaries_and_resume_on_the_other_edge_exactly(shared_stack: ClusterStack) -> None:
+    words = 40
+    prompts = [f"cluster resume {n}" for n in range(6)]
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, shared_stack.api.url)
+        chats = [
+            await create_chat(session, shared_stack.api.url, auth, message=p, model=f"fake?words={words}&delay_ms=10")
+            for p in prompts
+        ]
+        other_edge = shared_stack.edges[1].url
+        for prompt, chat in zip(prompts, chats, strict=True):
+            first, last = await read(session, chat["stream_url"], stop_after=5)  # dropped mid-answer
+            rest, _ = await read(session, chat["stream_url"].replace(shared_stack.edges[0].url, other_edge), last)
+            check_exact(first + rest, prompt, words)
+    owners = {shared_stack.cluster.owner_of(key_slot(keys.events(c["id"]).encode())).port for c in chats}
+    assert len(owners) >= 2, "six chats' keys all on one primary: the hash tag does not spread them"
+
+
+async def test_a_primary_sigkilled_mid_stream_costs_no_attempt_and_no_event(own_stack: ClusterStack) -> None:
+    words = 60  # ~150 chunks, 40 ms apart: 6 s, and the kill lands 1.5 s in
+    prompts = [f"outlive a failover {n}" for n in range(9)]
+    model = f"fake?words={words}&delay_ms=40"
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, own_stack.api.url)
+        chats = [await create_chat(session, own_stack.api.url, auth, message=p, model=model) for p in prompts]
+        readers = [asyncio.create_task(read(session, c["stream_url"])) for c in chats]
+        await asyncio.sleep(1.5)
+        cluster = own_stack.cluster
+        victim = cluster.owner_of(key_slot(keys.events(chats[0]["id"]).encode()))
+        on_victim = sum(cluster.owner_of(key_slot(keys.events(c["id"]).encode())) is victim for c in chats)
+        cluster.kill(victim)
+        await asyncio.to_thread(cluster.wait_failover, victim)
+        results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+        upstream = await upstream_calls(session, own_stack)
+    assert on_victim >= 1
+    for prompt, (got, _) in zip(prompts, results, strict=True):
+        check_exact(got, prompt, words)
+    assert upstream == {"/v1/chat/completions": len(prompts)}, "the upstream was called once per chat"
+
+
+async def test_a_slot_moved_mid_stream_with_readers_attached_loses_nothing(own_stack: ClusterStack) -> None:
+    words = 60
+    prompts = [f"outlive a resharding {n}" for n in range(3)]
+    model = f"fake?words={words}&delay_ms=30"
+    async with aiohttp.ClientSession() as session:
+        auth = await login(session, own_stack.api.url)
+        chats = [await create_chat(session, own_stack.api.url, auth, message=p, model=model) for p in prompts]
+        readers = [asyncio.create_task(read(session, c["stream_url"])) for c in chats for _ in range(2)]
+        await asyncio.sleep(1.0)
+        cluster = own_stack.cluster
+        slot = key_slot(keys.events(chats[0]["id"]).encode())
+        source = cluster.owner_of(slot)
+        target = next(p for p in cluster.primaries() if p is not source)
+        await asyncio.to_thread(cluster.migrate_slot, slot, target)
+        assert cluster.owner_of(slot) is target
+        results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+        upstream = await upstream_calls(session, own_stack)
+    for n, (got, _) in enumerate(results):
+        check_exact(got, prompts[n // 2], words)
+    assert upstream == {"/v1/chat/completions": len(prompts)}
