@@ -8,6 +8,7 @@ default makes them wait ~6 s). A cluster has db 0 only: tests keep apart by key 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 import shutil
 import subprocess
@@ -73,12 +74,11 @@ class RedisCluster:
         self.nodes: list[Node] = []
         try:
             for _ in range(primaries * 2):
-                self.nodes.append(self._start(server))
-            for node in self.nodes:
-                _until(lambda node=node: _answers(node), f"{node} answers", 10)  # type: ignore[misc]
-                node.id = node.client.execute_command("CLUSTER", "MYID").decode()
+                self.nodes.append(self._node(server))
             create = ["--cluster", "create", *(n.address for n in self.nodes), "--cluster-replicas", "1"]
-            subprocess.run([cli, *create, "--cluster-yes"], check=True, capture_output=True)
+            done = subprocess.run([cli, *create, "--cluster-yes"], capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]}{done.stderr}")
             self.wait_ok()
         except BaseException:
             self.stop()
@@ -86,8 +86,24 @@ class RedisCluster:
         self.seeds = [(HOST, n.port) for n in self.nodes]
         self.url = "redis-cluster://" + ",".join(n.address for n in self.nodes)
 
-    def _start(self, server: str) -> Node:
-        port, bus = free_port(), free_port()
+    def _node(self, server: str) -> Node:
+        """A node answering on free ports: a port taken meanwhile (other tests run beside these) is
+        given up for others."""
+        for attempt in range(5):
+            taken = {p for n in self.nodes for p in (n.port, n.bus_port)}
+            port, bus = itertools.islice((p for p in iter(free_port, None) if p not in taken), 2)
+            node = self._start(server, port, bus)
+            try:
+                _until(lambda node=node: _answers(node), f"{node} answers", 10)  # type: ignore[misc]
+            except _NodeExited:
+                if attempt == 4:
+                    raise
+                continue
+            node.id = node.client.execute_command("CLUSTER", "MYID").decode()
+            return node
+        raise AssertionError("unreachable")
+
+    def _start(self, server: str, port: int, bus: int) -> Node:
         args = [server, "--port", str(port), "--cluster-port", str(bus), "--bind", HOST, "--dir", self._dir.name]
         args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
         args += ["--cluster-node-timeout", str(NODE_TIMEOUT), "--save", "", "--appendonly", "no"]
@@ -200,9 +216,13 @@ def _bytes(key: str | bytes) -> bytes:
     return key.encode() if isinstance(key, str) else key
 
 
+class _NodeExited(Exception):
+    pass
+
+
 def _answers(node: Node) -> bool:
     if not node.alive():
-        raise RuntimeError(f"redis-server on {node.port} exited with {node.process.returncode}")
+        raise _NodeExited(f"redis-server on {node.port} exited with {node.process.returncode}")
     try:
         return bool(node.client.ping())
     except redis.ConnectionError:

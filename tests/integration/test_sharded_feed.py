@@ -142,6 +142,22 @@ async def test_an_unsubscribed_channel_hears_nothing_more(
     assert feed.connected()
 
 
+async def test_a_channel_unsubscribed_and_subscribed_again_at_once_is_not_taken_for_a_moved_slot(
+    redis_cluster: RedisCluster, feed: ShardedFeed, heard: Heard, caplog: pytest.LogCaptureFixture
+) -> None:
+    channel = spread(redis_cluster)[0]
+    feed.subscribe(channel)
+    await heard.until(lambda: heard.gaps_of(channel) == 1)
+    with caplog.at_level(logging.INFO, "streambridge.edge"):
+        feed.unsubscribe(channel)  # the last reader leaves, and a new one comes before Redis confirms
+        feed.subscribe(channel)
+        await heard.until(lambda: heard.gaps_of(channel) == 2)
+        spublish(redis_cluster.owner_of(channel), channel, b"still here")
+        await heard.until(lambda: heard.heard(channel) == [b"still here"])
+    assert "slot moved" not in caplog.text
+    assert heard.gaps_of(channel) == 2
+
+
 async def test_close_releases_every_connection(redis_cluster: RedisCluster, heard: Heard) -> None:
     channels = spread(redis_cluster)
     ports = set()
@@ -207,14 +223,18 @@ async def test_a_killed_primarys_channels_come_back_on_its_promoted_replica(
     feed.subscribe(other)
     await heard.until(lambda: heard.gaps_of(channel) == heard.gaps_of(other) == 1)
     victim = cluster.owner_of(channel)
+    late = next(c for c in (notify(f"late{n}") for n in range(1000)) if cluster.owner_of(c) is victim)
     cluster.kill(victim)
     killed = time.monotonic()
     await heard.until(lambda: not feed.connected(), timeout=2)
-    await heard.until(lambda: heard.gaps_of(channel) == 2 and feed.connected(), timeout=20)
+    feed.subscribe(late)  # a reader comes while its slot's primary is dead
+    await heard.until(lambda: heard.gaps_of(channel) == 2 and heard.gaps_of(late) == 1, timeout=20)
+    await heard.until(feed.connected)
     took = time.monotonic() - killed
     promoted = await asyncio.to_thread(cluster.wait_failover, victim)
     assert spublish(promoted, channel, b"after failover") == 1
-    await heard.until(lambda: heard.heard(channel) == [b"after failover"])
+    assert spublish(promoted, late, b"late") == 1
+    await heard.until(lambda: heard.heard(channel) == [b"after failover"] and heard.heard(late) == [b"late"])
     assert spublish(cluster.owner_of(other), other, b"still") == 1
     await heard.until(lambda: heard.heard(other) == [b"still"])
     assert heard.gaps_of(other) == 1, "the other primaries' channels were not disturbed"
