@@ -26,11 +26,12 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import hiredis
 from redis.asyncio import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
@@ -58,10 +59,12 @@ class ShardedFeed:
         self, redis: RedisCluster, on_message: Callable[[bytes, bytes], None], on_gap: Callable[[bytes], None]
     ) -> None:
         self._settings = dict(redis.connection_kwargs)
+        if issubclass(self._settings.get("connection_class", object), SSLConnection):
+            raise NotImplementedError("the sharded feed speaks plain TCP only: a cluster over TLS is not supported yet")
         self._seeds: list[Address] = [(n.host, int(n.port)) for n in redis.nodes_manager.startup_nodes.values()]
         self.on_message, self.on_gap = on_message, on_gap
         self.channels: set[str] = set()
-        self._owners: list[Address | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self._owners: Sequence[Address | None] = [None] * REDIS_CLUSTER_HASH_SLOTS  # each slot's primary
         self._nodes: dict[Address, _Shard] = {}  # one for each primary
         self._where: dict[str, _Shard] = {}  # each channel's node, subscribed there or about to be
         self._unrouted: set[str] = set()  # channels waiting for the map to say where they go
@@ -116,7 +119,9 @@ class ShardedFeed:
             if channel in self.channels:
                 self._unrouted.add(channel)
         if to is not None and channels:
-            self._owners[slot_of(channels[0])] = to
+            owners = list(self._owners)
+            owners[slot_of(channels[0])] = to
+            self._owners = owners
         self._wakeup.set()
 
     def lost(self, node: _Shard) -> None:
@@ -137,16 +142,16 @@ class ShardedFeed:
                 log.warning("edge hub: the Redis Cluster is changing (%s); trying again in %.2f s", exc, delay)
                 self._wakeup.set()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                delay = min(delay * 2, 0.5)  # a replica is promoted within seconds: be there soon after
 
     async def _settle(self) -> None:
         """Reads the map, moves each channel to its slot's primary, connects every primary."""
-        self._owners = await self._read_map()
-        primaries = set(filter(None, self._owners))
+        self._owners = owners = await self._read_map()
+        primaries = set(owners)
         for address in primaries - self._nodes.keys():
             self._nodes[address] = _Shard(self, address, self._settings)
         for channel in list(self.channels):
-            node = self._nodes[self._owners[slot_of(channel)] or ("", 0)]
+            node = self._nodes[owners[slot_of(channel)]]
             was = self._where.get(channel)
             if was is not node:
                 if was is not None:
@@ -161,7 +166,7 @@ class ShardedFeed:
         if failed:
             raise failed[0]
 
-    async def _read_map(self) -> list[Address | None]:
+    async def _read_map(self) -> list[Address]:
         """Each slot's primary, as the first node to answer says: the primaries known, then the seeds."""
         error: Exception = RedisConnectionError("no node to ask")
         for address in dict.fromkeys([*(a for a, n in self._nodes.items() if n.connected()), *self._seeds]):
@@ -174,9 +179,10 @@ class ShardedFeed:
             for start, end, primary, *_ in reply:  # type: ignore[attr-defined]
                 host = primary[0].decode() if primary[0] not in (b"", b"?") else address[0]
                 owners[start : end + 1] = [(host, int(primary[1]))] * (end + 1 - start)
-            if None in owners:
+            served = [owner for owner in owners if owner is not None]
+            if len(served) != REDIS_CLUSTER_HASH_SLOTS:
                 raise ResponseError(f"{address[0]}:{address[1]} says some slots have no primary")
-            return owners
+            return served
         raise error
 
 
