@@ -109,19 +109,14 @@ class ShardedFeed:
 
     # What the nodes report.
 
-    def moved(self, node: _Shard, channels: list[str], to: Address | None) -> None:
-        """``channels`` are not ``node``'s any more: they go where ``to`` (a MOVED's hint) or the
-        map, read again, says."""
+    def moved(self, node: _Shard, channels: list[str]) -> None:
+        """``channels`` are not ``node``'s any more: they go where the map, read again, says."""
         for channel in channels:
             node.channels.discard(channel)
             if self._where.get(channel) is node:
                 del self._where[channel]
             if channel in self.channels:
                 self._unrouted.add(channel)
-        if to is not None and channels:
-            owners = list(self._owners)
-            owners[slot_of(channels[0])] = to
-            self._owners = owners
         self._wakeup.set()
 
     def lost(self, node: _Shard) -> None:
@@ -228,19 +223,19 @@ class _Shard(Feed):
                 del self._leaving[name]
         elif name in self.channels:  # unasked: the slot has moved away
             log.info("edge hub: %s:%d gave up %r; its slot moved", *self.address, name)
-            self._owner.moved(self, [name], None)
+            self._owner.moved(self, [name])
 
     def _refused(self, error: hiredis.ReplyError) -> None:
         words = str(error).split()
         if len(words) != 3 or words[0] != "MOVED":
             super()._refused(error)
             return
-        slot, (host, _, port) = int(words[1]), words[2].rpartition(":")
+        slot = int(words[1])
         log.info("edge hub: slot %d is on %s, not %s:%d", slot, words[2], *self.address)
         for name in [c for c in self._leaving if slot_of(c) == slot]:
             del self._leaving[name]  # its SUNSUBSCRIBE was MOVED too: no confirmation comes
         channels = [c for c in self.channels if slot_of(c) == slot]
-        self._owner.moved(self, channels, (host or self.address[0], int(port)))
+        self._owner.moved(self, channels)
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
