@@ -160,7 +160,7 @@ class RedisCluster:
             promoted[:] = [n for n in was_replica if _role(n) == "master"]
             return bool(promoted) and all(_state_ok(n) for n in self.alive())
 
-        _until(done, f"{dead}'s replica promoted", timeout)
+        _until(done, f"{dead}'s replica promoted", timeout, self._explain)
         return promoted[0]
 
     def migrate_slot(self, slot: int, dst: Node) -> None:
@@ -184,6 +184,17 @@ class RedisCluster:
                 return str(primary[2].decode())
         return ""
 
+    def _explain(self) -> str:
+        """What each alive node says, for a test that waited in vain."""
+        lines = []
+        for node in self.alive():
+            with contextlib.suppress(redis.RedisError):
+                state = "ok" if _state_ok(node) else "fail"
+                lines.append(f"{node} ({node.id[:8]}): {_role(node)}, cluster {state}")
+        with contextlib.suppress(redis.RedisError, IndexError):
+            lines += [" ".join(f[:4]) for f in self._view()]
+        return ":\n" + "\n".join(lines)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.client.close()
@@ -205,7 +216,7 @@ class RedisCluster:
                 return False
             return all(_in_sync(n) for n in alive if _role(n) == "slave")
 
-        _until(ok, "cluster ok and replicas in sync", timeout)
+        _until(ok, "cluster ok and replicas in sync", timeout, self._explain)
         self._replica_ids: dict[str, set[str]] = {}
         for fields in self._view():
             if "slave" in fields[2]:
@@ -247,7 +258,7 @@ def _in_sync(replica: Node) -> bool:
     return info.get("master_link_status") == "up" and info.get("master_sync_in_progress") == 0
 
 
-def _until(check: Callable[[], bool], what: str, timeout: float) -> None:
+def _until(check: Callable[[], bool], what: str, timeout: float, explain: Callable[[], str] = lambda: "") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -256,5 +267,5 @@ def _until(check: Callable[[], bool], what: str, timeout: float) -> None:
         except (redis.ConnectionError, redis.TimeoutError):
             pass  # a node restarting or just killed: ask again
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the test cluster: no {what} within {timeout} s")
+            raise TimeoutError(f"the test cluster: no {what} within {timeout} s{explain()}")
         time.sleep(0.05)
