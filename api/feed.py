@@ -59,6 +59,8 @@ class Feed(asyncio.Protocol):
     def _setup(
         self, settings: dict[str, Any], on_message: Callable[[bytes, bytes], None], on_gap: Callable[[bytes], None]
     ) -> None:
+        """What a connection keeps: apart from ``__init__`` for feeds made without a redis-py pool
+        (api/shards.py's, one per cluster node)."""
         self._settings = settings
         self._tls = False
         self._on_message, self._on_gap = on_message, on_gap
@@ -201,6 +203,7 @@ class Feed(asyncio.Protocol):
         self._subscribe_all()
 
     def _subscribe_all(self) -> None:
+        """Every channel, once the connection is (again) ready."""
         channels = sorted(self.channels)
         for n in range(0, len(channels), SUBSCRIBE_BATCH):
             self._send(self.SUBSCRIBE, *channels[n : n + SUBSCRIBE_BATCH])
