@@ -20,7 +20,7 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import hiredis
 from redis.asyncio import Redis
@@ -42,13 +42,29 @@ class Feed(asyncio.Protocol):
     """``on_message(channel, data)`` for each message; ``on_gap(channel)`` when a subscription is
     confirmed, at first or after a reconnect. ``redis``'s pool gives the connection's settings."""
 
+    #: the Pub/Sub spoken: classic here; sharded (``SSUBSCRIBE``, ``smessage``) by api/shards.py's
+    SUBSCRIBE: ClassVar[bytes] = b"SUBSCRIBE"
+    UNSUBSCRIBE: ClassVar[bytes] = b"UNSUBSCRIBE"
+    MESSAGE: ClassVar[bytes] = b"message"
+    SUBSCRIBED: ClassVar[bytes] = b"subscribe"
+    UNSUBSCRIBED: ClassVar[bytes] = b"unsubscribe"
+
     def __init__(
         self, redis: Redis, on_message: Callable[[bytes, bytes], None], on_gap: Callable[[bytes], None]
     ) -> None:
-        self._settings: dict[str, Any] = dict(redis.connection_pool.connection_kwargs)
+        self._setup(dict(redis.connection_pool.connection_kwargs), on_message, on_gap)
         self._tls = issubclass(redis.connection_pool.connection_class, SSLConnection)
         self._make_connection = redis.connection_pool.make_connection  # only for its TLS context
+
+    def _setup(
+        self, settings: dict[str, Any], on_message: Callable[[bytes, bytes], None], on_gap: Callable[[bytes], None]
+    ) -> None:
+        """What a connection keeps: apart from ``__init__`` for feeds made without a redis-py pool
+        (api/shards.py's, one per cluster node)."""
+        self._settings = settings
+        self._tls = False
         self._on_message, self._on_gap = on_message, on_gap
+        self._kinds = (self.MESSAGE, self.SUBSCRIBED)
         self.channels: set[str] = set()
         self._transport: asyncio.Transport | None = None
         self._reader = hiredis.Reader()
@@ -69,11 +85,11 @@ class Feed(asyncio.Protocol):
     def subscribe(self, channel: str) -> None:
         """Subscribes now, or with every other channel when the connection is back."""
         self.channels.add(channel)
-        self._send(b"SUBSCRIBE", channel)
+        self._send(self.SUBSCRIBE, channel)
 
     def unsubscribe(self, channel: str) -> None:
         self.channels.discard(channel)
-        self._send(b"UNSUBSCRIBE", channel)
+        self._send(self.UNSUBSCRIBE, channel)
 
     async def close(self) -> None:
         self._closed = True
@@ -92,10 +108,11 @@ class Feed(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._heard = asyncio.get_running_loop().time()
         self._reader.feed(data)
+        message = self.MESSAGE
         while (reply := self._reader.gets()) is not False:
-            if isinstance(reply, list) and reply and reply[0] in (b"message", b"subscribe"):
+            if isinstance(reply, list) and reply and reply[0] in self._kinds:
                 try:
-                    if reply[0] == b"message":
+                    if reply[0] == message:
                         self._on_message(reply[1], reply[2])
                     else:
                         self._on_gap(reply[1])
@@ -107,8 +124,16 @@ class Feed(asyncio.Protocol):
                 if not answer.done():
                     answer.set_result(reply)
             elif isinstance(reply, hiredis.ReplyError):  # a refused (un)subscribe: the connection is fine
-                log.warning("edge hub: Redis refused a Pub/Sub command: %s", reply)
-            # else: an unsubscribe's confirmation, or a pong: nothing to do
+                self._refused(reply)
+            elif isinstance(reply, list) and reply and reply[0] == self.UNSUBSCRIBED:
+                self._unsubscribed(reply[1])
+            # else: a pong: nothing to do
+
+    def _refused(self, error: hiredis.ReplyError) -> None:
+        log.warning("edge hub: Redis refused a Pub/Sub command: %s", error)
+
+    def _unsubscribed(self, channel: bytes) -> None:
+        """An unsubscribe's confirmation: nothing to do here (a sharded feed may be told unasked)."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport, self._ready = None, False
@@ -175,9 +200,13 @@ class Feed(asyncio.Protocol):
             raise RedisConnectionError("the connection closed during its handshake")
         # Whatever was subscribed meanwhile is in ``channels``: nothing was written before this.
         self._ready, self._heard = True, loop.time()
+        self._subscribe_all()
+
+    def _subscribe_all(self) -> None:
+        """Every channel, once the connection is (again) ready."""
         channels = sorted(self.channels)
         for n in range(0, len(channels), SUBSCRIBE_BATCH):
-            self._send(b"SUBSCRIBE", *channels[n : n + SUBSCRIBE_BATCH])
+            self._send(self.SUBSCRIBE, *channels[n : n + SUBSCRIBE_BATCH])
 
     async def _ask(self, transport: asyncio.Transport, *command: bytes | str) -> object:
         """A handshake command's reply (nothing else is written on the connection before it)."""

@@ -20,12 +20,13 @@ import logging
 import time
 from bisect import bisect_right
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, Final, NamedTuple
+from typing import Any, Final, NamedTuple, cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError
 
 from streambridge.api.feed import Feed
+from streambridge.api.shards import ShardedFeed
 from streambridge.shared import keys, metrics
 from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
@@ -216,21 +217,26 @@ class Topic:
 
 class StreamHub:
     """``redis`` for reads; ``feed`` (default: ``redis``) for the Pub/Sub connection's settings,
-    best made with :func:`shared.redis.connect_feed`. The feed needs a real socket: not fakeredis."""
+    best made with :func:`shared.redis.connect_feed`. The feed needs a real socket: not fakeredis.
+    On a Redis Cluster, the feed is sharded: a connection per primary (``api/shards.py``)."""
 
     def __init__(self, redis: Store, feed: Redis | None = None) -> None:
         self.redis = redis
-        self._feed = feed if feed is not None else redis
-        assert isinstance(self._feed, Redis), "a cluster's feed is sharded"  # TODO(cluster): ShardedFeed
         self.topics: dict[str, Topic] = {}
-        self._channels = Feed(self._feed, self._publish, self._resync)
+        self._channels: Feed | ShardedFeed
+        if isinstance(redis, RedisCluster):  # the chats' channels are spread over its primaries
+            self._channels = ShardedFeed(redis, self._publish, self._resync)
+        else:
+            self._feed = feed if feed is not None else cast(Redis, redis)
+            self._channels = Feed(self._feed, self._publish, self._resync)
         self._reading: set[asyncio.Task[None]] = set()
         self.clock = RedisClock(redis)
         self._clock: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self._channels.start()
-        self._channels.subscribe(keys.edges())
+        if isinstance(self._channels, Feed):  # so its one connection always has a channel (a shard's have theirs)
+            self._channels.subscribe(keys.edges())
         if metrics.enabled:
             self._clock = asyncio.create_task(self.clock.keep())
 

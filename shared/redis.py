@@ -8,13 +8,22 @@ import socket
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.exceptions import (
+    AuthenticationError,
+    AuthorizationError,
+    ClusterError,
+    ConnectionError,
+    SlotNotCoveredError,
+    TimeoutError,
+)
+
+from streambridge.shared.settings import CLUSTER_SCHEME, parse_cluster_url
 
 R = TypeVar("R", bound=Redis)
 
@@ -143,20 +152,71 @@ def one_connection_like(client: Redis) -> Redis:
 
 
 def is_cluster_url(url: str | None) -> bool:
-    return url is not None and url.startswith("redis-cluster://")
+    return url is not None and urlsplit(url).scheme == CLUSTER_SCHEME
 
 
-def connect_streams(url: str, *, max_connections: int) -> Redis | RedisCluster:
-    """The streams Redis: a Redis Cluster for ``redis-cluster://host:port[,host:port…]`` (its seed
-    nodes), else a plain client as :func:`connect` makes."""
-    if not url.startswith("redis-cluster://"):
+#: a failover (~4 s: the node timeout, then the replica's election) or a moved slot, ridden out by
+#: retrying a command this many times, ``FAILOVER_BACKOFF`` apart, before its error reaches the caller
+FAILOVER_RETRIES: Final = 12
+FAILOVER_BACKOFF: Final = ExponentialBackoff(cap=1.0, base=0.05)
+#: errors that mean "the cluster is changing": re-read the slot map and try again. A wrong password
+#: is a ConnectionError too, and no retry mends it.
+_CLUSTER_CHANGING: Final = (ConnectionError, TimeoutError, ClusterError, SlotNotCoveredError)
+_FINAL: Final = (AuthenticationError, AuthorizationError)
+
+
+class StreamsCluster(RedisCluster):
+    """redis-py's asyncio cluster client, with two changes.
+
+    Its own retries give up within a second of a primary's death: a command to a dead node
+    retries the connection 3 times, then the slot map is read again (and still names the dead
+    node until its replica is promoted). Here a command is tried again, with backoff, for
+    ~8 s: MOVED, ASK and TRYAGAIN are followed by redis-py itself, inside one try.
+
+    redis-py's nodes refuse a command at once (``MaxConnectionsError``) when their connections
+    are all busy; here commands wait their turn instead, at most ``max_connections`` at a time.
+    Every streambridge script is safe to run twice, so a command sent again after its reply was
+    lost is no harm.
+    """
+
+    def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
+        super().__init__(*args, max_connections=max_connections, **kwargs)
+        self._turns = asyncio.Semaphore(max_connections)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            for failures in range(FAILOVER_RETRIES + 1):
+                try:
+                    return await super().execute_command(*args, **kwargs)
+                except _FINAL:
+                    raise
+                except _CLUSTER_CHANGING:
+                    if failures == FAILOVER_RETRIES:
+                        raise
+                await asyncio.sleep(FAILOVER_BACKOFF.compute(failures))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+def connect_streams(url: str, *, max_connections: int) -> Redis | StreamsCluster:
+    """The client of the per-chat keys: :func:`connect`'s for a plain URL, and for
+    ``redis-cluster://host:port[,host:port…]`` a cluster client set up as :func:`connect`'s is
+    (timeouts, keepalive, hiredis packing), with at most ``max_connections`` sockets per node."""
+    if not is_cluster_url(url):
         return connect(url, max_connections=max_connections)
-    seeds = [seed.rpartition(":") for seed in url.removeprefix("redis-cluster://").rstrip("/").split(",")]
-    cluster: RedisCluster = RedisCluster(
-        startup_nodes=[ClusterNode(host, int(port)) for host, _, port in seeds],
+    cluster = StreamsCluster(  # type: ignore[abstract]  # redis-py types RedisCluster as abstract
+        startup_nodes=[ClusterNode(host, port) for host, port in parse_cluster_url(url)],
         max_connections=max_connections,
         socket_connect_timeout=2,
         socket_timeout=5,
-        cluster_error_retry_attempts=10,
+        health_check_interval=30,
+        socket_keepalive=True,
+        socket_keepalive_options=KEEPALIVE,
+        # a connection refused is retried on the node a few times; the rest is StreamsCluster's
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        retry_on_error=[ConnectionError, TimeoutError],
+        cluster_error_retry_attempts=1,
     )
+    # RedisCluster takes no connection class; its nodes are made from these settings, from the
+    # first slot map on (the seeds only ask for that map).
+    cluster.connection_kwargs["connection_class"] = _TCP
     return cluster

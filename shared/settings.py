@@ -242,15 +242,26 @@ def _check_streams_url(value: str | None) -> None:
     if value is None or not value.startswith(CLUSTER_SCHEME + "://"):
         _check_url("streams_redis_url", value, {"redis", "rediss", "unix"})
         return
-    seeds = value.removeprefix(CLUSTER_SCHEME + "://").rstrip("/")
-    for seed in seeds.split(","):
-        host, sep, port = seed.strip().rpartition(":")
-        if not sep or not host or "@" in host or "/" in host or not (port.isascii() and port.isdigit()):
-            why = f"{seed.strip()!r} is not host:port"
-            raise SettingsError(f"{env_name('streams_redis_url')}: malformed URL {display_url(value)!r} ({why})")
-        if not 0 < int(port) < 65536:
-            why = f"port {port} is out of range"
-            raise SettingsError(f"{env_name('streams_redis_url')}: malformed URL {display_url(value)!r} ({why})")
+    try:
+        parse_cluster_url(value)
+    except ValueError as exc:
+        raise SettingsError(f"{env_name('streams_redis_url')}: {exc}") from None
+
+
+def parse_cluster_url(url: str) -> list[tuple[str, int]]:
+    """``redis-cluster://host:port[,host:port…]``'s seed nodes; ``ValueError`` saying what is wrong."""
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    if scheme != CLUSTER_SCHEME:
+        raise ValueError(f"not a Redis Cluster URL (redis-cluster://host:port[,host:port…]): {url!r}")
+    if any(c in rest for c in "/?#@"):
+        raise ValueError(f"a Redis Cluster URL holds seed nodes only, no path, query or credentials: {url!r}")
+    seeds = []
+    for seed in rest.split(","):
+        host, colon, port = seed.strip().rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"a Redis Cluster seed must be host:port, not {seed!r} in {url!r}")
+        seeds.append((host.strip("[]"), int(port)))  # [::1]:7000 → ::1
+    return seeds
 
 
 def _check_redis_url(value: str, field: str = "redis_url") -> None:

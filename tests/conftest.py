@@ -15,6 +15,7 @@ import redis
 from redis.asyncio import Redis
 
 from streambridge.embedded import free_port, redis_server_binary
+from tests.cluster import ClusterUnavailableError, RedisCluster
 
 
 class OwnRedis:
@@ -122,3 +123,26 @@ def redis_6_2() -> Iterator[OwnRedis]:
 def redis_6_2_url(redis_6_2: OwnRedis) -> Iterator[str]:
     """As ``redis_url``, on Redis 6.2."""
     yield from _a_database(redis_6_2)
+
+
+def _a_cluster() -> RedisCluster:
+    try:
+        return RedisCluster()
+    except ClusterUnavailableError as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 6-node Redis Cluster for the session: tests that only read and write share it, by key prefix."""
+    cluster = _a_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def fresh_redis_cluster() -> Iterator[RedisCluster]:
+    """A cluster of the test's own (~2.5 s): for tests that kill a node or move a slot."""
+    cluster = _a_cluster()
+    yield cluster
+    cluster.stop()
