@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
+from streambridge.shared.redis import connect_streams
 from streambridge.workers.lease import Lease, recover
 from streambridge.workers.reaper import reap
 
@@ -49,13 +50,14 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
         control = Redis.from_url(request.getfixturevalue("redis_url"))
     streams: Any = control
     if request.param == "cluster":
-        streams = request.getfixturevalue("cluster_client")
+        streams = connect_streams(request.getfixturevalue("redis_cluster").url, max_connections=8)
     await control.set(keys.credential(CRED), b"{}")
     yield Stores(control, streams)
     await control.flushdb()
     if streams is not control:
         for key in await state_keys(streams):
             await streams.delete(key)
+        await streams.aclose()
     await control.aclose()
 
 

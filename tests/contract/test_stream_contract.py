@@ -1,4 +1,5 @@
-"""The stream's contract, run once on fakeredis and once on a real redis-server (the hub on the real one).
+"""The stream's contract, run on fakeredis, on a real redis-server and on a real 6-node Redis Cluster
+(the hub on the real ones: on the cluster, with its sharded feed).
 
 Appends are fenced and ordered; a tail gives history, then live entries, each once, and
 stops after the terminal event; a resume gives exactly what follows its id.
@@ -7,17 +8,21 @@ stops after the terminal event; a resume gives exactly what follows its id.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import fakeredis
 import pytest
-from redis.asyncio import Redis
+import redis
+from redis.asyncio import Redis, RedisCluster
 
 from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
 from streambridge.shared import keys
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
-from streambridge.shared.machine import APPEND
+from streambridge.shared.machine import APPEND, publish_command
+from streambridge.shared.redis import connect_streams
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, trimmed_after
 from streambridge.workers.lease import Lease
 from streambridge.workers.sink import LeaseLost, StreamSink
@@ -26,10 +31,13 @@ CHAT = "contract-chat"
 TOKEN = "lease-token"
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+@pytest.fixture(params=["fakeredis", "redis-server", "cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    client: Any
     if request.param == "fakeredis":
-        client: Redis = fakeredis.FakeAsyncRedis()
+        client = fakeredis.FakeAsyncRedis()
+    elif request.param == "cluster":
+        client = connect_streams(request.getfixturevalue("redis_cluster").url, max_connections=8)
     else:
         client = Redis.from_url(request.getfixturevalue("redis_url"))
     await client.hset(keys.lease(CHAT), mapping={"token": TOKEN, "seq": 0})
@@ -41,7 +49,7 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
 
 
 #: the hub's Pub/Sub feed is a socket of its own (api/feed.py): these run on redis-server alone
-needs_a_socket = pytest.mark.parametrize("store", ["redis-server"], indirect=True)
+needs_a_socket = pytest.mark.parametrize("store", ["redis-server", "cluster"], indirect=True)
 
 
 @pytest.fixture
@@ -61,7 +69,9 @@ _sinks: dict[tuple[int, str], StreamSink] = {}
 
 async def append(store: Redis, events: list[Event], token: str = TOKEN) -> None:
     """Appends through one sink per store and token, as one attempt of a worker does."""
-    sink = _sinks.setdefault((id(store), token), StreamSink(store, CHAT, token, maxlen=10_000))
+    sink = _sinks.setdefault(
+        (id(store), token), StreamSink(store, CHAT, token, maxlen=10_000, publish=publish_command(store))
+    )
     for event in events:
         await sink.append(event)
     await sink.drain()
@@ -97,7 +107,15 @@ async def test_a_worker_that_lost_its_lease_appends_nothing(store: Redis) -> Non
 
 async def test_a_retried_batch_is_not_appended_twice(store: Redis) -> None:
     script = store.register_script(APPEND.lua)
-    batch = [TOKEN, "1", "10000", "", "PUBLISH", b"content", b'{"type":"content","content":"x","index":1,"attempt":1}']
+    batch = [
+        TOKEN,
+        "1",
+        "10000",
+        "",
+        publish_command(store),
+        b"content",
+        b'{"type":"content","content":"x","index":1,"attempt":1}',
+    ]
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     assert await script(keys=k, args=batch) == 1
     assert await script(keys=k, args=batch) == 0
@@ -199,15 +217,15 @@ async def test_a_batch_whose_predecessor_was_lost_is_refused(store: Redis) -> No
     script = store.register_script(APPEND.lua)
     k = [keys.events(CHAT), keys.lease(CHAT), keys.notify(CHAT), keys.chat(CHAT)]
     event = b'{"type":"content","content":"x","index":1,"attempt":1}'
-    assert await script(keys=k, args=[TOKEN, "1", "10000", "", "PUBLISH", "content", event]) == 1
+    assert await script(keys=k, args=[TOKEN, "1", "10000", "", publish_command(store), "content", event]) == 1
     # batch 2 was lost in a Redis crash; batch 3 must not paper over the hole
-    assert await script(keys=k, args=[TOKEN, "3", "10000", "", "PUBLISH", "content", event]) == -2
+    assert await script(keys=k, args=[TOKEN, "3", "10000", "", publish_command(store), "content", event]) == -2
     assert await store.xlen(keys.events(CHAT)) == 1
 
 
 async def test_the_terminal_event_and_the_final_status_land_together_and_only_once(store: Redis) -> None:
     await store.hset(keys.chat(CHAT), mapping={"status": "running", "attempts": "1"})
-    sink = StreamSink(store, CHAT, TOKEN, maxlen=10_000)
+    sink = StreamSink(store, CHAT, TOKEN, maxlen=10_000, publish=publish_command(store))
     await sink.append(content(1))
     result = ChatResult(status="complete", content="piece 1 ", finish_reason="stop", attempts=1)
     await sink.finish(COMPLETE, result, result_ttl=60, stream_ttl=30)
@@ -337,17 +355,39 @@ async def test_a_reader_that_must_re_read_the_stream_starts_after_what_deliver_t
     assert decoded(written) == [Started(attempt=1, model="m"), content(1), content(2), content(3), COMPLETE]
 
 
-async def test_a_batch_is_announced_in_one_notification_holding_each_entry(store: Redis) -> None:
-    async with store.pubsub() as pubsub:
-        await pubsub.subscribe(keys.notify(CHAT))
-        assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"  # type: ignore[index]
+async def test_a_batch_is_announced_in_one_notification_holding_each_entry(store: Any) -> None:
+    if isinstance(store, RedisCluster):  # sharded Pub/Sub, on the chat's slot's primary
+        node = store.get_node_from_key(keys.notify(CHAT))
+        subscribed = threading.Event()
+        listening = asyncio.ensure_future(asyncio.to_thread(_one_sharded_message, node.host, node.port, subscribed))
+        while not subscribed.is_set():
+            await asyncio.sleep(0.01)
         await append(store, [Started(attempt=1, model="m"), content(1), content(2)])
-        message = await pubsub.get_message(timeout=5)
-        assert message is not None
-        assert await pubsub.get_message(timeout=0.1) is None, "one batch, one notification"
+        data = await listening
+    else:
+        async with store.pubsub() as pubsub:
+            await pubsub.subscribe(keys.notify(CHAT))
+            assert (await pubsub.get_message(timeout=5))["type"] == "subscribe"
+            await append(store, [Started(attempt=1, model="m"), content(1), content(2)])
+            message = await pubsub.get_message(timeout=5)
+            assert message is not None
+            assert await pubsub.get_message(timeout=0.1) is None, "one batch, one notification"
+            data = message["data"]
     stored = [entry_from_fields(i, f) for i, f in await store.xrange(keys.events(CHAT))]
-    assert parse_notification(message["data"]) == stored
+    assert parse_notification(data) == stored
     assert decoded(stored) == [Started(attempt=1, model="m"), content(1), content(2)]
+
+
+def _one_sharded_message(host: str, port: int, subscribed: threading.Event) -> bytes:
+    """redis-py's asyncio Pub/Sub has no SSUBSCRIBE: its synchronous one listens, in a thread."""
+    with redis.Redis(host=host, port=port) as listener, listener.pubsub() as pubsub:
+        pubsub.ssubscribe(keys.notify(CHAT))
+        assert pubsub.get_sharded_message(timeout=5)["type"] == "ssubscribe"
+        subscribed.set()
+        message = pubsub.get_sharded_message(timeout=5)
+        assert message is not None
+        assert pubsub.get_sharded_message(timeout=0.1) is None, "one batch, one notification"
+        return bytes(message["data"])
 
 
 @needs_a_socket
@@ -375,7 +415,7 @@ async def test_an_unreadable_notification_sends_its_readers_back_to_the_stream(s
     await waiting(hub)
     # An entry whose announcement the edge cannot read (say, from a version it does not know)
     await store.xadd(keys.events(CHAT), {"type": "content", "data": encode_event(content(1))})
-    await store.publish(keys.notify(CHAT), b"not\nwhole")
+    await store.execute_command(publish_command(store), keys.notify(CHAT), b"not\nwhole")
     await append(store, [COMPLETE])
     async with asyncio.timeout(5):
         await reading
