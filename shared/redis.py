@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import contextvars
 import socket
+from collections.abc import AsyncIterator
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
@@ -165,6 +168,10 @@ _CLUSTER_CHANGING: Final = (ConnectionError, TimeoutError, ClusterError, SlotNot
 _FINAL: Final = (AuthenticationError, AuthorizationError)
 
 
+#: the StreamsCluster whose turn this task holds, if any (set in the task's own context only)
+_HOLDS_TURN: Final[contextvars.ContextVar[StreamsCluster | None]] = contextvars.ContextVar("_HOLDS_TURN", default=None)
+
+
 class StreamsCluster(RedisCluster):
     """redis-py's asyncio cluster client, with two changes.
 
@@ -174,7 +181,8 @@ class StreamsCluster(RedisCluster):
     ~8 s: MOVED, ASK and TRYAGAIN are followed by redis-py itself, inside one try.
 
     redis-py's nodes refuse a command at once (``MaxConnectionsError``) when their connections
-    are all busy; here commands wait their turn instead, at most ``max_connections`` at a time.
+    are all busy; here commands and pipelines wait their turn instead, at most ``max_connections``
+    at a time (a pipeline takes at most one connection per node).
     Every streambridge script is safe to run twice, so a command sent again after its reply was
     lost is no harm.
     """
@@ -183,8 +191,23 @@ class StreamsCluster(RedisCluster):
         super().__init__(*args, max_connections=max_connections, **kwargs)
         self._turns = asyncio.Semaphore(max_connections)
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """One of the ``max_connections`` turns, or none if this task holds one already: redis-py
+        sends a pipeline's MOVED commands again through ``execute_command``, after the pipeline's
+        connections are back, and waiting there for a second turn could wait forever."""
+        if _HOLDS_TURN.get() is self:
+            yield
+            return
         async with self._turns:
+            held = _HOLDS_TURN.set(self)
+            try:
+                yield
+            finally:
+                _HOLDS_TURN.reset(held)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.turn():
             for failures in range(FAILOVER_RETRIES + 1):
                 try:
                     return await super().execute_command(*args, **kwargs)
@@ -195,6 +218,21 @@ class StreamsCluster(RedisCluster):
                         raise
                 await asyncio.sleep(FAILOVER_BACKOFF.compute(failures))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if transaction or shard_hint:  # refused as redis-py refuses them
+            return super().pipeline(transaction, shard_hint)
+        return _TurnPipeline(self)  # type: ignore[abstract]  # redis-py types ClusterPipeline as abstract
+
+
+class _TurnPipeline(ClusterPipeline):
+    """redis-py's cluster pipeline, sent when a turn of its client's is free (see StreamsCluster)."""
+
+    _client: StreamsCluster
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        async with self._client.turn():
+            return await super().execute(raise_on_error, allow_redirections)
 
 
 def connect_streams(url: str, *, max_connections: int) -> Redis | StreamsCluster:

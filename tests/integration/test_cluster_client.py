@@ -97,6 +97,24 @@ async def test_many_commands_at_once_wait_for_a_connection_instead_of_failing(
     assert all(len(node._connections) <= 2 for node in cluster_client.get_primaries())
 
 
+async def test_many_pipelines_at_once_wait_for_a_connection_instead_of_failing(
+    redis_cluster: RedisCluster, cluster_client: StreamsCluster, prefix: str
+) -> None:
+    """As an edge does when a hundred clients open their streams at once (api/edge.py's chat_state):
+    redis-py's pipeline takes a node's connection without waiting, and raised MaxConnectionsError."""
+    chats = spread_over_primaries(redis_cluster, prefix)
+
+    async def read(chat: str) -> list[object]:
+        async with cluster_client.pipeline(transaction=False) as pipe:
+            pipe.incr(counter(prefix, chat).keys[0])
+            pipe.get(counter(prefix, chat).keys[0])
+            return await pipe.execute()
+
+    await asyncio.gather(*(read(chats[n % 3]) for n in range(300)))
+    assert sorted([int(await cluster_client.get(counter(prefix, chat).keys[0])) for chat in chats]) == [100] * 3
+    assert all(len(node._connections) <= 2 for node in cluster_client.get_primaries())
+
+
 async def test_a_command_follows_a_slot_that_moved(fresh_redis_cluster: RedisCluster, prefix: str) -> None:
     cluster = fresh_redis_cluster
     client = connect_streams(cluster.url, max_connections=2)
@@ -107,6 +125,26 @@ async def test_a_command_follows_a_slot_that_moved(fresh_redis_cluster: RedisClu
         dst = next(n for n in cluster.primaries() if n is not cluster.owner_of(slot))
         await asyncio.to_thread(cluster.migrate_slot, slot, dst)
         assert await machine.call(client, call) == [2, b"ran"], "MOVED followed; the script loaded on the new owner"
+    finally:
+        await client.aclose()
+
+
+async def test_a_pipeline_follows_a_slot_that_moved_within_its_own_turn(
+    fresh_redis_cluster: RedisCluster, prefix: str
+) -> None:
+    """redis-py sends a pipeline's MOVED commands again one by one, through the client: with the
+    one turn held by the pipeline, waiting for another would wait forever."""
+    cluster = fresh_redis_cluster
+    client = connect_streams(cluster.url, max_connections=1)
+    try:
+        key = counter(prefix, "moving").keys[0]
+        assert await client.incr(key) == 1
+        slot = key_slot(key.encode())
+        dst = next(n for n in cluster.primaries() if n is not cluster.owner_of(slot))
+        await asyncio.to_thread(cluster.migrate_slot, slot, dst)
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.incr(key)
+            assert await asyncio.wait_for(pipe.execute(), 10) == [2]
     finally:
         await client.aclose()
 
