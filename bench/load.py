@@ -16,6 +16,7 @@ import re
 import resource
 import sys
 import time
+from collections import Counter
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -136,8 +137,10 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
             values: list[Any] = []
             cpu, wall = cpu_seconds(), time.perf_counter()
             if args.steady:
+                began = time.time()
                 values = await steady(run, args.chats, args.steady)
                 out[f"{name}_chats_per_s"] = round(len(values) / (args.steady - 1), 1)
+                out[f"{name}_counted"] = [began + 1, began + args.steady]  # epoch s: the chats counted began in it
             else:
                 for _ in range(args.rounds):
                     values += await asyncio.gather(*(run(n) for n in range(args.chats)))
@@ -241,6 +244,8 @@ async def fanout(args: argparse.Namespace) -> dict[str, Any]:
             "streaming_to": max(arrivals, default=0) / 1000,
             "lag_all_open": percentiles([lag for lag, at in zip(lags, arrivals, strict=True) if at < first_end]),
             "lag": percentiles(lags),
+            # events received in each 100 ms (epoch ms // 100), to match a CPU window exactly
+            "received_per_100ms": Counter(int(at // 100) for at in arrivals),
             "loadgen_cpu": round((cpu_seconds() - cpu) / wall, 2),
         }
 

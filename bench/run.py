@@ -15,8 +15,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import psutil
 import redis
@@ -55,7 +56,11 @@ def streambridge(*args: str, env: dict[str, str], ready: str = "listening on") -
 
 
 @contextmanager
-def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterator[dict[str, object]]:
+def deployment(
+    workers: int, extra_env: dict[str, str] | None = None, streams_url: str | None = None
+) -> Iterator[dict[str, object]]:
+    """A deployment on a redis-server of its own; the chats' own keys on ``streams_url`` when given
+    (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one."""
     port = free_port()
     redis_proc = subprocess.Popen(
         [redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no", "--maxclients", "20000"],
@@ -76,6 +81,7 @@ def deployment(workers: int, extra_env: dict[str, str] | None = None) -> Iterato
         env |= {"STREAMBRIDGE_CHATS_PER_MINUTE": "1000000"}  # the load generator is one visitor
         lifted = ("VISITOR_CHATS_PER_MINUTE", "VISITOR_MAX_RUNNING_CHATS", "VISITOR_MAX_OPEN_STREAMS")
         env |= {f"STREAMBRIDGE_{name}": "1000000" for name in (*lifted, "MAX_OPEN_STREAMS_PER_IP")}
+        env |= {"STREAMBRIDGE_STREAMS_REDIS_URL": streams_url} if streams_url else {}
         env |= extra_env or {}
         edge = streambridge("edge", "--port", "0", env=env)
         api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
@@ -105,7 +111,7 @@ class ScenarioFailed(Exception):
     pass
 
 
-def load(*args: str) -> dict[str, object]:
+def load(*args: str) -> dict[str, Any]:
     out = subprocess.run([PY, "-m", "bench.load", *args], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -203,41 +209,86 @@ def ttft_rows(load_name: str, t: dict[str, object], client: redis.Redis) -> list
     return rows
 
 
-def fan_out(d: dict[str, object], chats: int, readers: int) -> tuple[str, str, str, str]:
-    """``chats`` chats at 5 events/s, each read by ``readers`` clients on the one edge; the edge's
-    CPU is sampled while events flow (opening the streams is not counted)."""
-    edge = psutil.Process(d["edge"].proc.pid)  # type: ignore[attr-defined]
-    samples: list[tuple[float, float]] = []
+#: a thing's CPU seconds so far (a process's, a Redis's): sampled while a scenario runs
+CpuProbe = Callable[[], float]
+
+
+def process_cpu(pid: int) -> CpuProbe:
+    process = psutil.Process(pid)
+    return lambda: sum(process.cpu_times()[:2])
+
+
+def redis_cpu_seconds(client: redis.Redis) -> float:
+    """What ``INFO cpu`` says the server has used, all its threads, user and system."""
+    info = client.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+Samples = list[tuple[float, dict[str, float]]]
+
+
+@contextmanager
+def sampled(probes: dict[str, CpuProbe]) -> Iterator[Samples]:
+    """Every probe, every 0.25 s (epoch s, values), in a thread, while the block runs."""
+    samples: Samples = []
     done = threading.Event()
 
     def sample() -> None:
         while not done.wait(0.25):
-            samples.append((time.time(), sum(edge.cpu_times()[:2])))
+            samples.append((time.time(), {name: probe() for name, probe in probes.items()}))
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    name = f"fan-out: {chats * readers:,} streams × 5 ev/s ({chats:,} chats × {readers})"
     try:
+        yield samples
+    finally:
+        done.set()
+        sampler.join()
+
+
+def cores(samples: Samples, start: float, end: float) -> tuple[dict[str, float], float, float]:
+    """Each probe's CPU in cores over the samples taken between ``start`` and ``end`` (epoch s), and
+    the first and last of those samples' times; zeros if fewer than two fall in it."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    if len(inside) < 2:
+        return dict.fromkeys(samples[0][1] if samples else {}, 0.0), start, start
+    (t0, first), (t1, last) = inside[0], inside[-1]
+    return {name: (last[name] - first[name]) / (t1 - t0) for name in first}, t0, t1
+
+
+def fan_out_run(
+    d: dict[str, object], chats: int, readers: int, probes: dict[str, CpuProbe]
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """``chats`` chats at 5 events/s, each read by ``readers`` clients on the one edge: the load
+    generator's result, and each probe's CPU in cores while events flowed (opening the streams and
+    the burst of ends are not counted). ``flowing_events_per_s`` is what the readers received in
+    that same window."""
+    with sampled(probes) as samples:
         f = load(
             "fanout",
             *("--api", str(d["api"]), "--chats", str(chats), "--readers", str(readers), "--seconds", "10"),
             # every chat created and every reader connected before the first token
             *("--ttft-ms", str(3000 + chats * readers + 3 * chats)),
         )
+    cpu, t0, t1 = cores(samples, f["streaming_from"] + 1, f["streaming_to"] - 1)
+    received = sum(n for at, n in f["received_per_100ms"].items() if t0 * 10 <= int(at) < t1 * 10)
+    f["flowing_events_per_s"] = received / (t1 - t0) if t1 > t0 else 0.0
+    return f, cpu
+
+
+def fan_out(d: dict[str, object], chats: int, readers: int) -> tuple[str, str, str, str]:
+    name = f"fan-out: {chats * readers:,} streams × 5 ev/s ({chats:,} chats × {readers})"
+    try:
+        f, cpu = fan_out_run(d, chats, readers, {"edge": process_cpu(d["edge"].proc.pid)})  # type: ignore[attr-defined]
     except ScenarioFailed as exc:
         return (name, "failed", str(exc)[:60], "")
-    finally:
-        done.set()
-        sampler.join()
-    flowing = [s for s in samples if f["streaming_from"] + 1 <= s[0] <= f["streaming_to"] - 1]  # type: ignore[operator]
-    edge_cpu = (flowing[-1][1] - flowing[0][1]) / (flowing[-1][0] - flowing[0][0]) if len(flowing) > 1 else 0.0
-    lag, rate, loadgen = f["lag"], int(f["events_per_s"]), float(f["loadgen_cpu"])  # type: ignore[call-overload,arg-type]
+    edge_cpu = cpu["edge"]
+    lag, rate, loadgen = f["lag"], int(f["events_per_s"]), float(f["loadgen_cpu"])
     steady = f["lag_all_open"]
     return (
         name,
         f"{rate:,} events/s delivered",
-        f"lag p50 {steady['p50']:.1f}, p99 {steady['p99']:.1f} ms all open; "  # type: ignore[index]
-        f"p99 {lag['p99']:.1f} ms with the ends",  # type: ignore[index]
+        f"lag p50 {steady['p50']:.1f}, p99 {steady['p99']:.1f} ms all open; p99 {lag['p99']:.1f} ms with the ends",
         f"edge {edge_cpu:.0%} of a core ({edge_cpu / max(rate, 1) * 1e6:.1f} µs/event), load gen. {loadgen:.0%}",
     )
 

@@ -1,0 +1,162 @@
+"""Redis Cluster against one Redis, in one run: ``python -m bench.cluster`` (``--quick`` for a smaller run).
+
+The same loads on two deployments (``bench.run.deployment``, one worker, one edge): **one Redis**
+holding everything, as today, and a **control** redis-server with the chats' own keys on a 6-node
+Redis Cluster (3 primaries + 3 replicas, ``tests.cluster.RedisCluster``) through
+``STREAMBRIDGE_STREAMS_REDIS_URL``. Two loads on each:
+
+- fan-out (``bench.load fanout``): delivery lag, events delivered, and CPU per event of every Redis
+  (``INFO cpu`` of the control Redis and of every cluster node, replicas too: they apply what their
+  primary did), of the edge and of the worker, sampled while events flow;
+- creations (``bench.load ttft --steady``: 50 clients, each a chat at a time): the control Redis's
+  CPU per chat created and run (the API's CREATE and ADMIT, the worker's start and finish, the
+  edge's stream slot), net of what it spends idle, whence the chats a second one core of it takes.
+
+Rounds alternate which deployment goes first; the table gives each figure's median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import redis
+
+from bench.run import (
+    CpuProbe,
+    cores,
+    deployment,
+    fan_out_run,
+    load,
+    process_cpu,
+    redis_cpu_seconds,
+    sampled,
+)
+from tests.cluster import RedisCluster
+
+MODES = ("one Redis", "cluster")
+Figures = dict[str, float]
+
+
+@contextmanager
+def system(mode: str) -> Iterator[tuple[dict[str, object], list[redis.Redis]]]:
+    """A deployment, and the clients of the streams Redis's nodes (none when it is the control one)."""
+    if mode == "one Redis":
+        with deployment(workers=1) as d:
+            yield d, []
+        return
+    cluster = RedisCluster()
+    try:
+        with deployment(workers=1, streams_url=cluster.url) as d:
+            yield d, [node.client for node in cluster.nodes]
+    finally:
+        cluster.stop()
+
+
+def probes(d: dict[str, object], nodes: list[redis.Redis]) -> dict[str, CpuProbe]:
+    control: redis.Redis = d["redis"]  # type: ignore[assignment]
+    streams: CpuProbe = lambda: sum(redis_cpu_seconds(node) for node in nodes)  # noqa: E731
+    return {
+        "control": lambda: redis_cpu_seconds(control),
+        "streams": streams,
+        "edge": process_cpu(d["edge"].proc.pid),  # type: ignore[attr-defined]
+        "worker": process_cpu(d["workers"][0].proc.pid),  # type: ignore[index]
+    }
+
+
+def idle(watch: dict[str, CpuProbe], seconds: float) -> dict[str, float]:
+    """Each Redis's CPU in cores with nothing to do but heartbeats, scans and (cluster) its bus."""
+    before = {name: watch[name]() for name in ("control", "streams")}
+    time.sleep(seconds)
+    return {name: (watch[name]() - value) / seconds for name, value in before.items()}
+
+
+def fan_out_figures(d: dict[str, object], watch: dict[str, CpuProbe], chats: int, readers: int) -> Figures:
+    f, cpu = fan_out_run(d, chats, readers, watch)
+    delivered = f["flowing_events_per_s"]
+    appended = delivered / readers  # each content event reaches each of its chat's readers
+    per_appended = 1e6 / max(appended, 1)
+    return {
+        "lag p50 (ms)": f["lag_all_open"]["p50"],
+        "lag p99 (ms)": f["lag_all_open"]["p99"],
+        "events/s delivered": delivered,
+        "Redis CPU per event, all nodes (µs)": (cpu["control"] + cpu["streams"]) * per_appended,
+        "  control Redis (µs)": cpu["control"] * per_appended,
+        "  streams nodes (µs)": cpu["streams"] * per_appended,
+        "edge CPU per delivered event (µs)": cpu["edge"] * 1e6 / max(delivered, 1),
+        "worker CPU per event (µs)": cpu["worker"] * per_appended,
+    }
+
+
+def creation_figures(d: dict[str, object], watch: dict[str, CpuProbe], seconds: float, rest: Figures) -> Figures:
+    urls = ("--api", str(d["api"]), "--llm", str(d["llm"]))
+    with sampled(watch) as samples:
+        t = load("ttft", *urls, "--no-baselines", "--chats", "50", "--steady", str(seconds))
+    cpu, _, _ = cores(samples, *t["streambridge_counted"])
+    rate = t["chats_per_s"]
+    control = (cpu["control"] - rest["control"]) / rate
+    return {
+        "chats/s created (50 clients)": rate,
+        "control Redis CPU per chat (µs)": control * 1e6,
+        "streams nodes CPU per chat (µs)": (cpu["streams"] - rest["streams"]) / rate * 1e6,
+        "chats/s one control core takes": (1 - rest["control"]) / control,
+    }
+
+
+def measure(mode: str, chats: int, readers: int, steady: float) -> Figures:
+    with system(mode) as (d, nodes):
+        watch = probes(d, nodes)
+        rest = idle(watch, 3)
+        figures = {"Redis CPU idle, all nodes (% of a core)": (rest["control"] + rest["streams"]) * 100}
+        figures |= fan_out_figures(d, watch, chats, readers)
+        return figures | creation_figures(d, watch, steady, rest)
+
+
+def table(results: dict[str, list[Figures]]) -> list[tuple[str, str, str, str]]:
+    one, cluster = ({k: statistics.median(r[k] for r in results[m]) for k in results[m][0]} for m in MODES)
+    rows = []
+    for name, a in one.items():
+        b = cluster[name]
+        fmt: Callable[[float], str] = (lambda v: f"{v:,.0f}") if abs(a) >= 100 else (lambda v: f"{v:.1f}")
+        rows.append((name, fmt(a), fmt(b), f"{b / a:.2f}×" if a else "—"))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller loads, for a smoke run")
+    parser.add_argument("--chats", type=int, help="fan-out chats (default 1,000; 200 with --quick)")
+    parser.add_argument("--readers", type=int, default=1, help="fan-out readers per chat")
+    parser.add_argument("--rounds", type=int, default=1, help="each deployment this many times, alternating")
+    args = parser.parse_args()
+    chats = args.chats or (200 if args.quick else 1000)
+    steady = 6 if args.quick else 15
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
+    results: dict[str, list[Figures]] = {mode: [] for mode in MODES}
+    for n in range(args.rounds):
+        for mode in MODES if n % 2 == 0 else MODES[::-1]:
+            results[mode].append(measure(mode, chats, args.readers, steady))
+            print(f"round {n + 1}, {mode}: {results[mode][-1]}", flush=True)
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    shape = f"{chats * args.readers:,} streams × 5 ev/s ({chats:,} chats × {args.readers})"
+    print(f"fan-out: {shape}, one edge, one worker")
+    print_table(table(results))
+
+
+def print_table(rows: list[tuple[str, str, str, str]]) -> None:
+    """Markdown, numbers right-aligned."""
+    header = ("measure", "one Redis", "control + 6-node cluster", "cluster ÷ one Redis")
+    width = [max(len(r[c]) for r in [header, *rows]) for c in range(4)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, width, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 1) + (":" if c else "-") for c, w in enumerate(width)) + "|")
+    for name, *cells in rows:
+        numbers = " | ".join(c.rjust(w) for c, w in zip(cells, width[1:], strict=True))
+        print(f"| {name.ljust(width[0])} | {numbers} |")
+
+
+if __name__ == "__main__":
+    main()
