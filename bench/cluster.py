@@ -5,9 +5,10 @@ holding everything, as today, and a **control** redis-server with the chats' own
 Redis Cluster (3 primaries + 3 replicas, ``tests.cluster.RedisCluster``) through
 ``STREAMBRIDGE_STREAMS_REDIS_URL``. Two loads on each:
 
-- fan-out (``bench.load fanout``): delivery lag, events delivered, and CPU per event of every Redis
-  (``INFO cpu`` of the control Redis and of every cluster node, replicas too: they apply what their
-  primary did), of the edge and of the worker, sampled while events flow;
+- fan-out (``bench.load fanout``): delivery lag, events delivered, and CPU per event appended of
+  every Redis (``INFO cpu`` of the control Redis and of every cluster node, replicas too: they apply
+  what their primary did; net of what each spends idle, measured just before), of the edge (per
+  event delivered) and of the worker, sampled while events flow;
 - creations (``bench.load ttft --steady``: 50 clients, each a chat at a time): the control Redis's
   CPU per chat created and run (the API's CREATE and ADMIT, the worker's start and finish, the
   edge's stream slot), net of what it spends idle, whence the chats a second one core of it takes.
@@ -43,50 +44,64 @@ Figures = dict[str, float]
 
 
 @contextmanager
-def system(mode: str) -> Iterator[tuple[dict[str, object], list[redis.Redis]]]:
-    """A deployment, and the clients of the streams Redis's nodes (none when it is the control one)."""
+def system(mode: str) -> Iterator[tuple[dict[str, object], list[redis.Redis], list[redis.Redis]]]:
+    """A deployment, and the clients of the streams Redis's primaries and replicas (none when it is
+    the control one)."""
     if mode == "one Redis":
         with deployment(workers=1) as d:
-            yield d, []
+            yield d, [], []
         return
     cluster = RedisCluster()
     try:
+        primaries = cluster.primaries()
+        replicas = [node.client for node in cluster.nodes if node not in primaries]
         with deployment(workers=1, streams_url=cluster.url) as d:
-            yield d, [node.client for node in cluster.nodes]
+            yield d, [node.client for node in primaries], replicas
     finally:
         cluster.stop()
 
 
-def probes(d: dict[str, object], nodes: list[redis.Redis]) -> dict[str, CpuProbe]:
-    control: redis.Redis = d["redis"]  # type: ignore[assignment]
-    streams: CpuProbe = lambda: sum(redis_cpu_seconds(node) for node in nodes)  # noqa: E731
+def all_cpu(nodes: list[redis.Redis]) -> CpuProbe:
+    return lambda: sum(redis_cpu_seconds(node) for node in nodes)
+
+
+def probes(d: dict[str, object], primaries: list[redis.Redis], replicas: list[redis.Redis]) -> dict[str, CpuProbe]:
     return {
-        "control": lambda: redis_cpu_seconds(control),
-        "streams": streams,
+        "control": all_cpu([d["redis"]]),  # type: ignore[list-item]
+        "primaries": all_cpu(primaries),
+        "replicas": all_cpu(replicas),
         "edge": process_cpu(d["edge"].proc.pid),  # type: ignore[attr-defined]
         "worker": process_cpu(d["workers"][0].proc.pid),  # type: ignore[index]
     }
 
 
+REDIS = ("control", "primaries", "replicas")
+
+
 def idle(watch: dict[str, CpuProbe], seconds: float) -> dict[str, float]:
     """Each Redis's CPU in cores with nothing to do but heartbeats, scans and (cluster) its bus."""
-    before = {name: watch[name]() for name in ("control", "streams")}
+    before = {name: watch[name]() for name in REDIS}
     time.sleep(seconds)
     return {name: (watch[name]() - value) / seconds for name, value in before.items()}
 
 
-def fan_out_figures(d: dict[str, object], watch: dict[str, CpuProbe], chats: int, readers: int) -> Figures:
+def fan_out_figures(
+    d: dict[str, object], watch: dict[str, CpuProbe], chats: int, readers: int, rest: Figures
+) -> Figures:
     f, cpu = fan_out_run(d, chats, readers, watch)
     delivered = f["flowing_events_per_s"]
     appended = delivered / readers  # each content event reaches each of its chat's readers
     per_appended = 1e6 / max(appended, 1)
+    net = {name: (cpu[name] - rest[name]) * per_appended for name in REDIS}
     return {
         "lag p50 (ms)": f["lag_all_open"]["p50"],
         "lag p99 (ms)": f["lag_all_open"]["p99"],
         "events/s delivered": delivered,
-        "Redis CPU per event, all nodes (µs)": (cpu["control"] + cpu["streams"]) * per_appended,
-        "  control Redis (µs)": cpu["control"] * per_appended,
-        "  streams nodes (µs)": cpu["streams"] * per_appended,
+        "events/s appended": appended,
+        "Redis CPU per event, every node, net of idle (µs)": sum(net.values()),
+        "  control Redis (µs)": net["control"],
+        "  streams primaries (µs)": net["primaries"],
+        "  streams replicas (µs)": net["replicas"],
         "edge CPU per delivered event (µs)": cpu["edge"] * 1e6 / max(delivered, 1),
         "worker CPU per event (µs)": cpu["worker"] * per_appended,
     }
@@ -102,17 +117,17 @@ def creation_figures(d: dict[str, object], watch: dict[str, CpuProbe], seconds: 
     return {
         "chats/s created (50 clients)": rate,
         "control Redis CPU per chat (µs)": control * 1e6,
-        "streams nodes CPU per chat (µs)": (cpu["streams"] - rest["streams"]) / rate * 1e6,
+        "streams primaries CPU per chat (µs)": (cpu["primaries"] - rest["primaries"]) / rate * 1e6,
         "chats/s one control core takes": (1 - rest["control"]) / control,
     }
 
 
 def measure(mode: str, chats: int, readers: int, steady: float) -> Figures:
-    with system(mode) as (d, nodes):
-        watch = probes(d, nodes)
+    with system(mode) as (d, primaries, replicas):
+        watch = probes(d, primaries, replicas)
         rest = idle(watch, 3)
-        figures = {"Redis CPU idle, all nodes (% of a core)": (rest["control"] + rest["streams"]) * 100}
-        figures |= fan_out_figures(d, watch, chats, readers)
+        figures = {"Redis CPU idle, every node (% of a core)": sum(rest.values()) * 100}
+        figures |= fan_out_figures(d, watch, chats, readers, rest)
         return figures | creation_figures(d, watch, steady, rest)
 
 
@@ -121,7 +136,7 @@ def table(results: dict[str, list[Figures]]) -> list[tuple[str, str, str, str]]:
     rows = []
     for name, a in one.items():
         b = cluster[name]
-        fmt: Callable[[float], str] = (lambda v: f"{v:,.0f}") if abs(a) >= 100 else (lambda v: f"{v:.1f}")
+        fmt: Callable[[float], str] = (lambda v: f"{v:,.0f}") if max(abs(a), abs(b)) >= 100 else (lambda v: f"{v:.1f}")
         rows.append((name, fmt(a), fmt(b), f"{b / a:.2f}×" if a else "—"))
     return rows
 
@@ -129,11 +144,12 @@ def table(results: dict[str, list[Figures]]) -> list[tuple[str, str, str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller loads, for a smoke run")
-    parser.add_argument("--chats", type=int, help="fan-out chats (default 1,000; 200 with --quick)")
-    parser.add_argument("--readers", type=int, default=1, help="fan-out readers per chat")
+    parser.add_argument("--chats", type=int, help="fan-out chats (default 400; 100 with --quick)")
+    parser.add_argument("--readers", type=int, help="fan-out readers per chat (default 5; 2 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="each deployment this many times, alternating")
     args = parser.parse_args()
-    chats = args.chats or (200 if args.quick else 1000)
+    chats = args.chats or (100 if args.quick else 400)
+    args.readers = args.readers or (2 if args.quick else 5)
     steady = 6 if args.quick else 15
     print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     results: dict[str, list[Figures]] = {mode: [] for mode in MODES}
