@@ -22,8 +22,11 @@ Rounds alternate which deployment goes first; the table gives each figure's medi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -166,6 +169,35 @@ def measure(mode: str, chats: int, readers: int, steady: float, words: int) -> F
         return figures | creation_figures(d, watch, steady, rest, store)
 
 
+def slot_renewals(streams: int, seconds: float = 30) -> str:
+    """The control Redis's CPU per stream slot renewed (``api/slots.py``: every open stream's, every
+    ``RENEW_EVERY`` s): ``streams`` idle streams held on one edge, against the same Redis idle."""
+    from streambridge.api.slots import RENEW_EVERY
+
+    with deployment(workers=1) as d:
+        watch = all_cpu([d["redis"]])  # type: ignore[list-item]
+        before = watch()
+        time.sleep(seconds)
+        rest = (watch() - before) / seconds
+        args = [sys.executable, "-m", "bench.load", "idle", "--api", str(d["api"]), "--streams", str(streams)]
+        gen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert gen.stdin is not None
+        assert gen.stdout is not None
+        opened = json.loads(gen.stdout.readline())["open"]
+        time.sleep(RENEW_EVERY)  # the slots opened in a burst renew on their own schedule from here
+        before = watch()
+        time.sleep(seconds)
+        held = (watch() - before) / seconds
+        gen.stdin.write("\n")
+        gen.stdin.flush()
+        gen.wait(60)
+    per_renewal = (held - rest) / (opened / RENEW_EVERY) * 1e6
+    return (
+        f"{opened:,} idle streams: control Redis {held:.2%} of a core, {rest:.2%} without them; "
+        f"{per_renewal:.1f} µs per slot renewed ({opened / RENEW_EVERY:,.0f} renewals/s)"
+    )
+
+
 def table(results: dict[str, list[Figures]]) -> list[tuple[str, str, str, str]]:
     one, cluster = ({k: statistics.median(r[k] for r in results[m]) for k in results[m][0]} for m in MODES)
     rows = [("rounds measured", str(len(results[MODES[0]])), str(len(results[MODES[1]])), "")]
@@ -182,7 +214,11 @@ def main() -> None:
     parser.add_argument("--chats", type=int, help="fan-out chats (default 200; 100 with --quick)")
     parser.add_argument("--readers", type=int, help="fan-out readers per chat (default 5; 2 with --quick)")
     parser.add_argument("--rounds", type=int, default=1, help="each deployment this many times, alternating")
+    parser.add_argument("--slots", type=int, metavar="STREAMS", help="only: slot renewals with this many idle streams")
     args = parser.parse_args()
+    if args.slots:
+        print(slot_renewals(args.slots))
+        return
     chats = args.chats or (100 if args.quick else 200)
     args.readers = args.readers or (2 if args.quick else 5)
     steady = 6 if args.quick else 15
