@@ -131,13 +131,9 @@ def pickups(client: redis.Redis, chat_ids: list[str]) -> dict[str, float]:
 
 
 def redis_cpu(client: redis.Redis, seconds: float) -> float:
-    def used() -> float:
-        info = client.info("cpu")
-        return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-    before = used()
+    before = redis_cpu_seconds(client)
     time.sleep(seconds)
-    return (used() - before) / seconds * 100
+    return (redis_cpu_seconds(client) - before) / seconds * 100
 
 
 def idle_streams(d: dict[str, object], streams: int) -> dict[str, float]:
