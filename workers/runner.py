@@ -48,9 +48,9 @@ from streambridge.workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
 
-#: how long appends are sent again over a dropped connection: a streams Redis primary's failover
-#: (its replica took over in 3.7–4.3 s here) costs a retry, not an attempt
-APPEND_RETRY_FOR: Final = 15.0
+#: how long appends are sent again over a dropped connection to a Redis Cluster: a primary's
+#: failover (its replica took over in 2.2–4.3 s here) costs a retry, not an attempt
+CLUSTER_APPEND_RETRY_FOR: Final = 15.0
 
 
 class Stop(enum.Enum):
@@ -131,9 +131,11 @@ class ChatRunner:
         self.active: dict[str, Active] = {}
         #: chats being started here (listed as this worker's, not yet running or let go)
         self.starting: set[str] = set()
-        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send,
-        # for as long as a streams Redis failover takes (the leases hold meanwhile: they have no TTL)
-        self.appender = Appender(self.streams, retry_for=APPEND_RETRY_FOR)
+        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send.
+        # On a cluster, for as long as a primary's failover takes (the leases hold meanwhile: they
+        # have no TTL); on one Redis, briefly: an outage fails the attempt, which is handed back.
+        retry_for = CLUSTER_APPEND_RETRY_FOR if self.publish == machine.SPUBLISH else settings.lease_ttl / 2
+        self.appender = Appender(self.streams, retry_for=retry_for)
         metrics.RUNNING_CHATS.set_function(lambda: len(self.active))
 
     def stop(self, chat_id: str, reason: Stop) -> bool:

@@ -32,6 +32,8 @@ CONNECTIONS: Final = 16
 #: on a stop, how long handed-back chats may take to let go, and closing may take, whatever Redis does
 HANDBACK_WAIT: Final = 3.0
 CLOSE_WAIT: Final = 2.0
+#: on a stop, how long telling reapers at once that the worker is gone may take
+RETIRE_WAIT: Final = 0.5
 
 
 class ChatWorker(QueueWorker):
@@ -276,8 +278,8 @@ def make_worker(
             task.cancel()
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
         if "runner" in ctx:  # the heartbeat has stopped: whatever the worker still lists is any reaper's
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_WAIT):
+            with contextlib.suppress(Exception):  # else its heartbeat lapses by itself, in LEASE_TTL
+                async with asyncio.timeout(RETIRE_WAIT):
                     await retire(ctx["redis"], ctx["runner"].worker_id)
         if "batches" in ctx:
             await ctx["batches"].close()
