@@ -53,6 +53,8 @@ ADMIT      credential, queue, rate, active(owner), job, wake, [idem]  control   
 CANCEL     chat, events, notify                                       streams   api
 CLAIM      chat, lease                                                streams   worker
 HEARTBEAT  workers                                                    control   worker
+LIST       workers, worker's chats                                    control   worker
+UNLIST     worker's chats                                             control   worker
 DEAD       workers, [worker's chats]                                  control   worker (reaper)
 ENQUEUE    job, queue, wake                                           control   worker (reaper)
 REQUEUE    chat, lease                                                streams   worker (reaper)
@@ -264,6 +266,30 @@ return 0
 """,
 )
 
+# A chat on a worker's list, with its attempt's token, before the attempt claims it: only while the
+# worker's heartbeat holds (a worker a reaper took for dead, and forgot, must beat again first: else
+# its chat would be on a list no reaper reads). 1 listed, 0 refused. ARGV: worker id, chat id, token.
+LIST: Final = define(
+    "LIST",
+    """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) <= now_ms() then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+""",
+)
+
+# A chat off a worker's list, if it is there with this attempt's token: a later attempt of the same
+# worker (woken again while this one let go) stays listed. ARGV: chat id, token.
+UNLIST: Final = define(
+    "UNLIST",
+    """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+""",
+)
+
 # Workers whose heartbeat lapsed, by Redis's clock. ARGV: at most this many.
 DEAD: Final = define("DEAD", "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])")
 
@@ -354,7 +380,7 @@ return 1
 """,
 )
 
-SCRIPTS: Final = (CREATE, ADMIT, CANCEL, CLAIM, HEARTBEAT, DEAD, FORGET, ENQUEUE, REQUEUE, APPEND, FINISH)
+SCRIPTS: Final = (CREATE, ADMIT, CANCEL, CLAIM, HEARTBEAT, LIST, UNLIST, DEAD, FORGET, ENQUEUE, REQUEUE, APPEND, FINISH)
 
 #: the publish command of the scripts that announce entries, by whether the streams Redis is a cluster
 PUBLISH: Final = "PUBLISH"
@@ -419,6 +445,14 @@ def claim(chat_id: str, token: str) -> Call:
 
 def heartbeat(worker_id: str, ttl_ms: int, *, first: bool = False) -> Call:
     return Call(HEARTBEAT, [keys.workers()], [worker_id, str(ttl_ms), "first" if first else ""])
+
+
+def listing(worker_id: str, chat_id: str, token: str) -> Call:
+    return Call(LIST, [keys.workers(), keys.worker_chats(worker_id)], [worker_id, chat_id, token])
+
+
+def unlisting(worker_id: str, chat_id: str, token: str) -> Call:
+    return Call(UNLIST, [keys.worker_chats(worker_id)], [chat_id, token])
 
 
 def dead(limit: int = 100) -> Call:

@@ -220,3 +220,12 @@ def connect_streams(url: str, *, max_connections: int) -> Redis | StreamsCluster
     # first slot map on (the seeds only ask for that map).
     cluster.connection_kwargs["connection_class"] = _TCP
     return cluster
+
+
+async def close_client(client: Redis | RedisCluster) -> None:
+    """Closes :func:`connect_streams`'s client with its sockets (a plain client's pool was handed to
+    it: closing the client alone leaves the pool's sockets open)."""
+    if isinstance(client, Redis):
+        await client.aclose(close_connection_pool=True)
+    else:
+        await client.aclose()

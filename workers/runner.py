@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import openai
 from redis.asyncio import Redis
@@ -149,7 +149,11 @@ class ChatRunner:
 
     def lease(self, chat_id: str) -> Lease:
         """A new attempt's lease on the chat, not yet claimed."""
-        return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16))
+        return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16), self.requeue)
+
+    async def requeue(self, call: machine.Call) -> Any:
+        """A REQUEUE, through the appends' round trips (on a cluster: once a replica has it)."""
+        return await self.appender.call(call.script, call.keys, call.args)
 
     async def stop_flagged(self) -> None:
         """Stops every chat here whose owner asked to cancel it (read from each chat's flag)."""

@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 
 from streambridge.shared import keys, metrics
 from streambridge.shared.jobs import QueueWorker, back_off
-from streambridge.shared.redis import connect, connect_streams
+from streambridge.shared.redis import close_client, connect, connect_streams
 from streambridge.shared.settings import Settings
 from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lane import NICE, BatchLane
@@ -132,7 +132,7 @@ class ChatWorker(QueueWorker):
         runner: ChatRunner = self.ctx["runner"]
         # a chat this worker runs or is starting already (its job is still queued between its claim
         # and its take, where the scan may see it): listing it again would replace its token
-        job_ids = [j for j in job_ids if j not in runner.active and j not in runner.starting]
+        job_ids = [j for j in dict.fromkeys(job_ids) if j not in runner.active and j not in runner.starting]
         leases = [runner.lease(job_id) for job_id in job_ids]
         runner.starting.update(job_ids)
         claimed: list[Lease] = []
@@ -153,8 +153,9 @@ class ChatWorker(QueueWorker):
         for lease, answer in zip(leases, registered, strict=True):
             if isinstance(answer, Exception):  # not listed: it stays queued, for a later wake-up or scan
                 log.warning("chat %s: Redis refused its start (%s)", lease.chat_id, answer)
-            else:
+            elif answer:
                 listed.append(lease)
+            # else: this worker's heartbeat had lapsed: it starts nothing until it beats again
         # the claims join the appends' next round trip to the streams Redis (one pipeline per node)
         calls = [lease.claim_call() for lease in listed]
         answers = await asyncio.gather(
@@ -248,7 +249,9 @@ def make_worker(
         await first_beat(ctx["redis"], runner.worker_id, settings.lease_ttl)
         ctx["background"] = [
             asyncio.create_task(beat_forever(runner, settings.lease_ttl), name="heartbeat"),
-            asyncio.create_task(reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6), name="reaper"),
+            asyncio.create_task(
+                reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6, runner.requeue), name="reaper"
+            ),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
         if burst:
@@ -291,7 +294,7 @@ def make_worker(
         if "llm" in ctx:
             await ctx["llm"].close()
         if streams is not None:
-            await streams.aclose()
+            await close_client(streams)
 
     worker = ChatWorker(
         pool=connect(settings.redis_url, max_connections=CONNECTIONS, client_class=ArqRedis),
