@@ -20,7 +20,7 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
 ``--ab PATH`` runs every scenario on a second deployment whose processes import streambridge from
 PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternating which goes first
 each round: an A/B pair from the same run. ``--profile DIR`` records each of our Python processes
-with py-spy during the steady scenario (one flame graph a process).
+with py-spy during each scenario (collapsed stacks, a file a process and scenario).
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[N
     spies = [
         subprocess.Popen(
             [
-                "py-spy",
+                os.path.join(os.path.dirname(sys.executable), "py-spy"),
                 "record",
                 "--nonblocking",
                 "-r",
@@ -203,17 +203,25 @@ def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[N
             spy.wait(30)
 
 
-def one_round(d: dict[str, Any], quick: bool, profile: str | None, label: str) -> dict[str, dict[str, float]]:
+SCENARIOS = ("steady", "fixed", "slow_fast", "burst", "capacity")
+
+
+def one_round(
+    d: dict[str, Any], quick: bool, profile: str | None, label: str, only: tuple[str, ...] = SCENARIOS
+) -> dict[str, dict[str, float]]:
     seconds = 5.0 if quick else 12.0
-    with profiled(d, profile, label):
-        steady_ = scenario_steady(d, seconds)
-    return {
-        "steady": steady_,
-        "fixed": scenario_fixed(d, seconds),
-        "slow_fast": scenario_slow_fast(d, seconds),
-        "burst": scenario_burst(d, 1 if quick else 3),
-        "capacity": scenario_capacity(d, 8 if quick else 15, verify=not quick),
+    run = {
+        "steady": lambda: scenario_steady(d, seconds),
+        "fixed": lambda: scenario_fixed(d, seconds),
+        "slow_fast": lambda: scenario_slow_fast(d, seconds),
+        "burst": lambda: scenario_burst(d, 1 if quick else 3),
+        "capacity": lambda: scenario_capacity(d, 8 if quick else 15, verify=not quick),
     }
+    out = {}
+    for name in only:
+        with profiled(d, profile, f"{label}-{name}"):
+            out[name] = run[name]()
+    return out
 
 
 def median_of(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
@@ -221,41 +229,28 @@ def median_of(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, 
 
 
 def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
-    s, f, sf, b, c = r["steady"], r["fixed"], r["slow_fast"], r["burst"], r["capacity"]
-    split = ", ".join(f"{role} {s[f'{role}_ms']:.2f}" for role in OURS)
-    out = [
-        (
-            "1. steady: our CPU per chat",
-            f"{s['ours_ms']:.2f} ms ({s['per_token_us']:.0f} µs/token)",
-            f"{s['ratio']:.2f}× the upstream's {s['upstream_ms']:.2f} ms (goal ≤ 2.0×)",
-        ),
-        ("   by process (ms per chat)", split, f"{s['tokens']:.0f} tokens a chat"),
-        ("   delivery lag p99", f"{s['lag_p99']:.1f} ms", "goal ≤ 10 ms"),
-        ("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"),
-        (
-            "3. worker CPU per token, slow/fast",
-            f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs",
-            f"{sf['ratio']:.2f}× (goal ≤ 2×)",
-        ),
-        (
-            "4. burst of 50: TTFT p50",
-            f"{b['ttft_p50']:.1f} ms",
-            f"+{b['ttft_p50'] - b['direct_p50']:.1f} ms over direct {b['direct_p50']:.1f} ms",
-        ),
-        (
-            "5. capacity at 50 tokens/s",
-            f"{c['chats_per_core']:.0f} chats per core",
-            f"{c['cpu_per_chat_s_ms']:.1f} ms CPU per chat-second",
-        ),
-    ]
-    if "verified_at" in c:
-        out.append(
-            (
-                "   verified",
-                f"{c['verified_at']:.0f} chats: {c['verified_cores']:.2f} cores",
-                f"lag p99 {c['verified_lag_p99']:.1f} ms (goal ≤ 50 ms)",
-            )
-        )
+    out: list[tuple[str, str, str]] = []
+    if s := r.get("steady"):
+        split = ", ".join(f"{role} {s[f'{role}_ms']:.2f}" for role in OURS)
+        ratio = f"{s['ratio']:.2f}× the upstream's {s['upstream_ms']:.2f} ms (goal ≤ 2.0×)"
+        out.append(("1. steady: our CPU per chat", f"{s['ours_ms']:.2f} ms ({s['per_token_us']:.0f} µs/token)", ratio))
+        out.append(("   by process (ms per chat)", split, f"{s['tokens']:.0f} tokens a chat"))
+        out.append(("   delivery lag p99", f"{s['lag_p99']:.1f} ms", "goal ≤ 10 ms"))
+    if f := r.get("fixed"):
+        note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
+        out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))
+    if sf := r.get("slow_fast"):
+        values = f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs"
+        out.append(("3. worker CPU per token, slow/fast", values, f"{sf['ratio']:.2f}× (goal ≤ 2×)"))
+    if b := r.get("burst"):
+        added = f"+{b['ttft_p50'] - b['direct_p50']:.1f} ms over direct {b['direct_p50']:.1f} ms"
+        out.append(("4. burst of 50: TTFT p50", f"{b['ttft_p50']:.1f} ms", added))
+    if c := r.get("capacity"):
+        per = f"{c['cpu_per_chat_s_ms']:.1f} ms CPU per chat-second"
+        out.append(("5. capacity at 50 tokens/s", f"{c['chats_per_core']:.0f} chats per core", per))
+        if "verified_at" in c:
+            at = f"{c['verified_at']:.0f} chats: {c['verified_cores']:.2f} cores"
+            out.append(("   verified", at, f"lag p99 {c['verified_lag_p99']:.1f} ms (goal ≤ 50 ms)"))
     return out
 
 
@@ -273,10 +268,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short loads, one burst, no verified capacity point")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--ab", metavar="PATH", help="also run streambridge from PATH (a worktree), alternating")
-    parser.add_argument("--profile", metavar="DIR", help="py-spy our processes during the steady scenario")
+    parser.add_argument(
+        "--ab",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="also run streambridge from PATH (a worktree), in turn",
+    )
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
     args = parser.parse_args()
-    variants = {"this": {}} | ({"ab": {"PYTHONPATH": args.ab}} if args.ab else {})
+    only = tuple(args.only.split(","))
+    variants: dict[str, dict[str, str]] = {"this": {}}
+    variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
     results: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         systems = {name: stack.enter_context(deployment(1, extra_env=env)) for name, env in variants.items()}
@@ -284,8 +288,8 @@ def main() -> None:
             d["procs"] = our_processes(d)
         order = list(systems)
         for n in range(args.rounds):
-            for name in order if n % 2 == 0 else order[::-1]:
-                results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}"))
+            for name in order[n % len(order) :] + order[: n % len(order)]:  # each goes first in turn
+                results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
     print_table({name: median_of(r) for name, r in results.items()})
     if args.ab:
