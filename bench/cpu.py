@@ -115,7 +115,8 @@ def scenario_steady(d: dict[str, Any], seconds: float) -> dict[str, float]:
 
 def scenario_fixed(d: dict[str, Any], seconds: float) -> dict[str, float]:
     used, _ = steady(d, 10, seconds, *model_args(1, 10, ttft_ms=0))
-    return {"ours_ms": used.per_chat_ms(), "upstream_ms": used.per_chat_ms("upstream")}
+    by_role = {f"{role}_ms": used.per_chat_ms(role) for role in OURS}
+    return {"ours_ms": used.per_chat_ms(), "upstream_ms": used.per_chat_ms("upstream"), **by_role}
 
 
 def scenario_slow_fast(d: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -239,6 +240,8 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
     if f := r.get("fixed"):
         note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
         out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))
+        split = ", ".join(f"{role} {f[f'{role}_ms']:.2f}" for role in OURS)
+        out.append(("   by process (ms per chat)", split, ""))
     if sf := r.get("slow_fast"):
         values = f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs"
         out.append(("3. worker CPU per token, slow/fast", values, f"{sf['ratio']:.2f}× (goal ≤ 2×)"))
