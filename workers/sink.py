@@ -134,7 +134,11 @@ class StreamSink:
 
     def _start_flush(self) -> None:
         self._ticking = False
-        if not self._closed and self._pending and (self._flusher is None or self._flusher.done()):
+        flusher = self._flusher
+        if self._closed or not self._pending:
+            return
+        # one in flight takes the pending events itself; a failed one's error is append's to raise
+        if flusher is None or (flusher.done() and not flusher.cancelled() and flusher.exception() is None):
             self._flusher = asyncio.create_task(self._flush())
 
     async def drain(self) -> None:
