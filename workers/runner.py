@@ -187,6 +187,7 @@ class ChatRunner:
             maxlen=self.settings.stream_maxlen,
             appender=self.appender,
             publish=self.publish,
+            coalesce=self.settings.append_coalesce_ms / 1000,
         )
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None
