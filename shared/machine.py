@@ -15,18 +15,22 @@ over them runs on one node. The cross-chat keys (arq's queue and job records, th
 credentials, limits, the workers' heartbeats and their chats) are on the **control** Redis. No
 script touches both: a transition that changes both is two calls, ordered so that the chat's hash
 (the truth: its status and its lease) changes first where a crash between the two must not lose
-the chat, and every half left behind by a crash is finished by whoever next looks (a worker's
-start, or a reaper), never a stuck or twice-run chat:
+the chat, and every half left behind by a process's crash is finished by whoever next looks (a
+worker's start, its audit, or a reaper); no two attempts ever append (the lease's token fences
+them). What a Redis's own crash can lose is in docs/guarantees.md:
 
 - Admission creates the hash (CREATE), then the job (ADMIT); a refused or crashed admission leaves
   a hash no job points to, whose id was never answered, and which expires.
-- A start registers the chat with its worker (control), claims its lease (CLAIM, streams), then
-  takes its job off the queue (control). A crash after the registration leaves the chat in a dead
-  worker's list: its reaper puts it back.
+- A start lists the chat as its worker's (LIST, control; refused while the worker's heartbeat has
+  lapsed), claims its lease (CLAIM, streams), then takes its job off the queue (control). A crash
+  after the listing leaves the chat in a dead worker's list: a reaper puts it back. A chat leaves a
+  list only with its attempt's token (UNLIST), so a later attempt of the same worker stays listed.
 - A worker's liveness is its heartbeat (``keys.workers``: one write per worker per beat, not one per
   chat), not a TTL on each lease: a lease holds until a reaper ends it (REQUEUE), so a streams
   Redis failover of a few seconds lapses no chat. A dead worker's chats go back to the queue first
-  (ENQUEUE, control), then their status and lease (REQUEUE, streams), then off its list.
+  (ENQUEUE, control), then their status and lease (REQUEUE, streams), then off its list; one
+  reaper at a time per dead worker (two interleaved could queue a chat again that another worker
+  had meanwhile started).
 - A finish ends the chat (FINISH, streams), then drops it from its worker's list and its owner's
   active set (control). A queued chat's cancel ends it (CANCEL, streams), then drops its job
   (control): a worker that finds the job meanwhile finds the chat ended, and drops it too.

@@ -10,8 +10,8 @@ Each chat still has at most one batch in flight (its sink waits for the answer b
 the next), so a chat's events keep their order; the sink's sequence numbers make a batch Redis
 already applied harmless if a reconnect sends it again. So a round trip whose connection broke
 (a failover, a proxy's reset, ``CLIENT KILL``) is sent again, the same calls with the same
-sequence numbers, for up to ``retry_for`` seconds (half a lease: the chats' leases still hold):
-a dropped socket costs a retry, not an attempt.
+sequence numbers, for up to ``retry_for`` seconds (on a cluster, as long as a primary's failover
+takes; the leases hold meanwhile: they have no TTL): a dropped socket costs a retry, not an attempt.
 
 On a Redis Cluster the round trip is one pipeline per node (redis-py's cluster pipeline groups the
 calls by their keys' slot and follows MOVED); a promoted replica, which has no scripts yet, gets
