@@ -155,10 +155,11 @@ class ChatWorker(QueueWorker):
                 log.warning("chat %s: Redis refused its start (%s)", lease.chat_id, answer)
             else:
                 listed.append(lease)
-        # the claims join the appends' next round trip to the streams Redis (one pipeline per node)
+        # the claims join the appends' next round trip to the streams Redis (one pipeline per node),
+        # durable: a claim a failover lost while its job leaves the queue would strand the chat
         calls = [lease.claim_call() for lease in listed]
         answers = await asyncio.gather(
-            *(runner.appender.call(c.script, c.keys, c.args) for c in calls), return_exceptions=True
+            *(runner.appender.call(c.script, c.keys, c.args, durable=True) for c in calls), return_exceptions=True
         )
         async with self.pool.pipeline(transaction=False) as pipe:
             for lease, answer in zip(listed, answers, strict=True):
