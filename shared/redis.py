@@ -192,6 +192,21 @@ class StreamsCluster(RedisCluster):
     def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, max_connections=max_connections, **kwargs)
         self._turns = asyncio.Semaphore(max_connections)
+        self._max_connections = max_connections
+        self._nodes: ClusterNodes | None = None
+
+    @property
+    def nodes(self) -> ClusterNodes:
+        """A plain client of each node, and the slot map (:class:`ClusterNodes`): made on first use,
+        shared by whoever uses this client, closed with it; at most ``max_connections`` sockets a node."""
+        if self._nodes is None:
+            self._nodes = ClusterNodes(self, max_connections=self._max_connections)
+        return self._nodes
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._nodes is not None:
+            await self._nodes.aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         async with self._turns:

@@ -34,13 +34,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio import RedisCluster
 from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streambridge.shared.machine import Script, Store
-from streambridge.shared.redis import ClusterNodes
+from streambridge.shared.redis import StreamsCluster
 
 log = logging.getLogger("streambridge.appender")
 
@@ -49,8 +48,6 @@ log = logging.getLogger("streambridge.appender")
 TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, MovedError, AskError, OSError)
 #: how long a durable call waits for a replica to have it (``WAIT 1 <ms>``)
 WAIT_MS: Final = 500
-#: sockets per cluster node: one round trip in flight per node, and a few more while a slot moves
-NODE_CONNECTIONS: Final = 4
 #: a primary that no replica answers is logged at most this often (s)
 UNREPLICATED_LOG_EVERY: Final = 60.0
 
@@ -70,7 +67,8 @@ class Appender:
     def __init__(self, redis: Store, *, retry_for: float = 0.75) -> None:
         self._redis = redis
         self._retry_for = retry_for
-        self._nodes = ClusterNodes(redis, max_connections=NODE_CONNECTIONS) if isinstance(redis, RedisCluster) else None
+        # a cluster's nodes, each sent its own plain pipeline (a bare redis-py cluster client: its cluster pipeline)
+        self._nodes = redis.nodes if isinstance(redis, StreamsCluster) else None
         self._lanes: dict[str, _Lane] = {}
         self._unreplicated: dict[str, float] = {}  # node → when WAIT's 0 was last logged
 
@@ -94,8 +92,6 @@ class Appender:
             for *_, answer in lane.waiting:
                 answer.cancel()
             lane.waiting = []
-        if self._nodes is not None:
-            await self._nodes.aclose()
 
     async def _send(self, lane: _Lane) -> None:
         while lane.waiting:
