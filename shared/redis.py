@@ -253,10 +253,12 @@ class ClusterNodes:
         return self._owners[key_slot(key.encode())] if self._owners else ""
 
     async def owner(self, key: str) -> str:
-        """The address (``host:port``) of the primary of ``key``'s slot; the map is read first if it never was."""
-        if not self._owners:
+        """The address (``host:port``) of the primary of ``key``'s slot; the map is read first if it never
+        was, or named no primary for it (``ClusterDownError`` if it still names none)."""
+        slot = key_slot(key.encode())
+        if not self._owners or not self._owners[slot]:  # never read, or the slot unserved when last read
             await self.refresh()
-        address = self._owners[key_slot(key.encode())]
+        address = self._owners[slot] if self._owners else ""  # no map yet: read within the last 50 ms, and failed
         if not address:
             raise ClusterDownError(f"no node serves {key!r}'s slot")  # type: ignore[no-untyped-call]
         return address
