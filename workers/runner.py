@@ -152,8 +152,9 @@ class ChatRunner:
         return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16), self.requeue)
 
     async def requeue(self, call: machine.Call) -> Any:
-        """A REQUEUE, through the appends' round trips (on a cluster: once a replica has it)."""
-        return await self.appender.call(call.script, call.keys, call.args)
+        """A REQUEUE, through the appends' round trips, durable: on a cluster, answered once a replica
+        has it (a REQUEUE lost in a failover would leave the chat held by a dead attempt)."""
+        return await self.appender.call(call.script, call.keys, call.args, durable=True)
 
     async def stop_flagged(self) -> None:
         """Stops every chat here whose owner asked to cancel it (read from each chat's flag)."""

@@ -159,7 +159,7 @@ class StreamSink:
         args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
         args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
         args += [str(stream_ttl), self._publish]
-        self._check(await self._appender.call(machine.FINISH, self._keys, args))
+        self._check(await self._appender.call(machine.FINISH, self._keys, args, durable=True))
 
     async def close(self) -> None:
         self._closed = True

@@ -156,10 +156,11 @@ class ChatWorker(QueueWorker):
             elif answer:
                 listed.append(lease)
             # else: this worker's heartbeat had lapsed: it starts nothing until it beats again
-        # the claims join the appends' next round trip to the streams Redis (one pipeline per node)
+        # the claims join the appends' next round trip to the streams Redis (one pipeline per node),
+        # durable: a claim a failover lost while its job leaves the queue would strand the chat
         calls = [lease.claim_call() for lease in listed]
         answers = await asyncio.gather(
-            *(runner.appender.call(c.script, c.keys, c.args) for c in calls), return_exceptions=True
+            *(runner.appender.call(c.script, c.keys, c.args, durable=True) for c in calls), return_exceptions=True
         )
         async with self.pool.pipeline(transaction=False) as pipe:
             for lease, answer in zip(listed, answers, strict=True):
