@@ -28,9 +28,9 @@ from streambridge.workers.sink import StreamSink
 class Counted(Appender):
     round_trips = 0
 
-    async def _execute(self, batch: list[object], *, command: str = "EVALSHA") -> list[object]:  # type: ignore[override]
+    async def _execute(self, batch: list[object]) -> list[object]:  # type: ignore[override]
         Counted.round_trips += 1
-        return await super()._execute(batch, command=command)  # type: ignore[arg-type]
+        return await super()._execute(batch)  # type: ignore[arg-type]
 
 
 async def run(port: int, *, shared: bool, aligned: bool, chats: int, events: int, pace: float) -> tuple[float, int]:

@@ -27,9 +27,9 @@ class CountingAppender(Appender):
         super().__init__(redis)
         self.round_trips: list[int] = []
 
-    async def _execute(self, batch: list[Any], *, reload: bool = True) -> list[Any]:
+    async def _execute(self, batch: list[Any]) -> list[Any]:
         self.round_trips.append(len(batch))
-        return await super()._execute(batch, reload=reload)
+        return await super()._execute(batch)
 
 
 async def sink_for(redis: Redis, chat_id: str, appender: Appender, coalesce: float) -> StreamSink:
