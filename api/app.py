@@ -20,7 +20,7 @@ from streambridge.api.headers import add_headers, preflight_middleware
 from streambridge.api.hub import StreamHub
 from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
-from streambridge.shared.redis import connect, connect_feed, connect_streams, is_cluster_url
+from streambridge.shared.redis import close_client, connect, connect_feed, connect_streams, is_cluster_url
 from streambridge.shared.settings import Settings
 
 SECRET_REFRESH = 10.0
@@ -91,7 +91,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         # The pools were handed to the clients, so closing a client leaves its pool's sockets open.
         await redis.aclose(close_connection_pool=True)
         if streams is not redis:
-            await streams.aclose()
+            await close_client(streams)
         if feed is not None:
             await feed.aclose(close_connection_pool=True)
 

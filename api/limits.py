@@ -11,7 +11,6 @@ counts for nothing. The call is safe to send twice: a re-send after a lost reply
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Final
 
@@ -81,8 +80,9 @@ async def admit_chat(
     round trips, each safe to send twice. Returns the chat's id: ``chat_id``, or the chat an earlier
     request with the same ``idempotency_key`` created (its request must be the same).
 
-    A crash between the two leaves a record no job points to, whose id was never answered: it
-    expires with the result TTL, and no worker ever finds it."""
+    A crash between the two, or an error from ADMIT, leaves the record (ADMIT may have run, its
+    answer lost): with no job pointing to it, no worker ever finds it, and it expires with the
+    result TTL."""
     q = identity.quota
     limits = machine.Admission(
         max_queue=settings.max_queue_depth,
@@ -107,12 +107,8 @@ async def admit_chat(
         idempotency_ttl=min(idempotency_ttl, settings.result_ttl),
         replay=replay,
     )
-    try:
-        answer = await machine.call(redis, admission)
-    except BaseException:
-        with contextlib.suppress(Exception):  # else it expires, unseen
-            await streams.delete(keys.chat(chat_id))
-        raise
+    # A lost reply is not a refusal (ADMIT may have run): the record stays, and expires if unused.
+    answer = await machine.call(redis, admission)
     verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in answer]
     if verdict == "ok":
         return chat_id

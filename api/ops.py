@@ -3,6 +3,8 @@ edge (``/healthz``, liveness, stays with the chats' routes)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -10,7 +12,10 @@ from redis.asyncio import Redis
 
 from streambridge.api.context import CONTEXT
 from streambridge.shared import metrics
+from streambridge.shared.machine import Store
 from streambridge.shared.redis import one_connection_like
+
+log = logging.getLogger("streambridge.api")
 
 routes = web.RouteTableDef()
 
@@ -51,11 +56,23 @@ async def metrics_page(request: web.Request) -> web.Response:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     ctx, readiness = request.app.get(CONTEXT), request.app[READINESS]
-    more = None
+    more: dict[str, str] = {}
     if ctx is not None and ctx.hub is not None:  # an edge: live entries come over its Pub/Sub feed
-        more = {"feed": "ok" if ctx.hub.feed_connected() else "Pub/Sub feed disconnected (reconnecting)"}
+        more["feed"] = "ok" if ctx.hub.feed_connected() else "Pub/Sub feed disconnected (reconnecting)"
+    if ctx is not None and ctx.streams is not ctx.redis:  # the chats' own keys are on another Redis
+        more["streams_redis"] = await _answers(ctx.streams)
     return await metrics.readiness_response(
         readiness.checks_for(ctx.redis) if ctx is not None else None,
         None if readiness.serving else "not serving (starting or shutting down)",
         more,
     )
+
+
+async def _answers(streams: Store) -> str:
+    try:
+        async with asyncio.timeout(metrics.READY_PING_TIMEOUT):
+            await streams.ping()
+    except Exception as exc:  # its type only, as for the control Redis: the text names hosts
+        log.warning("readiness: the streams Redis is unreachable: %s: %s", type(exc).__name__, exc)
+        return f"unreachable: {type(exc).__name__}"
+    return "ok"

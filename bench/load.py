@@ -151,6 +151,7 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
                 out["pickup"] = percentiles([v["pickup"] for v in values])
                 out["lag"] = percentiles([lag for v in values for lag in v["lags"]])
                 out["chat_ids"] = [v["id"] for v in values]
+                out["tokens"] = sum(v["content"] for v in values)
                 if args.steady:
                     out["chats_per_s"] = out["streambridge_chats_per_s"]
             else:

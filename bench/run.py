@@ -92,6 +92,8 @@ def deployment(
         yield {
             "redis": redis.Redis(port=port),
             "llm": llm.url,
+            "llm_child": llm,
+            "redis_pid": redis_proc.pid,
             "proxy": f"http://127.0.0.1:{proxy_port}",
             "api": api.url,
             "api_child": api,

@@ -99,6 +99,11 @@ def workers() -> str:
     return f"{PREFIX}workers"
 
 
+def reaping(worker_id: str) -> str:
+    """String: held (a few seconds) by the one process putting a worker's chats back on the queue."""
+    return f"{PREFIX}reaping:{worker_id}"
+
+
 def worker_chats(worker_id: str) -> str:
     """Hash: the chats a worker started or is starting, each with its attempt's lease token: when
     the worker's heartbeat lapses, a reaper puts each back on the queue."""

@@ -15,18 +15,22 @@ over them runs on one node. The cross-chat keys (arq's queue and job records, th
 credentials, limits, the workers' heartbeats and their chats) are on the **control** Redis. No
 script touches both: a transition that changes both is two calls, ordered so that the chat's hash
 (the truth: its status and its lease) changes first where a crash between the two must not lose
-the chat, and every half left behind by a crash is finished by whoever next looks (a worker's
-start, or a reaper), never a stuck or twice-run chat:
+the chat, and every half left behind by a process's crash is finished by whoever next looks (a
+worker's start, its audit, or a reaper); no two attempts ever append (the lease's token fences
+them). What a Redis's own crash can lose is in docs/guarantees.md:
 
 - Admission creates the hash (CREATE), then the job (ADMIT); a refused or crashed admission leaves
   a hash no job points to, whose id was never answered, and which expires.
-- A start registers the chat with its worker (control), claims its lease (CLAIM, streams), then
-  takes its job off the queue (control). A crash after the registration leaves the chat in a dead
-  worker's list: its reaper puts it back.
+- A start lists the chat as its worker's (LIST, control; refused while the worker's heartbeat has
+  lapsed), claims its lease (CLAIM, streams), then takes its job off the queue (control). A crash
+  after the listing leaves the chat in a dead worker's list: a reaper puts it back. A chat leaves a
+  list only with its attempt's token (UNLIST), so a later attempt of the same worker stays listed.
 - A worker's liveness is its heartbeat (``keys.workers``: one write per worker per beat, not one per
   chat), not a TTL on each lease: a lease holds until a reaper ends it (REQUEUE), so a streams
   Redis failover of a few seconds lapses no chat. A dead worker's chats go back to the queue first
-  (ENQUEUE, control), then their status and lease (REQUEUE, streams), then off its list.
+  (ENQUEUE, control), then their status and lease (REQUEUE, streams), then off its list; one
+  reaper at a time per dead worker (two interleaved could queue a chat again that another worker
+  had meanwhile started).
 - A finish ends the chat (FINISH, streams), then drops it from its worker's list and its owner's
   active set (control). A queued chat's cancel ends it (CANCEL, streams), then drops its job
   (control): a worker that finds the job meanwhile finds the chat ended, and drops it too.
@@ -53,6 +57,8 @@ ADMIT      credential, queue, rate, active(owner), job, wake, [idem]  control   
 CANCEL     chat, events, notify                                       streams   api
 CLAIM      chat, lease                                                streams   worker
 HEARTBEAT  workers                                                    control   worker
+LIST       workers, worker's chats                                    control   worker
+UNLIST     worker's chats                                             control   worker
 DEAD       workers, [worker's chats]                                  control   worker (reaper)
 ENQUEUE    job, queue, wake                                           control   worker (reaper)
 REQUEUE    chat, lease                                                streams   worker (reaper)
@@ -264,6 +270,30 @@ return 0
 """,
 )
 
+# A chat on a worker's list, with its attempt's token, before the attempt claims it: only while the
+# worker's heartbeat holds (a worker a reaper took for dead, and forgot, must beat again first: else
+# its chat would be on a list no reaper reads). 1 listed, 0 refused. ARGV: worker id, chat id, token.
+LIST: Final = define(
+    "LIST",
+    """
+local due = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not due or tonumber(due) <= now_ms() then return 0 end
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 1
+""",
+)
+
+# A chat off a worker's list, if it is there with this attempt's token: a later attempt of the same
+# worker (woken again while this one let go) stays listed. ARGV: chat id, token.
+UNLIST: Final = define(
+    "UNLIST",
+    """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+""",
+)
+
 # Workers whose heartbeat lapsed, by Redis's clock. ARGV: at most this many.
 DEAD: Final = define("DEAD", "return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms(), 'LIMIT', 0, ARGV[1])")
 
@@ -354,7 +384,7 @@ return 1
 """,
 )
 
-SCRIPTS: Final = (CREATE, ADMIT, CANCEL, CLAIM, HEARTBEAT, DEAD, FORGET, ENQUEUE, REQUEUE, APPEND, FINISH)
+SCRIPTS: Final = (CREATE, ADMIT, CANCEL, CLAIM, HEARTBEAT, LIST, UNLIST, DEAD, FORGET, ENQUEUE, REQUEUE, APPEND, FINISH)
 
 #: the publish command of the scripts that announce entries, by whether the streams Redis is a cluster
 PUBLISH: Final = "PUBLISH"
@@ -419,6 +449,14 @@ def claim(chat_id: str, token: str) -> Call:
 
 def heartbeat(worker_id: str, ttl_ms: int, *, first: bool = False) -> Call:
     return Call(HEARTBEAT, [keys.workers()], [worker_id, str(ttl_ms), "first" if first else ""])
+
+
+def listing(worker_id: str, chat_id: str, token: str) -> Call:
+    return Call(LIST, [keys.workers(), keys.worker_chats(worker_id)], [worker_id, chat_id, token])
+
+
+def unlisting(worker_id: str, chat_id: str, token: str) -> Call:
+    return Call(UNLIST, [keys.worker_chats(worker_id)], [chat_id, token])
 
 
 def dead(limit: int = 100) -> Call:

@@ -6,22 +6,26 @@ import asyncio
 import builtins
 import contextlib
 import contextvars
+import math
 import socket
 from collections.abc import AsyncIterator
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.cluster import ClusterNode, ClusterParser, ClusterPipeline
 from redis.asyncio.connection import AbstractConnection, Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import HiredisRespSerializer
+from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
     AuthorizationError,
+    ClusterDownError,
     ClusterError,
     ConnectionError,
+    ResponseError,
     SlotNotCoveredError,
     TimeoutError,
 )
@@ -94,27 +98,33 @@ def _connection_class(url: str) -> type[AbstractConnection]:
     return {"rediss": _TLS, "unix": _Unix}.get(urlsplit(url).scheme, _TCP)
 
 
-def connect(url: str, *, max_connections: int, client_class: type[R] = Redis) -> R:  # type: ignore[assignment]
+def connect(
+    url: str,
+    *,
+    max_connections: int,
+    client_class: type[R] = Redis,  # type: ignore[assignment]
+    **changes: Any,
+) -> R:
     """A client on a bounded pool: however many requests wait, at most ``max_connections`` sockets.
 
     Every process's commands go through one of these (the API's, the edge's, the worker's): a
     dropped connection is retried with backoff before the error reaches the caller (every
     streambridge script is safe to run twice), a frozen Redis times out, and an idle socket is
-    kept alive, so a peer that vanished is noticed.
+    kept alive, so a peer that vanished is noticed. ``changes``: other pool settings than these.
     """
-    pool = BlockingConnectionPool.from_url(
-        url,
-        connection_class=_connection_class(url),
-        max_connections=max_connections,
-        timeout=10,
-        socket_connect_timeout=2,
+    settings: dict[str, Any] = {
+        "connection_class": _connection_class(url),
+        "max_connections": max_connections,
+        "timeout": 10,
+        "socket_connect_timeout": 2,
         # a frozen Redis must turn into a 503 in seconds, not a request that hangs
-        socket_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[ConnectionError, TimeoutError],
+        "socket_timeout": 5,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [ConnectionError, TimeoutError],
         **_keepalive(url),
-    )
+    }
+    pool = BlockingConnectionPool.from_url(url, **(settings | changes))
     return client_class(connection_pool=pool)
 
 
@@ -190,6 +200,21 @@ class StreamsCluster(RedisCluster):
     def __init__(self, *args: Any, max_connections: int, **kwargs: Any) -> None:
         super().__init__(*args, max_connections=max_connections, **kwargs)
         self._turns = asyncio.Semaphore(max_connections)
+        self._max_connections = max_connections
+        self._nodes: ClusterNodes | None = None
+
+    @property
+    def nodes(self) -> ClusterNodes:
+        """A plain client of each node, and the slot map (:class:`ClusterNodes`): made on first use,
+        shared by whoever uses this client, closed with it; at most ``max_connections`` sockets a node."""
+        if self._nodes is None:
+            self._nodes = ClusterNodes(self, max_connections=self._max_connections)
+        return self._nodes
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._nodes is not None:
+            await self._nodes.aclose()
 
     @contextlib.asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
@@ -235,6 +260,101 @@ class _TurnPipeline(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
 
 
+#: a slot map is read again at most this often (s), however many callers find it stale
+MAP_REFRESH_EVERY: Final = 0.05
+
+
+class ClusterNodes:
+    """A cluster's slot map, and a plain client of each node it names: for a caller that sends each
+    primary a pipeline of its own (``workers.appender``) instead of redis-py's cluster pipeline,
+    which, when one node's connection drops, closes every node's connections.
+
+    The clients are :func:`connect`'s (bounded, hiredis-packed), one per node address, kept for
+    good; they answer MOVED, ASK, CLUSTERDOWN and TRYAGAIN as redis-py's cluster errors, and never
+    retry by themselves: their caller reads the map again (:meth:`refresh`) and sends again. The map
+    is read with CLUSTER SLOTS through these clients, not the cluster client's ``NodesManager``,
+    whose ``initialize()`` replaces every node of the cluster client, closing its connections under
+    whatever commands are in flight.
+    """
+
+    def __init__(self, cluster: RedisCluster, *, max_connections: int) -> None:
+        self._max_connections = max_connections
+        self._clients: dict[str, Redis] = {}
+        #: where to ask for the map: the seed nodes, then every node the last map named
+        self._known = [node.name for node in cluster.nodes_manager.startup_nodes.values()]
+        self._owners: list[str] = []  # slot → its primary's address ("": none serves it)
+        self._lock = asyncio.Lock()
+        self._read_at = -math.inf
+
+    def owner_known(self, key: str) -> str:
+        """The address of the primary of ``key``'s slot as the map last read says, or "" (no map yet)."""
+        return self._owners[key_slot(key.encode())] if self._owners else ""
+
+    async def owner(self, key: str) -> str:
+        """The address (``host:port``) of the primary of ``key``'s slot; the map is read first if it never
+        was, or named no primary for it (``ClusterDownError`` if it still names none)."""
+        slot = key_slot(key.encode())
+        if not self._owners or not self._owners[slot]:  # never read, or the slot unserved when last read
+            await self.refresh()
+        address = self._owners[slot] if self._owners else ""  # no map yet: read within the last 50 ms, and failed
+        if not address:
+            raise ClusterDownError(f"no node serves {key!r}'s slot")  # type: ignore[no-untyped-call]
+        return address
+
+    def client(self, address: str) -> Redis:
+        client = self._clients.get(address)
+        if client is None:
+            host, _, port = address.rpartition(":")
+            url = f"redis://[{host}]:{port}/0" if ":" in host else f"redis://{host}:{port}/0"
+            client = self._clients[address] = connect(
+                url,
+                max_connections=self._max_connections,
+                parser_class=ClusterParser,
+                retry=Retry(NoBackoff(), retries=0),
+            )
+        return client
+
+    async def refresh(self, *, avoid: str = "") -> None:
+        """Reads the slot map again (unless it was read within ``MAP_REFRESH_EVERY`` s), from the
+        first node that answers, ``avoid`` (the node that just failed) last. A map already in hand
+        is kept when none answers; with none in hand, the last node's error is raised."""
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._read_at < MAP_REFRESH_EVERY:
+                return
+            self._read_at = loop.time()
+            failure: Exception | None = None
+            for address in sorted(self._known, key=lambda a: a == avoid):
+                try:
+                    slots = await self.client(address).execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+                except (ConnectionError, TimeoutError, ResponseError) as exc:
+                    failure = exc
+                    continue
+                self._read(slots, address)
+                return
+            if not self._owners and failure is not None:
+                raise failure
+
+    def _read(self, slots: list[Any], asked: str) -> None:
+        owners = [""] * 16384
+        known = dict.fromkeys(self._known)
+        for start, end, *nodes in slots:
+            addresses = [_address(node, asked) for node in nodes]
+            owners[int(start) : int(end) + 1] = [addresses[0]] * (int(end) - int(start) + 1)
+            known.update(dict.fromkeys(addresses))
+        self._owners, self._known = owners, list(known)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        await asyncio.gather(*(c.aclose(close_connection_pool=True) for c in clients), return_exceptions=True)
+
+
+def _address(node: list[Any], asked: str) -> str:
+    """``host:port`` of a CLUSTER SLOTS node entry (an empty host is the node asked's)."""
+    host = node[0].decode() if isinstance(node[0], bytes) else str(node[0])
+    return f"{host or asked.rpartition(':')[0]}:{int(node[1])}"
+
+
 def connect_streams(url: str, *, max_connections: int) -> Redis | StreamsCluster:
     """The client of the per-chat keys: :func:`connect`'s for a plain URL, and for
     ``redis-cluster://host:port[,host:port…]`` a cluster client set up as :func:`connect`'s is
@@ -258,3 +378,12 @@ def connect_streams(url: str, *, max_connections: int) -> Redis | StreamsCluster
     # first slot map on (the seeds only ask for that map).
     cluster.connection_kwargs["connection_class"] = _TCP
     return cluster
+
+
+async def close_client(client: Redis | RedisCluster) -> None:
+    """Closes :func:`connect_streams`'s client with its sockets (a plain client's pool was handed to
+    it: closing the client alone leaves the pool's sockets open)."""
+    if isinstance(client, Redis):
+        await client.aclose(close_connection_pool=True)
+    else:
+        await client.aclose()

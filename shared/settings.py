@@ -59,6 +59,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     idle_timeout: Seconds = 60.0
     #: how long a chat's stream is kept once the chat has ended
     stream_ttl: Positive = 3600
+    #: how long (ms) a worker holds a chat's lone event for others to share its append's round trip;
+    #: 0: at once (an event that arrives while an append is in flight waits for it regardless)
+    append_coalesce_ms: Annotated[float, msgspec.Meta(ge=0, le=50)] = 0.0
     #: length cap of a running stream (approximate, as with XADD MAXLEN ~)
     stream_maxlen: Positive = 100_000
     #: how long ``GET /v1/chats/{id}`` answers after the chat ended

@@ -10,65 +10,98 @@ Each chat still has at most one batch in flight (its sink waits for the answer b
 the next), so a chat's events keep their order; the sink's sequence numbers make a batch Redis
 already applied harmless if a reconnect sends it again. So a round trip whose connection broke
 (a failover, a proxy's reset, ``CLIENT KILL``) is sent again, the same calls with the same
-sequence numbers, for up to ``retry_for`` seconds (half a lease: the chats' leases still hold):
-a dropped socket costs a retry, not an attempt.
+sequence numbers, for up to ``retry_for`` seconds (on a cluster, as long as a primary's failover
+takes; the leases hold meanwhile: they have no TTL): a dropped socket costs a retry, not an attempt.
 
-On a Redis Cluster the round trip is one pipeline per node (redis-py's cluster pipeline groups the
-calls by their keys' slot and follows MOVED); a promoted replica, which has no scripts yet, gets
-the NOSCRIPT calls again as EVAL.
+On a Redis Cluster each primary gets a pipeline of its own, over a plain client of that node
+(``shared.redis.ClusterNodes``), and a lane of its own: the calls for a node go together, one
+round trip in flight per node, so a node that died holds up its own chats alone. A node whose
+connection drops, or that answers MOVED, ASK, CLUSTERDOWN or TRYAGAIN, has its calls sent again
+(to whichever primary the slot map, read again, names) for up to ``retry_for`` seconds; the other
+nodes' connections are never touched. A promoted replica, which has no scripts yet, gets the
+NOSCRIPT calls again as EVAL.
+
+A durable call (``call(..., durable=True)``: a chat's end, a claim) is answered only once a
+replica has it too, or WAIT gave up: Redis replicates asynchronously, and a transition acknowledged
+by a primary that dies before passing it on is lost on the replica promoted in its place, while
+the control Redis's step that follows it stands.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Final
 
-from redis.exceptions import ClusterDownError, NoScriptError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streambridge.shared.machine import Script, Store
+from streambridge.shared.redis import StreamsCluster
 
-#: what a dropped connection, or a cluster between a primary's death and its replica's promotion,
-#: raises: the round trip is sent again
-TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, OSError)
+log = logging.getLogger("streambridge.appender")
 
-Waiting = tuple[Script, list[str], list[str | bytes], asyncio.Future[Any]]
+#: what a dropped connection, a cluster between a primary's death and its replica's promotion, or
+#: a moved slot raises: the round trip is sent again
+TRANSIENT = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError, MovedError, AskError, OSError)
+#: how long a durable call waits for a replica to have it (``WAIT 1 <ms>``)
+WAIT_MS: Final = 500
+#: a primary that no replica answers is logged at most this often (s)
+UNREPLICATED_LOG_EVERY: Final = 60.0
+
+#: a call: its script, keys, arguments, whether it is durable, and its caller's answer
+Waiting = tuple[Script, list[str], list[str | bytes], bool, asyncio.Future[Any]]
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The calls waiting for one node (for one Redis, the only lane), and the task sending them."""
+
+    waiting: list[Waiting] = field(default_factory=list)
+    sender: asyncio.Task[None] | None = None
 
 
 class Appender:
     def __init__(self, redis: Store, *, retry_for: float = 0.75) -> None:
         self._redis = redis
         self._retry_for = retry_for
-        self._queue: list[Waiting] = []
-        self._sender: asyncio.Task[None] | None = None
+        # a cluster's nodes, each sent its own plain pipeline (a bare redis-py cluster client: its cluster pipeline)
+        self._nodes = redis.nodes if isinstance(redis, StreamsCluster) else None
+        self._lanes: dict[str, _Lane] = {}
+        self._unreplicated: dict[str, float] = {}  # node → when WAIT's 0 was last logged
 
-    async def call(self, script: Script, keys: list[str], args: list[str | bytes]) -> Any:
-        """``script``'s answer, sent with whatever else is waiting to go."""
+    async def call(self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False) -> Any:
+        """``script``'s answer, sent with whatever else is waiting to go to its node. ``durable``: on a
+        cluster, answered once a replica has it too (or WAIT gave up); on one Redis, as any call."""
+        lane = self._lanes.setdefault("" if self._nodes is None else self._nodes.owner_known(keys[0]), _Lane())
         answer = asyncio.get_running_loop().create_future()
-        self._queue.append((script, keys, args, answer))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send())
+        lane.waiting.append((script, keys, args, durable, answer))
+        if lane.sender is None or lane.sender.done():
+            lane.sender = asyncio.create_task(self._send(lane))
         return await answer
 
     async def close(self) -> None:
         """Stop sending (the worker is done): whoever still waits for an answer is cancelled."""
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.gather(self._sender, return_exceptions=True)
-        for *_, answer in self._queue:
-            answer.cancel()
-        self._queue = []
+        senders = [lane.sender for lane in self._lanes.values() if lane.sender is not None]
+        for sender in senders:
+            sender.cancel()
+        await asyncio.gather(*senders, return_exceptions=True)
+        for lane in self._lanes.values():
+            for *_, answer in lane.waiting:
+                answer.cancel()
+            lane.waiting = []
 
-    async def _send(self) -> None:
-        while self._queue:
-            batch, self._queue = self._queue, []
+    async def _send(self, lane: _Lane) -> None:
+        while lane.waiting:
+            batch, lane.waiting = lane.waiting, []
             try:
                 answers = await self._execute_again_if_dropped(batch)
             except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
                 answers = [exc] * len(batch)
             except asyncio.CancelledError:  # the worker's loop is closing: nobody waits forever
-                for *_, answer in [*batch, *self._queue]:
+                for *_, answer in [*batch, *lane.waiting]:
                     answer.cancel()
                 raise
             for (*_, answer), result in zip(batch, answers, strict=True):
@@ -95,19 +128,59 @@ class Appender:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def _execute(self, batch: list[Waiting], *, command: str = "EVALSHA") -> list[Any]:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, _ in batch:
+    async def _execute(self, batch: list[Waiting]) -> list[Any]:
+        if self._nodes is None:
+            return await self._pipeline(self._redis, batch)
+        nodes = self._nodes
+        groups: dict[str, list[int]] = {}
+        for n, (_, keys, *_) in enumerate(batch):  # by the map as read now: a call may have moved
+            groups.setdefault(await nodes.owner(keys[0]), []).append(n)
+        sent = await asyncio.gather(
+            *(self._pipeline(nodes.client(a), [batch[n] for n in ns], node=a) for a, ns in groups.items()),
+            return_exceptions=True,
+        )
+        answers: list[Any] = [None] * len(batch)
+        for (address, ns), node_answers in zip(groups.items(), sent, strict=True):
+            if isinstance(node_answers, BaseException):
+                if isinstance(node_answers, TRANSIENT):  # the map again, then the whole round trip (fenced)
+                    await nodes.refresh(avoid=address)
+                raise node_answers
+            for n, answer in zip(ns, node_answers, strict=True):
+                answers[n] = answer
+        return answers
+
+    async def _pipeline(
+        self, redis: Store, batch: list[Waiting], *, command: str = "EVALSHA", node: str = ""
+    ) -> list[Any]:
+        """One pipeline of ``batch``'s calls; on a cluster ``node``'s, ended by WAIT if a call is durable."""
+        wait = bool(node) and any(durable for *_, durable, _ in batch)
+        async with redis.pipeline(transaction=False) as pipe:
+            for script, keys, args, *_ in batch:
                 # execute_command: a cluster pipeline refuses ``evalsha()``, not the command itself
                 body = script.sha if command == "EVALSHA" else script.lua
                 pipe.execute_command(command, body, len(keys), *keys, *args)
+            if wait:  # the same connection: WAIT covers these writes
+                pipe.execute_command("WAIT", 1, WAIT_MS)
             answers: list[Any] = await pipe.execute(raise_on_error=False)
+        if wait:
+            self._replicated(node, answers.pop())
         unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
         if unknown and command == "EVALSHA":  # a restarted Redis, or a promoted replica: send the scripts
-            again = await self._execute([batch[n] for n in unknown], command="EVAL")
+            again = await self._pipeline(redis, [batch[n] for n in unknown], command="EVAL", node=node)
             for n, answer in zip(unknown, again, strict=True):
                 answers[n] = answer
         transient = next((a for a in answers if isinstance(a, TRANSIENT)), None)
-        if transient is not None:  # a node of the cluster dropped: the whole round trip again (each call is fenced)
+        if transient is not None:  # a slot moved, or the cluster is failing over: the round trip again
             raise transient
         return answers
+
+    def _replicated(self, node: str, replicas: Any) -> None:
+        """Best effort: a primary with no replica reachable (its replica died, or it is a replica just
+        promoted) still answers, once WAIT gave up; refusing would stop every chat on it until a
+        replica is back. Logged, at most once a minute per node."""
+        if isinstance(replicas, int) and replicas > 0:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._unreplicated.get(node, -UNREPLICATED_LOG_EVERY) >= UNREPLICATED_LOG_EVERY:
+            self._unreplicated[node] = now
+            log.warning("Redis %s: durable writes answered with no replica having them (WAIT: %r)", node, replicas)

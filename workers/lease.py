@@ -10,6 +10,7 @@ reaper puts each chat on the dead worker's list back on the queue (:func:`recove
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -23,12 +24,21 @@ ENDED = frozenset({"complete", "failed", "cancelled", "missing"})
 
 
 class Lease:
-    def __init__(self, control: Redis, streams: machine.Store, worker_id: str, chat_id: str, token: str) -> None:
+    def __init__(
+        self,
+        control: Redis,
+        streams: machine.Store,
+        worker_id: str,
+        chat_id: str,
+        token: str,
+        requeue: Requeue | None = None,
+    ) -> None:
         self.control = control
         self.streams = streams
         self.worker_id = worker_id
         self.chat_id = chat_id
         self.token = token
+        self._requeue = requeue
         #: the chat's hash as the claim found it (its owner, request, attempts, created_ms, cancel flag)
         self.chat: dict[bytes, bytes] = {}
         #: Redis's clock (ms) when the chat started
@@ -36,8 +46,11 @@ class Lease:
 
     def register(self, pipe: Pipeline) -> None:
         """Lists the chat among its worker's, before the claim: a worker that dies after claiming
-        leaves the chat where a reaper finds it."""
-        pipe.hset(keys.worker_chats(self.worker_id), self.chat_id, self.token)
+        leaves the chat where a reaper finds it. Its answer: 1 listed, 0 refused (the worker's
+        heartbeat had lapsed: it must not start chats until it beats again). (The script itself, not
+        its hash: a pipeline has no second chance after NOSCRIPT.)"""
+        c = machine.listing(self.worker_id, self.chat_id, self.token)
+        pipe.eval(c.script.lua, len(c.keys), *c.keys, *c.args)  # type: ignore[arg-type]
 
     def claim_call(self) -> machine.Call:
         return machine.claim(self.chat_id, self.token)
@@ -59,13 +72,19 @@ class Lease:
             pipe.zrem(keys.queue(), self.chat_id)
             pipe.delete(keys.job(self.chat_id))
         if outcome != "claimed":
-            pipe.hdel(keys.worker_chats(self.worker_id), self.chat_id)
+            self.unlist(pipe)
+
+    def unlist(self, pipe: Pipeline) -> None:
+        c = machine.unlisting(self.worker_id, self.chat_id, self.token)
+        pipe.eval(c.script.lua, len(c.keys), *c.keys, *c.args)  # type: ignore[arg-type]
 
     async def claim(self) -> str:
         """All three steps for this chat alone (tests, and a worker's single starts)."""
         async with self.control.pipeline(transaction=False) as pipe:
             self.register(pipe)
-            await pipe.execute()
+            (listed,) = await pipe.execute()
+        if not listed:
+            return "unlisted"
         outcome = self.took(await machine.call(self.streams, self.claim_call()))
         async with self.control.pipeline(transaction=False) as pipe:
             self.take(pipe, outcome)
@@ -79,7 +98,7 @@ class Lease:
     async def finished(self) -> None:
         """The chat ended (FINISH): it leaves its worker's list and its owner's running chats."""
         async with self.control.pipeline(transaction=False) as pipe:
-            pipe.hdel(keys.worker_chats(self.worker_id), self.chat_id)
+            self.unlist(pipe)
             pipe.zrem(keys.active(self.owner), self.chat_id)
             await pipe.execute()
 
@@ -90,37 +109,52 @@ class Lease:
     async def release(self) -> int:
         """Hands the chat back now (its worker is stopping, or its run failed): back on the queue
         for another worker, as a reaper would. The recovery's number, or 0."""
-        return await recover(self.control, self.streams, self.worker_id, self.chat_id, self.token)
+        return await recover(self.control, self.streams, self.worker_id, self.chat_id, self.token, self._requeue)
 
 
-async def recover(control: Redis, streams: machine.Store, worker_id: str, chat_id: str, token: str) -> int:
+#: sends a REQUEUE call and answers it: on a cluster, the worker's appender, which waits for a
+#: replica to have it (a REQUEUE lost in a failover would leave the chat held by a dead attempt)
+Requeue = Callable[[machine.Call], Awaitable[Any]]
+
+
+async def recover(
+    control: Redis,
+    streams: machine.Store,
+    worker_id: str,
+    chat_id: str,
+    token: str,
+    requeue: Requeue | None = None,
+) -> int:
     """Puts a chat that ``worker_id`` listed with ``token`` back on the queue, unless it ended or
-    another attempt holds it; then takes it off the list. Every step is safe to repeat, and a
-    crash between any two leaves the chat listed, for the next reaper to finish. Answers the
-    recovery's number when this call queued the chat again, else 0."""
+    another attempt holds it; then takes it off the list (if it is still listed with ``token``).
+    Every step is safe to repeat, and a crash between any two leaves the chat listed, for the next
+    reaper to finish. Answers the recovery's number when this call queued the chat again, else 0."""
     async with streams.pipeline(transaction=False) as pipe:  # one slot: one node, one round trip
         pipe.hmget(keys.chat(chat_id), ["status", "created_ms", "owner"])
         pipe.hget(keys.lease(chat_id), "token")
         (status, created_ms, owner), held = await pipe.execute()
     recovery = 0
-    if status == b"running" and held in (None, token.encode()):
-        # the job first: a chat queued with no job would wait forever
-        job = job_record(chat_id)
-        created = int(created_ms or 0)
-        await machine.call(
-            control, machine.enqueue(chat_id, job=job, job_expires_ms=JOB_EXPIRES_MS, created_ms=created)
+    mine = held in (None, token.encode())
+    if status in (b"running", b"queued") and mine:
+        # The job first: a chat queued with no job would wait forever. (Queued already: a REQUEUE
+        # done, or a claim never made, and its job is there, unless a failover lost a step.)
+        enqueue = machine.enqueue(
+            chat_id, job=job_record(chat_id), job_expires_ms=JOB_EXPIRES_MS, created_ms=int(created_ms or 0)
         )
-        answer = await machine.call(streams, machine.requeue(chat_id, token))
+        await machine.call(control, enqueue)
+    if status == b"running" and mine:
+        call = machine.requeue(chat_id, token)
+        answer = await (requeue(call) if requeue is not None else machine.call(streams, call))
         if isinstance(answer, int):
             recovery = answer
         elif _text(answer) in ENDED:  # it ended meanwhile (its worker was not dead, only late)
             await control.zrem(keys.queue(), chat_id)
             await control.delete(keys.job(chat_id))
+    unlisting = machine.unlisting(worker_id, chat_id, token)
     async with control.pipeline(transaction=False) as pipe:
-        if status is None or _text(status) in ENDED:
-            if owner:
-                pipe.zrem(keys.active(owner.decode()), chat_id)
-        pipe.hdel(keys.worker_chats(worker_id), chat_id)
+        if (status is None or _text(status) in ENDED) and owner:
+            pipe.zrem(keys.active(owner.decode()), chat_id)
+        pipe.eval(unlisting.script.lua, len(unlisting.keys), *unlisting.keys, *unlisting.args)  # type: ignore[arg-type]
         await pipe.execute()
     return recovery
 

@@ -10,6 +10,7 @@ from typing import Any, Final
 import aiohttp
 import msgspec
 import openai
+from openai._vendor.httpx_aiohttp.transport import AiohttpTransport as _AiohttpTransport
 
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.events import Usage
@@ -108,6 +109,14 @@ async def stream_deltas(
         message.pop("reasoning_content", None)
         message.pop("reasoning", None)
     body.update(model=model, stream=True, stream_options={"include_usage": True})
+    session = _aiohttp_session(client)
+    if session is not None:
+        async with await _post(client, session, body, headers) as direct:
+            async for data in sse_data(direct.content.iter_any()):
+                if data == b"[DONE]":
+                    return
+                yield delta_from_chunk(data)
+        return
     options: openai.RequestOptions = {"headers": dict(headers)} if headers else {}
     response = await client.post("/chat/completions", cast_to=_http.Response, body=body, options=options, stream=True)
     try:
@@ -117,6 +126,61 @@ async def stream_deltas(
             yield delta_from_chunk(data, response.request)
     finally:
         await response.aclose()
+
+
+def _aiohttp_session(client: openai.AsyncOpenAI) -> aiohttp.ClientSession | None:
+    """The aiohttp session under the SDK's aiohttp transport (``make_client``'s), else None.
+
+    Through the SDK, a request cost a worker 1.5 ms of CPU (its options, httpx's request and
+    client layers, the transport's adapter), plain aiohttp on the same session 0.44 ms
+    (``python -m bench.llm_request``): a tenth of a chat's CPU in the worker (issue 18). The
+    session is the SDK's own, made as its transport makes it, so ``client.close()`` still closes
+    it. Any other transport (a test's mock, httpx) keeps the SDK's path.
+    """
+    transport = getattr(client._client, "_transport", None)
+    if not isinstance(transport, _AiohttpTransport):
+        return None
+    if not isinstance(transport.client, aiohttp.ClientSession):
+        transport.client = transport.get_client()
+    return transport.client
+
+
+async def _post(
+    client: openai.AsyncOpenAI, session: aiohttp.ClientSession, body: dict[str, Any], headers: Mapping[str, str] | None
+) -> aiohttp.ClientResponse:
+    """The streamed response to ``body``, as the SDK would ask for it; a refusal or an unreachable
+    server raise the SDK's own exceptions (``classify`` reads them), made as the SDK makes them."""
+    url = f"{client.base_url}chat/completions"
+    sent = {**_sdk_headers(client), **(headers or {})}
+    try:
+        response = await session.post(
+            url, data=msgspec.json.encode(body), headers=sent, timeout=_TIMEOUT, auto_decompress=False
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise openai.APITimeoutError(request=_http.Request("POST", url)) from exc
+    except aiohttp.ClientError as exc:
+        raise openai.APIConnectionError(request=_http.Request("POST", url)) from exc
+    if response.status >= 300:
+        async with response:
+            content = await response.read()
+        request = _http.Request("POST", url, headers=sent)
+        raise client._make_status_error_from_response(
+            _http.Response(response.status, headers=list(response.raw_headers), content=content, request=request)
+        )
+    return response
+
+
+#: no limit on a response's length (generations are long), 10 s to connect, as ``make_client``'s
+_TIMEOUT: Final = aiohttp.ClientTimeout(total=None, sock_connect=10.0)
+
+
+def _sdk_headers(client: openai.AsyncOpenAI) -> dict[str, str]:
+    """The headers the SDK sends with every request of ``client`` (its auth among them)."""
+    found: dict[str, str] = {}
+    for name, value in {**client.default_headers, **client.auth_headers}.items():
+        if isinstance(value, str):  # not the SDK's ``Omit`` markers
+            found[name] = value
+    return found
 
 
 async def sse_data(body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine, metrics, trace
-from streambridge.workers.lease import recover
+from streambridge.workers.lease import Requeue, recover
 from streambridge.workers.runner import ChatRunner, Stop
 
 log = logging.getLogger("streambridge.worker")
@@ -32,37 +32,77 @@ async def whose(redis: machine.Store, chat_id: str) -> dict[str, Any]:
 
 
 async def beat_forever(runner: ChatRunner, ttl: float) -> None:
-    """The worker's heartbeat (its first was written before it took a chat: :func:`first_beat`),
-    and an audit of its list with each: a chat listed here that runs here no more (a FINISH or a
-    hand-back whose second half Redis lost in a restart) would otherwise wait for this worker's death."""
+    """The worker's heartbeat (its first was written before it took a chat: :func:`first_beat`).
+    Beside it, never holding it up, an audit of the worker's list (:func:`audit`)."""
     control = runner.redis
-    while True:
-        await asyncio.sleep(ttl / 3)
-        try:
-            if await machine.call(control, machine.heartbeat(runner.worker_id, int(ttl * 1000))):
-                log.warning(
-                    "worker: its heartbeat had lapsed (Redis unreachable, or the process stalled); "
-                    "its chats may have been re-queued, and those that were stop at their next append",
-                    extra={"event": "worker.heartbeat_lapsed"},
-                )
-            await audit(runner)
-        except Exception as exc:  # the chats stay this worker's until the heartbeat lapses
-            metrics.REDIS_ERRORS_WORKER.inc()
-            log.warning("worker heartbeat: %s", exc)
+    auditing: asyncio.Task[None] | None = None
+    beats = 0
+    try:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            beats += 1
+            try:
+                if await machine.call(control, machine.heartbeat(runner.worker_id, int(ttl * 1000))):
+                    log.warning(
+                        "worker: its heartbeat had lapsed (Redis unreachable, or the process stalled); "
+                        "its chats may have been re-queued, and those that were stop at their next append",
+                        extra={"event": "worker.heartbeat_lapsed"},
+                    )
+            except Exception as exc:  # the chats stay this worker's until the heartbeat lapses
+                metrics.REDIS_ERRORS_WORKER.inc()
+                log.warning("worker heartbeat: %s", exc)
+            if auditing is None or auditing.done():
+                auditing = asyncio.create_task(audit(runner, ttl, flags=beats % AUDIT_FLAGS_EVERY == 0))
+    finally:
+        if auditing is not None:
+            auditing.cancel()
+            await asyncio.gather(auditing, return_exceptions=True)
 
 
-async def audit(runner: ChatRunner) -> None:
-    listed: list[bytes] = await runner.redis.hkeys(keys.worker_chats(runner.worker_id))  # type: ignore[misc]
-    for raw in listed:
-        chat_id = raw.decode()
-        if chat_id in runner.active or chat_id in runner.starting:
-            continue
-        token = await runner.redis.hget(keys.worker_chats(runner.worker_id), chat_id)  # type: ignore[misc]
-        if token is None or chat_id in runner.active or chat_id in runner.starting:
-            continue  # let go of meanwhile, or started again
-        if await recover(runner.redis, runner.streams, runner.worker_id, chat_id, token.decode()):
-            extra = {"event": "chat.reaped", **await whose(runner.streams, chat_id)}
-            log.warning("chat %s: listed here but not running here; re-queued", chat_id, extra=extra)
+#: every how many heartbeats the audit also reads the running chats' cancel flags
+AUDIT_FLAGS_EVERY: Final = 10
+#: how long a worker's reaper (or its audit) keeps a dead worker's list to itself, in ms
+REAP_LOCK_MS: Final = 5000
+
+
+async def audit(runner: ChatRunner, ttl: float, *, flags: bool = False) -> None:
+    """A chat listed here that runs here no more (a hand-back whose last step failed) would
+    otherwise wait for this worker's death: it is handed back now. With ``flags``, the running
+    chats' cancel flags are read too (the backstop for a cancel message missed). Bounded: a Redis
+    that does not answer holds up the audit, never the heartbeat."""
+    try:
+        async with asyncio.timeout(ttl * 2):
+            listed: dict[bytes, bytes] = await runner.redis.hgetall(keys.worker_chats(runner.worker_id))  # type: ignore[misc]
+            strays = [(c.decode(), t.decode()) for c, t in listed.items() if _idle(runner, c.decode())]
+            if strays and await _lock(runner.redis, runner.worker_id):
+                try:
+                    for chat_id, token in strays:
+                        if not _idle(runner, chat_id):
+                            continue  # started again meanwhile
+                        requeue = runner.requeue
+                        if await recover(runner.redis, runner.streams, runner.worker_id, chat_id, token, requeue):
+                            extra = {"event": "chat.reaped", **await whose(runner.streams, chat_id)}
+                            log.warning("chat %s: listed here but not running here; re-queued", chat_id, extra=extra)
+                finally:
+                    await _unlock(runner.redis, runner.worker_id)
+            if flags:
+                await runner.stop_flagged()
+    except Exception as exc:
+        log.warning("worker audit: %s", exc or type(exc).__name__)
+
+
+def _idle(runner: ChatRunner, chat_id: str) -> bool:
+    return chat_id not in runner.active and chat_id not in runner.starting
+
+
+async def _lock(control: Redis, worker_id: str) -> bool:
+    """One recoverer at a time for a worker's list: two that interleave on one chat could queue it
+    again after another worker started it (a stale job, found busy by every scan until it ends)."""
+    return bool(await control.set(keys.reaping(worker_id), "1", nx=True, px=REAP_LOCK_MS))
+
+
+async def _unlock(control: Redis, worker_id: str) -> None:
+    await control.delete(keys.reaping(worker_id))
 
 
 async def first_beat(control: Redis, worker_id: str, ttl: float) -> None:
@@ -74,29 +114,44 @@ async def retire(control: Redis, worker_id: str) -> None:
     await control.zadd(keys.workers(), {worker_id: 0})
 
 
-async def reap_forever(control: Redis, streams: machine.Store, interval: float) -> None:
+async def reap_forever(control: Redis, streams: machine.Store, interval: float, requeue: Requeue | None = None) -> None:
     while True:
         try:
-            await reap(control, streams)
+            await reap(control, streams, requeue)
         except Exception as exc:
             metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("reaper: %s", exc)
         await asyncio.sleep(interval)
 
 
-async def reap(control: Redis, streams: machine.Store) -> None:
-    """Every chat of every worker whose heartbeat lapsed goes back on the queue; then the worker is forgotten."""
+async def reap(control: Redis, streams: machine.Store, requeue: Requeue | None = None) -> None:
+    """Every chat of every worker whose heartbeat lapsed goes back on the queue; then the worker is
+    forgotten. A dead worker's list is one reaper's at a time (:func:`_lock`)."""
     for worker_id in await machine.call(control, machine.dead()):
         worker_id = worker_id.decode()
-        listed: dict[bytes, bytes] = await control.hgetall(keys.worker_chats(worker_id))  # type: ignore[misc]
-        for chat, token in listed.items():
-            chat_id = chat.decode()
-            recovery = await recover(control, streams, worker_id, chat_id, token.decode())
-            if recovery:
-                metrics.REAPED.inc()
-                extra = {"event": "chat.reaped", "recovery": recovery, **await whose(streams, chat_id)}
-                log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
-        await machine.call(control, machine.forget(worker_id))
+        if not await _lock(control, worker_id):
+            continue
+        try:
+            await _reap_worker(control, streams, worker_id, requeue)
+        finally:
+            await _unlock(control, worker_id)
+
+
+async def _reap_worker(control: Redis, streams: machine.Store, worker_id: str, requeue: Requeue | None) -> None:
+    listed: dict[bytes, bytes] = await control.hgetall(keys.worker_chats(worker_id))  # type: ignore[misc]
+    for chat, token in listed.items():
+        chat_id = chat.decode()
+        try:
+            recovery = await recover(control, streams, worker_id, chat_id, token.decode(), requeue)
+        except Exception as exc:  # this chat waits for the next round; the others go on
+            metrics.REDIS_ERRORS_WORKER.inc()
+            log.warning("reaper: chat %s: %s", chat_id, exc)
+            continue
+        if recovery:
+            metrics.REAPED.inc()
+            extra = {"event": "chat.reaped", "recovery": recovery, **await whose(streams, chat_id)}
+            log.warning("chat %s: its worker is gone; re-queued (recovery %d)", chat_id, recovery, extra=extra)
+    await machine.call(control, machine.forget(worker_id))
 
 
 async def listen_for_cancels(redis: Redis, runner: ChatRunner) -> None:

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import openai
 from redis.asyncio import Redis
@@ -48,9 +48,9 @@ from streambridge.workers.sink import LeaseLost, StreamGap, StreamSink
 
 log = logging.getLogger("streambridge.worker")
 
-#: how long appends are sent again over a dropped connection: a streams Redis primary's failover
-#: (its replica took over in 3.7–4.3 s here) costs a retry, not an attempt
-APPEND_RETRY_FOR: Final = 15.0
+#: how long appends are sent again over a dropped connection to a Redis Cluster: a primary's
+#: failover (its replica took over in 2.2–4.3 s here) costs a retry, not an attempt
+CLUSTER_APPEND_RETRY_FOR: Final = 15.0
 
 
 class Stop(enum.Enum):
@@ -131,9 +131,11 @@ class ChatRunner:
         self.active: dict[str, Active] = {}
         #: chats being started here (listed as this worker's, not yet running or let go)
         self.starting: set[str] = set()
-        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send,
-        # for as long as a streams Redis failover takes (the leases hold meanwhile: they have no TTL)
-        self.appender = Appender(self.streams, retry_for=APPEND_RETRY_FOR)
+        # every chat's appends, in one pipeline per round trip; a dropped connection costs a re-send.
+        # On a cluster, for as long as a primary's failover takes (the leases hold meanwhile: they
+        # have no TTL); on one Redis, briefly: an outage fails the attempt, which is handed back.
+        retry_for = CLUSTER_APPEND_RETRY_FOR if self.publish == machine.SPUBLISH else settings.lease_ttl / 2
+        self.appender = Appender(self.streams, retry_for=retry_for)
         metrics.RUNNING_CHATS.set_function(lambda: len(self.active))
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
@@ -147,7 +149,12 @@ class ChatRunner:
 
     def lease(self, chat_id: str) -> Lease:
         """A new attempt's lease on the chat, not yet claimed."""
-        return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16))
+        return Lease(self.redis, self.streams, self.worker_id, chat_id, secrets.token_hex(16), self.requeue)
+
+    async def requeue(self, call: machine.Call) -> Any:
+        """A REQUEUE, through the appends' round trips, durable: on a cluster, answered once a replica
+        has it (a REQUEUE lost in a failover would leave the chat held by a dead attempt)."""
+        return await self.appender.call(call.script, call.keys, call.args, durable=True)
 
     async def stop_flagged(self) -> None:
         """Stops every chat here whose owner asked to cancel it (read from each chat's flag)."""
@@ -181,6 +188,7 @@ class ChatRunner:
             maxlen=self.settings.stream_maxlen,
             appender=self.appender,
             publish=self.publish,
+            coalesce=self.settings.append_coalesce_ms / 1000,
         )
         tracker = ResultTracker()
         finishing: asyncio.Future[None] | None = None

@@ -15,11 +15,19 @@ Events handed over while a batch is in flight go out together in the next one, s
 fast provider costs one round trip per batch, not per token, and an idle one no delay. And
 every chat of a worker sends its batches through the worker's ``Appender``: one pipeline per
 round trip, however many chats stream at once.
+
+With ``coalesce`` (seconds, > 0) a batch that would go out alone waits instead for the next tick
+of a clock every sink of the loop shares (the loop's time at multiples of ``coalesce``): tokens
+that each arrive alone, a slow stream's or many chats', then go out together, one round trip a
+tick for all of a worker's chats rather than one each, for at most ``coalesce`` s of added lag.
+A tick is one timer for every sink; a sink waiting for it holds no task until it fires. ``drain``
+(and so ``finish``) sends at once: an attempt's end waits for no tick.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Final, get_args
 
 import msgspec
@@ -33,6 +41,10 @@ from streambridge.workers.appender import Appender
 # Each event type's name (its tag), as the bytes the APPEND call sends.
 _TYPES: Final[dict[type, bytes]] = {t: str(t.__struct_config__.tag).encode() for t in get_args(Event)}
 
+#: seconds a batch that would go alone waits for other chats' (``StreamSink(coalesce=)``), until the
+#: the default of ``coalesce`` (``STREAMBRIDGE_APPEND_COALESCE_MS`` / 1000): 0 sends at once
+COALESCE: Final = 0.0
+
 #: beyond this many unsent events, ``append`` waits for the batch in flight
 MAX_PENDING: Final = 1000
 
@@ -45,6 +57,37 @@ class StreamGap(StreambridgeError):
     """An earlier batch of this attempt is not in Redis (lost in a crash); the attempt must restart."""
 
 
+class _Tick:
+    """Callbacks to run together at one instant: one timer for them all."""
+
+    __slots__ = ("callbacks", "due", "fired", "loop", "period")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, period: float, due: float) -> None:
+        self.loop, self.period, self.due = loop, period, due
+        self.callbacks: list[Callable[[], None]] = []
+        self.fired = False  # a timer may fire a little early by the loop's clock: a late comer takes the next
+        loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self.fired = True
+        for callback in self.callbacks:
+            callback()
+
+
+_tick: _Tick | None = None
+
+
+def at_next_tick(period: float, callback: Callable[[], None]) -> None:
+    """Calls ``callback`` at the running loop's next multiple of ``period`` seconds."""
+    global _tick
+    loop = asyncio.get_running_loop()
+    due = (loop.time() // period + 1) * period
+    tick = _tick
+    if tick is None or tick.fired or tick.due != due or tick.loop is not loop or tick.period != period:
+        tick = _tick = _Tick(loop, period, due)
+    tick.callbacks.append(callback)
+
+
 class StreamSink:
     def __init__(
         self,
@@ -55,6 +98,7 @@ class StreamSink:
         maxlen: int,
         appender: Appender | None = None,
         publish: str = machine.PUBLISH,
+        coalesce: float = COALESCE,
     ) -> None:
         self._redis = redis
         self._appender = appender or Appender(redis)
@@ -67,6 +111,9 @@ class StreamSink:
         self._started = ""  # the attempt a pending ``started`` event opens, recorded with its batch
         self._seq = 0
         self._flusher: asyncio.Task[None] | None = None
+        self._coalesce = coalesce
+        self._ticking = False  # a flush waits for the next tick
+        self._closed = False
 
     async def append(self, event: Event) -> None:
         self._pending.append(event)
@@ -74,12 +121,30 @@ class StreamSink:
             self._started = str(event.attempt)
         if self._flusher is None or self._flusher.done():
             self._raise_failure()
-            self._flusher = asyncio.create_task(self._flush())
+            if self._coalesce <= 0:
+                self._flusher = asyncio.create_task(self._flush())
+            elif len(self._pending) >= MAX_PENDING:
+                self._start_flush()
+            elif not self._ticking:
+                self._ticking = True
+                at_next_tick(self._coalesce, self._start_flush)
         elif len(self._pending) >= MAX_PENDING:
             await asyncio.shield(self._flusher)
 
+    def _start_flush(self) -> None:
+        self._ticking = False
+        flusher = self._flusher
+        if self._closed or not self._pending:
+            return
+        # one in flight takes the pending events itself; a failed one's error is append's to raise
+        if flusher is None or (flusher.done() and not flusher.cancelled() and flusher.exception() is None):
+            self._flusher = asyncio.create_task(self._flush())
+
     async def drain(self) -> None:
         """Wait until every event handed over is in Redis; raise what an append raised."""
+        if self._ticking and (self._flusher is None or self._flusher.done()):
+            self._raise_failure()
+            self._start_flush()  # now, not at the tick: whoever drains waits for it
         while self._flusher is not None:
             flusher = self._flusher
             await asyncio.shield(flusher)
@@ -94,9 +159,10 @@ class StreamSink:
         args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, event_type(terminal)]
         args += [encode_event(terminal), result.status, msgspec.json.encode(result), str(result_ttl)]
         args += [str(stream_ttl), self._publish]
-        self._check(await self._appender.call(machine.FINISH, self._keys, args))
+        self._check(await self._appender.call(machine.FINISH, self._keys, args, durable=True))
 
     async def close(self) -> None:
+        self._closed = True
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)

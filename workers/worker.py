@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 
 from streambridge.shared import keys, metrics
 from streambridge.shared.jobs import QueueWorker, back_off
-from streambridge.shared.redis import connect, connect_streams
+from streambridge.shared.redis import close_client, connect, connect_streams
 from streambridge.shared.settings import Settings
 from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lane import NICE, BatchLane
@@ -32,6 +32,8 @@ CONNECTIONS: Final = 16
 #: on a stop, how long handed-back chats may take to let go, and closing may take, whatever Redis does
 HANDBACK_WAIT: Final = 3.0
 CLOSE_WAIT: Final = 2.0
+#: on a stop, how long telling reapers at once that the worker is gone may take
+RETIRE_WAIT: Final = 0.5
 
 
 class ChatWorker(QueueWorker):
@@ -130,7 +132,7 @@ class ChatWorker(QueueWorker):
         runner: ChatRunner = self.ctx["runner"]
         # a chat this worker runs or is starting already (its job is still queued between its claim
         # and its take, where the scan may see it): listing it again would replace its token
-        job_ids = [j for j in job_ids if j not in runner.active and j not in runner.starting]
+        job_ids = [j for j in dict.fromkeys(job_ids) if j not in runner.active and j not in runner.starting]
         leases = [runner.lease(job_id) for job_id in job_ids]
         runner.starting.update(job_ids)
         claimed: list[Lease] = []
@@ -151,12 +153,14 @@ class ChatWorker(QueueWorker):
         for lease, answer in zip(leases, registered, strict=True):
             if isinstance(answer, Exception):  # not listed: it stays queued, for a later wake-up or scan
                 log.warning("chat %s: Redis refused its start (%s)", lease.chat_id, answer)
-            else:
+            elif answer:
                 listed.append(lease)
-        # the claims join the appends' next round trip to the streams Redis (one pipeline per node)
+            # else: this worker's heartbeat had lapsed: it starts nothing until it beats again
+        # the claims join the appends' next round trip to the streams Redis (one pipeline per node),
+        # durable: a claim a failover lost while its job leaves the queue would strand the chat
         calls = [lease.claim_call() for lease in listed]
         answers = await asyncio.gather(
-            *(runner.appender.call(c.script, c.keys, c.args) for c in calls), return_exceptions=True
+            *(runner.appender.call(c.script, c.keys, c.args, durable=True) for c in calls), return_exceptions=True
         )
         async with self.pool.pipeline(transaction=False) as pipe:
             for lease, answer in zip(listed, answers, strict=True):
@@ -246,7 +250,9 @@ def make_worker(
         await first_beat(ctx["redis"], runner.worker_id, settings.lease_ttl)
         ctx["background"] = [
             asyncio.create_task(beat_forever(runner, settings.lease_ttl), name="heartbeat"),
-            asyncio.create_task(reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6), name="reaper"),
+            asyncio.create_task(
+                reap_forever(ctx["redis"], runner.streams, settings.lease_ttl / 6, runner.requeue), name="reaper"
+            ),
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
         if burst:
@@ -276,8 +282,8 @@ def make_worker(
             task.cancel()
         await asyncio.gather(*ctx.get("background", []), return_exceptions=True)
         if "runner" in ctx:  # the heartbeat has stopped: whatever the worker still lists is any reaper's
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(CLOSE_WAIT):
+            with contextlib.suppress(Exception):  # else its heartbeat lapses by itself, in LEASE_TTL
+                async with asyncio.timeout(RETIRE_WAIT):
                     await retire(ctx["redis"], ctx["runner"].worker_id)
         if "batches" in ctx:
             await ctx["batches"].close()
@@ -289,7 +295,7 @@ def make_worker(
         if "llm" in ctx:
             await ctx["llm"].close()
         if streams is not None:
-            await streams.aclose()
+            await close_client(streams)
 
     worker = ChatWorker(
         pool=connect(settings.redis_url, max_connections=CONNECTIONS, client_class=ArqRedis),

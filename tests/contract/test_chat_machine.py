@@ -20,6 +20,8 @@ from redis.asyncio import Redis
 from streambridge.shared import keys, machine
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.redis import connect_streams
+from streambridge.workers import lease as lease_module
+from streambridge.workers import reaper
 from streambridge.workers.lease import Lease, recover
 from streambridge.workers.reaper import reap
 
@@ -27,6 +29,8 @@ CHAT = "c" * 32
 OWNER = "visitor_1"
 CRED = "0123456789abcdef"
 WORKER = "w1"
+#: a heartbeat that lapses within the test (ms)
+SHORT_MS = 150
 LIMITS = machine.Admission(max_queue=100, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
 #: a deployment whose queue is full: every admission is refused
 FULL: Final = machine.Admission(max_queue=0, chats_per_minute=100, max_running=100, deadline_ms=60_000, result_ttl=600)
@@ -120,7 +124,13 @@ def lease(s: Stores, token: str = "t1", chat_id: str = CHAT, worker: str = WORKE
     return Lease(s.control, s.streams, worker, chat_id, token)
 
 
-async def start(s: Stores, token: str = "t1", chat_id: str = CHAT, worker: str = WORKER) -> tuple[str, Lease]:
+async def start(
+    s: Stores, token: str = "t1", chat_id: str = CHAT, worker: str = WORKER, *, beat: bool = True
+) -> tuple[str, Lease]:
+    """A start by ``worker``, as its worker does (list, claim, take); with ``beat``, a worker that
+    has no heartbeat yet gets one first (a worker beats before it takes chats)."""
+    if beat and await s.control.zscore(keys.workers(), worker) is None:
+        await run(s.control, machine.heartbeat(worker, 60_000, first=True))
     le = lease(s, token, chat_id, worker)
     return await le.claim(), le
 
@@ -305,9 +315,9 @@ async def test_a_dead_workers_chat_is_reaped_once_back_to_the_front_of_the_queue
     for chat_id in ("a" * 32, CHAT, "b" * 32):  # a millisecond apart: queue order is by the ms
         await admit(store, chat_id)
         await asyncio.sleep(0.002)
-    await run(store.control, machine.heartbeat(WORKER, 1, first=True))
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
     await start(store)
-    await asyncio.sleep(0.01)  # its heartbeat lapses
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)  # its heartbeat lapses
     assert await run(store.control, machine.dead()) == [WORKER]
     await reap(store.control, store.streams)
     await reap(store.control, store.streams)  # a second reaper: one recovery
@@ -327,9 +337,9 @@ async def test_a_dead_workers_chat_is_reaped_once_back_to_the_front_of_the_queue
 
 async def test_a_worker_that_died_between_listing_and_claiming_leaves_its_chat_queued(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, 1, first=True))
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
     await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")  # listed; the claim never sent
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1
@@ -339,11 +349,11 @@ async def test_a_worker_that_died_between_listing_and_claiming_leaves_its_chat_q
 
 async def test_a_worker_that_died_between_claiming_and_taking_the_job_is_recovered(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, 1, first=True))
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
     await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")
     await run(store.streams, machine.claim(CHAT, "t1"))  # the job is still on the queue
     assert (await start(store, "t2", worker="w2"))[0] == "busy"
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1, "one job, not two"
@@ -352,13 +362,13 @@ async def test_a_worker_that_died_between_claiming_and_taking_the_job_is_recover
 
 async def test_a_reaper_that_died_between_its_two_halves_is_finished_by_the_next(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, 1, first=True))
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
     await start(store)
     # the first reaper queued the job again, and died before the chat's status changed
     enqueue = machine.enqueue(CHAT, job=job_record(CHAT), job_expires_ms=JOB_EXPIRES_MS, created_ms=1)
     assert await run(store.control, enqueue) == 1
     assert (await start(store, "t2", worker="w2"))[0] == "busy", "the dead attempt still holds it"
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1
@@ -464,8 +474,8 @@ async def test_times_come_from_redis_clock_whatever_the_hosts_clock_says(
 
 
 async def test_a_heartbeat_says_when_it_had_lapsed(store: Stores) -> None:
-    assert await run(store.control, machine.heartbeat(WORKER, 1, first=True)) == 0
-    await asyncio.sleep(0.01)
+    assert await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True)) == 0
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
     assert await run(store.control, machine.heartbeat(WORKER, 60_000)) == 1
     assert await run(store.control, machine.heartbeat(WORKER, 60_000)) == 0
 
@@ -475,3 +485,73 @@ async def test_a_refused_request_under_a_recording_key_forgets_the_earlier_chat(
     assert await admit(store, key="same-body", replay=False) == ["ok"]
     assert await admit(store, "d" * 32, key="same-body", limits=FULL, replay=False) == ["queue"]
     assert not await store.control.exists(keys.idempotency(OWNER, "same-body"))
+
+
+async def test_a_hand_back_leaves_a_later_attempt_of_the_same_worker_listed(
+    store: Stores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hand-back queues the chat at the wake list's front, where the same worker may take it
+    again before the hand-back's last step: that step must not take the new attempt off the list."""
+    await admit(store)
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
+    _, first = await start(store, "t1")
+    real_call = machine.call
+    restarted = False
+
+    async def call(client: Any, c: machine.Call) -> Any:
+        nonlocal restarted
+        answer = await real_call(client, c)
+        if c.script is machine.REQUEUE and not restarted:
+            restarted = True
+            assert (await start(store, "t2"))[0] == "claimed"  # this worker, woken for it again
+        return answer
+
+    monkeypatch.setattr(lease_module.machine, "call", call)
+    await first.release()
+    monkeypatch.setattr(lease_module.machine, "call", real_call)
+    assert await listed(store) == {CHAT.encode(): b"t2"}
+    await reaper.retire(store.control, WORKER)  # and if the worker dies now, its chat is found
+    await reap(store.control, store.streams)
+    assert await status(store) == "queued"
+
+
+async def test_a_worker_taken_for_dead_and_forgotten_lists_nothing_until_it_beats_again(store: Stores) -> None:
+    await admit(store)
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await reap(store.control, store.streams)  # it stalled: a reaper found nothing and forgot it
+    assert await store.control.zscore(keys.workers(), WORKER) is None
+    outcome, _ = await start(store, beat=False)
+    assert outcome == "unlisted", "a chat it started would be on a list no reaper reads"
+    assert await status(store) == "queued"
+    await run(store.control, machine.heartbeat(WORKER, 60_000))
+    assert (await start(store))[0] == "claimed"
+
+
+async def test_two_reapers_of_one_dead_worker_take_turns(store: Stores) -> None:
+    """Interleaved, the second could queue the chat again after another worker started it: a stale
+    job every scan would find busy until the chat ended."""
+    await admit(store)
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await start(store)
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await store.control.set(keys.reaping(WORKER), "1", px=5000)  # another reaper is at it
+    await reap(store.control, store.streams)
+    assert await status(store) == "running", "it waits for the reaper at work"
+    await store.control.delete(keys.reaping(WORKER))
+    await reap(store.control, store.streams)
+    assert await status(store) == "queued"
+    assert not await store.control.exists(keys.reaping(WORKER)), "a reaper lets go when done"
+
+
+async def test_a_chat_queued_with_no_job_on_a_dead_workers_list_gets_its_job_back(store: Stores) -> None:
+    """A failover lost the claim the worker had made (the job was taken off the queue after it)."""
+    await admit(store)
+    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")
+    await store.control.zrem(keys.queue(), CHAT)
+    await store.control.delete(keys.job(CHAT))
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await reap(store.control, store.streams)
+    assert await store.control.zcard(keys.queue()) == 1
+    assert (await start(store, "t2", worker="w2"))[0] == "claimed"

@@ -18,13 +18,12 @@ import redis
 from redis.asyncio import Redis, RedisCluster
 
 from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
-from streambridge.shared import keys
+from streambridge.shared import keys, machine
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
 from streambridge.shared.machine import APPEND, publish_command
 from streambridge.shared.redis import connect_streams
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, trimmed_after
-from streambridge.workers.lease import Lease
 from streambridge.workers.sink import LeaseLost, StreamSink
 
 CHAT = "contract-chat"
@@ -238,7 +237,7 @@ async def test_the_terminal_event_and_the_final_status_land_together_and_only_on
     await sink.append(content(2))  # nothing after the end, from this attempt or a stale one
     with pytest.raises(LeaseLost):
         await sink.drain()
-    assert await Lease(store, store, "worker", CHAT, "a-second-run").claim() != "claimed"  # and no second run
+    assert (await machine.call(store, machine.claim(CHAT, "a-second-run")))[0] != b"claimed"  # and no second run
     await sink.close()
 
 

@@ -29,9 +29,9 @@ class CountingAppender(Appender):
         super().__init__(redis)
         self.round_trips: list[int] = []
 
-    async def _execute(self, batch: list[Any], *, command: str = "EVALSHA") -> list[Any]:
+    async def _execute(self, batch: list[Any]) -> list[Any]:
         self.round_trips.append(len(batch))
-        return await super()._execute(batch, command=command)
+        return await super()._execute(batch)
 
 
 async def test_calls_made_together_share_one_round_trip(redis: Redis) -> None:
@@ -106,13 +106,13 @@ async def test_a_round_trip_whose_connection_dropped_is_sent_again_within_its_wi
     drops = 2
 
     class Dropping(CountingAppender):
-        async def _execute(self, batch: list[Any], *, command: str = "EVALSHA") -> list[Any]:
+        async def _execute(self, batch: list[Any]) -> list[Any]:
             nonlocal drops
             if drops:
                 drops -= 1
                 self.round_trips.append(len(batch))
                 raise RedisConnectionError("Connection closed by server.")
-            return await super()._execute(batch, command=command)
+            return await super()._execute(batch)
 
     appender, script = Dropping(redis), define("INCR", INCR)
     await redis.script_load(script.lua)
@@ -122,7 +122,7 @@ async def test_a_round_trip_whose_connection_dropped_is_sent_again_within_its_wi
 
 async def test_a_connection_that_stays_down_past_the_window_reaches_the_callers(redis: Redis) -> None:
     class Down(Appender):
-        async def _execute(self, batch: list[Any], *, command: str = "EVALSHA") -> list[Any]:
+        async def _execute(self, batch: list[Any]) -> list[Any]:
             raise RedisConnectionError("Connection refused.")
 
     appender, script = Down(redis, retry_for=0.2), define("INCR", INCR)

@@ -44,7 +44,8 @@ async def event_types(client: TestClient, token: str, chat_id: str) -> list[str]
 async def idle_worker(settings: Settings, llm_url: str) -> AsyncIterator[ChatWorker]:
     """A worker whose loop does not run: a test calls its parts."""
     worker = make_worker(settings, llm_url)
-    worker.ctx["runner"] = ChatRunner(worker.pool, make_client(llm_url, None), settings)
+    worker.ctx["runner"] = runner = ChatRunner(worker.pool, make_client(llm_url, None), settings)
+    await machine.call(worker.pool, machine.heartbeat(runner.worker_id, 60_000, first=True))  # its loop's would
     yield worker
     await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
     await worker.ctx["runner"].llm.close()
@@ -120,6 +121,7 @@ async def test_a_wake_up_for_a_chat_started_elsewhere_or_cancelled_starts_nothin
     idle_worker: ChatWorker,
 ) -> None:
     started, cancelled = await create(client, token, 0), await create(client, token, 1)
+    await machine.call(idle_worker.pool, machine.heartbeat("another-worker", 60_000, first=True))
     elsewhere = Lease(idle_worker.pool, idle_worker.pool, "another-worker", started, "its-token")
     assert await elsewhere.claim() == "claimed"
     response = await client.post(f"/v1/chats/{cancelled}/cancel", headers=bearer(token))
@@ -303,3 +305,19 @@ async def test_a_worker_never_runs_more_chats_than_its_concurrency(settings: Set
         await stop_worker(worker, main, grace=1)
         await server.close()
     assert peak <= 2
+
+
+async def test_a_chat_woken_twice_in_one_round_trip_starts_once_and_stays_listed_with_its_attempt(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    idle_worker: ChatWorker,
+) -> None:
+    """Two of its ids in one start (two wake tokens popped together): a second listing would replace
+    the running attempt's token, then leave the list with it, and a crash would orphan the chat."""
+    chat_id = await create(client, token, 0)
+    await idle_worker._start([chat_id, chat_id])
+    runner = idle_worker.ctx["runner"]
+    listed = await idle_worker.pool.hgetall(keys.worker_chats(runner.worker_id))  # type: ignore[misc]
+    held = await idle_worker.pool.hget(keys.lease(chat_id), "token")  # type: ignore[misc]
+    assert idle_worker.busy == 1
+    assert listed == {chat_id.encode(): held}

@@ -18,6 +18,7 @@ def test_redis_key_strings_are_pinned() -> None:
     assert keys.cancels() == "sb:cancels"
     assert keys.workers() == "sb:workers"
     assert keys.worker_chats("w1") == "sb:worker:w1:chats"
+    assert keys.reaping("w1") == "sb:reaping:w1"
     assert keys.wake() == "sb:wake"
     assert keys.rate("visitor_1") == "sb:rate:visitor_1"
     assert keys.visitor_logins("127.0.0.1") == "sb:logins:127.0.0.1"

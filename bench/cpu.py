@@ -1,0 +1,305 @@
+"""CPU per chat and per token, beside the upstream's own, in one run: ``python -m bench.cpu [--quick]``.
+
+Issue 18's figures. On two shared cores wall-clock times swing with whatever else runs; the CPU
+time a process spends on a chat does not. So each scenario reads, through psutil, the CPU time
+(user + system) of our processes (api, edge, the workers, Redis) and of the simulated upstream
+(``streambridge fake-llm``) before and after a load from ``bench/load.py``, and reports ours per
+chat and per token as a ratio to the upstream's for the same chats. The load generator's own CPU
+is not counted on either side.
+
+Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, edge, one worker):
+
+1. steady: 40 clients, each a chat at a time, ~40-token chats 10 ms apart; our CPU per chat ÷ the
+   upstream's, and the delivery lag p99 the clients saw (stream-id clock, as ``bench/load.py``);
+2. fixed cost: 1-token chats, our CPU per chat;
+3. the worker's CPU per token for a slow stream (a token every 20 ms) and a fast one (no delay);
+4. a 50-chat burst: TTFT p50 added over the upstream read directly;
+5. capacity: concurrent chats at 50 tokens/s that one core of our processes carries, from the CPU
+   per chat-second measured at a steady concurrency, then one point verified (lag p99 ≤ 50 ms).
+
+``--ab PATH`` runs every scenario on a second deployment whose processes import streambridge from
+PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternating which goes first
+each round: an A/B pair from the same run. ``--profile DIR`` records each of our Python processes
+with py-spy during each scenario (collapsed stacks, a file a process and scenario).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import psutil
+
+from bench.metrics_cost import chats as count_chats
+from bench.run import ScenarioFailed, deployment, load
+
+
+def our_processes(d: dict[str, Any]) -> dict[str, list[psutil.Process]]:
+    """Ours by role, and the upstream, as psutil handles kept for the deployment's life."""
+    return {
+        "api": [psutil.Process(d["api_child"].proc.pid)],
+        "edge": [psutil.Process(d["edge"].proc.pid)],
+        "worker": [psutil.Process(w.proc.pid) for w in d["workers"]],
+        "redis": [psutil.Process(d["redis_pid"])],
+        "upstream": [psutil.Process(d["llm_child"].proc.pid)],
+    }
+
+
+def cpu_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    return {role: sum(sum(p.cpu_times()[:2]) for p in ps) for role, ps in procs.items()}
+
+
+OURS = ("api", "edge", "worker", "redis")
+
+
+class Used:
+    """CPU seconds by role between two readings, and the chats created meanwhile."""
+
+    def __init__(self, before: dict[str, float], after: dict[str, float], chats: int) -> None:
+        self.by_role = {role: after[role] - before[role] for role in before}
+        self.chats = max(chats, 1)
+
+    @property
+    def ours(self) -> float:
+        return sum(self.by_role[r] for r in OURS)
+
+    def per_chat_ms(self, role: str | None = None) -> float:
+        return (self.ours if role is None else self.by_role[role]) / self.chats * 1000
+
+
+@contextmanager
+def metered(d: dict[str, Any]) -> Iterator[list[Used]]:
+    procs, out = d["procs"], []
+    before, chats_before = cpu_now(procs), count_chats(d["redis"])
+    yield out
+    out.append(Used(before, cpu_now(procs), count_chats(d["redis"]) - chats_before))
+
+
+def model_args(words: int, delay_ms: float, ttft_ms: float = 20) -> tuple[str, ...]:
+    return ("--words", str(words), "--delay-ms", str(delay_ms), "--ttft-ms", str(ttft_ms))
+
+
+def steady(d: dict[str, Any], clients: int, seconds: float, *model: str) -> tuple[Used, dict[str, Any]]:
+    with metered(d) as used:
+        result = load(
+            "ttft", "--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *model
+        )
+    return used[0], result
+
+
+def tokens_per_chat(result: dict[str, Any]) -> float:
+    return float(result["tokens"]) / max(len(result["chat_ids"]), 1)
+
+
+def scenario_steady(d: dict[str, Any], seconds: float) -> dict[str, float]:
+    used, result = steady(d, 40, seconds, *model_args(20, 10))
+    tokens = tokens_per_chat(result)
+    return {
+        "ours_ms": used.per_chat_ms(),
+        "upstream_ms": used.per_chat_ms("upstream"),
+        "ratio": used.ours / max(used.by_role["upstream"], 1e-9),
+        "per_token_us": used.per_chat_ms() / tokens * 1000,
+        "tokens": tokens,
+        "lag_p99": float(result["lag"]["p99"]),
+        **{f"{role}_ms": used.per_chat_ms(role) for role in OURS},
+    }
+
+
+def scenario_fixed(d: dict[str, Any], seconds: float) -> dict[str, float]:
+    used, _ = steady(d, 10, seconds, *model_args(1, 10, ttft_ms=0))
+    by_role = {f"{role}_ms": used.per_chat_ms(role) for role in OURS}
+    return {"ours_ms": used.per_chat_ms(), "upstream_ms": used.per_chat_ms("upstream"), **by_role}
+
+
+def scenario_slow_fast(d: dict[str, Any], seconds: float) -> dict[str, float]:
+    """Long chats, so that the worker's CPU per token is not its fixed cost per chat spread thin."""
+    out = {}
+    for name, delay in (("slow", 20.0), ("fast", 0.0)):
+        used, result = steady(d, 20, seconds, *model_args(80, delay))
+        tokens = tokens_per_chat(result) * used.chats
+        out[f"{name}_us"] = used.by_role["worker"] / max(tokens, 1) * 1e6
+    out["ratio"] = out["slow_us"] / out["fast_us"]
+    return out
+
+
+def scenario_burst(d: dict[str, Any], rounds: int) -> dict[str, float]:
+    urls = ("--api", d["api"], "--llm", d["llm"], "--proxy", d["proxy"])
+    t = load("ttft", *urls, "--chats", "50", "--rounds", str(rounds), *model_args(20, 10))
+    return {"ttft_p50": t["streambridge_ttft"]["p50"], "direct_p50": t["direct_ttft"]["p50"]}
+
+
+#: 50 tokens/s: a token every 20 ms, chats of ~100 tokens (2 s)
+CAPACITY_MODEL = model_args(40, 20)
+
+
+def cores_while(d: dict[str, Any], clients: int, seconds: float) -> tuple[float, dict[str, Any]]:
+    """Our processes' CPU in cores while ``clients`` chats stream at once, sampled after the ramp
+    (the clients' first chats start over the first second) and before the end."""
+    args = ["--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *CAPACITY_MODEL]
+    gen = subprocess.Popen([sys.executable, "-m", "bench.load", "ttft", *args], stdout=subprocess.PIPE, text=True)
+    time.sleep(3)  # warm-up chats, login, the ramp
+    window = max(seconds - 3, 1)
+    before, t0 = cpu_now(d["procs"]), time.perf_counter()
+    time.sleep(window)
+    after, t1 = cpu_now(d["procs"]), time.perf_counter()
+    out, _ = gen.communicate()
+    if gen.returncode != 0:
+        raise ScenarioFailed(f"capacity load with {clients} clients failed")
+    cores = sum(after[r] - before[r] for r in OURS) / (t1 - t0)
+    return cores, dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def scenario_capacity(d: dict[str, Any], seconds: float, verify: bool) -> dict[str, float]:
+    probe = 20
+    cores, _ = cores_while(d, probe, seconds)
+    out = {"cpu_per_chat_s_ms": cores / probe * 1000, "chats_per_core": probe / cores}
+    if verify:
+        # the derived count may not fit beside the load generator and upstream on 2 shared cores
+        point = min(int(out["chats_per_core"]), 150)
+        cores_at, result = cores_while(d, point, seconds)
+        out |= {"verified_at": point, "verified_cores": cores_at, "verified_lag_p99": float(result["lag"]["p99"])}
+    return out
+
+
+@contextmanager
+def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[None]:
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    spies = [
+        subprocess.Popen(
+            [
+                os.path.join(os.path.dirname(sys.executable), "py-spy"),
+                "record",
+                "--nonblocking",
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-p",
+                str(p.pid),
+                "-o",
+                f"{directory}/{label}-{role}.txt",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for role in ("api", "edge", "worker")
+        for p in d["procs"][role]
+    ]
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes its file
+            spy.wait(30)
+
+
+SCENARIOS = ("steady", "fixed", "slow_fast", "burst", "capacity")
+
+
+def one_round(
+    d: dict[str, Any], quick: bool, profile: str | None, label: str, only: tuple[str, ...] = SCENARIOS
+) -> dict[str, dict[str, float]]:
+    seconds = 5.0 if quick else 12.0
+    run = {
+        "steady": lambda: scenario_steady(d, seconds),
+        "fixed": lambda: scenario_fixed(d, seconds),
+        "slow_fast": lambda: scenario_slow_fast(d, seconds),
+        "burst": lambda: scenario_burst(d, 1 if quick else 3),
+        "capacity": lambda: scenario_capacity(d, 8 if quick else 15, verify=not quick),
+    }
+    out = {}
+    for name in only:
+        with profiled(d, profile, f"{label}-{name}"):
+            out[name] = run[name]()
+    return out
+
+
+def median_of(rounds: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    return {s: {k: statistics.median(r[s][k] for r in rounds) for k in rounds[0][s]} for s in rounds[0]}
+
+
+def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
+    out: list[tuple[str, str, str]] = []
+    if s := r.get("steady"):
+        split = ", ".join(f"{role} {s[f'{role}_ms']:.2f}" for role in OURS)
+        ratio = f"{s['ratio']:.2f}× the upstream's {s['upstream_ms']:.2f} ms (goal ≤ 2.0×)"
+        out.append(("1. steady: our CPU per chat", f"{s['ours_ms']:.2f} ms ({s['per_token_us']:.0f} µs/token)", ratio))
+        out.append(("   by process (ms per chat)", split, f"{s['tokens']:.0f} tokens a chat"))
+        out.append(("   delivery lag p99", f"{s['lag_p99']:.1f} ms", "goal ≤ 10 ms"))
+    if f := r.get("fixed"):
+        note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
+        out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))
+        split = ", ".join(f"{role} {f[f'{role}_ms']:.2f}" for role in OURS)
+        out.append(("   by process (ms per chat)", split, ""))
+    if sf := r.get("slow_fast"):
+        values = f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs"
+        out.append(("3. worker CPU per token, slow/fast", values, f"{sf['ratio']:.2f}× (goal ≤ 2×)"))
+    if b := r.get("burst"):
+        added = f"+{b['ttft_p50'] - b['direct_p50']:.1f} ms over direct {b['direct_p50']:.1f} ms"
+        out.append(("4. burst of 50: TTFT p50", f"{b['ttft_p50']:.1f} ms", added))
+    if c := r.get("capacity"):
+        per = f"{c['cpu_per_chat_s_ms']:.1f} ms CPU per chat-second"
+        out.append(("5. capacity at 50 tokens/s", f"{c['chats_per_core']:.0f} chats per core", per))
+        if "verified_at" in c:
+            at = f"{c['verified_at']:.0f} chats: {c['verified_cores']:.2f} cores"
+            out.append(("   verified", at, f"lag p99 {c['verified_lag_p99']:.1f} ms (goal ≤ 50 ms)"))
+    return out
+
+
+def print_table(columns: dict[str, dict[str, dict[str, float]]]) -> None:
+    names = list(columns)
+    table = [rows(columns[n]) for n in names]
+    header = ["measure", *(f"{n}" for n in names), "note (" + names[-1] + ")"]
+    lines = [[table[0][i][0], *(t[i][1] for t in table), table[-1][i][2]] for i in range(len(table[0]))]
+    widths = [max(len(x) for x in col) for col in zip(header, *lines, strict=True)]
+    for line in [header, ["-" * w for w in widths], *lines]:
+        print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short loads, one burst, no verified capacity point")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--ab",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="also run streambridge from PATH (a worktree), in turn",
+    )
+    parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
+    args = parser.parse_args()
+    only = tuple(args.only.split(","))
+    variants: dict[str, dict[str, str]] = {"this": {}}
+    variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
+    results: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in variants}
+    with ExitStack() as stack:
+        systems = {name: stack.enter_context(deployment(1, extra_env=env)) for name, env in variants.items()}
+        for d in systems.values():
+            d["procs"] = our_processes(d)
+        order = list(systems)
+        for n in range(args.rounds):
+            for name in order[n % len(order) :] + order[: n % len(order)]:  # each goes first in turn
+                results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
+                print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+    print_table({name: median_of(r) for name, r in results.items()})
+    if args.ab:
+        for name in results:
+            each = ", ".join(f"{r['steady']['ours_ms']:.2f}" for r in results[name])
+            print(f"steady CPU per chat, {name}, each round: {each} ms")
+
+
+if __name__ == "__main__":
+    main()
