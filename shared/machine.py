@@ -58,7 +58,7 @@ CANCEL     chat, events, notify                                       streams   
 CLAIM      chat, lease                                                streams   worker
 HEARTBEAT  workers                                                    control   worker
 LIST       workers, worker's chats                                    control   worker
-UNLIST     worker's chats                                             control   worker
+UNLIST     worker's chats, [workers]                                  control   worker
 DEAD       workers, [worker's chats]                                  control   worker (reaper)
 ENQUEUE    job, queue, wake                                           control   worker (reaper)
 REQUEUE    chat, lease                                                streams   worker (reaper)
@@ -284,10 +284,16 @@ return 1
 )
 
 # A chat off a worker's list, if it is there with this attempt's token: a later attempt of the same
-# worker (woken again while this one let go) stays listed. ARGV: chat id, token.
+# worker (woken again while this one let go) stays listed. A reaper's (with ``workers`` and the
+# worker's id) only while the worker is still taken for dead: a worker that came back may have
+# listed the chat again, and claimed it, since the reaper read it. ARGV: chat id, token, [worker id].
 UNLIST: Final = define(
     "UNLIST",
     """
+if KEYS[2] then
+  local due = redis.call('ZSCORE', KEYS[2], ARGV[3])
+  if due and tonumber(due) > now_ms() then return 0 end
+end
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
@@ -455,7 +461,10 @@ def listing(worker_id: str, chat_id: str, token: str) -> Call:
     return Call(LIST, [keys.workers(), keys.worker_chats(worker_id)], [worker_id, chat_id, token])
 
 
-def unlisting(worker_id: str, chat_id: str, token: str) -> Call:
+def unlisting(worker_id: str, chat_id: str, token: str, *, reaped: bool = False) -> Call:
+    """``reaped``: by a reaper, for a worker taken for dead (refused if it came back)."""
+    if reaped:
+        return Call(UNLIST, [keys.worker_chats(worker_id), keys.workers()], [chat_id, token, worker_id])
     return Call(UNLIST, [keys.worker_chats(worker_id)], [chat_id, token])
 
 

@@ -124,11 +124,14 @@ async def recover(
     chat_id: str,
     token: str,
     requeue: Requeue | None = None,
+    *,
+    reaped: bool = False,
 ) -> int:
     """Puts a chat that ``worker_id`` listed with ``token`` back on the queue, unless it ended or
     another attempt holds it; then takes it off the list (if it is still listed with ``token``).
     Every step is safe to repeat, and a crash between any two leaves the chat listed, for the next
-    reaper to finish. Answers the recovery's number when this call queued the chat again, else 0."""
+    reaper to finish. ``reaped``: by a reaper, for a worker taken for dead (its list is left alone
+    if the worker came back). Answers the recovery's number when this call queued the chat again, else 0."""
     async with streams.pipeline(transaction=False) as pipe:  # one slot: one node, one round trip
         pipe.hmget(keys.chat(chat_id), ["status", "created_ms", "owner"])
         pipe.hget(keys.lease(chat_id), "token")
@@ -150,7 +153,7 @@ async def recover(
         elif _text(answer) in ENDED:  # it ended meanwhile (its worker was not dead, only late)
             await control.zrem(keys.queue(), chat_id)
             await control.delete(keys.job(chat_id))
-    unlisting = machine.unlisting(worker_id, chat_id, token)
+    unlisting = machine.unlisting(worker_id, chat_id, token, reaped=reaped)
     async with control.pipeline(transaction=False) as pipe:
         if (status is None or _text(status) in ENDED) and owner:
             pipe.zrem(keys.active(owner.decode()), chat_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Any, Final
 
 from redis.asyncio import Redis
@@ -97,12 +98,18 @@ def _idle(runner: ChatRunner, chat_id: str) -> bool:
 
 async def _lock(control: Redis, worker_id: str) -> bool:
     """One recoverer at a time for a worker's list: two that interleave on one chat could queue it
-    again after another worker started it (a stale job, found busy by every scan until it ends)."""
-    return bool(await control.set(keys.reaping(worker_id), "1", nx=True, px=REAP_LOCK_MS))
+    again after another worker started it (a stale job, found busy by every scan until it ends).
+    Held by this process (its token), so that its release never frees another's lock."""
+    return bool(await control.set(keys.reaping(worker_id), _LOCK_TOKEN, nx=True, px=REAP_LOCK_MS))
 
 
 async def _unlock(control: Redis, worker_id: str) -> None:
-    await control.delete(keys.reaping(worker_id))
+    await control.eval(_UNLOCK, 1, keys.reaping(worker_id), _LOCK_TOKEN)  # type: ignore[misc]
+
+
+#: this process's reaper lock token
+_LOCK_TOKEN: Final = uuid.uuid4().hex
+_UNLOCK: Final = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 async def first_beat(control: Redis, worker_id: str, ttl: float) -> None:
@@ -142,7 +149,7 @@ async def _reap_worker(control: Redis, streams: machine.Store, worker_id: str, r
     for chat, token in listed.items():
         chat_id = chat.decode()
         try:
-            recovery = await recover(control, streams, worker_id, chat_id, token.decode(), requeue)
+            recovery = await recover(control, streams, worker_id, chat_id, token.decode(), requeue, reaped=True)
         except Exception as exc:  # this chat waits for the next round; the others go on
             metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("reaper: chat %s: %s", chat_id, exc)

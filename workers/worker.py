@@ -162,6 +162,15 @@ class ChatWorker(QueueWorker):
         answers = await asyncio.gather(
             *(runner.appender.call(c.script, c.keys, c.args, durable=True) for c in calls), return_exceptions=True
         )
+        await self._take(listed, answers, claimed)
+        for lease in claimed:
+            self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
+        return [job_id.decode() for job_id in more] if isinstance(more, list) else []
+
+    async def _take(self, listed: list[Lease], answers: list[Any], claimed: list[Lease]) -> None:
+        """After the claims: the started chats' jobs off the queue, the others off the list. A
+        claimed chat goes into ``claimed``, unless this worker was taken for dead meanwhile."""
+        relisted: dict[int, Lease] = {}  # the position of each claimed chat's listing, made again
         async with self.pool.pipeline(transaction=False) as pipe:
             for lease, answer in zip(listed, answers, strict=True):
                 if isinstance(answer, BaseException):  # perhaps applied, its answer lost: let go of it
@@ -169,8 +178,11 @@ class ChatWorker(QueueWorker):
                     self._hand_back_later(lease)
                     continue
                 outcome = lease.took(answer)
-                lease.take(pipe, outcome)
                 if outcome == "claimed":
+                    # Listed again, with the take: if this worker's heartbeat lapsed since the first
+                    # listing, a reaper may have taken the chat off its list; it must not run unlisted.
+                    relisted[len(pipe)] = lease
+                    lease.register(pipe)
                     claimed.append(lease)
                 else:
                     extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
@@ -181,15 +193,23 @@ class ChatWorker(QueueWorker):
                         outcome,
                         extra=extra,
                     )
-            # a job left on the queue (this round trip failed) is dropped by whoever finds it next:
-            # its claim answers ``busy`` while this attempt runs, and its end after
-            taken = await pipe.execute(raise_on_error=False)
+                lease.take(pipe, outcome)
+            # A job left on the queue (this round trip failed) is dropped by whoever finds it next:
+            # its claim answers ``busy`` while this attempt runs, and its end after. The chats claimed
+            # run regardless: they are listed (the first listing stands).
+            try:
+                taken = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                taken = []
+                log.warning("started chats' jobs not taken off the queue (%s)", exc)
         failed = [a for a in taken if isinstance(a, Exception)]
         if failed:
             log.warning("started chats' jobs not all taken off the queue (%s)", failed[0])
-        for lease in claimed:
-            self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
-        return [job_id.decode() for job_id in more] if isinstance(more, list) else []
+        for position, lease in relisted.items():
+            if taken and taken[position] == 0:  # the heartbeat had lapsed: hand it back, unrun
+                log.warning("chat %s: this worker was taken for dead while starting it; handing it back", lease.chat_id)
+                claimed.remove(lease)
+                self._hand_back_later(lease)
 
     def _hand_back_later(self, lease: Lease) -> None:
         async def hand_back() -> None:

@@ -555,3 +555,15 @@ async def test_a_chat_queued_with_no_job_on_a_dead_workers_list_gets_its_job_bac
     await reap(store.control, store.streams)
     assert await store.control.zcard(keys.queue()) == 1
     assert (await start(store, "t2", worker="w2"))[0] == "claimed"
+
+
+async def test_a_reaper_leaves_the_list_of_a_worker_that_came_back_alone(store: Stores) -> None:
+    """A reaper read the list while the worker was taken for dead; the worker came back, listed the
+    chat again and claimed it: the reaper's last step must not take it off the list."""
+    await admit(store)
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
+    await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")  # listed, as the reaper read it
+    assert await recover(store.control, store.streams, WORKER, CHAT, "t1", reaped=True) == 0
+    assert await listed(store) == {CHAT.encode(): b"t1"}, "the worker's heartbeat holds: its list is its own"
+    assert await recover(store.control, store.streams, WORKER, CHAT, "t1") == 0  # its own audit may
+    assert await listed(store) == {}

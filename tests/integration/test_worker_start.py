@@ -321,3 +321,31 @@ async def test_a_chat_woken_twice_in_one_round_trip_starts_once_and_stays_listed
     held = await idle_worker.pool.hget(keys.lease(chat_id), "token")  # type: ignore[misc]
     assert idle_worker.busy == 1
     assert listed == {chat_id.encode(): held}
+
+
+async def test_a_chat_claimed_whose_jobs_take_failed_still_runs(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    idle_worker: ChatWorker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The take's round trip (jobs off the queue, listings again) lost: the claimed chat must run,
+    not sit claimed and listed with nothing running it for the worker's whole life."""
+    chat_id = await create(client, token, 0)
+    take = ChatWorker._take
+
+    async def take_lost(self: ChatWorker, listed: list[Lease], answers: list[object], claimed: list[Lease]) -> None:
+        async def lost(*args: object, **kwargs: object) -> list[object]:
+            raise ConnectionError("the take's round trip was lost")
+
+        monkeypatch.setattr(type(self.pool.pipeline()), "execute", lost)
+        try:
+            await take(self, listed, answers, claimed)
+        finally:
+            monkeypatch.undo()
+
+    monkeypatch.setattr(ChatWorker, "_take", take_lost)
+    await idle_worker._start([chat_id])
+    assert idle_worker.busy == 1, "it runs"
+    await asyncio.gather(*idle_worker.tasks.values())
+    assert await idle_worker.pool.hget(keys.chat(chat_id), "status") == b"complete"  # type: ignore[misc]
