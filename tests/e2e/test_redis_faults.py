@@ -17,7 +17,7 @@ from streambridge.fake_llm import expected_text
 from streambridge.shared.events import Complete, Event, Started, assemble_text, decode_event
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -32,21 +32,22 @@ UP_GRACE = 4
 class Stack:
     def __init__(self, logs: Path) -> None:
         self.redis = OwnRedis()
-        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "10"], clean_env(), logs)
+        self.llm, llm_url = fake_llm(logs, "--ttft-ms", "10")
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_SHUTDOWN_GRACE=str(GRACE),
         )
-        self.edge = Process(["edge", "--port", "0"], env, logs)
-        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edge.url}, logs)
-        self.worker = Process(["worker"], env, logs, ready="worker started")
+        self.edge = Process(["edge", "--port", "0"], env, logs, wait=False)
+        self.worker = Process(["worker"], env, logs, ready="worker started", wait=False)
+        edge_url = self.edge.wait_ready().url
+        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge_url}, logs, wait=False)
+        start_together(self.llm, self.edge, self.worker, self.api)
         self.admin = redis.Redis.from_url(self.redis.url(0))
 
     def stop(self) -> None:
         self.admin.close()  # (a paused Redis would hold even UNPAUSE: it is stopped paused)
-        for process in (self.worker, self.api, self.edge, self.llm):
-            process.stop()
+        stop_all((self.worker, self.api, self.edge, self.llm))
         self.redis.stop()
 
 
