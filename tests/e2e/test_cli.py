@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from streambridge.fake_llm import DEFAULT_CONFIG, expected_reasoning, expected_text, expected_tool_call
-from tests.e2e.conftest import Process, System, clean_env, create_chat, login
+from tests.e2e.conftest import Process, System, clean_env, create_chat, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -101,16 +101,24 @@ def test_standalone_servers_need_a_redis_url(command: list[str]) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_every_server_command_exits_0_after_a_signal(system: System, tmp_path: Path, sig: signal.Signals) -> None:
-    for args, ready in [
-        (["api", "--port", "0"], "listening on"),
-        (["edge", "--port", "0"], "listening on"),
-        (["worker"], "worker started"),
-        (["fake-llm", "--port", "0"], "listening on"),
-    ]:
-        process = Process(args, system.env, tmp_path, ready=ready)
-        process.proc.send_signal(sig)
-        assert process.proc.wait(20) == 0, f"{args[0]}: {process.log_path.read_text()}"
-        process.stop()
+    processes = start_together(  # side by side; each is signalled once it says it is ready
+        *(
+            Process(args, system.env, tmp_path, ready=ready, wait=False)
+            for args, ready in [
+                (["api", "--port", "0"], "listening on"),
+                (["edge", "--port", "0"], "listening on"),
+                (["worker"], "worker started"),
+                (["fake-llm", "--port", "0"], "listening on"),
+            ]
+        )
+    )
+    try:
+        for process in processes:
+            process.proc.send_signal(sig)
+        for process in processes:
+            assert process.proc.wait(20) == 0, f"{process.args[0]}: {process.log_path.read_text()}"
+    finally:
+        stop_all(processes)
 
 
 @pytest.mark.parametrize(
