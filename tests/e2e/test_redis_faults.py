@@ -30,7 +30,9 @@ UP_GRACE = 4
 
 
 class Stack:
-    def __init__(self, logs: Path) -> None:
+    """redis-server and fake-llm; with ``processes``, an edge, an api and a worker on them too."""
+
+    def __init__(self, logs: Path, *, processes: bool = True) -> None:
         self.redis = OwnRedis()
         self.llm, llm_url = fake_llm(logs, "--ttft-ms", "10")
         env = clean_env(
@@ -38,22 +40,35 @@ class Stack:
             STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_SHUTDOWN_GRACE=str(GRACE),
         )
+        self.admin = redis.Redis.from_url(self.redis.url(0))
+        self.processes = [self.llm]
+        if not processes:
+            start_together(*self.processes)
+            return
         self.edge = Process(["edge", "--port", "0"], env, logs, wait=False)
         self.worker = Process(["worker"], env, logs, ready="worker started", wait=False)
         edge_url = self.edge.wait_ready().url
         self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge_url}, logs, wait=False)
-        start_together(self.llm, self.edge, self.worker, self.api)
-        self.admin = redis.Redis.from_url(self.redis.url(0))
+        self.processes += [self.worker, self.api, self.edge]
+        start_together(*self.processes)
 
     def stop(self) -> None:
         self.admin.close()  # (a paused Redis would hold even UNPAUSE: it is stopped paused)
-        stop_all((self.worker, self.api, self.edge, self.llm))
+        stop_all(self.processes)
         self.redis.stop()
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     stack = Stack(tmp_path)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def redis_and_llm(tmp_path: Path) -> Iterator[Stack]:
+    """For a test that starts its own process (``up``) on them: no edge, api or worker of the stack's."""
+    stack = Stack(tmp_path, processes=False)
     yield stack
     stack.stop()
 
@@ -126,8 +141,9 @@ async def test_every_process_stops_within_its_grace_while_redis_is_frozen(stack:
     assert max(took.values()) <= GRACE + 8, f"stopping took {took}"
 
 
-async def test_up_stops_within_one_grace_while_redis_is_frozen(stack: Stack, tmp_path: Path) -> None:
+async def test_up_stops_within_one_grace_while_redis_is_frozen(redis_and_llm: Stack, tmp_path: Path) -> None:
     """``up`` runs api, edge and a worker in one process: they stop together, not one after another."""
+    stack = redis_and_llm
     env = clean_env(
         STREAMBRIDGE_REDIS_URL=stack.redis.url(1),
         STREAMBRIDGE_LLM_BASE_URL=f"{stack.llm.url}/v1",
