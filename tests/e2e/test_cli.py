@@ -35,7 +35,9 @@ def streambridge(*args: str, env: dict[str, str], timeout: float = 60) -> subpro
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     """``streambridge up`` with nothing configured: embedded Redis and the simulated LLM."""
-    process = Process(["up", "--port", "0"], clean_env(), tmp_path_factory.mktemp("up"))
+    # a 1 s grace: a test leaves a chat running (its client was stopped), which held the stop 10 s; none measures it
+    env = clean_env(STREAMBRIDGE_SHUTDOWN_GRACE="1")
+    process = Process(["up", "--port", "0"], env, tmp_path_factory.mktemp("up"))
     yield process
     assert process.stop() == 0
 
