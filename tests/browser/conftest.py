@@ -22,7 +22,7 @@ import pytest
 
 from tests.browser.proxy import Proxy
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env
+from tests.e2e.conftest import Process, clean_env, fake_llm, start_together, stop_all
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -91,27 +91,27 @@ def deployment() -> Iterator[Deployment]:
     proxy = Proxy()
     started: list[Process] = []
     try:
-        llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "20", "--delay-ms", "5"], clean_env(), logs)
+        llm, llm_url = fake_llm(logs, "--ttft-ms", "20", "--delay-ms", "5")
         started.append(llm)
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_PUBLIC_EDGE_URL=proxy.url,  # stream_url through the proxy, as in a deployment
             STREAMBRIDGE_LEASE_TTL="1.5",  # a SIGKILLed worker's chat runs again within seconds
         )
-        edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
+        edges = [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
         started += edges
-        api = Process(["api", "--port", "0"], env, logs)
+        api = Process(["api", "--port", "0"], env, logs, wait=False)
         started.append(api)
-        workers = [Process(["worker"], env, logs, ready="worker started")]
+        workers = [Process(["worker"], env, logs, ready="worker started", wait=False)]
         started += workers
+        start_together(*started)
         proxy.api, proxy.edges = api.url, [e.url for e in edges]
         system = Deployment(proxy.url, redis.url(0), proxy, api, edges, workers, env, logs, started)
         yield system
     finally:
         proxy.stop()
-        for process in reversed(started):
-            process.stop()
+        stop_all(reversed(started))
         redis.stop()
 
 

@@ -10,16 +10,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from streambridge.embedded import free_port
 from streambridge.sse import SSEMessage, SSEParser
 from tests.conftest import OwnRedis
 
+#: how long a process may take to say it is ready, from its start; several start at once on a loaded 2-core machine
+READY_WITHIN = 60
 LISTENING = re.compile(r"listening on (http://\S+)")
 E2E_ENV = {
     "STREAMBRIDGE_HEARTBEAT_INTERVAL": "1",
@@ -46,7 +49,10 @@ def clean_env(**extra: str) -> dict[str, str]:
 class Process:
     """``streambridge ARGS`` as a child process; ``url`` is where it said it listens."""
 
-    def __init__(self, args: list[str], env: dict[str, str], logs: Path, ready: str = "listening on") -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], logs: Path, ready: str = "listening on", *, wait: bool = True
+    ) -> None:
+        """Starts the process and, unless ``wait=False``, waits for its ready line (see ``start_together``)."""
         self.args = args
         self.log_path = logs / f"{args[0]}-{time.monotonic_ns()}.log"
         self._log = self.log_path.open("w")
@@ -59,6 +65,7 @@ class Process:
             text=True,
         )
         self.url = ""
+        self.ready = False
         self.stdout: list[str] = []
         found = threading.Event()
 
@@ -69,18 +76,33 @@ class Process:
                 if ready in line:
                     match = LISTENING.search(line)
                     self.url = match.group(1) if match else ""
+                    self.ready = True
                     found.set()
+            found.set()  # it exited without saying it is ready: no need to wait out the deadline
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
-        if not found.wait(20):
+        self._found = found
+        self._deadline = time.monotonic() + READY_WITHIN
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> Process:
+        """Blocks until the ready line; a process that never says it stops, and the test errs with its log."""
+        if not self._found.wait(max(0.0, self._deadline - time.monotonic())) or not self.ready:
             self.stop()
-            raise RuntimeError(f"streambridge {' '.join(args)} did not start:\n{self.log_path.read_text()}")
+            raise RuntimeError(f"streambridge {' '.join(self.args)} did not start:\n{self.log_path.read_text()}")
+        return self
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
         self.stop()
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: ``stop()`` waits. ``stop_all`` stops several at once this way."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -95,6 +117,36 @@ class Process:
             self.proc.stdout.close()
         self._log.close()
         return self.proc.returncode
+
+
+def start_together(*processes: Process) -> list[Process]:
+    """Waits for the ready lines of processes started with ``wait=False``: they boot side by side
+    (most of a start is Python importing), so this takes about as long as the slowest, not the sum.
+    If one does not start, all of them are stopped."""
+    try:
+        for process in processes:
+            process.wait_ready()
+    except BaseException:
+        stop_all(processes)
+        raise
+    return list(processes)
+
+
+def stop_all(processes: Iterable[Process]) -> None:
+    """SIGTERM to each, then waits for each: they shut down side by side, not one after another."""
+    processes = list(processes)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.stop()
+
+
+def fake_llm(logs: Path, *options: str) -> tuple[Process, str]:
+    """``streambridge fake-llm OPTIONS``, not waited for, and its base URL (``.../v1``) for the others' env:
+    its port is picked beforehand, so the processes that call it can start beside it."""
+    port = free_port()
+    llm = Process(["fake-llm", "--port", str(port), *options], clean_env(), logs, wait=False)
+    return llm, f"http://127.0.0.1:{port}/v1"
 
 
 @dataclass
@@ -118,19 +170,23 @@ def system() -> Iterator[System]:
     logs = Path(tempfile.mkdtemp(prefix="sb-e2e-"))
     started: list[Process] = []
     try:
-        llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "20", "--delay-ms", "5"], clean_env(), logs)
+        llm, llm_url = fake_llm(logs, "--ttft-ms", "20", "--delay-ms", "5")
         started.append(llm)
-        env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1")
-        edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
+        env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url)
+        edges = [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
         started += edges
-        api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edges[0].url}, logs)
-        started.append(api)
-        workers = [Process(["worker"], env, logs, ready="worker started") for _ in range(2)]
+        # a chat a test leaves running holds its worker's stop for the grace (10 s): these stop at the module's
+        # end, where no test measures it (tests that do start workers of their own, from ``env``)
+        worker_env = {**env, "STREAMBRIDGE_SHUTDOWN_GRACE": "1"}
+        workers = [Process(["worker"], worker_env, logs, ready="worker started", wait=False) for _ in range(2)]
         started += workers
-        yield System(redis.url(0), f"{llm.url}/v1", api, edges, workers, env, logs)
+        edges[0].wait_ready()  # the api's env names it
+        api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edges[0].url}, logs, wait=False)
+        started.append(api)
+        start_together(*started)
+        yield System(redis.url(0), llm_url, api, edges, workers, env, logs)
     finally:
-        for process in reversed(started):
-            process.stop()
+        stop_all(reversed(started))
         redis.stop()
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from streambridge.embedded import free_port
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env
+from tests.e2e.conftest import Process, clean_env, fake_llm, start_together, stop_all
 
 ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
@@ -167,11 +167,11 @@ def start_stack(**settings: str) -> Iterator[Stack]:
     started: list[Process] = []
     nginx: Nginx | None = None
     try:
-        llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "20", "--delay-ms", "5"], clean_env(), logs)
+        llm, llm_url = fake_llm(logs, "--ttft-ms", "20", "--delay-ms", "5")
         started.append(llm)
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             # STREAMBRIDGE_PUBLIC_EDGE_URL unset, as in compose: stream_url is built from the Host nginx
             # passes, so it goes through nginx whatever name or port the client used.
             # Trusted: nginx, and, wider than compose's one address on purpose, every client address
@@ -179,17 +179,17 @@ def start_stack(**settings: str) -> Iterator[Stack]:
             STREAMBRIDGE_TRUSTED_PROXIES="127.0.0.0/8",
             **settings,
         )
-        edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
+        edges = [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
         started += edges
-        api = Process(["api", "--port", "0"], env, logs)
+        api = Process(["api", "--port", "0"], env, logs, wait=False)
         started.append(api)
-        started.append(Process(["worker"], env, logs, ready="worker started"))
+        started.append(Process(["worker"], env, logs, ready="worker started", wait=False))
+        start_together(*started)
         nginx = Nginx(binary, port, host_port(api.url), [host_port(e.url) for e in edges])
         yield Stack(nginx, api, edges, redis.url(0), env, logs, started)
     finally:
         if nginx is not None:
             nginx.stop()
-        for process in reversed(started):
-            process.stop()
+        stop_all(reversed(started))
         redis.stop()
         shutil.rmtree(logs, ignore_errors=True)

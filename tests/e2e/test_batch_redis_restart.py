@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, login
+from tests.e2e.conftest import Process, clean_env, fake_llm, login, start_together, stop_all
 from tests.e2e.test_batches import line, lines_of, submit, until_ended
 
 pytestmark = pytest.mark.e2e
@@ -35,21 +35,21 @@ def persistent() -> Iterator[tuple[OwnRedis, Process, list[Process]]]:
     logs = Path(tempfile.mkdtemp(prefix="sb-e2e-restart-"))
     started: list[Process] = []
     try:
-        llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "20", "--delay-ms", "5"], clean_env(), logs)
+        llm, llm_url = fake_llm(logs, "--ttft-ms", "20", "--delay-ms", "5")
         started.append(llm)
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_BATCH_WORKER_CONCURRENCY="10",  # a slow batch: mid-way for a while
             STREAMBRIDGE_LEASE_TTL=str(LEASE_TTL),  # explicit: the outage below outlasts it
         )
-        api = Process(["api", "--port", "0"], env, logs)
+        api = Process(["api", "--port", "0"], env, logs, wait=False)
         started.append(api)
-        started += [Process(["worker"], env, logs, ready="worker started") for _ in range(2)]
+        started += [Process(["worker"], env, logs, ready="worker started", wait=False) for _ in range(2)]
+        start_together(*started)
         yield redis, api, started
     finally:
-        for process in reversed(started):
-            process.stop()
+        stop_all(reversed(started))
         redis.stop()
 
 

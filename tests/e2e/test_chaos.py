@@ -20,7 +20,7 @@ from streambridge.shared.events import Complete, Event, Started, Status, assembl
 from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -34,29 +34,32 @@ class Cluster:
     def __init__(self, logs: Path) -> None:
         self.redis = OwnRedis()
         self.logs = logs
-        self.llm = Process(["fake-llm", "--port", "0"], clean_env(), logs)
+        self.llm, llm_url = fake_llm(logs)
         self.env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_WORKER_CONCURRENCY="20",  # 50 chats spread over the 3 workers: every kill hits some
             STREAMBRIDGE_LEASE_TTL="1.0",  # margin under the 3 s bound on a loaded 2-core machine
         )
-        self.edges = [self.edge() for _ in range(EDGES)]
-        self.workers = [self.worker() for _ in range(WORKERS)]
-        self.api = Process(
-            ["api", "--port", "0"], {**self.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edges[0].url}, logs
-        )
+        self.edges = [self.edge(wait=False) for _ in range(EDGES)]
+        self.workers = [self.worker(wait=False) for _ in range(WORKERS)]
         self.dead: list[Process] = []
+        self.api = Process(
+            ["api", "--port", "0"],
+            {**self.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edges[0].wait_ready().url},
+            logs,
+            wait=False,
+        )
+        start_together(self.llm, *self.edges, *self.workers, self.api)
 
-    def edge(self) -> Process:
-        return Process(["edge", "--port", "0"], self.env, self.logs)
+    def edge(self, *, wait: bool = True) -> Process:
+        return Process(["edge", "--port", "0"], self.env, self.logs, wait=wait)
 
-    def worker(self) -> Process:
-        return Process(["worker"], self.env, self.logs, ready="worker started")
+    def worker(self, *, wait: bool = True) -> Process:
+        return Process(["worker"], self.env, self.logs, ready="worker started", wait=wait)
 
     def stop(self) -> None:
-        for process in [*self.workers, *self.edges, *self.dead, self.api, self.llm]:
-            process.stop()
+        stop_all([*self.workers, *self.edges, *self.dead, self.api, self.llm])
         self.redis.stop()
 
 

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from streambridge.fake_llm import DEFAULT_CONFIG, expected_reasoning, expected_text, expected_tool_call
-from tests.e2e.conftest import Process, System, clean_env, create_chat, login
+from tests.e2e.conftest import Process, System, clean_env, create_chat, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -35,7 +35,9 @@ def streambridge(*args: str, env: dict[str, str], timeout: float = 60) -> subpro
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
     """``streambridge up`` with nothing configured: embedded Redis and the simulated LLM."""
-    process = Process(["up", "--port", "0"], clean_env(), tmp_path_factory.mktemp("up"))
+    # a 1 s grace: a test leaves a chat running (its client was stopped), which held the stop 10 s; none measures it
+    env = clean_env(STREAMBRIDGE_SHUTDOWN_GRACE="1")
+    process = Process(["up", "--port", "0"], env, tmp_path_factory.mktemp("up"))
     yield process
     assert process.stop() == 0
 
@@ -101,16 +103,24 @@ def test_standalone_servers_need_a_redis_url(command: list[str]) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_every_server_command_exits_0_after_a_signal(system: System, tmp_path: Path, sig: signal.Signals) -> None:
-    for args, ready in [
-        (["api", "--port", "0"], "listening on"),
-        (["edge", "--port", "0"], "listening on"),
-        (["worker"], "worker started"),
-        (["fake-llm", "--port", "0"], "listening on"),
-    ]:
-        process = Process(args, system.env, tmp_path, ready=ready)
-        process.proc.send_signal(sig)
-        assert process.proc.wait(20) == 0, f"{args[0]}: {process.log_path.read_text()}"
-        process.stop()
+    processes = start_together(  # side by side; each is signalled once it says it is ready
+        *(
+            Process(args, system.env, tmp_path, ready=ready, wait=False)
+            for args, ready in [
+                (["api", "--port", "0"], "listening on"),
+                (["edge", "--port", "0"], "listening on"),
+                (["worker"], "worker started"),
+                (["fake-llm", "--port", "0"], "listening on"),
+            ]
+        )
+    )
+    try:
+        for process in processes:
+            process.proc.send_signal(sig)
+        for process in processes:
+            assert process.proc.wait(20) == 0, f"{process.args[0]}: {process.log_path.read_text()}"
+    finally:
+        stop_all(processes)
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from streambridge.shared.events import Complete, Event, Started, assemble_text, 
 from streambridge.sse import SSEParser
 from tests.cluster import RedisCluster
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together
 
 pytestmark = pytest.mark.e2e
 
@@ -30,15 +30,17 @@ class ClusterStack:
     def __init__(self, logs: Path, cluster: RedisCluster) -> None:
         self.cluster = cluster
         self.control = OwnRedis()
-        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "10"], clean_env(), logs)
+        self.llm, llm_url = fake_llm(logs, "--ttft-ms", "10")
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.control.url(0),
             STREAMBRIDGE_STREAMS_REDIS_URL=cluster.url,
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
         )
-        self.edges = [Process(["edge", "--port", "0"], env, logs) for _ in range(2)]
-        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edges[0].url}, logs)
-        self.workers = [Process(["worker"], env, logs, ready="worker started") for _ in range(2)]
+        self.edges = [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
+        self.workers = [Process(["worker"], env, logs, ready="worker started", wait=False) for _ in range(2)]
+        edge_url = self.edges[0].wait_ready().url
+        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge_url}, logs, wait=False)
+        start_together(self.llm, *self.edges, *self.workers, self.api)
 
     def stop(self) -> None:
         for process in (*self.workers, self.api, *self.edges, self.llm):

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, read_events
+from tests.e2e.conftest import Process, clean_env, fake_llm, read_events, start_together
 
 pytestmark = pytest.mark.e2e
 
@@ -27,15 +27,16 @@ class Deployment:
         self.redis = OwnRedis()
         self.logs = Path(tempfile.mkdtemp(prefix="sb-keys-"))
         self.cli_output: list[str] = []
-        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "5", "--delay-ms", "1"], clean_env(), self.logs)
+        self.llm, llm_url = fake_llm(self.logs, "--ttft-ms", "5", "--delay-ms", "1")
         self.env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_LLM_API_KEY=LLM_KEY,
             STREAMBRIDGE_SECRET=SIGNING_SECRET,
             STREAMBRIDGE_LOG_LEVEL="DEBUG",
         )
-        self.up = Process(["up", "--port", "0"], self.env, self.logs)
+        self.up = Process(["up", "--port", "0"], self.env, self.logs, wait=False)
+        start_together(self.llm, self.up)
 
     def keys(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(
@@ -52,9 +53,11 @@ class Deployment:
         return result
 
     def stop(self) -> None:
-        assert self.up.stop() == 0
+        self.llm.terminate()  # beside up: they stop side by side
+        code = self.up.stop()
         self.llm.stop()
         self.redis.stop()
+        assert code == 0
 
     def all_logs(self) -> str:
         return "".join(p.read_text() for p in self.logs.iterdir()) + "".join(self.up.stdout)

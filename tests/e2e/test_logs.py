@@ -17,7 +17,7 @@ import pytest
 
 from streambridge.fake_llm import DEFAULT_CONFIG, expected_text
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, read_events
+from tests.e2e.conftest import Process, clean_env, fake_llm, read_events, start_together
 
 pytestmark = pytest.mark.e2e
 
@@ -50,10 +50,10 @@ def full_run(logs: Path, **settings: str) -> Run:
     """redis-server, the simulated LLM, an api, an edge and a worker at DEBUG with access logs, then
     chats through every door: an API key, a visitor, the stream URL's token, a resume, a cancel."""
     redis = OwnRedis()
-    llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "5", "--delay-ms", "1"], clean_env(), logs)
+    llm, llm_url = fake_llm(logs, "--ttft-ms", "5", "--delay-ms", "1")
     env = clean_env(
         STREAMBRIDGE_REDIS_URL=redis.url(0),
-        STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1",
+        STREAMBRIDGE_LLM_BASE_URL=llm_url,
         STREAMBRIDGE_LLM_API_KEY=LLM_KEY,
         STREAMBRIDGE_SECRET=SECRET,
         STREAMBRIDGE_LOG_LEVEL="DEBUG",
@@ -64,10 +64,11 @@ def full_run(logs: Path, **settings: str) -> Run:
     processes: dict[str, Process] = {}
     run = Run(secrets=[LLM_KEY, SECRET])
     try:
-        processes["edge"] = Process(["edge", "--port", "0"], env, logs)
-        edge_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": processes["edge"].url}
-        processes["api"] = Process(["api", "--port", "0"], edge_env, logs)
-        processes["worker"] = Process(["worker"], env, logs, ready="worker started")
+        processes["edge"] = Process(["edge", "--port", "0"], env, logs, wait=False)
+        processes["worker"] = Process(["worker"], env, logs, ready="worker started", wait=False)
+        edge_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": processes["edge"].wait_ready().url}
+        processes["api"] = Process(["api", "--port", "0"], edge_env, logs, wait=False)
+        start_together(llm, *processes.values())
         created = subprocess.run(
             [sys.executable, "-m", "streambridge", "keys", "create", "--user", "logs"],
             env=env,
@@ -81,6 +82,8 @@ def full_run(logs: Path, **settings: str) -> Run:
         asyncio.run(chats(run, processes["api"].url, processes["edge"].url, api_key))
     finally:
         codes = {}
+        for process in [llm, *processes.values()]:  # side by side
+            process.terminate()
         for role, process in reversed(processes.items()):  # every one stopped, then checked
             codes[role] = process.stop()
             run.logs[role] = process.log_path.read_text().splitlines()

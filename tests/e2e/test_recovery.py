@@ -20,7 +20,7 @@ from streambridge.shared.events import Cancelled, Complete, Content, Event, Star
 from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -32,14 +32,16 @@ class Deployment:
     def __init__(self, logs: Path) -> None:
         self.redis = OwnRedis()
         self.logs = logs
-        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "10", "--delay-ms", "5"], clean_env(), logs)
+        self.llm, llm_url = fake_llm(logs, "--ttft-ms", "10", "--delay-ms", "5")
         self.env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_LEASE_TTL="1.5",
         )
         self.edge = Process(["edge", "--port", "0"], self.env, logs)
-        self.api = Process(["api", "--port", "0"], {**self.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edge.url}, logs)
+        edge_env = {**self.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edge.url}
+        self.api = Process(["api", "--port", "0"], edge_env, logs, wait=False)
+        start_together(self.llm, self.api)
         self.workers: list[Process] = []
 
     def worker(self, **env: str) -> Process:
@@ -48,11 +50,16 @@ class Deployment:
         return process
 
     def stop(self) -> None:
-        for process in [*self.workers, self.api, self.edge, self.llm]:
-            if process.proc.poll() is None:
-                os.kill(process.proc.pid, signal.SIGCONT)
-            process.stop()
+        stop_all(thawed([*self.workers, self.api, self.edge, self.llm]))
         self.redis.stop()
+
+
+def thawed(processes: list[Process]) -> list[Process]:
+    """``processes``, each SIGCONTed first if still running: a frozen one could not stop."""
+    for process in processes:
+        if process.proc.poll() is None:
+            os.kill(process.proc.pid, signal.SIGCONT)
+    return processes
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +72,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 @pytest.fixture(autouse=True)
 def no_workers_left(deployment: Deployment) -> Iterator[None]:
     yield
-    for process in deployment.workers:
-        if process.proc.poll() is None:
-            os.kill(process.proc.pid, signal.SIGCONT)
-        process.stop()
+    stop_all(thawed(deployment.workers))
     deployment.workers.clear()
 
 

@@ -17,7 +17,7 @@ from streambridge.fake_llm import expected_text
 from streambridge.shared.events import Complete, Event, Started, assemble_text, decode_event
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -30,29 +30,45 @@ UP_GRACE = 4
 
 
 class Stack:
-    def __init__(self, logs: Path) -> None:
+    """redis-server and fake-llm; with ``processes``, an edge, an api and a worker on them too."""
+
+    def __init__(self, logs: Path, *, processes: bool = True) -> None:
         self.redis = OwnRedis()
-        self.llm = Process(["fake-llm", "--port", "0", "--ttft-ms", "10"], clean_env(), logs)
+        self.llm, llm_url = fake_llm(logs, "--ttft-ms", "10")
         env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
-            STREAMBRIDGE_LLM_BASE_URL=f"{self.llm.url}/v1",
+            STREAMBRIDGE_LLM_BASE_URL=llm_url,
             STREAMBRIDGE_SHUTDOWN_GRACE=str(GRACE),
         )
-        self.edge = Process(["edge", "--port", "0"], env, logs)
-        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edge.url}, logs)
-        self.worker = Process(["worker"], env, logs, ready="worker started")
         self.admin = redis.Redis.from_url(self.redis.url(0))
+        self.processes = [self.llm]
+        if not processes:
+            start_together(*self.processes)
+            return
+        self.edge = Process(["edge", "--port", "0"], env, logs, wait=False)
+        self.worker = Process(["worker"], env, logs, ready="worker started", wait=False)
+        edge_url = self.edge.wait_ready().url
+        self.api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge_url}, logs, wait=False)
+        self.processes += [self.worker, self.api, self.edge]
+        start_together(*self.processes)
 
     def stop(self) -> None:
         self.admin.close()  # (a paused Redis would hold even UNPAUSE: it is stopped paused)
-        for process in (self.worker, self.api, self.edge, self.llm):
-            process.stop()
+        stop_all(self.processes)
         self.redis.stop()
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
     stack = Stack(tmp_path)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture
+def redis_and_llm(tmp_path: Path) -> Iterator[Stack]:
+    """For a test that starts its own process (``up``) on them: no edge, api or worker of the stack's."""
+    stack = Stack(tmp_path, processes=False)
     yield stack
     stack.stop()
 
@@ -125,8 +141,9 @@ async def test_every_process_stops_within_its_grace_while_redis_is_frozen(stack:
     assert max(took.values()) <= GRACE + 8, f"stopping took {took}"
 
 
-async def test_up_stops_within_one_grace_while_redis_is_frozen(stack: Stack, tmp_path: Path) -> None:
+async def test_up_stops_within_one_grace_while_redis_is_frozen(redis_and_llm: Stack, tmp_path: Path) -> None:
     """``up`` runs api, edge and a worker in one process: they stop together, not one after another."""
+    stack = redis_and_llm
     env = clean_env(
         STREAMBRIDGE_REDIS_URL=stack.redis.url(1),
         STREAMBRIDGE_LLM_BASE_URL=f"{stack.llm.url}/v1",

@@ -16,7 +16,7 @@ from streambridge.shared.events import Complete, Event, assemble_text, decode_ev
 from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, login
+from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
 
 pytestmark = pytest.mark.e2e
 
@@ -27,14 +27,15 @@ WORDS = 120
 def outage_system(tmp_path: Path) -> Iterator[tuple[OwnRedis, Process, Process, Process]]:
     # appendfsync always: this test is about reconnecting, not about what an fsync policy may lose
     redis = OwnRedis("--appendonly", "yes", "--appendfsync", "always")
-    llm = Process(["fake-llm", "--port", "0"], clean_env(), tmp_path)
-    env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=f"{llm.url}/v1")
-    edge = Process(["edge", "--port", "0"], env, tmp_path)
-    api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url}, tmp_path)
-    worker = Process(["worker"], env, tmp_path, ready="worker started")
+    llm, llm_url = fake_llm(tmp_path)
+    env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url)
+    edge = Process(["edge", "--port", "0"], env, tmp_path, wait=False)
+    worker = Process(["worker"], env, tmp_path, ready="worker started", wait=False)
+    edge_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.wait_ready().url}
+    api = Process(["api", "--port", "0"], edge_env, tmp_path, wait=False)
+    start_together(llm, edge, worker, api)
     yield redis, api, edge, worker
-    for process in (worker, api, edge, llm):
-        process.stop()
+    stop_all((worker, api, edge, llm))
     redis.stop()
 
 
