@@ -49,13 +49,6 @@ class ClusterStack:
 
 
 @pytest.fixture
-def shared_stack(tmp_path: Path, redis_cluster: RedisCluster) -> Iterator[ClusterStack]:
-    stack = ClusterStack(tmp_path, redis_cluster)
-    yield stack
-    stack.stop()
-
-
-@pytest.fixture
 def own_stack(tmp_path: Path, fresh_redis_cluster: RedisCluster) -> Iterator[ClusterStack]:
     stack = ClusterStack(tmp_path, fresh_redis_cluster)
     yield stack
@@ -101,63 +94,59 @@ async def upstream_calls(session: aiohttp.ClientSession, stack: ClusterStack) ->
         return dict((await response.json())["paths"])
 
 
-async def test_chats_spread_over_the_primaries_and_resume_on_the_other_edge_exactly(shared_stack: ClusterStack) -> None:
+async def resume_on_the_other_edge(session: aiohttp.ClientSession, stack: ClusterStack, auth: dict[str, str]) -> None:
+    """Chats spread over the primaries, each read to its fifth event, dropped, and resumed on the
+    other edge with Last-Event-ID: exactly the chat's events."""
     words = 40
     prompts = [f"cluster resume {n}" for n in range(6)]
-    async with aiohttp.ClientSession() as session:
-        auth = await login(session, shared_stack.api.url)
-        chats = [
-            await create_chat(session, shared_stack.api.url, auth, message=p, model=f"fake?words={words}&delay_ms=10")
-            for p in prompts
-        ]
-        other_edge = shared_stack.edges[1].url
-        for prompt, chat in zip(prompts, chats, strict=True):
-            first, last = await read(session, chat["stream_url"], stop_after=5)  # dropped mid-answer
-            rest, _ = await read(session, chat["stream_url"].replace(shared_stack.edges[0].url, other_edge), last)
-            check_exact(first + rest, prompt, words)
-    owners = {shared_stack.cluster.owner_of(key_slot(keys.events(c["id"]).encode())).port for c in chats}
+    model = f"fake?words={words}&delay_ms=10"
+    chats = [await create_chat(session, stack.api.url, auth, message=p, model=model) for p in prompts]
+    other_edge = stack.edges[1].url
+    for prompt, chat in zip(prompts, chats, strict=True):
+        first, last = await read(session, chat["stream_url"], stop_after=5)  # dropped mid-answer
+        rest, _ = await read(session, chat["stream_url"].replace(stack.edges[0].url, other_edge), last)
+        check_exact(first + rest, prompt, words)
+    owners = {stack.cluster.owner_of(key_slot(keys.events(c["id"]).encode())).port for c in chats}
     assert len(owners) >= 2, "six chats' keys all on one primary: the hash tag does not spread them"
 
 
-async def test_a_primary_sigkilled_mid_stream_costs_no_attempt_and_no_event(own_stack: ClusterStack) -> None:
-    words = 60  # ~150 chunks, 40 ms apart: 6 s, and the kill lands 1.5 s in
-    prompts = [f"outlive a failover {n}" for n in range(9)]
+async def test_chats_resume_across_edges_and_outlive_a_primarys_death_and_a_moved_slot(own_stack: ClusterStack) -> None:
+    """One cluster of the test's own (its faults damage it), and one deployment, for the three
+    stories one after the other: a resume on the other edge; a primary SIGKILLed mid-stream; a slot
+    moved mid-stream (each fault ~6 s of streaming, landing 1.5 s in)."""
+    words = 60  # ~150 chunks, 40 ms apart: 6 s, and each fault lands 1.5 s in
     model = f"fake?words={words}&delay_ms=40"
+    cluster = own_stack.cluster
     async with aiohttp.ClientSession() as session:
         auth = await login(session, own_stack.api.url)
+        await resume_on_the_other_edge(session, own_stack, auth)
+
+        # A primary SIGKILLed, with one reader per chat.
+        prompts = [f"outlive a failover {n}" for n in range(9)]
         chats = [await create_chat(session, own_stack.api.url, auth, message=p, model=model) for p in prompts]
         readers = [asyncio.create_task(read(session, c["stream_url"])) for c in chats]
         await asyncio.sleep(1.5)
-        cluster = own_stack.cluster
         victim = cluster.owner_of(key_slot(keys.events(chats[0]["id"]).encode()))
         on_victim = sum(cluster.owner_of(key_slot(keys.events(c["id"]).encode())) is victim for c in chats)
         cluster.kill(victim)
         await asyncio.to_thread(cluster.wait_failover, victim)
         results = await asyncio.wait_for(asyncio.gather(*readers), 60)
-        upstream = await upstream_calls(session, own_stack)
-    assert on_victim >= 1
-    for prompt, (got, _) in zip(prompts, results, strict=True):
-        check_exact(got, prompt, words)
-    assert upstream == {"/v1/chat/completions": len(prompts)}, "the upstream was called once per chat"
+        assert on_victim >= 1
+        for prompt, (got, _) in zip(prompts, results, strict=True):
+            check_exact(got, prompt, words)
 
-
-async def test_a_slot_moved_mid_stream_with_readers_attached_loses_nothing(own_stack: ClusterStack) -> None:
-    words = 60
-    prompts = [f"outlive a resharding {n}" for n in range(3)]
-    model = f"fake?words={words}&delay_ms=30"
-    async with aiohttp.ClientSession() as session:
-        auth = await login(session, own_stack.api.url)
-        chats = [await create_chat(session, own_stack.api.url, auth, message=p, model=model) for p in prompts]
+        # A slot moved to another primary, with two readers per chat.
+        moved = [f"outlive a resharding {n}" for n in range(3)]
+        chats = [await create_chat(session, own_stack.api.url, auth, message=p, model=model) for p in moved]
         readers = [asyncio.create_task(read(session, c["stream_url"])) for c in chats for _ in range(2)]
-        await asyncio.sleep(1.0)
-        cluster = own_stack.cluster
+        await asyncio.sleep(1.5)
         slot = key_slot(keys.events(chats[0]["id"]).encode())
         source = cluster.owner_of(slot)
         target = next(p for p in cluster.primaries() if p is not source)
         await asyncio.to_thread(cluster.migrate_slot, slot, target)
         assert cluster.owner_of(slot) is target
         results = await asyncio.wait_for(asyncio.gather(*readers), 60)
+        for n, (got, _) in enumerate(results):
+            check_exact(got, moved[n // 2], words)
         upstream = await upstream_calls(session, own_stack)
-    for n, (got, _) in enumerate(results):
-        check_exact(got, prompts[n // 2], words)
-    assert upstream == {"/v1/chat/completions": len(prompts)}
+    assert upstream == {"/v1/chat/completions": 6 + len(prompts) + len(moved)}, "the upstream was called once per chat"

@@ -12,6 +12,7 @@ example database on disk, and a request timeout, so a stream of a running chat c
 from __future__ import annotations
 
 import collections
+import os
 import re
 import shutil
 import tempfile
@@ -47,7 +48,8 @@ set_hypothesis_home_dir(HYPOTHESIS_HOME)
 Case: TypeAlias = schemathesis.Case[Any]
 
 #: examples per operation in the fuzzing phase (the examples and coverage phases add their own)
-MAX_EXAMPLES = 100  # CI's time budget; the coverage phase adds the boundary cases
+MAX_EXAMPLES = int(os.environ.get("SB_TEST_FUZZ_EXAMPLES", "50"))  # CI's time budget; the coverage phase
+# adds the boundary cases. A longer run: SB_TEST_FUZZ_EXAMPLES=1000
 #: seconds for one request; an event stream is read for at most this long, then judged on what came
 REQUEST_TIMEOUT = 3.0
 SEED = 20241124
