@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -15,6 +17,19 @@ from playwright.sync_api import Page, expect
 
 from streambridge.fake_llm import expected_text
 from tests.browser.conftest import WAIT_MS, Deployment, Shots, unique
+
+
+def freeze(pid: int, sig: signal.Signals) -> None:
+    """SIGSTOP (or SIGCONT) a worker and its batch lane: the lane is a child process that runs
+    batch items on its own, so a frozen worker alone still finishes a batch."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        children = []
+    for process in [pid, *children]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, sig)
+
 
 pytestmark = pytest.mark.e2e
 
@@ -123,13 +138,13 @@ def test_a_worker_lost_mid_answer_shows_and_the_answer_ends_exact(
     prompt = unique("a worker dies")
     doomed = deployment.workers[0]
     spare = deployment.replace_worker()  # started now (slow on a busy machine), frozen until the crash …
-    os.kill(spare.proc.pid, signal.SIGSTOP)  # … so that the doomed one takes the chat
+    freeze(spare.proc.pid, signal.SIGSTOP)  # … so that the doomed one takes the chat
     try:
         open_page(page, deployment)
         ask(page, prompt, SLOW)
         wait_for_some_text(page)
     finally:
-        os.kill(spare.proc.pid, signal.SIGCONT)
+        freeze(spare.proc.pid, signal.SIGCONT)
     doomed.kill()
     deployment.workers.remove(doomed)
     page.click("#history-box summary")
@@ -214,7 +229,7 @@ def test_a_queued_chat_shows_its_place_in_the_queue_and_moves_up(
     # first (another user's, as far as the page knows) is ahead of the page's.
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     try:
         token = page.request.post(deployment.url + "/v1/auth/visitor").json()["token"]
         auth = {"Authorization": f"Bearer {token}"}
@@ -232,7 +247,7 @@ def test_a_queued_chat_shows_its_place_in_the_queue_and_moves_up(
         shots(page, "moved-up")
     finally:
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(body).to_have_attribute("data-state", "complete")
     expect(body).not_to_have_attribute("data-queue-position", re.compile(".*"))
     shots(page, "complete")
@@ -284,7 +299,7 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
     prompts = [unique(f"batch through a cut {n}") for n in range(3)]
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     section = page.locator("#batches")
     try:
         open_page(page, deployment)
@@ -302,7 +317,7 @@ def test_a_batch_followed_through_a_network_cut_resumes_its_progress_and_complet
     finally:
         deployment.proxy.restore()
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(section).to_have_attribute("data-state", "completed")
     shots(page, "completed-after-the-cut")
     expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
@@ -316,7 +331,7 @@ def test_a_batch_followed_through_a_reload_is_followed_again_after_its_last_even
     prompts = [unique(f"batch through a reload {n}") for n in range(3)]
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     section = page.locator("#batches")
     try:
         open_page(page, deployment)
@@ -337,7 +352,7 @@ def test_a_batch_followed_through_a_reload_is_followed_again_after_its_last_even
         shots(page, "batch-followed-again-after-reload")
     finally:
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(section).to_have_attribute("data-state", "completed")
     expect(page.locator("#batch-counts")).to_have_text("3 / 3 done — 3 completed, 0 failed")
     shots(page, "batch-completed-after-reload")
@@ -353,7 +368,7 @@ def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: 
     # The workers frozen: no item runs before the cancel, so the batch surely ends cancelled.
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     try:
         open_page(page, deployment)
         text = "\n".join(unique(f"never run {n}") for n in range(3)).encode()
@@ -364,7 +379,7 @@ def test_a_batch_cancelled_from_the_page_ends_cancelled(page: Page, deployment: 
         expect(page.locator("#batch-status")).to_have_text(re.compile(r": cancell(ing|ed)$"))
     finally:
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(page.locator("#batches")).to_have_attribute("data-state", "cancelled")
     shots(page, "cancelled")
     expect(page.locator("#batch-start")).to_be_enabled()
@@ -498,7 +513,7 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
         page.wait_for_timeout(50)
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:  # B stays running while A's answer arrives
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     try:
         choose_batch_file(page, "b.txt", unique("batch b") + "\n")
         page.click("#batch-start")
@@ -514,7 +529,7 @@ def test_an_older_batchs_links_never_show_in_a_newer_batchs_view(
         expect(section).to_have_attribute("data-state", "running")
     finally:
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(section).to_have_attribute("data-state", "completed")
     expect(section).to_have_attribute("data-downloads", "ready")
     shots(page, "b-completed")
@@ -529,7 +544,7 @@ def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnect
     # a wait in the queue past the client's 45 s read timeout must not be taken for a dead stream.
     live = [w for w in deployment.workers if w.proc.poll() is None]
     for worker in live:
-        os.kill(worker.proc.pid, signal.SIGSTOP)
+        freeze(worker.proc.pid, signal.SIGSTOP)
     body = page.locator("body")
     page.clock.install()  # the page's timers: 48 s pass in an instant, its network stays real
     try:
@@ -544,7 +559,7 @@ def test_a_chat_waiting_in_the_queue_past_the_read_timeout_never_shows_reconnect
         assert body.get_attribute("data-connection") == "open"
     finally:
         for worker in live:
-            os.kill(worker.proc.pid, signal.SIGCONT)
+            freeze(worker.proc.pid, signal.SIGCONT)
     expect(body).to_have_attribute("data-state", "complete")
     shots(page, "complete")
     assert answer(page) == expected_text(prompt, 5)
