@@ -130,9 +130,17 @@ class RedisCluster:
         return [by_id[f[0]] for f in self._view() if "master" in f[2] and "fail" not in f[2] and len(f) > 8]
 
     def replica_of(self, primary: Node) -> Node:
+        """The primary's live replica, once the node asked sees it (a cluster just made, or just
+        failed over, may not have told every node yet)."""
         by_id = self._by_id()
-        (replica,) = [by_id[f[0]] for f in self._view() if f[3] == primary.id and "fail" not in f[2]]
-        return replica
+        found: list[Node] = []
+
+        def one() -> bool:
+            found[:] = [by_id[f[0]] for f in self._view() if f[3] == primary.id and "fail" not in f[2]]
+            return len(found) == 1
+
+        _until(one, f"one live replica of {primary}", 10)
+        return found[0]
 
     def owner_of(self, key_or_slot: str | bytes | int) -> Node:
         slot = key_or_slot if isinstance(key_or_slot, int) else key_slot(_bytes(key_or_slot))
