@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -13,6 +12,7 @@ from streambridge.shared import keys, machine
 from streambridge.shared.events import Content, encode_event
 from streambridge.workers.appender import Appender
 from streambridge.workers.sink import StreamSink
+from tests.integration.test_appender import CountingAppender
 
 
 @pytest.fixture
@@ -20,16 +20,6 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
-
-
-class CountingAppender(Appender):
-    def __init__(self, redis: Redis) -> None:
-        super().__init__(redis)
-        self.round_trips: list[int] = []
-
-    async def _execute(self, batch: list[Any]) -> list[Any]:
-        self.round_trips.append(len(batch))
-        return await super()._execute(batch)
 
 
 async def sink_for(redis: Redis, chat_id: str, appender: Appender, coalesce: float) -> StreamSink:
