@@ -16,6 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from streambridge.embedded import free_port
 from streambridge.sse import SSEMessage, SSEParser
@@ -186,7 +187,9 @@ def system() -> Iterator[System]:
         start_together(*started)
         yield System(redis.url(0), llm_url, api, edges, workers, env, logs)
     finally:
-        stop_all(reversed(started))
+        # with the processes a test put in place of one it killed (in the lists the System holds)
+        replacements = [p for p in [*edges, *workers] if p not in started]
+        stop_all([*reversed(started), *replacements])
         redis.stop()
 
 
@@ -220,3 +223,24 @@ async def read_events(
             if limit is not None and len(messages) >= limit:
                 return messages[:limit]
     return messages
+
+
+def metrics_url(process: Process) -> str:
+    """Where a worker said it serves /metrics (``streambridge worker metrics listening on …``)."""
+    for line in process.stdout:
+        if "worker metrics listening on" in line:
+            match = LISTENING.search(line)
+            assert match is not None
+            return match.group(1)
+    raise AssertionError(f"the worker announced no metrics port: {process.stdout}")
+
+
+async def scrape(session: aiohttp.ClientSession, base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with session.get(f"{base}/metrics") as response:
+        assert response.status == 200, await response.text()
+        text = await response.text()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

@@ -20,7 +20,17 @@ from streambridge.shared.events import Complete, Event, Started, Status, assembl
 from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env, create_chat, fake_llm, login, start_together, stop_all
+from tests.e2e.conftest import (
+    Process,
+    clean_env,
+    create_chat,
+    fake_llm,
+    login,
+    metrics_url,
+    scrape,
+    start_together,
+    stop_all,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,7 +48,9 @@ class Cluster:
         self.env = clean_env(
             STREAMBRIDGE_REDIS_URL=self.redis.url(0),
             STREAMBRIDGE_LLM_BASE_URL=llm_url,
-            STREAMBRIDGE_WORKER_CONCURRENCY="20",  # 50 chats spread over the 3 workers: every kill hits some
+            # two workers alone run all 50 chats: a killed worker's chats restart at once, never
+            # waiting for its replacement to boot
+            STREAMBRIDGE_WORKER_CONCURRENCY="25",
             STREAMBRIDGE_LEASE_TTL="1.0",  # margin under the 3 s bound on a loaded 2-core machine
         )
         self.edges = [self.edge(wait=False) for _ in range(EDGES)]
@@ -68,6 +80,11 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     cluster = Cluster(tmp_path)
     yield cluster
     cluster.stop()
+
+
+async def busiest(session: aiohttp.ClientSession, workers: list[Process]) -> Process:
+    running = [(await scrape(session, metrics_url(w))).get(("streambridge_running_chats", ()), 0.0) for w in workers]
+    return workers[running.index(max(running))]
 
 
 class Reader:
@@ -125,16 +142,19 @@ async def test_chaos_every_chat_ends_right_through_disconnects_and_kills(
                 await asyncio.sleep(0.6)
                 kind = "worker" if n % 2 == 0 else "edge"
                 pool = cluster.workers if kind == "worker" else cluster.edges
-                victim = rng.choice(pool)
-                # started off the event loop: the readers keep reading meanwhile
-                replacement = await asyncio.to_thread(cluster.worker if kind == "worker" else cluster.edge)
+                # the busiest worker, so that the kill interrupts chats however the queue spread them
+                victim = await busiest(session, pool) if kind == "worker" else rng.choice(pool)
+                # The victim dies at once, while its chats run: a replacement that boots slowly on a
+                # loaded host must not push the kills past the chats' end. It joins once ready (booted
+                # off the event loop: the readers keep reading meanwhile).
+                replacement = cluster.worker(wait=False) if kind == "worker" else cluster.edge(wait=False)
                 pool.remove(victim)
-                pool.append(replacement)
                 victim.kill()
                 cluster.dead.append(victim)
                 kills[kind] += 1
                 if kind == "worker":
                     worker_kills.append(time.monotonic())
+                pool.append(await asyncio.to_thread(replacement.wait_ready))
 
         async with asyncio.timeout(120):
             await asyncio.gather(reading, kill_things())

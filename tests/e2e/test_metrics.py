@@ -8,32 +8,10 @@ import time
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import LISTENING, Process, System, create_chat, login, read_events
+from tests.e2e.conftest import Process, System, create_chat, login, metrics_url, read_events, scrape
 
 pytestmark = pytest.mark.e2e
-
-
-def metrics_url(process: Process) -> str:
-    """Where a worker said it serves /metrics (``streambridge worker metrics listening on …``)."""
-    for line in process.stdout:
-        if "worker metrics listening on" in line:
-            match = LISTENING.search(line)
-            assert match is not None
-            return match.group(1)
-    raise AssertionError(f"the worker announced no metrics port: {process.stdout}")
-
-
-async def scrape(session: aiohttp.ClientSession, base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    async with session.get(f"{base}/metrics") as response:
-        assert response.status == 200, await response.text()
-        text = await response.text()
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def test_each_workers_own_port_serves_its_chats_metrics_and_readiness(system: System) -> None:
