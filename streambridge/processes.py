@@ -8,7 +8,8 @@ import contextlib
 import errno
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -135,11 +136,14 @@ async def worker(settings: Settings) -> int:
         stack.push_async_callback(_stop_task, task)
         stack.push_async_callback(_quietly, "worker", lambda: stop_worker(arq_worker, task, settings.shutdown_grace))
         announce("streambridge worker metrics", host, bound)
-        shown = logs.display_url(llm_url)
-        started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {shown}"
-        print(logs.scrub(started), flush=True)  # on stdout, where tools wait for it; a JSON log has it too
-        if logs.structured():
-            log.info(started, extra={"event": "process.started"})
+        # "started" once its startup is done (its heartbeat, reaper and batch lane run): a tool that
+        # waits for the line may count on them. A signal or a failed startup comes first, or never.
+        if await _first_of(arq_worker.ready.wait(), stop, task):
+            shown = logs.display_url(llm_url)
+            started = f"streambridge worker started: concurrency {settings.worker_concurrency}, LLM at {shown}"
+            print(logs.scrub(started), flush=True)  # on stdout, where tools wait for it; a JSON log has it too
+            if logs.structured():
+                log.info(started, extra={"event": "process.started"})
         await _until_signal_or(stop, task)
     return 0
 
@@ -196,6 +200,16 @@ async def _llm_url(settings: Settings, stack: contextlib.AsyncExitStack) -> str:
     url = f"http://127.0.0.1:{bound}/v1"
     say(f"simulated LLM: {url} (set STREAMBRIDGE_LLM_BASE_URL for a real one)")
     return url
+
+
+async def _first_of(ready: Coroutine[Any, Any, object], *others: asyncio.Future[Any]) -> bool:
+    """Whether ``ready`` finished before any of ``others``."""
+    waiting = asyncio.ensure_future(ready)
+    try:
+        await asyncio.wait([waiting, *others], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+    return waiting.done() and not waiting.cancelled()
 
 
 async def _until_signal_or(stop: asyncio.Future[signal.Signals], task: asyncio.Task[None]) -> None:

@@ -102,12 +102,15 @@ class BatchLane:
         )
 
     def start(self) -> None:
-        # A terminal's Ctrl-C during the spawn would reach the child before it ignores SIGINT.
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A terminal's Ctrl-C during the spawn would reach the child before it ignores SIGINT, so the
+        # child is born with SIGINT blocked. Blocked, not ignored, here: a SIGINT meant for the
+        # worker in that moment waits until the unblock, where ignoring it would lose it (the
+        # worker then never stopped).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process.start()
         finally:
-            signal.signal(signal.SIGINT, previous)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def stopping(self) -> bool:
         """Whether ``stop`` was called (a lane that dies then is not started again)."""
@@ -216,6 +219,7 @@ def run_lane(
     metrics.BATCH_FAILED = _Shared(counts, FAILED)  # type: ignore[assignment]
     metrics.REDIS_ERRORS_WORKER = _Shared(counts, REDIS_ERRORS)  # type: ignore[assignment]
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the worker, which stops the lane
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # blocked since the spawn (BatchLane.start)
     # as the CLI configures its worker: JSON or text, its role, secrets redacted, noisy loggers quiet
     logs.configure(
         role="worker",

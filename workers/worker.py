@@ -53,6 +53,8 @@ class ChatWorker(QueueWorker):
         self._handing_back: set[asyncio.Task[None]] = set()
         #: the worker's batch lane (``workers/lane.py``), told how many chats run here
         self.lane: BatchLane | None = None
+        #: set once its startup is done (heartbeat, reaper, lane): the process says "started" then
+        self.ready = asyncio.Event()
 
     def _tell_lane(self) -> None:
         if self.lane is not None:  # chats running, and starting (their slots reserved) now
@@ -276,6 +278,7 @@ def make_worker(
             asyncio.create_task(listen_for_cancels(ctx["redis"], runner), name="cancels"),
         ]
         if burst:
+            worker.ready.set()
             return
         if lane:
             worker.lane = the_lane = BatchLane(settings, llm_base_url)
@@ -296,6 +299,7 @@ def make_worker(
             )
             metrics.RUNNING_BATCH_ITEMS.set_function(lambda: len(feeder.running))
             feeder.start()
+        worker.ready.set()
 
     async def shutdown(ctx: dict[str, Any]) -> None:
         for task in ctx.get("background", []):
