@@ -33,6 +33,7 @@ import os
 import signal
 from collections import Counter
 from collections.abc import Callable, Mapping
+from multiprocessing import resource_tracker
 from multiprocessing.sharedctypes import Synchronized, SynchronizedArray, SynchronizedString
 from typing import TYPE_CHECKING, Final
 
@@ -106,11 +107,13 @@ class BatchLane:
         # child is born with SIGINT blocked. Blocked, not ignored, here: a SIGINT meant for the
         # worker in that moment waits until the unblock, where ignoring it would lose it (the
         # worker then never stopped).
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # The resource tracker first: (re)starting it unblocks SIGINT, which must stay blocked for the spawn.
+        resource_tracker.ensure_running()
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             self._process.start()
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
     def stopping(self) -> bool:
         """Whether ``stop`` was called (a lane that dies then is not started again)."""

@@ -170,16 +170,18 @@ def system() -> Iterator[System]:
     redis = OwnRedis()
     logs = Path(tempfile.mkdtemp(prefix="sb-e2e-"))
     started: list[Process] = []
+    edges: list[Process] = []
+    workers: list[Process] = []
     try:
         llm, llm_url = fake_llm(logs, "--ttft-ms", "20", "--delay-ms", "5")
         started.append(llm)
         env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url)
-        edges = [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
+        edges += [Process(["edge", "--port", "0"], env, logs, wait=False) for _ in range(2)]
         started += edges
         # a chat a test leaves running holds its worker's stop for the grace (10 s): these stop at the module's
         # end, where no test measures it (tests that do start workers of their own, from ``env``)
         worker_env = {**env, "STREAMBRIDGE_SHUTDOWN_GRACE": "1"}
-        workers = [Process(["worker"], worker_env, logs, ready="worker started", wait=False) for _ in range(2)]
+        workers += [Process(["worker"], worker_env, logs, ready="worker started", wait=False) for _ in range(2)]
         started += workers
         edges[0].wait_ready()  # the api's env names it
         api = Process(["api", "--port", "0"], {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edges[0].url}, logs, wait=False)

@@ -53,9 +53,9 @@ class Cluster:
             STREAMBRIDGE_WORKER_CONCURRENCY="25",
             STREAMBRIDGE_LEASE_TTL="1.0",  # margin under the 3 s bound on a loaded 2-core machine
         )
+        self.everyone: list[Process] = []  # every edge and worker ever started: all stopped at the end
         self.edges = [self.edge(wait=False) for _ in range(EDGES)]
         self.workers = [self.worker(wait=False) for _ in range(WORKERS)]
-        self.dead: list[Process] = []
         self.api = Process(
             ["api", "--port", "0"],
             {**self.env, "STREAMBRIDGE_PUBLIC_EDGE_URL": self.edges[0].wait_ready().url},
@@ -65,13 +65,15 @@ class Cluster:
         start_together(self.llm, *self.edges, *self.workers, self.api)
 
     def edge(self, *, wait: bool = True) -> Process:
-        return Process(["edge", "--port", "0"], self.env, self.logs, wait=wait)
+        self.everyone.append(Process(["edge", "--port", "0"], self.env, self.logs, wait=wait))
+        return self.everyone[-1]
 
     def worker(self, *, wait: bool = True) -> Process:
-        return Process(["worker"], self.env, self.logs, ready="worker started", wait=wait)
+        self.everyone.append(Process(["worker"], self.env, self.logs, ready="worker started", wait=wait))
+        return self.everyone[-1]
 
     def stop(self) -> None:
-        stop_all([*self.workers, *self.edges, *self.dead, self.api, self.llm])
+        stop_all([*self.everyone, self.api, self.llm])
         self.redis.stop()
 
 
@@ -145,19 +147,25 @@ async def test_chaos_every_chat_ends_right_through_disconnects_and_kills(
                 # the busiest worker, so that the kill interrupts chats however the queue spread them
                 victim = await busiest(session, pool) if kind == "worker" else rng.choice(pool)
                 # The victim dies at once, while its chats run: a replacement that boots slowly on a
-                # loaded host must not push the kills past the chats' end. It joins once ready (booted
-                # off the event loop: the readers keep reading meanwhile).
-                replacement = cluster.worker(wait=False) if kind == "worker" else cluster.edge(wait=False)
+                # loaded host must not push the kills past the chats' end. A worker's replacement
+                # boots once the survivors took its chats over (they can run all of them), so its
+                # boot does not compete with their recovery; it joins once ready.
                 pool.remove(victim)
-                victim.kill()
-                cluster.dead.append(victim)
+                await asyncio.to_thread(victim.kill)
                 kills[kind] += 1
                 if kind == "worker":
                     worker_kills.append(time.monotonic())
+                    await asyncio.sleep(2.0)  # twice the lease TTL
+                replacement = cluster.worker(wait=False) if kind == "worker" else cluster.edge(wait=False)
                 pool.append(await asyncio.to_thread(replacement.wait_ready))
 
-        async with asyncio.timeout(120):
-            await asyncio.gather(reading, kill_things())
+        killing = asyncio.ensure_future(kill_things())
+        try:
+            async with asyncio.timeout(120):
+                await asyncio.gather(reading, killing)
+        finally:
+            reading.cancel()
+            killing.cancel()
 
     recoveries: list[float] = []
     for reader, prompt in zip(readers, prompts, strict=True):

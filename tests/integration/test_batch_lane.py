@@ -9,6 +9,7 @@ import os
 import signal
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import msgspec
 import openai
@@ -53,6 +54,12 @@ async def test_the_lane_runs_items_niced_only_in_slots_its_workers_chats_leave(
             assert time.monotonic() < deadline, "the lane ran no items"
             await asyncio.sleep(0.05)
         assert psutil.Process(lane.pid).nice() == os.nice(0) + NICE
+        # born with SIGINT blocked (BatchLane.start), it ignores it, and unblocked
+        text = await asyncio.to_thread(Path(f"/proc/{lane.pid}/status").read_text)
+        status = dict(row.split(":\t") for row in text.splitlines())
+        sigint = 1 << (signal.SIGINT - 1)
+        assert int(status["SigIgn"], 16) & sigint
+        assert not int(status["SigBlk"], 16) & sigint
 
         lane.busy(8)  # the worker's chats and the reserve fill its 10 slots: no room for an item
         await asyncio.sleep(0.3)  # the lane reads the counter each time it looks for room (every 0.1 s)
