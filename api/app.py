@@ -18,6 +18,7 @@ from streambridge.api.errors import error_middleware
 from streambridge.api.forwarded import forwarded_middleware
 from streambridge.api.headers import add_headers, preflight_middleware
 from streambridge.api.hub import StreamHub
+from streambridge.api.query import single_valued_query_middleware
 from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
 from streambridge.shared.redis import close_client, connect, connect_feed, connect_streams, is_cluster_url
@@ -39,7 +40,7 @@ async def keep_secret_fresh(ctx: Context) -> None:
 def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
     assert settings.redis_url is not None, "the CLI resolves the embedded Redis first"
     redis_url = settings.redis_url
-    middlewares: list[Middleware] = [error_middleware, preflight_middleware]
+    middlewares: list[Middleware] = [error_middleware, preflight_middleware, single_valued_query_middleware]
     if settings.trusted_networks:
         middlewares.insert(0, forwarded_middleware(settings.trusted_networks))
     app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)

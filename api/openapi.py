@@ -461,7 +461,8 @@ def events() -> Json:
                     "A resume position this chat's stream does not have.",
                     {
                         "bad_last_event_id": "`Last-Event-ID` / `last_event_id` is not a stream id of this chat "
-                        "(malformed, beyond 64 bits, or ahead of its stream)"
+                        "(malformed, beyond 64 bits, or ahead of its stream)",
+                        "invalid_request": "`last_event_id` or `token` given more than once",
                     },
                 ),
                 "401": error(

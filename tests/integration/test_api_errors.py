@@ -286,3 +286,30 @@ async def test_a_live_reader_whose_next_event_was_trimmed_is_told_and_its_resume
     assert parser.feed(rest) == [], "no event after the gap"
     headers = {**bearer(token), "Last-Event-ID": received[-1].id}
     assert "trimmed" in await error_of(await client.get(path, headers=headers), 410, "stream_expired")
+
+
+@pytest.mark.parametrize(
+    ("path", "name"),
+    [
+        ("/v1/batches?limit=6&limit=500", "limit"),
+        ("/v1/files?after=a&order=asc&after=b", "after"),
+        ("/v1/chats/0123456789abcdef0123456789abcdef/events?last_event_id=1-0&last_event_id=2-0", "last_event_id"),
+    ],
+)
+async def test_a_query_parameter_given_twice_is_400_naming_it(
+    client: TestClient,  # type: ignore[type-arg]
+    token: str,
+    path: str,
+    name: str,
+) -> None:
+    response = await client.get(path, headers={"Authorization": f"Bearer {token}"})
+    assert response.status == 400
+    error = (await response.json())["error"]
+    assert (error["code"], error["param"]) == ("invalid_request", name)
+    assert f"`{name}` given more than once" in error["message"]
+
+
+async def test_an_array_query_parameter_may_repeat(client: TestClient, token: str) -> None:  # type: ignore[type-arg]
+    path = "/v1/responses/resp_0123456789abcdef0123456789abcdef?include=a&include=b"
+    response = await client.get(path, headers={"Authorization": f"Bearer {token}"})
+    assert response.status != 400 or (await response.json())["error"]["param"] != "include"

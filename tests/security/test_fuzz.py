@@ -36,7 +36,7 @@ from schemathesis.specs.openapi import checks
 from streambridge.api import openapi, openapi_batches
 from streambridge.shared.settings import ENV_PREFIX, Settings
 from tests.conftest import OwnRedis
-from tests.e2e.conftest import Process, clean_env
+from tests.e2e.conftest import Process, clean_env, fake_llm, start_together
 
 pytestmark = pytest.mark.e2e
 
@@ -156,8 +156,12 @@ def server() -> Iterator[Server]:
     redis = OwnRedis()
     logs = Path(tempfile.mkdtemp(prefix="sb-fuzz-"))
     process: Process | None = None
+    # a quick upstream: every non-streaming create waits for its chat's end (the default's answer takes ~1.7 s)
+    llm, llm_url = fake_llm(logs, "--ttft-ms", "0", "--delay-ms", "0", "--words", "8")
     try:
-        process = Process(["up", "--port", "0"], clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), **limits_env()), logs)
+        env = clean_env(STREAMBRIDGE_REDIS_URL=redis.url(0), STREAMBRIDGE_LLM_BASE_URL=llm_url, **limits_env())
+        process = Process(["up", "--port", "0"], env, logs, wait=False)
+        start_together(llm, process)
         with requests.Session() as http:
             token, other = visitor(http, process.url), visitor(http, process.url)
             auth = {"Authorization": f"Bearer {token}"}
@@ -169,6 +173,7 @@ def server() -> Iterator[Server]:
     finally:
         if process is not None:
             assert process.stop() == 0, process.log_path.read_text()
+        llm.stop()
         redis.stop()
         shutil.rmtree(HYPOTHESIS_HOME, ignore_errors=True)
 

@@ -42,7 +42,7 @@ ERRORS: dict[str, dict[int, set[str]]] = {
     "GET /v1/chats/{id}": {401: {"unauthorized"}, 404: {"not_found"}, 503: {"redis_unavailable"}},
     "POST /v1/chats/{id}/cancel": {401: {"unauthorized"}, 404: {"not_found"}, 503: {"redis_unavailable"}},
     "GET /v1/chats/{id}/events": {
-        400: {"bad_last_event_id"},
+        400: {"bad_last_event_id", "invalid_request"},
         401: {"unauthorized"},
         404: {"not_found"},
         410: {"stream_expired"},
