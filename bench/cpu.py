@@ -19,8 +19,10 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
 
 ``--ab PATH`` runs every scenario on a second deployment whose processes import streambridge from
 PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternating which goes first
-each round: an A/B pair from the same run. ``--profile DIR`` records each of our Python processes
-with py-spy during each scenario (collapsed stacks, a file a process and scenario).
+each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
+under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``). ``--profile DIR`` records
+each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
+and scenario).
 """
 
 from __future__ import annotations
@@ -278,12 +280,23 @@ def main() -> None:
         default=[],
         help="also run streambridge from PATH (a worktree), in turn",
     )
+    parser.add_argument(
+        "--with",
+        dest="settings",
+        metavar="NAME:VAR=VALUE[,VAR=VALUE]",
+        action="append",
+        default=[],
+        help="also run this tree with these settings, as NAME, in turn (e.g. c2:STREAMBRIDGE_APPEND_COALESCE_MS=2)",
+    )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
     args = parser.parse_args()
     only = tuple(args.only.split(","))
     variants: dict[str, dict[str, str]] = {"this": {}}
     variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
+    for spec in args.settings:
+        name, _, pairs = spec.partition(":")
+        variants[name] = dict(pair.split("=", 1) for pair in pairs.split(","))
     results: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         systems = {name: stack.enter_context(deployment(1, extra_env=env)) for name, env in variants.items()}
@@ -295,7 +308,7 @@ def main() -> None:
                 results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
     print_table({name: median_of(r) for name, r in results.items()})
-    if args.ab:
+    if len(results) > 1:
         for name in results:
             each = ", ".join(f"{r['steady']['ours_ms']:.2f}" for r in results[name])
             print(f"steady CPU per chat, {name}, each round: {each} ms")

@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Final
 
 import pytest
 import redis
@@ -68,6 +69,21 @@ def own_redis() -> Iterator[OwnRedis]:
     server = OwnRedis()
     yield server
     server.stop()
+
+
+#: the suites whose tests start real processes and hold them to time bounds: they run one at a
+#: time, on one of the two xdist workers, while the other runs the rest beside them
+SERIAL: Final = ("tests/e2e/", "tests/browser/", "tests/security/")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """xdist groups (``--dist loadgroup``): the serial suites in one, every other module its own,
+    so a module's fixtures start once."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "serial" if path.startswith(SERIAL) else path
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 _databases = itertools.cycle(range(1, 64))

@@ -151,10 +151,11 @@ async def test_chaos_every_chat_ends_right_through_disconnects_and_kills(
                 # boots once the survivors took its chats over (they can run all of them), so its
                 # boot does not compete with their recovery; it joins once ready.
                 pool.remove(victim)
+                killed_at = time.monotonic()  # SIGKILL acts at once; kill() then waits for its end
                 await asyncio.to_thread(victim.kill)
                 kills[kind] += 1
                 if kind == "worker":
-                    worker_kills.append(time.monotonic())
+                    worker_kills.append(killed_at)
                     await asyncio.sleep(2.0)  # twice the lease TTL
                 replacement = cluster.worker(wait=False) if kind == "worker" else cluster.edge(wait=False)
                 pool.append(await asyncio.to_thread(replacement.wait_ready))
