@@ -77,13 +77,22 @@ SERIAL: Final = ("tests/e2e/", "tests/browser/", "tests/security/")
 
 
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """xdist groups (``--dist loadgroup``): the serial suites in one, every other module its own,
     so a module's fixtures start once."""
+    grouping = bool(getattr(config.option, "loadgroup", False))  # set by xdist, in its workers too
     for item in items:
         path = item.nodeid.split("::")[0]
         group = "serial" if path.startswith(SERIAL) else path
-        item.add_marker(pytest.mark.xdist_group(group))
+        if grouping and hasattr(item, "_id") and item.parent is not None:
+            # pytest 9 keeps a node's id in ``_id``; xdist 3.8 still renames ``_nodeid`` to add the
+            # group it schedules by, which no longer renames anything: every test would run anywhere.
+            # So the id is set here, from the item's name: schemathesis's names carry the operation
+            # its ids lack, and xdist keys its work by id (all but one would silently not run).
+            # test_fuzzing_reached_every_operation and the e2e time bounds fail if this breaks.
+            item._id = item.parent.id.child(f"{item.name}@{group}")
+        else:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 _databases = itertools.cycle(range(1, 64))
