@@ -9,11 +9,17 @@ import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Final
+from typing import Any, Final
 
 import pytest
 import redis
 from redis.asyncio import Redis
+from xdist.scheduler import LoadScopeScheduling
+
+try:
+    from _pytest.nodeid import NodeId  # pytest 9
+except ImportError:  # pragma: no cover
+    NodeId = None  # type: ignore[assignment,misc]
 
 from streambridge.embedded import free_port, redis_server_binary
 from tests.cluster import ClusterUnavailableError, RedisCluster
@@ -76,23 +82,30 @@ def own_redis() -> Iterator[OwnRedis]:
 SERIAL: Final = ("tests/e2e/", "tests/browser/", "tests/security/")
 
 
+class SerialSuites(LoadScopeScheduling):
+    """xdist's ``--dist loadscope`` (a module's tests on one worker, its fixtures started once),
+    with the serial suites as one scope."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        path = nodeid.split("::", 1)[0]
+        return "serial" if path.startswith(SERIAL) else path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> SerialSuites:
+    return SerialSuites(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """xdist groups (``--dist loadgroup``): the serial suites in one, every other module its own,
-    so a module's fixtures start once."""
-    grouping = bool(getattr(config.option, "loadgroup", False))  # set by xdist, in its workers too
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """schemathesis names an operation's test by its function alone, one id for them all: xdist
+    keys its work by id, so all but one would silently not run. Each gets its name (with the
+    operation) as its id; test_fuzzing_reached_every_operation fails if this ever stops working."""
     for item in items:
-        path = item.nodeid.split("::")[0]
-        group = "serial" if path.startswith(SERIAL) else path
-        if grouping and hasattr(item, "_id") and item.parent is not None:
-            # pytest 9 keeps a node's id in ``_id``; xdist 3.8 still renames ``_nodeid`` to add the
-            # group it schedules by, which no longer renames anything: every test would run anywhere.
-            # So the id is set here, from the item's name: schemathesis's names carry the operation
-            # its ids lack, and xdist keys its work by id (all but one would silently not run).
-            # test_fuzzing_reached_every_operation and the e2e time bounds fail if this breaks.
-            item._id = item.parent.id.child(f"{item.name}@{group}")
-        else:
-            item.add_marker(pytest.mark.xdist_group(group))
+        if item.parent is not None and not item.nodeid.endswith(item.name):
+            if hasattr(item, "_id"):  # pytest 9 keeps the id there
+                item._id = NodeId.parse(f"{item.parent.nodeid}::{item.name}")
+            else:
+                item._nodeid = f"{item.parent.nodeid}::{item.name}"
 
 
 _databases = itertools.cycle(range(1, 64))
