@@ -135,6 +135,13 @@ async def start(
     return await le.claim(), le
 
 
+async def lapse(s: Stores, worker: str = WORKER) -> None:
+    """The worker's heartbeat lapses now: its last beat was SHORT_MS long. (Beaten that short before
+    a start, it could lapse before the start on a loaded host, and the start be refused.)"""
+    await run(s.control, machine.heartbeat(worker, SHORT_MS))
+    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+
+
 def cancelling(s: Stores, chat_id: str = CHAT) -> machine.Call:
     return machine.cancel(chat_id, result=b'{"status":"cancelled"}', stream_ttl=60, publish=s.publish)
 
@@ -315,9 +322,9 @@ async def test_a_dead_workers_chat_is_reaped_once_back_to_the_front_of_the_queue
     for chat_id in ("a" * 32, CHAT, "b" * 32):  # a millisecond apart: queue order is by the ms
         await admit(store, chat_id)
         await asyncio.sleep(0.002)
-    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
     await start(store)
-    await asyncio.sleep(SHORT_MS / 1000 + 0.05)  # its heartbeat lapses
+    await lapse(store)  # its heartbeat lapses
     assert await run(store.control, machine.dead()) == [WORKER]
     await reap(store.control, store.streams)
     await reap(store.control, store.streams)  # a second reaper: one recovery
@@ -337,9 +344,9 @@ async def test_a_dead_workers_chat_is_reaped_once_back_to_the_front_of_the_queue
 
 async def test_a_worker_that_died_between_listing_and_claiming_leaves_its_chat_queued(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
     await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")  # listed; the claim never sent
-    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await lapse(store)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1
@@ -349,11 +356,11 @@ async def test_a_worker_that_died_between_listing_and_claiming_leaves_its_chat_q
 
 async def test_a_worker_that_died_between_claiming_and_taking_the_job_is_recovered(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
     await store.control.hset(keys.worker_chats(WORKER), CHAT, "t1")
     await run(store.streams, machine.claim(CHAT, "t1"))  # the job is still on the queue
     assert (await start(store, "t2", worker="w2"))[0] == "busy"
-    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await lapse(store)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1, "one job, not two"
@@ -362,13 +369,13 @@ async def test_a_worker_that_died_between_claiming_and_taking_the_job_is_recover
 
 async def test_a_reaper_that_died_between_its_two_halves_is_finished_by_the_next(store: Stores) -> None:
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
     await start(store)
     # the first reaper queued the job again, and died before the chat's status changed
     enqueue = machine.enqueue(CHAT, job=job_record(CHAT), job_expires_ms=JOB_EXPIRES_MS, created_ms=1)
     assert await run(store.control, enqueue) == 1
     assert (await start(store, "t2", worker="w2"))[0] == "busy", "the dead attempt still holds it"
-    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await lapse(store)
     await reap(store.control, store.streams)
     assert await status(store) == "queued"
     assert await store.control.zcard(keys.queue()) == 1
@@ -532,9 +539,9 @@ async def test_two_reapers_of_one_dead_worker_take_turns(store: Stores) -> None:
     """Interleaved, the second could queue the chat again after another worker started it: a stale
     job every scan would find busy until the chat ended."""
     await admit(store)
-    await run(store.control, machine.heartbeat(WORKER, SHORT_MS, first=True))
+    await run(store.control, machine.heartbeat(WORKER, 60_000, first=True))
     await start(store)
-    await asyncio.sleep(SHORT_MS / 1000 + 0.05)
+    await lapse(store)
     await store.control.set(keys.reaping(WORKER), "1", px=5000)  # another reaper is at it
     await reap(store.control, store.streams)
     assert await status(store) == "running", "it waits for the reaper at work"
