@@ -15,9 +15,7 @@ missed that channel's messages before it, and its readers must re-read the strea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any, ClassVar, Final
@@ -27,6 +25,8 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+
+from streambridge.shared.pipe import keep_alive
 
 log = logging.getLogger("streambridge.edge")
 
@@ -185,7 +185,7 @@ class Feed(asyncio.Protocol):
                 transport, _ = await loop.create_connection(
                     lambda: self, host, s.get("port", 6379), ssl=tls, server_hostname=host if tls else None
                 )
-                _keep_alive(transport.get_extra_info("socket"), s)
+                keep_alive(transport.get_extra_info("socket"), s)
             self._transport = transport
             try:
                 if s.get("password") is not None:
@@ -222,13 +222,3 @@ class Feed(asyncio.Protocol):
         if self.connected():
             assert self._transport is not None
             self._transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]  # its stub says 1-tuples
-
-
-def _keep_alive(sock: socket.socket | None, settings: dict[str, Any]) -> None:
-    """TCP keepalive as the client's settings ask: a peer gone without a word is noticed."""
-    if sock is None or not settings.get("socket_keepalive"):
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (settings.get("socket_keepalive_options") or {}).items():
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)

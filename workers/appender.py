@@ -39,6 +39,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streambridge.shared.machine import Script, Store
+from streambridge.shared.pipe import Pipe, pipe_for
 from streambridge.shared.redis import StreamsCluster
 
 log = logging.getLogger("streambridge.appender")
@@ -71,6 +72,9 @@ class Appender:
         self._nodes = redis.nodes if isinstance(redis, StreamsCluster) else None
         self._lanes: dict[str, _Lane] = {}
         self._unreplicated: dict[str, float] = {}  # node → when WAIT's 0 was last logged
+        # a Pipe per client (one Redis, or a node), or None where its connections are not sockets (fakeredis)
+        self._pipes: dict[int, Pipe | None] = {}
+        self._give_up = 0.0  # the loop's time the round trip under way is answered by, or fails
 
     async def call(self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False) -> Any:
         """``script``'s answer, sent with whatever else is waiting to go to its node. ``durable``: on a
@@ -92,6 +96,9 @@ class Appender:
             for *_, answer in lane.waiting:
                 answer.cancel()
             lane.waiting = []
+        for pipe in self._pipes.values():
+            if pipe is not None:
+                await pipe.close()
 
     async def _send(self, lane: _Lane) -> None:
         while lane.waiting:
@@ -116,14 +123,19 @@ class Appender:
         loop = asyncio.get_running_loop()
         give_up, delay = loop.time() + self._retry_for, 0.02
         while True:
+            self._give_up = give_up
             try:
+                if self._nodes is None and self._pipe(self._redis) is not None:
+                    return await self._execute(batch)  # the Pipe keeps the deadline: no timer per round trip
                 # bounded as a whole: the client's own retries and socket timeout would run on past it
                 async with asyncio.timeout(max(0.0, give_up - loop.time())):
                     return await self._execute(batch)
             except TimeoutError:
                 raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from None
-            except TRANSIENT:
+            except TRANSIENT as exc:
                 if loop.time() + delay > give_up:
+                    if isinstance(exc, RedisTimeoutError):
+                        raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from exc
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -154,14 +166,19 @@ class Appender:
     ) -> list[Any]:
         """One pipeline of ``batch``'s calls; on a cluster ``node``'s, ended by WAIT if a call is durable."""
         wait = bool(node) and any(durable for *_, durable, _ in batch)
-        async with redis.pipeline(transaction=False) as pipe:
-            for script, keys, args, *_ in batch:
-                # execute_command: a cluster pipeline refuses ``evalsha()``, not the command itself
-                body = script.sha if command == "EVALSHA" else script.lua
-                pipe.execute_command(command, body, len(keys), *keys, *args)
-            if wait:  # the same connection: WAIT covers these writes
-                pipe.execute_command("WAIT", 1, WAIT_MS)
-            answers: list[Any] = await pipe.execute(raise_on_error=False)
+        commands: list[list[Any]] = []
+        for script, keys, args, *_ in batch:
+            commands.append([command, script.sha if command == "EVALSHA" else script.lua, len(keys), *keys, *args])
+        if wait:  # the same connection: WAIT covers these writes
+            commands.append(["WAIT", 1, WAIT_MS])
+        answers: list[Any]
+        if (pipe := self._pipe(redis)) is not None:
+            answers = await pipe.execute(commands, deadline=self._give_up)
+        else:
+            async with redis.pipeline(transaction=False) as pipeline:
+                for c in commands:  # execute_command: a cluster pipeline refuses ``evalsha()``, not the command
+                    pipeline.execute_command(*c)
+                answers = await pipeline.execute(raise_on_error=False)
         if wait:
             self._replicated(node, answers.pop())
         unknown = [n for n, a in enumerate(answers) if isinstance(a, NoScriptError)]
@@ -173,6 +190,12 @@ class Appender:
         if transient is not None:  # a slot moved, or the cluster is failing over: the round trip again
             raise transient
         return answers
+
+    def _pipe(self, redis: Store) -> Pipe | None:
+        key = id(redis)  # the clients live as long as this: the worker's, and the nodes' (kept for good)
+        if key not in self._pipes:
+            self._pipes[key] = pipe_for(redis)
+        return self._pipes[key]
 
     def _replicated(self, node: str, replicas: Any) -> None:
         """Best effort: a primary with no replica reachable (its replica died, or it is a replica just

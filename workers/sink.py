@@ -101,6 +101,7 @@ class StreamSink:
         coalesce: float = COALESCE,
     ) -> None:
         self._redis = redis
+        self._own_appender = appender is None  # its connection is this sink's to close
         self._appender = appender or Appender(redis)
         self._chat_id = chat_id
         self._publish = publish  # the command that announces entries: SPUBLISH on a cluster
@@ -166,6 +167,8 @@ class StreamSink:
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._own_appender:
+            await self._appender.close()
 
     async def _flush(self) -> None:
         while self._pending:

@@ -3,7 +3,11 @@ port and arq burst workers: each piece real, without process management."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -11,14 +15,33 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
 
 from streambridge.api.app import make_app
+from streambridge.embedded import free_port, redis_server_binary
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.shared.events import Event, decode_event
 from streambridge.shared.settings import Settings
 from streambridge.sse import SSEMessage, SSEParser
+from streambridge.workers.appender import Appender
 from streambridge.workers.worker import make_worker
 
 FAST_LLM = FakeLLMConfig(ttft_ms=0, delay_ms=0, words=12)
+
+
+@pytest.fixture
+async def closing_appenders(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[None]:
+    """Every Appender a test makes is closed with it, as a worker closes its own: its connection's
+    socket, left open past the test's loop, would warn."""
+    made: list[Appender] = []
+    init = Appender.__init__
+
+    def tracked(self: Appender, *args: object, **kwargs: object) -> None:
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+        made.append(self)
+
+    monkeypatch.setattr(Appender, "__init__", tracked)
+    yield
+    for appender in made:
+        await appender.close()
 
 
 @pytest.fixture
@@ -95,3 +118,31 @@ def json_of(raw: bytes) -> dict[str, object]:
     value = msgspec.json.decode(raw)
     assert isinstance(value, dict)
     return value
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[int]:
+    """A redis-server that speaks TLS alone, on a certificate of its own; its port."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subject = ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+    server = subprocess.Popen(
+        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no", "--save", "", *tls],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield port
+    server.terminate()
+    server.wait(10)

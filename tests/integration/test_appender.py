@@ -17,6 +17,9 @@ from streambridge.workers.appender import Appender
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 
 
+pytestmark = pytest.mark.usefixtures("closing_appenders")
+
+
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)

@@ -7,10 +7,8 @@ import asyncio
 import logging
 import signal
 import socket
-import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import hiredis
 import pytest
@@ -20,7 +18,6 @@ from redis.exceptions import ResponseError
 from streambridge.api import feed as feed_module
 from streambridge.api.feed import Feed
 from streambridge.api.hub import StreamHub
-from streambridge.embedded import free_port, redis_server_binary
 from streambridge.shared import keys
 from streambridge.shared.events import Complete, Content, decode_event
 from streambridge.shared.redis import connect, connect_feed
@@ -159,34 +156,6 @@ async def test_a_feed_comes_back_after_redis_restarts_and_subscribes_again(caplo
         server.stop()
     assert "edge hub lost Redis" in caplog.text
     assert "edge hub cannot reach Redis" in caplog.text
-
-
-@pytest.fixture
-def tls_redis(tmp_path: Path) -> Iterator[int]:
-    """A redis-server that speaks TLS alone, on a certificate of its own; its port."""
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subject = ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)]
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *subject],
-        check=True,
-        capture_output=True,
-    )
-    port = free_port()
-    tls = ["--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
-    server = subprocess.Popen(
-        [redis_server_binary(), "--port", "0", "--tls-port", str(port), "--tls-auth-clients", "no", "--save", "", *tls],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield port
-    server.terminate()
-    server.wait(10)
 
 
 async def test_a_feed_speaks_tls_when_its_url_says_rediss(tls_redis: int) -> None:

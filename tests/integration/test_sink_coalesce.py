@@ -14,6 +14,8 @@ from streambridge.workers.appender import Appender
 from streambridge.workers.sink import StreamSink
 from tests.integration.test_appender import CountingAppender
 
+pytestmark = pytest.mark.usefixtures("closing_appenders")
+
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[Redis]:
