@@ -80,8 +80,7 @@ class _Wire(asyncio.Protocol):
     # The protocol: called by the event loop.
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # a stream's: uvloop's is no asyncio.Transport
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)

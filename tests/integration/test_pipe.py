@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 import fakeredis
 import pytest
+import uvloop
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
@@ -137,3 +138,24 @@ async def test_a_closed_pipe_refuses_calls(pipe: Pipe) -> None:
 
 def test_clients_without_sockets_keep_redis_pys_path() -> None:
     assert pipe_for(fakeredis.FakeAsyncRedis()) is None
+
+
+def test_it_works_on_uvloop_as_the_processes_run_it(redis_url: str) -> None:
+    """uvloop's transports are not asyncio's classes: the same calls, a drop and a reconnect, there."""
+
+    async def calls() -> None:
+        client = connect(redis_url, max_connections=1)
+        pipe = pipe_for(client)
+        assert pipe is not None
+        batches = [[["INCRBY", "sb:test:uv", 1]] for _ in range(5)]
+        assert await asyncio.gather(*(pipe.execute(b, deadline=soon()) for b in batches)) == [[n] for n in range(1, 6)]
+        blocked = asyncio.ensure_future(pipe.execute([["BLPOP", "sb:test:never", 10]], deadline=soon(20)))
+        await asyncio.sleep(0.1)
+        await client.client_kill_filter(_type="normal", skipme=True)
+        with pytest.raises(RedisConnectionError):
+            await blocked
+        assert await pipe.execute([["GET", "sb:test:uv"]], deadline=soon()) == [b"5"]
+        await pipe.close()
+        await client.aclose(close_connection_pool=True)
+
+    uvloop.run(calls())
