@@ -58,7 +58,7 @@ from streambridge.shared.events import (
     assemble_tool_calls,
     decode_event,
 )
-from streambridge.shared.streams import Entry, id_key, is_entry_id
+from streambridge.shared.streams import Entry, id_key, is_entry_id, stream_info
 
 log = logging.getLogger("streambridge.api")
 
@@ -146,9 +146,22 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
+    if after is not None:
+        await check_reached(ctx, chat_id, after)
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
+
+
+async def check_reached(ctx: Context, chat_id: str, after: str) -> None:
+    """A cursor the stream never reached (another chat's, made up, mistyped) is a 400, as a native
+    ``Last-Event-ID`` is: else a finished chat would answer an empty 200 and a running one hold a
+    silent stream until its end. A running chat's is judged against what it has produced so far."""
+    info = await stream_info(ctx.streams, keys.events(chat_id))
+    last = info["last-generated-id"].decode() if info is not None else "0-0"
+    if id_key(after) > id_key(last):
+        message = f"`after` {after} is past the end of chat {chat_id}'s stream (its last cursor so far is {last})"
+        raise BadRequest(message, code="bad_cursor", param="after")
 
 
 def parse_control(fields: dict[str, Any]) -> Control:

@@ -776,7 +776,8 @@ def completion_stream() -> Json:
                 "400": error(
                     "Not a cursor, or not a boolean.",
                     {
-                        "bad_cursor": "`after` is not a chunk's cursor",
+                        "bad_cursor": "`after` is not a chunk's cursor, or is past the last entry the chat's stream "
+                        "has produced so far (it would never be reached)",
                         "invalid_request": "`include_usage` is not a boolean",
                     },
                 ),
@@ -870,7 +871,11 @@ def response() -> Json:
                 },
                 "400": error(
                     "A query it does not take.",
-                    {"invalid_request": "an unknown parameter, a non-boolean, or `starting_after` without a stream"},
+                    {
+                        "invalid_request": "an unknown parameter, a non-boolean, `starting_after` without a stream, "
+                        "or `starting_after` above the last `sequence_number` the response has produced so far "
+                        "(all of them, once it ended)"
+                    },
                 ),
                 "401": UNAUTHORIZED,
                 "404": RESPONSE_NOT_FOUND,

@@ -138,6 +138,8 @@ async def read_response(request: web.Request) -> web.StreamResponse:
         return json(await object_of(ctx, story, chat))
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the response's events have expired; GET /v1/responses/resp_{chat_id} has it")
+    if after is not None:
+        await check_reached(ctx, story_of(ctx, chat_id, chat), after)
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_events(request, ctx, slot, story, after)
@@ -161,6 +163,19 @@ async def cancel_response(request: web.Request) -> web.Response:
                     status = (await ctx.streams.hget(keys.chat(chat_id), "status") or b"").decode()  # type: ignore[misc]
     fresh: dict[bytes, bytes] = await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     return json(await object_of(ctx, story_of(ctx, chat_id, fresh or chat), fresh or chat))
+
+
+async def check_reached(ctx: Context, story: ResponseStream, after: int) -> None:
+    """A ``starting_after`` above the last event the response has produced so far (all of them,
+    once it ended) is a 400: else a finished response would answer an empty 200 and a running one
+    hold a silent stream until its end. The events are numbered by replaying the stream, as the
+    stream itself will (``story`` is used up)."""
+    story.begin()
+    for entry in await read_stream(ctx, story.chat_id):
+        story.feed(decode_event(entry.data))
+    if after > story.seq:
+        message = f"`starting_after` {after} is past the response's last event so far ({story.seq})"
+        raise BadRequest(message, code="invalid_request", param="starting_after")
 
 
 def stream_query(request: web.Request) -> tuple[bool, int | None]:

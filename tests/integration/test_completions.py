@@ -327,3 +327,25 @@ async def test_what_the_sdk_may_send_is_taken(sdk: openai.AsyncOpenAI) -> None:
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == expected_text("options", WORDS)
+
+
+async def test_a_resume_past_the_end_is_a_400_naming_after(sdk: openai.AsyncOpenAI, base_url: str) -> None:
+    finished = await sdk.chat.completions.create(model="fake", messages=ask("finished"))  # type: ignore[arg-type]
+    chat_id = finished.id.removeprefix("chatcmpl-")
+    slow = "fake?words=300&delay_ms=20"
+    running = await sdk.chat.completions.create(model=slow, messages=ask("running"), stream=True)  # type: ignore[arg-type]
+    running_id = (await anext(aiter(running))).model_extra["streambridge"]["chat_id"]  # type: ignore[index]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.get(f"{base_url}/chat/completions/{chat_id}/stream") as response:
+            lines = (await response.read()).decode().splitlines()
+        last = msgspec.json.decode([line for line in lines if line.startswith("data: {")][-1][6:])
+        url = f"{base_url}/chat/completions/{chat_id}/stream?after={last['streambridge']['cursor']}"
+        async with session.get(url) as response:
+            assert (response.status, (await response.read()).decode()) == (200, "data: [DONE]\n\n"), "the end is said"
+        for resumed in (chat_id, running_id):  # a running chat's is judged by what it produced so far
+            url = f"{base_url}/chat/completions/{resumed}/stream?after=99999999999999-0"
+            async with asyncio.timeout(5), session.get(url) as response:
+                assert response.status == 400
+                error = (await response.json())["error"]
+            assert (error["code"], error["param"], error["type"]) == ("bad_cursor", "after", "invalid_request_error")
+    await running.close()
