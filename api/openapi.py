@@ -226,11 +226,20 @@ def chat_links() -> Json:
 
 
 def create_chat_schema(request: Json) -> Json:
-    """``ChatRequest`` as ``POST /v1/chats`` takes it: ``messages`` or the shorthand ``message``,
-    and no field of its own (``extra`` is the front door's, for vendors' fields)."""
-    properties = {k: v for k, v in request["properties"].items() if k != "extra"}
+    """``ChatRequest`` as ``POST /v1/chats`` takes it: the body ``POST /v1/chat/completions`` takes,
+    ``messages`` or the shorthand ``message``, with ``stream`` true or left out (the answer is always
+    a stream, at ``GET /v1/chats/{id}/events``)."""
+    properties = completion_request_schema(request)["properties"]
+    properties["stream"] = {
+        "enum": [True, None],
+        "description": "Taken, and needless: the chat's events always stream (false is refused).",
+    }
+    properties["stream_options"] = {
+        **properties["stream_options"],
+        "description": "Taken and ignored: the `complete` event always carries `usage`.",
+    }
     properties["message"] = {"type": "string", "minLength": 1, "description": "Shorthand: one user message."}
-    return {**request, "title": "CreateChat", "properties": properties, "required": [], "additionalProperties": False}
+    return {**request, "title": "CreateChat", "properties": properties, "required": []}
 
 
 def completion_request_schema(request: Json) -> Json:
@@ -271,9 +280,10 @@ def create_chat_body() -> Json:
     }
     return {
         "required": True,
-        "description": "A Chat Completions request as OpenAI's API takes it (`messages`, `model`, `temperature`, "
-        "`max_tokens`, `tools`, `response_format`, …), or the shorthand `message` (one user message) in place of "
-        "`messages`. Unknown fields are refused. Limits beyond this schema "
+        "description": "A Chat Completions request as OpenAI's API takes it, the same body as "
+        "`POST /v1/chat/completions` (`messages`, `model`, `temperature`, `max_tokens`, `tools`, `response_format`, "
+        "…; any field that is not OpenAI's goes to the upstream as a vendor's, so it must be named like one), or "
+        "the shorthand `message` (one user message) in place of `messages`. Limits beyond this schema "
         "(`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, `STREAMBRIDGE_MAX_TOKENS_CAP`, "
         "`STREAMBRIDGE_MAX_BODY_BYTES`) are the operator's and answer 422 or 413.",
         "content": json_content({"allOf": [ref("CreateChat")], "oneOf": one_of}, examples=examples),
@@ -323,11 +333,13 @@ def chats() -> Json:
                 "422": error(
                     "Valid JSON of the wrong shape.",
                     {
-                        "invalid_request": "not the shape above (a wrong type, an unknown field, both or neither of "
-                        "`messages` and `message`), or over a prompt limit (the credential's, by default "
+                        "invalid_request": "not the shape above (a wrong type, a field not named like one, both or "
+                        "neither of `messages` and `message`, `n` other than 1), or over a prompt limit (the "
+                        "credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
                         "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
-                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them; `stream: false`: "
+                        "the answer is always a stream here (`POST /v1/chat/completions` waits for it whole)",
                         "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),

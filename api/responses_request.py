@@ -12,8 +12,7 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from streambridge.api.chats import chat_request, param_of
-from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD
+from streambridge.api.chats import CONTROL_FIELDS, VENDOR_FIELD, chat_request, param_of
 from streambridge.api.response_stream import Echo
 from streambridge.shared.chats import MAX_TOOLS, REQUEST_FIELDS, ChatRequest, Metadata
 from streambridge.shared.errors import BadRequest

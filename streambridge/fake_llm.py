@@ -41,7 +41,8 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     ttft_ms: float = 50.0  # delay before the first chunk of reasoning, text or a tool call
     delay_ms: float = 20.0  # delay between those chunks
     words: int = 40  # length of the answer in words
-    # None | "500" | "429" | "400" | "404" | "drop:K" (close the connection after K chunks of reasoning, text or tool call)
+    # None | "500" | "429" | "400" | "404"
+    # | "drop:K" (close the connection after K chunks of reasoning, text or tool call)
     # | "stall" (the role chunk, then nothing) | "stall:K" (stall after K such chunks)
     fail: str | None = None
     fail_times: int = 0  # fail only the first N requests per (fail, prompt); 0 = every request

@@ -464,3 +464,52 @@ async def test_every_error_status_is_the_sdks_own_exception_class(
         if not main.done():
             await stop_worker(worker, main, grace=1)
         await server.close()
+
+
+async def test_the_native_create_takes_a_whole_chat_completions_body_and_passes_it_on(
+    sdk: openai.AsyncOpenAI, base_url: str, llm_url: str
+) -> None:
+    content = [
+        {"type": "text", "text": "native"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": content}],
+        "tools": [LOOKUP],
+        "tool_choice": "auto",
+        "response_format": response_format,
+        "stop": "END",
+        "seed": 3,
+        "top_k": 5,  # a vendor's field
+        "stream": True,  # the native answer is always a stream: taken
+        "stream_options": {"include_usage": True},
+        "n": 1,
+    }
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.post(f"{base_url}/chats", json=body) as response:
+            assert response.status == 202, await response.text()
+            chat_id = (await response.json())["id"]
+        async with asyncio.timeout(10):
+            while (chat := await (await session.get(f"{base_url}/chats/{chat_id}")).json())["status"] != "complete":
+                await asyncio.sleep(0.05)
+        assert chat["finish_reason"] == "tool_calls", "the upstream was offered the tool"
+        async with session.get(llm_url.removesuffix("/v1") + "/_requests") as response:
+            asked = (await response.json())[-1]
+        sent = {
+            k: asked.get(k) for k in ("messages", "tools", "tool_choice", "response_format", "stop", "seed", "top_k")
+        }
+        assert sent == {
+            "messages": [{"role": "user", "content": content}],
+            "tools": [LOOKUP],
+            "tool_choice": "auto",
+            "response_format": response_format,
+            "stop": "END",
+            "seed": 3,
+            "top_k": 5,
+        }
+        for refused, param in (({"stream": False}, "stream"), ({"n": 2}, "n")):
+            async with session.post(f"{base_url}/chats", json={"message": "x", **refused}) as response:
+                assert response.status == 422
+                assert (await response.json())["error"]["param"] == param
