@@ -40,10 +40,12 @@ resumable with `Last-Event-ID` on any edge.
 `streambridge api` serves the API's routes, `streambridge edge` the event stream, and
 `streambridge up` both on one port. Every process serves `GET /healthz` and this document.
 
-Every error is `{"error": {"code": "snake_case", "message": "a sentence"}}` (`ErrorAnswer`), never
-HTML or a traceback. Besides the answers each operation lists, any path that is not a route
-answers 404 `not_found`, and a method a route does not take answers 405 `method_not_allowed` with
-`Allow`. A 429 or an `overloaded` 503 carries `Retry-After` (seconds)."""
+Every error, on every route, is `{"error": {"code": "snake_case", "message": "a sentence", "type": …,
+"param": …}}` (`ErrorAnswer`): `type` as OpenAI's error body has it (`invalid_request_error`,
+`authentication_error`, `not_found_error`, `rate_limit_error`, `server_error`, …) and `param` the
+request field at fault, or null. Never HTML or a traceback. Besides the answers each operation
+lists, any path that is not a route answers 404 `not_found`, and a method a route does not take
+answers 405 `method_not_allowed` with `Allow`. A 429 or an `overloaded` 503 carries `Retry-After` (seconds)."""
 
 
 def _package_version() -> str:
@@ -815,6 +817,24 @@ RESPONSE_NOT_FOUND: Final = error(
 )
 
 
+RESPONSE_STREAM: Final = """\
+The object's `status`: `queued` (waiting for a worker), `in_progress`, then one of `completed`,
+`incomplete` (`incomplete_details.reason`: `max_output_tokens` or `content_filter`), `failed`
+(with `error`) or `cancelled`.
+
+The events: `response.created` (status `queued`), `response.queued` for a background response,
+`response.in_progress` when a worker starts, each output item in OpenAI's order
+(`response.output_item.added`, `response.content_part.added`, the deltas, `….done`), and one end:
+`response.completed`, `response.incomplete`, `response.failed`, or for a cancelled response
+`response.incomplete` with its status `cancelled`. Each has a `sequence_number`, from 0, one more
+for each event, and the same on every replay (the events are a function of the chat's stream).
+After `STREAMBRIDGE_HEARTBEAT_INTERVAL` quiet seconds a `keepalive` event is sent, and a stream cut
+short (the edge stopping, Redis lost) ends with an `error` event (`stream_interrupted`, naming
+where to resume); both carry the number of the last event before them, not one of their own, so
+resuming after either is resuming after that event. No `id:` lines: the openai SDK's decoder
+breaks on them."""
+
+
 def responses() -> Json:
     return {
         "post": {
@@ -822,10 +842,9 @@ def responses() -> Json:
             "summary": "OpenAI's Responses API (the openai SDK's `responses.create` and `responses.stream`)",
             "description": "A chat, asked of the upstream as Chat Completions and answered as a Responses "
             "response: the object once it ends, at once with `background`, or its events with `stream` "
-            "(numbered by `sequence_number`; a dropped stream continues at "
-            "`GET /v1/responses/{id}?stream=true&starting_after=<n>`). Fields other than OpenAI's go to the "
-            "upstream as they came; `previous_response_id`, `conversation`, `prompt` and built-in tools are "
-            "refused. Served by edges.",
+            "(a dropped stream continues at `GET /v1/responses/{id}?stream=true&starting_after=<n>`). Fields "
+            "other than OpenAI's go to the upstream as they came; `previous_response_id`, `conversation`, "
+            "`prompt` and built-in tools are refused. Served by edges.\n\n" + RESPONSE_STREAM,
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
@@ -862,7 +881,8 @@ def response() -> Json:
             "operationId": "read_response",
             "summary": "A response, or its events again (`responses.retrieve`)",
             "description": "The `response` object; with `stream=true`, its events from `sequence_number` 0, then "
-            "live, sending only those above `starting_after`: exactly what a dropped client missed, on any edge.",
+            "live, sending only those above `starting_after`: exactly what a dropped client missed, on any edge. "
+            "A `starting_after` above the last number the response has produced so far is a 400.\n\n" + RESPONSE_STREAM,
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [
