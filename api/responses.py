@@ -41,7 +41,7 @@ from streambridge.api.completions import HEADERS, idempotency, refused, stalls_d
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.response_stream import Echo, ResponseStream
-from streambridge.api.responses_request import parse_responses
+from streambridge.api.responses_request import parse_responses, renamed
 from streambridge.api.retold import from_result, so_far
 from streambridge.shared import keys, metrics
 from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, decode_request, decode_result
@@ -105,7 +105,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, ctx, slot, story, None)
 
 
-#: a limit's field as a Responses request names it
+#: an upstream's ``param`` as a Responses request names it
 RESPONSES_NAMES: Final = {
     "max_completion_tokens": "max_output_tokens",
     "max_tokens": "max_output_tokens",
@@ -120,12 +120,7 @@ async def admit_response(
     try:
         return await admit(request, ctx, identity, chat, idempotency)
     except ApiError as exc:
-        if exc.param not in RESPONSES_NAMES:
-            raise
-        name = RESPONSES_NAMES[exc.param]
-        exc.message = exc.message.replace(exc.param, name)
-        exc.param = name
-        raise
+        raise renamed(exc) from None
 
 
 @routes.get("/v1/responses/{id}")

@@ -400,7 +400,11 @@ async def test_deep_free_form_json_is_refused_before_it_runs(
         deep = {"a": deep}
     tools = [{"type": "function", "name": "f", "parameters": deep}]
     status, answer = await post(base_url, token, {"input": "x", "tools": tools})
-    assert (status, answer["error"]["param"]) == (400, "tools[0].function.parameters")
+    assert (status, answer["error"]["param"]) == (400, "tools[0].parameters"), "named as the Responses request has it"
+    assert "tools[0].parameters" in answer["error"]["message"]
+    text = {"format": {"type": "json_schema", "name": "a", "schema": deep}}
+    status, answer = await post(base_url, token, {"input": "x", "text": text})
+    assert (status, answer["error"]["param"]) == (400, "text.format")
     status, answer = await post(base_url, token, {"input": "x", "functions": []})
     assert (status, answer["error"]["param"]) == (400, "functions")
 
