@@ -15,7 +15,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
-from streambridge.api import completions
+from streambridge.api import completions, models
 from streambridge.api.app import make_app
 from streambridge.api.context import CONTEXT
 from streambridge.api.errors import error_type
@@ -513,3 +513,20 @@ async def test_the_native_create_takes_a_whole_chat_completions_body_and_passes_
             async with session.post(f"{base_url}/chats", json={"message": "x", **refused}) as response:
                 assert response.status == 422
                 assert (await response.json())["error"]["param"] == param
+
+
+async def test_the_model_list_is_fetched_once_within_the_cache_window(
+    sdk: openai.AsyncOpenAI, llm_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fetched() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(llm_url.removesuffix("/v1") + "/_stats") as response:
+                return int((await response.json())["paths"].get("/v1/models", 0))
+
+    monkeypatch.setattr(models, "CACHE_FOR", 0.5)
+    await asyncio.gather(sdk.models.list(), sdk.models.list(), sdk.models.retrieve("fake"))
+    assert [m.id async for m in sdk.models.list()] == ["fake"]
+    assert await fetched() == 1, "one fetch however many ask, within the window"
+    await asyncio.sleep(0.6)
+    await sdk.models.list()
+    assert await fetched() == 2, "asked again once the window passed"
