@@ -284,13 +284,60 @@ async def read_body(request: web.Request, ctx: Context) -> bytes:
         raise RequestTimeout(f"the request body did not arrive within {ctx.settings.body_timeout:g} s") from None
 
 
+class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None  # the SDK's; streambridge pads nothing
+
+
+class Control(msgspec.Struct, forbid_unknown_fields=True):
+    """The fields that say how to answer, not what to ask the upstream (null is the default, as
+    OpenAI takes it)."""
+
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = 1
+
+
+CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
+#: a vendor's own field (vLLM's ``top_k``, …): a name like OpenAI's own, passed to the upstream
+VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def completion_request(fields: dict[str, Any]) -> tuple[Control, ChatRequest]:
+    """A Chat Completions request, as both ``POST /v1/chat/completions`` and ``POST /v1/chats``
+    take it: how to answer, and the chat asked of the upstream, any field that is not OpenAI's
+    going to it as a vendor's (the SDK's ``extra_body``). A wrong shape is a 422 (a 400 on the
+    OpenAI routes, as OpenAI answers it: ``api.errors``)."""
+    control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
+    extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
+    if extra:
+        bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
+        if bad is not None:
+            raise Unprocessable(f"`{bad[:64]}` is not a field name", param=bad[:64])
+        fields["extra"] = extra
+    return control, chat_request(fields)
+
+
+def parse_control(fields: dict[str, Any]) -> Control:
+    try:
+        control = msgspec.convert(fields, Control)
+    except msgspec.ValidationError as exc:
+        raise Unprocessable(f"invalid request: {exc}", param=param_of(exc)) from None
+    if control.n not in {1, None}:
+        raise Unprocessable("only n=1 is supported: send one request per choice", param="n")
+    return control
+
+
 def parse_create(body: bytes) -> ChatRequest:
-    """The body of ``POST /v1/chats``: a Chat Completions request (``messages``, …), or the
-    shorthand ``message``. A field the request does not know is refused: a typo never passes."""
+    """The body of ``POST /v1/chats``: a Chat Completions request (``messages``, …; the same body
+    as ``POST /v1/chat/completions``, see :func:`completion_request`), or the shorthand ``message``."""
     fields = json_object(body)
-    unknown = sorted(fields.keys() - REQUEST_FIELDS - {"message"})
-    if unknown:
-        raise Unprocessable(f"invalid chat: unknown field `{unknown[0]}`", param=unknown[0])
+    if fields.get("stream") is False:  # the answer is always a stream here; a client asking otherwise is told
+        message = (
+            "`stream` cannot be false here: POST /v1/chats answers at once and GET /v1/chats/{id}/events "
+            "streams the answer; POST /v1/chat/completions waits for it whole"
+        )
+        raise Unprocessable(message, code="unsupported_parameter", param="stream")
     if ("messages" in fields) == ("message" in fields):
         raise Unprocessable("send either `messages` or `message`, not both or neither", param="messages")
     if "message" in fields:
@@ -298,7 +345,7 @@ def parse_create(body: bytes) -> ChatRequest:
         if not isinstance(message, str) or not message:
             raise Unprocessable("invalid chat: `message` must be a non-empty string", param="message")
         fields["messages"] = [{"role": "user", "content": message}]
-    return chat_request(fields)
+    return completion_request(fields)[1]
 
 
 def json_object(body: bytes) -> dict[str, Any]:

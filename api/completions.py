@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import re
 from collections.abc import Mapping
 from contextlib import aclosing
 from typing import Any, Final
@@ -27,7 +26,7 @@ from redis.exceptions import RedisError
 from streambridge.api.chats import (
     Idempotency,
     admit,
-    chat_request,
+    completion_request,
     creator,
     ended_and_expired,
     idempotency_key_of,
@@ -44,7 +43,7 @@ from streambridge.api.errors import error_body
 from streambridge.api.retold import from_result
 from streambridge.api.telling import Begun, Called, Diverged, Said, Telling
 from streambridge.shared import keys, metrics
-from streambridge.shared.chats import REQUEST_FIELDS, decode_request, decode_result
+from streambridge.shared.chats import decode_request, decode_result
 from streambridge.shared.errors import BadRequest, StreamExpired
 from streambridge.shared.events import (
     Cancelled,
@@ -58,7 +57,7 @@ from streambridge.shared.events import (
     assemble_tool_calls,
     decode_event,
 )
-from streambridge.shared.streams import Entry, id_key, is_entry_id
+from streambridge.shared.streams import Entry, id_key, is_entry_id, stream_info
 
 log = logging.getLogger("streambridge.api")
 
@@ -77,39 +76,12 @@ DONE: Final = b"data: [DONE]\n\n"
 RETRY_WINDOW: Final = 600
 
 
-class StreamOptions(msgspec.Struct, forbid_unknown_fields=True):
-    include_usage: bool | None = False
-    include_obfuscation: bool | None = None  # the SDK's; streambridge pads nothing
-
-
-class Control(msgspec.Struct, forbid_unknown_fields=True):
-    """The fields that say how to answer, not what to ask the upstream (null is the default, as
-    OpenAI takes it)."""
-
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    n: int | None = 1
-
-
-CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
-#: a vendor's own field (vLLM's ``top_k``, …): a name like OpenAI's own, passed to the upstream
-VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
-
-
 @routes.post("/v1/chat/completions")
 async def create_completion(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
     identity = await creator(request, ctx)
     body = await read_body(request, ctx)
-    fields = json_object(body)
-    control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
-    extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
-    if extra:
-        bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
-        if bad is not None:
-            raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])
-        fields["extra"] = extra
-    chat = chat_request(fields)
+    control, chat = completion_request(json_object(body))
     include_usage = control.stream_options is not None and bool(control.stream_options.include_usage)
     assert ctx.slots is not None, "served by edges, which have slots"
     # A slot first, for a wait as for a stream (both hold a connection and a feed for as long as
@@ -146,19 +118,22 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
         raise BadRequest("`include_usage` must be true or false", code="invalid_request", param="include_usage")
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
+    if after is not None:
+        await check_reached(ctx, chat_id, after)
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
 
 
-def parse_control(fields: dict[str, Any]) -> Control:
-    try:
-        control = msgspec.convert(fields, Control)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"invalid request: {exc}", code="invalid_request") from None
-    if control.n not in {1, None}:
-        raise BadRequest("only n=1 is supported: send one request per choice", code="invalid_request", param="n")
-    return control
+async def check_reached(ctx: Context, chat_id: str, after: str) -> None:
+    """A cursor the stream never reached (another chat's, made up, mistyped) is a 400, as a native
+    ``Last-Event-ID`` is: else a finished chat would answer an empty 200 and a running one hold a
+    silent stream until its end. A running chat's is judged against what it has produced so far."""
+    info = await stream_info(ctx.streams, keys.events(chat_id))
+    last = info["last-generated-id"].decode() if info is not None else "0-0"
+    if id_key(after) > id_key(last):
+        message = f"`after` {after} is past the end of chat {chat_id}'s stream (its last cursor so far is {last})"
+        raise BadRequest(message, code="bad_cursor", param="after")
 
 
 def idempotency(request: web.Request, ctx: Context, body: bytes) -> Idempotency:

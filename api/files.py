@@ -22,8 +22,7 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from streambridge.api.auth import authenticate
-from streambridge.api.chats import chat_request, json_response
-from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD, parse_control
+from streambridge.api.chats import CONTROL_FIELDS, VENDOR_FIELD, chat_request, json_response, parse_control
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.limits import bounded, check_prompt

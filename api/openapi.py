@@ -40,10 +40,12 @@ resumable with `Last-Event-ID` on any edge.
 `streambridge api` serves the API's routes, `streambridge edge` the event stream, and
 `streambridge up` both on one port. Every process serves `GET /healthz` and this document.
 
-Every error is `{"error": {"code": "snake_case", "message": "a sentence"}}` (`ErrorAnswer`), never
-HTML or a traceback. Besides the answers each operation lists, any path that is not a route
-answers 404 `not_found`, and a method a route does not take answers 405 `method_not_allowed` with
-`Allow`. A 429 or an `overloaded` 503 carries `Retry-After` (seconds)."""
+Every error, on every route, is `{"error": {"code": "snake_case", "message": "a sentence", "type": …,
+"param": …}}` (`ErrorAnswer`): `type` as OpenAI's error body has it (`invalid_request_error`,
+`authentication_error`, `not_found_error`, `rate_limit_error`, `server_error`, …) and `param` the
+request field at fault, or null. Never HTML or a traceback. Besides the answers each operation
+lists, any path that is not a route answers 404 `not_found`, and a method a route does not take
+answers 405 `method_not_allowed` with `Allow`. A 429 or an `overloaded` 503 carries `Retry-After` (seconds)."""
 
 
 def _package_version() -> str:
@@ -226,11 +228,20 @@ def chat_links() -> Json:
 
 
 def create_chat_schema(request: Json) -> Json:
-    """``ChatRequest`` as ``POST /v1/chats`` takes it: ``messages`` or the shorthand ``message``,
-    and no field of its own (``extra`` is the front door's, for vendors' fields)."""
-    properties = {k: v for k, v in request["properties"].items() if k != "extra"}
+    """``ChatRequest`` as ``POST /v1/chats`` takes it: the body ``POST /v1/chat/completions`` takes,
+    ``messages`` or the shorthand ``message``, with ``stream`` true or left out (the answer is always
+    a stream, at ``GET /v1/chats/{id}/events``)."""
+    properties = completion_request_schema(request)["properties"]
+    properties["stream"] = {
+        "enum": [True, None],
+        "description": "Taken, and needless: the chat's events always stream (false is refused).",
+    }
+    properties["stream_options"] = {
+        **properties["stream_options"],
+        "description": "Taken and ignored: the `complete` event always carries `usage`.",
+    }
     properties["message"] = {"type": "string", "minLength": 1, "description": "Shorthand: one user message."}
-    return {**request, "title": "CreateChat", "properties": properties, "required": [], "additionalProperties": False}
+    return {**request, "title": "CreateChat", "properties": properties, "required": []}
 
 
 def completion_request_schema(request: Json) -> Json:
@@ -271,9 +282,10 @@ def create_chat_body() -> Json:
     }
     return {
         "required": True,
-        "description": "A Chat Completions request as OpenAI's API takes it (`messages`, `model`, `temperature`, "
-        "`max_tokens`, `tools`, `response_format`, …), or the shorthand `message` (one user message) in place of "
-        "`messages`. Unknown fields are refused. Limits beyond this schema "
+        "description": "A Chat Completions request as OpenAI's API takes it, the same body as "
+        "`POST /v1/chat/completions` (`messages`, `model`, `temperature`, `max_tokens`, `tools`, `response_format`, "
+        "…; any field that is not OpenAI's goes to the upstream as a vendor's, so it must be named like one), or "
+        "the shorthand `message` (one user message) in place of `messages`. Limits beyond this schema "
         "(`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, `STREAMBRIDGE_MAX_TOKENS_CAP`, "
         "`STREAMBRIDGE_MAX_BODY_BYTES`) are the operator's and answer 422 or 413.",
         "content": json_content({"allOf": [ref("CreateChat")], "oneOf": one_of}, examples=examples),
@@ -323,11 +335,13 @@ def chats() -> Json:
                 "422": error(
                     "Valid JSON of the wrong shape.",
                     {
-                        "invalid_request": "not the shape above (a wrong type, an unknown field, both or neither of "
-                        "`messages` and `message`), or over a prompt limit (the credential's, by default "
+                        "invalid_request": "not the shape above (a wrong type, a field not named like one, both or "
+                        "neither of `messages` and `message`, `n` other than 1), or over a prompt limit (the "
+                        "credential's, by default "
                         "`STREAMBRIDGE_MAX_MESSAGES`, `STREAMBRIDGE_MAX_PROMPT_CHARS`, "
                         "`STREAMBRIDGE_MAX_TOKENS_CAP`)",
-                        "unsupported_parameter": "`logprobs`: streambridge does not return them",
+                        "unsupported_parameter": "`logprobs`: streambridge does not return them; `stream: false`: "
+                        "the answer is always a stream here (`POST /v1/chat/completions` waits for it whole)",
                         "idempotency_key_reused": "the `Idempotency-Key` was used by this user for a different request",
                     },
                 ),
@@ -776,7 +790,8 @@ def completion_stream() -> Json:
                 "400": error(
                     "Not a cursor, or not a boolean.",
                     {
-                        "bad_cursor": "`after` is not a chunk's cursor",
+                        "bad_cursor": "`after` is not a chunk's cursor, or is past the last entry the chat's stream "
+                        "has produced so far (it would never be reached)",
                         "invalid_request": "`include_usage` is not a boolean",
                     },
                 ),
@@ -802,6 +817,24 @@ RESPONSE_NOT_FOUND: Final = error(
 )
 
 
+RESPONSE_STREAM: Final = """\
+The object's `status`: `queued` (waiting for a worker), `in_progress`, then one of `completed`,
+`incomplete` (`incomplete_details.reason`: `max_output_tokens` or `content_filter`), `failed`
+(with `error`) or `cancelled`.
+
+The events: `response.created` (status `queued`), `response.queued` for a background response,
+`response.in_progress` when a worker starts, each output item in OpenAI's order
+(`response.output_item.added`, `response.content_part.added`, the deltas, `….done`), and one end:
+`response.completed`, `response.incomplete`, `response.failed`, or for a cancelled response
+`response.incomplete` with its status `cancelled`. Each has a `sequence_number`, from 0, one more
+for each event, and the same on every replay (the events are a function of the chat's stream).
+After `STREAMBRIDGE_HEARTBEAT_INTERVAL` quiet seconds a `keepalive` event is sent, and a stream cut
+short (the edge stopping, Redis lost) ends with an `error` event (`stream_interrupted`, naming
+where to resume); both carry the number of the last event before them, not one of their own, so
+resuming after either is resuming after that event. No `id:` lines: the openai SDK's decoder
+breaks on them."""
+
+
 def responses() -> Json:
     return {
         "post": {
@@ -809,10 +842,9 @@ def responses() -> Json:
             "summary": "OpenAI's Responses API (the openai SDK's `responses.create` and `responses.stream`)",
             "description": "A chat, asked of the upstream as Chat Completions and answered as a Responses "
             "response: the object once it ends, at once with `background`, or its events with `stream` "
-            "(numbered by `sequence_number`; a dropped stream continues at "
-            "`GET /v1/responses/{id}?stream=true&starting_after=<n>`). Fields other than OpenAI's go to the "
-            "upstream as they came; `previous_response_id`, `conversation`, `prompt` and built-in tools are "
-            "refused. Served by edges.",
+            "(a dropped stream continues at `GET /v1/responses/{id}?stream=true&starting_after=<n>`). Fields "
+            "other than OpenAI's go to the upstream as they came; `previous_response_id`, `conversation`, "
+            "`prompt` and built-in tools are refused. Served by edges.\n\n" + RESPONSE_STREAM,
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [IDEMPOTENCY_KEY],
@@ -849,7 +881,8 @@ def response() -> Json:
             "operationId": "read_response",
             "summary": "A response, or its events again (`responses.retrieve`)",
             "description": "The `response` object; with `stream=true`, its events from `sequence_number` 0, then "
-            "live, sending only those above `starting_after`: exactly what a dropped client missed, on any edge.",
+            "live, sending only those above `starting_after`: exactly what a dropped client missed, on any edge. "
+            "A `starting_after` above the last number the response has produced so far is a 400.\n\n" + RESPONSE_STREAM,
             "tags": ["openai"],
             "security": BEARER,
             "parameters": [
@@ -870,7 +903,11 @@ def response() -> Json:
                 },
                 "400": error(
                     "A query it does not take.",
-                    {"invalid_request": "an unknown parameter, a non-boolean, or `starting_after` without a stream"},
+                    {
+                        "invalid_request": "an unknown parameter, a non-boolean, `starting_after` without a stream, "
+                        "or `starting_after` above the last `sequence_number` the response has produced so far "
+                        "(all of them, once it ended)"
+                    },
                 ),
                 "401": UNAUTHORIZED,
                 "404": RESPONSE_NOT_FOUND,

@@ -41,7 +41,7 @@ from streambridge.api.completions import HEADERS, idempotency, refused, stalls_d
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.response_stream import Echo, ResponseStream
-from streambridge.api.responses_request import parse_responses
+from streambridge.api.responses_request import parse_responses, renamed
 from streambridge.api.retold import from_result, so_far
 from streambridge.shared import keys, metrics
 from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, decode_request, decode_result
@@ -105,7 +105,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, ctx, slot, story, None)
 
 
-#: a limit's field as a Responses request names it
+#: an upstream's ``param`` as a Responses request names it
 RESPONSES_NAMES: Final = {
     "max_completion_tokens": "max_output_tokens",
     "max_tokens": "max_output_tokens",
@@ -120,12 +120,7 @@ async def admit_response(
     try:
         return await admit(request, ctx, identity, chat, idempotency)
     except ApiError as exc:
-        if exc.param not in RESPONSES_NAMES:
-            raise
-        name = RESPONSES_NAMES[exc.param]
-        exc.message = exc.message.replace(exc.param, name)
-        exc.param = name
-        raise
+        raise renamed(exc) from None
 
 
 @routes.get("/v1/responses/{id}")
@@ -138,6 +133,8 @@ async def read_response(request: web.Request) -> web.StreamResponse:
         return json(await object_of(ctx, story, chat))
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the response's events have expired; GET /v1/responses/resp_{chat_id} has it")
+    if after is not None:
+        await check_reached(ctx, story_of(ctx, chat_id, chat), after)
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_events(request, ctx, slot, story, after)
@@ -161,6 +158,19 @@ async def cancel_response(request: web.Request) -> web.Response:
                     status = (await ctx.streams.hget(keys.chat(chat_id), "status") or b"").decode()  # type: ignore[misc]
     fresh: dict[bytes, bytes] = await ctx.streams.hgetall(keys.chat(chat_id))  # type: ignore[misc]
     return json(await object_of(ctx, story_of(ctx, chat_id, fresh or chat), fresh or chat))
+
+
+async def check_reached(ctx: Context, story: ResponseStream, after: int) -> None:
+    """A ``starting_after`` above the last event the response has produced so far (all of them,
+    once it ended) is a 400: else a finished response would answer an empty 200 and a running one
+    hold a silent stream until its end. The events are numbered by replaying the stream, as the
+    stream itself will (``story`` is used up)."""
+    story.begin()
+    for entry in await read_stream(ctx, story.chat_id):
+        story.feed(decode_event(entry.data))
+    if after > story.seq:
+        message = f"`starting_after` {after} is past the response's last event so far ({story.seq})"
+        raise BadRequest(message, code="invalid_request", param="starting_after")
 
 
 def stream_query(request: web.Request) -> tuple[bool, int | None]:

@@ -8,15 +8,15 @@ conversation, built-in tools) is refused with a 400 naming the field, never igno
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from streambridge.api.chats import chat_request, param_of
-from streambridge.api.completions import CONTROL_FIELDS, VENDOR_FIELD
+from streambridge.api.chats import CONTROL_FIELDS, VENDOR_FIELD, chat_request, param_of
 from streambridge.api.response_stream import Echo
 from streambridge.shared.chats import MAX_TOOLS, REQUEST_FIELDS, ChatRequest, Metadata
-from streambridge.shared.errors import BadRequest
+from streambridge.shared.errors import ApiError, BadRequest
 
 #: OpenAI's fields that a response served from Chat Completions cannot honour
 UNSUPPORTED: Final = {
@@ -187,8 +187,41 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
         raise BadRequest(
             "a background response must be stored: `store` cannot be false", code="invalid_request", param="store"
         )
-    chat = chat_request(_chat_fields(request, extra))
+    try:
+        chat = chat_request(_chat_fields(request, extra))
+    except ApiError as exc:
+        raise renamed(exc) from None
     return request, chat, _echo(request)
+
+
+#: a field of the Chat Completions request a Responses request is made into, and its name in the
+#: latter (a message's index is not its item's: instructions come first, and calls are merged)
+RENAMES: Final = (
+    (re.compile(r"\Atools\[(\d+)\]\.function\b"), r"tools[\1]"),
+    (re.compile(r"\Atool_choice\.function\b"), "tool_choice"),
+    (re.compile(r"\Amessages\b.*"), "input"),
+    (re.compile(r"\Amax_(completion_)?tokens\Z"), "max_output_tokens"),
+    (re.compile(r"\Aresponse_format(\.json_schema)?\b"), "text.format"),
+    (re.compile(r"\Areasoning_effort\Z"), "reasoning.effort"),
+)
+
+
+def responses_param(param: str) -> str:
+    """``param`` as the Responses request names it: ``tools[0].function.parameters`` is its
+    ``tools[0].parameters``."""
+    for pattern, name in RENAMES:
+        new, found = pattern.subn(name, param, count=1)
+        if found:
+            return new
+    return param
+
+
+def renamed(exc: ApiError) -> ApiError:
+    """An error about the Chat Completions request, naming the Responses request's fields."""
+    if exc.param is not None:
+        name = responses_param(exc.param)
+        exc.message, exc.param = exc.message.replace(exc.param, name), name
+    return exc
 
 
 def _check_format(request: ResponsesRequest) -> None:

@@ -10,7 +10,8 @@ combining marks and (with ``split="utf16"``) surrogate pairs. With ``reasoning=N
 streams ``expected_reasoning(prompt, N)`` as ``delta.reasoning_content``; with ``tool=NAME``, or
 ``tools`` in the request, it answers with one tool call, ``expected_tool_call(prompt, name)``, its
 arguments in fragments, and ``finish_reason: "tool_calls"``, in place of the text. With
-``echo=1`` the answer is the prompt itself, so a test can choose its text.
+``echo=1`` the answer is the prompt itself, so a test can choose its text. ``GET /_requests``
+gives the last bodies it was sent (newest last), so a test can check what reached the upstream.
 
 Chunks are encoded with the stdlib ``json``: msgspec refuses the lone surrogates that the
 utf16 mode sends on purpose as ``\\udXXX`` escapes.
@@ -25,6 +26,7 @@ import math
 import re
 import time
 import uuid
+from collections import deque
 from typing import Annotated, Any, Final, NamedTuple, TypeVar
 from urllib.parse import parse_qsl
 
@@ -39,7 +41,8 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     ttft_ms: float = 50.0  # delay before the first chunk of reasoning, text or a tool call
     delay_ms: float = 20.0  # delay between those chunks
     words: int = 40  # length of the answer in words
-    # None | "500" | "429" | "drop:K" (close the connection after K chunks of reasoning, text or tool call)
+    # None | "500" | "429" | "400" | "404"
+    # | "drop:K" (close the connection after K chunks of reasoning, text or tool call)
     # | "stall" (the role chunk, then nothing) | "stall:K" (stall after K such chunks)
     fail: str | None = None
     fail_times: int = 0  # fail only the first N requests per (fail, prompt); 0 = every request
@@ -53,7 +56,7 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 DEFAULT_CONFIG: Final = FakeLLMConfig()
 
-_FAIL: Final = re.compile(r"500|429|400|(drop|stall):\d+|stall")
+_FAIL: Final = re.compile(r"500|429|400|404|(drop|stall):\d+|stall")
 _TOOL_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 _SPLITS: Final = ("codepoints", "utf16")
 # Chunk sizes in units (code points or UTF-16 code units), cycled; the same for every prompt.
@@ -75,6 +78,8 @@ _AWKWARD: Final = (
     "Ωmega",
 )
 _POLL_S: Final = 0.05
+#: how many request bodies ``/_requests`` keeps: a test's few, bounded for a long-running fake
+_KEPT_REQUESTS: Final = 50
 _Units = TypeVar("_Units", str, bytes)
 
 
@@ -144,7 +149,7 @@ def config_from_model(base: FakeLLMConfig, model: str | None) -> FakeLLMConfig:
 
 def check_config(config: FakeLLMConfig) -> None:
     if config.fail is not None and not _FAIL.fullmatch(config.fail):
-        raise ValueError(f"fail must be 500, 429, 400, drop:K, stall or stall:K, not {config.fail!r}")
+        raise ValueError(f"fail must be 500, 429, 400, 404, drop:K, stall or stall:K, not {config.fail!r}")
     if config.split not in _SPLITS:
         raise ValueError(f"split must be codepoints or utf16, not {config.split!r}")
     if config.tool is not None and not _TOOL_NAME.fullmatch(config.tool):
@@ -226,9 +231,13 @@ _decode_request: Final = msgspec.json.Decoder(_ChatRequest)
 
 
 def _error(
-    status: int, message: str, type_: str, headers: dict[str, str] | None = None, code: str | None = None
+    status: int,
+    message: str,
+    type_: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+    param: str | None = None,
 ) -> web.Response:
-    param = "messages" if code else None
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
@@ -250,10 +259,11 @@ class _FakeLLM:
         self.streams_open = 0
         self.paths: dict[str, int] = {}
         self.attempts: dict[tuple[str, str], int] = {}
+        self.bodies: deque[Any] = deque(maxlen=_KEPT_REQUESTS)
 
     @web.middleware
     async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path != "/_stats":
+        if request.path not in {"/_stats", "/_requests"}:
             self.requests += 1
             self.paths[request.path] = self.paths.get(request.path, 0) + 1
         return await handler(request)
@@ -261,13 +271,21 @@ class _FakeLLM:
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"requests": self.requests, "streams_open": self.streams_open, "paths": self.paths})
 
+    async def requests_seen(self, request: web.Request) -> web.Response:
+        return web.json_response(list(self.bodies))
+
     async def models(self, request: web.Request) -> web.Response:
         model = {"id": "fake", "object": "model", "created": 0, "owned_by": "streambridge"}
         return web.json_response({"object": "list", "data": [model]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
         try:
-            chat = _decode_request.decode(await request.read())
+            self.bodies.append(json.loads(body))
+        except ValueError:
+            self.bodies.append(None)  # not JSON: refused below
+        try:
+            chat = _decode_request.decode(body)
             config = config_from_model(self.config, chat.model)
         except (msgspec.DecodeError, ValueError) as exc:
             return _error(400, f"Invalid request: {exc}", "invalid_request_error")
@@ -277,7 +295,10 @@ class _FakeLLM:
             return _error(500, "The fake LLM failed as asked (fail=500).", "server_error")
         if fail == "400":  # a refusal of the request itself, as a prompt too long gets it
             message = "The fake LLM refused the request as asked (fail=400)."
-            return _error(400, message, "invalid_request_error", code="context_length_exceeded")
+            return _error(400, message, "invalid_request_error", code="context_length_exceeded", param="messages")
+        if fail == "404":  # an unknown model, as OpenAI refuses it
+            message = "The fake LLM does not know the model, as asked (fail=404)."
+            return _error(404, message, "invalid_request_error", code="model_not_found", param="model")
         if fail == "429":
             headers = {} if config.retry_after is None else {"Retry-After": f"{config.retry_after:g}"}
             return _error(429, "The fake LLM is rate limiting as asked (fail=429).", "rate_limit_error", headers)
@@ -415,4 +436,5 @@ def make_app(config: FakeLLMConfig = DEFAULT_CONFIG) -> web.Application:
     app.router.add_post("/v1/chat/completions", fake.completions)
     app.router.add_get("/v1/models", fake.models)
     app.router.add_get("/_stats", fake.stats)
+    app.router.add_get("/_requests", fake.requests_seen)
     return app

@@ -3,10 +3,13 @@ chunk stream dropped mid-answer resumes on the other edge from its cursor, exact
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import msgspec
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from streambridge.fake_llm import expected_text
 from tests.e2e.conftest import System, login
@@ -93,3 +96,35 @@ async def test_a_dropped_background_response_resumes_on_the_other_edge_by_both_s
     assert (await first.responses.retrieve(response_id)).output_text == final.output_text
     await first.close()
     await second.close()
+
+
+def resume_as_the_readme_does(client: openai.OpenAI, last_chunk: ChatCompletionChunk) -> str:
+    """README, "The OpenAI front door", Resume: the SDK alone, its own client and stream class."""
+    where = (last_chunk.model_extra or {})["streambridge"]
+    rest = client.get(
+        f"/chat/completions/{where['chat_id']}/stream",
+        options={"params": {"after": where["cursor"]}},
+        cast_to=ChatCompletionChunk,
+        stream=True,
+        stream_cls=openai.Stream[ChatCompletionChunk],
+    )
+    return "".join(chunk.choices[0].delta.content or "" for chunk in rest if chunk.choices)
+
+
+async def test_the_readmes_sdk_only_resume_continues_on_the_other_edge_exactly(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        key = (await login(session, system.api.url))["Authorization"].removeprefix("Bearer ")
+    first = openai.AsyncOpenAI(base_url=f"{system.edges[0].url}/v1", api_key=key)
+    stream = await first.chat.completions.create(
+        model=SLOW, messages=[{"role": "user", "content": "sdk only"}], stream=True
+    )
+    seen: list[str] = []
+    async for chunk in stream:
+        seen.append(chunk.choices[0].delta.content or "")
+        if len(seen) == 10:
+            break
+    await stream.close()  # the connection drops mid-answer
+    await first.close()
+    with openai.OpenAI(base_url=f"{system.edges[1].url}/v1", api_key=key) as second:
+        rest = await asyncio.to_thread(resume_as_the_readme_does, second, chunk)
+    assert "".join(seen) + rest == expected_text("sdk only", WORDS)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
+from unittest import mock
 
 import aiohttp
 import msgspec
@@ -13,10 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
+from streambridge.api import completions, models
 from streambridge.api.app import make_app
 from streambridge.api.context import CONTEXT
+from streambridge.api.errors import error_type
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from streambridge.shared import keys
+from streambridge.shared.errors import RequestTimeout
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
 from tests.integration.conftest import FAST_LLM
@@ -180,15 +185,67 @@ async def test_a_bad_key_is_the_sdks_authentication_error(base_url: str) -> None
     await client.close()
 
 
-async def test_vendor_fields_reach_the_upstream(sdk: openai.AsyncOpenAI) -> None:
+async def upstream_asked(llm_url: str, prompt: str) -> dict[str, Any]:
+    """The last body the simulated LLM was sent whose last message says ``prompt``."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(llm_url.removesuffix("/v1") + "/_requests") as response:
+            bodies = await response.json()
+    asked = [body for body in bodies if body and body["messages"][-1]["content"] == prompt]
+    assert asked, f"the upstream was never asked {prompt!r}"
+    return asked[-1]  # type: ignore[no-any-return]
+
+
+async def test_vendor_fields_reach_the_upstream(sdk: openai.AsyncOpenAI, llm_url: str) -> None:
     completion = await sdk.chat.completions.create(
         model="fake",
         messages=ask("extras"),  # type: ignore[arg-type]
-        extra_body={"top_k": 5},
+        extra_body={"top_k": 5, "repetition_penalty": 1.1, "chat_template_kwargs": {"enable_thinking": False}},
         response_format={"type": "json_object"},
         seed=7,
+        stop=["END", "STOP"],
+        top_p=0.5,
+        presence_penalty=0.25,
+        max_completion_tokens=100,
+        reasoning_effort="low",
+        user="u-1",
+        metadata={"k": "v"},
     )
     assert completion.choices[0].message.content == expected_text("extras", WORDS)
+    asked = await upstream_asked(llm_url, "extras")
+    sent = {
+        "top_k": 5,
+        "repetition_penalty": 1.1,
+        "chat_template_kwargs": {"enable_thinking": False},
+        "response_format": {"type": "json_object"},
+        "seed": 7,
+        "stop": ["END", "STOP"],
+        "top_p": 0.5,
+        "presence_penalty": 0.25,
+        "max_completion_tokens": 100,
+        "reasoning_effort": "low",
+        "user": "u-1",
+        "metadata": {"k": "v"},
+    }
+    assert {k: asked.get(k) for k in sent} == sent
+    assert "extra" not in asked, "a vendor's fields go at the top level, as the SDK's extra_body puts them"
+
+
+async def test_tools_and_content_parts_reach_the_upstream(sdk: openai.AsyncOpenAI, llm_url: str) -> None:
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+    content = [{"type": "text", "text": "look"}, image]
+    tool_choice = {"type": "function", "function": {"name": "lookup"}}
+    await sdk.chat.completions.create(
+        model="fake",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": content}],  # type: ignore[list-item]
+        tools=[LOOKUP],  # type: ignore[list-item]
+        tool_choice=tool_choice,  # type: ignore[arg-type]
+        parallel_tool_calls=False,
+    )
+    async with aiohttp.ClientSession() as session:
+        async with session.get(llm_url.removesuffix("/v1") + "/_requests") as response:
+            asked = (await response.json())[-1]
+    assert asked["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]
+    assert (asked["tools"], asked["tool_choice"], asked["parallel_tool_calls"]) == ([LOOKUP], tool_choice, False)
 
 
 async def test_an_sdk_retry_finds_the_first_chat_and_a_fresh_request_makes_a_new_one(
@@ -263,14 +320,20 @@ async def test_reasoning_streams_apart_from_the_answer(sdk: openai.AsyncOpenAI) 
     assert text == expected_text("think", WORDS)
 
 
-async def test_a_json_schema_response_format_is_taken(sdk: openai.AsyncOpenAI) -> None:
-    schema = {"name": "answer", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}
+async def test_a_json_schema_response_format_is_taken(sdk: openai.AsyncOpenAI, llm_url: str) -> None:
+    schema = {
+        "name": "answer",
+        "strict": True,
+        "schema": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]},
+    }
     completion = await sdk.chat.completions.create(
         model="fake",
         messages=ask("json"),  # type: ignore[arg-type]
         response_format={"type": "json_schema", "json_schema": schema},  # type: ignore[typeddict-item]
     )
     assert completion.choices[0].message.content == expected_text("json", WORDS)
+    asked = await upstream_asked(llm_url, "json")
+    assert asked["response_format"] == {"type": "json_schema", "json_schema": schema}
 
 
 async def test_the_tool_loop_sends_the_reply_back_and_goes_on(sdk: openai.AsyncOpenAI) -> None:
@@ -327,3 +390,143 @@ async def test_what_the_sdk_may_send_is_taken(sdk: openai.AsyncOpenAI) -> None:
     )
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert text == expected_text("options", WORDS)
+
+
+async def test_a_resume_past_the_end_is_a_400_naming_after(sdk: openai.AsyncOpenAI, base_url: str) -> None:
+    finished = await sdk.chat.completions.create(model="fake", messages=ask("finished"))  # type: ignore[arg-type]
+    chat_id = finished.id.removeprefix("chatcmpl-")
+    slow = "fake?words=300&delay_ms=20"
+    running = await sdk.chat.completions.create(model=slow, messages=ask("running"), stream=True)  # type: ignore[arg-type]
+    running_id = (await anext(aiter(running))).model_extra["streambridge"]["chat_id"]  # type: ignore[index]
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.get(f"{base_url}/chat/completions/{chat_id}/stream") as response:
+            lines = (await response.read()).decode().splitlines()
+        last = msgspec.json.decode([line for line in lines if line.startswith("data: {")][-1][6:])
+        url = f"{base_url}/chat/completions/{chat_id}/stream?after={last['streambridge']['cursor']}"
+        async with session.get(url) as response:
+            assert (response.status, (await response.read()).decode()) == (200, "data: [DONE]\n\n"), "the end is said"
+        for resumed in (chat_id, running_id):  # a running chat's is judged by what it produced so far
+            url = f"{base_url}/chat/completions/{resumed}/stream?after=99999999999999-0"
+            async with asyncio.timeout(5), session.get(url) as response:
+                assert response.status == 400
+                error = (await response.json())["error"]
+            assert (error["code"], error["param"], error["type"]) == ("bad_cursor", "after", "invalid_request_error")
+    await running.close()
+
+
+async def test_every_error_status_is_the_sdks_own_exception_class(
+    settings: Settings, llm_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the SDK raises is picked by the status alone; the error body's code reaches it as well."""
+    tight = msgspec.structs.replace(settings, llm_base_url=llm_url, max_body_bytes=4096, max_queue_depth=2)
+    server = TestServer(make_app(tight))
+    await server.start_server()
+    worker = make_worker(tight, llm_url)
+    main = asyncio.create_task(worker.main())
+    async with aiohttp.ClientSession() as session:
+        async with session.post(server.make_url("/v1/auth/visitor")) as response:
+            token = (await response.json())["token"]
+    sdk = openai.AsyncOpenAI(base_url=str(server.make_url("/v1")), api_key=token, max_retries=0)
+    ctx = server.app[CONTEXT]
+
+    async def raised(model: str = "fake", prompt: str = "x", **extra: Any) -> openai.APIStatusError:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await sdk.chat.completions.create(model=model, messages=ask(prompt), **extra)
+        return caught.value
+
+    try:
+        cases: list[tuple[openai.APIStatusError, type[openai.APIStatusError], int, str]] = []
+        cases.append((await raised(prompt="x" * 5000), openai.APIStatusError, 413, "payload_too_large"))
+        cases.append((await raised("fake?fail=404", "unknown"), openai.NotFoundError, 404, "model_not_found"))
+        expire = {"extra_headers": {"Idempotency-Key": "k-410"}}
+        first = await sdk.chat.completions.create(model="fake", messages=ask("expire"), **expire)  # type: ignore[call-overload]
+        await ctx.streams.delete(keys.events(first.id.removeprefix("chatcmpl-")))  # as STREAM_TTL would
+        expired = await raised(prompt="expire", stream=True, **expire)
+        cases.append((expired, openai.APIStatusError, 410, "stream_expired"))
+        await stop_worker(worker, main, grace=1)  # nothing takes the queued chats now
+        await ctx.redis.zadd(keys.queue(), {"job-1": 1, "job-2": 2})
+        cases.append((await raised(), openai.InternalServerError, 503, "overloaded"))
+        await ctx.redis.zrem(keys.queue(), "job-1", "job-2")
+        with monkeypatch.context() as patched:
+            too_slow = RequestTimeout("the request body did not arrive within 10 s")
+            patched.setattr(completions, "read_body", mock.AsyncMock(side_effect=too_slow))
+            cases.append((await raised(), openai.APIStatusError, 408, "request_timeout"))
+        with monkeypatch.context() as patched:
+            unreachable = Redis.from_url("redis://127.0.0.1:9/0")
+            patched.setattr(ctx, "redis", unreachable)
+            cases.append((await raised(), openai.InternalServerError, 503, "redis_unavailable"))
+            await unreachable.aclose()
+        for exc, cls, status, code in cases:
+            assert (type(exc), exc.status_code, exc.code) == (cls, status, code)
+            assert exc.type == error_type(status)
+    finally:
+        await sdk.close()
+        if not main.done():
+            await stop_worker(worker, main, grace=1)
+        await server.close()
+
+
+async def test_the_native_create_takes_a_whole_chat_completions_body_and_passes_it_on(
+    sdk: openai.AsyncOpenAI, base_url: str, llm_url: str
+) -> None:
+    content = [
+        {"type": "text", "text": "native"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+    ]
+    response_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": content}],
+        "tools": [LOOKUP],
+        "tool_choice": "auto",
+        "response_format": response_format,
+        "stop": "END",
+        "seed": 3,
+        "top_k": 5,  # a vendor's field
+        "stream": True,  # the native answer is always a stream: taken
+        "stream_options": {"include_usage": True},
+        "n": 1,
+    }
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.post(f"{base_url}/chats", json=body) as response:
+            assert response.status == 202, await response.text()
+            chat_id = (await response.json())["id"]
+        async with asyncio.timeout(10):
+            while (chat := await (await session.get(f"{base_url}/chats/{chat_id}")).json())["status"] != "complete":
+                await asyncio.sleep(0.05)
+        assert chat["finish_reason"] == "tool_calls", "the upstream was offered the tool"
+        async with session.get(llm_url.removesuffix("/v1") + "/_requests") as response:
+            asked = (await response.json())[-1]
+        sent = {
+            k: asked.get(k) for k in ("messages", "tools", "tool_choice", "response_format", "stop", "seed", "top_k")
+        }
+        assert sent == {
+            "messages": [{"role": "user", "content": content}],
+            "tools": [LOOKUP],
+            "tool_choice": "auto",
+            "response_format": response_format,
+            "stop": "END",
+            "seed": 3,
+            "top_k": 5,
+        }
+        for refused, param in (({"stream": False}, "stream"), ({"n": 2}, "n")):
+            async with session.post(f"{base_url}/chats", json={"message": "x", **refused}) as response:
+                assert response.status == 422
+                assert (await response.json())["error"]["param"] == param
+
+
+async def test_the_model_list_is_fetched_once_within_the_cache_window(
+    sdk: openai.AsyncOpenAI, llm_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def fetched() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(llm_url.removesuffix("/v1") + "/_stats") as response:
+                return int((await response.json())["paths"].get("/v1/models", 0))
+
+    monkeypatch.setattr(models, "CACHE_FOR", 0.5)
+    await asyncio.gather(sdk.models.list(), sdk.models.list(), sdk.models.retrieve("fake"))
+    assert [m.id async for m in sdk.models.list()] == ["fake"]
+    assert await fetched() == 1, "one fetch however many ask, within the window"
+    await asyncio.sleep(0.6)
+    await sdk.models.list()
+    assert await fetched() == 2, "asked again once the window passed"

@@ -400,6 +400,32 @@ async def test_deep_free_form_json_is_refused_before_it_runs(
         deep = {"a": deep}
     tools = [{"type": "function", "name": "f", "parameters": deep}]
     status, answer = await post(base_url, token, {"input": "x", "tools": tools})
-    assert (status, answer["error"]["param"]) == (400, "tools[0].function.parameters")
+    assert (status, answer["error"]["param"]) == (400, "tools[0].parameters"), "named as the Responses request has it"
+    assert "tools[0].parameters" in answer["error"]["message"]
+    text = {"format": {"type": "json_schema", "name": "a", "schema": deep}}
+    status, answer = await post(base_url, token, {"input": "x", "text": text})
+    assert (status, answer["error"]["param"]) == (400, "text.format")
     status, answer = await post(base_url, token, {"input": "x", "functions": []})
     assert (status, answer["error"]["param"]) == (400, "functions")
+
+
+async def test_a_resume_starting_after_past_the_last_event_is_a_400(
+    sdk: openai.AsyncOpenAI,
+    base_url: str,  # noqa: F811
+    token: str,
+) -> None:
+    finished = await sdk.responses.create(model="fake", input="finished")
+    events = await raw_events(base_url, token, f"/responses/{finished.id}?stream=true")
+    last = events[-1]["sequence_number"]
+    assert await raw_events(base_url, token, f"/responses/{finished.id}?stream=true&starting_after={last}") == []
+    running = await sdk.responses.create(model="fake?words=300&delay_ms=20", input="running", background=True)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(headers=auth) as session:
+        # a running response's is judged by the events it produced so far
+        for response_id, after in ((finished.id, last + 1), (finished.id, 9999), (running.id, 9999)):
+            url = f"{base_url}/responses/{response_id}?stream=true&starting_after={after}"
+            async with asyncio.timeout(5), session.get(url) as response:
+                assert response.status == 400
+                error = (await response.json())["error"]
+            assert (error["param"], error["type"]) == ("starting_after", "invalid_request_error")
+    await sdk.responses.cancel(running.id)

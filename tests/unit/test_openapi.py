@@ -294,3 +294,21 @@ def test_the_request_body_examples_are_accepted() -> None:
     assert examples
     for example in examples.values():
         parse_create(msgspec.json.encode(example["value"]))
+
+
+def test_the_error_shape_is_described_with_type_and_param() -> None:
+    description = document()["info"]["description"]
+    for field in ('"code"', '"message"', '"type"', '"param"'):
+        assert field in description
+    schema = document()["components"]["schemas"]["ErrorBody"]
+    assert {"code", "message", "type", "param"} <= set(schema["properties"])
+
+
+def test_the_responses_operations_describe_statuses_keepalive_and_numbering() -> None:
+    ops = dict(operations(document()))
+    for label in ("POST /v1/responses", "GET /v1/responses/{id}"):
+        description = ops[label]["description"]
+        for status in ("queued", "in_progress", "completed", "incomplete", "failed", "cancelled"):
+            assert f"`{status}`" in description, (label, status)
+        assert "`keepalive`" in description
+        assert "number of the last event" in description, "a keepalive takes no number of its own"
