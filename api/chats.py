@@ -309,7 +309,7 @@ def completion_request(fields: dict[str, Any]) -> tuple[Control, ChatRequest]:
     going to it as a vendor's (the SDK's ``extra_body``). A wrong shape is a 422 (a 400 on the
     OpenAI routes, as OpenAI answers it: ``api.errors``)."""
     control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
-    extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
+    extra = {k: fields.pop(k) for k in list(fields) if k not in REQUEST_FIELDS}  # in the body's order: hashed
     if extra:
         bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
         if bad is not None:

@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, Final
 
@@ -275,11 +275,11 @@ def error(status: int, code: str, message: str, param: str | None = None, *, ret
 PASSED_ON: Final = {400: 400, 404: 404, 413: 413, 422: 400}
 
 
-def refused(end: Failed, names: Mapping[str, str] | None = None) -> web.Response:
+def refused(end: Failed, name: Callable[[str], str] | None = None) -> web.Response:
     """A failed chat's answer: the upstream's own refusal of the request (a bad field, an unknown
-    model, a prompt too long) as it gave it, its ``param`` as the route names it (``names``); 502
+    model, a prompt too long) as it gave it, its ``param`` as the route names it (``name``); 502
     for anything else (the worker already retried)."""
-    param = (names or {}).get(end.param or "", end.param)
+    param = name(end.param) if name is not None and end.param else end.param
     status = PASSED_ON.get(end.upstream_status or 0)
     if status is None:
         return error(502, end.code or "upstream_failed", end.message, param, retry=False)

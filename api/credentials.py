@@ -75,6 +75,8 @@ class Quota:
     #: the key's own batch limits, kept with each of its batches; None: the workers' live settings apply
     batch_running_items_override: int | None = None
     batch_max_running_items_override: int | None = None
+    #: the vendor fields a request may pass to the upstream; None: any well-formed name
+    vendor_fields: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,14 @@ def quota(settings: Settings, credential: Credential) -> Quota:
         file_bytes=o.file_bytes or (settings.visitor_file_bytes_per_user if visitor else settings.file_bytes_per_user),
         batch_running_items_override=o.batch_running_items,
         batch_max_running_items_override=o.batch_max_running_items,
+        vendor_fields=names(settings.visitor_vendor_fields if visitor else settings.vendor_fields),
     )
+
+
+def names(listed: str) -> frozenset[str] | None:
+    """A setting's comma-separated names; None for ``*``, any name."""
+    parts = frozenset(part.strip() for part in listed.split(",") if part.strip())
+    return None if "*" in parts else parts
 
 
 async def issue(

@@ -370,7 +370,7 @@ def parse_line(raw: bytes, identity: Identity, seen: set[str]) -> Item:
     control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
     if control.stream:
         raise BadRequest("a batch line cannot stream: leave out `stream`", code="invalid_request", param="body.stream")
-    extra = {k: fields.pop(k) for k in fields.keys() - REQUEST_FIELDS}
+    extra = {k: fields.pop(k) for k in list(fields) if k not in REQUEST_FIELDS}  # in the body's order: hashed
     bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
     if bad is not None:
         raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=f"body.{bad[:64]}")

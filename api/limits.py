@@ -32,6 +32,10 @@ IDEMPOTENCY_TTL: Final = 86_400
 
 def check_prompt(chat: ChatRequest, identity: Identity) -> None:
     q = identity.quota
+    if chat.extra and q.vendor_fields is not None:
+        refused = next((name for name in chat.extra if name not in q.vendor_fields), None)
+        if refused is not None:  # the operator's to open: ``STREAMBRIDGE_VENDOR_FIELDS``
+            raise Unprocessable(f"`{refused}` is not a field this deployment passes to the LLM", param=refused)
     if len(chat.messages) > q.max_messages:
         raise Unprocessable(
             f"a chat may have at most {q.max_messages} messages, not {len(chat.messages)}", param="messages"

@@ -41,7 +41,7 @@ from streambridge.api.completions import HEADERS, idempotency, refused, stalls_d
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.response_stream import Echo, ResponseStream
-from streambridge.api.responses_request import parse_responses, renamed
+from streambridge.api.responses_request import parse_responses, renamed, responses_param
 from streambridge.api.retold import from_result, so_far
 from streambridge.shared import keys, metrics
 from streambridge.shared.chats import TERMINAL_STATUSES, ChatRequest, decode_request, decode_result
@@ -105,14 +105,6 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, ctx, slot, story, None)
 
 
-#: an upstream's ``param`` as a Responses request names it
-RESPONSES_NAMES: Final = {
-    "max_completion_tokens": "max_output_tokens",
-    "max_tokens": "max_output_tokens",
-    "messages": "input",
-}
-
-
 async def admit_response(
     request: web.Request, ctx: Context, identity: Identity, chat: ChatRequest, idempotency: Idempotency
 ) -> tuple[str, str | None]:
@@ -133,10 +125,15 @@ async def read_response(request: web.Request) -> web.StreamResponse:
         return json(await object_of(ctx, story, chat))
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the response's events have expired; GET /v1/responses/resp_{chat_id} has it")
-    if after is not None:
-        await check_reached(ctx, story_of(ctx, chat_id, chat), after)
     assert ctx.slots is not None, "served by edges, which have slots"
+    # the slot first: the check below reads the whole stream, which a caller's stream limit must bound
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
+    if after is not None:
+        try:
+            await check_reached(ctx, story_of(ctx, chat_id, chat), after)
+        except BaseException:
+            await asyncio.shield(ctx.slots.release(slot))
+            raise
     return await stream_events(request, ctx, slot, story, after)
 
 
@@ -246,7 +243,7 @@ async def answered(ctx: Context, story: ResponseStream, chat: dict[bytes, bytes]
     if wait and b"result" in chat:
         end = from_result(story.model, decode_result(chat[b"result"]))[-1]
         if isinstance(end, Failed):
-            return refused(end, RESPONSES_NAMES)
+            return refused(end, responses_param)
     return json(await object_of(ctx, story, chat))
 
 
@@ -265,7 +262,7 @@ async def told_whole(ctx: Context, story: ResponseStream) -> web.Response:
             end = batch[-1] if batch else end
     ended = decode_event(end.data) if end is not None else None
     if isinstance(ended, Failed):
-        return refused(ended, RESPONSES_NAMES)
+        return refused(ended, responses_param)
     if not isinstance(ended, Complete | Cancelled):
         raise Unavailable("the edge is stopping; GET /v1/responses/{id} reads the response", code="unavailable")
     return json(await object_of(ctx, story, await chat_of(ctx, story.chat_id)))

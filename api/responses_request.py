@@ -155,7 +155,7 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
     for name, why in UNSUPPORTED.items():
         if fields.get(name) is not None:
             raise BadRequest(f"`{name}` is not supported: {why}", code="unsupported_parameter", param=name)
-    extra = {k: fields.pop(k) for k in fields.keys() - RESPONSES_FIELDS}
+    extra = {k: fields.pop(k) for k in list(fields) if k not in RESPONSES_FIELDS}  # in the body's order: hashed
     bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
     if bad is not None:
         raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])

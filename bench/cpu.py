@@ -308,7 +308,7 @@ def main() -> None:
                 results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
     print_table({name: median_of(r) for name, r in results.items()})
-    if len(results) > 1:
+    if len(results) > 1 and "steady" in only:
         for name in results:
             each = ", ".join(f"{r['steady']['ours_ms']:.2f}" for r in results[name])
             print(f"steady CPU per chat, {name}, each round: {each} ms")

@@ -75,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     max_prompt_chars: Positive = 200_000
     #: the largest ``max_tokens`` a chat may ask for
     max_tokens_cap: Positive = 8192
+    #: fields beyond OpenAI's own that a request may pass to the upstream (vLLM's ``top_k``, OpenAI's
+    #: ``service_tier``, …): comma-separated names, ``*`` any well-formed name, empty none; visitors apart
+    vendor_fields: str = "*"
+    visitor_vendor_fields: str = ""
     #: per-user limits for API keys, counted in Redis across every process; each can be
     #: overridden per key (``streambridge keys create --user NAME --chats-per-minute 600``)
     chats_per_minute: Positive = 60

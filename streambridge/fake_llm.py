@@ -10,8 +10,10 @@ combining marks and (with ``split="utf16"``) surrogate pairs. With ``reasoning=N
 streams ``expected_reasoning(prompt, N)`` as ``delta.reasoning_content``; with ``tool=NAME``, or
 ``tools`` in the request, it answers with one tool call, ``expected_tool_call(prompt, name)``, its
 arguments in fragments, and ``finish_reason: "tool_calls"``, in place of the text. With
-``echo=1`` the answer is the prompt itself, so a test can choose its text. ``GET /_requests``
-gives the last bodies it was sent (newest last), so a test can check what reached the upstream.
+``echo=1`` the answer is the prompt itself, so a test can choose its text. Made with
+``make_app(record=True)`` (tests only: never the CLI's, which ``up`` embeds, since it would keep
+users' prompts), ``GET /_requests`` gives the last bodies it was sent (newest last), so a test can
+check what reached the upstream.
 
 Chunks are encoded with the stdlib ``json``: msgspec refuses the lone surrogates that the
 utf16 mode sends on purpose as ``\\udXXX`` escapes.
@@ -253,13 +255,14 @@ async def _wait_for_disconnect(request: web.Request) -> None:
 
 
 class _FakeLLM:
-    def __init__(self, config: FakeLLMConfig) -> None:
+    def __init__(self, config: FakeLLMConfig, record: bool) -> None:
         self.config = config
+        self.record = record
         self.requests = 0
         self.streams_open = 0
         self.paths: dict[str, int] = {}
         self.attempts: dict[tuple[str, str], int] = {}
-        self.bodies: deque[Any] = deque(maxlen=_KEPT_REQUESTS)
+        self.bodies: deque[bytes] = deque(maxlen=_KEPT_REQUESTS)
 
     @web.middleware
     async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -272,7 +275,13 @@ class _FakeLLM:
         return web.json_response({"requests": self.requests, "streams_open": self.streams_open, "paths": self.paths})
 
     async def requests_seen(self, request: web.Request) -> web.Response:
-        return web.json_response(list(self.bodies))
+        seen = []
+        for body in self.bodies:
+            try:
+                seen.append(json.loads(body))
+            except (ValueError, RecursionError):  # not JSON, or nested too deep to show: refused when sent
+                seen.append(None)
+        return web.json_response(seen)
 
     async def models(self, request: web.Request) -> web.Response:
         model = {"id": "fake", "object": "model", "created": 0, "owned_by": "streambridge"}
@@ -280,10 +289,8 @@ class _FakeLLM:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
-        try:
-            self.bodies.append(json.loads(body))
-        except ValueError:
-            self.bodies.append(None)  # not JSON: refused below
+        if self.record:
+            self.bodies.append(body)
         try:
             chat = _decode_request.decode(body)
             config = config_from_model(self.config, chat.model)
@@ -429,12 +436,14 @@ def _answer(chat: _ChatRequest, config: FakeLLMConfig, prompt: str) -> _Answer:
     return _Answer(deltas, message | {"content": "".join(chunks)}, finish_reason)
 
 
-def make_app(config: FakeLLMConfig = DEFAULT_CONFIG) -> web.Application:
+def make_app(config: FakeLLMConfig = DEFAULT_CONFIG, *, record: bool = False) -> web.Application:
+    """The simulated LLM; ``record``: it keeps the last request bodies, for ``GET /_requests``."""
     check_config(config)
-    fake = _FakeLLM(config)
+    fake = _FakeLLM(config, record)
     app = web.Application(middlewares=[fake.count])
     app.router.add_post("/v1/chat/completions", fake.completions)
     app.router.add_get("/v1/models", fake.models)
     app.router.add_get("/_stats", fake.stats)
-    app.router.add_get("/_requests", fake.requests_seen)
+    if record:
+        app.router.add_get("/_requests", fake.requests_seen)
     return app

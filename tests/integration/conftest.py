@@ -46,7 +46,7 @@ async def closing_appenders(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[No
 
 @pytest.fixture
 async def llm_url() -> AsyncIterator[str]:
-    server = TestServer(make_fake_llm(FAST_LLM))
+    server = TestServer(make_fake_llm(FAST_LLM, record=True))
     await server.start_server()
     yield str(server.make_url("/v1"))
     await server.close()
@@ -61,6 +61,7 @@ def settings(redis_url: str) -> Settings:
         retry_base_delay=0.01,
         max_body_bytes=64 * 1024,
         visitor_chats_per_minute=100_000,
+        visitor_vendor_fields="*",
         visitor_max_running_chats=100_000,
         visitor_max_open_streams=100_000,
         max_open_streams_per_ip=100_000,

@@ -319,3 +319,13 @@ async def test_echo_answers_with_the_prompt_verbatim(llm: openai.AsyncOpenAI) ->
     prompt = '<script>alert(1)</script> <img src=x onerror="alert(2)"> café 👩\u200d💻'
     stream = await llm.chat.completions.create(model="fake?echo=1", messages=user(prompt), stream=True)
     assert "".join([chunk.choices[0].delta.content or "" async for chunk in stream]) == prompt
+
+
+async def test_request_bodies_are_kept_only_when_a_test_asks(aiohttp_client: Any) -> None:
+    # the CLI's fake (which ``up`` embeds) must not keep users' prompts for anyone on the host to read
+    plain = await aiohttp_client(make_app(FAST))
+    assert (await plain.get("/_requests")).status == 404
+    recording = await aiohttp_client(make_app(FAST, record=True))
+    body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "top_k": 3}
+    assert (await recording.post("/v1/chat/completions", json=body)).status == 200
+    assert await (await recording.get("/_requests")).json() == [body]

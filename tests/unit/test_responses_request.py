@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from streambridge.api.completions import refused
 from streambridge.api.responses_request import responses_param
+from streambridge.shared.events import Failed
 
 
 @pytest.mark.parametrize(
@@ -26,3 +30,13 @@ from streambridge.api.responses_request import responses_param
 )
 def test_a_chat_completions_param_is_named_as_the_responses_request_names_it(chat_param: str, param: str) -> None:
     assert responses_param(chat_param) == param
+
+
+def test_an_upstreams_refusal_reaches_a_responses_client_under_the_responses_names() -> None:
+    # the upstream refused the Chat Completions request streambridge made: its param is that request's
+    end = Failed("bad schema", attempts=1, upstream_status=400, code="invalid_schema", param="response_format")
+    answer = json.loads(refused(end, responses_param).text or "")
+    assert answer["error"]["param"] == "text.format"
+    end = Failed("bad tool", attempts=1, upstream_status=400, param="tools[1].function.parameters")
+    assert json.loads(refused(end, responses_param).text or "")["error"]["param"] == "tools[1].parameters"
+    assert json.loads(refused(end).text or "")["error"]["param"] == "tools[1].function.parameters"  # chat completions
