@@ -219,8 +219,13 @@ def responses_param(param: str) -> str:
 def renamed(exc: ApiError) -> ApiError:
     """An error about the Chat Completions request, naming the Responses request's fields."""
     if exc.param is not None:
-        name = responses_param(exc.param)
-        exc.message, exc.param = exc.message.replace(exc.param, name), name
+        old, name = exc.param, responses_param(exc.param)
+        # where the message names the field (quoted, msgspec's `$.path`, or first), not every word
+        # that happens to match ("at most 200 messages" stays)
+        message = exc.message.replace(f"`{old}`", f"`{name}`").replace(f"`$.{old}`", f"`$.{name}`")
+        if message.startswith(f"{old} "):
+            message = name + message[len(old) :]
+        exc.message, exc.param = message, name
     return exc
 
 

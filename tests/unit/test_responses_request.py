@@ -7,7 +7,8 @@ import json
 import pytest
 
 from streambridge.api.completions import refused
-from streambridge.api.responses_request import responses_param
+from streambridge.api.responses_request import renamed, responses_param
+from streambridge.shared.errors import Unprocessable
 from streambridge.shared.events import Failed
 
 
@@ -40,3 +41,23 @@ def test_an_upstreams_refusal_reaches_a_responses_client_under_the_responses_nam
     end = Failed("bad tool", attempts=1, upstream_status=400, param="tools[1].function.parameters")
     assert json.loads(refused(end, responses_param).text or "")["error"]["param"] == "tools[1].parameters"
     assert json.loads(refused(end).text or "")["error"]["param"] == "tools[1].function.parameters"  # chat completions
+
+
+@pytest.mark.parametrize(
+    ("message", "param", "said"),
+    [
+        ("a chat may have at most 200 messages, not 201", "messages", "a chat may have at most 200 messages, not 201"),
+        ("max_tokens may be at most 10, not 11", "max_tokens", "max_output_tokens may be at most 10, not 11"),
+        ("`response_format` is nested too deep", "response_format", "`text.format` is nested too deep"),
+        (
+            "Expected `int` - at `$.max_completion_tokens`",
+            "max_completion_tokens",
+            "Expected `int` - at `$.max_output_tokens`",
+        ),
+    ],
+)
+def test_an_errors_message_names_the_responses_field_where_it_names_the_field(
+    message: str, param: str, said: str
+) -> None:
+    error = renamed(Unprocessable(message, param=param))
+    assert (error.message, error.param) == (said, responses_param(param))
