@@ -76,6 +76,10 @@ DONE: Final = b"data: [DONE]\n\n"
 RETRY_WINDOW: Final = 600
 
 
+#: a cursor's mark for the finish chunk, where a usage chunk of the same entry follows it
+FINISHED: Final = ":finish"
+
+
 @routes.post("/v1/chat/completions")
 async def create_completion(request: web.Request) -> web.StreamResponse:
     ctx = context(request)
@@ -111,7 +115,7 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     if unknown:  # a typo (`starting_after`, say) would otherwise replay everything, silently
         raise BadRequest(f"unknown query parameter `{unknown[0]}`", code="invalid_request", param=unknown[0])
     after = request.query.get("after") or None
-    if after is not None and not is_entry_id(after):
+    if after is not None and not is_entry_id(after.removesuffix(FINISHED)):
         raise BadRequest(f"`after` must be a chunk's cursor, not {after!r}", code="bad_cursor", param="after")
     include_usage = request.query.get("include_usage", "false")
     if include_usage not in {"true", "false"}:
@@ -119,7 +123,7 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
     if after is not None:
-        await check_reached(ctx, chat_id, after)
+        await check_reached(ctx, chat_id, after.removesuffix(FINISHED))
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
@@ -162,7 +166,9 @@ async def stream_chunks(
     metrics.OPEN_STREAMS.inc()
     try:
         await response.prepare(request)
-        skip = id_key(after) if after is not None else None
+        skip = id_key(after.removesuffix(FINISHED)) if after is not None else None
+        # after the finish chunk of the chat's last entry: what that entry said after it, the usage
+        finished = after.removesuffix(FINISHED) if after is not None and after.endswith(FINISHED) else None
         # From the start, always: the chunks are a function of the whole stream (a retried attempt
         # is matched against what was shown), so a resume regenerates them and sends what follows.
         tail = ctx.hub.tail(chat_id, None, idle=ctx.settings.heartbeat_interval)
@@ -176,6 +182,8 @@ async def stream_chunks(
                     data = chunks.feed(entry)
                     if skip is None or id_key(entry.id) > skip:
                         out.append(data)
+                    elif entry.id == finished and chunks.ended:
+                        out.append(chunks.after_finish)
                     elif data.endswith(DONE):  # resumed after the last chunk: the end is still said
                         out.append(DONE)
                 if out:
@@ -306,6 +314,7 @@ class Chunks:
         self.created = 0
         self.cursor = ""  # the last entry fed
         self.ended = False
+        self.after_finish = DONE  # what the last entry says after its finish chunk
 
     @property
     def model(self) -> str:
@@ -336,10 +345,12 @@ class Chunks:
 
     def _complete(self, cursor: str, event: Complete) -> bytes:
         self.ended = True
-        out = self._chunk(cursor, {}, event.finish_reason or "stop")
-        if self.include_usage:
-            out += self._data(cursor, [], usage_of(event.usage))
-        return out + DONE
+        if not self.include_usage:
+            return self._chunk(cursor, {}, event.finish_reason or "stop") + DONE
+        # two chunks of one entry: the first's cursor says the second is still to come
+        finish = self._chunk(cursor + FINISHED, {}, event.finish_reason or "stop")
+        self.after_finish = self._data(cursor, [], usage_of(event.usage)) + DONE
+        return finish + self.after_finish
 
     def _chunk(self, cursor: str, delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
         return self._data(cursor, [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}])

@@ -777,8 +777,9 @@ def completion_stream() -> Json:
                 {
                     "name": "after",
                     "in": "query",
-                    "schema": RESUME_AT,
-                    "description": "A chunk's cursor; empty: from the start.",
+                    "schema": {"anyOf": [*RESUME_AT["anyOf"], {"type": "string", "pattern": r"^\d+-\d+:finish$"}]},
+                    "description": "A chunk's cursor; empty: from the start. A finish chunk followed by a usage "
+                    "chunk has its entry's id with `:finish`: after it comes the usage chunk.",
                 },
                 {"name": "include_usage", "in": "query", "schema": {"type": "boolean"}},
             ],

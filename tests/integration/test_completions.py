@@ -108,6 +108,38 @@ async def test_a_dropped_chunk_stream_resumes_from_its_cursor_exactly(
     assert "".join(seen + rest) == expected_text("resume me", WORDS)
 
 
+async def test_a_resume_between_the_finish_chunk_and_the_usage_chunk_gets_the_usage_alone(
+    sdk: openai.AsyncOpenAI, base_url: str
+) -> None:
+    # both come from the chat's last entry: had they one cursor, a client that got the finish chunk
+    # and lost the usage chunk could not ask for the second alone
+    stream = await sdk.chat.completions.create(
+        model="fake",
+        messages=ask("usage after finish"),  # type: ignore[arg-type]
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    finish, usage = chunks[-2], chunks[-1]
+    assert finish.choices[0].finish_reason == "stop"
+    where = finish.model_extra["streambridge"]  # type: ignore[index]
+    assert where["cursor"].endswith(":finish")
+    assert usage.model_extra["streambridge"]["cursor"] == where["cursor"].removesuffix(":finish")  # type: ignore[index]
+
+    async def after(cursor: str) -> list[str]:
+        url = f"{base_url}/chat/completions/{where['chat_id']}/stream?after={cursor}&include_usage=true"
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+            async with session.get(url) as response:
+                assert response.status == 200
+                return [line for line in (await response.read()).decode().splitlines() if line.startswith("data:")]
+
+    rest = await after(where["cursor"])
+    assert len(rest) == 2
+    assert msgspec.json.decode(rest[0][6:])["usage"] == usage.usage.model_dump(exclude_none=True)  # type: ignore[union-attr]
+    assert rest[1] == "data: [DONE]"
+    assert await after(where["cursor"].removesuffix(":finish")) == ["data: [DONE]"]
+
+
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
