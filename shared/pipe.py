@@ -62,10 +62,13 @@ class _Wire(asyncio.Protocol):
         return self.transport is not None and not self.transport.is_closing()
 
     def send(self, commands: Sequence[Command], deadline: float) -> asyncio.Future[list[Any]]:
-        assert self.transport is not None
+        # packed first: a command that cannot be packed must not leave a batch that takes others' replies
+        packed = b"".join([hiredis.pack_command(tuple(c)) for c in commands])  # type: ignore[arg-type]
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionError("the connection to Redis closed")
         batch = _Batch(asyncio.get_running_loop().create_future(), len(commands), deadline)
         self._batches.append(batch)
-        self.transport.write(b"".join([hiredis.pack_command(tuple(c)) for c in commands]))  # type: ignore[arg-type]
+        self.transport.write(packed)
         if self._timer is None or batch.due < self._timer_due:
             self._arm(batch.due)
         return batch.answer
@@ -137,6 +140,8 @@ class Pipe:
     def __init__(self, settings: dict[str, Any], tls: Any = None) -> None:
         self._settings = settings
         self._tls = tls  # an ssl.SSLContext, or None
+        #: how long one attempt may wait for its replies (the client's ``socket_timeout``), if bounded
+        self.timeout: float | None = settings.get("socket_timeout")
         self._wire: _Wire | None = None
         self._connecting: asyncio.Future[_Wire] | None = None
         self._closed = False
@@ -146,31 +151,42 @@ class Pipe:
         not raised (``NoScriptError``, ``MovedError``, ``ResponseError`` ...). Raises
         ``ConnectionError`` when the connection cannot be made or drops, ``TimeoutError`` when
         the replies are not all in by ``deadline`` (the loop's time)."""
+        if not commands:
+            return []
         wire = self._wire
         if wire is None or not wire.usable():
-            wire = await self._connect()
+            wire = await self._connect(deadline)
+        if asyncio.get_running_loop().time() >= deadline:  # sent now, it would only drop the connection
+            raise TimeoutError("Redis did not answer in time")
         # shielded: a caller cancelled meanwhile leaves its batch in place; its replies still come, in turn
         return await asyncio.shield(wire.send(commands, deadline))
 
     async def close(self) -> None:
-        self._closed = True
-        if self._connecting is not None:
-            self._connecting.cancel()
+        self._closed = True  # a connection being made is dropped as it completes (``_open``)
         if self._wire is not None:
             self._wire.drop(ConnectionError("the connection was closed"))
 
-    async def _connect(self) -> _Wire:
-        """One connection for every caller waiting for it."""
+    async def _connect(self, deadline: float) -> _Wire:
+        """One connection for every caller waiting for it, each waiting until its own deadline."""
         if self._closed:
             raise ConnectionError("the connection was closed")
         if self._connecting is None:
-            self._connecting = asyncio.ensure_future(self._open())
-        connecting = self._connecting
+            self._connecting = connecting = asyncio.ensure_future(self._open())
+            connecting.add_done_callback(self._connected)
         try:
-            return await asyncio.shield(connecting)
-        finally:
-            if connecting.done() and self._connecting is connecting:
-                self._connecting = None
+            async with asyncio.timeout_at(deadline):
+                wire = await asyncio.shield(self._connecting)
+        except builtins.TimeoutError:
+            raise TimeoutError("connecting to Redis took too long") from None
+        if not wire.usable():  # lost between its handshake and this caller's turn
+            raise ConnectionError("the connection to Redis closed")
+        return wire
+
+    def _connected(self, connecting: asyncio.Future[_Wire]) -> None:
+        if self._connecting is connecting:
+            self._connecting = None
+        if not connecting.cancelled():
+            connecting.exception()  # retrieved: its waiters may all have given up
 
     async def _open(self) -> _Wire:
         s, loop = self._settings, asyncio.get_running_loop()
@@ -195,6 +211,9 @@ class Pipe:
         except BaseException:
             wire.drop(ConnectionError("the connection's handshake failed"))
             raise
+        if self._closed:
+            wire.drop(ConnectionError("the connection was closed"))
+            raise ConnectionError("the connection was closed")
         self._wire = wire
         return wire
 

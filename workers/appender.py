@@ -30,6 +30,7 @@ the control Redis's step that follows it stands.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -52,6 +53,9 @@ WAIT_MS: Final = 500
 #: a primary that no replica answers is logged at most this often (s)
 UNREPLICATED_LOG_EVERY: Final = 60.0
 
+#: the loop's time the round trip under way in this task (a lane's sender) is answered by, or fails
+_GIVE_UP: Final[contextvars.ContextVar[float]] = contextvars.ContextVar("_GIVE_UP", default=0.0)
+
 #: a call: its script, keys, arguments, whether it is durable, and its caller's answer
 Waiting = tuple[Script, list[str], list[str | bytes], bool, asyncio.Future[Any]]
 
@@ -73,8 +77,7 @@ class Appender:
         self._lanes: dict[str, _Lane] = {}
         self._unreplicated: dict[str, float] = {}  # node → when WAIT's 0 was last logged
         # a Pipe per client (one Redis, or a node), or None where its connections are not sockets (fakeredis)
-        self._pipes: dict[int, Pipe | None] = {}
-        self._give_up = 0.0  # the loop's time the round trip under way is answered by, or fails
+        self._pipes: dict[int, tuple[Store, Pipe | None]] = {}
 
     async def call(self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False) -> Any:
         """``script``'s answer, sent with whatever else is waiting to go to its node. ``durable``: on a
@@ -96,7 +99,8 @@ class Appender:
             for *_, answer in lane.waiting:
                 answer.cancel()
             lane.waiting = []
-        for pipe in self._pipes.values():
+        pipes, self._pipes = self._pipes, {}  # a call after this connects again
+        for _, pipe in pipes.values():
             if pipe is not None:
                 await pipe.close()
 
@@ -123,7 +127,7 @@ class Appender:
         loop = asyncio.get_running_loop()
         give_up, delay = loop.time() + self._retry_for, 0.02
         while True:
-            self._give_up = give_up
+            _GIVE_UP.set(give_up)  # this lane's task's own: lanes of a cluster's nodes run at once
             try:
                 if self._nodes is None and self._pipe(self._redis) is not None:
                     return await self._execute(batch)  # the Pipe keeps the deadline: no timer per round trip
@@ -135,7 +139,8 @@ class Appender:
             except TRANSIENT as exc:
                 if loop.time() + delay > give_up:
                     if isinstance(exc, RedisTimeoutError):
-                        raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from exc
+                        message = f"an append went unanswered for {self._retry_for:g} s ({exc})"
+                        raise RedisTimeoutError(message) from exc
                     raise
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
@@ -173,7 +178,12 @@ class Appender:
             commands.append(["WAIT", 1, WAIT_MS])
         answers: list[Any]
         if (pipe := self._pipe(redis)) is not None:
-            answers = await pipe.execute(commands, deadline=self._give_up)
+            # each attempt within the client's socket timeout: a connection gone silent (a host
+            # down, a NAT's dropped mapping) is given up in time for the next attempt on a new one
+            deadline, now = _GIVE_UP.get(), asyncio.get_running_loop().time()
+            if pipe.timeout is not None:
+                deadline = min(deadline, now + pipe.timeout)
+            answers = await pipe.execute(commands, deadline=deadline)
         else:
             async with redis.pipeline(transaction=False) as pipeline:
                 for c in commands:  # execute_command: a cluster pipeline refuses ``evalsha()``, not the command
@@ -192,10 +202,10 @@ class Appender:
         return answers
 
     def _pipe(self, redis: Store) -> Pipe | None:
-        key = id(redis)  # the clients live as long as this: the worker's, and the nodes' (kept for good)
-        if key not in self._pipes:
-            self._pipes[key] = pipe_for(redis)
-        return self._pipes[key]
+        kept = self._pipes.get(id(redis))
+        if kept is None or kept[0] is not redis:  # (an id is reused only once its client is gone)
+            kept = self._pipes[id(redis)] = (redis, pipe_for(redis))
+        return kept[1]
 
     def _replicated(self, node: str, replicas: Any) -> None:
         """Best effort: a primary with no replica reachable (its replica died, or it is a replica just

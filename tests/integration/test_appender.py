@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from redis.asyncio import Redis
@@ -12,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from streambridge.shared.machine import define
+from streambridge.shared.redis import connect
 from streambridge.workers.appender import Appender
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
@@ -134,3 +137,47 @@ async def test_a_connection_that_stays_down_past_the_window_reaches_the_callers(
     with pytest.raises(RedisConnectionError):
         await appender.call(script, ["k"], ["1"])
     assert 0.1 <= asyncio.get_running_loop().time() - started < 1.0
+
+
+async def test_a_connection_gone_silent_costs_one_attempt_and_the_next_goes_on_a_new_one(redis_url: str) -> None:
+    # a host gone without a word, or a NAT that dropped the mapping: no reset ever comes. The round
+    # trip is given up after the client's socket timeout, in time for another attempt on a new
+    # connection, not held until the whole window has passed.
+    real = urlsplit(redis_url)
+    connections = 0
+
+    async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter, reads: float = math.inf) -> None:
+        """Passes ``reads`` reads on, then swallows the rest (a peer gone silent)."""
+        try:
+            while data := await source.read(65536):
+                if reads > 0:
+                    sink.write(data)
+                reads -= 1
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        upstream_reader, upstream_writer = await asyncio.open_connection(real.hostname, real.port)
+        # the first connection: its handshake (SELECT) goes through, then nothing does
+        reads = 1 if connections == 1 else math.inf
+        await asyncio.gather(pump(reader, upstream_writer, reads), pump(upstream_reader, writer))
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}{real.path}", max_connections=2, socket_timeout=0.3)
+    try:
+        appender, script = Appender(client, retry_for=3), define("INCR", INCR)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await appender.call(script, ["k"], ["1"]) == 1
+        assert 0.3 <= loop.time() - started < 2
+        assert connections == 2
+        await appender.close()
+    finally:
+        await client.aclose(close_connection_pool=True)
+        server.close()
+        await server.wait_closed()

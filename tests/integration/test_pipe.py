@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import fakeredis
+import hiredis
 import pytest
 import uvloop
 from redis.asyncio import Redis
@@ -108,6 +109,7 @@ async def test_a_silent_redis_times_out_every_batch_in_flight_and_the_next_call_
     assert len(heard) == 2  # a new connection for the next call
     await pipe.close()
     server.close()
+    await server.wait_closed()
 
 
 async def test_a_connection_redis_drops_fails_its_batches_and_the_next_call_reconnects(
@@ -134,6 +136,70 @@ async def test_a_closed_pipe_refuses_calls(pipe: Pipe) -> None:
     await pipe.close()
     with pytest.raises(RedisConnectionError):
         await pipe.execute([["PING"]], deadline=soon())
+
+
+async def test_a_command_that_cannot_be_packed_leaves_the_next_batches_their_own_replies(pipe: Pipe) -> None:
+    with pytest.raises(TypeError):
+        await pipe.execute([["SET", "sb:test:bad", None]], deadline=soon())  # type: ignore[list-item]
+    assert await pipe.execute([["ECHO", "a"], ["ECHO", "b"]], deadline=soon()) == [b"a", b"b"]
+    assert await pipe.execute([], deadline=soon()) == []
+
+
+async def test_a_batch_past_its_deadline_is_not_sent_and_the_connection_stays(pipe: Pipe, redis: Redis) -> None:
+    await pipe.execute([["CLIENT", "SETNAME", "sb-pipe-stays"]], deadline=soon())
+    with pytest.raises(RedisTimeoutError):
+        await pipe.execute([["INCR", "sb:test:late"]], deadline=asyncio.get_running_loop().time() - 1)
+    assert await redis.get("sb:test:late") is None
+    assert (await pipe.execute([["CLIENT", "GETNAME"]], deadline=soon())) == [b"sb-pipe-stays"]
+
+
+class SlowHandshake:
+    """A RESP server that answers +OK to every command, the first connection's first only after a while."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.connections = delay, 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        first, parser = self.connections == 1, hiredis.Reader()
+        self.writers.append(writer)
+        try:
+            while data := await reader.read(1000):
+                parser.feed(data)
+                while parser.gets() is not False:
+                    if first:
+                        await asyncio.sleep(self.delay)
+                        first = False
+                    writer.write(b"+OK\r\n")
+        except ConnectionResetError:
+            pass  # the client aborted its connection
+        finally:
+            writer.close()
+
+
+async def test_a_connect_every_caller_gave_up_on_leaves_the_next_call_a_fresh_connection() -> None:
+    fake = SlowHandshake(delay=0.3)
+    server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://:pw@127.0.0.1:{port}/0", max_connections=1)
+    pipe = pipe_for(client)
+    assert pipe is not None
+    try:
+        with pytest.raises(TimeoutError):  # its AUTH is answered late; the caller is cancelled before
+            async with asyncio.timeout(0.05):  # (an outer timeout, as on a cluster)
+                await pipe.execute([["PING"]], deadline=soon())
+        await asyncio.sleep(0.4)  # the connection completes with nobody waiting for it
+        assert await pipe.execute([["PING"]], deadline=soon()) == [b"OK"]
+        fake.writers[0].close()  # then drops
+        await asyncio.sleep(0.1)
+        assert await pipe.execute([["PING"]], deadline=soon()) == [b"OK"]  # a fresh connection, no stale one
+        assert fake.connections == 2
+    finally:
+        await pipe.close()
+        await client.aclose(close_connection_pool=True)
+        server.close()
+        await server.wait_closed()
 
 
 def test_clients_without_sockets_keep_redis_pys_path() -> None:
