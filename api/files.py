@@ -22,13 +22,12 @@ from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from streambridge.api.auth import authenticate
-from streambridge.api.chats import CONTROL_FIELDS, VENDOR_FIELD, chat_request, json_response, parse_control
+from streambridge.api.chats import completion_request, json_response
 from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity
 from streambridge.api.limits import bounded, check_prompt
 from streambridge.shared import keys, machine
 from streambridge.shared.batches import ENDPOINT, Item, LineError
-from streambridge.shared.chats import REQUEST_FIELDS
 from streambridge.shared.errors import ApiError, BadRequest, NotFound, PayloadTooLarge, RequestTimeout
 
 routes = web.RouteTableDef()
@@ -366,18 +365,13 @@ def parse_line(raw: bytes, identity: Identity, seen: set[str]) -> Item:
         raise BadRequest("`method` must be POST", code="invalid_method", param="method")
     if line.url != ENDPOINT:
         raise BadRequest(f"`url` must be {ENDPOINT}", code="invalid_url", param="url")
-    fields = dict(line.body)
-    control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
+    try:  # the front door's own reading of the body, its fields named as the line has them
+        control, chat = completion_request(dict(line.body))
+        check_prompt(chat, identity)
+    except ApiError as exc:
+        raise BadRequest(exc.message, code=exc.code, param=f"body.{exc.param}" if exc.param else None) from None
     if control.stream:
         raise BadRequest("a batch line cannot stream: leave out `stream`", code="invalid_request", param="body.stream")
-    extra = {k: fields.pop(k) for k in list(fields) if k not in REQUEST_FIELDS}  # in the body's order: hashed
-    bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
-    if bad is not None:
-        raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=f"body.{bad[:64]}")
-    if extra:
-        fields["extra"] = extra
-    chat = chat_request(fields)
-    check_prompt(chat, identity)
     chat = bounded(chat, identity)
     body: dict[str, Any] = msgspec.to_builtins(chat)
     body.update(body.pop("extra", None) or {})

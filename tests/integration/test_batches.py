@@ -115,15 +115,17 @@ async def test_a_malformed_input_fails_the_batch_naming_each_bad_line(sdk: opena
         jsonl(line("a", "fine"), line("a", "again"))
         + b"not json\n"
         + jsonl({**line("c", "x"), "body": {"messages": []}})
+        + jsonl({**line("d", "x"), "body": {**line("d", "x")["body"], "n": 2}})  # type: ignore[dict-item]
     )
     batch = await submit(sdk, data)
     assert batch.status == "failed"
     assert batch.errors is not None
     assert batch.errors.data is not None
-    assert [(e.line, e.code) for e in batch.errors.data] == [
-        (2, "duplicate_custom_id"),
-        (3, "invalid_json_line"),
-        (4, "invalid_request"),
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [
+        (2, "duplicate_custom_id", None),
+        (3, "invalid_json_line", None),
+        (4, "invalid_request", "body.messages"),  # named as the line has it, as every field of its body
+        (5, "invalid_request", "body.n"),
     ]
     assert batch.output_file_id is None
 
