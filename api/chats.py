@@ -310,6 +310,7 @@ def completion_request(fields: dict[str, Any]) -> tuple[Control, ChatRequest]:
     OpenAI routes, as OpenAI answers it: ``api.errors``)."""
     control = parse_control({k: fields.pop(k) for k in CONTROL_FIELDS & fields.keys()})
     extra = {k: fields.pop(k) for k in list(fields) if k not in REQUEST_FIELDS}  # in the body's order: hashed
+    extra = {k: v for k, v in extra.items() if v is not None}  # null: not given (the SDK sends a None as null)
     if extra:
         bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
         if bad is not None:

@@ -123,7 +123,7 @@ async def resume_completion(request: web.Request) -> web.StreamResponse:
     if await stream_gone(ctx, chat_id):
         raise StreamExpired(f"the chat's stream has expired; GET /v1/chats/{chat_id} has its result")
     if after is not None:
-        await check_reached(ctx, chat_id, after.removesuffix(FINISHED))
+        await check_reached(ctx, chat_id, after)
     assert ctx.slots is not None, "served by edges, which have slots"
     slot = await ctx.slots.acquire(identity, request.remote or "unknown")
     return await stream_chunks(request, ctx, slot, chat_id, after, include_usage == "true")
@@ -135,8 +135,12 @@ async def check_reached(ctx: Context, chat_id: str, after: str) -> None:
     silent stream until its end. A running chat's is judged against what it has produced so far."""
     info = await stream_info(ctx.streams, keys.events(chat_id))
     last = info["last-generated-id"].decode() if info is not None else "0-0"
-    if id_key(after) > id_key(last):
+    entry = after.removesuffix(FINISHED)
+    if id_key(entry) > id_key(last):
         message = f"`after` {after} is past the end of chat {chat_id}'s stream (its last cursor so far is {last})"
+        raise BadRequest(message, code="bad_cursor", param="after")
+    if entry != after and entry != last:  # only the end's finish chunk has such a cursor
+        message = f"`after` {after} names no finish chunk: only the chat's last entry ({last}) has one"
         raise BadRequest(message, code="bad_cursor", param="after")
 
 

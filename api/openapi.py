@@ -435,6 +435,8 @@ Auth: the `token` query parameter of `stream_url` (scoped to this chat, short-li
 
 
 RESUME_AT: Final = {"anyOf": [ref("StreamId"), {"const": ""}]}
+#: a finish chunk's cursor, where a usage chunk of the same entry follows it
+FINISH_CURSOR: Final = {"type": "string", "pattern": STREAM_ID_PATTERN.removesuffix("$") + ":finish$"}
 
 
 def events() -> Json:
@@ -777,7 +779,7 @@ def completion_stream() -> Json:
                 {
                     "name": "after",
                     "in": "query",
-                    "schema": {"anyOf": [*RESUME_AT["anyOf"], {"type": "string", "pattern": r"^\d+-\d+:finish$"}]},
+                    "schema": {"anyOf": [*RESUME_AT["anyOf"], FINISH_CURSOR]},
                     "description": "A chunk's cursor; empty: from the start. A finish chunk followed by a usage "
                     "chunk has its entry's id with `:finish`: after it comes the usage chunk.",
                 },

@@ -146,7 +146,7 @@ RESPONSES_FIELDS: Final = frozenset(ResponsesRequest.__struct_fields__)
 CHAT_FIELDS: Final = (
     REQUEST_FIELDS
     | CONTROL_FIELDS
-    | {"extra", "functions", "function_call", "modalities", "audio", "prediction", "web_search_options"}
+    | {"extra", "functions", "function_call", "modalities", "audio", "prediction", "web_search_options", "verbosity"}
 ) - RESPONSES_FIELDS
 
 
@@ -156,6 +156,7 @@ def parse_responses(fields: dict[str, Any]) -> tuple[ResponsesRequest, ChatReque
         if fields.get(name) is not None:
             raise BadRequest(f"`{name}` is not supported: {why}", code="unsupported_parameter", param=name)
     extra = {k: fields.pop(k) for k in list(fields) if k not in RESPONSES_FIELDS}  # in the body's order: hashed
+    extra = {k: v for k, v in extra.items() if v is not None}  # null: not given (the SDK sends a None as null)
     bad = next((k for k in extra if not VENDOR_FIELD.match(k)), None)
     if bad is not None:
         raise BadRequest(f"`{bad[:64]}` is not a field name", code="invalid_request", param=bad[:64])
@@ -203,6 +204,7 @@ RENAMES: Final = (
     (re.compile(r"\Amax_(completion_)?tokens\Z"), "max_output_tokens"),
     (re.compile(r"\Aresponse_format(\.json_schema)?\b"), "text.format"),
     (re.compile(r"\Areasoning_effort\Z"), "reasoning.effort"),
+    (re.compile(r"\Averbosity\Z"), "text.verbosity"),
 )
 
 

@@ -30,6 +30,10 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 
 
+#: a field a request may carry (a vendor's, ``top_k``): what the API's ``VENDOR_FIELD`` takes
+_FIELD_NAME: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     redis_url: str | None = None
     #: where a chat's own keys live (``redis-cluster://host:port[,host:port…]`` or a plain URL);
@@ -164,6 +168,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError(f"{env_name('log_level')}: must be one of DEBUG, INFO, WARNING, ERROR")
         if self.log_format not in {"auto", "json", "text"}:
             raise SettingsError(f"{env_name('log_format')}: must be one of auto, json, text")
+        for name in ("vendor_fields", "visitor_vendor_fields"):
+            for entry in (e.strip() for e in getattr(self, name).split(",")):
+                if entry and entry != "*" and not _FIELD_NAME.match(entry):
+                    raise SettingsError(
+                        f"{env_name(name)}: {entry!r} is not a field name (comma-separated names, or *)"
+                    )
 
     @property
     def allowed_origins(self) -> frozenset[str]:

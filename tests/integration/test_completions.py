@@ -562,3 +562,14 @@ async def test_the_model_list_is_fetched_once_within_the_cache_window(
     await asyncio.sleep(0.6)
     await sdk.models.list()
     assert await fetched() == 2, "asked again once the window passed"
+
+
+async def test_a_finish_cursor_on_an_entry_that_is_not_the_end_is_a_400(sdk: openai.AsyncOpenAI, base_url: str) -> None:
+    stream = await sdk.chat.completions.create(model="fake", messages=ask("no finish here"), stream=True)  # type: ignore[arg-type]
+    chunks = [chunk async for chunk in stream]
+    where = chunks[1].model_extra["streambridge"]  # type: ignore[index]
+    url = f"{base_url}/chat/completions/{where['chat_id']}/stream?after={where['cursor']}:finish"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {sdk.api_key}"}) as session:
+        async with session.get(url) as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["param"] == "after"

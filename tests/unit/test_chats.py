@@ -8,13 +8,13 @@ from typing import Literal
 import msgspec
 import pytest
 
-from streambridge.api.chats import param_of
+from streambridge.api.chats import completion_request, param_of
 from streambridge.api.credentials import Credential, Identity, Limits, quota
 from streambridge.api.limits import check_prompt
 from streambridge.shared.chats import ChatRequest, ChatResult, Message, decode_result
 from streambridge.shared.errors import Unprocessable
 from streambridge.shared.events import FunctionCall, ToolCall
-from streambridge.shared.settings import Settings
+from streambridge.shared.settings import Settings, SettingsError
 
 
 def test_a_result_stored_before_tool_calls_and_reasoning_still_decodes() -> None:
@@ -87,3 +87,18 @@ def test_vendor_fields_pass_as_the_operator_allows_them() -> None:
     with pytest.raises(Unprocessable) as refused:
         check_prompt(tuned, quota_of("key", vendor_fields="top_k, min_p"))
     assert refused.value.param == "service_tier"
+
+
+def test_a_vendor_field_sent_as_null_is_not_sent() -> None:
+    # the SDK sends a keyword given as None as null: not given, so no allowlist refuses it either
+    _, chat = completion_request({"messages": [{"role": "user", "content": "hi"}], "service_tier": None, "top_k": 2})
+    assert chat.extra == {"top_k": 2}
+
+
+@pytest.mark.parametrize("listed", ["top_k min_p", "top-k", "top_k,,*,min_p "])
+def test_a_vendor_allowlist_is_names_or_star(listed: str) -> None:
+    if listed.endswith(" "):  # empty entries and spaces around names are fine
+        assert quota_of("key", vendor_fields=listed).quota.vendor_fields is None
+        return
+    with pytest.raises(SettingsError, match="STREAMBRIDGE_VENDOR_FIELDS"):
+        Settings(redis_url="redis://x", vendor_fields=listed)

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from streambridge.api.completions import refused
-from streambridge.api.responses_request import renamed, responses_param
-from streambridge.shared.errors import Unprocessable
+from streambridge.api.responses_request import parse_responses, renamed, responses_param
+from streambridge.shared.errors import BadRequest, Unprocessable
 from streambridge.shared.events import Failed
 
 
@@ -23,6 +23,7 @@ from streambridge.shared.events import Failed
         ("max_completion_tokens", "max_output_tokens"),
         ("max_tokens", "max_output_tokens"),
         ("response_format.json_schema", "text.format"),
+        ("verbosity", "text.verbosity"),
         ("reasoning_effort", "reasoning.effort"),
         ("temperature", "temperature"),
         ("top_k", "top_k"),  # a vendor's, named as it was sent
@@ -61,3 +62,9 @@ def test_an_errors_message_names_the_responses_field_where_it_names_the_field(
 ) -> None:
     error = renamed(Unprocessable(message, param=param))
     assert (error.message, error.param) == (said, responses_param(param))
+
+
+def test_verbosity_at_the_top_is_refused_not_laid_over_text_verbosity() -> None:
+    with pytest.raises(BadRequest) as refused:
+        parse_responses({"input": "hi", "text": {"verbosity": "low"}, "verbosity": "high"})
+    assert refused.value.param == "verbosity"
