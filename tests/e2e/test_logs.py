@@ -121,7 +121,8 @@ async def chats(run: Run, api: str, edge: str, api_key: str) -> None:
         async with http.post(f"{edge}/v1/chat/completions", json=body, headers=auth) as response:  # served by edges
             assert response.status == 200, await response.text()
         # requests the API refuses, the prompt in them: their errors are answered, not logged with it
-        async with http.post(f"{api}/v1/chats", json={"message": PROMPT, "bogus": PROMPT}, headers=auth) as response:
+        refused = {"message": PROMPT, "temperature": PROMPT}  # a field of the wrong type
+        async with http.post(f"{api}/v1/chats", json=refused, headers=auth) as response:
             assert response.status == 422
         async with http.post(f"{api}/v1/chats", data=f'{{"message": "{PROMPT}"', headers=auth) as response:
             assert response.status == 400
