@@ -270,6 +270,7 @@ export class ChatStream {
     this.reconnects = 0;
     this.queuePosition = null; // while queued and onQueued is given: 1 = the next chat to start
     this._cannotAsk = false; // the API answered 4xx about this chat: EventSource's silences are not checked
+    this._ahead = undefined; // the last event when the API last said the chat was ahead of this stream
     this._parts = restoreParts(saved.parts);
     this._options = options;
     this._persist = options.persist ?? true;
@@ -467,9 +468,15 @@ export class ChatStream {
       throw error;
     }
     if (TERMINAL.has(info.status)) return true; // ended, and its end never came
-    if ((info.attempts ?? 0) > this.attempt) return true; // a later attempt, and its start never came
-    if (info.status !== "queued" && this.status === "queued") return true; // started, and nothing came
-    return [...(info.content ?? "")].length > [...this.text].length;
+    // started, a later attempt, or more text than arrived here: the stream may be a moment behind
+    // the API (an event on its way as the chat starts), so the same answer twice running says so
+    const ahead =
+      (info.attempts ?? 0) > this.attempt ||
+      (info.status !== "queued" && this.status === "queued") ||
+      [...(info.content ?? "")].length > [...this.text].length;
+    const seen = ahead && this._ahead === this.lastEventId;
+    this._ahead = ahead ? this.lastEventId : undefined;
+    return seen;
   }
 
   _route() {

@@ -283,7 +283,10 @@ test("a silent EventSource stream whose chat went on without it reconnects after
   first.send("2-0", "content", { content: "Hello", index: 1, attempt: 1 });
   mock.timers.tick(1000);
   await turns();
-  assert.equal(first.closed, true);
+  assert.equal(first.closed, false, "one answer ahead of the stream may be an event on its way");
+  mock.timers.tick(1000);
+  await turns();
+  assert.equal(first.closed, true, "the same answer after another silence: the connection is dead");
   mock.timers.tick(2000); // the backoff
   await turns();
   const second = FakeEventSource.made[1];
@@ -294,6 +297,35 @@ test("a silent EventSource stream whose chat went on without it reconnects after
   second.send("4-0", "complete", { attempt: 1 });
   assert.equal((await chat.done).text, "Hello, more");
   assert.equal(chat.reconnects, 1);
+});
+
+test("an EventSource stream a moment behind the API is not taken for dead", async (t) => {
+  t.after(() => {
+    mock.timers.reset();
+    delete globalThis.EventSource;
+  });
+  globalThis.EventSource = FakeEventSource;
+  FakeEventSource.made = [];
+  mock.timers.enable({ apis: ["setTimeout"] });
+  // the chat starts as the silence ends: the API says so before its `started` event arrives here
+  const client = createClient({
+    baseUrl: "http://x",
+    store: memoryStore(),
+    readTimeoutMs: 1000,
+    fetch: apiOnly(() => ({ status: "running", attempts: 1, content: "" })),
+  });
+  const chat = await client.createChat({ message: "hi", transport: "eventsource" });
+  await turns();
+  const [source] = FakeEventSource.made;
+  source.open();
+  mock.timers.tick(1000);
+  await turns();
+  source.send("1-0", "started", { attempt: 1, model: "m" }); // the event that was on its way
+  source.send("2-0", "content", { content: "Hi", index: 1, attempt: 1 });
+  source.send("3-0", "complete", { attempt: 1 });
+  assert.equal((await chat.done).text, "Hi");
+  assert.equal(chat.reconnects, 0);
+  assert.equal(FakeEventSource.made.length, 1);
 });
 
 test("a callback that throws is reported and the stream carries on", async (t) => {
@@ -758,6 +790,8 @@ test("over EventSource, a silence while the server moved to a later attempt (wit
   first.send("1-0", "started", { attempt: 1, model: "m" });
   first.send("2-0", "content", { content: "a longer first attempt", index: 1, attempt: 1 });
   mock.timers.tick(1000);
+  await turns();
+  mock.timers.tick(1000); // the same answer after a second silence: not an event on its way
   await turns();
   assert.equal(first.closed, true, "attempt 2 began on the server and its start never came: the stream is dead");
   chat.close();
