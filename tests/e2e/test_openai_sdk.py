@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from streambridge.fake_llm import expected_text
+from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from tests.e2e.conftest import System, login
 
 pytestmark = pytest.mark.e2e
@@ -128,3 +128,67 @@ async def test_the_readmes_sdk_only_resume_continues_on_the_other_edge_exactly(s
     with openai.OpenAI(base_url=f"{system.edges[1].url}/v1", api_key=key) as second:
         rest = await asyncio.to_thread(resume_as_the_readme_does, second, chunk)
     assert "".join(seen) + rest == expected_text("sdk only", WORDS)
+
+
+LOOKUP = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "Look something up.",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]},
+    },
+}
+
+
+async def test_the_sdks_other_calls_work_unchanged_against_real_processes(system: System) -> None:
+    async with aiohttp.ClientSession() as session:
+        key = (await login(session, system.api.url))["Authorization"].removeprefix("Bearer ")
+    sdk = openai.AsyncOpenAI(base_url=f"{system.edges[0].url}/v1", api_key=key, max_retries=0)
+    try:
+        assert [m.id async for m in sdk.models.list()]  # the upstream's list
+        ask = [{"role": "user", "content": "e2e tool"}]
+        async with sdk.chat.completions.stream(model="fake", messages=ask, tools=[LOOKUP]) as stream:  # type: ignore[arg-type,list-item]
+            final = await stream.get_final_completion()
+        assert final.choices[0].finish_reason == "tool_calls"
+        calls = final.choices[0].message.tool_calls or []
+        assert [c.function.arguments for c in calls] == [expected_tool_call("e2e tool", "lookup").function.arguments]
+
+        chunks = await sdk.chat.completions.create(
+            model="fake?reasoning=4&words=6",
+            messages=[{"role": "user", "content": "e2e think"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        reasoning, text, usage = "", "", None
+        async for chunk in chunks:
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+                text += choice.delta.content or ""
+        assert (reasoning, text) == (expected_reasoning("e2e think", 4), expected_text("e2e think", 6))
+        assert usage is not None
+
+        schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+        whole = await sdk.chat.completions.create(
+            model="fake?words=3",
+            messages=[{"role": "user", "content": "e2e schema"}],
+            response_format=schema,  # type: ignore[arg-type]
+        )
+        assert whole.choices[0].message.content == expected_text("e2e schema", 3)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.chat.completions.create(model="fake", messages=[{"role": "user", "content": "two"}], n=2)
+        assert refused.value.param == "n"
+
+        background = await sdk.responses.create(model=SLOW, input="e2e cancel me", background=True)
+        assert (await sdk.responses.cancel(background.id)).status == "cancelled"
+        assert (await sdk.responses.cancel(background.id)).status == "cancelled"  # idempotent
+        done = await sdk.responses.create(model="fake?words=3", input="e2e done")
+        assert (done.status, done.output_text) == ("completed", expected_text("e2e done", 3))
+        with pytest.raises(openai.BadRequestError):
+            await sdk.responses.cancel(done.id)  # a completed response
+    finally:
+        await sdk.close()
+    stranger = openai.AsyncOpenAI(base_url=f"{system.edges[1].url}/v1", api_key="sbk_nope_nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await stranger.models.list()
+    await stranger.close()
