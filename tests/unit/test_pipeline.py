@@ -506,8 +506,9 @@ async def steady(count: int, every: float) -> AsyncGenerator[Delta, None]:
 
 
 async def test_a_steady_stream_that_lasts_many_idle_limits_does_not_time_out() -> None:
-    received = await collect_deltas(with_timeouts(steady(20, 0.01), first=0.05, idle=0.05))
-    assert [d.text for d in received] == [*map(str, range(20)), ""]
+    # 0.4 s in all, four idle limits; each gap a tenth of one (room for a loaded host's late timers)
+    received = await collect_deltas(with_timeouts(steady(40, 0.01), first=0.1, idle=0.1))
+    assert [d.text for d in received] == [*map(str, range(40)), ""]
 
 
 async def test_time_the_consumer_holds_the_stream_between_chunks_does_not_count() -> None:
