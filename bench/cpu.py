@@ -11,6 +11,8 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
 
 1. steady: 40 clients, each a chat at a time, ~40-token chats 10 ms apart; our CPU per chat ÷ the
    upstream's, and the delivery lag p99 the clients saw (stream-id clock, as ``bench/load.py``);
+   "lag": the same load with the upstream stamping each chunk as it writes it (``stamp=1``): the
+   lag from the upstream's write to the client, which the stream-id clock (from the append) misses;
 2. fixed cost: 1-token chats, our CPU per chat;
 3. the worker's CPU per token for a slow stream (a token every 20 ms) and a fast one (no delay);
 4. a 50-chat burst: TTFT p50 added over the upstream read directly;
@@ -115,6 +117,18 @@ def scenario_steady(d: dict[str, Any], seconds: float) -> dict[str, float]:
     }
 
 
+def scenario_lag(d: dict[str, Any], seconds: float) -> dict[str, float]:
+    """The steady load with each chunk stamped by the upstream as it writes it: upstream → client lag,
+    beside append → client (the stream ids' clock, which misses any wait before the append)."""
+    _, result = steady(d, 40, seconds, *model_args(20, 10), "--stamp")
+    upstream = result.get("upstream_lag") or {}
+    return {
+        "upstream_p50": float(upstream.get("p50", "nan")),
+        "upstream_p99": float(upstream.get("p99", "nan")),
+        "append_p99": float(result["lag"]["p99"]),
+    }
+
+
 def scenario_fixed(d: dict[str, Any], seconds: float) -> dict[str, float]:
     used, _ = steady(d, 10, seconds, *model_args(1, 10, ttft_ms=0))
     by_role = {f"{role}_ms": used.per_chat_ms(role) for role in OURS}
@@ -206,7 +220,7 @@ def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[N
             spy.wait(30)
 
 
-SCENARIOS = ("steady", "fixed", "slow_fast", "burst", "capacity")
+SCENARIOS = ("steady", "lag", "fixed", "slow_fast", "burst", "capacity")
 
 
 def one_round(
@@ -215,6 +229,7 @@ def one_round(
     seconds = 5.0 if quick else 12.0
     run = {
         "steady": lambda: scenario_steady(d, seconds),
+        "lag": lambda: scenario_lag(d, seconds),
         "fixed": lambda: scenario_fixed(d, seconds),
         "slow_fast": lambda: scenario_slow_fast(d, seconds),
         "burst": lambda: scenario_burst(d, 1 if quick else 3),
@@ -239,6 +254,9 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
         out.append(("1. steady: our CPU per chat", f"{s['ours_ms']:.2f} ms ({s['per_token_us']:.0f} µs/token)", ratio))
         out.append(("   by process (ms per chat)", split, f"{s['tokens']:.0f} tokens a chat"))
         out.append(("   delivery lag p99", f"{s['lag_p99']:.1f} ms", "goal ≤ 10 ms"))
+    if lag := r.get("lag"):
+        values = f"p50 {lag['upstream_p50']:.1f} / p99 {lag['upstream_p99']:.1f} ms"
+        out.append(("   upstream → client lag", values, f"append → client p99 {lag['append_p99']:.1f} ms"))
     if f := r.get("fixed"):
         note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
         out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))

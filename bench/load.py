@@ -79,6 +79,7 @@ async def streambridge_chat(
     created_ms = _iso_ms(chat["created_at"])
     # "at": when each of "lags" was received (epoch s), for a timeline (bench/slowclients.py)
     result: dict[str, Any] = {"id": chat["id"], "lags": [], "at": [], "ttft": None, "pickup": None, "content": 0}
+    result["upstream_lags"] = []  # ms from the upstream's write of a stamped chunk (``stamp=1``) to here
 
     def on_event(now: float, message: Any, live: bool) -> None:
         ms = id_key(message.id)[0]
@@ -90,6 +91,9 @@ async def streambridge_chat(
             if live:
                 result["lags"].append(now * 1000 - ms)
                 result["at"].append(now)
+                text = json.loads(message.data)["content"]
+                if text.startswith("@"):  # one stamp per upstream chunk, however the append batched them
+                    result["upstream_lags"] += [(now - float(s)) * 1000 for s in text[1:].split("@")]
             result["content"] += 1
 
     await follow(session, chat["stream_url"], on_event)
@@ -124,6 +128,7 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
     are in flight at any time; chats started in the first second are not counted.
     """
     model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms={args.delay_ms}"
+    model += "&stamp=1" if args.stamp else ""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         auth = await login(session, args.api)
         await asyncio.gather(*(streambridge_chat(session, args.api, auth, model, n) for n in range(5)))  # warm up
@@ -150,6 +155,9 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
                 out["streambridge_ttft"] = percentiles([v["ttft"] for v in values])
                 out["pickup"] = percentiles([v["pickup"] for v in values])
                 out["lag"] = percentiles([lag for v in values for lag in v["lags"]])
+                stamped = [lag for v in values for lag in v["upstream_lags"]]
+                if stamped:
+                    out["upstream_lag"] = percentiles(stamped)
                 out["chat_ids"] = [v["id"] for v in values]
                 out["tokens"] = sum(v["content"] for v in values)
                 if args.steady:
@@ -341,6 +349,7 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=30)
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--delay-ms", type=float, default=10)
+    parser.add_argument("--stamp", action="store_true", help="upstream → client lag, from stamped chunks")
     parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]

@@ -54,6 +54,9 @@ class FakeLLMConfig(msgspec.Struct, frozen=True, kw_only=True):
     tool: str | None = None  # call this tool in place of answering, as if the request offered it
     # answer with the prompt itself, verbatim: lets a test choose the text (markup a page must not run)
     echo: bool = False
+    # each text chunk is "@<epoch seconds> ", the time it is written: a benchmark's client measures
+    # upstream → client lag with it (bench/load.py), which the stream ids' clock does not see
+    stamp: bool = False
 
 
 DEFAULT_CONFIG: Final = FakeLLMConfig()
@@ -388,6 +391,8 @@ class _FakeLLM:
             await response.write(chunk({"role": "assistant", "content": empty}))
             for index, delta in enumerate(deltas):
                 await asyncio.sleep((config.delay_ms if index else config.ttft_ms) / 1000)
+                if config.stamp and "content" in delta:
+                    delta = {"content": f"@{time.time():.6f} "}
                 await response.write(chunk(delta))
             if fail_kind == "drop" and request.transport is not None:
                 request.transport.close()  # the client sees a chunked body that never ends properly

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -329,3 +330,13 @@ async def test_request_bodies_are_kept_only_when_a_test_asks(aiohttp_client: Any
     body = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "top_k": 3}
     assert (await recording.post("/v1/chat/completions", json=body)).status == 200
     assert await (await recording.get("/_requests")).json() == [body]
+
+
+async def test_stamped_chunks_say_when_the_upstream_wrote_them(llm: openai.AsyncOpenAI) -> None:
+    before = time.time()
+    stream = await llm.chat.completions.create(
+        model="fake?stamp=1&words=3&ttft_ms=0&delay_ms=0", messages=[{"role": "user", "content": "x"}], stream=True
+    )
+    texts = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+    assert texts
+    assert all(before <= float(t.removeprefix("@")) <= time.time() for t in texts), texts
