@@ -342,6 +342,8 @@ def test_a_batch_followed_through_a_reload_is_followed_again_after_its_last_even
         page.click("#batch-start")
         expect(page.locator("#batch-status")).to_have_text(re.compile(r": in_progress$"))
         batch_id = section.get_attribute("data-batch")
+        # the status can show before the events stream's first event has arrived (a loaded host)
+        page.wait_for_function("() => JSON.parse(sessionStorage.getItem('streambridge:batch'))?.lastEventId")
         saved = page.evaluate("JSON.parse(sessionStorage.getItem('streambridge:batch'))")
         assert saved["id"] == batch_id
         assert saved["lastEventId"], saved
