@@ -19,7 +19,14 @@ from streambridge.api.context import Context, context
 from streambridge.api.credentials import Identity, create_visitor, recall
 from streambridge.api.limits import IDEMPOTENCY_TTL, admit_chat, bounded, check_prompt, count_visitor_login
 from streambridge.shared import keys, logs, machine, metrics, trace
-from streambridge.shared.chats import REQUEST_FIELDS, TERMINAL_STATUSES, ChatRequest, Status, decode_result
+from streambridge.shared.chats import (
+    REQUEST_FIELDS,
+    TERMINAL_STATUSES,
+    VENDOR_FIELD,
+    ChatRequest,
+    Status,
+    decode_result,
+)
 from streambridge.shared.errors import BadRequest, NotFound, RequestTimeout, Unauthorized, Unavailable, Unprocessable
 from streambridge.shared.events import (
     ToolCall,
@@ -299,8 +306,6 @@ class Control(msgspec.Struct, forbid_unknown_fields=True):
 
 
 CONTROL_FIELDS: Final = frozenset(Control.__struct_fields__)
-#: a vendor's own field (vLLM's ``top_k``, …): a name like OpenAI's own, passed to the upstream
-VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 def completion_request(fields: dict[str, Any]) -> tuple[Control, ChatRequest]:

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from streambridge.api.chats import CONTROL_FIELDS, VENDOR_FIELD, chat_request, param_of
+from streambridge.api.chats import CONTROL_FIELDS, chat_request, param_of
 from streambridge.api.response_stream import Echo
-from streambridge.shared.chats import MAX_TOOLS, REQUEST_FIELDS, ChatRequest, Metadata
+from streambridge.shared.chats import MAX_TOOLS, REQUEST_FIELDS, VENDOR_FIELD, ChatRequest, Metadata
 from streambridge.shared.errors import ApiError, BadRequest
 
 #: OpenAI's fields that a response served from Chat Completions cannot honour

@@ -7,6 +7,7 @@ ended, ``result`` (JSON of :class:`ChatResult`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -127,6 +128,9 @@ class ChatRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     response_format: ResponseFormat | None = None
     extra: dict[str, Any] | None = None
 
+
+#: a vendor's own field (vLLM's ``top_k``, …): a name like OpenAI's own, passed to the upstream
+VENDOR_FIELD: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 #: the fields a request may carry besides ``extra``'s
 REQUEST_FIELDS: Final = frozenset(ChatRequest.__struct_fields__) - {"extra"}

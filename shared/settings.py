@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from streambridge.shared.chats import VENDOR_FIELD
 from streambridge.shared.errors import SettingsError
 from streambridge.shared.logs import display_url
 
@@ -28,10 +29,6 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
-
-
-#: a field a request may carry (a vendor's, ``top_k``): what the API's ``VENDOR_FIELD`` takes
-_FIELD_NAME: Final = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -170,7 +167,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
             raise SettingsError(f"{env_name('log_format')}: must be one of auto, json, text")
         for name in ("vendor_fields", "visitor_vendor_fields"):
             for entry in (e.strip() for e in getattr(self, name).split(",")):
-                if entry and entry != "*" and not _FIELD_NAME.match(entry):
+                if entry and entry != "*" and not VENDOR_FIELD.match(entry):
                     raise SettingsError(
                         f"{env_name(name)}: {entry!r} is not a field name (comma-separated names, or *)"
                     )
