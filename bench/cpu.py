@@ -156,31 +156,41 @@ def scenario_burst(d: dict[str, Any], rounds: int) -> dict[str, float]:
 CAPACITY_MODEL = model_args(40, 20)
 
 
-def cores_while(d: dict[str, Any], clients: int, seconds: float) -> tuple[float, dict[str, Any]]:
-    """Our processes' CPU in cores while ``clients`` chats stream at once, sampled after the ramp
-    (the clients' first chats start over the first second) and before the end."""
-    args = ["--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *CAPACITY_MODEL]
+def cores_while(
+    d: dict[str, Any],
+    clients: int,
+    seconds: float,
+    *extra: str,
+    model: tuple[str, ...] = CAPACITY_MODEL,
+    procs: dict[str, list[psutil.Process]] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """CPU in cores by role (``procs``, else the deployment's) while ``clients`` chats stream at once,
+    sampled after the ramp (the clients' first chats start over the first second) and before the end.
+    ``extra``: more of ``bench.load ttft``'s options (``--stamp``; ``--via URL`` for a peer proxy)."""
+    args = ["--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *model, *extra]
     gen = subprocess.Popen([sys.executable, "-m", "bench.load", "ttft", *args], stdout=subprocess.PIPE, text=True)
+    procs = procs or d["procs"]
     time.sleep(3)  # warm-up chats, login, the ramp
     window = max(seconds - 3, 1)
-    before, t0 = cpu_now(d["procs"]), time.perf_counter()
+    before, t0 = cpu_now(procs), time.perf_counter()
     time.sleep(window)
-    after, t1 = cpu_now(d["procs"]), time.perf_counter()
+    after, t1 = cpu_now(procs), time.perf_counter()
     out, _ = gen.communicate()
     if gen.returncode != 0:
         raise ScenarioFailed(f"capacity load with {clients} clients failed")
-    cores = sum(after[r] - before[r] for r in OURS) / (t1 - t0)
-    return cores, dict(json.loads(out.strip().splitlines()[-1]))
+    return {r: (after[r] - before[r]) / (t1 - t0) for r in before}, dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def scenario_capacity(d: dict[str, Any], seconds: float, verify: bool) -> dict[str, float]:
     probe = 20
-    cores, _ = cores_while(d, probe, seconds)
+    by_role, _ = cores_while(d, probe, seconds)
+    cores = sum(by_role[r] for r in OURS)
     out = {"cpu_per_chat_s_ms": cores / probe * 1000, "chats_per_core": probe / cores}
     if verify:
         # the derived count may not fit beside the load generator and upstream on 2 shared cores
         point = min(int(out["chats_per_core"]), 150)
-        cores_at, result = cores_while(d, point, seconds)
+        by_role, result = cores_while(d, point, seconds)
+        cores_at = sum(by_role[r] for r in OURS)
         out |= {"verified_at": point, "verified_cores": cores_at, "verified_lag_p99": float(result["lag"]["p99"])}
     return out
 
