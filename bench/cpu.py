@@ -318,6 +318,11 @@ def main() -> None:
     )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
+    parser.add_argument(
+        "--litellm",
+        metavar="PATH|off",
+        help="capacity: a LiteLLM peer row (bench/peer.py) with this executable; default litellm on PATH, if any",
+    )
     args = parser.parse_args()
     only = tuple(args.only.split(","))
     variants: dict[str, dict[str, str]] = {"this": {}}
@@ -335,7 +340,11 @@ def main() -> None:
             for name in order[n % len(order) :] + order[: n % len(order)]:  # each goes first in turn
                 results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
-    print_table({name: median_of(r) for name, r in results.items()})
+        print_table({name: median_of(r) for name, r in results.items()})
+        if "capacity" in only and args.litellm != "off":
+            from bench import peer  # not at the top: it imports this module
+
+            peer.report(systems["this"], args.litellm, 8 if args.quick else 15, verify=not args.quick)
     if len(results) > 1 and "steady" in only:
         for name in results:
             each = ", ".join(f"{r['steady']['ours_ms']:.2f}" for r in results[name])
