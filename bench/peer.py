@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from bench.cpu import CAPACITY_MODEL, OURS, cores_while, model_args, our_processes
+from bench.cpu import CAPACITY_MODEL, OURS, cores_while, median_of, model_args, our_processes
 from bench.load import fake_model
 from bench.run import deployment
 from streambridge.embedded import free_port
@@ -54,6 +54,10 @@ ENV = {
     "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # the bundled cost map, not one fetched at start
     "DISABLE_SCHEMA_UPDATE": "true",  # no migrations (there is no database anyway)
 }
+
+#: ``--lean``, beyond what its production page lists: a flag of the litellm module (set through
+#: ``litellm_settings``) that skips the logging handlers run for each streamed chunk
+LEAN = {"disable_streaming_logging": True}
 
 #: the steady load of goal 1 (40 clients, ~41-token chats 10 ms apart), for LiteLLM's CPU per chat
 STEADY_MODEL = model_args(20, 10)
@@ -79,19 +83,22 @@ def model_name(model: tuple[str, ...], stamp: bool) -> str:
     return fake_model(int(opts["--words"]), float(opts["--ttft-ms"]), float(opts["--delay-ms"]), stamp)
 
 
-def config(llm: str, names: list[str]) -> str:
+def config(llm: str, names: list[str], lean: bool = False) -> str:
     """LiteLLM's config; JSON is YAML. Each name goes to the simulated LLM as that model."""
     params = {"api_base": f"{llm}/v1", "api_key": "fake-key"}
     models = [{"model_name": n, "litellm_params": {"model": f"openai/{n}", **params}} for n in names]
-    return json.dumps({"model_list": models, **SETTINGS}, indent=1)
+    settings = SETTINGS | {"litellm_settings": SETTINGS["litellm_settings"] | (LEAN if lean else {})}
+    return json.dumps({"model_list": models, **settings}, indent=1)
 
 
 @contextmanager
-def litellm_proxy(executable: str, llm: str, names: list[str]) -> Iterator[tuple[str, list[psutil.Process]]]:
+def litellm_proxy(
+    executable: str, llm: str, names: list[str], lean: bool = False
+) -> Iterator[tuple[str, list[psutil.Process]]]:
     """A LiteLLM proxy on a free port: its OpenAI base (.../v1), and its process with its children."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp, "config.yaml")
-        path.write_text(config(llm, names))
+        path.write_text(config(llm, names, lean))
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith(("STREAMBRIDGE_", "LITELLM_"))} | ENV
         args = [executable, "--config", str(path), "--host", "127.0.0.1", "--port", str(port)]
@@ -172,7 +179,7 @@ def capacity(run: Callable[[int], dict[str, float]], probe: int, verify: bool) -
 
 
 def compare(
-    d: dict[str, Any], executable: str, seconds: float, verify: bool, probe: int = 10
+    d: dict[str, Any], executable: str, seconds: float, verify: bool, probe: int = 10, lean: bool = False
 ) -> dict[str, dict[str, float]]:
     """Ours and LiteLLM's capacity, from the same stamped chats at ``probe`` clients (LiteLLM's one process
     nears a core at 20 on the 2-core test host, and its clients there get half the tokens a second); its
@@ -185,7 +192,7 @@ def compare(
 
     out = {"streambridge": capacity(ours, probe, verify)}
     names = [model_name(CAPACITY_MODEL, True), model_name(STEADY_MODEL, False)]
-    with litellm_proxy(executable, d["llm"], names) as (base, procs):
+    with litellm_proxy(executable, d["llm"], names, lean) as (base, procs):
         roles = {"proxy": procs, "upstream": d["procs"]["upstream"]}
         via = ("--via", base, "--key", KEY)
 
@@ -240,15 +247,29 @@ def print_table(r: dict[str, dict[str, float]], version: str) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
 
 
-def report(d: dict[str, Any], option: str | None, seconds: float, verify: bool, probe: int = 10) -> None:
-    """The peer table, or the one line that says why there is none."""
+def report(
+    d: dict[str, Any],
+    option: str | None,
+    seconds: float,
+    verify: bool,
+    probe: int = 10,
+    lean: bool = False,
+    rounds: int = 1,
+) -> None:
+    """The peer table (medians of ``rounds``: on shared cores one round swings), or the line that says why not."""
     executable = find_litellm(option)
     if executable is None:
         print("LiteLLM peer row skipped: no litellm executable (--litellm PATH, or litellm on PATH)")
         return
-    result = compare(d, executable, seconds, verify, probe)
-    print(f"LiteLLM peer: {json.dumps(result)}", file=sys.stderr, flush=True)
-    print_table(result, litellm_version(executable))
+    results = []
+    for n in range(rounds):
+        results.append(compare(d, executable, seconds, verify, probe, lean))
+        print(f"LiteLLM peer, round {n + 1}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)
+    print_table(median_of(results), litellm_version(executable) + (" (--lean)" if lean else ""))
+    if rounds > 1:
+        for side in ("streambridge", "litellm"):
+            each = ", ".join(f"{r[side]['chats_per_core']:.0f}" for r in results)
+            print(f"chats per core, {side}, each round: {each}")
 
 
 def main() -> None:
@@ -257,10 +278,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="8 s loads (else 15 s)")
     parser.add_argument("--no-verify", action="store_true", help="no lag p99 at the derived count")
     parser.add_argument("--probe", type=int, default=10, help="clients the CPU is measured at, for both")
+    parser.add_argument("--lean", action="store_true", help="LiteLLM without its per-chunk logging handlers")
+    parser.add_argument("--rounds", type=int, default=1, help="medians of this many rounds")
     args = parser.parse_args()
     with deployment(1) as d:
         d["procs"] = our_processes(d)
-        report(d, args.litellm, 8 if args.quick else 15, verify=not args.no_verify, probe=args.probe)
+        report(
+            d,
+            args.litellm,
+            8 if args.quick else 15,
+            verify=not args.no_verify,
+            probe=args.probe,
+            lean=args.lean,
+            rounds=args.rounds,
+        )
 
 
 if __name__ == "__main__":
