@@ -24,7 +24,8 @@ PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternatin
 each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
 under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
-and scenario).
+and scenario). With capacity, LiteLLM's peer row follows the table (``bench/peer.py``) when its
+executable is given (``--litellm PATH``) or on PATH; ``--litellm off`` leaves it out.
 """
 
 from __future__ import annotations
