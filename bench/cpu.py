@@ -24,7 +24,8 @@ PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternatin
 each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
 under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
-and scenario).
+and scenario). With capacity, LiteLLM's peer row follows the table (``bench/peer.py``) when its
+executable is given (``--litellm PATH``) or on PATH; ``--litellm off`` leaves it out.
 """
 
 from __future__ import annotations
@@ -156,31 +157,41 @@ def scenario_burst(d: dict[str, Any], rounds: int) -> dict[str, float]:
 CAPACITY_MODEL = model_args(40, 20)
 
 
-def cores_while(d: dict[str, Any], clients: int, seconds: float) -> tuple[float, dict[str, Any]]:
-    """Our processes' CPU in cores while ``clients`` chats stream at once, sampled after the ramp
-    (the clients' first chats start over the first second) and before the end."""
-    args = ["--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *CAPACITY_MODEL]
+def cores_while(
+    d: dict[str, Any],
+    clients: int,
+    seconds: float,
+    *extra: str,
+    model: tuple[str, ...] = CAPACITY_MODEL,
+    procs: dict[str, list[psutil.Process]] | None = None,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """CPU in cores by role (``procs``, else the deployment's) while ``clients`` chats stream at once,
+    sampled after the ramp (the clients' first chats start over the first second) and before the end.
+    ``extra``: more of ``bench.load ttft``'s options (``--stamp``; ``--via URL`` for a peer proxy)."""
+    args = ["--api", d["api"], "--chats", str(clients), "--steady", str(seconds), "--no-baselines", *model, *extra]
     gen = subprocess.Popen([sys.executable, "-m", "bench.load", "ttft", *args], stdout=subprocess.PIPE, text=True)
+    procs = procs or d["procs"]
     time.sleep(3)  # warm-up chats, login, the ramp
     window = max(seconds - 3, 1)
-    before, t0 = cpu_now(d["procs"]), time.perf_counter()
+    before, t0 = cpu_now(procs), time.perf_counter()
     time.sleep(window)
-    after, t1 = cpu_now(d["procs"]), time.perf_counter()
+    after, t1 = cpu_now(procs), time.perf_counter()
     out, _ = gen.communicate()
     if gen.returncode != 0:
         raise ScenarioFailed(f"capacity load with {clients} clients failed")
-    cores = sum(after[r] - before[r] for r in OURS) / (t1 - t0)
-    return cores, dict(json.loads(out.strip().splitlines()[-1]))
+    return {r: (after[r] - before[r]) / (t1 - t0) for r in before}, dict(json.loads(out.strip().splitlines()[-1]))
 
 
 def scenario_capacity(d: dict[str, Any], seconds: float, verify: bool) -> dict[str, float]:
     probe = 20
-    cores, _ = cores_while(d, probe, seconds)
+    by_role, _ = cores_while(d, probe, seconds)
+    cores = sum(by_role[r] for r in OURS)
     out = {"cpu_per_chat_s_ms": cores / probe * 1000, "chats_per_core": probe / cores}
     if verify:
         # the derived count may not fit beside the load generator and upstream on 2 shared cores
         point = min(int(out["chats_per_core"]), 150)
-        cores_at, result = cores_while(d, point, seconds)
+        by_role, result = cores_while(d, point, seconds)
+        cores_at = sum(by_role[r] for r in OURS)
         out |= {"verified_at": point, "verified_cores": cores_at, "verified_lag_p99": float(result["lag"]["p99"])}
     return out
 
@@ -308,6 +319,11 @@ def main() -> None:
     )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
+    parser.add_argument(
+        "--litellm",
+        metavar="PATH|off",
+        help="capacity: a LiteLLM peer row (bench/peer.py) with this executable; default litellm on PATH, if any",
+    )
     args = parser.parse_args()
     only = tuple(args.only.split(","))
     variants: dict[str, dict[str, str]] = {"this": {}}
@@ -325,7 +341,11 @@ def main() -> None:
             for name in order[n % len(order) :] + order[: n % len(order)]:  # each goes first in turn
                 results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
-    print_table({name: median_of(r) for name, r in results.items()})
+        print_table({name: median_of(r) for name, r in results.items()})
+        if "capacity" in only and args.litellm != "off":
+            from bench import peer  # not at the top: it imports this module
+
+            peer.report(systems["this"], args.litellm, 8 if args.quick else 15, verify=not args.quick)
     if len(results) > 1 and "steady" in only:
         for name in results:
             each = ", ".join(f"{r['steady']['ours_ms']:.2f}" for r in results[name])

@@ -1,6 +1,7 @@
 """The load generator, run in its own process by ``bench/run.py``; prints one JSON result.
 
 python -m bench.load ttft --api URL --llm URL --proxy URL --chats 50 [--steady SECONDS] [--no-baselines]
+python -m bench.load ttft --via URL/v1 [--key KEY] --chats 40 --steady SECONDS [--stamp]
 python -m bench.load throughput --api URL --llm URL --chats 20 --words 400
 python -m bench.load fanout --api URL --chats 100 --readers 20 --seconds 10
 python -m bench.load idle --api URL --streams 10000
@@ -17,6 +18,7 @@ import resource
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -100,23 +102,45 @@ async def streambridge_chat(
     return result
 
 
-async def direct_chat(session: aiohttp.ClientSession, base: str, model: str, n: int) -> float:
-    """Time to first content streaming the same upstream directly (base: .../v1)."""
+async def openai_chat(
+    session: aiohttp.ClientSession, base: str, model: str, n: int, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """One chat streamed from an OpenAI-compatible server (base: .../v1), as its clients read it:
+    time to first content, how many content chunks, and each stamped chunk's upstream → client lag."""
     start = time.perf_counter()
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"bench {n} {time.time_ns()}"}]}
-    ttft = None
-    async with session.post(f"{base}/chat/completions", json=body) as response:
+    result: dict[str, Any] = {"ttft": None, "content": 0, "upstream_lags": []}
+    async with session.post(f"{base}/chat/completions", json=body, headers=headers) as response:
+        assert response.status == 200, await response.text()
         async for line in response.content:
-            if ttft is None and line.startswith(b"data: {") and b'"content":"' in line and b'"content":""' not in line:
-                ttft = (time.perf_counter() - start) * 1000
+            if not line.startswith(b"data: {") or b'"content":"' not in line or b'"content":""' in line:
+                continue
+            now = time.time()
+            if result["ttft"] is None:
+                result["ttft"] = (time.perf_counter() - start) * 1000
+            result["content"] += 1
+            if b'"content":"@' in line:  # parsed only when stamped (``stamp=1``), to keep this process light
+                text = json.loads(line[6:])["choices"][0]["delta"]["content"]
+                result["upstream_lags"] += [(now - float(s)) * 1000 for s in text.split("@")[1:]]
+    return result
+
+
+async def direct_chat(session: aiohttp.ClientSession, base: str, model: str, n: int) -> float:
+    """Time to first content streaming the same upstream directly (base: .../v1)."""
+    ttft = (await openai_chat(session, base, model, n))["ttft"]
     assert ttft is not None
-    return ttft
+    return float(ttft)
 
 
 def _iso_ms(value: str) -> int:
     from datetime import datetime
 
     return int(datetime.fromisoformat(value).timestamp() * 1000)
+
+
+def fake_model(words: int, ttft_ms: float, delay_ms: float, stamp: bool = False) -> str:
+    """The simulated LLM's model name for these options (a peer proxy routes this exact name)."""
+    return f"fake?words={words}&ttft_ms={ttft_ms}&delay_ms={delay_ms}" + ("&stamp=1" if stamp else "")
 
 
 async def ttft(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,9 +151,10 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
     as soon as its last one ended, their first chats spread over one second, so that many chats
     are in flight at any time; chats started in the first second are not counted.
     """
-    model = f"fake?words={args.words}&ttft_ms={args.ttft_ms}&delay_ms={args.delay_ms}"
-    model += "&stamp=1" if args.stamp else ""
+    model = fake_model(args.words, args.ttft_ms, args.delay_ms, args.stamp)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        if args.via:
+            return await via(session, args, model)
         auth = await login(session, args.api)
         await asyncio.gather(*(streambridge_chat(session, args.api, auth, model, n) for n in range(5)))  # warm up
         out: dict[str, Any] = {}
@@ -165,6 +190,28 @@ async def ttft(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 out[f"{name}_ttft"] = percentiles(values)
     return out
+
+
+async def via(session: aiohttp.ClientSession, args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """``--steady`` closed loops streaming through another OpenAI-compatible proxy (``--via``: its .../v1),
+    as that proxy's clients would: a peer's figures beside ours (``bench/peer.py``)."""
+    headers = {"Authorization": f"Bearer {args.key}"} if args.key else None
+
+    def run(n: int) -> Awaitable[dict[str, Any]]:
+        return openai_chat(session, args.via, model, n, headers)
+
+    await asyncio.gather(*(run(n) for n in range(5)))  # warm up
+    cpu, wall = cpu_seconds(), time.perf_counter()
+    values = await steady(run, args.chats, args.steady)
+    out = {
+        "chats_per_s": round(len(values) / (args.steady - 1), 1),
+        "ttft": percentiles([v["ttft"] for v in values if v["ttft"] is not None]),
+        "tokens": sum(v["content"] for v in values),
+        "chats": len(values),
+        "loadgen_cpu": round((cpu_seconds() - cpu) / (time.perf_counter() - wall), 2),
+    }
+    stamped = [lag for v in values for lag in v["upstream_lags"]]
+    return out | ({"upstream_lag": percentiles(stamped)} if stamped else {})
 
 
 async def steady(run: Any, clients: int, seconds: float) -> list[Any]:
@@ -337,7 +384,9 @@ async def idle(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", choices=["ttft", "throughput", "fanout", "idle"])
-    parser.add_argument("--api", required=True)
+    parser.add_argument("--api", help="streambridge's API (every scenario but ttft with --via)")
+    parser.add_argument("--via", help="ttft --steady: stream through this OpenAI-compatible base (.../v1) instead")
+    parser.add_argument("--key", help="--via: its bearer key")
     parser.add_argument("--llm")
     parser.add_argument("--proxy")
     parser.add_argument("--chats", type=int, default=50)
@@ -352,6 +401,8 @@ def main() -> None:
     parser.add_argument("--stamp", action="store_true", help="upstream → client lag, from stamped chunks")
     parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
+    if not (args.api or (args.via and args.steady)):
+        parser.error("--api is required (or ttft --via URL --steady SECONDS)")
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
     try:  # the edge runs on uvloop; its clients here may as well
         import uvloop
