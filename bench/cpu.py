@@ -62,15 +62,28 @@ def cpu_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return {role: sum(sum(p.cpu_times()[:2]) for p in ps) for role, ps in procs.items()}
 
 
+def kernel_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
+    """The system part of :func:`cpu_now`: syscalls, and on loopback the peer's share of each write."""
+    return {role: sum(p.cpu_times()[1] for p in ps) for role, ps in procs.items()}
+
+
 OURS = ("api", "edge", "worker", "redis")
 
 
 class Used:
     """CPU seconds by role between two readings, and the chats created meanwhile."""
 
-    def __init__(self, before: dict[str, float], after: dict[str, float], chats: int) -> None:
+    def __init__(
+        self, before: dict[str, float], after: dict[str, float], chats: int, kernel: dict[str, float] | None = None
+    ) -> None:
         self.by_role = {role: after[role] - before[role] for role in before}
         self.chats = max(chats, 1)
+        #: the system part of ``by_role``
+        self.kernel = kernel or {}
+
+    def kernel_pct(self) -> float:
+        """How much of our CPU was the kernel's (the rest is user space: Python, uvloop, hiredis, Redis)."""
+        return 100 * sum(self.kernel.get(r, 0.0) for r in OURS) / max(self.ours, 1e-9)
 
     @property
     def ours(self) -> float:
@@ -83,9 +96,10 @@ class Used:
 @contextmanager
 def metered(d: dict[str, Any]) -> Iterator[list[Used]]:
     procs, out = d["procs"], []
-    before, chats_before = cpu_now(procs), count_chats(d["redis"])
+    before, chats_before, kernel = cpu_now(procs), count_chats(d["redis"]), kernel_now(procs)
     yield out
-    out.append(Used(before, cpu_now(procs), count_chats(d["redis"]) - chats_before))
+    kernel = {role: spent - kernel[role] for role, spent in kernel_now(procs).items()}
+    out.append(Used(before, cpu_now(procs), count_chats(d["redis"]) - chats_before, kernel))
 
 
 def model_args(words: int, delay_ms: float, ttft_ms: float = 20) -> tuple[str, ...]:
@@ -114,6 +128,7 @@ def scenario_steady(d: dict[str, Any], seconds: float) -> dict[str, float]:
         "per_token_us": used.per_chat_ms() / tokens * 1000,
         "tokens": tokens,
         "lag_p99": float(result["lag"]["p99"]),
+        "kernel_pct": used.kernel_pct(),
         **{f"{role}_ms": used.per_chat_ms(role) for role in OURS},
     }
 
@@ -133,7 +148,12 @@ def scenario_lag(d: dict[str, Any], seconds: float) -> dict[str, float]:
 def scenario_fixed(d: dict[str, Any], seconds: float) -> dict[str, float]:
     used, _ = steady(d, 10, seconds, *model_args(1, 10, ttft_ms=0))
     by_role = {f"{role}_ms": used.per_chat_ms(role) for role in OURS}
-    return {"ours_ms": used.per_chat_ms(), "upstream_ms": used.per_chat_ms("upstream"), **by_role}
+    return {
+        "ours_ms": used.per_chat_ms(),
+        "upstream_ms": used.per_chat_ms("upstream"),
+        "kernel_pct": used.kernel_pct(),
+        **by_role,
+    }
 
 
 def scenario_slow_fast(d: dict[str, Any], seconds: float) -> dict[str, float]:
@@ -263,7 +283,8 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
         split = ", ".join(f"{role} {s[f'{role}_ms']:.2f}" for role in OURS)
         ratio = f"{s['ratio']:.2f}× the upstream's {s['upstream_ms']:.2f} ms (goal ≤ 2.0×)"
         out.append(("1. steady: our CPU per chat", f"{s['ours_ms']:.2f} ms ({s['per_token_us']:.0f} µs/token)", ratio))
-        out.append(("   by process (ms per chat)", split, f"{s['tokens']:.0f} tokens a chat"))
+        note = f"{s['tokens']:.0f} tokens a chat; {s.get('kernel_pct', float('nan')):.0f} % in the kernel"
+        out.append(("   by process (ms per chat)", split, note))
         out.append(("   delivery lag p99", f"{s['lag_p99']:.1f} ms", "goal ≤ 10 ms"))
     if lag := r.get("lag"):
         values = f"p50 {lag['upstream_p50']:.1f} / p99 {lag['upstream_p99']:.1f} ms"
@@ -272,7 +293,7 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
         note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
         out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))
         split = ", ".join(f"{role} {f[f'{role}_ms']:.2f}" for role in OURS)
-        out.append(("   by process (ms per chat)", split, ""))
+        out.append(("   by process (ms per chat)", split, f"{f.get('kernel_pct', float('nan')):.0f} % in the kernel"))
     if sf := r.get("slow_fast"):
         values = f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs"
         out.append(("3. worker CPU per token, slow/fast", values, f"{sf['ratio']:.2f}× (goal ≤ 2×)"))
