@@ -92,9 +92,9 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         background = [asyncio.create_task(keep_secret_fresh(ctx))]
         feed = connect_feed(streams_url or redis_url) if serve_edge and not is_cluster_url(streams_url) else None
         if serve_edge:
-            ctx.hub = StreamHub(streams, feed, stream_calls)
+            ctx.hub = StreamHub(streams, feed)
             await ctx.hub.start()
-            ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip, calls)
+            ctx.slots = StreamSlots(redis, settings.max_open_streams_per_ip)
             background.append(asyncio.create_task(ctx.slots.renew_forever()))
         app[CONTEXT] = ctx
         readiness.serving = True

@@ -9,8 +9,7 @@ from typing import Any, Final, NamedTuple
 
 import msgspec
 from aiohttp import HttpVersion11, web
-from redis._parsers.helpers import parse_xinfo_stream
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from streambridge.api.auth import bearer_token, load_secret, verify_stream_token
 from streambridge.api.chats import chat_id_of
@@ -98,23 +97,36 @@ class ChatState(NamedTuple):
 async def chat_state(
     ctx: Context, chat_id: str, credential_id: str, ask: SlotRequest | None = None
 ) -> tuple[ChatState, Any]:
-    """The chat's state, and the answer to ``ask`` (a stream slot) if given, in one round trip (on one
-    Redis; else one to each, at once)."""
+    """The chat's state, and the answer to ``ask`` (a stream slot) if given, in one round trip."""
     assert ctx.slots is not None
-    chat_key, events_key = keys.chat(chat_id), keys.events(chat_id)
-    sent = [ctx.calls.submit_command("GET", keys.credential(credential_id))]
-    if ask is not None:
-        sent.append(ctx.slots.submit(ask))
-    sent.append(ctx.stream_calls.submit_command("HMGET", chat_key, "owner", "status", "trace", key=chat_key))
-    sent.append(ctx.stream_calls.submit_command("XINFO", "STREAM", events_key, key=events_key))
-    answers: list[Any] = await asyncio.gather(*sent, return_exceptions=True)
-    if isinstance(answers[-1], ResponseError) and "no such key" in str(answers[-1]).lower():
-        answers[-1] = None
-    if error := next((a for a in answers if isinstance(a, BaseException)), None):
-        raise error
-    record, *refused, (owner, status, trace_context), info = answers
-    stream = parse_xinfo_stream(info) if info is not None else None  # type: ignore[no-untyped-call]
-    return ChatState(record, owner, status, stream, trace_context), (refused[0] if refused else None)
+    async with ctx.redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.credential(credential_id))
+        if ask is not None:
+            ctx.slots.add_to(pipe, ask)
+        if ctx.streams is ctx.redis:  # one Redis: one round trip
+            _read_chat(pipe, chat_id)
+            record, *refused, (owner, status, trace_context), info = await pipe.execute(raise_on_error=False)
+        else:  # the chat's own keys are on the streams Redis: both round trips at once
+            async with ctx.streams.pipeline(transaction=False) as chat:
+                _read_chat(chat, chat_id)
+                (record, *refused), chat_answers = await asyncio.gather(
+                    pipe.execute(raise_on_error=False), chat.execute(raise_on_error=False)
+                )
+            (owner, status, trace_context), info = chat_answers
+    if isinstance(record, Exception):
+        raise record
+    if isinstance(info, ResponseError) and "no such key" in str(info).lower():
+        info = None
+    elif isinstance(info, Exception):
+        raise info
+    if refused and isinstance(refused[0], Exception) and not isinstance(refused[0], NoScriptError):
+        raise refused[0]
+    return ChatState(record, owner, status, info, trace_context), (refused[0] if refused else None)
+
+
+def _read_chat(pipe: Any, chat_id: str) -> None:
+    pipe.hmget(keys.chat(chat_id), ["owner", "status", "trace"])
+    pipe.xinfo_stream(keys.events(chat_id))
 
 
 async def stream(request: web.Request, ctx: Context, chat_id: str, last_event_id: str | None) -> web.StreamResponse:

@@ -28,7 +28,6 @@ from redis.exceptions import RedisError
 from streambridge.api.feed import Feed
 from streambridge.api.shards import ShardedFeed
 from streambridge.shared import keys, metrics
-from streambridge.shared.appender import Appender
 from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
 from streambridge.shared.machine import Store
@@ -221,11 +220,8 @@ class StreamHub:
     best made with :func:`shared.redis.connect_feed`. The feed needs a real socket: not fakeredis.
     On a Redis Cluster, the feed is sharded: a connection per primary (``api/shards.py``)."""
 
-    def __init__(self, redis: Store, feed: Redis | None = None, calls: Appender | None = None) -> None:
+    def __init__(self, redis: Store, feed: Redis | None = None) -> None:
         self.redis = redis
-        #: the stream reads' round trips (the edge's hot-path calls; else the hub's own, closed with it)
-        self._calls = calls if calls is not None else Appender(redis)
-        self._own_calls = calls is None
         self.topics: dict[str, Topic] = {}
         self._channels: Feed | ShardedFeed
         if isinstance(redis, RedisCluster):  # the chats' channels are spread over its primaries
@@ -265,8 +261,6 @@ class StreamHub:
             task.cancel()
         await asyncio.gather(*self._reading, *clock, return_exceptions=True)
         await self._channels.close()
-        if self._own_calls:
-            await self._calls.close()
 
     async def tail(
         self, chat_id: str, after: str | None, *, idle: float, deliver: Deliver | None = None
@@ -384,8 +378,7 @@ class StreamHub:
         first = min(readers, key=lambda sub: sub.last_key)
         # From the earliest position inclusive: whether its entry is still held tells whether
         # what follows it is (entries leave a stream oldest first).
-        read = await self._calls.submit_command("XRANGE", key, first.last_id, "+", "COUNT", PAGE, key=key)
-        entries = [entry_from_fields(i, dict(zip(f[::2], f[1::2], strict=True))) for i, f in read]
+        entries = [entry_from_fields(i, f) for i, f in await self.redis.xrange(key, min=first.last_id, count=PAGE)]
         full = len(entries) == PAGE
         for n, entry in enumerate(entries):
             if entry.type in TERMINAL_TYPES:

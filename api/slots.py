@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import itertools
 import secrets
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from streambridge.api.credentials import Identity
 from streambridge.shared import keys
-from streambridge.shared.appender import Appender
 from streambridge.shared.errors import RateLimited
-from streambridge.shared.machine import Script
 
 SLOT_TTL: Final = 30.0
 RENEW_EVERY: Final = 10.0
@@ -31,7 +29,7 @@ RENEW_PER_CALL: Final = 500
 
 # Scored by Redis's clock (TIME), as every lapse is: edges whose clocks disagree still agree on
 # which slots have lapsed. ARGV: the slot's TTL (ms), the slot, the user's limit, the address's.
-OPEN_LUA: Final = """
+OPEN: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lapses = now + tonumber(ARGV[1])
@@ -45,7 +43,6 @@ for i = 1, 2 do
 end
 return 0
 """
-OPEN: Final = Script("OPEN", OPEN_LUA, hashlib.sha1(OPEN_LUA.encode()).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -57,18 +54,15 @@ class SlotRequest:
 
 
 class StreamSlots:
-    """``calls``: the edge's hot-path calls to the control Redis (``redis``), where a stream's slot is
-    taken and given back; ``redis`` renews them."""
-
-    def __init__(self, redis: Redis, per_ip: int, calls: Appender) -> None:
+    def __init__(self, redis: Redis, per_ip: int) -> None:
         self._redis = redis
-        self._calls = calls
         self._per_ip = per_ip
         self._held: dict[str, tuple[str, str]] = {}
         # slots being given back, by key, and when they are gone; the round trip that sends them
         self._returning: tuple[dict[str, list[str]], asyncio.Future[None]] | None = None
         self._returner: asyncio.Task[None] | None = None
         self._names = (f"{secrets.token_hex(6)}:{n}" for n in itertools.count())
+        self._open = redis.register_script(OPEN)
 
     @property
     def held(self) -> int:
@@ -79,15 +73,15 @@ class StreamSlots:
         """A slot for one more stream, or 429 when the user or the address has too many open."""
         ask = self.ask(identity, ip)
         try:
-            refused = await self.submit(ask)
+            refused = await self._open(keys=ask.keys, args=self._args(ask))
         except BaseException:  # Redis may have taken it before the answer was lost
             await asyncio.shield(self.release(ask.slot))
             raise
         return self.settle(ask, refused)
 
     def ask(self, identity: Identity, ip: str) -> SlotRequest:
-        """The OPEN call for one more stream: for :meth:`acquire`, or sent with a caller's other calls
-        (:meth:`submit`), its answer then given to :meth:`settle`. The slot counts as held from
+        """The OPEN call for one more stream: for :meth:`acquire`, or a caller's own pipeline
+        (:meth:`add_to`), its answer then given to :meth:`settle`. The slot counts as held from
         here, so that :meth:`release` gives it back whatever became of the call."""
         ask = SlotRequest(
             next(self._names),
@@ -98,9 +92,12 @@ class StreamSlots:
         self._held[ask.slot] = (ask.keys[0], ask.keys[1])
         return ask
 
-    def submit(self, ask: SlotRequest) -> asyncio.Future[Any]:
-        """Sends ``ask`` with whatever other calls go now: 0 taken, 1 or 2 refused (:meth:`settle`)."""
-        return self._calls.submit(OPEN, ask.keys, [str(a) for a in (*ask.args, ask.slot, ask.limit, self._per_ip)])
+    def add_to(self, pipe: Pipeline, ask: SlotRequest) -> None:
+        """Queue ``ask`` on ``pipe`` (a NOSCRIPT answer means: :meth:`acquire` instead)."""
+        pipe.evalsha(self._open.sha, 2, *ask.keys, *self._args(ask))  # type: ignore[arg-type]
+
+    def _args(self, ask: SlotRequest) -> list[str | int]:
+        return [*ask.args, ask.slot, ask.limit, self._per_ip]
 
     def settle(self, ask: SlotRequest, refused: int) -> str:
         """The slot ``ask`` took, or the 429 it was refused with."""
@@ -144,9 +141,11 @@ class StreamSlots:
             while self._returning is not None:
                 (by_key, done), self._returning = self._returning, None
                 try:
-                    sent = [self._calls.submit_command("ZREM", key, *slots) for key, slots in by_key.items()]
-                    # what failed lapses by itself within SLOT_TTL
-                    await asyncio.gather(*sent, return_exceptions=True)
+                    with contextlib.suppress(RedisError, OSError):  # they lapse by themselves within SLOT_TTL
+                        async with self._redis.pipeline(transaction=False) as pipe:
+                            for key, slots in by_key.items():
+                                pipe.zrem(key, *slots)
+                            await pipe.execute()
                 finally:
                     done.set_result(None)
         finally:  # cancelled (the edge is closing): whoever waits for the next batch waits no more

@@ -466,10 +466,10 @@ async def test_stopping_the_hub_ends_readers_whose_read_is_in_flight(
 ) -> None:
     await append(store, [Started(attempt=1, model="m")])
 
-    def stuck(*args: object, **kwargs: object) -> asyncio.Future[None]:
-        return asyncio.get_running_loop().create_future()  # a read that never comes back
+    async def stuck(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()  # a read that never comes back
 
-    monkeypatch.setattr(hub._calls, "submit_command", stuck)
+    monkeypatch.setattr(hub.redis, "xrange", stuck)
     reading = asyncio.ensure_future(collect(hub.tail(CHAT, None, idle=5)))
     await asyncio.sleep(SUBSCRIBE_WAIT + 0.1)
     assert hub._reading, "a read is in flight"

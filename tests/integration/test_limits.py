@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import msgspec
 import pytest
@@ -16,7 +15,7 @@ from redis.asyncio import Redis
 from streambridge.api.app import make_app
 from streambridge.api.credentials import Credential, Identity, Limits, issue, quota
 from streambridge.api.limits import admit_chat
-from streambridge.api.slots import SlotRequest, StreamSlots
+from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
 from streambridge.shared.appender import Appender
 from streambridge.shared.chats import decode_request
@@ -255,20 +254,18 @@ async def test_refused_visitor_logins_do_not_count(settings: Settings, real_redi
     assert 0 < await real_redis.pttl(counter) <= 60_000  # the minute, by Redis's clock
 
 
-async def test_a_stream_slot_whose_answer_was_lost_is_given_back(
-    real_redis: Redis, calls: Appender, settings: Settings
-) -> None:
+async def test_a_stream_slot_whose_answer_was_lost_is_given_back(real_redis: Redis, settings: Settings) -> None:
     # Redis took the slot but the edge never heard (a dropped connection, a client gone mid-call):
     # the slot must not stay taken until it lapses.
-    slots = StreamSlots(real_redis, per_ip=10, calls=calls)
+    slots = StreamSlots(real_redis, per_ip=10)
     identity = Identity("alice", "c1", quota(settings, _key(Limits())))
-    opened = slots.submit
+    opened = slots._open
 
-    async def answer_lost(ask: SlotRequest) -> object:
-        await opened(ask)
+    async def answer_lost(**kwargs: object) -> object:
+        await opened(**kwargs)  # type: ignore[arg-type]
         raise ConnectionError("the answer was lost")
 
-    slots.submit = answer_lost  # type: ignore[assignment,method-assign]
+    slots._open = answer_lost  # type: ignore[assignment,method-assign]
     with pytest.raises(ConnectionError):
         await slots.acquire(identity, "192.0.2.1")
     assert await real_redis.zcard(keys.user_streams("alice")) == 0
@@ -276,10 +273,10 @@ async def test_a_stream_slot_whose_answer_was_lost_is_given_back(
 
 
 async def test_open_stream_slots_are_renewed_and_given_back_ones_stay_gone(
-    real_redis: Redis, calls: Appender, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    real_redis: Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("streambridge.api.slots.RENEW_PER_CALL", 2)  # several calls, and a key split across them
-    slots = StreamSlots(real_redis, per_ip=10, calls=calls)
+    slots = StreamSlots(real_redis, per_ip=10)
     alice = Identity("alice", "c1", quota(settings, _key(Limits(max_open_streams=10))))
     bob = Identity("bob", "c2", quota(settings, _key(Limits(max_open_streams=10))))
     held = [await slots.acquire(alice, "192.0.2.1") for _ in range(3)] + [await slots.acquire(bob, "192.0.2.2")]
@@ -302,23 +299,23 @@ async def test_open_stream_slots_are_renewed_and_given_back_ones_stay_gone(
 
 
 async def test_slots_given_back_together_go_in_one_round_trip_and_all_of_them_go(
-    real_redis: Redis, calls: Appender, settings: Settings
+    real_redis: Redis, settings: Settings
 ) -> None:
     # A chat that thousands watch ends: its streams all close at once, and give their slots back.
-    slots = StreamSlots(real_redis, per_ip=1000, calls=calls)
+    slots = StreamSlots(real_redis, per_ip=1000)
     alice = Identity("alice", "c1", quota(settings, _key(Limits(max_open_streams=1000))))
     bob = Identity("bob", "c2", quota(settings, _key(Limits(max_open_streams=1000))))
     held = [await slots.acquire(alice, "192.0.2.1") for _ in range(150)]
     held += [await slots.acquire(bob, "192.0.2.2") for _ in range(50)]
     round_trips = 0
-    execute = calls._execute
+    pipeline = real_redis.pipeline
 
-    async def counted(batch: list[Any]) -> list[Any]:
+    def counted(*args: object, **kwargs: object) -> object:
         nonlocal round_trips
         round_trips += 1
-        return await execute(batch)
+        return pipeline(*args, **kwargs)  # type: ignore[arg-type]
 
-    calls._execute = counted  # type: ignore[method-assign]
+    real_redis.pipeline = counted  # type: ignore[assignment,method-assign]
     await asyncio.gather(*(slots.release(slot) for slot in held), slots.release(held[0]))
     assert round_trips <= 2  # the first alone, perhaps, then every one that came meanwhile
     for key in (keys.user_streams("alice"), keys.ip_streams("192.0.2.1"), keys.user_streams("bob")):
