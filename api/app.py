@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Final
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -22,8 +21,6 @@ from streambridge.api.hub import StreamHub
 from streambridge.api.query import single_valued_query_middleware
 from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
-from streambridge.shared.appender import Appender
-from streambridge.shared.machine import Store
 from streambridge.shared.redis import close_client, connect, connect_feed, connect_streams, is_cluster_url
 from streambridge.shared.settings import Settings
 
@@ -38,17 +35,6 @@ async def keep_secret_fresh(ctx: Context) -> None:
         await asyncio.sleep(SECRET_REFRESH)
         with contextlib.suppress(RedisError):
             ctx.secret = await load_secret(ctx.redis, None, ctx.secret)
-
-
-#: how long a hot-path call (an admission, a stream's opening) is sent again over dropped
-#: connections, each attempt within the socket timeout: a frozen Redis is a 503 in seconds
-CALLS_RETRY_FOR: Final = 5.0
-
-
-def hot_calls(redis: ArqRedis, streams: Store) -> tuple[Appender, Appender]:
-    """The control Redis's and the streams Redis's hot-path calls: one on one Redis."""
-    calls = Appender(redis, retry_for=CALLS_RETRY_FOR)
-    return calls, calls if streams is redis else Appender(streams, retry_for=CALLS_RETRY_FOR)
 
 
 def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = True) -> web.Application:
@@ -86,9 +72,7 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         redis.default_queue_name = keys.QUEUE_NAME
         streams_url = settings.streams_redis_url
         streams = connect_streams(streams_url, max_connections=pool_size) if streams_url else redis
-        calls, stream_calls = hot_calls(redis, streams)
-        secret = await load_secret(redis, settings.secret)
-        ctx = Context(settings, redis, streams, secret, calls, stream_calls)
+        ctx = Context(settings=settings, redis=redis, streams=streams, secret=await load_secret(redis, settings.secret))
         background = [asyncio.create_task(keep_secret_fresh(ctx))]
         feed = connect_feed(streams_url or redis_url) if serve_edge and not is_cluster_url(streams_url) else None
         if serve_edge:
@@ -105,7 +89,6 @@ def make_app(settings: Settings, *, serve_api: bool = True, serve_edge: bool = T
         await asyncio.gather(*background, return_exceptions=True)
         if ctx.hub is not None:
             await ctx.hub.stop()
-        await asyncio.gather(*(c.close() for c in {calls, stream_calls}))
         # The pools were handed to the clients, so closing a client leaves its pool's sockets open.
         await redis.aclose(close_connection_pool=True)
         if streams is not redis:

@@ -153,8 +153,8 @@ async def admit(
     logs.bind(user=identity.user, trace_id=span.trace_id)
     try:
         admitted = await admit_chat(
-            ctx.calls,
-            ctx.stream_calls,
+            ctx.redis,
+            ctx.streams,
             ctx.settings,
             identity,
             chat_id,

@@ -10,7 +10,6 @@ from arq.connections import ArqRedis
 from streambridge.api.credentials import Known
 from streambridge.api.hub import StreamHub
 from streambridge.api.slots import StreamSlots
-from streambridge.shared.appender import Appender
 from streambridge.shared.machine import Store
 from streambridge.shared.settings import Settings
 
@@ -23,10 +22,6 @@ class Context:
     #: the chats' own keys (``shared.keys``): ``redis`` itself, unless ``STREAMBRIDGE_STREAMS_REDIS_URL`` is set
     streams: Store
     secret: bytes
-    #: calls to the control Redis and to the streams Redis on the hot path (a chat's admission, a
-    #: stream's opening), on lean connections, sharing round trips: the same object on one Redis
-    calls: Appender
-    stream_calls: Appender
     hub: StreamHub | None = None
     slots: StreamSlots | None = None
     #: the credentials an edge has seen, by id, with their identities (see ``api.edge.admit``)

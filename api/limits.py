@@ -11,16 +11,14 @@ counts for nothing. The call is safe to send twice: a re-send after a lost reply
 
 from __future__ import annotations
 
-import asyncio
 import math
-from typing import Any, Final
+from typing import Final
 
 import msgspec
 from redis.asyncio import Redis
 
 from streambridge.api.credentials import Identity
 from streambridge.shared import keys, machine
-from streambridge.shared.appender import Appender
 from streambridge.shared.chats import ChatRequest
 from streambridge.shared.errors import Overloaded, RateLimited, Unauthorized, Unprocessable
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
@@ -68,8 +66,8 @@ def bounded(chat: ChatRequest, identity: Identity) -> ChatRequest:
 
 
 async def admit_chat(
-    calls: Appender,
-    stream_calls: Appender,
+    redis: Redis,
+    streams: machine.Store,
     settings: Settings,
     identity: Identity,
     chat_id: str,
@@ -82,10 +80,9 @@ async def admit_chat(
     trace: str = "",
 ) -> str:
     """Records the new chat (status ``queued``, on the streams Redis) and enqueues its job if every
-    limit allows it (on the control Redis), else takes the record back and raises 429 or 503: each
-    safe to send twice; on one Redis (``calls`` is ``stream_calls``) both in one round trip, in
-    that order. Returns the chat's id: ``chat_id``, or the chat an earlier request with the same
-    ``idempotency_key`` created (its request must be the same).
+    limit allows it (on the control Redis), else takes the record back and raises 429 or 503: two
+    round trips, each safe to send twice. Returns the chat's id: ``chat_id``, or the chat an earlier
+    request with the same ``idempotency_key`` created (its request must be the same).
 
     A crash between the two, or an error from ADMIT, leaves the record (ADMIT may have run, its
     answer lost): with no job pointing to it, no worker ever finds it, and it expires with the
@@ -101,9 +98,7 @@ async def admit_chat(
     created = machine.create(
         chat_id, identity.user, created_at=created_at, request=request, result_ttl=settings.result_ttl, trace=trace
     )
-    recorded = stream_calls.submit(*created)
-    if stream_calls is not calls:  # ADMIT only once the record is there
-        await recorded
+    await machine.call(streams, created)
     admission = machine.admit(
         chat_id,
         identity.user,
@@ -117,17 +112,11 @@ async def admit_chat(
         replay=replay,
     )
     # A lost reply is not a refusal (ADMIT may have run): the record stays, and expires if unused.
-    # on one Redis both went in one round trip, CREATE first: it fails only with ADMIT (a refused
-    # write, a lost connection), and its error, if any, is the one raised
-    outcomes = await asyncio.gather(recorded, calls.submit(*admission), return_exceptions=True)
-    if error := next((o for o in outcomes if isinstance(o, BaseException)), None):
-        raise error
-    answer: list[Any] = outcomes[1]  # type: ignore[assignment]
+    answer = await machine.call(redis, admission)
     verdict, *detail = [_text(v) if isinstance(v, bytes) else v for v in answer]
     if verdict == "ok":
         return chat_id
-    record = keys.chat(chat_id)
-    await stream_calls.submit_command("DEL", record, key=record)  # refused, or another chat answers: this one never was
+    await streams.delete(keys.chat(chat_id))  # refused, or another chat answers: this one never was
     if verdict == "replay":
         return str(detail[0])
     if verdict == "reused":

@@ -20,8 +20,8 @@ from redis.asyncio import Redis
 
 from streambridge.embedded import free_port, redis_server_binary
 from streambridge.shared import keys
-from streambridge.shared.appender import Appender
 from streambridge.shared.events import Content
+from streambridge.workers.appender import Appender
 from streambridge.workers.sink import StreamSink
 
 

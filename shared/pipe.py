@@ -11,7 +11,7 @@ Batches may overlap: replies come back in the order the commands went. A batch n
 within its ``timeout`` drops the connection (its replies would be out of step), failing every batch
 in flight with ``TimeoutError``; one timer does for all of them, moved lazily, not one per call.
 A dropped connection fails the batches in flight with ``ConnectionError``; the next call connects
-again. Retrying is the caller's (``shared.appender`` sends a round trip again: its calls are
+again. Retrying is the caller's (``workers.appender`` sends a round trip again: its calls are
 fenced and numbered, safe to run twice).
 
 The connection is made as a redis-py client's pool says (host or Unix socket, TLS, user and
@@ -47,11 +47,6 @@ class _Batch:
         self.replies: list[Any] = []
 
 
-def _retrieved(answer: asyncio.Future[list[Any]]) -> None:
-    if not answer.cancelled():
-        answer.exception()
-
-
 class _Wire(asyncio.Protocol):
     """One connection and the batches it owes replies to: a new one for each reconnect, so that a
     dropped connection's late ``connection_lost`` touches nothing of the next one's."""
@@ -72,7 +67,6 @@ class _Wire(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to Redis closed")
         batch = _Batch(asyncio.get_running_loop().create_future(), len(commands), deadline)
-        batch.answer.add_done_callback(_retrieved)  # its caller may have left (shielded, then cancelled)
         self._batches.append(batch)
         self.transport.write(packed)
         if self._timer is None or batch.due < self._timer_due:

@@ -266,7 +266,7 @@ MAP_REFRESH_EVERY: Final = 0.05
 
 class ClusterNodes:
     """A cluster's slot map, and a plain client of each node it names: for a caller that sends each
-    primary a pipeline of its own (``shared.appender``) instead of redis-py's cluster pipeline,
+    primary a pipeline of its own (``workers.appender``) instead of redis-py's cluster pipeline,
     which, when one node's connection drops, closes every node's connections.
 
     The clients are :func:`connect`'s (bounded, hiredis-packed), one per node address, kept for

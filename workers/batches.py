@@ -30,10 +30,10 @@ import msgspec
 import openai
 
 from streambridge.shared import batches, keys, machine, metrics
-from streambridge.shared.appender import Appender
 from streambridge.shared.batches import BatchKeys, OutputError, OutputLine, Response, Usage, decode_item
 from streambridge.shared.jobs import back_off
 from streambridge.shared.settings import Settings
+from streambridge.workers.appender import Appender
 from streambridge.workers.llm import classify
 
 try:  # the SDK's HTTP stack, as workers/llm.py finds it

@@ -18,8 +18,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine
-from streambridge.shared.appender import Appender
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
+from streambridge.workers.appender import Appender
 
 #: CLAIM's answers for a chat that has ended, or is gone: its job is stale
 ENDED = frozenset({"complete", "failed", "cancelled", "missing"})

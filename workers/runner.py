@@ -23,7 +23,6 @@ import openai
 from redis.asyncio import Redis
 
 from streambridge.shared import logs, machine, metrics, trace
-from streambridge.shared.appender import Appender
 from streambridge.shared.chats import ChatRequest, ChatResult, decode_request
 from streambridge.shared.events import (
     Cancelled,
@@ -41,6 +40,7 @@ from streambridge.shared.events import (
     assemble_tool_calls,
 )
 from streambridge.shared.settings import Settings
+from streambridge.workers.appender import Appender
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import classify, failure_cause, stream_deltas
 from streambridge.workers.pipeline import Delta, Failure, chat_events, with_timeouts

@@ -33,10 +33,10 @@ from typing import Final, get_args
 import msgspec
 
 from streambridge.shared import machine
-from streambridge.shared.appender import Appender
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.errors import StreambridgeError
 from streambridge.shared.events import Event, Started, encode_event, event_type
+from streambridge.workers.appender import Appender
 
 # Each event type's name (its tag), as the bytes the APPEND call sends.
 _TYPES: Final[dict[type, bytes]] = {t: str(t.__struct_config__.tag).encode() for t in get_args(Event)}

@@ -11,11 +11,11 @@ from typing import Any, Final
 from arq.connections import ArqRedis
 
 from streambridge.shared import keys, metrics
-from streambridge.shared.appender import Appender
 from streambridge.shared.jobs import QueueWorker, back_off
 from streambridge.shared.pipe import Pipe, pipe_for
 from streambridge.shared.redis import close_client, connect, connect_streams
 from streambridge.shared.settings import Settings
+from streambridge.workers.appender import Appender
 from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lane import NICE, BatchLane
 from streambridge.workers.lease import Lease

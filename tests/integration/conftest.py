@@ -18,10 +18,10 @@ from streambridge.api.app import make_app
 from streambridge.embedded import free_port, redis_server_binary
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.shared.appender import Appender
 from streambridge.shared.events import Event, decode_event
 from streambridge.shared.settings import Settings
 from streambridge.sse import SSEMessage, SSEParser
+from streambridge.workers.appender import Appender
 from streambridge.workers.worker import make_worker
 
 FAST_LLM = FakeLLMConfig(ttft_ms=0, delay_ms=0, words=12)

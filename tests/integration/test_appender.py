@@ -13,9 +13,9 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from streambridge.shared.appender import Appender
 from streambridge.shared.machine import define
 from streambridge.shared.redis import connect
+from streambridge.workers.appender import Appender
 
 INCR = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
 

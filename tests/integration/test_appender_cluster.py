@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from streambridge.shared.appender import WAIT_MS, Appender, Waiting
 from streambridge.shared.machine import define
 from streambridge.shared.redis import StreamsCluster, connect_streams
+from streambridge.workers.appender import WAIT_MS, Appender, Waiting
 from tests.cluster import Node, RedisCluster
 
 # A batch fenced by its sequence number, as APPEND is: a re-sent one is skipped (0), a new one logged (1).

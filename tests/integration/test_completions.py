@@ -21,7 +21,6 @@ from streambridge.api.context import CONTEXT
 from streambridge.api.errors import error_type
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from streambridge.shared import keys
-from streambridge.shared.appender import Appender
 from streambridge.shared.errors import RequestTimeout
 from streambridge.shared.settings import Settings
 from streambridge.workers.worker import make_worker, stop_worker
@@ -486,12 +485,8 @@ async def test_every_error_status_is_the_sdks_own_exception_class(
             cases.append((await raised(), openai.APIStatusError, 408, "request_timeout"))
         with monkeypatch.context() as patched:
             unreachable = Redis.from_url("redis://127.0.0.1:9/0")
-            calls = Appender(unreachable, retry_for=0.2)
             patched.setattr(ctx, "redis", unreachable)
-            patched.setattr(ctx, "calls", calls)
-            patched.setattr(ctx, "stream_calls", calls)
             cases.append((await raised(), openai.InternalServerError, 503, "redis_unavailable"))
-            await calls.close()
             await unreachable.aclose()
         for exc, cls, status, code in cases:
             assert (type(exc), exc.status_code, exc.code) == (cls, status, code)

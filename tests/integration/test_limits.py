@@ -17,7 +17,6 @@ from streambridge.api.credentials import Credential, Identity, Limits, issue, qu
 from streambridge.api.limits import admit_chat
 from streambridge.api.slots import StreamSlots
 from streambridge.shared import keys
-from streambridge.shared.appender import Appender
 from streambridge.shared.chats import decode_request
 from streambridge.shared.errors import Overloaded, RateLimited
 from streambridge.shared.settings import Settings
@@ -118,42 +117,30 @@ async def test_too_many_chats_a_minute_get_429_with_retry_after(strict_settings:
         assert (await create(client, await visitor(client)))[0] == 202, "each user has a minute of their own"
 
 
-@pytest.fixture
-async def calls(real_redis: Redis) -> AsyncIterator[Appender]:
-    """The API's hot-path calls, as a process makes them (``api.app.hot_calls``)."""
-    appender = Appender(real_redis)
-    yield appender
-    await appender.close()
-
-
-async def test_the_minute_count_is_shared_and_resets_with_the_minute(
-    real_redis: Redis, calls: Appender, settings: Settings
-) -> None:
+async def test_the_minute_count_is_shared_and_resets_with_the_minute(real_redis: Redis, settings: Settings) -> None:
     identity = Identity("u", "0" * 16, quota(settings, _key(Limits(chats_per_minute=1))))
     await real_redis.set(keys.credential(identity.credential), b"{}")  # admission checks it still exists
-    await admit_chat(calls, calls, settings, identity, "a" * 32, created_at="t", request=b"{}")
+    await admit_chat(real_redis, real_redis, settings, identity, "a" * 32, created_at="t", request=b"{}")
     # Another API process, half a minute later by Redis's clock (whatever the hosts' clocks say):
     await real_redis.pexpire(keys.rate("u"), 29_500)
     with pytest.raises(RateLimited) as caught:
-        await admit_chat(calls, calls, settings, identity, "b" * 32, created_at="t", request=b"{}")
+        await admit_chat(real_redis, real_redis, settings, identity, "b" * 32, created_at="t", request=b"{}")
     assert caught.value.retry_after == 30
     assert not await real_redis.exists(keys.chat("b" * 32)), "a refused chat leaves nothing behind"
     await real_redis.delete(keys.rate("u"))  # the minute is over
-    await admit_chat(calls, calls, settings, identity, "c" * 32, created_at="t", request=b"{}")
+    await admit_chat(real_redis, real_redis, settings, identity, "c" * 32, created_at="t", request=b"{}")
 
 
-async def test_a_deep_queue_turns_new_chats_away_at_once(
-    real_redis: Redis, calls: Appender, settings: Settings
-) -> None:
+async def test_a_deep_queue_turns_new_chats_away_at_once(real_redis: Redis, settings: Settings) -> None:
     shallow = msgspec.structs.replace(settings, max_queue_depth=2)
     await real_redis.zadd(keys.QUEUE_NAME, {"job-1": 1, "job-2": 2})
     identity = Identity("u", "0" * 16, quota(shallow, _key(Limits())))
     await real_redis.set(keys.credential(identity.credential), b"{}")
     with pytest.raises(Overloaded) as caught:
-        await admit_chat(calls, calls, shallow, identity, "a" * 32, created_at="t", request=b"{}")
+        await admit_chat(real_redis, real_redis, shallow, identity, "a" * 32, created_at="t", request=b"{}")
     assert (caught.value.status, caught.value.code, caught.value.retry_after) == (503, "overloaded", 2)
     await real_redis.zrem(keys.queue(), "job-1")  # a chat that starts leaves the queue
-    await admit_chat(calls, calls, shallow, identity, "a" * 32, created_at="t", request=b"{}")
+    await admit_chat(real_redis, real_redis, shallow, identity, "a" * 32, created_at="t", request=b"{}")
 
 
 async def test_an_api_key_carries_its_own_limits(strict: Client, real_redis: Redis) -> None:

@@ -9,8 +9,8 @@ import pytest
 from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine
-from streambridge.shared.appender import Appender
 from streambridge.shared.events import Content, encode_event
+from streambridge.workers.appender import Appender
 from streambridge.workers.sink import StreamSink
 from tests.integration.test_appender import CountingAppender
 

@@ -17,11 +17,11 @@ from redis.exceptions import ResponseError
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
 from streambridge.shared import jobs, keys, machine
-from streambridge.shared.appender import Appender
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 from streambridge.shared.streams import id_key
 from streambridge.workers import worker as worker_module
+from streambridge.workers.appender import Appender
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import make_client
 from streambridge.workers.runner import ChatRunner

@@ -93,16 +93,12 @@ class Appender:
         lane = self._lanes.setdefault("" if self._nodes is None else self._nodes.owner_known(keys[0]), _Lane())
         return self._queue(lane, script, keys, args, durable)
 
-    def submit_command(self, *command: str | bytes | int, key: str | None = None) -> asyncio.Future[Any]:
-        """A plain command's reply (an error reply raised), queued with the calls; ``key``, the key it
-        touches, picks a cluster's node (required there). It is sent again over a dropped connection,
-        as the calls are: only commands safe to repeat."""
-        if self._nodes is not None and key is None:
-            raise ValueError("a command for a cluster needs the key that picks its node")
-        lane = self._lanes.setdefault(
-            "" if self._nodes is None or key is None else self._nodes.owner_known(key), _Lane()
-        )
-        return self._queue(lane, None, [] if key is None else [key], list(command), False)
+    def submit_command(self, *command: str | bytes | int) -> asyncio.Future[Any]:
+        """A plain command's reply (an error reply raised), queued with the calls: for one Redis, not a
+        cluster (the worker's control calls, ``workers/lease.py``). It is sent again over a dropped
+        connection, as the calls are: only commands safe to repeat."""
+        assert self._nodes is None, "plain commands go to one Redis, not a cluster's nodes"
+        return self._queue(self._lanes.setdefault("", _Lane()), None, [], list(command), False)
 
     def _queue(
         self, lane: _Lane, script: Script | None, keys: list[str], args: list[Any], durable: bool
