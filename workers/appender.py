@@ -56,9 +56,8 @@ UNREPLICATED_LOG_EVERY: Final = 60.0
 #: the loop's time the round trip under way in this task (a lane's sender) is answered by, or fails
 _GIVE_UP: Final[contextvars.ContextVar[float]] = contextvars.ContextVar("_GIVE_UP", default=0.0)
 
-#: a call: its script (None: a plain command, whole in the arguments), keys, arguments, whether it
-#: is durable, and its caller's answer
-Waiting = tuple[Script | None, list[str], list[Any], bool, asyncio.Future[Any]]
+#: a call: its script, keys, arguments, whether it is durable, and its caller's answer
+Waiting = tuple[Script, list[str], list[str | bytes], bool, asyncio.Future[Any]]
 
 
 @dataclass(eq=False)
@@ -83,31 +82,12 @@ class Appender:
     async def call(self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False) -> Any:
         """``script``'s answer, sent with whatever else is waiting to go to its node. ``durable``: on a
         cluster, answered once a replica has it too (or WAIT gave up); on one Redis, as any call."""
-        return await self.submit(script, keys, args, durable=durable)
-
-    def submit(
-        self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False
-    ) -> asyncio.Future[Any]:
-        """As :meth:`call`, queued now: calls submitted one after another go in that order, in one
-        round trip unless one is in flight (then together, in the next)."""
         lane = self._lanes.setdefault("" if self._nodes is None else self._nodes.owner_known(keys[0]), _Lane())
-        return self._queue(lane, script, keys, args, durable)
-
-    def submit_command(self, *command: str | bytes | int) -> asyncio.Future[Any]:
-        """A plain command's reply (an error reply raised), queued with the calls: for one Redis, not a
-        cluster (the worker's control calls, ``workers/lease.py``). It is sent again over a dropped
-        connection, as the calls are: only commands safe to repeat."""
-        assert self._nodes is None, "plain commands go to one Redis, not a cluster's nodes"
-        return self._queue(self._lanes.setdefault("", _Lane()), None, [], list(command), False)
-
-    def _queue(
-        self, lane: _Lane, script: Script | None, keys: list[str], args: list[Any], durable: bool
-    ) -> asyncio.Future[Any]:
         answer = asyncio.get_running_loop().create_future()
         lane.waiting.append((script, keys, args, durable, answer))
         if lane.sender is None or lane.sender.done():
             lane.sender = asyncio.create_task(self._send(lane))
-        return answer
+        return await answer
 
     async def close(self) -> None:
         """Stop sending (the worker is done): whoever still waits for an answer is cancelled."""
@@ -193,10 +173,7 @@ class Appender:
         wait = bool(node) and any(durable for *_, durable, _ in batch)
         commands: list[list[Any]] = []
         for script, keys, args, *_ in batch:
-            if script is None:
-                commands.append(args)
-            else:
-                commands.append([command, script.sha if command == "EVALSHA" else script.lua, len(keys), *keys, *args])
+            commands.append([command, script.sha if command == "EVALSHA" else script.lua, len(keys), *keys, *args])
         if wait:  # the same connection: WAIT covers these writes
             commands.append(["WAIT", 1, WAIT_MS])
         answers: list[Any]

@@ -10,16 +10,14 @@ reaper puts each chat on the dead worker's list back on the queue (:func:`recove
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 
 from streambridge.shared import keys, machine
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
-from streambridge.workers.appender import Appender
 
 #: CLAIM's answers for a chat that has ended, or is gone: its job is stale
 ENDED = frozenset({"complete", "failed", "cancelled", "missing"})
@@ -46,11 +44,13 @@ class Lease:
         #: Redis's clock (ms) when the chat started
         self.started_ms = 0
 
-    def register(self, control: Appender) -> asyncio.Future[Any]:
+    def register(self, pipe: Pipeline) -> None:
         """Lists the chat among its worker's, before the claim: a worker that dies after claiming
         leaves the chat where a reaper finds it. Its answer: 1 listed, 0 refused (the worker's
-        heartbeat had lapsed: it must not start chats until it beats again)."""
-        return control.submit(*machine.listing(self.worker_id, self.chat_id, self.token))
+        heartbeat had lapsed: it must not start chats until it beats again). (The script itself, not
+        its hash: a pipeline has no second chance after NOSCRIPT.)"""
+        c = machine.listing(self.worker_id, self.chat_id, self.token)
+        pipe.eval(c.script.lua, len(c.keys), *c.keys, *c.args)  # type: ignore[arg-type]
 
     def claim_call(self) -> machine.Call:
         return machine.claim(self.chat_id, self.token)
@@ -65,39 +65,42 @@ class Lease:
             self.chat = dict(zip(fields[::2], fields[1::2], strict=True))
         return outcome
 
-    def take(self, control: Appender, outcome: str) -> list[asyncio.Future[Any]]:
+    def take(self, pipe: Pipeline, outcome: str) -> None:
         """After the claim: a started or ended chat's job leaves the queue (a chat another attempt
         holds keeps it, and starts once that attempt lets go); a chat not started here leaves the list."""
-        sent = []
         if outcome == "claimed" or outcome in ENDED:
-            sent += [control.submit_command("ZREM", keys.queue(), self.chat_id)]
-            sent += [control.submit_command("DEL", keys.job(self.chat_id))]
+            pipe.zrem(keys.queue(), self.chat_id)
+            pipe.delete(keys.job(self.chat_id))
         if outcome != "claimed":
-            sent.append(self.unlist(control))
-        return sent
+            self.unlist(pipe)
 
-    def unlist(self, control: Appender) -> asyncio.Future[Any]:
-        return control.submit(*machine.unlisting(self.worker_id, self.chat_id, self.token))
+    def unlist(self, pipe: Pipeline) -> None:
+        c = machine.unlisting(self.worker_id, self.chat_id, self.token)
+        pipe.eval(c.script.lua, len(c.keys), *c.keys, *c.args)  # type: ignore[arg-type]
 
-    async def claim(self, control: Appender | None = None) -> str:
-        """All three steps for this chat alone (tests, and a worker's single starts); ``control``: the
-        worker's control calls, else a connection of the lease's own for them."""
-        async with _calls(self.control, control) as calls:
-            if not await self.register(calls):
-                return "unlisted"
-            outcome = self.took(await machine.call(self.streams, self.claim_call()))
-            await _all(self.take(calls, outcome))
+    async def claim(self) -> str:
+        """All three steps for this chat alone (tests, and a worker's single starts)."""
+        async with self.control.pipeline(transaction=False) as pipe:
+            self.register(pipe)
+            (listed,) = await pipe.execute()
+        if not listed:
+            return "unlisted"
+        outcome = self.took(await machine.call(self.streams, self.claim_call()))
+        async with self.control.pipeline(transaction=False) as pipe:
+            self.take(pipe, outcome)
+            await pipe.execute()
         return outcome
 
     @property
     def owner(self) -> str:
         return self.chat.get(b"owner", b"").decode()
 
-    async def finished(self, control: Appender | None = None) -> None:
-        """The chat ended (FINISH): it leaves its worker's list and its owner's running chats, in one
-        round trip (on one Redis, with other chats' appends)."""
-        async with _calls(self.control, control) as calls:
-            await _all([self.unlist(calls), calls.submit_command("ZREM", keys.active(self.owner), self.chat_id)])
+    async def finished(self) -> None:
+        """The chat ended (FINISH): it leaves its worker's list and its owner's running chats."""
+        async with self.control.pipeline(transaction=False) as pipe:
+            self.unlist(pipe)
+            pipe.zrem(keys.active(self.owner), self.chat_id)
+            await pipe.execute()
 
     async def cancel_flagged(self) -> bool:
         """Whether the chat's owner asked to cancel it (a backstop for a cancel message missed)."""
@@ -157,26 +160,6 @@ async def recover(
         pipe.eval(unlisting.script.lua, len(unlisting.keys), *unlisting.keys, *unlisting.args)  # type: ignore[arg-type]
         await pipe.execute()
     return recovery
-
-
-@contextlib.asynccontextmanager
-async def _calls(redis: Redis, control: Appender | None) -> AsyncIterator[Appender]:
-    if control is not None:
-        yield control
-        return
-    own = Appender(redis)
-    try:
-        yield own
-    finally:
-        await own.close()
-
-
-async def _all(sent: list[asyncio.Future[Any]]) -> list[Any]:
-    """Every answer; the first error raised once all are in (none left unretrieved)."""
-    answers = await asyncio.gather(*sent, return_exceptions=True)
-    if error := next((a for a in answers if isinstance(a, BaseException)), None):
-        raise error
-    return answers
 
 
 def _text(value: bytes | str) -> str:

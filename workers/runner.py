@@ -136,9 +136,6 @@ class ChatRunner:
         # have no TTL); on one Redis, briefly: an outage fails the attempt, which is handed back.
         retry_for = CLUSTER_APPEND_RETRY_FOR if self.publish == machine.SPUBLISH else settings.lease_ttl / 2
         self.appender = Appender(self.streams, retry_for=retry_for)
-        #: the control Redis's calls of a chat's start and end (list, take, unlist): on one Redis, in
-        #: the appends' own round trips; either way on a lean connection, not a redis-py pipeline each
-        self.control = self.appender if self.streams is redis else Appender(redis, retry_for=settings.lease_ttl / 2)
         metrics.RUNNING_CHATS.set_function(lambda: len(self.active))
 
     def stop(self, chat_id: str, reason: Stop) -> bool:
@@ -159,11 +156,6 @@ class ChatRunner:
         has it (a REQUEUE lost in a failover would leave the chat held by a dead attempt)."""
         return await self.appender.call(call.script, call.keys, call.args, durable=True)
 
-    async def close(self) -> None:
-        await self.appender.close()
-        if self.control is not self.appender:
-            await self.control.close()
-
     async def stop_flagged(self) -> None:
         """Stops every chat here whose owner asked to cancel it (read from each chat's flag)."""
         for chat_id, active in list(self.active.items()):
@@ -173,7 +165,7 @@ class ChatRunner:
     async def run(self, chat_id: str) -> str:
         """Starts the chat and runs it; the outcome (a final status, or why it did not run)."""
         lease = self.lease(chat_id)
-        return await self.run_claimed(lease, await lease.claim(self.control))
+        return await self.run_claimed(lease, await lease.claim())
 
     async def run_claimed(self, lease: Lease, claimed: str) -> str:
         """Runs the chat whose claim answered ``claimed``: anything but ``claimed`` is why it does not run."""
@@ -366,7 +358,7 @@ class ChatRunner:
         s = self.settings
         await sink.finish(terminal, tracker.result, result_ttl=s.result_ttl, stream_ttl=s.stream_ttl)
         try:
-            await lease.finished(self.control)
+            await lease.finished()
         except Exception as exc:  # it ended; it stays listed, and its owner's slot lapses at its deadline
             metrics.REDIS_ERRORS_WORKER.inc()
             log.warning("chat %s: ended, but not taken off its worker's list (%s)", lease.chat_id, exc)

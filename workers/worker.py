@@ -12,10 +12,8 @@ from arq.connections import ArqRedis
 
 from streambridge.shared import keys, metrics
 from streambridge.shared.jobs import QueueWorker, back_off
-from streambridge.shared.pipe import Pipe, pipe_for
 from streambridge.shared.redis import close_client, connect, connect_streams
 from streambridge.shared.settings import Settings
-from streambridge.workers.appender import Appender
 from streambridge.workers.batches import BatchFeeder
 from streambridge.workers.lane import NICE, BatchLane
 from streambridge.workers.lease import Lease
@@ -29,8 +27,6 @@ log = logging.getLogger("streambridge.worker")
 FULL_POLL: Final = 0.5
 #: how long a wake-up listener blocks at a time; it looks again whether it may take chats after it
 WAKE_WAIT: Final = 0.5
-#: how long past ``WAKE_WAIT`` a BLPOP's answer may take before its connection is taken for dead
-WAKE_GRACE: Final = 5.0
 #: Redis sockets per worker, however many chats it runs (appends share one pipeline)
 CONNECTIONS: Final = 16
 #: on a stop, how long handed-back chats may take to let go, and closing may take, whatever Redis does
@@ -54,8 +50,6 @@ class ChatWorker(QueueWorker):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._waker: asyncio.Task[None] | None = None
-        #: the wake-up listener's own connection (None: redis-py's, as for fakeredis)
-        self._wake_pipe: Pipe | None = None
         self._handing_back: set[asyncio.Task[None]] = set()
         #: the worker's batch lane (``workers/lane.py``), told how many chats run here
         self.lane: BatchLane | None = None
@@ -85,16 +79,10 @@ class ChatWorker(QueueWorker):
 
     async def began(self) -> None:
         if not self.burst:
-            self._wake_pipe = pipe_for(self.pool)
             self._waker = asyncio.create_task(self._wake_forever(), name="wake")
 
     async def start(self, job_ids: list[str]) -> None:
         await self._start(job_ids)
-
-    async def close(self) -> None:
-        if self._wake_pipe is not None:
-            await self._wake_pipe.close()
-        await super().close()
 
     async def stop_waking(self) -> None:
         """No more chats start here (the worker is stopping)."""
@@ -102,8 +90,6 @@ class ChatWorker(QueueWorker):
         if self._waker is not None:
             self._waker.cancel()
             await asyncio.gather(self._waker, return_exceptions=True)
-        if self._wake_pipe is not None:  # a BLPOP still blocked there ends with its connection, unanswered
-            await self._wake_pipe.close()
         if self.lane is not None:  # its items go back, for other workers
             await self.lane.stop()
 
@@ -124,7 +110,7 @@ class ChatWorker(QueueWorker):
         if self.max_jobs - self.busy - self.reserved <= 0 or not self.allow_pick_jobs:
             await asyncio.sleep(0.01)  # full, or stopping: leave the wake list to other workers
             return
-        popped = await self._blpop()
+        popped = await self.pool.blpop([keys.wake()], timeout=WAKE_WAIT)  # type: ignore[arg-type,misc]
         if not popped:
             return
         # The slots are counted now, not before the wait: meanwhile the scan may have filled them.
@@ -138,18 +124,6 @@ class ChatWorker(QueueWorker):
                 await self._start(more)
         finally:
             self.unreserve(free)
-
-    async def _blpop(self) -> Any:
-        """The wake list's front, or None after ``WAKE_WAIT`` s: on a connection of its own, where a
-        Pipe can (a redis-py call costs several times its CPU, paid once a chat)."""
-        pipe = self._wake_pipe
-        if pipe is None:
-            return await self.pool.blpop([keys.wake()], timeout=WAKE_WAIT)  # type: ignore[arg-type,misc]
-        deadline = asyncio.get_running_loop().time() + WAKE_WAIT + (pipe.timeout or WAKE_GRACE)
-        (popped,) = await pipe.execute([("BLPOP", keys.wake(), WAKE_WAIT)], deadline=deadline)
-        if isinstance(popped, Exception):
-            raise popped
-        return popped
 
     async def _start(self, job_ids: list[str], pop: int = 0) -> list[str]:
         """Starts the jobs, in three round trips however many (``workers/lease.py``): the chats
@@ -170,18 +144,16 @@ class ChatWorker(QueueWorker):
             runner.starting.difference_update(set(job_ids) - {lease.chat_id for lease in claimed})
 
     async def _start_leases(self, runner: ChatRunner, leases: list[Lease], pop: int, claimed: list[Lease]) -> list[str]:
-        control = runner.control
-        popping = control.submit_command("LPOP", keys.wake(), pop) if pop > 0 else None
-        registered = await asyncio.gather(*[lease.register(control) for lease in leases], return_exceptions=True)
-        more = None
-        if popping is not None:
-            try:
-                more = await popping
-            except Exception as exc:  # they wait on the wake list, or for arq's scan
-                log.warning("woken chats not taken off the wake list (%s)", exc)
+        async with self.pool.pipeline(transaction=False) as pipe:
+            if pop > 0:
+                pipe.lpop(keys.wake(), pop)
+            for lease in leases:
+                lease.register(pipe)
+            registered = await pipe.execute(raise_on_error=False)
+        more = registered.pop(0) if pop > 0 else None
         listed = []
         for lease, answer in zip(leases, registered, strict=True):
-            if isinstance(answer, BaseException):  # not listed: it stays queued, for a later wake-up or scan
+            if isinstance(answer, Exception):  # not listed: it stays queued, for a later wake-up or scan
                 log.warning("chat %s: Redis refused its start (%s)", lease.chat_id, answer)
             elif answer:
                 listed.append(lease)
@@ -192,47 +164,51 @@ class ChatWorker(QueueWorker):
         answers = await asyncio.gather(
             *(runner.appender.call(c.script, c.keys, c.args, durable=True) for c in calls), return_exceptions=True
         )
-        await self._take(control, listed, answers, claimed)
+        await self._take(listed, answers, claimed)
         for lease in claimed:
             self.track(lease.chat_id, asyncio.create_task(self._run(lease)))
         return [job_id.decode() for job_id in more] if isinstance(more, list) else []
 
-    async def _take(self, control: Appender, listed: list[Lease], answers: list[Any], claimed: list[Lease]) -> None:
+    async def _take(self, listed: list[Lease], answers: list[Any], claimed: list[Lease]) -> None:
         """After the claims: the started chats' jobs off the queue, the others off the list. A
         claimed chat goes into ``claimed``, unless this worker was taken for dead meanwhile."""
-        relisted: dict[Lease, asyncio.Future[Any]] = {}  # each claimed chat's listing, made again
-        sent: list[asyncio.Future[Any]] = []
-        for lease, answer in zip(listed, answers, strict=True):
-            if isinstance(answer, BaseException):  # perhaps applied, its answer lost: let go of it
-                log.warning("chat %s: its claim failed (%s); handing it back", lease.chat_id, answer)
-                self._hand_back_later(lease)
-                continue
-            outcome = lease.took(answer)
-            if outcome == "claimed":
-                # Listed again, with the take: if this worker's heartbeat lapsed since the first
-                # listing, a reaper may have taken the chat off its list; it must not run unlisted.
-                sent.append(relisted.setdefault(lease, lease.register(control)))
-                claimed.append(lease)
-            else:
-                extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
-                log.log(
-                    logging.DEBUG if outcome == "busy" else logging.INFO,
-                    "chat %s: not started (%s)",
-                    lease.chat_id,
-                    outcome,
-                    extra=extra,
-                )
-            sent += lease.take(control, outcome)
-        # A job left on the queue (this round trip failed) is dropped by whoever finds it next: its
-        # claim answers ``busy`` while this attempt runs, and its end after. The chats claimed run
-        # regardless: they are listed (the first listing stands).
-        taken = await asyncio.gather(*sent, return_exceptions=True)
-        failed = [a for a in taken if isinstance(a, BaseException)]
+        relisted: dict[int, Lease] = {}  # the position of each claimed chat's listing, made again
+        async with self.pool.pipeline(transaction=False) as pipe:
+            for lease, answer in zip(listed, answers, strict=True):
+                if isinstance(answer, BaseException):  # perhaps applied, its answer lost: let go of it
+                    log.warning("chat %s: its claim failed (%s); handing it back", lease.chat_id, answer)
+                    self._hand_back_later(lease)
+                    continue
+                outcome = lease.took(answer)
+                if outcome == "claimed":
+                    # Listed again, with the take: if this worker's heartbeat lapsed since the first
+                    # listing, a reaper may have taken the chat off its list; it must not run unlisted.
+                    relisted[len(pipe)] = lease
+                    lease.register(pipe)
+                    claimed.append(lease)
+                else:
+                    extra = {"event": "chat.not_run", "chat_id": lease.chat_id}
+                    log.log(
+                        logging.DEBUG if outcome == "busy" else logging.INFO,
+                        "chat %s: not started (%s)",
+                        lease.chat_id,
+                        outcome,
+                        extra=extra,
+                    )
+                lease.take(pipe, outcome)
+            # A job left on the queue (this round trip failed) is dropped by whoever finds it next:
+            # its claim answers ``busy`` while this attempt runs, and its end after. The chats claimed
+            # run regardless: they are listed (the first listing stands).
+            try:
+                taken = await pipe.execute(raise_on_error=False)
+            except Exception as exc:
+                taken = []
+                log.warning("started chats' jobs not taken off the queue (%s)", exc)
+        failed = [a for a in taken if isinstance(a, Exception)]
         if failed:
             log.warning("started chats' jobs not all taken off the queue (%s)", failed[0])
-        for lease, listing in relisted.items():
-            if not listing.cancelled() and listing.exception() is None and listing.result() == 0:
-                # the heartbeat had lapsed: hand it back, unrun
+        for position, lease in relisted.items():
+            if taken and taken[position] == 0:  # the heartbeat had lapsed: hand it back, unrun
                 log.warning("chat %s: this worker was taken for dead while starting it; handing it back", lease.chat_id)
                 claimed.remove(lease)
                 self._hand_back_later(lease)
@@ -339,7 +315,7 @@ def make_worker(
             await worker.lane.stop()
             worker.lane.sync_metrics()  # what it counted while stopping
         if "runner" in ctx:
-            await ctx["runner"].close()
+            await ctx["runner"].appender.close()
         if "llm" in ctx:
             await ctx["llm"].close()
         if streams is not None:

@@ -10,18 +10,17 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from arq.connections import ArqRedis
 from arq.worker import Worker
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from streambridge.fake_llm import FakeLLMConfig
 from streambridge.fake_llm import make_app as make_fake_llm
-from streambridge.shared import jobs, keys, machine
+from streambridge.shared import keys, machine
 from streambridge.shared.jobs import JOB_EXPIRES_MS, job_record
 from streambridge.shared.settings import Settings
 from streambridge.shared.streams import id_key
-from streambridge.workers import worker as worker_module
-from streambridge.workers.appender import Appender
 from streambridge.workers.lease import Lease
 from streambridge.workers.llm import make_client
 from streambridge.workers.runner import ChatRunner
@@ -190,30 +189,28 @@ async def test_the_wake_up_listener_outlives_a_refusal_from_redis(
     monkeypatch: pytest.MonkeyPatch,
     stuck_scan: asyncio.Event,
 ) -> None:
-    # READONLY after a failover, OOM: an error reply, not a lost connection (here WRONGTYPE, from
-    # Redis itself, on the listener's own connection). The listener waits and tries again; arq's
-    # scan is held stuck, so only the listener can start the chat.
+    # READONLY after a failover, OOM: an error reply, not a lost connection. The listener waits
+    # and tries again; arq's scan is held stuck, so only the listener can start the chat.
     worker = make_worker(settings, llm_url)
-    refusals: list[BaseException] = []
-    real_back_off = jobs.back_off
+    refused = 0
+    real_blpop = ArqRedis.blpop
 
-    async def counted(doing: str, exc: BaseException, delay: float) -> float:
-        refusals.append(exc)
-        return await real_back_off(doing, exc, delay)
+    async def refused_once(self: ArqRedis, *args: object, **kwargs: object) -> object:
+        nonlocal refused
+        if not refused:
+            refused += 1
+            raise ResponseError("READONLY You can't write against a read only replica.")
+        return await real_blpop(self, *args, **kwargs)  # type: ignore[arg-type,misc]
 
-    monkeypatch.setattr(worker_module, "back_off", counted)
-    await worker.pool.set(keys.wake(), b"not a list")
+    monkeypatch.setattr(ArqRedis, "blpop", refused_once)
     main = asyncio.create_task(worker.main())
     try:
         await stuck_scan.wait()  # it looked at the queue before the chat was there
-        while not refusals:
+        while not refused:
             await asyncio.sleep(0.01)
-        assert worker._wake_pipe is not None, "the listener blocks on a connection of its own"
-        assert isinstance(refusals[0], ResponseError), refusals
-        assert "WRONGTYPE" in str(refusals[0]), refusals
-        await worker.pool.delete(keys.wake())
         types = await event_types(client, token, await create(client, token, 0))
         assert types[-1] == "Complete", types
+        assert refused == 1
     finally:
         await stop_worker(worker, main, grace=1)
 
@@ -224,14 +221,14 @@ async def test_a_chat_woken_just_as_its_worker_stops_is_left_for_another(
     idle_worker: ChatWorker,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_blpop = ChatWorker._blpop
+    real_blpop = ArqRedis.blpop
 
-    async def stopping_meanwhile(self: ChatWorker) -> object:
-        popped = await real_blpop(self)
+    async def stopping_meanwhile(self: ArqRedis, *args: object, **kwargs: object) -> object:
+        popped = await real_blpop(self, *args, **kwargs)  # type: ignore[arg-type,misc]
         idle_worker.allow_pick_jobs = False  # stop_worker() began while BLPOP waited
         return popped
 
-    monkeypatch.setattr(ChatWorker, "_blpop", stopping_meanwhile)
+    monkeypatch.setattr(ArqRedis, "blpop", stopping_meanwhile)
     chat_id = await create(client, token, 0)
     await idle_worker._wake_once()
     assert idle_worker.busy == 0
@@ -337,15 +334,13 @@ async def test_a_chat_claimed_whose_jobs_take_failed_still_runs(
     chat_id = await create(client, token, 0)
     take = ChatWorker._take
 
-    async def take_lost(
-        self: ChatWorker, control: Appender, listed: list[Lease], answers: list[object], claimed: list[Lease]
-    ) -> None:
+    async def take_lost(self: ChatWorker, listed: list[Lease], answers: list[object], claimed: list[Lease]) -> None:
         async def lost(*args: object, **kwargs: object) -> list[object]:
             raise ConnectionError("the take's round trip was lost")
 
-        monkeypatch.setattr(Appender, "_execute_again_if_dropped", lost)
+        monkeypatch.setattr(type(self.pool.pipeline()), "execute", lost)
         try:
-            await take(self, control, listed, answers, claimed)
+            await take(self, listed, answers, claimed)
         finally:
             monkeypatch.undo()
 
