@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 
 import fakeredis
@@ -130,6 +131,24 @@ async def test_a_caller_cancelled_mid_round_trip_leaves_the_connection_in_step(p
     slow.cancel()
     await redis.rpush("sb:test:list", "x")
     assert await pipe.execute([["ECHO", "mine"]], deadline=soon()) == [b"mine"]  # not the BLPOP's reply
+
+
+async def test_a_caller_gone_when_its_connection_closes_leaves_no_unretrieved_error(pipe: Pipe) -> None:
+    # a worker stopping: its appends' sender is cancelled mid-round trip, then the Pipe closed
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        slow = asyncio.ensure_future(pipe.execute([["BLPOP", "sb:test:never", 2]], deadline=soon()))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        await asyncio.gather(slow, return_exceptions=True)
+        await pipe.close()
+        await asyncio.sleep(0)
+        gc.collect()  # an unretrieved error is reported when its future is collected
+        assert not reported, reported
+    finally:
+        loop.set_exception_handler(None)
 
 
 async def test_a_closed_pipe_refuses_calls(pipe: Pipe) -> None:
