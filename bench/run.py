@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -62,10 +63,11 @@ def deployment(
     """A deployment on a redis-server of its own; the chats' own keys on ``streams_url`` when given
     (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one."""
     port = free_port()
-    redis_proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--save", "", "--appendonly", "no", "--maxclients", "20000"],
-        stdout=subprocess.DEVNULL,
-    )
+    # a Unix socket beside the port: ``extra_env`` STREAMBRIDGE_REDIS_URL=unix puts our processes on it
+    sock = os.path.join(tempfile.mkdtemp(prefix="sb-bench-"), "redis.sock")
+    args = ["--port", str(port), "--save", "", "--appendonly", "no", "--maxclients", "20000"]
+    args += ["--unixsocket", sock, "--unixsocketperm", "700"]
+    redis_proc = subprocess.Popen([redis_server_binary(), *args], stdout=subprocess.DEVNULL)
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMBRIDGE_")}
     children: list[Child] = []
     proxy: subprocess.Popen[bytes] | None = None
@@ -83,6 +85,8 @@ def deployment(
         env |= {f"STREAMBRIDGE_{name}": "1000000" for name in (*lifted, "MAX_OPEN_STREAMS_PER_IP")}
         env |= {"STREAMBRIDGE_STREAMS_REDIS_URL": streams_url} if streams_url else {}
         env |= extra_env or {}
+        if env.get("STREAMBRIDGE_REDIS_URL") == "unix":
+            env["STREAMBRIDGE_REDIS_URL"] = f"unix://{sock}?db=0"
         edge = streambridge("edge", "--port", "0", env=env)
         api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
         children += [edge, api]
