@@ -90,12 +90,13 @@ async def streambridge_chat(
         elif message.event == "content":
             if result["ttft"] is None:
                 result["ttft"] = (time.perf_counter() - start) * 1000
-            if live:
+            if live:  # the stream ids' clock times the edge's live delivery alone
                 result["lags"].append(now * 1000 - ms)
                 result["at"].append(now)
-                text = json.loads(message.data)["content"]
-                if text.startswith("@"):  # one stamp per upstream chunk, however the append batched them
-                    result["upstream_lags"] += [(now - float(s)) * 1000 for s in text[1:].split("@")]
+            # the upstream's stamps time every chunk, those read from history too: what the client waited
+            text = json.loads(message.data)["content"]
+            if text.startswith("@"):  # one stamp per upstream chunk, however the append batched them
+                result["upstream_lags"] += [(now - float(s)) * 1000 for s in text[1:].split("@")]
             result["content"] += 1
 
     await follow(session, chat["stream_url"], on_event)
@@ -401,8 +402,8 @@ def main() -> None:
     parser.add_argument("--stamp", action="store_true", help="upstream → client lag, from stamped chunks")
     parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
-    if not (args.api or (args.via and args.steady)):
-        parser.error("--api is required (or ttft --via URL --steady SECONDS)")
+    if not (args.api or args.via) or (args.via and not args.steady):
+        parser.error("--api is required, or ttft --via URL --steady SECONDS")
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
     try:  # the edge runs on uvloop; its clients here may as well
         import uvloop

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,8 @@ def deployment(
         for child in reversed(children):
             child.stop()
         redis_proc.terminate()
+        redis_proc.wait(10)
+        shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
 
 
 class ScenarioFailed(Exception):

@@ -47,12 +47,6 @@ class _Batch:
         self.replies: list[Any] = []
 
 
-def _retrieved(answer: asyncio.Future[list[Any]]) -> None:
-    """A batch whose caller left still fails when its connection does: that is no one's news."""
-    if not answer.cancelled():
-        answer.exception()
-
-
 class _Wire(asyncio.Protocol):
     """One connection and the batches it owes replies to: a new one for each reconnect, so that a
     dropped connection's late ``connection_lost`` touches nothing of the next one's."""
@@ -73,7 +67,6 @@ class _Wire(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to Redis closed")
         batch = _Batch(asyncio.get_running_loop().create_future(), len(commands), deadline)
-        batch.answer.add_done_callback(_retrieved)  # its caller may have left (shielded, then cancelled)
         self._batches.append(batch)
         self.transport.write(packed)
         if self._timer is None or batch.due < self._timer_due:
@@ -120,6 +113,7 @@ class _Wire(asyncio.Protocol):
         for batch in batches:
             if not batch.answer.done():
                 batch.answer.set_exception(error)
+                batch.answer.exception()  # retrieved: a caller that left (shielded, then cancelled) hears nothing
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
