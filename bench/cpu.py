@@ -59,12 +59,14 @@ def our_processes(d: dict[str, Any]) -> dict[str, list[psutil.Process]]:
 
 
 def cpu_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    return {role: sum(sum(p.cpu_times()[:2]) for p in ps) for role, ps in procs.items()}
+    return cpu_and_kernel_now(procs)[0]
 
 
-def kernel_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
-    """The system part of :func:`cpu_now`: syscalls, and on loopback the peer's share of each write."""
-    return {role: sum(p.cpu_times()[1] for p in ps) for role, ps in procs.items()}
+def cpu_and_kernel_now(procs: dict[str, list[psutil.Process]]) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU by role, and its system part: syscalls, and on loopback the peer's share of each write."""
+    times = {role: [p.cpu_times() for p in ps] for role, ps in procs.items()}
+    total = {role: sum(t.user + t.system for t in ts) for role, ts in times.items()}
+    return total, {role: sum(t.system for t in ts) for role, ts in times.items()}
 
 
 OURS = ("api", "edge", "worker", "redis")
@@ -96,10 +98,11 @@ class Used:
 @contextmanager
 def metered(d: dict[str, Any]) -> Iterator[list[Used]]:
     procs, out = d["procs"], []
-    before, chats_before, kernel = cpu_now(procs), count_chats(d["redis"]), kernel_now(procs)
+    (before, kernel), chats_before = cpu_and_kernel_now(procs), count_chats(d["redis"])
     yield out
-    kernel = {role: spent - kernel[role] for role, spent in kernel_now(procs).items()}
-    out.append(Used(before, cpu_now(procs), count_chats(d["redis"]) - chats_before, kernel))
+    after, kernel_after = cpu_and_kernel_now(procs)
+    kernel = {role: spent - kernel[role] for role, spent in kernel_after.items()}
+    out.append(Used(before, after, count_chats(d["redis"]) - chats_before, kernel))
 
 
 def model_args(words: int, delay_ms: float, ttft_ms: float = 20) -> tuple[str, ...]:
