@@ -306,6 +306,7 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
     if c := r.get("capacity"):
         per = f"{c['cpu_per_chat_s_ms']:.1f} ms CPU per chat-second"
         out.append(("5. capacity at 50 tokens/s", f"{c['chats_per_core']:.0f} chats per core", per))
+        out.append(("   (20 clients ÷ their cores)", "", "bench/peer.py's table: chats streaming, lag-checked"))
         if "verified_at" in c:
             at = f"{c['verified_at']:.0f} chats: {c['verified_cores']:.2f} cores"
             out.append(("   verified", at, f"lag p99 {c['verified_lag_p99']:.1f} ms (goal ≤ 50 ms)"))

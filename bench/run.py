@@ -112,8 +112,13 @@ def deployment(
         for child in reversed(children):
             child.stop()
         redis_proc.terminate()
-        redis_proc.wait(10)
-        shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+        try:
+            redis_proc.wait(10)
+        except subprocess.TimeoutExpired:
+            redis_proc.kill()
+            redis_proc.wait()
+        finally:
+            shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
 
 
 class ScenarioFailed(Exception):
