@@ -62,9 +62,17 @@ def cpu_now(procs: dict[str, list[psutil.Process]]) -> dict[str, float]:
     return cpu_and_kernel_now(procs)[0]
 
 
+def _times(process: psutil.Process) -> Any:
+    """Its CPU times, or None for a process gone (a peer's child that exited): it adds nothing more."""
+    try:
+        return process.cpu_times()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def cpu_and_kernel_now(procs: dict[str, list[psutil.Process]]) -> tuple[dict[str, float], dict[str, float]]:
     """CPU by role, and its system part: syscalls, and on loopback the peer's share of each write."""
-    times = {role: [p.cpu_times() for p in ps] for role, ps in procs.items()}
+    times = {role: [t for p in ps if (t := _times(p)) is not None] for role, ps in procs.items()}
     total = {role: sum(t.user + t.system for t in ts) for role, ts in times.items()}
     return total, {role: sum(t.system for t in ts) for role, ts in times.items()}
 

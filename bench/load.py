@@ -402,7 +402,7 @@ def main() -> None:
     parser.add_argument("--stamp", action="store_true", help="upstream → client lag, from stamped chunks")
     parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
-    if not (args.api or args.via) or (args.via and not args.steady):
+    if not (args.api or args.via) or (args.via and (args.scenario != "ttft" or not args.steady)):
         parser.error("--api is required, or ttft --via URL --steady SECONDS")
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
     try:  # the edge runs on uvloop; its clients here may as well
