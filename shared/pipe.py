@@ -162,6 +162,11 @@ class Pipe:
         # shielded: a caller cancelled meanwhile leaves its batch in place; its replies still come, in turn
         return await asyncio.shield(wire.send(commands, deadline))
 
+    def ready(self) -> _Wire | None:
+        """The connection, if it is open: a caller may then ``send`` on it from a plain callback."""
+        wire = self._wire
+        return wire if wire is not None and wire.usable() and not self._closed else None
+
     async def close(self) -> None:
         self._closed = True  # a connection being made is dropped as it completes (``_open``)
         if self._wire is not None:

@@ -21,6 +21,12 @@ connection drops, or that answers MOVED, ASK, CLUSTERDOWN or TRYAGAIN, has its c
 nodes' connections are never touched. A promoted replica, which has no scripts yet, gets the
 NOSCRIPT calls again as EVAL.
 
+On one Redis a round trip is sent from the caller's own turn of the loop and answered from the
+connection's callback (``shared.pipe``), with no task in between: a token that arrives alone
+costs the worker its read and this write, not a task created, stepped and woken per round trip
+(docs/benchmarks.md). Anything out of the ordinary (no connection yet, a dropped one, NOSCRIPT, a
+transient reply) hands the round trip to the lane's sender task, which retries as above.
+
 A durable call (``call(..., durable=True)``: a chat's end, a claim) is answered only once a
 replica has it too, or WAIT gave up: Redis replicates asynchronously, and a transition acknowledged
 by a primary that dies before passing it on is lost on the replica promoted in its place, while
@@ -33,6 +39,7 @@ import asyncio
 import contextvars
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
 
 from redis.exceptions import AskError, ClusterDownError, MovedError, NoScriptError, TryAgainError
@@ -62,10 +69,17 @@ Waiting = tuple[Script, list[str], list[str | bytes], bool, asyncio.Future[Any]]
 
 @dataclass(eq=False)
 class _Lane:
-    """The calls waiting for one node (for one Redis, the only lane), and the task sending them."""
+    """The calls waiting for one node (for one Redis, the only lane), and what sends them: the round
+    trip written from a caller's turn (``flight``), or the task that retries (``sender``)."""
 
     waiting: list[Waiting] = field(default_factory=list)
     sender: asyncio.Task[None] | None = None
+    flight: asyncio.Future[list[Any]] | None = None
+    flying: list[Waiting] = field(default_factory=list)  # the calls ``flight`` answers
+    due: bool = False  # a round trip goes at the end of this turn of the loop
+
+    def busy(self) -> bool:
+        return self.due or self.flight is not None or (self.sender is not None and not self.sender.done())
 
 
 class Appender:
@@ -82,12 +96,20 @@ class Appender:
     async def call(self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False) -> Any:
         """``script``'s answer, sent with whatever else is waiting to go to its node. ``durable``: on a
         cluster, answered once a replica has it too (or WAIT gave up); on one Redis, as any call."""
+        return await self.submit(script, keys, args, durable=durable)
+
+    def submit(
+        self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False
+    ) -> asyncio.Future[Any]:
+        """As :meth:`call`, for a caller that takes the answer by callback: its future. Cancelling it
+        withdraws the call if it has not gone yet."""
         lane = self._lanes.setdefault("" if self._nodes is None else self._nodes.owner_known(keys[0]), _Lane())
         answer = asyncio.get_running_loop().create_future()
         lane.waiting.append((script, keys, args, durable, answer))
-        if lane.sender is None or lane.sender.done():
-            lane.sender = asyncio.create_task(self._send(lane))
-        return await answer
+        if not lane.busy():  # at the end of this turn: every call made in it goes in one round trip
+            lane.due = True
+            asyncio.get_running_loop().call_soon(self._go, lane)
+        return answer
 
     async def close(self) -> None:
         """Stop sending (the worker is done): whoever still waits for an answer is cancelled."""
@@ -96,44 +118,89 @@ class Appender:
             sender.cancel()
         await asyncio.gather(*senders, return_exceptions=True)
         for lane in self._lanes.values():
-            for *_, answer in lane.waiting:
+            lane.flight = None  # its answer, when the closed connection fails it, is nobody's
+            for *_, answer in [*lane.flying, *lane.waiting]:
                 answer.cancel()
-            lane.waiting = []
+            lane.flying, lane.waiting = [], []
         pipes, self._pipes = self._pipes, {}  # a call after this connects again
         for _, pipe in pipes.values():
             if pipe is not None:
                 await pipe.close()
 
-    async def _send(self, lane: _Lane) -> None:
+    def _go(self, lane: _Lane) -> None:
+        """Sends what waits in ``lane``: written now on one Redis's open connection, else by a task."""
+        lane.due = False
+        if lane.flight is not None or (lane.sender is not None and not lane.sender.done()) or not lane.waiting:
+            return  # (closed and reopened meanwhile)
+        pipe = self._pipe(self._redis) if self._nodes is None else None
+        wire = pipe.ready() if pipe is not None else None
+        if pipe is None or wire is None:
+            lane.sender = asyncio.create_task(self._send(lane))
+            return
+        batch, lane.waiting = lane.waiting, []
+        now = asyncio.get_running_loop().time()
+        deadline = now + min(self._retry_for, pipe.timeout if pipe.timeout is not None else self._retry_for)
+        try:
+            lane.flight, lane.flying = wire.send(self._commands(batch, "EVALSHA"), deadline), batch
+        except Exception:  # the connection closed, or a call that cannot be packed: the task finds out which
+            lane.waiting = batch + lane.waiting
+            lane.sender = asyncio.create_task(self._send(lane))
+            return
+        lane.flight.add_done_callback(partial(self._landed, lane, now + self._retry_for))
+
+    def _landed(self, lane: _Lane, give_up: float, flight: asyncio.Future[list[Any]]) -> None:
+        """A round trip written by :meth:`_go` is answered: each caller its answer, and the next one goes."""
+        if lane.flight is not flight:  # closed meanwhile
+            if not flight.cancelled():
+                flight.exception()  # retrieved: nobody else will
+            return
+        batch, lane.flight, lane.flying = lane.flying, None, []
+        failed = flight.cancelled() or flight.exception() is not None
+        answers = [] if failed else flight.result()
+        command = "EVALSHA"
+        if failed or any(isinstance(a, TRANSIENT) for a in answers):
+            again = batch  # the whole round trip, as the task would: its calls are fenced and numbered
+        else:  # NOSCRIPT (a restarted Redis): the task sends those as EVAL; the rest are answered
+            command = "EVAL"
+            known = [(w, a) for w, a in zip(batch, answers, strict=True) if not isinstance(a, NoScriptError)]
+            again = [w for w, a in zip(batch, answers, strict=True) if isinstance(a, NoScriptError)]
+            _answer([w for w, _ in known], [a for _, a in known])
+        if again:  # the task sends them, retrying within what is left of their window
+            lane.waiting = again + lane.waiting
+            lane.sender = asyncio.create_task(self._send(lane, give_up, command))
+        elif lane.waiting:
+            self._go(lane)
+
+    async def _send(self, lane: _Lane, give_up: float = 0.0, command: str = "EVALSHA") -> None:
+        """Sends ``lane``'s calls until none wait, retrying each round trip; the first within ``give_up``
+        and as ``command`` when :meth:`_landed` handed it over."""
         while lane.waiting:
             batch, lane.waiting = lane.waiting, []
             try:
-                answers = await self._execute_again_if_dropped(batch)
+                answers = await self._execute_again_if_dropped(batch, give_up, command)
             except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
                 answers = [exc] * len(batch)
             except asyncio.CancelledError:  # the worker's loop is closing: nobody waits forever
                 for *_, answer in [*batch, *lane.waiting]:
                     answer.cancel()
                 raise
-            for (*_, answer), result in zip(batch, answers, strict=True):
-                if answer.done():  # its caller was cancelled
-                    continue
-                if isinstance(result, BaseException):
-                    answer.set_exception(result)
-                else:
-                    answer.set_result(result)
+            give_up, command = 0.0, "EVALSHA"  # the next round trip's window starts when it does
+            _answer(batch, answers)
 
-    async def _execute_again_if_dropped(self, batch: list[Waiting]) -> list[Any]:
+    async def _execute_again_if_dropped(
+        self, batch: list[Waiting], give_up: float = 0.0, command: str = "EVALSHA"
+    ) -> list[Any]:
+        """``give_up``: the window's end, when an earlier attempt (:meth:`_go`'s) opened it."""
         loop = asyncio.get_running_loop()
-        give_up, delay = loop.time() + self._retry_for, 0.02
+        give_up, delay = give_up or loop.time() + self._retry_for, 0.02
         while True:
             _GIVE_UP.set(give_up)  # this lane's task's own: lanes of a cluster's nodes run at once
             try:
                 if self._nodes is None and self._pipe(self._redis) is not None:
-                    return await self._execute(batch)  # the Pipe keeps the deadline: no timer per round trip
+                    return await self._execute(batch, command)  # the Pipe keeps the deadline: no timer per round trip
                 # bounded as a whole: the client's own retries and socket timeout would run on past it
                 async with asyncio.timeout(max(0.0, give_up - loop.time())):
-                    return await self._execute(batch)
+                    return await self._execute(batch, command)
             except TimeoutError:
                 raise RedisTimeoutError(f"an append went unanswered for {self._retry_for:g} s") from None
             except TRANSIENT as exc:
@@ -145,9 +212,9 @@ class Appender:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
 
-    async def _execute(self, batch: list[Waiting]) -> list[Any]:
+    async def _execute(self, batch: list[Waiting], command: str = "EVALSHA") -> list[Any]:
         if self._nodes is None:
-            return await self._pipeline(self._redis, batch)
+            return await self._pipeline(self._redis, batch, command=command)
         nodes = self._nodes
         groups: dict[str, list[int]] = {}
         for n, (_, keys, *_) in enumerate(batch):  # by the map as read now: a call may have moved
@@ -171,9 +238,7 @@ class Appender:
     ) -> list[Any]:
         """One pipeline of ``batch``'s calls; on a cluster ``node``'s, ended by WAIT if a call is durable."""
         wait = bool(node) and any(durable for *_, durable, _ in batch)
-        commands: list[list[Any]] = []
-        for script, keys, args, *_ in batch:
-            commands.append([command, script.sha if command == "EVALSHA" else script.lua, len(keys), *keys, *args])
+        commands = self._commands(batch, command)
         if wait:  # the same connection: WAIT covers these writes
             commands.append(["WAIT", 1, WAIT_MS])
         answers: list[Any]
@@ -201,6 +266,13 @@ class Appender:
             raise transient
         return answers
 
+    @staticmethod
+    def _commands(batch: list[Waiting], command: str) -> list[list[Any]]:
+        return [
+            [command, script.sha if command == "EVALSHA" else script.lua, len(keys), *keys, *args]
+            for script, keys, args, *_ in batch
+        ]
+
     def _pipe(self, redis: Store) -> Pipe | None:
         kept = self._pipes.get(id(redis))
         if kept is None or kept[0] is not redis:  # (an id is reused only once its client is gone)
@@ -217,3 +289,13 @@ class Appender:
         if now - self._unreplicated.get(node, -UNREPLICATED_LOG_EVERY) >= UNREPLICATED_LOG_EVERY:
             self._unreplicated[node] = now
             log.warning("Redis %s: durable writes answered with no replica having them (WAIT: %r)", node, replicas)
+
+
+def _answer(batch: list[Waiting], answers: list[Any]) -> None:
+    for (*_, answer), result in zip(batch, answers, strict=True):
+        if answer.done():  # its caller was cancelled
+            continue
+        if isinstance(result, BaseException):
+            answer.set_exception(result)
+        else:
+            answer.set_result(result)

@@ -14,7 +14,8 @@ Each batch is one Lua call (``shared.machine.APPEND``) that, atomically:
 Events handed over while a batch is in flight go out together in the next one, so a
 fast provider costs one round trip per batch, not per token, and an idle one no delay. And
 every chat of a worker sends its batches through the worker's ``Appender``: one pipeline per
-round trip, however many chats stream at once.
+round trip, however many chats stream at once. A batch goes from ``append`` itself and its answer
+is taken by a callback, which sends the next: no task per batch (docs/benchmarks.md).
 
 With ``coalesce`` (seconds, > 0) a batch that would go out alone waits instead for the next tick
 of a clock every sink of the loop shares (the loop's time at multiples of ``coalesce``): tokens
@@ -111,7 +112,9 @@ class StreamSink:
         self._pending: list[Event] = []
         self._started = ""  # the attempt a pending ``started`` event opens, recorded with its batch
         self._seq = 0
-        self._flusher: asyncio.Task[None] | None = None
+        self._flight: asyncio.Future[int] | None = None  # the answer to the batch in flight
+        self._due = False  # a batch goes at the end of this turn of the loop
+        self._failure: BaseException | None = None  # what the last batch raised: append and drain raise it
         self._coalesce = coalesce
         self._ticking = False  # a flush waits for the next tick
         self._closed = False
@@ -120,37 +123,33 @@ class StreamSink:
         self._pending.append(event)
         if isinstance(event, Started):
             self._started = str(event.attempt)
-        if self._flusher is None or self._flusher.done():
+        if self._flight is None:
             self._raise_failure()
-            if self._coalesce <= 0:
-                self._flusher = asyncio.create_task(self._flush())
-            elif len(self._pending) >= MAX_PENDING:
-                self._start_flush()
+            if self._coalesce <= 0 or len(self._pending) >= MAX_PENDING:
+                self._send_soon()
             elif not self._ticking:
                 self._ticking = True
                 at_next_tick(self._coalesce, self._start_flush)
         elif len(self._pending) >= MAX_PENDING:
-            await asyncio.shield(self._flusher)
+            await asyncio.wait((self._flight,))  # it lands, and the next batch takes these
+            self._raise_failure()
 
     def _start_flush(self) -> None:
         self._ticking = False
-        flusher = self._flusher
-        if self._closed or not self._pending:
-            return
-        # one in flight takes the pending events itself; a failed one's error is append's to raise
-        if flusher is None or (flusher.done() and not flusher.cancelled() and flusher.exception() is None):
-            self._flusher = asyncio.create_task(self._flush())
+        # one in flight takes the pending events when it lands; a failed one's error is append's to raise
+        if self._flight is None and self._failure is None:
+            self._send_soon()
 
     async def drain(self) -> None:
         """Wait until every event handed over is in Redis; raise what an append raised."""
-        if self._ticking and (self._flusher is None or self._flusher.done()):
+        if self._ticking:
             self._raise_failure()
             self._start_flush()  # now, not at the tick: whoever drains waits for it
-        while self._flusher is not None:
-            flusher = self._flusher
-            await asyncio.shield(flusher)
-            if self._flusher is flusher:
-                self._flusher = None
+        while self._flight is not None or self._due:
+            if self._flight is None:
+                await asyncio.sleep(0)  # the batch goes
+            else:
+                await asyncio.wait((self._flight,))
         self._raise_failure()
 
     async def finish(self, terminal: Event, result: ChatResult, *, result_ttl: int, stream_ttl: int) -> None:
@@ -164,22 +163,44 @@ class StreamSink:
 
     async def close(self) -> None:
         self._closed = True
-        if self._flusher is not None and not self._flusher.done():
-            self._flusher.cancel()
-            await asyncio.gather(self._flusher, return_exceptions=True)
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            flight.cancel()  # not sent yet, it stays unsent; sent, its answer is nobody's
         if self._own_appender:
             await self._appender.close()
 
-    async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending, []
-            started, self._started = self._started, ""
-            self._seq += 1
-            args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started, self._publish]
-            for event in batch:
-                args.append(_TYPES[type(event)])
-                args.append(encode_event(event))
-            self._check(await self._appender.call(machine.APPEND, self._keys, args))
+    def _send_soon(self) -> None:
+        """At the end of this turn of the loop: events handed over in the same turn (a read that
+        held many chunks) go in one batch."""
+        if not self._due:
+            self._due = True
+            asyncio.get_running_loop().call_soon(self._send)
+
+    def _send(self) -> None:
+        """The pending events as one APPEND; :meth:`_landed` takes its answer."""
+        self._due = False
+        if self._closed or not self._pending or self._flight is not None:
+            return
+        batch, self._pending = self._pending, []
+        started, self._started = self._started, ""
+        self._seq += 1
+        args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started, self._publish]
+        for event in batch:
+            args.append(_TYPES[type(event)])
+            args.append(encode_event(event))
+        self._flight = self._appender.submit(machine.APPEND, self._keys, args)
+        self._flight.add_done_callback(self._landed)
+
+    def _landed(self, flight: asyncio.Future[int]) -> None:
+        if flight is not self._flight:  # closed meanwhile
+            return
+        self._flight = None
+        try:
+            self._check(flight.result())
+        except BaseException as exc:  # (a cancelled answer: the appender closed under a running chat)
+            self._failure = exc
+            return
+        self._send()
 
     def _check(self, applied: int) -> None:
         if applied == -1:
@@ -188,7 +209,5 @@ class StreamSink:
             raise StreamGap("Redis lost an earlier batch of this attempt's events")
 
     def _raise_failure(self) -> None:
-        if self._flusher is not None and self._flusher.done() and not self._flusher.cancelled():
-            exc = self._flusher.exception()
-            if exc is not None:
-                raise exc
+        if self._failure is not None:
+            raise self._failure

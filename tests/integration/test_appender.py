@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from streambridge.shared.machine import define
+from streambridge.shared.pipe import _Wire
 from streambridge.shared.redis import connect
 from streambridge.workers.appender import Appender
 
@@ -31,13 +32,23 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 class CountingAppender(Appender):
-    def __init__(self, redis: Redis) -> None:
-        super().__init__(redis)
+    """Counts its round trips (the calls in each), whether written from a caller's turn or by its task."""
+
+    def __init__(self, redis: Redis, *, retry_for: float = 0.75) -> None:
+        super().__init__(redis, retry_for=retry_for)
         self.round_trips: list[int] = []
 
-    async def _execute(self, batch: list[Any]) -> list[Any]:
+    def _commands(self, batch: list[Any], command: str) -> list[list[Any]]:
         self.round_trips.append(len(batch))
-        return await super()._execute(batch)
+        return super()._commands(batch, command)
+
+
+async def connected(appender: Appender, redis: Redis) -> None:
+    """One call answered (its script loaded through ``redis``, a client of the same server): the
+    appender's connection is open, so its next round trips are written from the caller's turn."""
+    warm = define("WARM", "return 1")
+    await redis.script_load(warm.lua)
+    assert await appender.call(warm, ["warm"], []) == 1
 
 
 async def test_calls_made_together_share_one_round_trip(redis: Redis) -> None:
@@ -51,12 +62,41 @@ async def test_calls_made_together_share_one_round_trip(redis: Redis) -> None:
 async def test_calls_made_while_one_is_in_flight_go_together_in_the_next(redis: Redis) -> None:
     appender, script = CountingAppender(redis), define("INCR", INCR)
     await redis.script_load(script.lua)
+    await connected(appender, redis)
     first = asyncio.ensure_future(appender.call(script, ["k"], ["1"]))
     await asyncio.sleep(0)  # the first round trip is under way
     rest = await asyncio.gather(*(appender.call(script, ["k"], ["1"]) for _ in range(5)))
     assert await first == 1
     assert rest == [2, 3, 4, 5, 6]  # in the order they were made
-    assert appender.round_trips == [1, 5]
+    assert appender.round_trips == [1, 1, 5]
+
+
+async def test_on_an_open_connection_a_round_trip_costs_no_task(redis: Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a token that arrives alone is written and answered by callbacks: a task per round trip was a
+    # third of what a lone token cost a worker (docs/benchmarks.md)
+    appender, script = CountingAppender(redis), define("INCR", INCR)
+    await redis.script_load(script.lua)
+    await connected(appender, redis)
+
+    def no_task(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a task was made for a round trip")
+
+    monkeypatch.setattr(asyncio, "create_task", no_task)
+    monkeypatch.setattr(asyncio, "ensure_future", no_task)
+    for n in range(1, 4):
+        assert await appender.call(script, ["k"], ["1"]) == n
+    assert appender.round_trips == [1, 1, 1, 1]
+
+
+async def test_a_script_forgotten_is_sent_again_alone_and_the_others_run_once(redis: Redis) -> None:
+    appender, known, forgotten = CountingAppender(redis), define("INCR", INCR), define("INCR2", INCR + " ")
+    await connected(appender, redis)
+    await redis.script_flush()  # as after a Redis restart
+    await redis.script_load(known.lua)
+    answers = await asyncio.gather(appender.call(known, ["k"], ["1"]), appender.call(forgotten, ["j"], ["5"]))
+    assert answers == [1, 5]
+    assert await redis.get("k") == b"1"  # not run twice: only the NOSCRIPT call went again
+    assert appender.round_trips == [1, 2, 1]  # the warm-up's; both; the forgotten one as EVAL
 
 
 async def test_a_script_redis_has_forgotten_is_loaded_and_sent_again(redis: Redis) -> None:
@@ -107,29 +147,31 @@ async def test_closing_it_cancels_whoever_still_waits_for_an_answer(redis: Redis
     assert all(isinstance(r, asyncio.CancelledError) for r in results), results
 
 
-async def test_a_round_trip_whose_connection_dropped_is_sent_again_within_its_window(redis: Redis) -> None:
+async def test_a_round_trip_whose_connection_dropped_is_sent_again_within_its_window(
+    redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A failover or a proxy's reset breaks the socket mid-round-trip: the same calls go again (the
     # sink's sequence numbers make one Redis already applied harmless), while the leases still hold.
-    drops = 2
-
-    class Dropping(CountingAppender):
-        async def _execute(self, batch: list[Any]) -> list[Any]:
-            nonlocal drops
-            if drops:
-                drops -= 1
-                self.round_trips.append(len(batch))
-                raise RedisConnectionError("Connection closed by server.")
-            return await super()._execute(batch)
-
-    appender, script = Dropping(redis), define("INCR", INCR)
+    appender, script = CountingAppender(redis), define("INCR", INCR)
     await redis.script_load(script.lua)
+    await connected(appender, redis)
+    drops, send = 2, _Wire.send
+
+    def dropping(wire: _Wire, commands: Any, deadline: float) -> Any:
+        nonlocal drops
+        if drops and commands[0][0] == "EVALSHA":  # (not a new connection's handshake)
+            drops -= 1
+            wire.drop(RedisConnectionError("Connection closed by server."))
+        return send(wire, commands, deadline)
+
+    monkeypatch.setattr(_Wire, "send", dropping)
     assert await asyncio.gather(appender.call(script, ["k"], ["1"]), appender.call(script, ["j"], ["2"])) == [1, 2]
-    assert appender.round_trips == [2, 2, 2]
+    assert appender.round_trips == [1, 2, 2, 2]  # written from the callers' turn, then twice by the task
 
 
 async def test_a_connection_that_stays_down_past_the_window_reaches_the_callers(redis: Redis) -> None:
     class Down(Appender):
-        async def _execute(self, batch: list[Any]) -> list[Any]:
+        async def _execute(self, batch: list[Any], command: str = "EVALSHA") -> list[Any]:
             raise RedisConnectionError("Connection refused.")
 
     appender, script = Down(redis, retry_for=0.2), define("INCR", INCR)
@@ -139,10 +181,14 @@ async def test_a_connection_that_stays_down_past_the_window_reaches_the_callers(
     assert 0.1 <= asyncio.get_running_loop().time() - started < 1.0
 
 
-async def test_a_connection_gone_silent_costs_one_attempt_and_the_next_goes_on_a_new_one(redis_url: str) -> None:
+@pytest.mark.parametrize("answered", [0, 1], ids=["a-new-connection", "an-open-connection"])
+async def test_a_connection_gone_silent_costs_one_attempt_and_the_next_goes_on_a_new_one(
+    redis_url: str, answered: int
+) -> None:
     # a host gone without a word, or a NAT that dropped the mapping: no reset ever comes. The round
     # trip is given up after the client's socket timeout, in time for another attempt on a new
-    # connection, not held until the whole window has passed.
+    # connection, not held until the whole window has passed. On an open connection the first
+    # attempt is written from the caller's turn; the retry is the task's, within the same window.
     real = urlsplit(redis_url)
     connections = 0
 
@@ -162,15 +208,19 @@ async def test_a_connection_gone_silent_costs_one_attempt_and_the_next_goes_on_a
         nonlocal connections
         connections += 1
         upstream_reader, upstream_writer = await asyncio.open_connection(real.hostname, real.port)
-        # the first connection: its handshake (SELECT) goes through, then nothing does
-        reads = 1 if connections == 1 else math.inf
+        # the first connection: its handshake (SELECT) and ``answered`` round trips go through, then nothing does
+        reads = 1 + answered if connections == 1 else math.inf
         await asyncio.gather(pump(reader, upstream_writer, reads), pump(upstream_reader, writer))
 
     server = await asyncio.start_server(proxy, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     client = connect(f"redis://127.0.0.1:{port}{real.path}", max_connections=2, socket_timeout=0.3)
     try:
-        appender, script = Appender(client, retry_for=3), define("INCR", INCR)
+        appender, script = CountingAppender(client, retry_for=3), define("INCR", INCR)
+        if answered:
+            direct = Redis.from_url(redis_url)
+            await connected(appender, direct)
+            await direct.aclose()
         loop = asyncio.get_running_loop()
         started = loop.time()
         assert await appender.call(script, ["k"], ["1"]) == 1
