@@ -13,7 +13,8 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
    upstream's, and the delivery lag p99 the clients saw (stream-id clock, as ``bench/load.py``);
    "lag": the same load with the upstream stamping each chunk as it writes it (``stamp=1``): the
    lag from the upstream's write to the client, which the stream-id clock (from the append) misses;
-2. fixed cost: 1-token chats, our CPU per chat;
+2. fixed cost: 1-token chats, our CPU per chat; "relay": both loads through a plain aiohttp proxy
+   (``bench/proxy.py``), its CPU ÷ the upstream's: what one Python hop costs, the floor for 1 and 2;
 3. the worker's CPU per token for a slow stream (a token every 20 ms) and a fast one (no delay);
 4. a 50-chat burst: TTFT p50 added over the upstream read directly;
 5. capacity: concurrent chats at 50 tokens/s that one core of our processes carries, from the CPU
@@ -22,10 +23,14 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
 ``--ab PATH`` runs every scenario on a second deployment whose processes import streambridge from
 PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternating which goes first
 each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
-under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``). ``--profile DIR`` records
+under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``), and ``--up`` for this tree
+as one process (``streambridge up``: api, edge and worker on one event loop; its CPU is shown as
+the api's, the worker's slow/fast figure as the whole process's). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
-and scenario). With capacity, LiteLLM's peer row follows the table (``bench/peer.py``) when its
-executable is given (``--litellm PATH``) or on PATH; ``--litellm off`` leaves it out.
+and scenario); ``--perf DIR`` samples them with ``perf record`` and prints each one's CPU by part
+(the interpreter, the kernel, uvloop, libc, Redis's own code, other extensions). With capacity,
+LiteLLM's peer row follows the table (``bench/peer.py``) when its executable is given
+(``--litellm PATH``) or on PATH; ``--litellm off`` leaves it out.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -48,7 +54,17 @@ from bench.run import ScenarioFailed, deployment, load
 
 
 def our_processes(d: dict[str, Any]) -> dict[str, list[psutil.Process]]:
-    """Ours by role, and the upstream, as psutil handles kept for the deployment's life."""
+    """Ours by role, and the upstream, as psutil handles kept for the deployment's life. One
+    process (``streambridge up``) is counted once, as the api."""
+    if d.get("one_process"):
+        up = psutil.Process(d["api_child"].proc.pid)
+        return {
+            "api": [up],
+            "edge": [],
+            "worker": [],
+            "redis": [psutil.Process(d["redis_pid"])],
+            "upstream": [psutil.Process(d["llm_child"].proc.pid)],
+        }
     return {
         "api": [psutil.Process(d["api_child"].proc.pid)],
         "edge": [psutil.Process(d["edge"].proc.pid)],
@@ -173,8 +189,24 @@ def scenario_slow_fast(d: dict[str, Any], seconds: float) -> dict[str, float]:
     for name, delay in (("slow", 20.0), ("fast", 0.0)):
         used, result = steady(d, 20, seconds, *model_args(80, delay))
         tokens = tokens_per_chat(result) * used.chats
-        out[f"{name}_us"] = used.by_role["worker"] / max(tokens, 1) * 1e6
+        worker = used.by_role["api" if d.get("one_process") else "worker"]  # one process: all of it
+        out[f"{name}_us"] = worker / max(tokens, 1) * 1e6
     out["ratio"] = out["slow_us"] / out["fast_us"]
+    return out
+
+
+def scenario_relay(d: dict[str, Any], seconds: float) -> dict[str, float]:
+    """The floor a Python relay starts from: the same steady and 1-token loads through the plain
+    aiohttp proxy (``bench/proxy.py``: one process, no queue, nothing kept, no resume), its CPU ÷
+    the upstream's over the same load. No design that passes tokens through Python processes on
+    aiohttp does less per chat than this one hop."""
+    procs = {"proxy": [psutil.Process(d["proxy_pid"])], "upstream": d["procs"]["upstream"]}
+    out = {}
+    for name, clients, model in (("steady", 40, model_args(20, 10)), ("fixed", 10, model_args(1, 10, ttft_ms=0))):
+        before = cpu_now(procs)
+        load("ttft", "--via", f"{d['proxy']}/v1", "--chats", str(clients), "--steady", str(seconds), *model)
+        after = cpu_now(procs)
+        out[f"{name}_ratio"] = (after["proxy"] - before["proxy"]) / max(after["upstream"] - before["upstream"], 1e-9)
     return out
 
 
@@ -262,24 +294,81 @@ def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[N
             spy.wait(30)
 
 
-SCENARIOS = ("steady", "lag", "fixed", "slow_fast", "burst", "capacity")
+#: what ``perf`` samples fall in, by shared object: the interpreter, the kernel, and the rest
+_PARTS = (
+    ("python", ("libpython", "python3")),
+    ("kernel", ("[kernel",)),
+    ("uvloop", ("loop.cpython",)),
+    ("libc", ("libc.so", "libm.so", "ld-linux")),
+    ("redis-server", ("redis-server", "redis-check")),
+)
+
+
+@contextmanager
+def perf_split(d: dict[str, Any], directory: str | None, label: str) -> Iterator[None]:
+    """``perf record`` of our processes (sampling by the clock: unbiased, where py-spy loses frames
+    entered from C callbacks) while the scenario runs; then each process's CPU by part (``_PARTS``)."""
+    if directory is None:
+        yield
+        return
+    os.makedirs(directory, exist_ok=True)
+    roles = {p.pid: role for role in OURS for p in d["procs"][role]}
+    data = f"{directory}/{label}.perf.data"
+    pids = ",".join(map(str, roles))
+    recorder = subprocess.Popen(
+        ["perf", "record", "-q", "-F", "499", "-p", pids, "-o", data],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        recorder.send_signal(2)
+        recorder.wait(60)
+    report = subprocess.run(
+        ["perf", "report", "-i", data, "--stdio", "--no-children", "--sort", "pid,dso", "-g", "none"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    shares: dict[str, dict[str, float]] = {}
+    for line in report.splitlines():
+        match = re.match(r"\s*([\d.]+)%\s+(\d+):\S+\s+(\S+)", line)
+        if match is None or int(match[2]) not in roles:
+            continue
+        part = next((name for name, marks in _PARTS if any(m in match[3] for m in marks)), "extensions")
+        role = shares.setdefault(roles[int(match[2])], {})
+        role[part] = role.get(part, 0.0) + float(match[1])
+    for role, parts in shares.items():
+        total = sum(parts.values()) or 1.0
+        split = ", ".join(f"{part} {100 * v / total:.0f} %" for part, v in sorted(parts.items(), key=lambda kv: -kv[1]))
+        print(f"perf {label} {role} ({total:.0f} % of samples): {split}", file=sys.stderr, flush=True)
+
+
+SCENARIOS = ("steady", "lag", "fixed", "relay", "slow_fast", "burst", "capacity")
 
 
 def one_round(
-    d: dict[str, Any], quick: bool, profile: str | None, label: str, only: tuple[str, ...] = SCENARIOS
+    d: dict[str, Any],
+    quick: bool,
+    profile: str | None,
+    label: str,
+    only: tuple[str, ...] = SCENARIOS,
+    perf: str | None = None,
 ) -> dict[str, dict[str, float]]:
     seconds = 5.0 if quick else 12.0
     run = {
         "steady": lambda: scenario_steady(d, seconds),
         "lag": lambda: scenario_lag(d, seconds),
         "fixed": lambda: scenario_fixed(d, seconds),
+        "relay": lambda: scenario_relay(d, seconds),
         "slow_fast": lambda: scenario_slow_fast(d, seconds),
         "burst": lambda: scenario_burst(d, 1 if quick else 3),
         "capacity": lambda: scenario_capacity(d, 8 if quick else 15, verify=not quick),
     }
     out = {}
     for name in only:
-        with profiled(d, profile, f"{label}-{name}"):
+        with profiled(d, profile, f"{label}-{name}"), perf_split(d, perf, f"{label}-{name}"):
             out[name] = run[name]()
     return out
 
@@ -305,6 +394,10 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
         out.append(("2. fixed cost: 1-token chat", f"{f['ours_ms']:.2f} ms", note))
         split = ", ".join(f"{role} {f[f'{role}_ms']:.2f}" for role in OURS)
         out.append(("   by process (ms per chat)", split, f"{f.get('kernel_pct', float('nan')):.0f} % in the kernel"))
+    if relay := r.get("relay"):
+        values = f"{relay['steady_ratio']:.2f}× / {relay['fixed_ratio']:.2f}× the upstream"
+        note = "steady / 1-token chats: the floor for 1. and 2."
+        out.append(("   a plain aiohttp relay, one hop", values, note))
     if sf := r.get("slow_fast"):
         values = f"{sf['slow_us']:.0f} / {sf['fast_us']:.0f} µs"
         out.append(("3. worker CPU per token, slow/fast", values, f"{sf['ratio']:.2f}× (goal ≤ 2×)"))
@@ -350,8 +443,12 @@ def main() -> None:
         default=[],
         help="also run this tree with these settings, as NAME, in turn (e.g. c2:STREAMBRIDGE_APPEND_COALESCE_MS=2)",
     )
+    parser.add_argument(
+        "--up", action="store_true", help="also run this tree as one process (streambridge up), as 'up', in turn"
+    )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
+    parser.add_argument("--perf", metavar="DIR", help="perf-record our processes, each scenario: CPU by part")
     parser.add_argument(
         "--litellm",
         metavar="PATH|off",
@@ -361,18 +458,24 @@ def main() -> None:
     only = tuple(args.only.split(","))
     variants: dict[str, dict[str, str]] = {"this": {}}
     variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
+    if args.up:
+        variants["up"] = {}
     for spec in args.settings:
         name, _, pairs = spec.partition(":")
         variants[name] = dict(pair.split("=", 1) for pair in pairs.split(","))
     results: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in variants}
     with ExitStack() as stack:
-        systems = {name: stack.enter_context(deployment(1, extra_env=env)) for name, env in variants.items()}
+        systems = {
+            name: stack.enter_context(deployment(1, extra_env=env, one_process=name == "up"))
+            for name, env in variants.items()
+        }
         for d in systems.values():
             d["procs"] = our_processes(d)
         order = list(systems)
         for n in range(args.rounds):
             for name in order[n % len(order) :] + order[: n % len(order)]:  # each goes first in turn
-                results[name].append(one_round(systems[name], args.quick, args.profile, f"{name}{n + 1}", only))
+                label = f"{name}{n + 1}"
+                results[name].append(one_round(systems[name], args.quick, args.profile, label, only, args.perf))
                 print(f"round {n + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
         print_table({name: median_of(r) for name, r in results.items()})
         if "capacity" in only and args.litellm != "off":

@@ -59,10 +59,11 @@ def streambridge(*args: str, env: dict[str, str], ready: str = "listening on") -
 
 @contextmanager
 def deployment(
-    workers: int, extra_env: dict[str, str] | None = None, streams_url: str | None = None
+    workers: int, extra_env: dict[str, str] | None = None, streams_url: str | None = None, *, one_process: bool = False
 ) -> Iterator[dict[str, object]]:
     """A deployment on a redis-server of its own; the chats' own keys on ``streams_url`` when given
-    (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one."""
+    (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one.
+    ``one_process``: api, edge and one worker in one ``streambridge up`` (named as all three)."""
     port = free_port()
     # a Unix socket beside the port: ``extra_env`` STREAMBRIDGE_REDIS_URL=unix puts our processes on it
     sock = os.path.join(tempfile.mkdtemp(prefix="sb-bench-"), "redis.sock")
@@ -88,11 +89,16 @@ def deployment(
         env |= extra_env or {}
         if env.get("STREAMBRIDGE_REDIS_URL") == "unix":
             env["STREAMBRIDGE_REDIS_URL"] = f"unix://{sock}?db=0"
-        edge = streambridge("edge", "--port", "0", env=env)
-        api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
-        children += [edge, api]
-        workers_ = [streambridge("worker", env=env, ready="worker started") for _ in range(workers)]
-        children += workers_
+        if one_process:
+            edge = api = streambridge("up", "--port", "0", env=env)
+            children.append(api)
+            workers_ = [api]
+        else:
+            edge = streambridge("edge", "--port", "0", env=env)
+            api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
+            children += [edge, api]
+            workers_ = [streambridge("worker", env=env, ready="worker started") for _ in range(workers)]
+            children += workers_
         time.sleep(0.5)
         yield {
             "redis": redis.Redis(port=port),
@@ -100,11 +106,13 @@ def deployment(
             "llm_child": llm,
             "redis_pid": redis_proc.pid,
             "proxy": f"http://127.0.0.1:{proxy_port}",
+            "proxy_pid": proxy.pid,
             "api": api.url,
             "api_child": api,
             "edge": edge,
             "workers": workers_,
             "env": env,
+            "one_process": one_process,
         }
     finally:
         if proxy is not None:
