@@ -102,7 +102,7 @@ class Appender:
         self, script: Script, keys: list[str], args: list[str | bytes], *, durable: bool = False
     ) -> asyncio.Future[Any]:
         """As :meth:`call`, for a caller that takes the answer by callback: its future. Cancelling it
-        withdraws the call if it has not gone yet."""
+        leaves the call to go all the same (a sink's numbered batches must not skip one)."""
         lane = self._lanes.setdefault("" if self._nodes is None else self._nodes.owner_known(keys[0]), _Lane())
         answer = asyncio.get_running_loop().create_future()
         lane.waiting.append((script, keys, args, durable, answer))
@@ -132,70 +132,87 @@ class Appender:
         lane.due = False
         if lane.flight is not None or (lane.sender is not None and not lane.sender.done()) or not lane.waiting:
             return  # (closed and reopened meanwhile)
-        pipe = self._pipe(self._redis) if self._nodes is None else None
-        wire = pipe.ready() if pipe is not None else None
-        if pipe is None or wire is None:
-            lane.sender = asyncio.create_task(self._send(lane))
-            return
         batch, lane.waiting = lane.waiting, []
-        now = asyncio.get_running_loop().time()
-        deadline = now + min(self._retry_for, pipe.timeout if pipe.timeout is not None else self._retry_for)
         try:
-            lane.flight, lane.flying = wire.send(self._commands(batch, "EVALSHA"), deadline), batch
-        except Exception:  # the connection closed, or a call that cannot be packed: the task finds out which
-            lane.waiting = batch + lane.waiting
-            lane.sender = asyncio.create_task(self._send(lane))
+            pipe = self._pipe(self._redis) if self._nodes is None else None
+            wire = pipe.ready() if pipe is not None else None
+            if pipe is None or wire is None:
+                raise ConnectionResetError("no open connection")  # the task connects, and answers any error
+            now = asyncio.get_running_loop().time()
+            deadline = now + min(self._retry_for, pipe.timeout if pipe.timeout is not None else self._retry_for)
+            flight = wire.send(self._commands(batch, "EVALSHA"), deadline)
+        except Exception:  # no connection, a closed one, or a call that cannot be packed: the task finds out which
+            lane.sender = asyncio.create_task(self._send(lane, batch))
             return
-        lane.flight.add_done_callback(partial(self._landed, lane, now + self._retry_for))
+        lane.flight, lane.flying = flight, batch
+        flight.add_done_callback(partial(self._landed, lane, now + self._retry_for))
 
     def _landed(self, lane: _Lane, give_up: float, flight: asyncio.Future[list[Any]]) -> None:
-        """A round trip written by :meth:`_go` is answered: each caller its answer, and the next one goes."""
+        """A round trip written by :meth:`_go` is answered: each caller its answer, and the next one goes.
+        One that failed goes to the task, within what is left of its window."""
+        failed = None if flight.cancelled() else flight.exception()  # (retrieved, in any case)
         if lane.flight is not flight:  # closed meanwhile
-            if not flight.cancelled():
-                flight.exception()  # retrieved: nobody else will
             return
         batch, lane.flight, lane.flying = lane.flying, None, []
-        failed = flight.cancelled() or flight.exception() is not None
-        answers = [] if failed else flight.result()
-        command = "EVALSHA"
-        if failed or any(isinstance(a, TRANSIENT) for a in answers):
-            again = batch  # the whole round trip, as the task would: its calls are fenced and numbered
-        else:  # NOSCRIPT (a restarted Redis): the task sends those as EVAL; the rest are answered
-            command = "EVAL"
-            known = [(w, a) for w, a in zip(batch, answers, strict=True) if not isinstance(a, NoScriptError)]
-            again = [w for w, a in zip(batch, answers, strict=True) if isinstance(a, NoScriptError)]
-            _answer([w for w, _ in known], [a for _, a in known])
-        if again:  # the task sends them, retrying within what is left of their window
-            lane.waiting = again + lane.waiting
-            lane.sender = asyncio.create_task(self._send(lane, give_up, command))
+        cancelled = flight.cancelled()
+        answers = [] if failed is not None or cancelled else flight.result()
+        transient = next((a for a in answers if isinstance(a, TRANSIENT)), None)
+        if failed is not None or transient is not None or cancelled:
+            # the whole round trip, as the task would: its calls are fenced and numbered
+            error = failed or transient or RedisConnectionError("the round trip was cancelled")
+            lane.sender = asyncio.create_task(self._send(lane, batch, give_up, error=error))
+            return
+        unknown = [w for w, a in zip(batch, answers, strict=True) if isinstance(a, NoScriptError)]
+        known = [(w, a) for w, a in zip(batch, answers, strict=True) if not isinstance(a, NoScriptError)]
+        _answer([w for w, _ in known], [a for _, a in known])
+        if unknown:  # NOSCRIPT (a restarted Redis): those go again as EVAL, in their window
+            lane.sender = asyncio.create_task(self._send(lane, unknown, give_up, command="EVAL"))
         elif lane.waiting:
             self._go(lane)
 
-    async def _send(self, lane: _Lane, give_up: float = 0.0, command: str = "EVALSHA") -> None:
-        """Sends ``lane``'s calls until none wait, retrying each round trip; the first within ``give_up``
-        and as ``command`` when :meth:`_landed` handed it over."""
-        while lane.waiting:
-            batch, lane.waiting = lane.waiting, []
+    async def _send(
+        self,
+        lane: _Lane,
+        first: list[Waiting] | None = None,
+        give_up: float = 0.0,
+        *,
+        command: str = "EVALSHA",
+        error: BaseException | None = None,
+    ) -> None:
+        """Sends ``first``, then ``lane``'s calls until none wait, retrying each round trip. ``first``
+        is a round trip :meth:`_go` could not send, or one that :meth:`_landed` handed over: then in
+        its window (``give_up``), as ``command``, and after its ``error``; the rest each in a window of
+        its own."""
+        while first or lane.waiting:
+            batch = first or lane.waiting
+            if first:
+                first = None
+            else:
+                lane.waiting = []
             try:
-                answers = await self._execute_again_if_dropped(batch, give_up, command)
+                answers = await self._execute_again_if_dropped(batch, give_up, command, error)
             except Exception as exc:  # Redis unreachable: every caller of this round trip hears it
                 answers = [exc] * len(batch)
             except asyncio.CancelledError:  # the worker's loop is closing: nobody waits forever
                 for *_, answer in [*batch, *lane.waiting]:
                     answer.cancel()
                 raise
-            give_up, command = 0.0, "EVALSHA"  # the next round trip's window starts when it does
+            give_up, command, error = 0.0, "EVALSHA", None
             _answer(batch, answers)
 
     async def _execute_again_if_dropped(
-        self, batch: list[Waiting], give_up: float = 0.0, command: str = "EVALSHA"
+        self, batch: list[Waiting], give_up: float = 0.0, command: str = "EVALSHA", error: BaseException | None = None
     ) -> list[Any]:
-        """``give_up``: the window's end, when an earlier attempt (:meth:`_go`'s) opened it."""
+        """``give_up``: the window's end, and ``error``: how its first attempt failed, when :meth:`_go`
+        made that attempt."""
         loop = asyncio.get_running_loop()
         give_up, delay = give_up or loop.time() + self._retry_for, 0.02
         while True:
             _GIVE_UP.set(give_up)  # this lane's task's own: lanes of a cluster's nodes run at once
             try:
+                if error is not None:  # as if this attempt had made it
+                    failed, error = error, None
+                    raise failed
                 if self._nodes is None and self._pipe(self._redis) is not None:
                     return await self._execute(batch, command)  # the Pipe keeps the deadline: no timer per round trip
                 # bounded as a whole: the client's own retries and socket timeout would run on past it

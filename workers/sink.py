@@ -125,7 +125,9 @@ class StreamSink:
             self._started = str(event.attempt)
         if self._flight is None:
             self._raise_failure()
-            if self._coalesce <= 0 or len(self._pending) >= MAX_PENDING:
+            if len(self._pending) >= MAX_PENDING:
+                self._send()  # now: a producer that never yields must not pile up more
+            elif self._coalesce <= 0:
                 self._send_soon()
             elif not self._ticking:
                 self._ticking = True
@@ -164,8 +166,10 @@ class StreamSink:
     async def close(self) -> None:
         self._closed = True
         flight, self._flight = self._flight, None
+        if flight is not None or self._pending:  # a drain waiting for them hears it
+            self._failure = self._failure or StreambridgeError("the sink closed before its events were in Redis")
         if flight is not None:
-            flight.cancel()  # not sent yet, it stays unsent; sent, its answer is nobody's
+            flight.cancel()  # its call still goes (numbered batches skip none); its answer is nobody's
         if self._own_appender:
             await self._appender.close()
 
@@ -179,25 +183,33 @@ class StreamSink:
     def _send(self) -> None:
         """The pending events as one APPEND; :meth:`_landed` takes its answer."""
         self._due = False
-        if self._closed or not self._pending or self._flight is not None:
+        if self._closed or not self._pending or self._flight is not None or self._failure is not None:
             return
-        batch, self._pending = self._pending, []
-        started, self._started = self._started, ""
+        try:
+            args: list[str | bytes] = [self._token, str(self._seq + 1), self._maxlen, self._started, self._publish]
+            for event in self._pending:
+                args.append(_TYPES[type(event)])
+                args.append(encode_event(event))
+            self._flight = self._appender.submit(machine.APPEND, self._keys, args)
+        except Exception as exc:  # (an event that cannot be encoded): append and drain raise it, not the loop
+            self._failure = exc
+            return
         self._seq += 1
-        args: list[str | bytes] = [self._token, str(self._seq), self._maxlen, started, self._publish]
-        for event in batch:
-            args.append(_TYPES[type(event)])
-            args.append(encode_event(event))
-        self._flight = self._appender.submit(machine.APPEND, self._keys, args)
+        self._pending, self._started = [], ""
         self._flight.add_done_callback(self._landed)
 
     def _landed(self, flight: asyncio.Future[int]) -> None:
         if flight is not self._flight:  # closed meanwhile
+            if not flight.cancelled():
+                flight.exception()  # retrieved: nobody else will
             return
         self._flight = None
+        if flight.cancelled():  # the worker's appender closed under a running chat
+            self._failure = StreambridgeError("the worker stopped appending")
+            return
         try:
             self._check(flight.result())
-        except BaseException as exc:  # (a cancelled answer: the appender closed under a running chat)
+        except Exception as exc:
             self._failure = exc
             return
         self._send()

@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streambridge.shared.machine import define
 from streambridge.shared.pipe import _Wire
@@ -78,14 +79,51 @@ async def test_on_an_open_connection_a_round_trip_costs_no_task(redis: Redis, mo
     await redis.script_load(script.lua)
     await connected(appender, redis)
 
-    def no_task(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a task was made for a round trip")
-
-    monkeypatch.setattr(asyncio, "create_task", no_task)
-    monkeypatch.setattr(asyncio, "ensure_future", no_task)
+    tasks = tasks_made(monkeypatch)
     for n in range(1, 4):
         assert await appender.call(script, ["k"], ["1"]) == n
     assert appender.round_trips == [1, 1, 1, 1]
+    assert tasks == []
+
+
+def tasks_made(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The coroutines made into tasks from here on (they still run)."""
+    made: list[str] = []
+    create_task = asyncio.create_task
+
+    def recording(coro: Any, **kwargs: Any) -> Any:
+        made.append(getattr(coro, "__qualname__", repr(coro)))
+        return create_task(coro, **kwargs)
+
+    monkeypatch.setattr(asyncio, "create_task", recording)
+    return made
+
+
+async def test_a_call_made_while_a_round_trip_timed_out_gets_a_window_of_its_own(redis: Redis) -> None:
+    # Redis stalls past the window of the round trip on the wire: its callers hear a timeout, but a
+    # call another chat made meanwhile goes next, in a window that opens when it is sent
+    appender, script = Appender(redis, retry_for=0.3), define("INCR", INCR)
+    await redis.script_load(script.lua)
+    await connected(appender, redis)
+    await redis.execute_command("CLIENT", "PAUSE", "450", "WRITE")
+    stalled = asyncio.ensure_future(appender.call(script, ["k"], ["1"]))
+    await asyncio.sleep(0.2)
+    meanwhile = asyncio.ensure_future(appender.call(script, ["j"], ["1"]))
+    with pytest.raises(RedisTimeoutError):
+        await stalled
+    assert await meanwhile == 1
+
+
+async def test_closing_it_with_a_round_trip_on_the_wire_cancels_its_callers(redis: Redis) -> None:
+    appender, script = Appender(redis), define("INCR", INCR)
+    await redis.script_load(script.lua)
+    await connected(appender, redis)
+    calls = [asyncio.ensure_future(appender.call(script, ["k"], ["1"])) for _ in range(3)]
+    while appender._lanes[""].flight is None:  # written, not yet answered
+        await asyncio.sleep(0)
+    await appender.close()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
 
 
 async def test_a_script_forgotten_is_sent_again_alone_and_the_others_run_once(redis: Redis) -> None:

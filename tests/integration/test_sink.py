@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from streambridge.shared import keys, machine
-from streambridge.shared.events import encode_event
-from streambridge.workers.sink import LeaseLost, StreamSink
-from tests.integration.test_appender import CountingAppender, connected
+from streambridge.shared.errors import StreambridgeError
+from streambridge.shared.events import Content, encode_event
+from streambridge.workers.sink import MAX_PENDING, LeaseLost, StreamSink
+from tests.integration.test_appender import CountingAppender, connected, tasks_made
 from tests.integration.test_sink_coalesce import sink_for, texts, word
 
 pytestmark = pytest.mark.usefixtures("closing_appenders")
@@ -49,16 +49,12 @@ async def test_a_token_that_arrives_alone_costs_no_task(
     redis: Redis, appender: CountingAppender, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     sink = await sink_for(redis, "sink-alone", appender, coalesce=0)
-
-    def no_task(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("a task was made for a batch")
-
-    monkeypatch.setattr(asyncio, "create_task", no_task)
-    monkeypatch.setattr(asyncio, "ensure_future", no_task)
+    tasks = tasks_made(monkeypatch)
     for n in range(3):
         await sink.append(word(n))
         await asyncio.sleep(0.005)  # apart: each its own batch
     await sink.drain()
+    assert tasks == []
     assert appender.round_trips == [1, 1, 1, 1]
     assert await texts(redis, "sink-alone") == [encode_event(word(n)) for n in range(3)]
     await sink.close()
@@ -95,10 +91,41 @@ async def test_a_sink_closed_with_a_batch_in_flight_sends_nothing_more(
 ) -> None:
     sink = await sink_for(redis, "sink-closed", appender, coalesce=0)
     await sink.append(word(0))
-    await asyncio.sleep(0)  # in flight
-    await sink.append(word(1))  # waits for it
+    while appender._lanes[""].flight is None:  # written, not yet answered
+        await asyncio.sleep(0)
+    await sink.append(word(1))  # waits for the batch in flight
+    draining = asyncio.ensure_future(sink.drain())
     await sink.close()
+    with pytest.raises(StreambridgeError):
+        await draining  # told: what it waited for never went
     await asyncio.sleep(0.05)
     assert appender.round_trips == [1, 1]
     assert await texts(redis, "sink-closed") == [encode_event(word(0))]
-    assert isinstance(sink, StreamSink)
+
+
+async def test_an_event_that_cannot_be_encoded_is_raised_by_drain_not_lost(
+    redis: Redis, appender: CountingAppender
+) -> None:
+    sink = await sink_for(redis, "sink-bad", appender, coalesce=0)
+    await sink.append(Content(content="\ud83d", index=0, attempt=1))  # a lone surrogate: no UTF-8 for it
+    with pytest.raises(UnicodeEncodeError):
+        await sink.drain()
+    with pytest.raises(UnicodeEncodeError):
+        await sink.append(word(1))
+    assert appender.round_trips == [1]
+    await sink.close()
+
+
+async def test_a_producer_that_never_yields_holds_no_more_than_a_batch(
+    redis: Redis, appender: CountingAppender
+) -> None:
+    await redis.hset(keys.lease("sink-flood"), mapping={"token": "t", "seq": 0})
+    sink = StreamSink(redis, "sink-flood", "t", maxlen=10 * MAX_PENDING, appender=appender)
+    most = 0
+    for n in range(3 * MAX_PENDING):
+        await sink.append(word(n))
+        most = max(most, len(sink._pending))
+    await sink.drain()
+    assert most <= MAX_PENDING
+    assert await redis.xlen(keys.events("sink-flood")) == 3 * MAX_PENDING
+    await sink.close()
