@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -455,7 +456,11 @@ def main() -> None:
         help="capacity: a LiteLLM peer row (bench/peer.py) with this executable; default litellm on PATH, if any",
     )
     args = parser.parse_args()
+    if args.perf and shutil.which("perf") is None:
+        parser.error("--perf needs perf on PATH (Debian: linux-perf)")
     only = tuple(args.only.split(","))
+    if unknown := set(only) - set(SCENARIOS):
+        parser.error(f"--only: no scenario {', '.join(sorted(unknown))} (there are {', '.join(SCENARIOS)})")
     variants: dict[str, dict[str, str]] = {"this": {}}
     variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
     if args.up:
