@@ -23,9 +23,11 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
 ``--ab PATH`` runs every scenario on a second deployment whose processes import streambridge from
 PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternating which goes first
 each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
-under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``), and ``--up`` for this tree
-as one process (``streambridge up``: api, edge and worker on one event loop; its CPU is shown as
-the api's, the worker's slow/fast figure as the whole process's). ``--profile DIR`` records
+under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``), ``--python NAME:PATH``
+for this tree's processes on another interpreter (the simulated LLM, the yardstick, stays on
+this one), and ``--up`` for this tree as one process (``streambridge up``: api, edge and worker
+on one event loop; its CPU is shown as the api's, the worker's slow/fast figure as the whole
+process's). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
 and scenario); ``--perf DIR`` samples them with ``perf record`` and prints each one's CPU by part
 (the interpreter, the kernel, uvloop, libc, Redis's own code, other extensions). With capacity,
@@ -425,6 +427,26 @@ def print_table(columns: dict[str, dict[str, dict[str, float]]]) -> None:
         print(" | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)))
 
 
+def variants_of(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """Each deployment's name and environment, and the interpreter of those not on this one."""
+    variants: dict[str, dict[str, str]] = {"this": {}}
+    variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
+    if args.up:
+        variants["up"] = {}
+    pythons: dict[str, str] = {}
+    for spec in args.python:
+        name, _, path = spec.partition(":")
+        if not os.access(path, os.X_OK) or os.path.isdir(path):
+            parser.error(f"--python {spec}: {path} is not an executable")
+        variants[name], pythons[name] = {}, path
+    for spec in args.settings:
+        name, _, pairs = spec.partition(":")
+        variants[name] = dict(pair.split("=", 1) for pair in pairs.split(","))
+    return variants, pythons
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short loads, one burst, no verified capacity point")
@@ -447,6 +469,13 @@ def main() -> None:
     parser.add_argument(
         "--up", action="store_true", help="also run this tree as one process (streambridge up), as 'up', in turn"
     )
+    parser.add_argument(
+        "--python",
+        metavar="NAME:PATH",
+        action="append",
+        default=[],
+        help="also run this tree's processes on another interpreter (a venv's python with .[bench]), as NAME",
+    )
     parser.add_argument("--only", default=",".join(SCENARIOS), help=f"some of {','.join(SCENARIOS)}")
     parser.add_argument("--profile", metavar="DIR", help="py-spy our processes, each scenario")
     parser.add_argument("--perf", metavar="DIR", help="perf-record our processes, each scenario: CPU by part")
@@ -461,17 +490,13 @@ def main() -> None:
     only = tuple(args.only.split(","))
     if unknown := set(only) - set(SCENARIOS):
         parser.error(f"--only: no scenario {', '.join(sorted(unknown))} (there are {', '.join(SCENARIOS)})")
-    variants: dict[str, dict[str, str]] = {"this": {}}
-    variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
-    if args.up:
-        variants["up"] = {}
-    for spec in args.settings:
-        name, _, pairs = spec.partition(":")
-        variants[name] = dict(pair.split("=", 1) for pair in pairs.split(","))
+    variants, pythons = variants_of(args, parser)
     results: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in variants}
     with ExitStack() as stack:
         systems = {
-            name: stack.enter_context(deployment(1, extra_env=env, one_process=name == "up"))
+            name: stack.enter_context(
+                deployment(1, extra_env=env, one_process=name == "up", python=pythons.get(name, sys.executable))
+            )
             for name, env in variants.items()
         }
         for d in systems.values():

@@ -53,17 +53,23 @@ class Child:
             self.proc.kill()
 
 
-def streambridge(*args: str, env: dict[str, str], ready: str = "listening on") -> Child:
-    return Child([PY, "-m", "streambridge", *args], env, ready)
+def streambridge(*args: str, env: dict[str, str], ready: str = "listening on", python: str = PY) -> Child:
+    return Child([python, "-m", "streambridge", *args], env, ready)
 
 
 @contextmanager
 def deployment(
-    workers: int, extra_env: dict[str, str] | None = None, streams_url: str | None = None, *, one_process: bool = False
+    workers: int,
+    extra_env: dict[str, str] | None = None,
+    streams_url: str | None = None,
+    *,
+    one_process: bool = False,
+    python: str = PY,
 ) -> Iterator[dict[str, object]]:
     """A deployment on a redis-server of its own; the chats' own keys on ``streams_url`` when given
     (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one.
-    ``one_process``: api, edge and one worker in one ``streambridge up`` (named as all three)."""
+    ``one_process``: api, edge and one worker in one ``streambridge up`` (named as all three).
+    ``python``: the interpreter our processes run on (the simulated LLM and the proxy keep this one's)."""
     port = free_port()
     # a Unix socket beside the port: ``extra_env`` STREAMBRIDGE_REDIS_URL=unix puts our processes on it
     sock = os.path.join(tempfile.mkdtemp(prefix="sb-bench-"), "redis.sock")
@@ -90,14 +96,15 @@ def deployment(
         if env.get("STREAMBRIDGE_REDIS_URL") == "unix":
             env["STREAMBRIDGE_REDIS_URL"] = f"unix://{sock}?db=0"
         if one_process:
-            edge = api = streambridge("up", "--port", "0", env=env)
+            edge = api = streambridge("up", "--port", "0", env=env, python=python)
             children.append(api)
             workers_ = [api]
         else:
-            edge = streambridge("edge", "--port", "0", env=env)
-            api = streambridge("api", "--port", "0", env={**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url})
+            edge = streambridge("edge", "--port", "0", env=env, python=python)
+            api_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url}
+            api = streambridge("api", "--port", "0", env=api_env, python=python)
             children += [edge, api]
-            workers_ = [streambridge("worker", env=env, ready="worker started") for _ in range(workers)]
+            workers_ = [streambridge("worker", env=env, ready="worker started", python=python) for _ in range(workers)]
             children += workers_
         time.sleep(0.5)
         yield {
