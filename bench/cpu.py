@@ -56,13 +56,18 @@ from bench.metrics_cost import chats as count_chats
 from bench.run import ScenarioFailed, deployment, load
 
 
+def with_children(pid: int) -> list[psutil.Process]:
+    """A process and those it started (a worker's batch lane, its multiprocessing helper)."""
+    process = psutil.Process(pid)
+    return [process, *process.children(recursive=True)]
+
+
 def our_processes(d: dict[str, Any]) -> dict[str, list[psutil.Process]]:
     """Ours by role, and the upstream, as psutil handles kept for the deployment's life. One
     process (``streambridge up``) is counted once, as the api."""
     if d.get("one_process"):
-        up = psutil.Process(d["api_child"].proc.pid)
         return {
-            "api": [up],
+            "api": with_children(d["api_child"].proc.pid),
             "edge": [],
             "worker": [],
             "redis": [psutil.Process(d["redis_pid"])],
@@ -71,7 +76,7 @@ def our_processes(d: dict[str, Any]) -> dict[str, list[psutil.Process]]:
     return {
         "api": [psutil.Process(d["api_child"].proc.pid)],
         "edge": [psutil.Process(d["edge"].proc.pid)],
-        "worker": [psutil.Process(w.proc.pid) for w in d["workers"]],
+        "worker": [p for w in d["workers"] for p in with_children(w.proc.pid)],
         "redis": [psutil.Process(d["redis_pid"])],
         "upstream": [psutil.Process(d["llm_child"].proc.pid)],
     }
@@ -281,13 +286,13 @@ def profiled(d: dict[str, Any], directory: str | None, label: str) -> Iterator[N
                 "-p",
                 str(p.pid),
                 "-o",
-                f"{directory}/{label}-{role}.txt",
+                f"{directory}/{label}-{role}{f'-{n}' if n else ''}.txt",  # -1, -2: what it started
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         for role in ("api", "edge", "worker")
-        for p in d["procs"][role]
+        for n, p in enumerate(d["procs"][role])
     ]
     try:
         yield
