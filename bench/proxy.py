@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 
@@ -31,4 +32,12 @@ def make_proxy(upstream: str) -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(make_proxy(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log=None)
+    # on uvloop, as our processes and the simulated LLM are: the floor is measured on the same loop
+    web.run_app(
+        make_proxy(sys.argv[1]),
+        host="127.0.0.1",
+        port=int(sys.argv[2]),
+        print=None,
+        access_log=None,
+        loop=uvloop.new_event_loop(),
+    )

@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -32,7 +33,8 @@ PY = sys.executable
 
 class Child:
     def __init__(self, args: list[str], env: dict[str, str], ready: str = "listening on") -> None:
-        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self._errors = tempfile.TemporaryFile()  # its stderr: the reason, should it not start
+        self.proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=self._errors, text=True)
         self.url = ""
         self.said: list[str] = []  # what it printed up to its ready line
         assert self.proc.stdout is not None
@@ -43,7 +45,10 @@ class Child:
                 self.url = match.group(1) if match else ""
                 break
         else:
-            raise RuntimeError(f"{args} did not start")
+            self.proc.wait(10)
+            self._errors.seek(0)
+            said = self._errors.read().decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(args[:4])} did not start: {' / '.join(said) or 'no output'}")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -99,6 +104,10 @@ def deployment(
             edge = api = streambridge("up", "--port", "0", env=env, python=python)
             children.append(api)
             workers_ = [api]
+            ready(f"{api.url}/readyz")  # its worker's startup (the batch lane) follows the listening line
+            until = time.monotonic() + 10
+            while not psutil.Process(api.proc.pid).children() and time.monotonic() < until:
+                time.sleep(0.1)  # the lane: counted as ours only once it is there
         else:
             edge = streambridge("edge", "--port", "0", env=env, python=python)
             api_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url}
@@ -134,6 +143,21 @@ def deployment(
             redis_proc.wait()
         finally:
             shutil.rmtree(os.path.dirname(sock), ignore_errors=True)
+
+
+def ready(url: str, timeout: float = 30.0) -> None:
+    """Waits for ``url`` to answer 200."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused, or 503 (urllib's HTTPError is an OSError)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 in {timeout:g} s")
+        time.sleep(0.1)
 
 
 class ScenarioFailed(Exception):
