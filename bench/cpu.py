@@ -13,8 +13,8 @@ Scenarios (one deployment from ``bench.run.deployment``: a redis-server, api, ed
    upstream's, and the delivery lag p99 the clients saw (stream-id clock, as ``bench/load.py``);
    "lag": the same load with the upstream stamping each chunk as it writes it (``stamp=1``): the
    lag from the upstream's write to the client, which the stream-id clock (from the append) misses;
-2. fixed cost: 1-token chats, our CPU per chat; "relay": both loads through a plain aiohttp proxy
-   (``bench/proxy.py``), its CPU ÷ the upstream's: what one Python hop costs, the floor for 1 and 2;
+2. fixed cost: 1-token chats, our CPU per chat; "relay": the loads of 1, 2 and 3 through a plain
+   aiohttp proxy (``bench/proxy.py``): what one Python hop costs, beside what we cost;
 3. the worker's CPU per token for a slow stream (a token every 20 ms) and a fast one (no delay);
 4. a 50-chat burst: TTFT p50 added over the upstream read directly;
 5. capacity: concurrent chats at 50 tokens/s that one core of our processes carries, from the CPU
@@ -190,6 +190,7 @@ def scenario_fixed(d: dict[str, Any], seconds: float) -> dict[str, float]:
     return {
         "ours_ms": used.per_chat_ms(),
         "upstream_ms": used.per_chat_ms("upstream"),
+        "ratio": used.ours / max(used.by_role["upstream"], 1e-9),
         "kernel_pct": used.kernel_pct(),
         **by_role,
     }
@@ -227,8 +228,8 @@ def scenario_relay(d: dict[str, Any], seconds: float) -> dict[str, float]:
         result = load(*via, str(seconds), "--chats", str(clients), *model)
         after = cpu_now(procs)
         proxy = after["proxy"] - before["proxy"]
-        if name in ("slow", "fast"):  # tokens counted from the load's second second: the CPU's too, roughly
-            out[f"{name}_us"] = proxy / max(float(result["tokens"]) * seconds / (seconds - 1), 1) * 1e6
+        if name in ("slow", "fast"):  # over every token the load relayed, warm-up included, as the CPU is
+            out[f"{name}_us"] = proxy / max(float(result["all_tokens"]), 1) * 1e6
         else:
             out[f"{name}_ratio"] = proxy / max(after["upstream"] - before["upstream"], 1e-9)
     out["slow_fast"] = out["slow_us"] / out["fast_us"]
@@ -425,13 +426,13 @@ def rows(r: dict[str, dict[str, float]]) -> list[tuple[str, str, str]]:
         out.append(("   upstream → client lag", values, f"append → client p99 {lag['append_p99']:.1f} ms"))
     if f := r.get("fixed"):
         note = f"goal ≤ 1.5 ms; upstream {f['upstream_ms']:.2f} ms"
-        value = f"{f['ours_ms']:.2f} ms, {f['ours_ms'] / max(f['upstream_ms'], 1e-9):.2f}×"
+        value = f"{f['ours_ms']:.2f} ms, {f['ratio']:.2f}×"
         out.append(("2. fixed cost: 1-token chat", value, note))
         split = ", ".join(f"{role} {f[f'{role}_ms']:.2f}" for role in OURS)
         out.append(("   by process (ms per chat)", split, f"{f.get('kernel_pct', float('nan')):.0f} % in the kernel"))
     if relay := r.get("relay"):
         values = f"{relay['steady_ratio']:.2f}× / {relay['fixed_ratio']:.2f}× the upstream"
-        note = "steady / 1-token chats: one Python hop"
+        note = "steady / 1-token chats: one Python hop"  # (the proxy of this variant's deployment)
         out.append(("   a plain aiohttp relay, one hop", values, note))
         values = f"{relay['slow_us']:.0f} / {relay['fast_us']:.0f} µs ({relay['slow_fast']:.2f}×)"
         out.append(("   its CPU per token, slow/fast", values, "as 3.: what a lone token costs a bare hop"))

@@ -18,7 +18,6 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable
 from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
@@ -198,8 +197,13 @@ async def via(session: aiohttp.ClientSession, args: argparse.Namespace, model: s
     as that proxy's clients would: a peer's figures beside ours (``bench/peer.py``)."""
     headers = {"Authorization": f"Bearer {args.key}"} if args.key else None
 
-    def run(n: int) -> Awaitable[dict[str, Any]]:
-        return openai_chat(session, args.via, model, n, headers)
+    relayed = 0  # every chat's tokens, the warm-up's and the first second's: what a CPU window over the run paid for
+
+    async def run(n: int) -> dict[str, Any]:
+        nonlocal relayed
+        result = await openai_chat(session, args.via, model, n, headers)
+        relayed += result["content"]
+        return result
 
     await asyncio.gather(*(run(n) for n in range(5)))  # warm up
     cpu, wall = cpu_seconds(), time.perf_counter()
@@ -208,6 +212,7 @@ async def via(session: aiohttp.ClientSession, args: argparse.Namespace, model: s
         "chats_per_s": round(len(values) / (args.steady - 1), 1),
         "ttft": percentiles([v["ttft"] for v in values if v["ttft"] is not None]),
         "tokens": sum(v["content"] for v in values),
+        "all_tokens": relayed,
         "chats": len(values),
         "loadgen_cpu": round((cpu_seconds() - cpu) / (time.perf_counter() - wall), 2),
     }

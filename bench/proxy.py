@@ -32,7 +32,7 @@ def make_proxy(upstream: str) -> web.Application:
 
 
 if __name__ == "__main__":
-    # on uvloop, as our processes and the simulated LLM are: the floor is measured on the same loop
+    # on uvloop, as our processes and the simulated LLM are: one hop measured on the same loop as ours
     web.run_app(
         make_proxy(sys.argv[1]),
         host="127.0.0.1",
