@@ -13,6 +13,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from streambridge.fake_llm import expected_reasoning, expected_text, expected_tool_call
 from tests.e2e.conftest import System, login
+from tests.numbering import sequence_numbers
 
 pytestmark = pytest.mark.e2e
 
@@ -85,13 +86,14 @@ async def test_a_dropped_background_response_resumes_on_the_other_edge_by_both_s
     response_id, last = seen[0].response.id, seen[-1].sequence_number
     said = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
     rest = [e async for e in await second.responses.retrieve(response_id, stream=True, starting_after=last)]
-    assert [e.sequence_number for e in rest] == list(range(last + 1, last + 1 + len(rest)))
+    numbers = sequence_numbers(rest)
+    assert numbers == list(range(last + 1, last + 1 + len(numbers)))
     deltas = "".join(e.delta for e in rest if e.type == "response.output_text.delta")
     assert said + deltas == expected_text("background", WORDS)
     async with second.responses.stream(response_id=response_id, starting_after=last) as helper:
         again = [e async for e in helper]
         final = await helper.get_final_response()
-    assert [e.sequence_number for e in again] == [e.sequence_number for e in rest]
+    assert sequence_numbers(again) == sequence_numbers(rest)
     assert final.output_text == expected_text("background", WORDS)
     assert (await first.responses.retrieve(response_id)).output_text == final.output_text
     await first.close()
