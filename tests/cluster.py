@@ -153,7 +153,13 @@ class RedisCluster:
     # Damage.
 
     def kill(self, node: Node) -> None:
-        """A crash: SIGKILL, nothing saved, its sockets dropped at once."""
+        """A crash: SIGKILL, nothing saved, its sockets dropped at once. Its replicas are read first:
+        the ones :meth:`wait_failover` waits for are those it has now (a loaded host's heartbeat past
+        the node timeout can have failed a node over since the cluster was made)."""
+        with contextlib.suppress(redis.RedisError, ClusterUnavailableError):
+            replicas = {f[0] for f in self._view() if f[3] == node.id and "fail" not in f[2]}
+            if replicas:
+                self._replica_ids[node.id] = replicas
         node.process.kill()
         node.process.wait(10)
         node.client.close()
