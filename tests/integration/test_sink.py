@@ -19,10 +19,8 @@ pytestmark = pytest.mark.usefixtures("closing_appenders")
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
+def redis(real_redis: Redis) -> Redis:
+    return real_redis
 
 
 @pytest.fixture
