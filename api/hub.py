@@ -31,7 +31,15 @@ from streambridge.shared import keys, metrics
 from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import TERMINAL_TYPES
 from streambridge.shared.machine import Store
-from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, stream_info, trimmed
+from streambridge.shared.streams import (
+    Entry,
+    entry_from_fields,
+    id_key,
+    opens_a_chat,
+    parse_notification,
+    stream_info,
+    trimmed,
+)
 
 log = logging.getLogger("streambridge.edge")
 
@@ -386,7 +394,11 @@ class StreamHub:
                 full = False
                 break
         ids = [id_key(entry.id) for entry in entries]
-        info = await stream_info(self.redis, key) if ids and ids[0] > first.last_key else None
+        info = None
+        # Whether entries after the earliest position left the stream: not if its entry is held, nor
+        # if the first entry held is the chat's first (a new reader's usual case: no round trip).
+        if ids and ids[0] > first.last_key and not opens_a_chat(entries[0].type, entries[0].data):
+            info = await stream_info(self.redis, key)
         return Page(entries, ids, full, info)
 
     def _subscribe(self, chat_id: str, sub: Subscriber) -> Topic:

@@ -78,7 +78,7 @@ def trimmed(info: Mapping[str, Any] | None, last_id: str) -> bool:
     added = info.get("entries-added")
     if added is not None:
         return bool(added > info["length"])
-    return not _opens_a_chat(first[1])
+    return not opens_a_chat(_text(first[1].get(b"type", b"")), first[1].get(b"data", b""))
 
 
 async def trimmed_after(redis: Redis, key: str, last_id: str) -> bool:
@@ -99,14 +99,14 @@ async def stream_info(redis: Redis | RedisCluster, key: str) -> dict[str, Any] |
     return info
 
 
-def _opens_a_chat(fields: Mapping[bytes, bytes]) -> bool:
-    """A chat's stream starts with attempt 1's ``started``, or a ``failed`` or ``cancelled``
-    before any attempt (a chat past its deadline, or cancelled while queued)."""
-    kind = fields.get(b"type")
-    if kind == b"started":
-        event = decode_event(fields[b"data"])
+def opens_a_chat(kind: str, data: bytes) -> bool:
+    """Whether an entry (its ``type`` and ``data``) is a chat's first: a chat's stream starts with
+    attempt 1's ``started``, or a ``failed`` or ``cancelled`` before any attempt (a chat past its
+    deadline, or cancelled while queued). Nothing ever sat before such an entry."""
+    if kind == "started":
+        event = decode_event(data)
         return isinstance(event, Started) and event.attempt == 1
-    return kind in (b"failed", b"cancelled")
+    return kind in ("failed", "cancelled")
 
 
 def _text(value: bytes | str) -> str:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis, RedisCluster
 from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
 from streambridge.shared import keys, machine
 from streambridge.shared.chats import ChatResult
+from streambridge.shared.errors import StreamExpired
 from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
 from streambridge.shared.machine import APPEND, publish_command
 from streambridge.shared.redis import connect_streams
@@ -155,6 +156,31 @@ async def test_resume_gives_exactly_what_follows_the_last_event_id(store: Redis,
     for cut in range(len(everything)):
         resumed = await collect(hub.tail(CHAT, everything[cut].id, idle=5))
         assert resumed == everything[cut + 1 :]
+
+
+@needs_a_socket
+async def test_a_new_reader_of_a_whole_stream_reads_it_without_asking_whether_it_was_trimmed(
+    store: Redis, hub: StreamHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await append(store, [Started(attempt=1, model="m"), content(1), COMPLETE])
+    asked: list[object] = []
+    xinfo_stream = hub.redis.xinfo_stream
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(args)
+        return await xinfo_stream(*args, **kwargs)
+
+    monkeypatch.setattr(hub.redis, "xinfo_stream", counted)
+    assert decoded(await collect(hub.tail(CHAT, None, idle=5))) == [Started(attempt=1, model="m"), content(1), COMPLETE]
+    assert asked == [], "the chat's first entry is held: nothing before it can have been lost"
+
+
+@needs_a_socket
+async def test_a_new_reader_of_a_stream_trimmed_past_its_start_is_told(store: Redis, hub: StreamHub) -> None:
+    await append(store, [Started(attempt=1, model="m"), *(content(n) for n in range(1, 10))])
+    await store.xtrim(keys.events(CHAT), maxlen=4, approximate=False)
+    with pytest.raises(StreamExpired):
+        await collect(hub.tail(CHAT, None, idle=5))
 
 
 @needs_a_socket
