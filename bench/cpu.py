@@ -470,6 +470,8 @@ def variants_of(
     variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
     if args.up:
         variants["up"] = {}
+    if args.skeleton:
+        variants["skeleton"] = {}
     pythons: dict[str, str] = {}
 
     def named(option: str, spec: str) -> tuple[str, str]:
@@ -521,6 +523,11 @@ def main() -> None:
         "--up", action="store_true", help="also run this tree as one process (streambridge up), as 'up', in turn"
     )
     parser.add_argument(
+        "--skeleton",
+        action="store_true",
+        help="also run the architecture with nothing on it (bench/skeleton.py), as 'skeleton', in turn",
+    )
+    parser.add_argument(
         "--python",
         metavar="NAME:PATH",
         action="append",
@@ -546,7 +553,13 @@ def main() -> None:
     with ExitStack() as stack:
         systems = {
             name: stack.enter_context(
-                deployment(1, extra_env=env, one_process=name == "up", python=pythons.get(name, sys.executable))
+                deployment(
+                    1,
+                    extra_env=env,
+                    one_process=name == "up",
+                    skeleton=name == "skeleton",
+                    python=pythons.get(name, sys.executable),
+                )
             )
             for name, env in variants.items()
         }

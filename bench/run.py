@@ -69,11 +69,14 @@ def deployment(
     streams_url: str | None = None,
     *,
     one_process: bool = False,
+    skeleton: bool = False,
     python: str = PY,
 ) -> Iterator[dict[str, object]]:
     """A deployment on a redis-server of its own; the chats' own keys on ``streams_url`` when given
     (``STREAMBRIDGE_STREAMS_REDIS_URL``: a ``redis-cluster://`` URL), the queue and the rest on that one.
     ``one_process``: api, edge and one worker in one ``streambridge up`` (named as all three).
+    ``skeleton``: api, edge and one worker of ``bench/skeleton.py`` in place of ours (the
+    architecture with no guarantee on it).
     ``python``: the interpreter our processes run on (the simulated LLM and the proxy keep this one's)."""
     port = free_port()
     # a Unix socket beside the port: ``extra_env`` STREAMBRIDGE_REDIS_URL=unix puts our processes on it
@@ -108,6 +111,13 @@ def deployment(
             until = time.monotonic() + 10
             while not psutil.Process(api.proc.pid).children() and time.monotonic() < until:
                 time.sleep(0.1)  # the lane: counted as ours only once it is there
+        elif skeleton:
+            edge = Child([python, "-m", "bench.skeleton", "edge"], env)
+            api_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url}
+            api = Child([python, "-m", "bench.skeleton", "api"], api_env)
+            children += [edge, api]
+            workers_ = [Child([python, "-m", "bench.skeleton", "worker"], env, ready="worker started")]
+            children += workers_
         else:
             edge = streambridge("edge", "--port", "0", env=env, python=python)
             api_env = {**env, "STREAMBRIDGE_PUBLIC_EDGE_URL": edge.url}

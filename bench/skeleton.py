@@ -1,0 +1,292 @@
+"""The architecture with nothing on it: ``python -m bench.skeleton api|edge|worker --port 0``.
+
+``bench.cpu --skeleton`` runs issue 18's loads through these three processes beside ours. They
+keep streambridge's shape (a POST that queues a job in Redis, a worker that streams the LLM and
+appends each read's tokens to the chat's Redis Stream and publishes them in the same Lua call,
+an edge that reads the stream's history and then the live feed, each event's SSE ``id`` its
+entry id) and drop everything that shape is for: no auth, limits or slots, no lease or fencing,
+no retries, deadlines or recovery, no cancel, no resume position, no trimming, no metrics or
+logs, no OpenAI surface. They use the cheapest parts we have found: uvloop, plain hiredis
+connections answered from their callbacks, the edge writing live entries from the feed's
+callback (``api/feed.py``), the LLM read as bytes and decoded with msgspec.
+
+So what the skeleton costs is what any system of this shape costs here, in Python, before its
+first guarantee: the floor under issue 18's goals for this architecture, measured, where the
+relay (``bench/proxy.py``) is the floor for no architecture at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+import aiohttp
+import hiredis
+import msgspec
+import uvloop
+from aiohttp import web
+from redis.asyncio import Redis
+
+from streambridge.api.feed import Feed
+from streambridge.shared import keys
+
+QUEUE: Final = b"skeleton:queue"
+
+
+def redis_url() -> str:
+    """As the deployment sets it for ours."""
+    return os.environ.get("STREAMBRIDGE_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+#: one read's entries, appended and published together: ARGV type, data, type, data, ...
+APPEND: Final = b"""
+local out = {}
+for i = 1, #ARGV, 2 do
+  local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
+  out[#out + 1] = id .. '\\31' .. ARGV[i] .. '\\31' .. ARGV[i + 1]
+end
+redis.call('PUBLISH', KEYS[2], table.concat(out, '\\30'))
+"""
+
+
+class Wire(asyncio.Protocol):
+    """One Redis connection: a command is written at once, its reply answers its future from the
+    connection's callback."""
+
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]  # uvloop's is not asyncio's class
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            answer = self._waiting.popleft()
+            if not answer.done():
+                answer.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for answer in self._waiting:
+            if not answer.done():
+                answer.set_exception(ConnectionError("Redis went away"))
+
+    def call(self, *command: bytes | str) -> asyncio.Future[Any]:
+        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting.append(answer)
+        assert self._transport is not None
+        self._transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
+        return answer
+
+
+async def wire(url: str) -> Wire:
+    parts = urlsplit(url)
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(Wire, parts.hostname or "127.0.0.1", parts.port or 6379)
+    if parts.path.strip("/") not in ("", "0"):
+        await protocol.call(b"SELECT", parts.path.strip("/"))
+    return protocol
+
+
+async def serve(app: web.Application, port: int) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(f"listening on http://127.0.0.1:{bound}", flush=True)
+    await asyncio.Event().wait()
+
+
+# The API: a chat's record and its job, in one round trip.
+
+
+async def api(port: int) -> None:
+    redis = await wire(redis_url())
+    edge = os.environ.get("STREAMBRIDGE_PUBLIC_EDGE_URL", "http://127.0.0.1:8001")
+    decode = msgspec.json.Decoder(dict[str, Any]).decode
+
+    async def visitor(request: web.Request) -> web.Response:
+        return web.json_response({"token": "skeleton", "user": "skeleton"}, status=201)
+
+    async def create(request: web.Request) -> web.Response:
+        body = decode(await request.read())
+        chat_id, created = uuid.uuid4().hex, datetime.now(UTC).isoformat()
+        job = msgspec.json.encode({"id": chat_id, "model": body.get("model", "fake"), "message": body["message"]})
+        record = redis.call(b"HSET", keys.chat(chat_id), b"owner", b"skeleton", b"status", b"queued")
+        await redis.call(b"RPUSH", QUEUE, job)
+        await record
+        answer = {"id": chat_id, "status": "queued", "stream_url": f"{edge}/v1/chats/{chat_id}/events"}
+        return web.json_response(answer | {"created_at": created}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/v1/auth/visitor", visitor)
+    app.router.add_post("/v1/chats", create)
+    await serve(app, port)
+
+
+# The worker: every queued chat at once, each read's tokens in one append.
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] = []
+
+
+class Content(msgspec.Struct, tag="content", tag_field="type"):
+    content: str
+    index: int
+
+
+async def worker() -> None:
+    redis, queue = await wire(redis_url()), await wire(redis_url())
+    sha = (await redis.call(b"SCRIPT", b"LOAD", APPEND)).decode()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    url = f"{os.environ['STREAMBRIDGE_LLM_BASE_URL'].rstrip('/')}/chat/completions"
+    chunk_of, encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
+    running: set[asyncio.Task[None]] = set()
+
+    async def run(job: dict[str, Any]) -> None:
+        chat_id = job["id"]
+        head = (b"EVALSHA", sha, b"2", keys.events(chat_id), keys.notify(chat_id))
+        redis.call(*head, b"started", b'{"type":"started","attempt":1}')
+        body = {"model": job["model"], "messages": [{"role": "user", "content": job["message"]}], "stream": True}
+        n, tail = 0, b""
+        async with session.post(url, data=encode(body), headers={"Content-Type": "application/json"}) as response:
+            async for piece in response.content.iter_any():
+                lines = (tail + piece).split(b"\n")
+                tail = lines.pop()
+                events: list[bytes] = []
+                for line in lines:
+                    if line.startswith(b"data: {"):
+                        for choice in chunk_of(line[6:]).choices:
+                            if choice.delta is not None and choice.delta.content:
+                                n += 1
+                                events += (b"content", encode(Content(choice.delta.content, n)))
+                if events:
+                    redis.call(*head, *events)
+        done = redis.call(*head, b"complete", b'{"type":"complete","total_chunks":%d}' % n)
+        redis.call(b"HSET", keys.chat(chat_id), b"status", b"complete")
+        await done
+
+    print("worker started", flush=True)
+    decode = msgspec.json.Decoder(dict[str, Any]).decode
+    while True:
+        popped = await queue.call(b"BLPOP", QUEUE, b"1")
+        if popped:
+            task = asyncio.create_task(run(decode(popped[1])))
+            running.add(task)
+            task.add_done_callback(running.discard)
+
+
+# The edge: history with XRANGE, then live entries written from the feed's callback.
+
+
+class Reader:
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None  # set once the history is written: live from then
+        self.waiting: list[bytes] = []  # what came before that
+        self.last = (0, 0)
+        self.done = asyncio.get_running_loop().create_future()
+
+    def write(self, entries: list[tuple[bytes, bytes, bytes]]) -> None:
+        frames = []
+        for entry_id, kind, data in entries:
+            ms, _, seq = entry_id.partition(b"-")
+            key = (int(ms), int(seq))
+            if key <= self.last:
+                continue
+            self.last = key
+            frames.append(b"id: %s\nevent: %s\ndata: %s\n\n" % (entry_id, kind, data))
+            if kind == b"complete" and not self.done.done():
+                self.done.set_result(None)
+        if frames and self.transport is not None and not self.transport.is_closing():
+            frame = b"".join(frames)
+            self.transport.write(b"%x\r\n%s\r\n" % (len(frame), frame))  # a chunk of the chunked body
+
+    def offer(self, data: bytes) -> None:
+        if self.transport is None:
+            self.waiting.append(data)
+        else:
+            self.write(parse(data))
+
+
+def parse(data: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    return [tuple(record.split(b"\x1f", 2)) for record in data.split(b"\x1e")]  # type: ignore[misc]
+
+
+async def edge(port: int) -> None:
+    redis = await wire(redis_url())
+    readers: dict[bytes, set[Reader]] = {}
+    confirmed: dict[bytes, asyncio.Future[None]] = {}
+
+    def on_message(channel: bytes, data: bytes) -> None:
+        for reader in readers.get(channel, ()):
+            reader.offer(data)
+
+    def on_gap(channel: bytes) -> None:
+        if (first := confirmed.get(channel)) is not None and not first.done():
+            first.set_result(None)
+
+    feed = Feed(Redis.from_url(redis_url()), on_message, on_gap)
+    await feed.start()
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        chat_id = request.match_info["id"]
+        channel, reader = keys.notify(chat_id).encode(), Reader()
+        if channel not in readers:
+            readers[channel] = set()
+            confirmed[channel] = asyncio.get_running_loop().create_future()
+            feed.subscribe(channel.decode())
+        readers[channel].add(reader)
+        try:
+            await asyncio.wait([confirmed[channel]], timeout=0.5)
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            history = await redis.call(b"XRANGE", keys.events(chat_id), b"-", b"+")
+            entries = [(entry_id, dict(zip(f[::2], f[1::2], strict=True))) for entry_id, f in history]
+            reader.transport = request.transport
+            reader.write([(entry_id, f[b"type"], f[b"data"]) for entry_id, f in entries])
+            for data in reader.waiting:
+                reader.write(parse(data))
+            await reader.done
+            await response.write_eof()
+            return response
+        finally:
+            readers[channel].discard(reader)
+            if not readers[channel]:
+                del readers[channel], confirmed[channel]
+                feed.unsubscribe(channel.decode())
+
+    app = web.Application()
+    app.router.add_get("/v1/chats/{id}/events", events)
+    await serve(app, port)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("role", choices=("api", "edge", "worker"))
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    run = {"api": lambda: api(args.port), "edge": lambda: edge(args.port), "worker": worker}[args.role]
+    uvloop.run(run())
+
+
+if __name__ == "__main__":
+    main()
