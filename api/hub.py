@@ -33,9 +33,9 @@ from streambridge.shared.events import TERMINAL_TYPES
 from streambridge.shared.machine import Store
 from streambridge.shared.streams import (
     Entry,
+    begins_the_chat,
     entry_from_fields,
     id_key,
-    opens_a_chat,
     parse_notification,
     stream_info,
     trimmed,
@@ -397,7 +397,7 @@ class StreamHub:
         info = None
         # Whether entries after the earliest position left the stream: not if its entry is held, nor
         # if the first entry held is the chat's first (a new reader's usual case: no round trip).
-        if ids and ids[0] > first.last_key and not opens_a_chat(entries[0].type, entries[0].data):
+        if ids and ids[0] > first.last_key and not begins_the_chat(entries[0]):
             info = await stream_info(self.redis, key)
         return Page(entries, ids, full, info)
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
+import msgspec
+
 from streambridge.shared.events import Started, decode_event
 
 if TYPE_CHECKING:  # the client imports this module, and the client installs without redis
@@ -78,7 +80,7 @@ def trimmed(info: Mapping[str, Any] | None, last_id: str) -> bool:
     added = info.get("entries-added")
     if added is not None:
         return bool(added > info["length"])
-    return not opens_a_chat(_text(first[1].get(b"type", b"")), first[1].get(b"data", b""))
+    return not _opens_a_chat(first[1])
 
 
 async def trimmed_after(redis: Redis, key: str, last_id: str) -> bool:
@@ -99,14 +101,27 @@ async def stream_info(redis: Redis | RedisCluster, key: str) -> dict[str, Any] |
     return info
 
 
-def opens_a_chat(kind: str, data: bytes) -> bool:
-    """Whether an entry (its ``type`` and ``data``) is a chat's first: a chat's stream starts with
-    attempt 1's ``started``, or a ``failed`` or ``cancelled`` before any attempt (a chat past its
-    deadline, or cancelled while queued). Nothing ever sat before such an entry."""
-    if kind == "started":
-        event = decode_event(data)
+def begins_the_chat(entry: Entry) -> bool:
+    """Whether ``entry`` is attempt 1's ``started``: nothing ever sat before it in the chat's
+    stream, so a reader whose read begins with it has lost nothing. (A ``failed`` or ``cancelled``
+    may open a stream too, but it also ends every other one: alone, it says nothing.)"""
+    if entry.type != "started":
+        return False
+    try:
+        event = decode_event(entry.data)
+    except msgspec.DecodeError:  # not an event this version reads: Redis will say
+        return False
+    return isinstance(event, Started) and event.attempt == 1
+
+
+def _opens_a_chat(fields: Mapping[bytes, bytes]) -> bool:
+    """A chat's stream starts with attempt 1's ``started``, or a ``failed`` or ``cancelled``
+    before any attempt (a chat past its deadline, or cancelled while queued)."""
+    kind = fields.get(b"type")
+    if kind == b"started":
+        event = decode_event(fields[b"data"])
         return isinstance(event, Started) and event.attempt == 1
-    return kind in ("failed", "cancelled")
+    return kind in (b"failed", b"cancelled")
 
 
 def _text(value: bytes | str) -> str:

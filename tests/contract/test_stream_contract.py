@@ -21,7 +21,17 @@ from streambridge.api.hub import QUEUE_SIZE, RESYNC, SUBSCRIBE_WAIT, StreamHub
 from streambridge.shared import keys, machine
 from streambridge.shared.chats import ChatResult
 from streambridge.shared.errors import StreamExpired
-from streambridge.shared.events import Complete, Content, Event, Started, decode_event, encode_event, event_type
+from streambridge.shared.events import (
+    Cancelled,
+    Complete,
+    Content,
+    Event,
+    Failed,
+    Started,
+    decode_event,
+    encode_event,
+    event_type,
+)
 from streambridge.shared.machine import APPEND, publish_command
 from streambridge.shared.redis import connect_streams
 from streambridge.shared.streams import Entry, entry_from_fields, id_key, parse_notification, trimmed_after
@@ -181,6 +191,22 @@ async def test_a_new_reader_of_a_stream_trimmed_past_its_start_is_told(store: Re
     await store.xtrim(keys.events(CHAT), maxlen=4, approximate=False)
     with pytest.raises(StreamExpired):
         await collect(hub.tail(CHAT, None, idle=5))
+
+
+@needs_a_socket
+@pytest.mark.parametrize("terminal", [Failed(message="no", attempts=1), Cancelled()], ids=["failed", "cancelled"])
+async def test_a_reader_of_a_stream_trimmed_to_its_last_event_is_told_even_if_that_event_could_open_a_chat(
+    store: Redis, hub: StreamHub, terminal: Event
+) -> None:
+    # a failed or cancelled event may be a stream's first (a chat cancelled while queued), but here
+    # it is the last of seven, six of them trimmed away: no reader may take it for the whole stream
+    events: list[Event] = [Started(attempt=1, model="m"), *(content(n) for n in range(1, 6)), terminal]
+    for n, event in enumerate(events, 1):
+        await store.xadd(keys.events(CHAT), {"type": event_type(event), "data": encode_event(event)}, id=f"1-{n}")
+    await store.xtrim(keys.events(CHAT), maxlen=1, approximate=False)
+    for position in (None, "1-2"):
+        with pytest.raises(StreamExpired):
+            await collect(hub.tail(CHAT, position, idle=5))
 
 
 @needs_a_socket
