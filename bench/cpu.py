@@ -25,9 +25,10 @@ PATH (a git worktree of another commit, put first on ``PYTHONPATH``), alternatin
 each round: an A/B pair from the same run. ``--with NAME:VAR=VALUE`` does the same for this tree
 under other settings (``--with c2:STREAMBRIDGE_APPEND_COALESCE_MS=2``), ``--python NAME:PATH``
 for this tree's processes on another interpreter (the simulated LLM, the yardstick, stays on
-this one), and ``--up`` for this tree as one process (``streambridge up``: api, edge and worker
+this one), ``--up`` for this tree as one process (``streambridge up``: api, edge and worker
 on one event loop; its CPU is shown as the api's, the worker's slow/fast figure as the whole
-process's). ``--profile DIR`` records
+process's), and ``--skeleton`` for the architecture with nothing on it (``bench/skeleton.py``:
+the floor under these goals for any system of this shape, in Python). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
 and scenario); ``--perf DIR`` samples them with ``perf record`` and prints each one's CPU by part
 (the interpreter, the kernel, uvloop, libc, Redis's own code, other extensions). With capacity,

@@ -1,18 +1,22 @@
 """The architecture with nothing on it: ``python -m bench.skeleton api|edge|worker --port 0``.
 
 ``bench.cpu --skeleton`` runs issue 18's loads through these three processes beside ours. They
-keep streambridge's shape (a POST that queues a job in Redis, a worker that streams the LLM and
-appends each read's tokens to the chat's Redis Stream and publishes them in the same Lua call,
-an edge that reads the stream's history and then the live feed, each event's SSE ``id`` its
-entry id) and drop everything that shape is for: no auth, limits or slots, no lease or fencing,
-no retries, deadlines or recovery, no cancel, no resume position, no trimming, no metrics or
-logs, no OpenAI surface. They use the cheapest parts we have found: uvloop, plain hiredis
-connections answered from their callbacks, the edge writing live entries from the feed's
-callback (``api/feed.py``), the LLM read as bytes and decoded with msgspec.
+keep streambridge's shape: a POST that queues a job in Redis; a worker that streams the LLM over
+HTTP (aiohttp) and appends each read's tokens to the chat's Redis Stream, publishing them in the
+same Lua call; an edge that subscribes to the chat's channel, reads the stream's history, then
+writes live entries, each event's SSE ``id`` its entry id. Everything that shape is for is gone:
+no auth, limits or stream slots, no lease, fencing or sequence check, no retries, deadlines,
+recovery or cancel, no resume position, stream length cap or expiry, no stored result, progress
+events, heartbeats, write timeouts, metrics or logs, no OpenAI surface; the worker does not even
+read Redis's answers (``CLIENT REPLY OFF``). What is left is done with the cheapest parts we have
+found: uvloop, plain hiredis connections, the API's two commands in one write, ``started`` sent
+with the first tokens and the chat's status with its last event, the edge writing live entries
+from the feed's callback (``api/feed.py``), the LLM's chunks decoded with msgspec.
 
-So what the skeleton costs is what any system of this shape costs here, in Python, before its
-first guarantee: the floor under issue 18's goals for this architecture, measured, where the
-relay (``bench/proxy.py``) is the floor for no architecture at all.
+So the skeleton is a floor for this shape as built here (aiohttp at both HTTP ends, a Pub/Sub
+channel per chat so that edges scale out): a system of this shape with any guarantee costs more.
+The relay (``bench/proxy.py``) is the floor with no shape at all. Bench use only: it does not
+re-read the stream after a feed reconnect, and speaks plain TCP to Redis without a password.
 """
 
 from __future__ import annotations
@@ -44,14 +48,16 @@ def redis_url() -> str:
     return os.environ.get("STREAMBRIDGE_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-#: one read's entries, appended and published together: ARGV type, data, type, data, ...
+#: one read's entries, appended and published together; the chat's status too, with its last.
+#: KEYS: stream, channel, chat; ARGV: the status to set ('' for none), then type, data, type, data, ...
 APPEND: Final = b"""
 local out = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local id = redis.call('XADD', KEYS[1], '*', 'type', ARGV[i], 'data', ARGV[i + 1])
   out[#out + 1] = id .. '\\31' .. ARGV[i] .. '\\31' .. ARGV[i + 1]
 end
 redis.call('PUBLISH', KEYS[2], table.concat(out, '\\30'))
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[3], 'status', ARGV[1]) end
 """
 
 
@@ -80,11 +86,20 @@ class Wire(asyncio.Protocol):
                 answer.set_exception(ConnectionError("Redis went away"))
 
     def call(self, *command: bytes | str) -> asyncio.Future[Any]:
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(answer)
+        return self.pipeline(command)[0]
+
+    def pipeline(self, *commands: tuple[bytes | str, ...]) -> list[asyncio.Future[Any]]:
+        """The commands in one write; their answers in order."""
+        loop = asyncio.get_running_loop()
+        answers: list[asyncio.Future[Any]] = [loop.create_future() for _ in commands]
+        self._waiting.extend(answers)
+        self.send(*commands)
+        return answers
+
+    def send(self, *commands: tuple[bytes | str, ...]) -> None:
+        """Written, no answer awaited: on a connection told ``CLIENT REPLY OFF``, none comes."""
         assert self._transport is not None
-        self._transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
-        return answer
+        self._transport.write(b"".join(hiredis.pack_command(c) for c in commands))  # type: ignore[arg-type]
 
 
 async def wire(url: str) -> Wire:
@@ -121,9 +136,8 @@ async def api(port: int) -> None:
         body = decode(await request.read())
         chat_id, created = uuid.uuid4().hex, datetime.now(UTC).isoformat()
         job = msgspec.json.encode({"id": chat_id, "model": body.get("model", "fake"), "message": body["message"]})
-        record = redis.call(b"HSET", keys.chat(chat_id), b"owner", b"skeleton", b"status", b"queued")
-        await redis.call(b"RPUSH", QUEUE, job)
-        await record
+        record = (b"HSET", keys.chat(chat_id), b"owner", b"skeleton", b"status", b"queued")
+        await asyncio.gather(*redis.pipeline(record, (b"RPUSH", QUEUE, job)))
         answer = {"id": chat_id, "status": "queued", "stream_url": f"{edge}/v1/chats/{chat_id}/events"}
         return web.json_response(answer | {"created_at": created}, status=202)
 
@@ -133,7 +147,8 @@ async def api(port: int) -> None:
     await serve(app, port)
 
 
-# The worker: every queued chat at once, each read's tokens in one append.
+# The worker: every queued chat at once; each read's tokens in one append, whose answer it does
+# not wait for nor even get (no fencing, no retry: nothing to do with one).
 
 
 class _Delta(msgspec.Struct):
@@ -156,6 +171,8 @@ class Content(msgspec.Struct, tag="content", tag_field="type"):
 async def worker() -> None:
     redis, queue = await wire(redis_url()), await wire(redis_url())
     sha = (await redis.call(b"SCRIPT", b"LOAD", APPEND)).decode()
+    await redis.call(b"CLIENT", b"REPLY", b"ON")  # answered: the connection is ready
+    redis.send((b"CLIENT", b"REPLY", b"OFF"))
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     url = f"{os.environ['STREAMBRIDGE_LLM_BASE_URL'].rstrip('/')}/chat/completions"
     chunk_of, encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
@@ -163,26 +180,27 @@ async def worker() -> None:
 
     async def run(job: dict[str, Any]) -> None:
         chat_id = job["id"]
-        head = (b"EVALSHA", sha, b"2", keys.events(chat_id), keys.notify(chat_id))
-        redis.call(*head, b"started", b'{"type":"started","attempt":1}')
+        head = (b"EVALSHA", sha, b"3", keys.events(chat_id), keys.notify(chat_id), keys.chat(chat_id))
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["message"]}], "stream": True}
-        n, tail = 0, b""
-        async with session.post(url, data=encode(body), headers={"Content-Type": "application/json"}) as response:
-            async for piece in response.content.iter_any():
-                lines = (tail + piece).split(b"\n")
-                tail = lines.pop()
-                events: list[bytes] = []
-                for line in lines:
-                    if line.startswith(b"data: {"):
-                        for choice in chunk_of(line[6:]).choices:
-                            if choice.delta is not None and choice.delta.content:
-                                n += 1
-                                events += (b"content", encode(Content(choice.delta.content, n)))
-                if events:
-                    redis.call(*head, *events)
-        done = redis.call(*head, b"complete", b'{"type":"complete","total_chunks":%d}' % n)
-        redis.call(b"HSET", keys.chat(chat_id), b"status", b"complete")
-        await done
+        events: list[bytes] = [b"started", b'{"type":"started","attempt":1}']  # goes with the first tokens
+        n, tail, end = 0, b"", (b"failed", b'{"type":"failed"}')
+        try:
+            async with session.post(url, data=encode(body), headers={"Content-Type": "application/json"}) as response:
+                async for piece in response.content.iter_any():
+                    lines = (tail + piece).split(b"\n")
+                    tail = lines.pop()
+                    for line in lines:
+                        if line.startswith(b"data: {"):
+                            for choice in chunk_of(line[6:]).choices:
+                                if choice.delta is not None and choice.delta.content:
+                                    n += 1
+                                    events += (b"content", encode(Content(choice.delta.content, n)))
+                    if events:
+                        redis.send((*head, b"", *events))
+                        events = []
+            end = (b"complete", b'{"type":"complete","total_chunks":%d}' % n)
+        finally:  # the edge ends a stream at its last event: it must come, whatever happened
+            redis.send((*head, end[0], *events, *end))
 
     print("worker started", flush=True)
     decode = msgspec.json.Decoder(dict[str, Any]).decode
@@ -213,7 +231,7 @@ class Reader:
                 continue
             self.last = key
             frames.append(b"id: %s\nevent: %s\ndata: %s\n\n" % (entry_id, kind, data))
-            if kind == b"complete" and not self.done.done():
+            if kind in (b"complete", b"failed") and not self.done.done():
                 self.done.set_result(None)
         if frames and self.transport is not None and not self.transport.is_closing():
             frame = b"".join(frames)
