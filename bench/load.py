@@ -26,6 +26,10 @@ import aiohttp
 from streambridge.shared.streams import id_key
 from streambridge.sse import SSEParser
 
+#: ``--max-tokens``: asked of every chat, streambridge's and an OpenAI-compatible server's alike (the
+#: simulated LLM then stops after that many chunks: ``--max-tokens 1`` makes a 1-token chat)
+MAX_TOKENS: dict[str, int] = {}
+
 
 def cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -53,7 +57,7 @@ async def login(session: aiohttp.ClientSession, api: str) -> dict[str, str]:
 
 
 async def create(session: aiohttp.ClientSession, api: str, auth: dict[str, str], model: str, n: int) -> dict[str, Any]:
-    body = {"message": f"bench {n} {time.time_ns()}", "model": model}
+    body = {"message": f"bench {n} {time.time_ns()}", "model": model} | MAX_TOKENS
     async with session.post(f"{api}/v1/chats", json=body, headers=auth) as response:
         assert response.status == 202, await response.text()
         return dict(await response.json())
@@ -109,6 +113,7 @@ async def openai_chat(
     time to first content, how many content chunks, and each stamped chunk's upstream → client lag."""
     start = time.perf_counter()
     body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"bench {n} {time.time_ns()}"}]}
+    body |= MAX_TOKENS
     result: dict[str, Any] = {"ttft": None, "content": 0, "upstream_lags": []}
     async with session.post(f"{base}/chat/completions", json=body, headers=headers) as response:
         assert response.status == 200, await response.text()
@@ -405,10 +410,13 @@ def main() -> None:
     parser.add_argument("--ttft-ms", type=float, default=50)
     parser.add_argument("--delay-ms", type=float, default=10)
     parser.add_argument("--stamp", action="store_true", help="upstream → client lag, from stamped chunks")
+    parser.add_argument("--max-tokens", type=int, help="asked of every chat: the simulated LLM's chunks at most")
     parser.add_argument("--no-baselines", action="store_true", help="ttft: streambridge only (no direct, no proxy)")
     args = parser.parse_args()
     if not (args.api or args.via) or (args.via and (args.scenario != "ttft" or not args.steady)):
         parser.error("--api is required, or ttft --via URL --steady SECONDS")
+    if args.max_tokens:
+        MAX_TOKENS["max_tokens"] = args.max_tokens
     scenario = {"ttft": ttft, "throughput": throughput, "fanout": fanout, "idle": idle}[args.scenario]
     try:  # the edge runs on uvloop; its clients here may as well
         import uvloop

@@ -10,13 +10,15 @@ recovery or cancel, no resume position, stream length cap or expiry, no stored r
 events, heartbeats, write timeouts, metrics or logs, no OpenAI surface; the worker does not even
 read Redis's answers (``CLIENT REPLY OFF``). What is left is done with the cheapest parts we have
 found: uvloop, plain hiredis connections, the API's two commands in one write, ``started`` sent
-with the first tokens and the chat's status with its last event, the edge writing live entries
+with the first tokens and the end (with the chat's status) with the last, the edge writing live entries
 from the feed's callback (``api/feed.py``), the LLM's chunks decoded with msgspec.
 
 So the skeleton is a floor for this shape as built here (aiohttp at both HTTP ends, a Pub/Sub
 channel per chat so that edges scale out): a system of this shape with any guarantee costs more.
-The relay (``bench/proxy.py``) is the floor with no shape at all. Bench use only: it does not
-re-read the stream after a feed reconnect, and speaks plain TCP to Redis without a password.
+The relay (``bench/proxy.py``) is the floor with no shape at all. Bench use only: the edge does
+not re-read the stream after a feed reconnect or a subscription confirmed late, Redis errors on
+the worker's appends go unseen (no replies), and it speaks plain TCP to Redis without a password:
+any of these hangs a load rather than failing it.
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ async def api(port: int) -> None:
     async def create(request: web.Request) -> web.Response:
         body = decode(await request.read())
         chat_id, created = uuid.uuid4().hex, datetime.now(UTC).isoformat()
-        job = msgspec.json.encode({"id": chat_id, "model": body.get("model", "fake"), "message": body["message"]})
+        job = {"id": chat_id, "model": body.get("model", "fake"), "message": body["message"]}
+        job = msgspec.json.encode(job | ({"max_tokens": body["max_tokens"]} if "max_tokens" in body else {}))
         record = (b"HSET", keys.chat(chat_id), b"owner", b"skeleton", b"status", b"queued")
         await asyncio.gather(*redis.pipeline(record, (b"RPUSH", QUEUE, job)))
         answer = {"id": chat_id, "status": "queued", "stream_url": f"{edge}/v1/chats/{chat_id}/events"}
@@ -171,8 +174,7 @@ class Content(msgspec.Struct, tag="content", tag_field="type"):
 async def worker() -> None:
     redis, queue = await wire(redis_url()), await wire(redis_url())
     sha = (await redis.call(b"SCRIPT", b"LOAD", APPEND)).decode()
-    await redis.call(b"CLIENT", b"REPLY", b"ON")  # answered: the connection is ready
-    redis.send((b"CLIENT", b"REPLY", b"OFF"))
+    redis.send((b"CLIENT", b"REPLY", b"OFF"))  # from here on, a Redis error is silent: see ``run``
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
     url = f"{os.environ['STREAMBRIDGE_LLM_BASE_URL'].rstrip('/')}/chat/completions"
     chunk_of, encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
@@ -182,10 +184,13 @@ async def worker() -> None:
         chat_id = job["id"]
         head = (b"EVALSHA", sha, b"3", keys.events(chat_id), keys.notify(chat_id), keys.chat(chat_id))
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["message"]}], "stream": True}
+        body |= {"max_tokens": job["max_tokens"]} if "max_tokens" in job else {}
         events: list[bytes] = [b"started", b'{"type":"started","attempt":1}']  # goes with the first tokens
-        n, tail, end = 0, b"", (b"failed", b'{"type":"failed"}')
+        n = sent = 0
+        tail, ended = b"", False
         try:
             async with session.post(url, data=encode(body), headers={"Content-Type": "application/json"}) as response:
+                response.raise_for_status()
                 async for piece in response.content.iter_any():
                     lines = (tail + piece).split(b"\n")
                     tail = lines.pop()
@@ -195,12 +200,16 @@ async def worker() -> None:
                                 if choice.delta is not None and choice.delta.content:
                                     n += 1
                                     events += (b"content", encode(Content(choice.delta.content, n)))
-                    if events:
+                        elif line.startswith(b"data: [DONE]"):  # the end goes with the last tokens
+                            events += (b"complete", b'{"type":"complete","total_chunks":%d}' % n)
+                            redis.send((*head, b"complete", *events))
+                            events, sent, ended = [], n, True
+                    if n > sent:
                         redis.send((*head, b"", *events))
-                        events = []
-            end = (b"complete", b'{"type":"complete","total_chunks":%d}' % n)
+                        events, sent = [], n
         finally:  # the edge ends a stream at its last event: it must come, whatever happened
-            redis.send((*head, end[0], *events, *end))
+            if not ended:
+                redis.send((*head, b"failed", *events, b"failed", b'{"type":"failed"}'))
 
     print("worker started", flush=True)
     decode = msgspec.json.Decoder(dict[str, Any]).decode
