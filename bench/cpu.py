@@ -28,7 +28,7 @@ for this tree's processes on another interpreter (the simulated LLM, the yardsti
 this one), ``--up`` for this tree as one process (``streambridge up``: api, edge and worker
 on one event loop; its CPU is shown as the api's, the worker's slow/fast figure as the whole
 process's), and ``--skeleton`` for the architecture with nothing on it (``bench/skeleton.py``:
-the floor under these goals for any system of this shape, in Python). ``--profile DIR`` records
+a floor under these goals for this shape, as lean as we have made it). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
 and scenario); ``--perf DIR`` samples them with ``perf record`` and prints each one's CPU by part
 (the interpreter, the kernel, uvloop, libc, Redis's own code, other extensions). With capacity,
