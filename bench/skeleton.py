@@ -2,23 +2,26 @@
 
 ``bench.cpu --skeleton`` runs issue 18's loads through these three processes beside ours. They
 keep streambridge's shape: a POST that queues a job in Redis; a worker that streams the LLM over
-HTTP (aiohttp) and appends each read's tokens to the chat's Redis Stream, publishing them in the
-same Lua call; an edge that subscribes to the chat's channel, reads the stream's history, then
-writes live entries, each event's SSE ``id`` its entry id. Everything that shape is for is gone:
-no auth, limits or stream slots, no lease, fencing or sequence check, no retries, deadlines,
-recovery or cancel, no resume position, stream length cap or expiry, no stored result, progress
-events, heartbeats, write timeouts, metrics or logs, no OpenAI surface; the worker does not even
-read Redis's answers (``CLIENT REPLY OFF``). What is left is done with the cheapest parts we have
-found: uvloop, plain hiredis connections, the API's two commands in one write, ``started`` sent
-with the first tokens and the end (with the chat's status) with the last, the edge writing live entries
-from the feed's callback (``api/feed.py``), the LLM's chunks decoded with msgspec.
+HTTP and appends each read's tokens to the chat's Redis Stream, publishing them in the same Lua
+call; an edge that subscribes to the chat's channel, reads the stream's history, then writes live
+entries, each event's SSE ``id`` its entry id. Everything that shape is for is gone: no auth,
+limits or stream slots, no lease, fencing or sequence check, no retries, deadlines, recovery or
+cancel, no resume position, stream length cap or expiry, no stored result, progress events,
+heartbeats, write timeouts, metrics or logs, no OpenAI surface; the worker does not even read
+Redis's answers (``CLIENT REPLY OFF``). What is left is done with the cheapest parts we have
+found: uvloop; plain hiredis connections; the API's two commands in one write; the LLM's stream
+read on a hand-written keep-alive HTTP/1.1 connection, each read handled in its callback (no task
+woken per read, as aiohttp's client wakes one) and its chunks decoded with msgspec; ``started``
+sent with the first tokens and the end (with the chat's status) with the last; the edge writing
+live entries from the feed's callback (``api/feed.py``).
 
-So the skeleton is a floor for this shape as built here (aiohttp at both HTTP ends, a Pub/Sub
-channel per chat so that edges scale out): a system of this shape with any guarantee costs more.
-The relay (``bench/proxy.py``) is the floor with no shape at all. Bench use only: the edge does
-not re-read the stream after a feed reconnect or a subscription confirmed late, Redis errors on
-the worker's appends go unseen (no replies), and it speaks plain TCP to Redis without a password:
-any of these hangs a load rather than failing it.
+So the skeleton is a floor for this shape as built here (aiohttp serving the API and the edge, a
+Pub/Sub channel per chat so that edges scale out), as lean as we have made it: a system of this
+shape with guarantees costs more. The relay (``bench/proxy.py``) is the floor with no shape at
+all. Bench use only: the edge does not re-read the stream after a feed reconnect or a
+subscription confirmed late, Redis errors on the worker's appends go unseen (no replies), the LLM
+client speaks only what the simulated LLM answers (HTTP/1.1, chunked), and Redis is reached over
+plain TCP without a password: any of these hangs a load rather than failing it.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ import asyncio
 import os
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-import aiohttp
 import hiredis
 import msgspec
 import uvloop
@@ -171,48 +174,145 @@ class Content(msgspec.Struct, tag="content", tag_field="type"):
     index: int
 
 
+class Upstream(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to the LLM, by hand: a chat's request written, its chunked
+    SSE body parsed in the connection's callback and each read's ``data:`` lines handed to
+    ``on_lines`` there, with no task woken per read (aiohttp's client wakes one)."""
+
+    def __init__(self, idle: list[Upstream]) -> None:
+        self._idle = idle
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._head = True  # the status line and headers are still to come
+        self._tail = b""  # a line cut between two chunks
+        self.on_lines: Callable[[list[bytes]], None] | None = None
+        self.on_end: Callable[[bool], None] | None = None  # True: the body ended whole
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def alive(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def request(self, host: str, path: str, body: bytes) -> None:
+        assert self._transport is not None
+        self._buffer, self._head, self._tail = b"", True, b""
+        head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        self._transport.write(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data
+        if self._head:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self._buffer = buffer
+                return
+            if not buffer.startswith(b"HTTP/1.1 200"):
+                self._end(False)
+                return
+            buffer, self._head = buffer[end + 4 :], False
+        lines: list[bytes] = []
+        while (cut := buffer.find(b"\r\n")) >= 0:
+            size = int(buffer[:cut], 16)
+            if len(buffer) < cut + 2 + size + 2:
+                break
+            piece, buffer = buffer[cut + 2 : cut + 2 + size], buffer[cut + 2 + size + 2 :]
+            if size == 0:
+                self._deliver(lines)
+                self._buffer = buffer
+                self._end(True)
+                return
+            got = (self._tail + piece).split(b"\n")
+            self._tail = got.pop()
+            lines += got
+        self._buffer = buffer
+        self._deliver(lines)
+
+    def _deliver(self, lines: list[bytes]) -> None:
+        if lines and self.on_lines is not None:
+            self.on_lines(lines)
+
+    def _end(self, whole: bool) -> None:
+        on_end, self.on_lines, self.on_end = self.on_end, None, None
+        if whole:
+            self._idle.append(self)  # kept alive for the next chat
+        elif self._transport is not None:
+            self._transport.close()
+        if on_end is not None:
+            on_end(whole)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        if self in self._idle:
+            self._idle.remove(self)
+        if self.on_end is not None:
+            self._end(False)
+
+
+class Chat:
+    """One chat's events, from the upstream connection's callbacks to Redis: a read's tokens in one
+    append, ``started`` with the first, the end with the last."""
+
+    def __init__(self, redis: Wire, sha: str, chat_id: str) -> None:
+        self._redis = redis
+        self._head = (b"EVALSHA", sha, b"3", keys.events(chat_id), keys.notify(chat_id), keys.chat(chat_id))
+        self._events: list[bytes] = [b"started", b'{"type":"started","attempt":1}']
+        self._n = 0
+        self._ended = False
+
+    def on_lines(self, lines: list[bytes]) -> None:
+        sent = self._n
+        for line in lines:
+            if line.startswith(b"data: {"):
+                for choice in _chunk_of(line[6:]).choices:
+                    if choice.delta is not None and choice.delta.content:
+                        self._n += 1
+                        self._events += (b"content", _encode(Content(choice.delta.content, self._n)))
+            elif line.startswith(b"data: [DONE]"):
+                self._end(b"complete", b'{"type":"complete","total_chunks":%d}' % self._n)
+                return
+        if self._n > sent:
+            self._redis.send((*self._head, b"", *self._events))
+            self._events = []
+
+    def on_end(self, whole: bool) -> None:
+        if not self._ended:  # the edge ends a stream at its last event: it must come, whatever happened
+            self._end(b"failed", b'{"type":"failed"}')
+
+    def _end(self, kind: bytes, data: bytes) -> None:
+        self._redis.send((*self._head, kind, *self._events, kind, data))
+        self._events, self._ended = [], True
+
+
+_chunk_of, _encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
+
+
 async def worker() -> None:
     redis, queue = await wire(redis_url()), await wire(redis_url())
     sha = (await redis.call(b"SCRIPT", b"LOAD", APPEND)).decode()
-    redis.send((b"CLIENT", b"REPLY", b"OFF"))  # from here on, a Redis error is silent: see ``run``
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    url = f"{os.environ['STREAMBRIDGE_LLM_BASE_URL'].rstrip('/')}/chat/completions"
-    chunk_of, encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
-    running: set[asyncio.Task[None]] = set()
+    redis.send((b"CLIENT", b"REPLY", b"OFF"))  # from here on, a Redis error is silent
+    llm = urlsplit(os.environ["STREAMBRIDGE_LLM_BASE_URL"])
+    host, port, path = llm.hostname or "127.0.0.1", llm.port or 80, f"{llm.path.rstrip('/')}/chat/completions"
+    idle: list[Upstream] = []
+    loop = asyncio.get_running_loop()
 
     async def run(job: dict[str, Any]) -> None:
-        chat_id = job["id"]
-        head = (b"EVALSHA", sha, b"3", keys.events(chat_id), keys.notify(chat_id), keys.chat(chat_id))
+        chat = Chat(redis, sha, job["id"])
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["message"]}], "stream": True}
         body |= {"max_tokens": job["max_tokens"]} if "max_tokens" in job else {}
-        events: list[bytes] = [b"started", b'{"type":"started","attempt":1}']  # goes with the first tokens
-        n = sent = 0
-        tail, ended = b"", False
+        while idle and not idle[-1].alive():
+            idle.pop()
         try:
-            async with session.post(url, data=encode(body), headers={"Content-Type": "application/json"}) as response:
-                response.raise_for_status()
-                async for piece in response.content.iter_any():
-                    lines = (tail + piece).split(b"\n")
-                    tail = lines.pop()
-                    for line in lines:
-                        if line.startswith(b"data: {"):
-                            for choice in chunk_of(line[6:]).choices:
-                                if choice.delta is not None and choice.delta.content:
-                                    n += 1
-                                    events += (b"content", encode(Content(choice.delta.content, n)))
-                        elif line.startswith(b"data: [DONE]"):  # the end goes with the last tokens
-                            events += (b"complete", b'{"type":"complete","total_chunks":%d}' % n)
-                            redis.send((*head, b"complete", *events))
-                            events, sent, ended = [], n, True
-                    if n > sent:
-                        redis.send((*head, b"", *events))
-                        events, sent = [], n
-        finally:  # the edge ends a stream at its last event: it must come, whatever happened
-            if not ended:
-                redis.send((*head, b"failed", *events, b"failed", b'{"type":"failed"}'))
+            upstream = idle.pop() if idle else (await loop.create_connection(lambda: Upstream(idle), host, port))[1]
+        except OSError:
+            chat.on_end(False)
+            return
+        upstream.on_lines, upstream.on_end = chat.on_lines, chat.on_end  # the chat runs in its callbacks
+        upstream.request(host, path, _encode(body))
 
     print("worker started", flush=True)
     decode = msgspec.json.Decoder(dict[str, Any]).decode
+    running: set[asyncio.Task[None]] = set()
     while True:
         popped = await queue.call(b"BLPOP", QUEUE, b"1")
         if popped:
