@@ -28,7 +28,8 @@ for this tree's processes on another interpreter (the simulated LLM, the yardsti
 this one), ``--up`` for this tree as one process (``streambridge up``: api, edge and worker
 on one event loop; its CPU is shown as the api's, the worker's slow/fast figure as the whole
 process's), and ``--skeleton`` for the architecture with nothing on it (``bench/skeleton.py``:
-a floor under these goals for this shape, as lean as we have made it). ``--profile DIR`` records
+a floor under these goals for this shape, as lean as we have made it; ``--skeleton-aiohttp`` the
+same with its worker on aiohttp's client: what the HTTP library costs). ``--profile DIR`` records
 each of our Python processes with py-spy during each scenario (collapsed stacks, a file a process
 and scenario); ``--perf DIR`` samples them with ``perf record`` and prints each one's CPU by part
 (the interpreter, the kernel, uvloop, libc, Redis's own code, other extensions). With capacity,
@@ -474,10 +475,12 @@ def variants_of(
     """Each deployment's name and environment, and the interpreter of those not on this one."""
     variants: dict[str, dict[str, str]] = {"this": {}}
     variants |= {os.path.basename(path.rstrip("/")): {"PYTHONPATH": path} for path in args.ab}
-    if args.up:
-        variants["up"] = {}
-    if args.skeleton:
-        variants["skeleton"] = {}
+    flagged = {
+        "up": (args.up, {}),
+        "skeleton": (args.skeleton, {}),
+        "skeleton-aiohttp": (args.skeleton_aiohttp, {"BENCH_SKELETON_LLM": "aiohttp"}),
+    }
+    variants |= {name: env for name, (on, env) in flagged.items() if on}
     pythons: dict[str, str] = {}
 
     def named(option: str, spec: str) -> tuple[str, str]:
@@ -534,6 +537,11 @@ def main() -> None:
         help="also run the architecture with nothing on it (bench/skeleton.py), as 'skeleton', in turn",
     )
     parser.add_argument(
+        "--skeleton-aiohttp",
+        action="store_true",
+        help="also run the skeleton with its worker on aiohttp's client, as 'skeleton-aiohttp', in turn",
+    )
+    parser.add_argument(
         "--python",
         metavar="NAME:PATH",
         action="append",
@@ -563,7 +571,7 @@ def main() -> None:
                     1,
                     extra_env=env,
                     one_process=name == "up",
-                    skeleton=name == "skeleton",
+                    skeleton=name.startswith("skeleton"),
                     python=pythons.get(name, sys.executable),
                 )
             )

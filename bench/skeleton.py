@@ -12,16 +12,21 @@ Redis's answers (``CLIENT REPLY OFF``). What is left is done with the cheapest p
 found: uvloop; plain hiredis connections; the API's two commands in one write; the LLM's stream
 read on a hand-written keep-alive HTTP/1.1 connection, each read handled in its callback (no task
 woken per read, as aiohttp's client wakes one) and its chunks decoded with msgspec; ``started``
-sent with the first tokens and the end (with the chat's status) with the last; the edge writing
-live entries from the feed's callback (``api/feed.py``).
+sent with the first tokens, and the end (with the chat's status) with the last read's tokens when
+``[DONE]`` comes in the same read (as the simulated LLM writes it); the edge writing live entries
+from the feed's callback (``api/feed.py``). The upstream is asked what our worker asks of it
+(``stream_options.include_usage``: one usage chunk more a chat), so both are divided by the same
+work. ``BENCH_SKELETON_LLM=aiohttp`` reads the LLM with aiohttp's client instead
+(``bench.cpu --skeleton-aiohttp``): what the HTTP library alone costs, in the same run.
 
-So the skeleton is a floor for this shape as built here (aiohttp serving the API and the edge, a
-Pub/Sub channel per chat so that edges scale out), as lean as we have made it: a system of this
-shape with guarantees costs more. The relay (``bench/proxy.py``) is the floor with no shape at
-all. Bench use only: the edge does not re-read the stream after a feed reconnect or a
-subscription confirmed late, Redis errors on the worker's appends go unseen (no replies), the LLM
-client speaks only what the simulated LLM answers (HTTP/1.1, chunked), and Redis is reached over
-plain TCP without a password: any of these hangs a load rather than failing it.
+So the skeleton is a floor for this shape on these libraries (aiohttp serving the API and the
+edge, a Pub/Sub channel per chat so that edges scale out), as lean as we have made it: a system of
+this shape with guarantees, on the same libraries, costs more. The relay (``bench/proxy.py``) is
+the floor with no shape at all. Bench use only: the edge does not re-read the stream after a feed
+reconnect or a subscription confirmed late, and Redis errors on the worker's appends go unseen (no
+replies), either of which hangs a load rather than failing it; the hand-written LLM client speaks
+only what the simulated LLM answers (HTTP/1.1, chunked: anything else fails the chat); Redis is
+reached over plain TCP without a password.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+import aiohttp
 import hiredis
 import msgspec
 import uvloop
@@ -176,8 +182,8 @@ class Content(msgspec.Struct, tag="content", tag_field="type"):
 
 class Upstream(asyncio.Protocol):
     """One keep-alive HTTP/1.1 connection to the LLM, by hand: a chat's request written, its chunked
-    SSE body parsed in the connection's callback and each read's ``data:`` lines handed to
-    ``on_lines`` there, with no task woken per read (aiohttp's client wakes one)."""
+    SSE body parsed in the connection's callback and each read's whole lines handed to ``on_lines``
+    there, with no task woken per read (aiohttp's client wakes one)."""
 
     def __init__(self, idle: list[Upstream]) -> None:
         self._idle = idle
@@ -249,6 +255,10 @@ class Upstream(asyncio.Protocol):
             self._end(False)
 
 
+_chunk_of: Final = msgspec.json.Decoder(_Chunk).decode
+_encode: Final = msgspec.json.encode
+
+
 class Chat:
     """One chat's events, from the upstream connection's callbacks to Redis: a read's tokens in one
     append, ``started`` with the first, the end with the last."""
@@ -284,7 +294,18 @@ class Chat:
         self._events, self._ended = [], True
 
 
-_chunk_of, _encode = msgspec.json.Decoder(_Chunk).decode, msgspec.json.encode
+async def read_with_aiohttp(session: aiohttp.ClientSession, url: str, body: bytes, chat: Chat) -> None:
+    """The same chat read with aiohttp's client, as the skeleton first did: a task woken per read."""
+    tail = b""
+    try:
+        async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+            response.raise_for_status()
+            async for piece in response.content.iter_any():
+                lines = (tail + piece).split(b"\n")
+                tail = lines.pop()
+                chat.on_lines(lines)
+    finally:
+        chat.on_end(False)  # a no-op once the chat has ended
 
 
 async def worker() -> None:
@@ -295,18 +316,27 @@ async def worker() -> None:
     host, port, path = llm.hostname or "127.0.0.1", llm.port or 80, f"{llm.path.rstrip('/')}/chat/completions"
     idle: list[Upstream] = []
     loop = asyncio.get_running_loop()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    on_aiohttp = os.environ.get("BENCH_SKELETON_LLM") == "aiohttp"
 
     async def run(job: dict[str, Any]) -> None:
         chat = Chat(redis, sha, job["id"])
         body = {"model": job["model"], "messages": [{"role": "user", "content": job["message"]}], "stream": True}
+        body |= {"stream_options": {"include_usage": True}}  # as our worker asks: the same upstream work
         body |= {"max_tokens": job["max_tokens"]} if "max_tokens" in job else {}
+        if on_aiohttp:
+            await read_with_aiohttp(session, f"http://{host}:{port}{path}", _encode(body), chat)
+            return
         while idle and not idle[-1].alive():
             idle.pop()
-        try:
-            upstream = idle.pop() if idle else (await loop.create_connection(lambda: Upstream(idle), host, port))[1]
-        except OSError:
-            chat.on_end(False)
-            return
+        if idle:
+            upstream = idle.pop()
+        else:
+            try:
+                _, upstream = await loop.create_connection(lambda: Upstream(idle), host, port)
+            except OSError:
+                chat.on_end(False)
+                return
         upstream.on_lines, upstream.on_end = chat.on_lines, chat.on_end  # the chat runs in its callbacks
         upstream.request(host, path, _encode(body))
 
