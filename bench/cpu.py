@@ -571,7 +571,7 @@ def main() -> None:
                     1,
                     extra_env=env,
                     one_process=name == "up",
-                    skeleton=name.startswith("skeleton"),
+                    skeleton=name in ("skeleton", "skeleton-aiohttp"),
                     python=pythons.get(name, sys.executable),
                 )
             )

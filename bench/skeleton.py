@@ -261,7 +261,7 @@ _encode: Final = msgspec.json.encode
 
 class Chat:
     """One chat's events, from the upstream connection's callbacks to Redis: a read's tokens in one
-    append, ``started`` with the first, the end with the last."""
+    append, ``started`` with the first, the end with the read that brings ``[DONE]``."""
 
     def __init__(self, redis: Wire, sha: str, chat_id: str) -> None:
         self._redis = redis
@@ -304,6 +304,8 @@ async def read_with_aiohttp(session: aiohttp.ClientSession, url: str, body: byte
                 lines = (tail + piece).split(b"\n")
                 tail = lines.pop()
                 chat.on_lines(lines)
+    except (aiohttp.ClientError, OSError):
+        pass  # the chat fails below, as on the hand-written client
     finally:
         chat.on_end(False)  # a no-op once the chat has ended
 
@@ -316,7 +318,8 @@ async def worker() -> None:
     host, port, path = llm.hostname or "127.0.0.1", llm.port or 80, f"{llm.path.rstrip('/')}/chat/completions"
     idle: list[Upstream] = []
     loop = asyncio.get_running_loop()
-    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    # no total timeout, as on the hand-written client (and as our worker's)
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout())
     on_aiohttp = os.environ.get("BENCH_SKELETON_LLM") == "aiohttp"
 
     async def run(job: dict[str, Any]) -> None:
